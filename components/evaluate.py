@@ -1,0 +1,131 @@
+"""evaluate: base and tuned model on the same test examples.
+
+Metrics: exact match (whitespace-normalised), corpus BLEU (sacrebleu), the share of
+outputs that keep exactly the input's multiset of words, and perplexity on answer tokens.
+Generation is batched: prompt-only inputs, left padding, KV cache, stop at EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import sacrebleu
+import torch
+
+from components.prepare import read_split
+from components.tokenize import encode_rows
+from components.train import OUT as MODELS
+from tuneline import tasks
+from tuneline.config import Params
+from tuneline.io import read_json, write_json, write_text
+from tuneline.loss import loss_sum
+from tuneline.modeling import cache_dir, load_model, load_tokenizer, use_bf16
+from tuneline.packing import collate, pack
+
+METRICS = Path("metrics/eval.json")
+PREDICTIONS = Path("reports/predictions.jsonl")
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, num_beams: int = 1) -> list[str]:
+    """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS / newline."""
+    model.eval()
+    tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
+    outs: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = gen[:, enc["input_ids"].shape[1]:]  # (B, new_tokens): strip the prompt
+        outs += [t.split("\n")[0].strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        print(f"[evaluate]   generated {min(i + batch_size, len(prompts))}/{len(prompts)}", flush=True)
+    return outs
+
+
+@torch.no_grad()
+def answer_perplexity(model, tok, rows: list[dict], batch_size: int) -> float:
+    """Token-weighted perplexity over answer tokens (teacher forcing)."""
+    model.eval()
+    packed = pack(encode_rows(tok, rows), 10**6, "none")
+    total, n = 0.0, 0
+    for i in range(0, len(packed), batch_size):
+        s, k = loss_sum(model, collate(packed[i:i + batch_size], tok.pad_token_id))
+        total, n = total + float(s), n + k
+    return math.exp(total / n)
+
+
+def score(outputs: list[str], rows: list[dict]) -> dict[str, float]:
+    targets = [tasks.normalise(r["target"]) for r in rows]
+    outputs = [tasks.normalise(o) for o in outputs]
+    return {
+        "exact_match": sum(o == t for o, t in zip(outputs, targets)) / len(rows),
+        "bleu": sacrebleu.corpus_bleu(outputs, [targets]).score,
+        "multiset_rate": sum(tasks.same_words(o, r["source"]) for o, r in zip(outputs, rows)) / len(rows),
+    }
+
+
+def evaluate_model(model, tok, rows: list[dict], params: Params) -> tuple[dict, list[str]]:
+    cfg = params.evaluate
+    prompts = [tasks.descramble_prompt(r["source"]) for r in rows]
+    # Budget from the data: the longest reference answer plus slack for a wrong tokenisation.
+    max_new = max(len(tok(tasks.descramble_answer(r["target"]))["input_ids"]) for r in rows) + 8
+    t = time.time()
+    with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                        enabled=use_bf16(cfg.precision)):
+        outputs = generate(model, tok, prompts, max_new, cfg.batch_size, cfg.num_beams)
+    gen_s = time.time() - t
+    metrics = score(outputs, rows) | {"perplexity": answer_perplexity(model, tok, rows, cfg.batch_size),
+                                      "generation_s": gen_s}
+    return metrics, outputs
+
+
+def _base_cache_key(rows: list[dict], params: Params) -> str:
+    """Base results depend only on the base model, the examples, eval params and this code."""
+    blob = json.dumps([params.model.name, rows, params.evaluate.model_dump(), tasks.TEMPLATE_VERSION,
+                       hashlib.sha256(Path(__file__).read_bytes()).hexdigest()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def evaluate_base(rows: list[dict], params: Params) -> tuple[dict, list[str]]:
+    """The base model's results, computed once per key and kept in .cache/eval (a train-only
+    change then re-scores only the tuned model)."""
+    path = cache_dir().parent / "eval" / f"base-{_base_cache_key(rows, params)}.json"
+    if path.is_file():
+        print(f"[evaluate] base results reused from {path}", flush=True)
+        cached = read_json(path)
+        return cached["metrics"], cached["outputs"]
+    name = params.model.name
+    metrics, outputs = evaluate_model(load_model(name), load_tokenizer(name), rows, params)
+    write_json(path, {"metrics": metrics, "outputs": outputs})
+    return metrics, outputs
+
+
+def run(params: Params) -> dict:
+    import mlflow
+
+    from tuneline.tracking import log_metrics
+
+    rows = read_split("test")[: params.evaluate.n_examples]
+    results, preds = {}, {}
+    print(f"[evaluate] base model ({params.model.name}) on {len(rows)} test examples", flush=True)
+    results["base"], preds["base"] = evaluate_base(rows, params)
+    print(f"[evaluate] tuned model on the same {len(rows)} examples", flush=True)
+    tuned = str(MODELS / "merged")
+    results["tuned"], preds["tuned"] = evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params)
+    for which in ("base", "tuned"):
+        print(f"[evaluate] {which}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[which].items()), flush=True)
+    results["delta"] = {k: results["tuned"][k] - results["base"][k] for k in ("exact_match", "bleu", "multiset_rate")}
+    results["primary_metric"] = params.evaluate.primary_metric
+    results["n_examples"] = len(rows)
+    write_json(METRICS, results)
+    table = {"input": [r["source"] for r in rows], "target": [r["target"] for r in rows],
+             "base_output": preds["base"], "tuned_output": preds["tuned"]}
+    write_text(PREDICTIONS, "".join(json.dumps(dict(zip(table, vals))) + "\n" for vals in zip(*table.values())))
+    for which in ("base", "tuned"):
+        log_metrics(results[which], prefix=f"{which}_")
+    mlflow.log_table(table, "predictions.json")
+    return results

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneline.config import Params, flatten, load_params, parse_params
+from tuneline.errors import TunelineError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_load_and_spell_out_every_key():
+    params = load_params(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # Every field is written in params.yaml, so no default can change behind DVC's back.
+    assert set(flatten(params)) == set(flatten(parse_params(raw))) == set(flatten(Params()))
+    written = set()
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            walk(key + ".", v) if isinstance(v, dict) else written.add(key)
+
+    walk("", raw)
+    assert written == set(flatten(Params()))
+
+
+def test_every_param_is_declared_by_a_dvc_stage():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = {p for s in stages.values() for p in s.get("params", [])}
+    assert set(flatten(Params())) <= declared
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(TunelineError, match=r"unknown key 'train.learning_rat'.*did you mean 'train.lr'|unknown key 'train.lrr'.*did you mean 'train.lr'"):
+        parse_params({"train": {"lrr": 0.1}})
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"train": {"epochs": 0}}, "train.epochs"),
+    ({"train": {"method": "qlora"}}, "train.method"),
+    ({"tokenize": {"max_length": "long"}}, "tokenize.max_length"),
+    ({"prepare": {"min_words": 10, "max_words": 5}}, "prepare"),
+])
+def test_bad_values_name_the_key(raw, key):
+    with pytest.raises(TunelineError) as e:
+        parse_params(raw)
+    assert f"'{key}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_params_file_says_where_to_run(tmp_path):
+    with pytest.raises(TunelineError, match="project root"):
+        load_params(tmp_path / "params.yaml")

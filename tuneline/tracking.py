@@ -1,0 +1,148 @@
+"""MLflow: one parent run per pipeline execution, one child run per stage.
+
+The parent is found, whichever way the pipeline was started:
+- a Prefect flow creates it and passes TUNELINE_PARENT_RUN_ID to the stages;
+- under `dvc repro` / `dvc exp run`, stages are separate processes of one DVC process,
+  so the parent is keyed on that ancestor process (pid + start time);
+- a stage run on its own gets a parent of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from typing import Iterator
+
+from tuneline import ROOT
+from tuneline.config import Params, flatten
+
+PARENT_ENV = "TUNELINE_PARENT_RUN_ID"
+EXEC_TAG = "tuneline.execution"
+_SECRET = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # user:password@ in URIs
+
+
+def redact(text: str) -> str:
+    return _SECRET.sub(r"\1***@", text)
+
+
+def default_uri() -> str:
+    return f"sqlite:///{ROOT / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and return the experiment id (created on first use)."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if tracking_uri() == default_uri():  # the project's own store keeps artifacts beside it
+            location = (ROOT / "mlartifacts").as_uri()
+        try:
+            return mlflow.create_experiment(experiment, artifact_location=location)
+        except Exception:  # another process created it first
+            exp = mlflow.get_experiment_by_name(experiment)
+    mlflow.set_experiment(experiment_id=exp.experiment_id if exp else None)
+    return exp.experiment_id
+
+
+def _dvc_execution_key() -> str | None:
+    import psutil
+
+    proc = psutil.Process()
+    for anc in proc.parents():
+        try:
+            cmd = " ".join(anc.cmdline())
+        except psutil.Error:
+            continue
+        if re.search(r"\bdvc\b", cmd) and re.search(r"\b(repro|exp)\b", cmd):
+            return f"dvc-{anc.pid}-{int(anc.create_time())}"
+    return None
+
+
+def start_parent(params: Params, source: str, key: str | None = None) -> str:
+    """Create a parent run (status RUNNING) and return its id."""
+    from mlflow import MlflowClient
+
+    exp_id = setup(params.register.experiment)
+    client = MlflowClient()
+    tags = {"tuneline.kind": "pipeline", "tuneline.source": source, "mlflow.runName": f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"}
+    if key:
+        tags[EXEC_TAG] = key
+    run = client.create_run(exp_id, tags=tags)
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def find_parent(params: Params) -> str:
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    from mlflow import MlflowClient
+
+    exp_id = setup(params.register.experiment)
+    key = _dvc_execution_key()
+    if key:
+        found = MlflowClient().search_runs([exp_id], filter_string=f"tags.`{EXEC_TAG}` = '{key}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+    return start_parent(params, "dvc" if key else "stage", key)
+
+
+def log_params(client, run_id: str, params: Params) -> None:
+    from mlflow.entities import Param
+
+    flat = [Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items()]
+    client.log_batch(run_id, params=flat)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params) -> Iterator[str]:
+    """Open the stage's child run under the execution's parent; yields the child run id.
+
+    On error both runs are marked FAILED and the error propagates.
+    """
+    import mlflow
+
+    parent = find_parent(params)
+    client = mlflow.MlflowClient()
+    child = client.create_run(
+        client.get_run(parent).info.experiment_id,
+        tags={"mlflow.parentRunId": parent, "mlflow.runName": stage, "tuneline.stage": stage, "tuneline.kind": "stage"},
+    ).info.run_id
+    log_params(client, child, params)
+    try:
+        with mlflow.start_run(run_id=child):
+            yield child
+    except BaseException:
+        client.set_terminated(child, "FAILED")
+        client.set_terminated(parent, "FAILED")
+        raise
+    # The parent stays RUNNING under a flow (the flow ends it); under DVC the last stage
+    # to finish leaves it FINISHED.
+    if not os.environ.get(PARENT_ENV):
+        client.set_terminated(parent, "FINISHED")
+
+
+def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = None, parent: bool = True) -> None:
+    """Log to the active (child) run and, by default, to its parent as well."""
+    import mlflow
+
+    clean = {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    mlflow.log_metrics(clean, step=step)
+    run = mlflow.active_run()
+    parent_id = run.data.tags.get("mlflow.parentRunId") if run else None
+    if parent and parent_id:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        mlflow.MlflowClient().log_batch(parent_id, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()])
