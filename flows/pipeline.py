@@ -25,16 +25,18 @@ from tuneline.tracking import PARENT_ENV, start_parent
 @task(name="stage", task_run_name="{name}")
 def run_stage(name: str) -> str:
     """Reproduce one stage if its inputs changed; returns 'ran' or 'skipped'."""
-    from dvc.exceptions import ReproductionError
+    from dvc.exceptions import DvcException, ReproductionError
     from dvc.repo import Repo
 
-    with Repo(str(ROOT)) as repo:
-        try:
+    try:
+        with Repo(str(ROOT)) as repo:
             ran = repo.reproduce(name, single_item=True)
-        except ReproductionError:
-            # The stage printed its own one-line error; this names where it happened.
-            raise TunelineError(f"stage '{name}' failed (its error is printed above)",
-                                f"fix the cause, then re-run: finished stages are reused") from None
+    except ReproductionError:
+        # The stage printed its own one-line error; this names where it happened.
+        raise TunelineError(f"stage '{name}' failed (its error is printed above)",
+                            "fix the cause, then re-run: finished stages are reused") from None
+    except DvcException as e:
+        raise TunelineError(f"dvc: {' '.join(str(e).split())[:300]}", "fix dvc.yaml / params.yaml as the message says") from None
     return "ran" if ran else "skipped"
 
 
