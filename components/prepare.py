@@ -42,6 +42,16 @@ def dump_path(source: str) -> Path:
     raise TunelineError(f"prepare.source '{source}' is not supported", "use 'builtin:wikipedia' or 'wikidump:<path.xml.bz2>'")
 
 
+def plain_text(wikicode) -> str:
+    """Wikitext → prose: drop footnotes and tables (strip_code would keep their text)."""
+    for tag in wikicode.filter_tags(recursive=False, matches=lambda n: str(n.tag).strip().lower() in ("ref", "table")):
+        try:
+            wikicode.remove(tag)
+        except ValueError:  # already removed with an enclosing node
+            pass
+    return wikicode.strip_code()
+
+
 def article_texts(path: Path) -> Iterator[str]:
     """Plain text of each main-namespace article, streamed with a real XML parser."""
     import mwparserfromhell
@@ -53,7 +63,7 @@ def article_texts(path: Path) -> Iterator[str]:
             if tag == "ns":
                 ns = el.text
             elif tag == "text" and ns == "0" and el.text and not el.text.startswith("#REDIRECT"):
-                yield mwparserfromhell.parse(el.text).strip_code()
+                yield plain_text(mwparserfromhell.parse(el.text))
             elif tag == "page":
                 el.clear()  # keep memory flat on large dumps
     except (ET.ParseError, OSError, EOFError) as e:

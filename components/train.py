@@ -46,8 +46,14 @@ def wrap_lora(model, cfg):
     targets = cfg.lora_targets or targets
     if not targets:
         raise TunelineError(f"train: no known LoRA targets for architecture '{arch}'", "set train.lora_targets")
+    n_layers = model.config.num_hidden_layers
+    if cfg.lora_layers > n_layers:
+        raise TunelineError(f"train.lora_layers={cfg.lora_layers} but the model has {n_layers} layers",
+                            f"set train.lora_layers between 0 and {n_layers}")
+    top = list(range(n_layers - cfg.lora_layers, n_layers)) if cfg.lora_layers else None
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
+                      target_modules=targets, fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM",
+                      layers_to_transform=top)
     return get_peft_model(model, lcfg)
 
 

@@ -25,9 +25,12 @@ from tuneline.tracking import PARENT_ENV, start_parent
 @task(name="stage", task_run_name="{name}")
 def run_stage(name: str) -> str:
     """Reproduce one stage if its inputs changed; returns 'ran' or 'skipped'."""
+    import logging
+
     from dvc.exceptions import DvcException, ReproductionError
     from dvc.repo import Repo
 
+    logging.getLogger("dvc").propagate = False  # DVC prints its own progress; don't echo it twice
     try:
         with Repo(str(ROOT)) as repo:
             ran = repo.reproduce(name, single_item=True)

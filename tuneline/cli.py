@@ -17,8 +17,8 @@ from tuneline.errors import TunelineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible fine-tuning of GPT-2-family models: prepare → tokenize → train → evaluate → register.")
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 _state = {"debug": False}
 
 

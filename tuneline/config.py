@@ -7,6 +7,7 @@ below. Validation runs before any heavy work; errors name the key path and the f
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +79,9 @@ class TrainCfg(_Group):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    lora_layers: int = Field(
+        0, ge=0, description="Adapt only the top N transformer blocks (0: all). Backward then stops "
+        "below them, so each step costs less.")
     lora_targets: list[str] | None = Field(
         None, description="Module names to adapt; None picks the known set for the architecture."
     )
@@ -148,13 +152,14 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
+    shown = os.path.relpath(path) if path.is_absolute() and not os.path.relpath(path).startswith("..") else str(path)
     if not path.is_file():
         raise TunelineError(f"params file '{path}' not found", "run from the project root, where params.yaml lives")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise TunelineError(f"{path} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None
-    return parse_params(raw, str(path))
+        raise TunelineError(f"{shown} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None
+    return parse_params(raw, shown)
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -1,0 +1,39 @@
+import pytest
+
+from tuneline.errors import TunelineError
+from tuneline.modeling import load_model, load_tokenizer, resolve
+
+
+def test_tiny_gpt2_is_built_once_with_the_real_tokenizer(model_cache):
+    path = resolve("tiny-gpt2")
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert resolve("tiny-gpt2") == path
+    tok = load_tokenizer("tiny-gpt2")
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_tiny_gpt2_is_the_same_model_everywhere(tiny_gpt2):
+    # seeded init: a golden value guards against silent changes to the test model
+    assert tiny_gpt2.num_parameters() == 3_382_080
+    assert float(tiny_gpt2.transformer.wte.weight[15496, :4].detach().sum()) == pytest.approx(-0.0040244, abs=1e-6)
+
+
+def test_unknown_hub_model_offline_fails_fast_with_a_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TunelineError, match="cannot load model 'nobody/no-such-model'.*built-in model"):
+        load_tokenizer("nobody/no-such-model")
+
+
+def test_corrupt_weights_are_named(tmp_path, model_cache):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(resolve("tiny-gpt2"), bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TunelineError, match="could not be read"):
+        load_model(str(bad))
+
+
+def test_a_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(TunelineError, match="no config.json"):
+        resolve(str(tmp_path))
