@@ -35,15 +35,20 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS / newline."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
-    outs: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+    # Similar lengths share a batch: less padding, and a batch stops as soon as all its
+    # (similarly long) answers reach EOS.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]  # (B, new_tokens): strip the prompt
-        outs += [t.split("\n")[0].strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-        print(f"[evaluate]   generated {min(i + batch_size, len(prompts))}/{len(prompts)}", flush=True)
-    return outs
+        for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+            outs[i] = text.split("\n")[0].strip()
+        print(f"[evaluate]   generated {len(outs)}/{len(prompts)}", flush=True)
+    return [outs[i] for i in range(len(prompts))]
 
 
 @torch.no_grad()
@@ -105,9 +110,7 @@ def evaluate_base(rows: list[dict], params: Params) -> tuple[dict, list[str]]:
 
 
 def run(params: Params) -> dict:
-    import mlflow
-
-    from tuneline.tracking import log_metrics
+    from tuneline.tracking import log_metrics, log_table
 
     rows = read_split("test")[: params.evaluate.n_examples]
     results, preds = {}, {}
@@ -127,5 +130,5 @@ def run(params: Params) -> dict:
     write_text(PREDICTIONS, "".join(json.dumps(dict(zip(table, vals))) + "\n" for vals in zip(*table.values())))
     for which in ("base", "tuned"):
         log_metrics(results[which], prefix=f"{which}_")
-    mlflow.log_table(table, "predictions.json")
+    log_table(table, "predictions.json")
     return results

@@ -47,10 +47,9 @@ def wrap_lora(model, cfg):
     if not targets:
         raise TunelineError(f"train: no known LoRA targets for architecture '{arch}'", "set train.lora_targets")
     n_layers = model.config.num_hidden_layers
-    if cfg.lora_layers > n_layers:
-        raise TunelineError(f"train.lora_layers={cfg.lora_layers} but the model has {n_layers} layers",
-                            f"set train.lora_layers between 0 and {n_layers}")
-    top = list(range(n_layers - cfg.lora_layers, n_layers)) if cfg.lora_layers else None
+    if cfg.lora_layers >= n_layers:
+        print(f"[train] train.lora_layers={cfg.lora_layers} >= the model's {n_layers} layers: adapting all", flush=True)
+    top = list(range(n_layers - cfg.lora_layers, n_layers)) if 0 < cfg.lora_layers < n_layers else None
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM",
                       layers_to_transform=top)
@@ -214,7 +213,7 @@ def _save(model, tok, params: Params) -> None:
 def _log_point(point: dict) -> None:
     from tuneline.tracking import log_metrics
 
-    log_metrics({k: v for k, v in point.items() if k != "step"}, step=point["step"], parent=False)
+    log_metrics({k: v for k, v in point.items() if k != "step"}, step=point["step"])
 
 
 def _log_plot(curve: list[dict]) -> None:
@@ -222,7 +221,8 @@ def _log_plot(curve: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import mlflow
+
+    from tuneline.tracking import log_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([p["step"] for p in curve], [p["train_loss"] for p in curve], label="train loss")
@@ -235,5 +235,5 @@ def _log_plot(curve: list[dict]) -> None:
     ax2.set_ylabel("learning rate")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    mlflow.log_figure(fig, "loss_curve.png")
+    log_figure(fig, "loss_curve.png")
     plt.close(fig)

@@ -1,6 +1,8 @@
 """End to end on tiny data, in a throwaway project: Prefect flow, DVC, MLflow, registry."""
 
+import ast
 import json
+import re
 import sys
 import time
 
@@ -50,11 +52,12 @@ def test_flow_then_dvc_then_a_train_change(project):
         "m = mlflow.pyfunc.load_model('models:/descrambler@champion')\n"
         "print(repr(m.predict(['sat cat the'])))\n"
         "c = mlflow.MlflowClient(); v = c.get_model_version_by_alias('descrambler', 'champion')\n"
-        "print(v.version, sorted(v.aliases), v.tags['git.commit'] != '', v.tags['data.prepare.md5'])")
+        "import json; print(json.dumps([v.version, sorted(v.aliases), v.tags['git.commit'], v.tags['data.prepare.md5']]))")
     pred, meta = answer.strip().splitlines()[-2:]
-    assert pred.startswith("[") and isinstance(eval(pred)[0], str)
-    version, _, _ = meta.split(" ", 2)
-    assert version == "1" and "'challenger'" in meta and "'champion'" in meta and ".dir" in meta
+    assert isinstance(ast.literal_eval(pred)[0], str)
+    version, aliases, commit, data_md5 = json.loads(meta)
+    assert str(version) == "1" and aliases == ["challenger", "champion"] and commit
+    assert re.fullmatch(r"[0-9a-f]{32}(\.dir)?", data_md5)
     # safetensors weights, no pickles
     files = project.run("find", "mlartifacts", "-name", "*.safetensors").stdout
     assert "model.safetensors" in files

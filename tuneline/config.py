@@ -80,7 +80,7 @@ class TrainCfg(_Group):
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     lora_layers: int = Field(
-        0, ge=0, description="Adapt only the top N transformer blocks (0: all). Backward then stops "
+        0, ge=0, description="Adapt only the top N transformer blocks (0 or >= depth: all). Backward stops "
         "below them, so each step costs less.")
     lora_targets: list[str] | None = Field(
         None, description="Module names to adapt; None picks the known set for the architecture."

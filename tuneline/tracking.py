@@ -133,16 +133,38 @@ def stage_run(stage: str, params: Params) -> Iterator[str]:
         client.set_terminated(parent, "FINISHED")
 
 
-def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = None, parent: bool = True) -> None:
-    """Log to the active (child) run and, by default, to its parent as well."""
+def _run_ids() -> list[str]:
+    """The active (child) run and its parent: what a stage shows is shown on both, so the
+    pipeline's parent run in the UI has the whole story."""
     import mlflow
 
-    clean = {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    mlflow.log_metrics(clean, step=step)
     run = mlflow.active_run()
-    parent_id = run.data.tags.get("mlflow.parentRunId") if run else None
-    if parent and parent_id:
-        from mlflow.entities import Metric
+    if run is None:
+        return []
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return [run.info.run_id] + ([parent] if parent else [])
 
-        ts = int(time.time() * 1000)
-        mlflow.MlflowClient().log_batch(parent_id, metrics=[Metric(k, v, ts, step or 0) for k, v in clean.items()])
+
+def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(f"{prefix}{k}", float(v), ts, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for run_id in _run_ids():
+        MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def log_figure(fig, name: str) -> None:
+    from mlflow import MlflowClient
+
+    for run_id in _run_ids():
+        MlflowClient().log_figure(run_id, fig, name)
+
+
+def log_table(table: dict[str, list], name: str) -> None:
+    from mlflow import MlflowClient
+
+    for run_id in _run_ids():
+        MlflowClient().log_table(run_id, table, name)
