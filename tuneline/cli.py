@@ -98,11 +98,13 @@ def ui(mlflow_port: int = typer.Option(5000, help="MLflow UI port."),
                           "--port", str(prefect_port)], env=env),
     ]
     out.print(f"MLflow:  http://{host}:{mlflow_port}\nPrefect: http://{host}:{prefect_port}\n(Ctrl-C stops both)")
+    stop = []
+    # Explicit handlers: a shell that starts us in the background may have ignored SIGINT.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
     try:
-        while all(p.poll() is None for p in procs):
+        while not stop and all(p.poll() is None for p in procs):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         for p in procs:
             if p.poll() is None:
