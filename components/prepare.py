@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tuneline import assets, tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
-from tuneline.io import atomic_dir, write_json
+from tuneline.io import atomic_dir, read_parquet, write_json
 
 OUT = Path("data/prepared")
 METRICS = Path("metrics/prepare.json")
@@ -111,7 +111,4 @@ def run(params: Params) -> dict:
 
 
 def read_split(split: str, root: Path = OUT) -> list[dict]:
-    path = root / f"{split}.parquet"
-    if not path.is_file():
-        raise TunelineError(f"{path} is missing", "run the prepare stage first (dvc repro prepare)")
-    return pq.read_table(path).to_pylist()
+    return read_parquet(root / f"{split}.parquet", "prepare")

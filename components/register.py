@@ -29,7 +29,10 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        # "-dirty" when code or params differ from the commit; files the pipeline itself
+        # writes (dvc.lock, metrics, plots, reports) do not count.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock",
+                                ":!metrics", ":!plots", ":!reports"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

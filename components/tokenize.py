@@ -16,7 +16,7 @@ from components.prepare import SPLITS, read_split
 from tuneline import tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
-from tuneline.io import atomic_dir, write_json
+from tuneline.io import atomic_dir, read_parquet, write_json
 from tuneline.modeling import load_tokenizer
 from tuneline.packing import IGNORE, Example, pack, stats
 
@@ -63,7 +63,4 @@ def run(params: Params) -> dict:
 
 
 def read_rows(split: str, root: Path = OUT) -> list[dict]:
-    path = root / f"{split}.parquet"
-    if not path.is_file():
-        raise TunelineError(f"{path} is missing", "run the tokenize stage first (dvc repro tokenize)")
-    return pq.read_table(path).to_pylist()
+    return read_parquet(root / f"{split}.parquet", "tokenize")

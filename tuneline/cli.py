@@ -51,11 +51,11 @@ def run() -> None:
     name = params.register.model_name
     out.print(f"\n[bold green]pipeline finished[/] in {time.time() - t:.0f}s: "
               + ", ".join(f"{k} {v}" for k, v in status.items()))
-    out.print(f"  metrics:     metrics/eval.json (base vs tuned), metrics/tokenize.json (packing)")
-    out.print(f"  predictions: reports/predictions.jsonl")
+    out.print("  metrics:     metrics/eval.json (base vs tuned), metrics/tokenize.json (packing)")
+    out.print("  predictions: reports/predictions.jsonl")
     out.print(f"  MLflow:      {tracking_uri()} (experiment '{params.register.experiment}', "
               f"model '{name}'); browse with `tuneline ui`")
-    out.print(f"  try it:      tuneline predict \"sat cat the on mat the\"")
+    out.print("  try it:      tuneline predict \"sat cat the on mat the\"")
 
 
 @app.command()
@@ -148,13 +148,9 @@ def doctor() -> None:
     check("GPT-2 tokenizer", tokenizer)
     check("SmolLM2-135M-Instruct", smol)
     check("Wikipedia dump sample", lambda: assets.wiki_dump())
-    def shared():
-        path = (ROOT.parent / "shared" / "data").resolve()
-        if not path.is_dir():
-            raise TunelineError("../shared/data not found", "only the tests and recipes that need it are affected")
-        return path
-
-    check("shared data", shared)
+    shared = (ROOT.parent / "shared" / "data").resolve()
+    out.print(f"[cyan]info[/] labelled data (emotion, alpaca): "
+              f"{shared if shared.is_dir() else '../shared/data not found; only recipes that read it need it'}")
     check("params.yaml", lambda: f"valid (model.name={load_params(ROOT / 'params.yaml').model.name})")
     check("MLflow store", tracking_uri)
     try:

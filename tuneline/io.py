@@ -48,3 +48,15 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_parquet(path: str | Path, stage: str) -> list[dict]:
+    """Rows of a stage's Parquet output; a missing file names the stage to run."""
+    import pyarrow.parquet as pq
+
+    from tuneline.errors import TunelineError
+
+    path = Path(path)
+    if not path.is_file():
+        raise TunelineError(f"{path} is missing", f"run the {stage} stage first (dvc repro {stage})")
+    return pq.read_table(path).to_pylist()
