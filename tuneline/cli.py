@@ -55,7 +55,7 @@ def run() -> None:
     out.print("  predictions: reports/predictions.jsonl")
     out.print(f"  MLflow:      {tracking_uri()} (experiment '{params.register.experiment}', "
               f"model '{name}'); browse with `tuneline ui`")
-    out.print("  try it:      tuneline predict \"sat cat the on mat the\"")
+    out.print("  try it:      tuneline predict \"was founded The in university 1908.\"")
 
 
 @app.command()
