@@ -22,9 +22,9 @@ from components.train import OUT as MODELS
 from tuneline import tasks
 from tuneline.config import Params
 from tuneline.io import read_json, write_json, write_text
-from tuneline.loss import loss_sum
-from tuneline.modeling import cache_dir, load_model, load_tokenizer, use_bf16
-from tuneline.packing import collate, pack
+from tuneline.loss import mean_loss
+from tuneline.modeling import autocast, cache_dir, load_model, load_tokenizer
+from tuneline.packing import pack
 
 METRICS = Path("metrics/eval.json")
 PREDICTIONS = Path("reports/predictions.jsonl")
@@ -51,18 +51,12 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     return [outs[i] for i in range(len(prompts))]
 
 
-@torch.no_grad()
 def answer_perplexity(model, tok, rows: list[dict], seq_len: int, batch_size: int = 4) -> float:
     """Token-weighted perplexity over answer tokens (teacher forcing), on packed rows:
     packing isolates examples exactly (tested), so it only removes padding work."""
-    model.eval()
     examples = encode_rows(tok, rows)
     packed = pack(examples, max(seq_len, max(len(e.input_ids) for e in examples)), "bfd")
-    total, n = 0.0, 0
-    for i in range(0, len(packed), batch_size):
-        s, k = loss_sum(model, collate(packed[i:i + batch_size], tok.pad_token_id))
-        total, n = total + float(s), n + k
-    return math.exp(total / n)
+    return math.exp(mean_loss(model, packed, tok.pad_token_id, batch_size))
 
 
 def score(outputs: list[str], rows: list[dict]) -> dict[str, float]:
@@ -81,8 +75,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params) -> tuple[dict, 
     # Budget from the data: the longest reference answer plus slack for a wrong tokenisation.
     max_new = max(len(tok(tasks.descramble_answer(r["target"]))["input_ids"]) for r in rows) + 8
     t = time.time()
-    with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
-                        enabled=use_bf16(cfg.precision)):
+    with autocast(cfg.precision):
         outputs = generate(model, tok, prompts, max_new, cfg.batch_size, cfg.num_beams)
         gen_s = time.time() - t
         ppl = answer_perplexity(model, tok, rows, params.tokenize.max_length)

@@ -21,8 +21,8 @@ from components.tokenize import read_rows
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.io import atomic_dir, write_json, write_text
-from tuneline.loss import loss_sum, unwrap
-from tuneline.modeling import load_model, load_tokenizer, use_bf16
+from tuneline.loss import loss_sum, mean_loss, unwrap
+from tuneline.modeling import autocast, load_model, load_tokenizer, use_bf16
 from tuneline.packing import collate
 
 OUT = Path("models")
@@ -79,18 +79,6 @@ def batch_indices(step: int, micro: int, n_rows: int, cfg, seed: int) -> list[in
     return perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
 
 
-@torch.no_grad()
-def val_loss(model, rows, pad_id, bf16, batch_size) -> float:
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16, enabled=bf16):
-            s, k = loss_sum(model, collate(rows[i:i + batch_size], pad_id))
-        total, n = total + float(s), n + k
-    model.train()
-    return total / max(n, 1)
-
-
 def fingerprint(params: Params) -> str:
     data = Path("data/tokenized/train.parquet").stat()
     key = json.dumps([params.seed, params.model.name, params.train.model_dump(), data.st_size, data.st_mtime_ns], sort_keys=True)
@@ -122,7 +110,6 @@ def run(params: Params) -> dict:
     train_rows, val_rows = read_rows("train"), read_rows("val")
     pad_id = tok.pad_token_id
     bf16 = use_bf16(cfg.precision)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     total = math.ceil(cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -152,7 +139,7 @@ def run(params: Params) -> dict:
         n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         step_loss = 0.0
         for b in batches:
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(cfg.precision):
                 s, _ = loss_sum(model, b)
             (s / n_step).backward()
             step_loss += s.detach().item() / n_step
@@ -173,7 +160,8 @@ def run(params: Params) -> dict:
             print(f"[train] step {step}/{total} loss {step_loss:.4f} lr {lr:.2e} "
                   f"{point['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s", flush=True)
         if step % cfg.eval_every == 0 or step == total:
-            point["val_loss"] = val_loss(model, val_rows, pad_id, bf16, cfg.batch_size)
+            with autocast(cfg.precision):
+                point["val_loss"] = mean_loss(model, val_rows, pad_id, cfg.batch_size)
             print(f"[train] step {step} val_loss {point['val_loss']:.4f}", flush=True)
             if point["val_loss"] < best:
                 best, best_weights = point["val_loss"], trainable_state(model)

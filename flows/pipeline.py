@@ -61,6 +61,7 @@ def pipeline() -> dict[str, str]:
 
     params = load_params(ROOT / "params.yaml")  # validate before any work
     parent = start_parent(params, "prefect")
+    client = MlflowClient()
     # Stage processes find the parent through the environment; `python` must be this one.
     os.environ[PARENT_ENV] = parent
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -72,11 +73,10 @@ def pipeline() -> dict[str, str]:
             if status[name] == "skipped":
                 _record_skipped(parent, name)
     except BaseException:
-        MlflowClient().set_terminated(parent, "FAILED")
+        client.set_terminated(parent, "FAILED")
         raise
     finally:
         os.environ.pop(PARENT_ENV, None)
-    client = MlflowClient()
     client.set_tag(parent, "tuneline.stages", ", ".join(f"{k}={v}" for k, v in status.items()))
     client.log_metric(parent, "pipeline_wall_s", time.time() - t0)
     client.set_terminated(parent, "FINISHED")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneline.packing import IGNORE
+from tuneline.packing import IGNORE, collate
 
 
 def unwrap(model):
@@ -34,3 +34,16 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     keep = target != IGNORE                              # (B, T-1)
     logits = lm.get_output_embeddings()(h[:, :-1][keep]).float()  # (N, V), N trained tokens
     return F.cross_entropy(logits, target[keep], reduction="sum"), int(keep.sum())
+
+
+@torch.no_grad()
+def mean_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean answer loss over packed rows (validation loss; exp() = perplexity)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        s, k = loss_sum(model, collate(rows[i:i + batch_size], pad_id))
+        total, n = total + float(s), n + k
+    model.train(was_training)
+    return total / max(n, 1)

@@ -116,3 +116,9 @@ def use_bf16(precision: str) -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(precision: str):
+    """bf16 autocast on the current device when `precision` allows it, else a no-op."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16(precision))
