@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from components.tokenize import read_rows
+from components.tokenize import check_tokenizer, read_rows
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.io import atomic_dir, write_json, write_text
@@ -99,6 +99,7 @@ def run(params: Params) -> dict:
     cfg, seed = params.train, params.seed
     torch.manual_seed(seed)
     tok = load_tokenizer(params.model.name)
+    check_tokenizer(tok)
     model = load_model(params.model.name)
     if cfg.method == "lora":
         model = wrap_lora(model, cfg)

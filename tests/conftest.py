@@ -86,7 +86,7 @@ class Project:
 
 
 def make_project(root: Path, cache: Path, params: dict | None = None) -> Project:
-    for item in ("tuneline", "components", "flows", "dvc.yaml", "params.yaml"):
+    for item in ("tuneline", "components", "flows", "recipes", "dvc.yaml", "params.yaml"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
     proj = Project(root, cache)

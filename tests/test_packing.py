@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tuneline.loss import loss_sum
-from tuneline.packing import IGNORE, Example, bfd, collate, pack, stats
+from tuneline.packing import IGNORE, Example, bfd, collate, concat, pack, stats
 
 
 def test_bfd_keeps_every_example_whole_and_within_capacity():
@@ -40,8 +40,8 @@ def test_collate_isolates_examples_and_restarts_positions():
 
 def test_stats_compare_against_the_seed_pad_to_128():
     rows = pack([Example([1] * 60, [1] * 60), Example([1] * 60, [1] * 60)], 128, "bfd")
-    s = stats(rows, 2)
-    assert s["sequences"] == 1 and s["pad_share"] == 0
+    s = stats(rows, [60, 60])
+    assert s["sequences"] == 1 and s["pad_share"] == 0 and s["examples_per_sequence"] == 2
     assert s["pad_share_seed_pad128"] == pytest.approx(1 - 120 / 256)
 
 
@@ -77,12 +77,26 @@ def test_packed_logits_equal_each_example_alone(arch, tiny_gpt2):
 
 def test_packed_loss_equals_unpacked_loss(tiny_gpt2, gpt2_tok):
     from components.tokenize import encode_rows
+    from tuneline.tasks import TASKS
 
     rows = [{"source": "cat the sat", "target": "the cat sat"}, {"source": "dog a barked loudly", "target": "a dog barked loudly"},
             {"source": "rain it today will", "target": "it will rain today"}]
-    ex = encode_rows(gpt2_tok, rows)
+    ex = encode_rows(gpt2_tok, rows, TASKS["descramble"], [])
     with torch.no_grad():
         s_packed, n_packed = loss_sum(tiny_gpt2, collate(pack(ex, 64, "bfd"), gpt2_tok.pad_token_id))
         s_single, n_single = loss_sum(tiny_gpt2, collate(pack(ex, 64, "none"), gpt2_tok.pad_token_id))
     assert n_packed == n_single == sum(sum(x != IGNORE for x in e.labels) for e in ex)
     assert float(s_packed) == pytest.approx(float(s_single), rel=1e-5)
+
+
+def test_concat_keeps_every_token_but_the_final_remainder():
+    rng = random.Random(2)
+    docs = [Example(ids := [rng.randrange(1, 99) for _ in range(rng.randint(1, 70))], ids) for _ in range(40)]
+    total = sum(len(d.input_ids) for d in docs)
+    rows = concat(docs, 32)
+    assert all(len(r["input_ids"]) == 32 and r["seq_lens"] == [32] for r in rows)
+    assert len(rows) * 32 == total - total % 32  # in = out + remainder (< one block)
+    flat = [t for d in docs for t in d.input_ids]
+    assert [t for r in rows for t in r["input_ids"]] == flat[:len(rows) * 32]  # order kept, no EOS invented
+    # evaluation keeps the remainder as a shorter last row
+    assert sum(len(r["input_ids"]) for r in concat(docs, 32, drop_remainder=False)) == total

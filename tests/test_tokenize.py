@@ -1,23 +1,56 @@
+"""Each task's template, rendered exactly, and its loss mask: prompt masked, answer + EOS trained."""
+
+import json
+
+import pytest
+
+from components import tokenize
 from components.tokenize import encode_rows
 from tuneline import tasks
-from tuneline.packing import IGNORE
+from tuneline.errors import TunelineError
+from tuneline.packing import IGNORE, Example
+
+EMOTIONS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
+CASES = [
+    ("descramble", {"source": "mat the on sat cat the", "target": "the cat sat on the mat"}, [],
+     "Unscramble: mat the on sat cat the\nSentence:", " the cat sat on the mat"),
+    ("pretrain", {"text": "Paris is the capital of France."}, [], "", "Paris is the capital of France."),
+    ("instruct", {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, [],
+     "### Instruction:\nAdd the numbers.\n\n### Context:\n2 and 3\n\n### Response:\n", "5"),
+    ("instruct", {"instruction": "Name a colour.", "input": "", "output": "Red."}, [],
+     "### Instruction:\nName a colour.\n\n### Response:\n", "Red."),
+    ("classify", {"text": "i feel wonderful", "label": "joy"}, EMOTIONS,
+     "Text: i feel wonderful\nOptions: sadness, joy, love, anger, fear, surprise\nAnswer:", " joy"),
+    ("entail", {"premise": "A man walks.", "hypothesis": "A man moves.", "label": "entailment"}, [],
+     "mnli hypothesis: A man moves. premise: A man walks. target:", " entailment"),
+]
 
 
-def test_template_and_answer_only_labels(gpt2_tok):
-    row = {"source": "mat the on sat cat the", "target": "the cat sat on the mat"}
-    (ex,) = encode_rows(gpt2_tok, [row])
-    prompt = gpt2_tok(tasks.descramble_prompt(row["source"]), add_special_tokens=False)["input_ids"]
-    answer = gpt2_tok(" the cat sat on the mat", add_special_tokens=False)["input_ids"]
-    assert ex.input_ids == prompt + answer + [gpt2_tok.eos_token_id]
-    # prompt positions are masked, every answer token and the closing EOS are trained
-    assert ex.labels == [IGNORE] * len(prompt) + answer + [gpt2_tok.eos_token_id]
-    assert gpt2_tok.decode(ex.input_ids) == "Unscramble: mat the on sat cat the\nSentence: the cat sat on the mat<|endoftext|>"
+@pytest.mark.parametrize("name, row, labels, prompt, answer", CASES)
+def test_template_renders_exactly_and_masks_the_prompt(gpt2_tok, name, row, labels, prompt, answer):
+    task = tasks.TASKS[name]
+    assert tasks.render(task, row, labels) == (prompt, answer)
+    (ex,) = encode_rows(gpt2_tok, [row], task, labels)
+    p = gpt2_tok(prompt, add_special_tokens=False)["input_ids"]
+    a = gpt2_tok(answer, add_special_tokens=False)["input_ids"]
+    eos = gpt2_tok.eos_token_id
+    assert ex.input_ids == p + a + [eos]
+    assert ex.labels == [IGNORE] * len(p) + a + [eos]  # the closing EOS is trained, though it is also pad
+    assert gpt2_tok.decode(ex.input_ids) == prompt + answer + "<|endoftext|>"
 
 
-def test_eos_is_trained_even_though_it_is_also_the_pad_token(gpt2_tok):
-    (ex,) = encode_rows(gpt2_tok, [{"source": "b a", "target": "a b"}])
-    assert gpt2_tok.pad_token_id == gpt2_tok.eos_token_id
-    assert ex.labels[-1] == gpt2_tok.eos_token_id
+def test_serving_template_has_one_prompt_slot():
+    for name, task in tasks.TASKS.items():
+        tmpl = tasks.serving_template(task, EMOTIONS)
+        assert tmpl.count("{prompt}") == 1, name
+    assert tasks.serving_template(tasks.TASKS["descramble"], []) == "Unscramble: {prompt}\nSentence:"
+
+
+def test_parse_label_takes_whole_leading_words():
+    assert tasks.parse_label(" Joy.", EMOTIONS) == "joy"
+    assert tasks.parse_label("joyful", EMOTIONS) is None
+    assert tasks.parse_label("", EMOTIONS) is None
+    assert tasks.parse_label("not sure", ["not", "not sure"]) == "not sure"
 
 
 def test_scramble_is_deterministic_and_keeps_the_words():
@@ -26,3 +59,39 @@ def test_scramble_is_deterministic_and_keeps_the_words():
     s = "the quick brown fox jumps over the lazy dog"
     a, b = tasks.scramble(s, random.Random(7)), tasks.scramble(s, random.Random(7))
     assert a == b and a != s and tasks.same_words(a, s)
+
+
+def test_overlong_examples_are_counted_never_silently_cut(capsys):
+    ex = [Example([1] * 5, [IGNORE, 1, 1, 1, 1]), Example([1] * 12, [IGNORE] * 10 + [1, 1])]
+    kept, n = tokenize.fit(ex, 8, "drop", "train")
+    assert n == 1 and kept == ex[:1] and "1 of 2 train examples are longer" in capsys.readouterr().out
+    cut, n = tokenize.fit(ex, 8, "truncate", "train")
+    assert n == 1 and len(cut[1].input_ids) == 8
+    with pytest.raises(TunelineError, match="1 of 2 train examples are longer than tokenize.max_length=8"):
+        tokenize.fit(ex, 8, "error", "train")
+    with pytest.raises(TunelineError, match="no trainable token"):  # truncation cut the whole answer away
+        tokenize.lint(cut, "train")
+
+
+def test_tokenize_stage_writes_stats_and_its_key(tmp_path, monkeypatch, model_cache):
+    from conftest import TINY
+    from tuneline.config import parse_params
+    from components import prepare
+
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({**TINY, "prepare": {"n_train": 60, "n_val": 8, "n_test": 8}})
+    prepare.run(params)
+    m = tokenize.run(params)
+    assert {"pad_share", "tokens_per_sequence", "examples_per_sequence", "truncated_examples",
+            "trainable_token_share"} <= set(m["train"])
+    assert json.loads((tmp_path / "metrics/tokenize.json").read_text())["train"] == m["train"]
+    meta = json.loads((tmp_path / "data/tokenized/meta.json").read_text())
+    assert meta["template_version"] == tasks.TEMPLATE_VERSION and meta["packing"] == "bfd"
+    from tuneline.modeling import load_tokenizer
+
+    assert meta["tokenizer_sha256"] == tokenize.tokenizer_hash(load_tokenizer("tiny-gpt2"))
+    tokenize.check_tokenizer(load_tokenizer("tiny-gpt2"))  # same tokenizer: fine
+    with pytest.raises(TunelineError, match="different tokenizer"):
+        other = load_tokenizer("tiny-gpt2")
+        other.add_tokens(["<new>"])
+        tokenize.check_tokenizer(other)

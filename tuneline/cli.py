@@ -35,31 +35,54 @@ def _fail(e: Exception) -> None:
 
 
 @app.command()
-def run() -> None:
+def run(recipe: str = typer.Option(None, "--recipe", "-r", help="A recipe from recipes/ (see `tuneline recipes`); "
+                                   "it is written to params.yaml. Default: params.yaml as it is."),
+        sets: list[str] = typer.Option([], "--set", "-s", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."),
+        smoke: bool = typer.Option(False, "--smoke", help="A tiny slice of the recipe, in .smoke/, logged to the MLflow "
+                                   "experiment 'smoke'; touches no alias, params.yaml or pipeline output.")) -> None:
     """Run the pipeline (a Prefect flow); stages whose inputs are unchanged are skipped."""
     try:
         from flows.pipeline import pipeline
-        from tuneline.config import load_params
         from tuneline.tracking import tracking_uri
 
-        params = load_params(ROOT / "params.yaml")
         t = time.time()
-        status = pipeline()
+        status = pipeline(recipe=recipe, overrides=list(sets), smoke=smoke)
     except TunelineError as e:
         _fail(e)
         return
-    name = params.register.model_name
-    out.print(f"\n[bold green]pipeline finished[/] in {time.time() - t:.0f}s: "
+    where = ROOT / ".smoke" / (recipe or "params") if smoke else ROOT
+    rel = os.path.relpath(where)
+    out.print(f"\n[bold green]{'smoke run' if smoke else 'pipeline'} finished[/] in {time.time() - t:.0f}s: "
               + ", ".join(f"{k} {v}" for k, v in status.items()))
-    out.print("  metrics:     metrics/eval.json (base vs tuned), metrics/tokenize.json (packing)")
-    out.print("  predictions: reports/predictions.jsonl")
-    out.print(f"  MLflow:      {tracking_uri()} (experiment '{params.register.experiment}', "
-              f"model '{name}'); browse with `tuneline ui`")
-    out.print("  try it:      tuneline predict \"was founded The in university 1908.\"")
+    out.print(f"  metrics:     {os.path.join(rel, 'metrics/eval.json')} (base vs tuned), "
+              f"{os.path.join(rel, 'metrics/tokenize.json')} (packing)")
+    out.print(f"  predictions: {os.path.join(rel, 'reports/predictions.jsonl')}")
+    out.print(f"  MLflow:      {tracking_uri()} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`")
+    if not smoke:
+        out.print("  try it:      tuneline predict \"<input>\" (the champion of register.model_name)")
+
+
+def _experiment() -> str:
+    from tuneline.config import load_params
+
+    try:
+        return load_params(ROOT / "params.yaml").register.experiment
+    except TunelineError:
+        return "?"
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the shipped recipes (recipes/*.yaml) and what each one does."""
+    from tuneline import recipes
+
+    for name in recipes.names():
+        first = (recipes.recipes_dir() / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        out.print(f"[bold]{name:<11}[/] {first}")
 
 
 @app.command()
-def predict(text: str = typer.Argument(..., help="Scrambled words to put back in order."),
+def predict(text: str = typer.Argument(..., help="The input, e.g. scrambled words for the descrambler."),
             model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion).")) -> None:
     """Answer with the champion model from the MLflow registry."""
     try:
@@ -75,6 +98,7 @@ def predict(text: str = typer.Argument(..., help="Scrambled words to put back in
         except Exception as e:  # MlflowException, missing artifacts
             raise TunelineError(f"cannot load '{uri}' ({str(e).splitlines()[0][:120]})",
                                 "run `make run` (or `tuneline run`) first to register a champion") from None
+        # The registered model carries its task's prompt template; the request fills it.
         answer = loaded.predict([text])
         out.print(str(answer[0] if isinstance(answer, list) else answer).strip())
     except TunelineError as e:

@@ -33,33 +33,58 @@ class ModelCfg(_Group):
     )
 
 
+TaskName = Literal["descramble", "pretrain", "instruct", "classify", "entail"]
+
+
 class PrepareCfg(_Group):
-    task: Literal["descramble"] = Field("descramble", description="Which task template to apply.")
+    task: TaskName = Field(
+        "descramble",
+        description="Task template: 'descramble' (shuffled words -> sentence), 'pretrain' (causal LM on "
+        "raw text), 'instruct' (Alpaca/Dolly), 'classify' (text -> label), 'entail' (MNLI-style).")
     source: str = Field(
         "builtin:wikipedia",
-        description="Where sentences come from: 'builtin:wikipedia' (the dump sample inside "
-        "the gensim wheel) or 'wikidump:<path>' to a MediaWiki XML dump (.bz2).",
-    )
-    min_words: int = Field(6, ge=1, description="Shortest sentence kept, in words.")
-    max_words: int = Field(30, ge=1, description="Longest sentence kept, in words.")
-    n_train: int = Field(1200, ge=1, description="Training examples (after cleaning).")
-    n_val: int = Field(100, ge=1, description="Validation examples (loss, early stopping).")
-    n_test: int = Field(200, ge=1, description="Held-out test examples (evaluate stage).")
+        description="Training data: 'builtin:wikipedia' (the dump sample inside the gensim wheel), "
+        "'wikidump:<path.xml.bz2>', 'hf:<id>[:config][@revision][#split]' (the hub), or local "
+        "CSV/JSON/JSONL/Parquet files or a glob. Train and validation rows are carved from it.")
+    test_source: str | None = Field(
+        None, description="Held-out test data in the same forms (e.g. a validation file). None: carve "
+        "n_test rows from `source`. Never trained on.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map the task's column names to the source's, e.g. "
+        "{text: sentence, label: emotion}. Unmapped columns are read under their own name.")
+    labels: list[str] = Field(
+        default_factory=list, description="Declared label set (classify/entail), in id order: integer "
+        "labels in the data are read as labels[i]; any other label is an error.")
+    on_overlap: Literal["error", "drop"] = Field(
+        "error", description="An example that is in both train and test_source: 'error' stops, 'drop' "
+        "removes it from train (and reports how many).")
+    min_words: int = Field(6, ge=1, description="Shortest sentence (descramble) or paragraph (pretrain) kept, in words.")
+    max_words: int = Field(30, ge=1, description="Longest sentence kept for descramble, in words.")
+    n_train: int = Field(1200, ge=0, description="Training examples (after cleaning); 0: all that remain.")
+    n_val: int = Field(100, ge=1, description="Validation examples (loss, early stopping), carved from source.")
+    n_test: int = Field(200, ge=0, description="Test examples (evaluate stage); 0: all of test_source.")
 
     @model_validator(mode="after")
-    def _words(self):
+    def _check(self):
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        if self.n_test == 0 and not self.test_source:
+            raise ValueError("n_test is 0 (all of test_source) but no test_source is set")
+        if self.task in ("classify", "entail") and len(self.labels) < 2:
+            raise ValueError(f"task '{self.task}' needs at least two labels in prepare.labels")
         return self
 
 
 class TokenizeCfg(_Group):
     max_length: int = Field(512, ge=16, le=8192, description="Tokens per packed sequence (T).")
-    packing: Literal["bfd", "none"] = Field(
+    packing: Literal["bfd", "concat", "none"] = Field(
         "bfd",
-        description="'bfd': best-fit-decreasing packing, examples kept whole, attention "
-        "isolated between them. 'none': one example per row, padded to max_length.",
-    )
+        description="'bfd': best-fit-decreasing packing, examples kept whole, attention isolated "
+        "between them (supervised tasks). 'concat': join everything and cut into max_length "
+        "blocks, dropping the remainder (pretraining). 'none': one example per row.")
+    overlong: Literal["drop", "error", "truncate"] = Field(
+        "drop", description="Examples longer than max_length (bfd/none): 'drop' them, stop with an "
+        "'error', or 'truncate' them to max_length. The count is always reported.")
 
 
 class TrainCfg(_Group):
@@ -96,14 +121,18 @@ class EvaluateCfg(_Group):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Generation under bf16 autocast where supported (~1.5x faster on CPU), else fp32."
     )
-    primary_metric: Literal["exact_match", "bleu", "multiset_rate"] = Field(
-        "exact_match", description="Metric the champion/challenger gate compares (higher is better)."
-    )
+    max_new_tokens: int = Field(
+        128, ge=1, description="Cap on generated tokens; the budget is the longest reference answer + 8, up to this.")
+    primary_metric: str | None = Field(
+        None, description="Metric the champion/challenger gate compares; None: the task's default "
+        "(descramble exact_match, classify/entail accuracy, instruct rouge_l, pretrain perplexity).")
 
 
 class RegisterCfg(_Group):
     model_name: str = Field("descrambler", min_length=1, description="Registered model name in MLflow.")
     experiment: str = Field("tuneline", min_length=1, description="MLflow experiment for pipeline runs.")
+    dry_run: bool = Field(False, description="Log the model to the run and report the gate's decision, but "
+                          "register no version and move no alias (what --smoke does).")
 
 
 with warnings.catch_warnings():
@@ -118,6 +147,25 @@ with warnings.catch_warnings():
         train: TrainCfg = TrainCfg()
         evaluate: EvaluateCfg = EvaluateCfg()
         register: RegisterCfg = RegisterCfg()
+
+        @model_validator(mode="after")
+        def _cross(self):
+            from tuneline.tasks import TASKS
+
+            task = TASKS[self.prepare.task]
+            metric = self.evaluate.primary_metric
+            if metric is not None and metric not in task.metrics:
+                raise ValueError(f"evaluate.primary_metric '{metric}' is not a {task.name} metric "
+                                 f"(choose one of: {', '.join(task.metrics)})")
+            if self.tokenize.packing == "concat" and task.name != "pretrain":
+                raise ValueError("tokenize.packing 'concat' lets examples attend to each other; "
+                                 f"use 'bfd' for the supervised task '{task.name}'")
+            return self
+
+        def primary_metric(self) -> str:
+            from tuneline.tasks import TASKS
+
+            return self.evaluate.primary_metric or TASKS[self.prepare.task].metrics[0]
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -167,11 +215,11 @@ def flatten(params: Params) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
+        if isinstance(value, BaseModel):  # groups nest; dict-valued fields are one param
+            for k in type(value).model_fields:
+                walk(f"{prefix}.{k}" if prefix else k, getattr(value, k))
         else:
             out[prefix] = value
 
-    walk("", params.model_dump())
+    walk("", params)
     return out

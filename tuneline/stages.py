@@ -21,8 +21,9 @@ def stage_names(dvc_yaml: Path | None = None) -> list[str]:
     return list(yaml.safe_load(path.read_text())["stages"])
 
 
-def run_stage(name: str) -> dict:
-    """Validate params, open the stage's MLflow child run, run `components.<name>.run`."""
+def run_stage(name: str, params=None) -> dict:
+    """Validate params, open the stage's MLflow child run, run `components.<name>.run`.
+    `params` defaults to params.yaml (smoke runs pass their own and run in-process)."""
     import torch
 
     from tuneline.config import load_params
@@ -30,7 +31,7 @@ def run_stage(name: str) -> dict:
 
     if name not in stage_names():
         raise TunelineError(f"unknown stage '{name}'", f"choose one of: {', '.join(stage_names())}")
-    params = load_params(ROOT / "params.yaml")
+    params = params or load_params(ROOT / "params.yaml")
     torch.manual_seed(params.seed)
     module = importlib.import_module(f"components.{name}")
     t = time.time()

@@ -1,0 +1,104 @@
+"""Every source kind loads, and every kind of bad data stops prepare with one clear line."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from components import prepare
+from tuneline import sources
+from tuneline.config import parse_params
+from tuneline.errors import TunelineError
+from tuneline.tasks import TASKS
+
+LABELS = ["neg", "pos"]
+ROWS = [{"text": f"review number {i}", "label": LABELS[i % 2]} for i in range(30)]
+
+
+def _write(path, rows):
+    ext = path.suffix
+    if ext == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif ext == ".json":
+        path.write_text(json.dumps(rows))
+    elif ext == ".csv":
+        path.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("ext", [".csv", ".json", ".jsonl", ".parquet"])
+def test_each_local_format_loads_the_same_rows(tmp_path, ext):
+    rows, lineage = sources.load(str(_write(tmp_path / f"d{ext}", ROWS)))
+    assert sources.task_rows(rows, TASKS["classify"], {}, LABELS, "x") == ROWS
+    assert len(next(iter(lineage["sha256"].values()))) == 64  # file hash recorded for lineage
+
+
+def test_a_glob_reads_every_matching_file(tmp_path):
+    _write(tmp_path / "a.jsonl", ROWS[:10])
+    _write(tmp_path / "b.jsonl", ROWS[10:])
+    rows, lineage = sources.load(str(tmp_path / "*.jsonl"))
+    assert len(rows) == 30 and len(lineage["sha256"]) == 2
+
+
+def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
+    got = sources.task_rows([{"sentence": "hi", "y": 1}], TASKS["classify"], {"text": "sentence", "label": "y"}, LABELS, "x")
+    assert got == [{"text": "hi", "label": "pos"}]
+    dolly = [{"instruction": "Say hi.", "context": "", "response": "Hi!", "category": "open_qa"}]
+    assert sources.task_rows(dolly, TASKS["instruct"], {}, [], "x") == [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+
+
+def test_hub_source_offline_says_how_to_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TunelineError, match=r"cannot load hub dataset 'hf:dair-ai/emotion#train'.*HF_HUB_OFFLINE"):
+        sources.load("hf:dair-ai/emotion#train")
+
+
+def _prepare(tmp_path, monkeypatch, train_rows, test_rows=None, **over):
+    monkeypatch.chdir(tmp_path)
+    train = _write(tmp_path / "train.jsonl", train_rows)
+    cfg = {"task": "classify", "source": str(train), "labels": LABELS, "n_train": 0, "n_val": 2, "n_test": 2}
+    if test_rows is not None:
+        cfg |= {"test_source": str(_write(tmp_path / "test.jsonl", test_rows)), "n_test": 0}
+    return prepare.run(parse_params({"prepare": cfg | over}))
+
+
+BAD = [
+    ("missing column", [{"txt": "a", "label": "pos"}] * 5, None,
+     r"missing column 'text' for the classify task \(it has: label, txt\).*prepare.columns.text"),
+    ("wrong type", [{"text": 5, "label": "pos"}] * 5, None, r"column 'text' must be text, but row 0 holds int"),
+    ("empty split", [], None, r"has no rows"),
+    ("label outside the set", ROWS[:5] + [{"text": "odd", "label": "meh"}], None,
+     r"row 5 has label 'meh', outside the declared set \['neg', 'pos'\].*add it to prepare.labels"),
+    ("in two splits", ROWS, ROWS[:3], r"3 examples are in both prepare.source and prepare.test_source.*on_overlap=drop"),
+]
+
+
+@pytest.mark.parametrize("case, rows, test_rows, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_data_is_one_clear_line_and_nothing_is_written(tmp_path, monkeypatch, case, rows, test_rows, message):
+    with pytest.raises(TunelineError, match=message) as e:
+        _prepare(tmp_path, monkeypatch, rows, test_rows)
+    assert "\n" not in str(e.value) and "Fix:" in str(e.value)
+    assert not (tmp_path / "data/prepared").exists()
+
+
+def test_invalid_utf8_names_the_line(tmp_path, monkeypatch):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "fine", "label": "pos"}\n{"text": "caf\xe9", "label": "neg"}\n')
+    with pytest.raises(TunelineError, match=r"train.jsonl line 2 is not valid UTF-8 \(byte 0xe9\).*iconv"):
+        sources.load(str(path))
+
+
+def test_overlap_can_be_dropped_from_train_and_test_is_never_trained_on(tmp_path, monkeypatch):
+    m = _prepare(tmp_path, monkeypatch, ROWS, ROWS[:3], on_overlap="drop")
+    assert m["overlap_dropped_from_train"] == 3 and m["test_rows"] == 3
+    train = {r["text"] for r in prepare.read_split("train")} | {r["text"] for r in prepare.read_split("val")}
+    assert not train & {r["text"] for r in prepare.read_split("test")}
+    assert m["train_rows"] + m["val_rows"] == 27
+
+
+def test_duplicates_are_removed_before_the_split(tmp_path, monkeypatch):
+    m = _prepare(tmp_path, monkeypatch, ROWS + ROWS[:5])
+    assert m["duplicates_removed"] == 5 and m["train_rows"] + m["val_rows"] + m["test_rows"] == 30

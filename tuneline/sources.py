@@ -1,0 +1,244 @@
+"""Data sources: one loader per kind of spec, and validation before any heavy work.
+
+Specs:
+- `builtin:wikipedia`: the Wikipedia dump sample inside the gensim wheel (offline default);
+- `wikidump:<path.xml.bz2>`: a MediaWiki XML dump; rows are plain-text paragraphs;
+- `hf:<id>[:config][@revision][#split]`: a hub dataset (split defaults to `train`); the
+  resolved commit is recorded;
+- a local CSV / JSON (an array of objects) / JSONL / Parquet file, or a glob of them.
+
+`task_rows` maps columns, checks types and labels, and fails on the first bad row with
+one line naming the file, the row and the fix.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterator
+
+from tuneline import ROOT, assets
+from tuneline.errors import TunelineError
+from tuneline.tasks import Task
+
+LOCAL_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
+_HF = re.compile(r"hf:(?P<id>[^:@#]+)(?::(?P<config>[^@#]+))?(?:@(?P<rev>[^#]+))?(?:#(?P<split>.+))?")
+
+
+def is_wiki(spec: str) -> bool:
+    return spec == "builtin:wikipedia" or spec.startswith("wikidump:")
+
+
+def load(spec: str) -> tuple[list[dict], dict]:
+    """Raw rows of a source and its lineage ({'source', 'revision' or 'sha256'})."""
+    if is_wiki(spec):
+        path = dump_path(spec)
+        return [{"title": t, "text": p} for t, p in paragraphs(path)], {"source": spec, "sha256": sha256(path)}
+    if spec.startswith("hf:"):
+        return _hub(spec)
+    if re.match(r"^[a-z][a-z0-9+]*:", spec) and not os.path.exists(spec):
+        raise TunelineError(f"data source '{spec}' is not supported",
+                            "use builtin:wikipedia, wikidump:<path>, hf:<id>[:config][@rev][#split] or a local file/glob")
+    return _local(spec)
+
+
+# --- MediaWiki dumps -----------------------------------------------------------------
+
+def dump_path(spec: str) -> Path:
+    if spec == "builtin:wikipedia":
+        return assets.wiki_dump()
+    path = ROOT / Path(spec.removeprefix("wikidump:")).expanduser()
+    if not path.is_file():
+        raise TunelineError(f"dump file '{path}' not found", "give an existing MediaWiki XML .bz2 path")
+    return path
+
+
+def plain_text(wikicode) -> str:
+    """Wikitext → prose: drop footnotes and tables (strip_code would keep their text)."""
+    for tag in wikicode.filter_tags(recursive=False, matches=lambda n: str(n.tag).strip().lower() in ("ref", "table")):
+        try:
+            wikicode.remove(tag)
+        except ValueError:  # already removed with an enclosing node
+            pass
+    return wikicode.strip_code()
+
+
+def article_texts(path: Path) -> Iterator[tuple[str, str]]:
+    """(title, plain text) of each main-namespace article, streamed with a real XML parser."""
+    import mwparserfromhell
+
+    try:
+        ns = title = None
+        for _, el in ET.iterparse(bz2.open(path)):
+            tag = el.tag.rsplit("}", 1)[-1]
+            if tag == "title":
+                title = el.text
+            elif tag == "ns":
+                ns = el.text
+            elif tag == "text" and ns == "0" and el.text and not el.text.startswith("#REDIRECT"):
+                yield title or "", plain_text(mwparserfromhell.parse(el.text))
+            elif tag == "page":
+                el.clear()  # keep memory flat on large dumps
+    except (ET.ParseError, OSError, EOFError) as e:
+        raise TunelineError(f"cannot read MediaWiki dump '{path}' ({e})", "give a valid .xml.bz2 dump") from None
+
+
+def paragraphs(path: Path) -> Iterator[tuple[str, str]]:
+    for title, text in article_texts(path):
+        for para in text.split("\n"):
+            para = " ".join(para.split())
+            if para:
+                yield title, para
+
+
+# --- the hub ---------------------------------------------------------------------------
+
+def _hub(spec: str) -> tuple[list[dict], dict]:
+    m = _HF.fullmatch(spec)
+    if not m:
+        raise TunelineError(f"bad hub source '{spec}'", "write hf:<id>[:config][@revision][#split], e.g. hf:dair-ai/emotion#train")
+    ds_id, config, rev, split = m["id"], m["config"], m["rev"], m["split"] or "train"
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(ds_id, config, revision=rev, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: all surface as different types
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        fix = ("the hub is off (HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 with network access, or point the "
+               "source at local files" if offline else "check the dataset id, config, split and your network/HF_TOKEN")
+        raise TunelineError(f"cannot load hub dataset '{spec}' ({type(e).__name__}: {str(e).splitlines()[0][:100]})", fix) from None
+    resolved = rev
+    try:
+        from huggingface_hub import HfApi
+
+        resolved = HfApi().dataset_info(ds_id, revision=rev).sha or rev
+    except Exception:  # the data loaded; a missing commit id only weakens lineage
+        pass
+    return ds.to_list(), {"source": spec, "revision": resolved or "unknown"}
+
+
+# --- local files -----------------------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _local(spec: str) -> tuple[list[dict], dict]:
+    pattern = os.path.expanduser(spec)
+    if not os.path.isabs(pattern):  # relative to the project root, wherever a stage runs
+        pattern = str(ROOT / pattern)
+    paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
+    if not paths or not paths[0].exists():
+        raise TunelineError(f"data file '{spec}' not found", "check the path (relative to the project root) or the glob")
+    rows: list[dict] = []
+    for path in paths:
+        if path.is_dir():
+            raise TunelineError(f"data source '{path}' is a directory", f"name the files, e.g. '{path}/*.jsonl'")
+        if path.suffix.lower() not in LOCAL_FORMATS:
+            raise TunelineError(f"data file '{path}' has an unsupported format", f"use one of: {', '.join(LOCAL_FORMATS)}")
+        rows += _read(path)
+    return rows, {"source": spec, "sha256": {str(p): sha256(p) for p in paths}}
+
+
+def _text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise TunelineError(f"{path} line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})",
+                            "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _read(path: Path) -> list[dict]:
+    ext = path.suffix.lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise TunelineError(f"{path} is not a readable Parquet file ({e})", "re-export the file") from None
+    text = _text(path)
+    if ext == ".csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    if ext == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise TunelineError(f"{path} line {i} is not valid JSON ({e.msg})", "fix or remove that line") from None
+        rows_ok = all(isinstance(r, dict) for r in rows)
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TunelineError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
+                                "fix the file; for one object per line name it .jsonl") from None
+        rows_ok = isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
+    if not rows_ok:
+        raise TunelineError(f"{path} does not hold JSON objects (one row each)", "write a list of objects, or one object per line (.jsonl)")
+    return rows
+
+
+# --- validation ------------------------------------------------------------------------
+
+def task_rows(rows: list[dict], task: Task, columns: dict[str, str], labels: list[str], where: str) -> list[dict]:
+    """Rows with exactly the task's columns, all text, labels checked against `labels`."""
+    if not rows:
+        raise TunelineError(f"{where} has no rows", "point it at a file or split with data")
+    keys: set[str] = set().union(*(r.keys() for r in rows[:1000]))
+    names: dict[str, str | None] = {}
+    for col in task.columns:
+        name = columns.get(col, col)
+        if name not in keys:
+            alias = dict(task.aliases).get(col)
+            name = alias if alias in keys and col not in columns else None
+            if name is None and col not in task.optional:
+                have = ", ".join(sorted(keys)[:12])
+                raise TunelineError(f"{where}: missing column '{columns.get(col, col)}' for the {task.name} task (it has: {have})",
+                                    f"map one with --set prepare.columns.{col}=<column>")
+        names[col] = name
+    out = []
+    for i, r in enumerate(rows):
+        row = {}
+        for col, name in names.items():
+            v = r.get(name) if name else None
+            if v is None and (col in task.optional or name is None):
+                v = ""
+            if col == "label":
+                v = _label(v, labels, where, i, name)
+            elif not isinstance(v, str):
+                raise TunelineError(f"{where}: column '{name}' must be text, but row {i} holds {type(v).__name__} {str(v)[:40]!r}",
+                                    "convert that column to strings, or map another column in prepare.columns")
+            row[col] = v
+        out.append(row)
+    return out
+
+
+def _label(v, labels: list[str], where: str, i: int, name: str | None) -> str:
+    if isinstance(v, str) and v in labels:
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(labels):
+        return labels[v]
+    if not isinstance(v, (str, int)) or isinstance(v, bool):
+        raise TunelineError(f"{where}: column '{name}' must be a label name or id, but row {i} holds {type(v).__name__} {v!r}",
+                            "convert labels to strings or integer ids")
+    raise TunelineError(f"{where}: row {i} has label {v!r}, outside the declared set {labels}",
+                        "add it to prepare.labels, or drop such rows (e.g. -1 marks unlabelled GLUE test rows)")
