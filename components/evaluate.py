@@ -51,6 +51,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]  # (B, new_tokens): strip the prompt
         for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+            text = text.strip()  # chat-tuned models often open with a newline
             outs[i] = text.split("\n")[0].strip() if one_line else text.split("\n###")[0].strip()
         print(f"[evaluate]   generated {len(outs)}/{len(prompts)}", flush=True)
     return [outs[i] for i in range(len(prompts))]

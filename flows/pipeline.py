@@ -88,6 +88,20 @@ def _tokenizer_changed(params: Params) -> bool:
     return read_json(meta).get("tokenizer_sha256") != tokenizer_hash(load_tokenizer(params.model.name))
 
 
+def _source_changed() -> bool:
+    """A local data file edited in place changes no DVC dep; its recorded hash tells."""
+    lineage = ROOT / "data" / "prepared" / "lineage.json"
+    if not lineage.is_file():
+        return False
+    from tuneline import sources
+
+    try:
+        return any(sources.file_hashes(rec["source"]) not in (None, rec.get("sha256"))
+                   for rec in read_json(lineage).values())
+    except TunelineError:
+        return False  # a vanished file: prepare itself reports it
+
+
 def _save_experiment(name: str) -> str | None:
     """Record the workspace (params, dvc.lock, metrics) as a DVC experiment."""
     env = os.environ | {k: os.environ.get(k, "tuneline") for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME")}
@@ -140,9 +154,10 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
                 status[name] = run_stage_here(name, params)
         else:
             for name in stage_names():
-                force = name == "tokenize" and _tokenizer_changed(params)
+                force = (name == "prepare" and _source_changed()) or (name == "tokenize" and _tokenizer_changed(params))
                 if force:
-                    print("[tuneline] the tokenizer changed since data/tokenized was made: re-tokenizing")
+                    print(f"[tuneline] {'a data file' if name == 'prepare' else 'the tokenizer'} changed since "
+                          f"the last {name}: running it again")
                 status[name] = run_stage(name, force)
                 if status[name] == "skipped":
                     _record_skipped(parent, name)

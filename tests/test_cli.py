@@ -30,3 +30,22 @@ def test_help_lists_the_commands():
     out = _cli("--help").stdout
     for cmd in ("run", "ui", "predict", "doctor"):
         assert cmd in out
+
+
+def test_an_unknown_recipe_is_one_line_with_a_suggestion(tmp_path):
+    import shutil
+
+    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    proc = _cli("run", "--recipe", "emotoin", "--smoke", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: unknown recipe 'emotoin' (no recipes/emotoin.yaml). Fix: did you mean 'emotion'?"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".smoke").exists()
+
+
+def test_recipes_are_listed_with_what_they_do():
+    out = _cli("recipes").stdout
+    for name in ("descramble", "pretrain", "alpaca", "emotion", "mnli"):
+        assert name in out
+    assert "6-class emotion classification" in out

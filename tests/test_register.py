@@ -18,9 +18,9 @@ def client(tmp_path, monkeypatch):
     return c
 
 
-def _version(client, score: float) -> str:
+def _version(client, score: float, metric: str = "exact_match") -> str:
     v = client.create_model_version("m", source="file:///nowhere").version
-    client.set_model_version_tag("m", v, "metric.exact_match", str(score))
+    client.set_model_version_tag("m", v, f"metric.{metric}", str(score))
     return v
 
 
@@ -52,6 +52,25 @@ def test_a_nan_evaluation_never_promotes(client):
     assert not promoted and "never promotes" in why
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias("m", CHAMPION)
+
+
+def test_perplexity_gate_promotes_the_lower_one(client):
+    v1 = _version(client, 80.0, "perplexity")
+    gate(client, "m", v1, "perplexity", 80.0)
+    v2 = _version(client, 95.0, "perplexity")
+    assert not gate(client, "m", v2, "perplexity", 95.0)[0] and _champion(client) == v1
+    v3 = _version(client, 60.0, "perplexity")
+    promoted, why = gate(client, "m", v3, "perplexity", 60.0)
+    assert promoted and _champion(client) == v3 and "60 < champion" in why
+
+
+def test_a_dry_run_decides_but_moves_and_tags_nothing(client):
+    v1 = _version(client, 0.3)
+    gate(client, "m", v1, "exact_match", 0.3)
+    promoted, why = gate(client, "m", None, "exact_match", 0.9)
+    assert promoted and _champion(client) == v1
+    assert "gate.decision" not in client.get_model_version("m", v1).tags or \
+        client.get_model_version("m", v1).tags["gate.decision"] == "promoted"  # v1's own decision only
 
 
 def test_data_hashes_come_from_dvc_lock(tmp_path):

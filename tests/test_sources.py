@@ -102,3 +102,12 @@ def test_overlap_can_be_dropped_from_train_and_test_is_never_trained_on(tmp_path
 def test_duplicates_are_removed_before_the_split(tmp_path, monkeypatch):
     m = _prepare(tmp_path, monkeypatch, ROWS + ROWS[:5])
     assert m["duplicates_removed"] == 5 and m["train_rows"] + m["val_rows"] + m["test_rows"] == 30
+
+
+def test_an_edited_file_changes_its_recorded_hash(tmp_path):
+    path = _write(tmp_path / "d.jsonl", ROWS)
+    _, lineage = sources.load(str(path))
+    assert sources.file_hashes(str(path)) == lineage["sha256"]  # what the flow compares before prepare
+    _write(path, ROWS[:-1])
+    assert sources.file_hashes(str(path)) != lineage["sha256"]
+    assert sources.file_hashes("hf:dair-ai/emotion") is None  # hub revisions are checked online

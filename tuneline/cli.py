@@ -42,6 +42,11 @@ def run(recipe: str = typer.Option(None, "--recipe", "-r", help="A recipe from r
                                    "experiment 'smoke'; touches no alias, params.yaml or pipeline output.")) -> None:
     """Run the pipeline (a Prefect flow); stages whose inputs are unchanged are skipped."""
     try:
+        from tuneline import recipes
+        from tuneline.config import load_params
+
+        # Validate before anything starts (the flow validates again: it can be run alone).
+        recipes.build(recipe, list(sets), smoke, None if recipe else load_params(ROOT / "params.yaml").model_dump())
         from flows.pipeline import pipeline
         from tuneline.tracking import tracking_uri
 

@@ -135,13 +135,27 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _local(spec: str) -> tuple[list[dict], dict]:
+def local_paths(spec: str) -> list[Path]:
     pattern = os.path.expanduser(spec)
     if not os.path.isabs(pattern):  # relative to the project root, wherever a stage runs
         pattern = str(ROOT / pattern)
     paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths or not paths[0].exists():
         raise TunelineError(f"data file '{spec}' not found", "check the path (relative to the project root) or the glob")
+    return paths
+
+
+def file_hashes(spec: str) -> str | dict[str, str] | None:
+    """What `load` records as the content of a file source, without parsing it (None for the hub)."""
+    if spec.startswith("hf:"):
+        return None
+    if is_wiki(spec):
+        return sha256(dump_path(spec))
+    return {str(p): sha256(p) for p in local_paths(spec)}
+
+
+def _local(spec: str) -> tuple[list[dict], dict]:
+    paths = local_paths(spec)
     rows: list[dict] = []
     for path in paths:
         if path.is_dir():
