@@ -98,5 +98,8 @@ def test_concat_keeps_every_token_but_the_final_remainder():
     assert len(rows) * 32 == total - total % 32  # in = out + remainder (< one block)
     flat = [t for d in docs for t in d.input_ids]
     assert [t for r in rows for t in r["input_ids"]] == flat[:len(rows) * 32]  # order kept, no EOS invented
-    # evaluation keeps the remainder as a shorter last row
-    assert sum(len(r["input_ids"]) for r in concat(docs, 32, drop_remainder=False)) == total
+    # evaluation keeps the remainder as a shorter last row, which collates on its own
+    kept = concat(docs, 32, drop_remainder=False)
+    assert sum(len(r["input_ids"]) for r in kept) == total
+    assert all(r["seq_lens"] == [len(r["input_ids"])] for r in kept)
+    assert collate(kept[-1:], pad_id=0)["input_ids"].shape == (1, total % 32)

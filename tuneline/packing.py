@@ -56,7 +56,7 @@ def concat(examples: list[Example], block: int, drop_remainder: bool = True) -> 
     ids = [t for e in examples for t in e.input_ids]
     labels = [t for e in examples for t in e.labels]
     n = len(ids) // block * block if drop_remainder else len(ids)
-    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block], "seq_lens": [block]}
+    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block], "seq_lens": [min(block, n - i)]}
             for i in range(0, n, block)]
 
 
