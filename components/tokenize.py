@@ -32,11 +32,18 @@ def tokenizer_hash(tok) -> str:
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
+def encode(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one parallel Rust call (the transformers wrapper would
+    build a Python BatchEncoding per text: ~40% of the time, for the same ids)."""
+    if tok.is_fast:
+        return [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    return tok(texts, add_special_tokens=False)["input_ids"]
+
+
 def encode_rows(tok, rows: list[dict], task: tasks.Task, labels: list[str]) -> list[Example]:
     """Batch-tokenize prompts and answers (one fast-tokenizer call each, not per row)."""
     prompts, answers = zip(*(tasks.render(task, r, labels) for r in rows))
-    p_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
-    a_ids = tok(list(answers), add_special_tokens=False)["input_ids"]
+    p_ids, a_ids = encode(tok, list(prompts)), encode(tok, list(answers))
     eos = tok.eos_token_id
     return [Example(p + a + [eos], [IGNORE] * len(p) + a + [eos]) for p, a in zip(p_ids, a_ids)]
 
@@ -58,7 +65,7 @@ def fit(examples: list[Example], max_length: int, policy: str, split: str) -> tu
 
 def lint(examples: list[Example], split: str) -> None:
     """Fail on examples that would train nothing (e.g. an answer truncated away)."""
-    empty = [i for i, e in enumerate(examples) if all(x == IGNORE for x in e.labels[1:])]
+    empty = [i for i, e in enumerate(examples) if e.labels.count(IGNORE) >= len(e.labels) - (e.labels[0] != IGNORE)]
     if empty:
         raise TunelineError(f"tokenize: {len(empty)} {split} examples have no trainable token (first: #{empty[0]})",
                             "check the answer column, or use tokenize.overlong=drop instead of truncate")
