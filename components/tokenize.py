@@ -9,6 +9,7 @@ packing params the rows were made with) and metrics/tokenize.json.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,9 +36,19 @@ def tokenizer_hash(tok) -> str:
 def encode(tok, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts in one parallel Rust call (the transformers wrapper would
     build a Python BatchEncoding per text: ~40% of the time, for the same ids)."""
-    if tok.is_fast:
+    if not tok.is_fast:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    # tuneline turns Rust-side threads off by default (they deadlock across forks); a batch
+    # call in this process is safe, and the env var is read per call.
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
         return [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-    return tok(texts, add_special_tokens=False)["input_ids"]
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def encode_rows(tok, rows: list[dict], task: tasks.Task, labels: list[str]) -> list[Example]:

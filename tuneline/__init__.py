@@ -23,6 +23,8 @@ _ENV_DEFAULTS = {
     "PREFECT_HOME": str(ROOT / ".prefect"),
     "DVC_SITE_CACHE_DIR": str(ROOT / ".dvc" / "site-cache"),
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    # Prefect's temporary server gets 20 s to start; a busy 2-core machine can need more.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "GIT_PYTHON_REFRESH": "quiet",
 }
 for _k, _v in _ENV_DEFAULTS.items():
