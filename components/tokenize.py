@@ -40,10 +40,15 @@ def encode(tok, texts: list[str]) -> list[list[int]]:
         return tok(texts, add_special_tokens=False)["input_ids"]
     # tuneline turns Rust-side threads off by default (they deadlock across forks); a batch
     # call in this process is safe, and the env var is read per call.
+    backend = tok.backend_tokenizer
+    # A padded `tok(..., padding=True)` call (generation does one) leaves padding switched
+    # on in the backend; ids must never carry it.
+    backend.no_padding()
+    backend.no_truncation()
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:
-        return [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     finally:
         if before is None:
             os.environ.pop("TOKENIZERS_PARALLELISM")

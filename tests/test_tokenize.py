@@ -39,6 +39,14 @@ def test_template_renders_exactly_and_masks_the_prompt(gpt2_tok, name, row, labe
     assert gpt2_tok.decode(ex.input_ids) == prompt + answer + "<|endoftext|>"
 
 
+def test_ids_never_carry_padding_left_on_by_a_padded_call(gpt2_tok):
+    texts = ["a", "a much longer text than the first"]
+    clean = tokenize.encode(gpt2_tok, texts)
+    gpt2_tok.padding_side = "left"
+    gpt2_tok(texts, padding=True)  # what batched generation does before perplexity is scored
+    assert tokenize.encode(gpt2_tok, texts) == clean == [gpt2_tok(t)["input_ids"] for t in texts]
+
+
 def test_serving_template_has_one_prompt_slot():
     for name, task in tasks.TASKS.items():
         tmpl = tasks.serving_template(task, EMOTIONS)
