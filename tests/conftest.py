@@ -24,11 +24,7 @@ TINY = {
 }
 
 
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from tuneline.recipes import merge  # noqa: E402  (the same deep merge recipes and --set use)
 
 
 @pytest.fixture(scope="session")
