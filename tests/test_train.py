@@ -1,11 +1,17 @@
+import contextlib
+import json
 import math
+import os
 import random
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from components.train import batch_indices, lr_at
 from tuneline.config import TrainCfg
+from tuneline.errors import TunelineError
 from tuneline.loss import loss_sum
 from tuneline.packing import Example, collate, pack
 
@@ -49,3 +55,178 @@ def test_accumulation_equals_one_big_batch(model_cache):
     split = grads([collate(rows[:1], 0), collate(rows[1:], 0)])
     assert len(rows) > 1 and not math.isclose(float(one.norm()), 0.0)
     torch.testing.assert_close(one, split, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the loop itself
+# Small real runs of components.train on tokenized descramble data, with a dropout-free
+# tiny GPT-2 so that runs which split the same batch differently see the same network.
+
+BASE = {"prepare": {"n_train": 64, "n_val": 8, "n_test": 8}, "tokenize": {"max_length": 128},
+        "train": {"method": "full", "batch_size": 4, "max_steps": 4, "eval_every": 2, "log_every": 1,
+                  "precision": "fp32", "lr": 1e-3, "warmup_ratio": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory, model_cache):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from components import prepare, tokenize
+    from tuneline.modeling import resolve
+
+    root = tmp_path_factory.mktemp("data")
+    model_dir = root / "tiny-gpt2-nodrop"
+    src = resolve("tiny-gpt2")
+    GPT2LMHeadModel.from_pretrained(src, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(src).save_pretrained(model_dir)
+    params = _params(model_dir, {})
+    with contextlib.chdir(root):
+        prepare.run(params)
+        tokenize.run(params)
+    return root, model_dir
+
+
+def _params(model_dir, over: dict):
+    from tuneline.config import parse_params
+    from tuneline.recipes import merge
+
+    return parse_params(merge(merge(BASE, {"model": {"name": str(model_dir)}}), over))
+
+
+def _train(token_data, where, over: dict | None = None) -> tuple[dict, list[list[str]]]:
+    """Run the train stage in a fresh folder on the shared token data; (metrics, curve rows)."""
+    from components import train
+
+    root, model_dir = token_data
+    shutil.copytree(root / "data", where / "data", dirs_exist_ok=True)
+    with contextlib.chdir(where):
+        metrics = train.run(_params(model_dir, over or {}))
+    curve = [line.split(",") for line in (where / "plots/train.csv").read_text().splitlines()[1:]]
+    return metrics, curve
+
+
+def _losses(curve, col=1) -> list[float]:
+    return [float(r[col]) for r in curve if r[col]]
+
+
+def test_same_seed_gives_bit_identical_losses(token_data, tmp_path):
+    (a, ca), (b, cb) = _train(token_data, tmp_path / "a"), _train(token_data, tmp_path / "b")
+    assert ca == cb and a["best_val_loss"] == b["best_val_loss"]
+    assert len(_losses(ca, 2)) == 2  # validated at steps 2 and 4
+
+
+def test_accumulating_micro_batches_equals_one_big_batch(token_data, tmp_path):
+    _, big = _train(token_data, tmp_path / "big", {"train": {"batch_size": 4, "grad_accum": 1}})
+    _, acc = _train(token_data, tmp_path / "acc", {"train": {"batch_size": 1, "grad_accum": 4}})
+    assert [r[0] for r in big] == [r[0] for r in acc]
+    np.testing.assert_allclose(_losses(acc), _losses(big), rtol=1e-5)
+    np.testing.assert_allclose(_losses(acc, 2), _losses(big, 2), rtol=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_losses(token_data, tmp_path):
+    _, plain = _train(token_data, tmp_path / "plain")
+    _, ckpt = _train(token_data, tmp_path / "ckpt", {"train": {"grad_checkpointing": True}})
+    np.testing.assert_allclose(_losses(ckpt), _losses(plain), rtol=1e-5)
+
+
+def test_fp16_trains_with_a_gradient_scaler(token_data, tmp_path):
+    import torch
+
+    metrics, curve = _train(token_data, tmp_path, {"train": {"precision": "fp16"}})
+    assert metrics["precision"] == "float16" and all(math.isfinite(x) for x in _losses(curve))
+    state = torch.load(tmp_path / "checkpoints/train/step-000004/state.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0  # the scaler's state is part of the checkpoint
+
+
+def test_lora_saves_adapter_and_merged_model_and_counts_parameters(token_data, tmp_path, capsys):
+    metrics, _ = _train(token_data, tmp_path, {"train": {"method": "lora", "lora_r": 4}})
+    assert (tmp_path / "models/adapter/adapter_config.json").is_file()
+    assert (tmp_path / "models/merged/model.safetensors").is_file()
+    assert 0 < metrics["trainable_params"] < metrics["frozen_params"]
+    assert f"trainable {metrics['trainable_params']:,} | frozen {metrics['frozen_params']:,}" in capsys.readouterr().out
+
+
+def test_throughput_mfu_and_memory_are_measured(token_data, tmp_path):
+    metrics, _ = _train(token_data, tmp_path)
+    assert metrics["tokens_per_s"] > 0 and metrics["trainable_tokens_per_s"] > 0
+    assert 0 < metrics["trainable_tokens_per_s"] < metrics["tokens_per_s"]  # prompts are not trained
+    assert metrics["peak_memory_mb"] > 0 and metrics["flops_per_token"] > 0
+    assert 0 < metrics["mfu"] < 1  # a real fraction of this CPU's peak from the table
+
+
+def test_keeps_the_newest_checkpoints_and_the_best(token_data, tmp_path):
+    import torch
+
+    metrics, _ = _train(token_data, tmp_path, {"train": {"epochs": 2, "max_steps": 8, "keep_checkpoints": 2}})
+    kept = sorted(p.name for p in (tmp_path / "checkpoints/train").iterdir())
+    assert kept == ["COMPLETE", "best", "step-000006", "step-000008"]
+    best = torch.load(tmp_path / "checkpoints/train/best/weights.pt", weights_only=False)
+    assert best["step"] == metrics["best_step"] and best["val_loss"] == metrics["best_val_loss"]
+    # a finished run's checkpoints are for inspection: running again trains again, the same way
+    again, _ = _train(token_data, tmp_path, {"train": {"epochs": 2, "max_steps": 8, "keep_checkpoints": 2}})
+    assert again["train_s"] > 0 and again["best_val_loss"] == metrics["best_val_loss"]
+
+
+def test_early_stopping_keeps_the_best_checkpoint(token_data, tmp_path, monkeypatch):
+    """Validation losses 3, 2, 2.5, 2.7: patience 2 stops at the 4th validation and the
+    saved model is the one from the 2nd (step 4)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from components import train
+
+    fake = iter([3.0, 2.0, 2.5, 2.7, 2.9])
+    monkeypatch.setattr(train, "loss_totals", lambda *a, **k: (next(fake), 1))
+    metrics, curve = _train(token_data, tmp_path, {"train": {"epochs": 3, "max_steps": 20, "patience": 2}})
+    assert metrics["stopped_early"] and metrics["steps"] == 8 and metrics["best_step"] == 4
+    assert metrics["best_val_loss"] == 2.0 and _losses(curve, 2) == [3.0, 2.0, 2.5, 2.7]
+    best = torch.load(tmp_path / "checkpoints/train/best/weights.pt", weights_only=False)["weights"]
+    saved = load_file(tmp_path / "models/merged/model.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    torch.testing.assert_close(saved[name], best[name])
+    last = torch.load(tmp_path / "checkpoints/train/step-000008/state.pt", weights_only=False)["weights"]
+    assert not torch.equal(last[name], best[name])  # the last weights are not the ones kept
+
+
+def test_a_nan_loss_stops_with_the_step_and_writes_nothing(token_data, tmp_path, monkeypatch):
+    from components import train
+
+    calls = {"n": 0}
+    real = train.loss_sum
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        s, n = real(model, batch)
+        return (s * float("nan"), n) if calls["n"] == 3 else (s, n)
+
+    monkeypatch.setattr(train, "loss_sum", poisoned)
+    with pytest.raises(TunelineError, match=r"loss became nan at step 3.*lower train.lr"):
+        _train(token_data, tmp_path)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics/train.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_loss_curve_of_one_at_the_same_global_batch(token_data, tmp_path):
+    """torchrun --nproc_per_node=2 on CPU (gloo), 2 rows each, against one process with 4."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from tuneline import recipes
+
+    _, one = _train(token_data, tmp_path / "one", {"train": {"batch_size": 4}})
+    root, model_dir = token_data
+    two = tmp_path / "two"
+    shutil.copytree(root / "data", two / "data")
+    shutil.copy(REPO / "dvc.yaml", two / "dvc.yaml")
+    (two / "params.yaml").write_text(recipes.dump(_params(model_dir, {"train": {"batch_size": 2, "nproc": 2}}), "test"))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TUNELINE_ROOT")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "tuneline.stages", "train"], cwd=two, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "x 2 process(es)" in proc.stdout
+    curve = [line.split(",") for line in (two / "plots/train.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in curve] == [r[0] for r in one]
+    np.testing.assert_allclose(_losses(curve), _losses(one), rtol=1e-4)
+    np.testing.assert_allclose(_losses(curve, 2), _losses(one, 2), rtol=1e-4)
+    assert json.loads((two / "metrics/train.json").read_text())["processes"] == 2

@@ -98,9 +98,20 @@ class TrainCfg(_Group):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps for linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="'auto': bf16 autocast where the CPU/GPU supports it, else fp32."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 autocast where the CPU/GPU supports it; else fp16 with a gradient "
+        "scaler on a GPU, fp32 on a CPU. 'fp16' always uses the scaler."
     )
+    grad_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward instead of storing them: less "
+        "memory, about a third more compute.")
+    keep_checkpoints: int = Field(2, ge=1, description="Resume checkpoints kept (the newest N), plus the best one.")
+    patience: int = Field(
+        0, ge=0, description="Early stopping: stop after this many validations without a lower validation "
+        "loss (0: never stop early). The best checkpoint is the one saved, evaluated and registered.")
+    nproc: int = Field(
+        1, ge=1, le=64, description="Data-parallel processes (torchrun; gloo on CPU, nccl on GPUs). "
+        "batch_size is per process: the global batch is batch_size x grad_accum x nproc.")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")

@@ -37,13 +37,21 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def mean_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
-    """Token-weighted mean answer loss over packed rows (validation loss; exp() = perplexity)."""
+def loss_totals(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[float, int]:
+    """(summed answer-token loss, answer tokens) over packed rows, in eval mode."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
+    device = next(model.parameters()).device
     for i in range(0, len(rows), batch_size):
-        s, k = loss_sum(model, collate(rows[i:i + batch_size], pad_id))
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+        s, k = loss_sum(model, batch)
         total, n = total + float(s), n + k
     model.train(was_training)
+    return total, n
+
+
+def mean_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean answer loss over packed rows (validation loss; exp() = perplexity)."""
+    total, n = loss_totals(model, rows, pad_id, batch_size)
     return total / max(n, 1)

@@ -131,15 +131,28 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
     return model
 
 
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def amp_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for `precision`, or None for plain fp32.
+
+    'auto' picks bf16 where the device computes it natively (CUDA Ampere+, CPUs with
+    AVX512-BF16/AMX), else fp16 on a GPU (with a gradient scaler) and fp32 on a CPU.
+    """
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def use_bf16(precision: str) -> bool:
-    if precision != "auto":
-        return precision == "bf16"
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return amp_dtype(precision) == torch.bfloat16
 
 
 def autocast(precision: str):
-    """bf16 autocast on the current device when `precision` allows it, else a no-op."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=use_bf16(precision))
+    """Autocast on the current device in `precision`'s dtype, or a no-op for fp32."""
+    dtype = amp_dtype(precision)
+    return torch.autocast(device().type, dtype=dtype or torch.float32, enabled=dtype is not None)

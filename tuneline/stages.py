@@ -24,18 +24,34 @@ def stage_names(dvc_yaml: Path | None = None) -> list[str]:
 def run_stage(name: str, params=None) -> dict:
     """Validate params, open the stage's MLflow child run, run `components.<name>.run`.
     `params` defaults to params.yaml (smoke runs pass their own and run in-process)."""
+    import contextlib
+
     import torch
 
+    from tuneline import distributed
     from tuneline.config import load_params
     from tuneline.tracking import stage_run
 
     if name not in stage_names():
         raise TunelineError(f"unknown stage '{name}'", f"choose one of: {', '.join(stage_names())}")
+    from_file = params is None
     params = params or load_params(ROOT / "params.yaml")
+    if name == "train" and params.train.nproc > 1 and distributed.world() == 1:
+        if not from_file:
+            raise TunelineError("train.nproc > 1 needs the stage started from params.yaml",
+                                "set train.nproc: 1 for in-process (smoke) runs")
+        code = distributed.launch(params.train.nproc, name)
+        if code:
+            raise TunelineError(f"train: a data-parallel process failed (torchrun exit {code})",
+                                "see the first error above; train.nproc: 1 runs in one process")
+        from tuneline.io import read_json
+
+        return read_json("metrics/train.json")
     torch.manual_seed(params.seed)
     module = importlib.import_module(f"components.{name}")
     t = time.time()
-    with stage_run(name, params):
+    # Under torchrun only rank 0 opens the MLflow run (the others log nothing).
+    with stage_run(name, params) if distributed.is_main() else contextlib.nullcontext():
         metrics = module.run(params)
     print(f"[{name}] done in {time.time() - t:.1f}s", flush=True)
     return metrics
