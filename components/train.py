@@ -160,7 +160,7 @@ def run(params: Params) -> dict:
     engine = StepLoss(model)
     if world > 1:
         engine = torch.nn.parallel.DistributedDataParallel(engine)
-    flops_tok, flops_trained = train_flops(model, params.tokenize.max_length)
+    flops_tok, flops_trained, flops_ctx2 = train_flops(model)
     peak, device_name = peak_flops(amp)
     peak = peak * world if peak else None
 
@@ -181,7 +181,7 @@ def run(params: Params) -> dict:
         f"process(es); precision={amp or torch.float32}; peak {peak / 1e12 if peak else float('nan'):.2f} "
         f"TFLOP/s ({device_name})", flush=True)
     busy, window = 0.0, {"t": 0.0, "tokens": 0.0, "trained": 0.0, "flops": 0.0}
-    seen_tokens = seen_trained = 0.0
+    seen_tokens = seen_trained = seen_flops = 0.0
     stopped_early = False
     while step < total:
         t_step = time.perf_counter()
@@ -191,7 +191,7 @@ def run(params: Params) -> dict:
         # This rank's share of each global micro-batch: (batch_size, T) tensors. A rank whose
         # share is empty (short last batch) runs the batch's first row with weight 0, so it
         # still joins the gradient all-reduce.
-        batches, n_local, tokens_local = [], 0, 0
+        batches, n_local, tokens_local, ctx2_local = [], 0, 0, 0
         for m in range(cfg.grad_accum):
             idx = batch_indices(step, m, len(train_rows), cfg, seed, world)
             mine = [train_rows[i] for i in idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
@@ -199,9 +199,11 @@ def run(params: Params) -> dict:
             batches.append((b, 1.0 if mine else 0.0))
             n_local += int((b["labels"][:, 1:] != -100).sum()) if mine else 0
             tokens_local += sum(len(r["input_ids"]) for r in mine)       # real tokens, no padding
+            ctx2_local += sum(n * n for r in mine for n in r["seq_lens"])  # attention work, per example
         # Weight every micro-batch by its share of the trainable tokens of the whole step on
         # all ranks, so k micro-batches x w ranks give exactly the gradient of one big batch.
         n_step, tokens = distributed.all_sum(n_local), distributed.all_sum(tokens_local)
+        step_flops = flops_tok * tokens + flops_trained * n_step + flops_ctx2 * distributed.all_sum(ctx2_local)
         local_loss = 0.0
         for m, (b, w) in enumerate(batches):
             sync = m == len(batches) - 1 or world == 1
@@ -222,9 +224,9 @@ def run(params: Params) -> dict:
         step += 1
         dt = time.perf_counter() - t_step
         busy += dt
-        seen_tokens, seen_trained = seen_tokens + tokens, seen_trained + n_step
+        seen_tokens, seen_trained, seen_flops = seen_tokens + tokens, seen_trained + n_step, seen_flops + step_flops
         window = {"t": window["t"] + dt, "tokens": window["tokens"] + tokens, "trained": window["trained"] + n_step,
-                  "flops": window["flops"] + flops_tok * tokens + flops_trained * n_step}
+                  "flops": window["flops"] + step_flops}
 
         point = {"step": step, "train_loss": step_loss, "lr": lr}
         if step % cfg.log_every == 0 or step == total:
@@ -277,10 +279,10 @@ def run(params: Params) -> dict:
                "trainable_params": n_train, "frozen_params": n_frozen, "train_s": busy, "processes": world,
                "tokens_per_s": seen_tokens / busy if busy else 0.0,
                "trainable_tokens_per_s": seen_trained / busy if busy else 0.0,
-               "peak_memory_mb": peak_memory_mb(), "flops_per_token": flops_tok, "flops_per_trained_token": flops_trained,
+               "peak_memory_mb": peak_memory_mb(), "model_flops": seen_flops,
                "precision": str(amp or torch.float32).removeprefix("torch."), "device": device_name}
     if peak and busy:  # whole-run MFU: model FLOPs done / (training seconds x peak FLOP/s)
-        metrics["mfu"] = (flops_tok * seen_tokens + flops_trained * seen_trained) / busy / peak
+        metrics["mfu"] = seen_flops / busy / peak
     if main:
         _save(model, tok, params)
         write_text(CURVE, "step,train_loss,val_loss,lr\n" + "".join(

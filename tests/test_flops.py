@@ -8,28 +8,32 @@ from tuneline.modeling import scratch_model
 def test_full_training_flops_match_the_6n_plus_attention_formula():
     """GPT-2 124M at T=1024: nanoGPT's estimate is 6N + 12·L·H·Q·T with N = params - wpe."""
     model = scratch_model("gpt2-scratch-small")
-    per_token, per_trained = flops.train_flops(model, 1024)
+    per_token, per_trained, per_context2 = flops.train_flops(model)
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     nanogpt = 6 * n + 12 * 12 * 768 * 1024
-    # ours counts matmul weights only (no biases / LayerNorms): within 0.1% of nanoGPT's
-    assert per_token + per_trained == pytest.approx(nanogpt, rel=1e-3)
+    # one 1024-token document, every token trained; ours counts matmul weights only (no
+    # biases / LayerNorms): within 0.1% of nanoGPT's
+    assert per_token + per_trained + per_context2 * 1024**2 / 1024 == pytest.approx(nanogpt, rel=1e-3)
+    # packed: 16 isolated 64-token examples need 1/16 of the attention of one 1024 document
+    assert per_context2 * 16 * 64**2 == pytest.approx(per_context2 * 1024**2 / 16)
 
 
 def test_lora_on_the_top_block_costs_less_than_full_training_more_than_a_forward():
     from peft import LoraConfig, get_peft_model
 
-    full = sum(flops.train_flops(scratch_model("gpt2-scratch-tiny"), 128))
+    full = flops.train_flops(scratch_model("gpt2-scratch-tiny"))
     lora = get_peft_model(scratch_model("gpt2-scratch-tiny"), LoraConfig(
         r=4, target_modules=["c_attn"], fan_in_fan_out=True, layers_to_transform=[3]))
-    per_token, per_trained = flops.train_flops(lora, 128)
+    per_token, per_trained, per_context2 = flops.train_flops(lora)
     blocks = flops._blocks(lora)
-    forward = sum(2 * sum(p.numel() for p in flops._matmul_weights(b)) + 4 * 256 * 128 for b in blocks)
-    assert forward < per_token < full
+    forward = sum(2 * sum(p.numel() for p in flops._matmul_weights(b)) for b in blocks)
+    assert forward < per_token < full[0] and 4 * 256 * 4 < per_context2 < full[2]
     # only the top block is backpropagated: blocks 0-2 cost exactly their forward
     top = blocks[3]
     n_top = sum(p.numel() for p in flops._matmul_weights(top))
     n_lora = sum(p.numel() for p in flops._matmul_weights(top) if p.requires_grad)
-    assert per_token == forward + 2 * n_top + 2 * n_lora + 8 * 256 * 128
+    assert per_token == forward + 2 * n_top + 2 * n_lora
+    assert per_context2 == 3 * 4 * 256 + 12 * 256
 
 
 @pytest.mark.parametrize("name, dtype, tflops", [

@@ -38,7 +38,8 @@ def test_flow_then_dvc_then_a_train_change(project):
     assert all(r["params"]["train.lr"] == "0.002" for r in children + parents)  # flattened params everywhere
     assert {"base_exact_match", "tuned_bleu", "tuned_perplexity"} <= set(parents[0]["metrics"])
     train_run = next(r for r in children if r["tags"]["tuneline.stage"] == "train")
-    assert "train_loss" in train_run["metrics"] and "val_loss" in train_run["metrics"]
+    assert {"train_loss", "val_loss", "tokens_per_s", "trainable_tokens_per_s", "mfu",
+            "peak_memory_mb"} <= set(train_run["metrics"])  # logged per logging step
 
     # Artifacts a user looks for: the loss curve PNG and the predictions table.
     arts = project.python(

@@ -149,7 +149,7 @@ def test_throughput_mfu_and_memory_are_measured(token_data, tmp_path):
     metrics, _ = _train(token_data, tmp_path)
     assert metrics["tokens_per_s"] > 0 and metrics["trainable_tokens_per_s"] > 0
     assert 0 < metrics["trainable_tokens_per_s"] < metrics["tokens_per_s"]  # prompts are not trained
-    assert metrics["peak_memory_mb"] > 0 and metrics["flops_per_token"] > 0
+    assert metrics["peak_memory_mb"] > 0 and metrics["model_flops"] > 0
     assert 0 < metrics["mfu"] < 1  # a real fraction of this CPU's peak from the table
 
 

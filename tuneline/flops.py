@@ -16,7 +16,10 @@ x head dim) and 8·d·T backward, hence PaLM's and nanoGPT's 12·L·d·T for ful
 
 N counts matmul weights (embedding lookups cost no FLOPs). The vocabulary projection is
 counted only on trained (answer) tokens, because our loss projects only those. T is the
-packed sequence length.
+length of the example a token attends within: packed examples are isolated, so a token of
+a 40-token example needs 40 positions of attention, not the row's 512 (the masked rest is
+work the hardware does but the model does not need). A step's attention FLOPs are
+therefore coefficient x sum over examples of length^2.
 """
 
 from __future__ import annotations
@@ -78,10 +81,11 @@ def _matmul_weights(module: torch.nn.Module) -> list[torch.nn.Parameter]:
             if n == "weight" and p.dim() == 2 and not isinstance(m, torch.nn.Embedding)]
 
 
-def train_flops(model, seq_len: int) -> tuple[float, float]:
-    """(FLOPs per processed token, FLOPs per trained token) for one training step.
+def train_flops(model) -> tuple[float, float, float]:
+    """(FLOPs per processed token, per trained token, per unit of attended context^2).
 
-    A step's model FLOPs = per_token x real (non-pad) tokens + per_trained x trained tokens.
+    A step's model FLOPs = per_token x real tokens + per_trained x trained tokens
+    + per_context2 x sum of (example length)^2 over the step's examples.
     """
     from tuneline.loss import unwrap
 
@@ -91,18 +95,20 @@ def train_flops(model, seq_len: int) -> tuple[float, float]:
     trained = [any(p.requires_grad for p in b.parameters()) for b in blocks]
     embed_trained = lm.get_input_embeddings().weight.requires_grad
     lowest = 0 if embed_trained else next((i for i, t in enumerate(trained) if t), len(blocks))
-    per_token = 0.0
+    per_token = per_context2 = 0.0
     for i, block in enumerate(blocks):
         w = _matmul_weights(block)
         n, n_trained = sum(p.numel() for p in w), sum(p.numel() for p in w if p.requires_grad)
         if i >= lowest:  # backward passes through this block
-            per_token += 4 * n + 2 * n_trained + 12 * d * seq_len
+            per_token += 4 * n + 2 * n_trained
+            per_context2 += 12 * d
         else:
-            per_token += 2 * n + 4 * d * seq_len
+            per_token += 2 * n
+            per_context2 += 4 * d
     head = lm.get_output_embeddings().weight
     reached = lowest < len(blocks)
     per_trained = (2 + 2 * reached) * head.numel() + 2 * head.numel() * head.requires_grad
-    return float(per_token), float(per_trained)
+    return float(per_token), float(per_trained), float(per_context2)
 
 
 def _cpuinfo() -> dict[str, str]:
