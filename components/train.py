@@ -182,8 +182,9 @@ def run(params: Params) -> dict:
         f"TFLOP/s ({device_name})", flush=True)
     busy, window = 0.0, {"t": 0.0, "tokens": 0.0, "trained": 0.0, "flops": 0.0}
     seen_tokens = seen_trained = seen_flops = 0.0
-    stopped_early = False
-    while step < total:
+    # A run killed right after its early-stopping validation stays stopped when resumed.
+    stopped_early = bool(cfg.patience) and bad_evals >= cfg.patience
+    while step < total and not stopped_early:
         t_step = time.perf_counter()
         lr = lr_at(step, total, cfg)
         for group in opt.param_groups:
@@ -253,18 +254,17 @@ def run(params: Params) -> dict:
         if main:
             _log_point(point)
         if "val_loss" in point:
+            rngs = distributed.all_gather(torch.get_rng_state())  # every rank's, for exact resume
             if main:  # the best first: a checkpoint never names a best that is not on disk
-                if point["val_loss"] == best and best_step == step:
+                if best_step == step:
                     checkpoint.save_best(trainable_state(model), step, best)
                 checkpoint.save({"fingerprint": fp, "step": step, "weights": trainable_state(model),
                                  "opt": opt.state_dict(), "scaler": scaler.state_dict(),
                                  "schedule": {"step": step, "total": total, "lr": lr},
                                  "data_order": {"seed": seed, "micro_batches_done": step * cfg.grad_accum},
-                                 "rng": distributed.all_gather(torch.get_rng_state()),
-                                 "best": best, "best_step": best_step, "bad_evals": bad_evals, "curve": curve},
+                                 "rng": rngs, "best": best, "best_step": best_step, "bad_evals": bad_evals,
+                                 "curve": curve},
                                 step, cfg.keep_checkpoints)
-            else:
-                distributed.all_gather(torch.get_rng_state())
             distributed.barrier()
         if stopped_early:
             say(f"[train] early stop at step {step}: no better validation loss for {cfg.patience} "

@@ -185,6 +185,12 @@ def test_early_stopping_keeps_the_best_checkpoint(token_data, tmp_path, monkeypa
     torch.testing.assert_close(saved[name], best[name])
     last = torch.load(tmp_path / "checkpoints/train/step-000008/state.pt", weights_only=False)["weights"]
     assert not torch.equal(last[name], best[name])  # the last weights are not the ones kept
+    # killed after the stopping validation, before the outputs: the re-run stays stopped
+    shutil.rmtree(tmp_path / "models")
+    (tmp_path / "checkpoints/train/COMPLETE").unlink()
+    again, _ = _train(token_data, tmp_path, {"train": {"epochs": 3, "max_steps": 20, "patience": 2}})
+    assert again["stopped_early"] and again["steps"] == 8 and again["best_step"] == 4
+    torch.testing.assert_close(load_file(tmp_path / "models/merged/model.safetensors")[name], best[name])
 
 
 def test_a_nan_loss_stops_with_the_step_and_writes_nothing(token_data, tmp_path, monkeypatch):
