@@ -13,7 +13,7 @@ Both start from the default job (recipes/descramble.yaml) with `--n`, `--model`,
 (and any `--set`) on top; epochs is forced to 1 and max_steps to 0. The seed gets the same
 values: peak lr, weight decay (both on matrices only, not on biases and norms), warmup
 share, max_grad_norm, AdamW betas (0.9, 0.95), the same model preparation and LoRA adapters
-(`components.train.prepare_model`, or `load_model` + `wrap_lora`: the trained parameters
+(`components.train.prepare_model`: the trained parameters
 are identical and initialised from the same torch seed), the same autocast dtype
 (`tuneline.modeling.amp_dtype(train.precision)`: bf16 -> `bf16=True`, fp16 -> `fp16=True`),
 the same device (CUDA when there is one, else the CPU) and the same seed. Our cosine decays to 10%
@@ -116,25 +116,10 @@ def trained_tokens(labels_rows) -> int:
     return sum(sum(1 for t in labels[1:] if t != IGNORE) for labels in labels_rows)
 
 
-def our_steps(n_rows: int, cfg) -> int:
-    """Optimizer steps of components.train.run for `n_rows` packed rows (max_steps is forced to 0)."""
-    return math.ceil(cfg.epochs * math.ceil(n_rows / cfg.batch_size) / cfg.grad_accum)
-
-
-def amp(precision: str):
-    """Our autocast dtype (None: fp32), whichever modeling API this checkout has."""
-    if hasattr(modeling, "amp_dtype"):
-        return modeling.amp_dtype(precision)
-    return torch.bfloat16 if modeling.use_bf16(precision) else None
-
-
 def seed_model(params):
     """The model our train stage would train: same base, same adapters, same init."""
     torch.manual_seed(params.seed)  # as components.train.run: same RNG state before load + wrap
-    if hasattr(train_stage, "prepare_model"):
-        return train_stage.prepare_model(params)
-    model = load_model(params.model.name)
-    return train_stage.wrap_lora(model, params.train) if params.train.method == "lora" else model
+    return train_stage.prepare_model(params)
 
 
 def fp32_val_loss(model, val_rows, pad_id: int, batch_size: int) -> float:
@@ -147,7 +132,7 @@ def run_seed(params, seed_ds, b_seed: int, val_rows, pad_id: int, workdir: Path)
 
     cfg = params.train
     model = seed_model(params)
-    dtype = amp(cfg.precision)
+    dtype = modeling.amp_dtype(cfg.precision)
     steps = math.ceil(cfg.epochs * math.ceil(len(seed_ds) / b_seed))
     schedule = HF_SCHEDULE[cfg.schedule]
     args = TrainingArguments(
@@ -192,10 +177,10 @@ def run_ours(params, val_rows, pad_id: int) -> dict:
     val = fp32_val_loss(model, val_rows, pad_id, params.train.batch_size)
     del model
     gc.collect()
-    return {"wall_s": wall, "steps_wall_s": metrics.get("train_s", metrics.get("wall_s")),
+    return {"wall_s": wall, "steps_wall_s": metrics["train_s"],
             "steps": metrics.get("steps"), "mean_train_loss": _mean_train_loss(), "val_loss": val,
             "run_val_loss_autocast": metrics.get("best_val_loss"), "stopped_early": metrics.get("stopped_early"),
-            "device": metrics.get("device"), "precision": metrics.get("precision", metrics.get("bf16"))}
+            "device": metrics.get("device"), "precision": metrics["precision"]}
 
 
 def bench(args) -> dict:
@@ -217,7 +202,7 @@ def bench(args) -> dict:
         train_rows, val_rows = tokenize.read_rows("train"), tokenize.read_rows("val")
 
         n_examples = sum(len(r["seq_lens"]) for r in train_rows)
-        steps_ours = our_steps(len(train_rows), cfg)
+        steps_ours = train_stage.total_steps(len(train_rows), cfg)
         b_seed = max(1, round(len(prepared) / steps_ours))
         seed_ds = seed_recipe(prepared, tok, task, params.prepare.labels)
         seed_mask = seed_ds["attention_mask"]

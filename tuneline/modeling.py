@@ -148,10 +148,6 @@ def amp_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def use_bf16(precision: str) -> bool:
-    return amp_dtype(precision) == torch.bfloat16
-
-
 def autocast(precision: str):
     """Autocast on the current device in `precision`'s dtype, or a no-op for fp32."""
     dtype = amp_dtype(precision)
