@@ -1,20 +1,27 @@
-"""evaluate: base and tuned model on the same test examples.
+"""evaluate: base and tuned model on the same test examples, with a paired confidence interval.
 
-Metrics per task (tuneline/tasks.py):
-- descramble: exact match (whitespace-normalised), corpus BLEU and chrF (sacrebleu), and
-  the share of outputs that keep exactly the input's multiset of words;
-- classify / entail: accuracy, macro-F1 over the declared labels, unparseable rate;
+Metrics per task (computed in tuneline/scoring.py from per-example statistics):
+- descramble: chrF, exact match (whitespace-normalised), corpus BLEU (sacrebleu), and the
+  share of outputs that keep exactly the input's multiset of words;
+- classify / entail: accuracy, macro-F1 and unparseable rate of free generation, and the
+  accuracy and macro-F1 of constrained label scoring (each label's log-likelihood);
 - instruct: ROUGE-L F1 (rouge-score);
-- every task: perplexity over answer tokens (pretrain: over all tokens).
-Generation is batched: prompt-only inputs, left padding, KV cache, stop at EOS.
+- every task: token-weighted perplexity over answer tokens (pretrain: over all tokens).
+Generation is batched: prompt-only inputs, left padding, KV cache, stop at EOS, greedy or
+beam search; a test checks batched greedy outputs equal one-at-a-time ones.
+
+Outputs: metrics/eval.json (base, tuned, delta, and the primary metric's paired bootstrap
+CI and p-value), reports/predictions.jsonl (what a reader compares) and
+reports/eval_examples.json (per-example records: register compares a challenger with the
+champion on them, and logs them with the version for the next comparison).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,15 +29,16 @@ import torch
 from components.prepare import read_split
 from components.tokenize import encode_rows
 from components.train import OUT as MODELS
-from tuneline import tasks
+from tuneline import scoring, tasks
 from tuneline.config import Params
 from tuneline.io import read_json, write_json, write_text
-from tuneline.loss import mean_loss
+from tuneline.loss import example_totals
 from tuneline.modeling import autocast, cache_dir, load_model, load_tokenizer
-from tuneline.packing import concat, pack
+from tuneline.packing import concat, pack_groups
 
 METRICS = Path("metrics/eval.json")
 PREDICTIONS = Path("reports/predictions.jsonl")
+EXAMPLES = Path("reports/eval_examples.json")
 PRETRAIN_SAMPLES, PRETRAIN_PROMPT_WORDS = 8, 12  # continuations shown for pretraining
 
 
@@ -57,46 +65,32 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     return [outs[i] for i in range(len(prompts))]
 
 
-def perplexity(model, tok, rows: list[dict], params: Params) -> float:
-    """Token-weighted perplexity over trained tokens (teacher forcing), on packed rows.
-    bfd isolates examples exactly (tested), so packing only removes padding work; pretraining
-    is scored on the same concatenated blocks it trains on."""
-    task = tasks.TASKS[params.prepare.task]
-    examples = encode_rows(tok, rows, task, params.prepare.labels)
+def example_nll(model, tok, rows: list[dict], params: Params) -> tuple[list[float], list[int]]:
+    """Per unit: summed answer-token loss and answer tokens (teacher forcing). A unit is an
+    example, or for pretraining a concatenated block (scored as it is trained). Examples
+    are packed for speed; bfd isolates them exactly (tested), so this equals one at a time."""
+    examples = encode_rows(tok, rows, tasks.TASKS[params.prepare.task], params.prepare.labels)
     T = params.tokenize.max_length
     if params.tokenize.packing == "concat":
-        packed = concat(examples, T, drop_remainder=False)
+        totals = example_totals(model, concat(examples, T, drop_remainder=False), tok.pad_token_id, 4)
+        units = [t for row in totals for t in row]
     else:
-        packed = pack(examples, max(T, max(len(e.input_ids) for e in examples)), "bfd")
-    return math.exp(mean_loss(model, packed, tok.pad_token_id, 4))
+        packed, groups = pack_groups(examples, max(T, max(len(e.input_ids) for e in examples)), "bfd")
+        units = [(0.0, 0)] * len(examples)
+        for group, totals in zip(groups, example_totals(model, packed, tok.pad_token_id, 4)):
+            for i, t in zip(group, totals):
+                units[i] = t
+    return [u[0] for u in units], [u[1] for u in units]
 
 
-def score(task: tasks.Task, outputs: list[str], rows: list[dict], labels: list[str]) -> dict[str, float]:
-    n = len(rows)
-    if task.name == "descramble":
-        import sacrebleu
-
-        targets = [tasks.normalise(r["target"]) for r in rows]
-        outputs = [tasks.normalise(o) for o in outputs]
-        return {"exact_match": sum(o == t for o, t in zip(outputs, targets)) / n,
-                "bleu": sacrebleu.corpus_bleu(outputs, [targets]).score,
-                "chrf": sacrebleu.corpus_chrf(outputs, [targets]).score,
-                "multiset_rate": sum(tasks.same_words(o, r["source"]) for o, r in zip(outputs, rows)) / n}
-    if task.name in ("classify", "entail"):
-        from sklearn.metrics import f1_score
-
-        preds = [tasks.parse_label(o, labels) for o in outputs]
-        gold = [r["label"] for r in rows]
-        return {"accuracy": sum(p == g for p, g in zip(preds, gold)) / n,
-                "macro_f1": float(f1_score(gold, [p or "<unparseable>" for p in preds], labels=labels,
-                                           average="macro", zero_division=0)),
-                "unparseable_rate": sum(p is None for p in preds) / n}
-    if task.name == "instruct":
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        return {"rouge_l": sum(scorer.score(r["output"], o)["rougeL"].fmeasure for o, r in zip(outputs, rows)) / n}
-    return {}
+def score_labels(model, tok, rows: list[dict], params: Params) -> list[str]:
+    """Constrained label scoring: the label whose verbalised answer (" label" + EOS, exactly
+    as trained) is most likely given the prompt. Summed, not length-normalised: the
+    probability of the whole answer (lm-evaluation-harness's `acc`)."""
+    labels = params.prepare.labels
+    nll, _ = example_nll(model, tok, [r | {"label": lab} for r in rows for lab in labels], params)
+    L = len(labels)
+    return [labels[min(range(L), key=lambda j: nll[i * L + j])] for i in range(len(rows))]
 
 
 def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str]) -> tuple[list[str], list[str]]:
@@ -107,7 +101,9 @@ def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str]) -
     return [" ".join(w[:PRETRAIN_PROMPT_WORDS]) for w in words], [" " + " ".join(w[PRETRAIN_PROMPT_WORDS:]) for w in words]
 
 
-def evaluate_model(model, tok, rows: list[dict], params: Params) -> tuple[dict, list[str]]:
+def evaluate_model(model, tok, rows: list[dict], params: Params) -> dict:
+    """One model's evaluation record on `rows` (see tuneline/scoring.py): generated
+    outputs, per-unit answer loss and tokens, and (classify/entail) log-likelihood labels."""
     cfg, task, labels = params.evaluate, tasks.TASKS[params.prepare.task], params.prepare.labels
     prompts, targets = prompts_and_targets(task, rows, labels)
     # Budget from the data: the longest reference answer plus slack, capped.
@@ -116,30 +112,56 @@ def evaluate_model(model, tok, rows: list[dict], params: Params) -> tuple[dict, 
     with autocast(cfg.precision):
         outputs = generate(model, tok, prompts, max_new, cfg.batch_size, cfg.num_beams, task.one_line)
         gen_s = time.time() - t
-        ppl = perplexity(model, tok, rows, params)
-    return score(task, outputs, rows, labels) | {"perplexity": ppl, "generation_s": gen_s}, outputs
+        nll, tokens = example_nll(model, tok, rows, params)
+        scored = score_labels(model, tok, rows, params) if task.name in ("classify", "entail") else None
+    return {"outputs": outputs, "nll": nll, "tokens": tokens, "scored": scored, "generation_s": gen_s}
 
 
-def _base_cache_key(rows: list[dict], params: Params) -> str:
-    """Base results depend only on the base model, the examples, the task, eval params and this code."""
-    blob = json.dumps([params.model.name, rows, params.evaluate.model_dump(), params.prepare.task, params.prepare.labels,
-                       params.tokenize.max_length, params.tokenize.packing, tasks.TEMPLATE_VERSION,
-                       hashlib.sha256(Path(__file__).read_bytes()).hexdigest()], sort_keys=True)
+def metrics_of(ev: dict, rows: list[dict], params: Params) -> dict[str, float]:
+    task = tasks.TASKS[params.prepare.task]
+    return scoring.metrics(task, rows, ev, params.prepare.labels) | {"generation_s": ev["generation_s"]}
+
+
+def compare(a: dict, b: dict, rows: list[dict], params: Params, test: str = "bootstrap") -> scoring.Comparison:
+    """Paired comparison of evaluation `a` with `b` on the same rows, on the primary metric."""
+    task, metric = tasks.TASKS[params.prepare.task], params.primary_metric()
+    a_stat, b_stat = (scoring.stat(task, metric, rows, ev, params.prepare.labels) for ev in (a, b))
+    return scoring.compare(a_stat, b_stat, metric, test, params.evaluate.n_bootstrap, params.seed)
+
+
+def examples_key(rows: list[dict], params: Params) -> str:
+    """What makes two evaluations comparable example by example: the rows and every setting
+    that shapes outputs or losses. Registered versions carry it (tag `eval.examples_key`)."""
+    blob = json.dumps([rows, params.prepare.task, params.prepare.labels, tasks.TEMPLATE_VERSION,
+                       params.tokenize.max_length, params.tokenize.packing,
+                       params.evaluate.model_dump(include={"num_beams", "max_new_tokens", "precision"})], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def evaluate_base(rows: list[dict], params: Params) -> tuple[dict, list[str]]:
-    """The base model's results, computed once per key and kept in .cache/eval (a train-only
+def _base_cache_key(rows: list[dict], params: Params) -> str:
+    """Base results depend only on the base model, the examples, the eval settings and the
+    code that generates and scores losses."""
+    code = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (__file__, example_totals.__code__.co_filename)]
+    blob = json.dumps([params.model.name, examples_key(rows, params), params.evaluate.batch_size, code])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def evaluate_base(rows: list[dict], params: Params) -> dict:
+    """The base model's record, computed once per key and kept in .cache/eval (a train-only
     change then re-scores only the tuned model)."""
     path = cache_dir().parent / "eval" / f"base-{_base_cache_key(rows, params)}.json"
     if path.is_file():
         print(f"[evaluate] base results reused from {path}", flush=True)
-        cached = read_json(path)
-        return cached["metrics"], cached["outputs"]
+        return read_json(path)
     name = params.model.name
-    metrics, outputs = evaluate_model(load_model(name), load_tokenizer(name), rows, params)
-    write_json(path, {"metrics": metrics, "outputs": outputs})
-    return metrics, outputs
+    ev = evaluate_model(load_model(name), load_tokenizer(name), rows, params)
+    write_json(path, ev)
+    return ev
+
+
+def _show(c: scoring.Comparison) -> str:
+    return (f"{c.metric} {c.a:.4g} vs {c.b:.4g}: delta {c.delta:+.4g}, 95% CI [{c.ci_low:+.4g}, {c.ci_high:+.4g}], "
+            f"p={c.p_value:.3g} ({c.test}, n={c.n})")
 
 
 def run(params: Params) -> dict:
@@ -147,23 +169,78 @@ def run(params: Params) -> dict:
 
     task = tasks.TASKS[params.prepare.task]
     rows = read_split("test")[: params.evaluate.n_examples]
-    results, preds = {}, {}
+    evs: dict[str, dict] = {}
     print(f"[evaluate] base model ({params.model.name}) on {len(rows)} test examples", flush=True)
-    results["base"], preds["base"] = evaluate_base(rows, params)
+    evs["base"] = evaluate_base(rows, params)
     print(f"[evaluate] tuned model on the same {len(rows)} examples", flush=True)
     tuned = str(MODELS / "merged")
-    results["tuned"], preds["tuned"] = evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params)
+    evs["tuned"] = evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params)
+    results = {which: metrics_of(ev, rows, params) for which, ev in evs.items()}
     for which in ("base", "tuned"):
         print(f"[evaluate] {which}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[which].items()), flush=True)
     results["delta"] = {k: results["tuned"][k] - results["base"][k] for k in task.metrics}
-    results["primary_metric"] = params.primary_metric()
-    results["n_examples"] = len(rows)
+    comparison = compare(evs["tuned"], evs["base"], rows, params)
+    print(f"[evaluate] tuned vs base, {_show(comparison)}", flush=True)
+    results |= {"primary_metric": params.primary_metric(), "n_examples": len(rows),
+                "tuned_vs_base": asdict(comparison)}
+    key = examples_key(rows, params)
+    write_json(EXAMPLES, {"examples_key": key, "model": params.model.name, **evs})
     write_json(METRICS, results)
     prompts, targets = prompts_and_targets(task, rows, params.prepare.labels)
     table = {"prompt": prompts, "target": [t.strip() for t in targets],
-             "base_output": preds["base"], "tuned_output": preds["tuned"]}
+             "base_output": evs["base"]["outputs"], "tuned_output": evs["tuned"]["outputs"]}
+    if evs["tuned"]["scored"] is not None:
+        table |= {"base_scored_label": evs["base"]["scored"], "tuned_scored_label": evs["tuned"]["scored"]}
     write_text(PREDICTIONS, "".join(json.dumps(dict(zip(table, vals))) + "\n" for vals in zip(*table.values())))
     for which in ("base", "tuned"):
         log_metrics(results[which], prefix=f"{which}_")
+    log_metrics({"delta": comparison.delta, "delta_ci_low": comparison.ci_low, "delta_ci_high": comparison.ci_high,
+                 "p_value": comparison.p_value}, prefix=f"tuned_vs_base_{comparison.metric}_")
     log_table(table, "predictions.json")
     return results
+
+
+def load_any(ref: str):
+    """(model, tokenizer) from a registry/run URI (models:/name@alias, models:/name/3,
+    runs:/id/model) or anything model.name accepts (built-in name, local folder, hub id)."""
+    if ref.split(":", 1)[0] in ("models", "runs", "mlflow-artifacts"):
+        import mlflow
+
+        from tuneline.errors import TunelineError
+        from tuneline.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        try:
+            parts = mlflow.transformers.load_model(ref, return_type="components")
+        except Exception as e:  # MlflowException, missing artifacts, not a transformers model
+            raise TunelineError(f"cannot load '{ref}' ({str(e).splitlines()[0][:120]})",
+                                "check the name/version/alias with `tuneline history` or the MLflow UI") from None
+        model, tok = parts["model"], parts["tokenizer"]
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return model.float(), tok
+    return load_model(ref), load_tokenizer(ref)
+
+
+def evaluate_file(ref: str, params: Params, data: str, limit: int = 0) -> dict:
+    """Evaluate model `ref` on a file (or any prepare.source form) of the recipe's data shape:
+    rows are validated, cleaned and templated exactly as prepare does for a test split."""
+    import random
+
+    from components.prepare import dedupe, source_rows
+
+    task = tasks.TASKS[params.prepare.task]
+    rows, lineage = source_rows(data, params, "--data")
+    rows = dedupe(rows, task)[: limit or None]
+    if task.name == "descramble":  # files of plain sentences get seeded scrambles, as prepare does
+        rng = random.Random(f"{params.seed}-test")
+        for r in rows:
+            r["source"] = r["source"] or tasks.scramble(r["target"], rng)
+    print(f"[evaluate] {ref} on {len(rows)} examples of {data}", flush=True)
+    model, tok = load_any(ref)
+    ev = evaluate_model(model, tok, rows, params)
+    prompts, targets = prompts_and_targets(task, rows, params.prepare.labels)
+    return {"model": ref, "task": task.name, "data": lineage, "n_examples": len(rows),
+            "primary_metric": params.primary_metric(), "metrics": metrics_of(ev, rows, params),
+            "predictions": [{"prompt": p, "target": t.strip(), "output": o}
+                            for p, t, o in zip(prompts, targets, ev["outputs"])]}

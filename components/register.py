@@ -1,25 +1,38 @@
 """register: log the merged model to MLflow, register a version, run the champion gate.
 
-Every new version gets alias `challenger`. `champion` moves to it only when there is no
-champion yet or it beats the champion on the primary metric. The version is tagged with
-the git commit, the data hashes from dvc.lock, the params and its metrics.
+The gate compares the new version (the challenger) with the current champion on the same
+test examples, or, when there is no champion yet, with the base model. `champion` moves
+only if the challenger is better on the primary metric, by at least register.min_delta,
+with p < register.alpha (paired bootstrap or McNemar); a failed or NaN evaluation never
+promotes. The champion's per-example results come from the artifact logged with it
+(`eval/examples.json`); if it was evaluated on other examples or settings, it is
+re-evaluated on these. The evidence is tagged on the version (`gate.*`), and the version's
+description is its model card (tuneline/card.py). Every new version gets `challenger`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
 import yaml
 
+from components.evaluate import EXAMPLES as EVAL_EXAMPLES
 from components.evaluate import METRICS as EVAL_METRICS
+from components.evaluate import PREDICTIONS, compare, evaluate_model, examples_key, load_any
+from components.prepare import OUT as PREPARED
+from components.prepare import read_split
+from components.train import METRICS as TRAIN_METRICS
 from components.train import OUT as MODELS
-from tuneline import tasks
-from tuneline.config import Params, flatten
+from tuneline import card, registry, scoring, tasks
+from tuneline.config import Params, RegisterCfg, flatten
 from tuneline.errors import TunelineError
 from tuneline.io import read_json, write_json
+from tuneline.registry import CHALLENGER
 from tuneline.tracking import redact
 
 METRICS = Path("metrics/register.json")
@@ -27,7 +40,7 @@ METRICS = Path("metrics/register.json")
 EXAMPLES = {"descramble": "cat the on sat mat the", "pretrain": "The history of the city",
             "instruct": "Name three primary colors.", "classify": "i feel wonderful today",
             "entail": "mnli hypothesis: A man is outside. premise: A man walks in the park. target:"}
-CHAMPION, CHALLENGER = "champion", "challenger"
+EVAL_ARTIFACT = "eval/examples.json"
 
 
 def git_commit() -> str:
@@ -51,56 +64,53 @@ def data_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
             for stage in ("prepare", "tokenize") for out in stages.get(stage, {}).get("outs", [])}
 
 
-def gate(client, name: str, version: str | None, primary: str, value: float) -> tuple[bool, str]:
-    """Move `champion` to `version` if there is none yet or `value` beats it (higher is
-    better, except for tasks.LOWER_IS_BETTER metrics such as perplexity). With version
-    None (a dry run) only the decision is returned: nothing is moved or tagged."""
-    import math
+def decide(c: scoring.Comparison, cfg: RegisterCfg, against: str) -> tuple[bool, str]:
+    """Promote only if every condition holds; the reason names the one that failed."""
+    if not all(math.isfinite(x) for x in (c.a, c.b, c.p_value)):
+        return False, f"{c.metric} is {c.a} against {c.b}: a failed evaluation never promotes"
+    gain = c.improvement()
+    shown = f"{c.metric} {c.a:.4g} vs {against}'s {c.b:.4g} ({gain:+.4g}, 95% CI [{c.ci_low:+.4g}, {c.ci_high:+.4g}])"
+    if gain <= 0:
+        return False, f"{shown}: not better"
+    if gain < cfg.min_delta:
+        return False, f"{shown}: the gain is below register.min_delta={cfg.min_delta}"
+    if c.p_value >= cfg.alpha:
+        return False, f"{shown}: not significant (p={c.p_value:.3g} >= register.alpha={cfg.alpha}, {c.test})"
+    return True, f"{shown}, p={c.p_value:.3g} < {cfg.alpha} ({c.test})"
 
-    from mlflow.exceptions import MlflowException
 
-    if not math.isfinite(value):
-        return False, f"{primary} is {value}: a failed evaluation never promotes"
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no such model or no champion alias
-        champ = None
+def reference(client, name: str, rows: list[dict], params: Params, record: dict) -> tuple[str, str | None, dict]:
+    """(what the challenger is compared with, its version or None, its evaluation record)."""
+    champ = registry.champion(client, name)
     if champ is None:
-        promote, why = True, "no champion yet"
-    else:
-        lower = primary in tasks.LOWER_IS_BETTER
-        best = float(champ.tags.get(f"metric.{primary}", "inf" if lower else "-inf"))
-        promote = value < best if lower else value > best
-        better, worse = ("<", ">=") if lower else (">", "<=")
-        why = f"{primary} {value:.4g} {better if promote else worse} champion v{champ.version}'s {best:.4g}"
-    if version is None:
-        return promote, why
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "gate.decision", "promoted" if promote else "kept champion")
-    client.set_model_version_tag(name, version, "gate.reason", why)
-    return promote, why
+        return f"base model {params.model.name}", None, record["base"]
+    label = f"champion v{champ.version}"
+    if champ.tags.get("eval.examples_key") == record["examples_key"] and champ.run_id:
+        import mlflow
+
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=champ.run_id, artifact_path=EVAL_ARTIFACT)
+            return label, str(champ.version), read_json(path)["tuned"]
+        except Exception as e:  # artifacts gone: re-evaluating below is still correct
+            print(f"[register] {label}'s evaluation artifact is unreadable ({type(e).__name__}); re-evaluating it")
+    print(f"[register] {label} was evaluated on other examples or settings: evaluating it on these "
+          f"{len(rows)}", flush=True)
+    model, tok = load_any(f"models:/{name}/{champ.version}")
+    return label, str(champ.version), evaluate_model(model, tok, rows, params)
 
 
-def run(params: Params) -> dict:
+def log_model(params: Params):
+    """Log models/merged to the active run (safetensors, the task's prompt template)."""
     import mlflow
     from mlflow.models import infer_signature
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = MODELS / "merged"
-    if not (merged / "config.json").is_file() or not EVAL_METRICS.is_file():
-        raise TunelineError("register: trained model or evaluation metrics are missing", "run `dvc repro` (train and evaluate first)")
-    evals = read_json(EVAL_METRICS)
-    primary = params.primary_metric()
     task = tasks.TASKS[params.prepare.task]
-    value = float(evals["tuned"][primary])
-    name = params.register.model_name
-
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    tok = AutoTokenizer.from_pretrained(merged)
     example = [EXAMPLES[task.name]]
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tok},
+    return mlflow.transformers.log_model(
+        transformers_model={"model": AutoModelForCausalLM.from_pretrained(merged),
+                            "tokenizer": AutoTokenizer.from_pretrained(merged)},
         name="model",
         task="text-generation",
         # MLflow fills {prompt} and strips it from the output (return_full_text=False).
@@ -112,25 +122,63 @@ def run(params: Params) -> dict:
         # Explicit: MLflow's inference would also pin torchvision, which has no CPU wheel here.
         pip_requirements=[f"{pkg}=={metadata.version(pkg)}" for pkg in ("torch", "transformers", "accelerate", "mlflow")],
     )
+
+
+def _inputs(params: Params) -> tuple[dict, dict, list[dict]]:
+    """metrics/eval.json, reports/eval_examples.json and the test rows they were made on."""
+    fix = "run `dvc repro` (train and evaluate first)"
+    if not (MODELS / "merged" / "config.json").is_file() or not EVAL_METRICS.is_file() or not EVAL_EXAMPLES.is_file():
+        raise TunelineError("register: the trained model or the evaluation results are missing", fix)
+    rows = read_split("test", PREPARED)[: params.evaluate.n_examples]
+    record = read_json(EVAL_EXAMPLES)
+    if record.get("examples_key") != examples_key(rows, params):
+        raise TunelineError("register: the evaluation results are for other test examples or settings", fix)
+    return read_json(EVAL_METRICS), record, rows
+
+
+def run(params: Params) -> dict:
+    import mlflow
+
+    evals, record, rows = _inputs(params)
+    primary, name, cfg = params.primary_metric(), params.register.model_name, params.register
+    info = log_model(params)
+    mlflow.log_artifact(str(EVAL_EXAMPLES), artifact_path=Path(EVAL_ARTIFACT).parent.as_posix())
     client = mlflow.MlflowClient()
-    if params.register.dry_run:  # smoke runs: the model is logged to the run, the registry untouched
-        promoted, why = gate(client, name, None, primary, value)
+    against, against_version, ref = reference(client, name, rows, params, record)
+    c = compare(record["tuned"], ref, rows, params, cfg.test)
+    promote, why = decide(c, cfg, against)
+    gate = {"decision": "promoted" if promote else "kept champion" if against_version else "not promoted",
+            "reason": why, "compared_with": against, "challenger_value": c.a, "reference_value": c.b,
+            **{k: v for k, v in asdict(c).items() if k not in ("a", "b")}}
+    if cfg.dry_run:  # smoke runs: the model is logged to the run, the registry untouched
         print(f"[register] dry run: model logged to the run, not registered (gate would "
-              f"{'promote' if promoted else 'keep the champion'}: {why})", flush=True)
-        result = {"version": 0, "promoted": False, "dry_run": True, "reason": why, primary: value}
+              f"{'promote' if promote else 'not promote'}: {why})", flush=True)
+        result = {"version": 0, "promoted": False, "dry_run": True, "gate": gate, primary: c.a}
         write_json(METRICS, result)
         return result
+
     version = mlflow.register_model(info.model_uri, name).version
+    gate["challenger"] = f"v{version}"
+    flat = flatten(params)
     tags = {"git.commit": git_commit(), **data_hashes(),
-            "params": redact(json.dumps(flatten(params), sort_keys=True))[:5000],
+            "params": redact(json.dumps(flat, sort_keys=True))[:5000],
             "base_model": params.model.name, "method": params.train.method, "primary_metric": primary,
-            "run_id": mlflow.active_run().info.run_id}
+            "run_id": mlflow.active_run().info.run_id, "eval.examples_key": record["examples_key"]}
     tags |= {f"metric.{k}": str(v) for k, v in evals["tuned"].items()}
+    tags |= {f"gate.{k}": str(v) for k, v in gate.items()}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
+    samples = [json.loads(line) for line in PREDICTIONS.read_text().splitlines()[:5]]
+    lineage = read_json(PREPARED / "lineage.json") if (PREPARED / "lineage.json").is_file() else {}
+    facts = dict(name=name, version=version, params=params, flat=flat, evals=evals, gate=gate, samples=samples,
+                 lineage=lineage, data_hashes=data_hashes(), commit=tags["git.commit"],
+                 train=read_json(TRAIN_METRICS) if TRAIN_METRICS.is_file() else {})
+    client.update_model_version(name, version, description=card.description(**facts))
+    mlflow.log_text(card.render(**facts), "model_card.md")
     client.set_registered_model_alias(name, CHALLENGER, version)
-    promoted, why = gate(client, name, version, primary, value)
-    print(f"[register] {name} v{version} -> {'champion' if promoted else 'challenger only'} ({why})", flush=True)
-    result = {"version": int(version), "promoted": promoted, "reason": why, primary: value}
+    if promote:
+        registry.move_champion(client, name, version, "gate", why)
+    print(f"[register] {name} v{version} -> {'champion' if promote else 'challenger only'} ({why})", flush=True)
+    result = {"version": int(version), "promoted": promote, "gate": gate, primary: c.a}
     write_json(METRICS, result)
     return result

@@ -1,11 +1,17 @@
-"""The champion/challenger gate against a real (sqlite) MLflow registry."""
+"""The statistical champion gate, the alias history and the model card, on a real (sqlite) registry."""
 
+import json
 import math
 
 import mlflow
 import pytest
 
-from components.register import CHAMPION, data_hashes, gate
+from components import register
+from components.register import data_hashes, decide, reference
+from tuneline import card, recipes, registry
+from tuneline.config import RegisterCfg, flatten
+from tuneline.errors import TunelineError
+from tuneline.scoring import Comparison
 
 
 @pytest.fixture
@@ -13,64 +19,111 @@ def client(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
     c = mlflow.MlflowClient(uri)
     c.create_registered_model("m")
     return c
 
 
-def _version(client, score: float, metric: str = "exact_match") -> str:
-    v = client.create_model_version("m", source="file:///nowhere").version
-    client.set_model_version_tag("m", v, f"metric.{metric}", str(score))
+def _cmp(a, b, lo, hi, p, metric="chrf"):
+    return Comparison(metric, a, b, a - b, lo, hi, p, "bootstrap", 100)
+
+
+@pytest.mark.parametrize("c, cfg, promoted, why", [
+    (_cmp(60, 50, 4, 16, 0.001), RegisterCfg(), True, "p=0.001 < 0.05"),
+    (_cmp(50, 50, 0, 0, 1.0), RegisterCfg(), False, "not better"),
+    (_cmp(45, 50, -9, -1, 0.99), RegisterCfg(), False, "not better"),
+    (_cmp(51, 50, 0.2, 1.8, 0.01), RegisterCfg(min_delta=2.0), False, "below register.min_delta=2.0"),
+    (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(), False, "not significant (p=0.2 >= register.alpha=0.05"),
+    (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(alpha=1.0), True, "p=0.2 < 1.0"),
+    (_cmp(math.nan, 50, math.nan, math.nan, math.nan), RegisterCfg(alpha=1.0), False, "never promotes"),
+    (_cmp(40, 50, -15, -5, 0.001, "perplexity"), RegisterCfg(), True, "+10"),  # lower perplexity wins
+])
+def test_the_gate_promotes_only_a_real_significant_improvement(c, cfg, promoted, why):
+    got, reason = decide(c, cfg, "champion v1")
+    assert got is promoted and why in reason
+
+
+def _record(key="k1", base=0.1, tuned=0.9):
+    return {"examples_key": key, "base": {"outputs": ["b"], "tag": base}, "tuned": {"outputs": ["t"], "tag": tuned}}
+
+
+def _champion_with_record(client, record) -> str:
+    with mlflow.start_run() as run:
+        mlflow.log_text(json.dumps(record), register.EVAL_ARTIFACT)
+    v = client.create_model_version("m", source="file:///nowhere", run_id=run.info.run_id).version
+    client.set_model_version_tag("m", v, "eval.examples_key", record["examples_key"])
+    registry.move_champion(client, "m", v, "gate", "test")
     return v
 
 
-def _champion(client) -> str:
-    return client.get_model_version_by_alias("m", CHAMPION).version
+def test_with_no_champion_the_challenger_faces_the_base_model(client):
+    params = recipes.build("descramble")
+    against, version, ev = reference(client, "m", [], params, _record())
+    assert version is None and against == "base model smollm2-135m-instruct" and ev["tag"] == 0.1
 
 
-def test_first_becomes_champion_worse_does_not_better_does(client):
-    v1 = _version(client, 0.30)
-    assert gate(client, "m", v1, "exact_match", 0.30)[0] and _champion(client) == v1
-    v2 = _version(client, 0.20)
-    promoted, why = gate(client, "m", v2, "exact_match", 0.20)
-    assert not promoted and _champion(client) == v1 and "<=" in why
-    assert client.get_model_version("m", v2).tags["gate.decision"] == "kept champion"
-    v3 = _version(client, 0.45)
-    assert gate(client, "m", v3, "exact_match", 0.45)[0] and _champion(client) == v3
+def test_the_champion_is_compared_on_its_logged_per_example_results(client):
+    v = _champion_with_record(client, _record(tuned=0.7))
+    against, version, ev = reference(client, "m", [], recipes.build("descramble"), _record(tuned=0.9))
+    assert (against, version, ev["tag"]) == (f"champion v{v}", str(v), 0.7)
 
 
-def test_a_tie_keeps_the_champion(client):
-    v1 = _version(client, 0.5)
-    gate(client, "m", v1, "exact_match", 0.5)
-    v2 = _version(client, 0.5)
-    assert not gate(client, "m", v2, "exact_match", 0.5)[0] and _champion(client) == v1
+def test_a_champion_evaluated_on_other_examples_is_re_evaluated_on_these(client, monkeypatch):
+    _champion_with_record(client, _record(key="old-examples"))
+    loaded = []
+    monkeypatch.setattr(register, "load_any", lambda uri: loaded.append(uri) or ("model", "tokenizer"))
+    monkeypatch.setattr(register, "evaluate_model", lambda model, tok, rows, params: {"re-evaluated on": rows})
+    _, version, ev = reference(client, "m", [{"target": "a"}], recipes.build("descramble"), _record(key="new"))
+    assert loaded == [f"models:/m/{version}"] and version == "1" and ev == {"re-evaluated on": [{"target": "a"}]}
 
 
-def test_a_nan_evaluation_never_promotes(client):
-    v1 = _version(client, math.nan)
-    promoted, why = gate(client, "m", v1, "exact_match", math.nan)
-    assert not promoted and "never promotes" in why
-    with pytest.raises(mlflow.exceptions.MlflowException):
-        client.get_model_version_by_alias("m", CHAMPION)
+def test_promote_and_rollback_record_who_when_why_and_walk_back(client):
+    versions = [client.create_model_version("m", source="file:///nowhere").version for _ in range(3)]
+    for v in versions:  # the gate promotes v1, v2, v3 in turn
+        registry.move_champion(client, "m", v, "gate", f"v{v} won")
+    registry.rollback(client, "m", "v3 misbehaves in production")
+    assert registry.champion(client, "m").version == versions[1]
+    registry.rollback(client, "m", "so does v2")
+    assert registry.champion(client, "m").version == versions[0]
+    with pytest.raises(TunelineError, match="no earlier champion"):
+        registry.rollback(client, "m", "again")
+    registry.promote(client, "m", versions[2], "fixed upstream")
+    events = registry.history(client, "m")
+    assert [(e["action"], e["previous"], e["version"]) for e in events] == [
+        ("gate", None, "1"), ("gate", "1", "2"), ("gate", "2", "3"),
+        ("rollback", "3", "2"), ("rollback", "2", "1"), ("promote", "1", "3")]
+    assert events[3]["why"] == "v3 misbehaves in production" and events[3]["who"] == registry.user()
+    assert all(e["when"].endswith("+00:00") for e in events)
 
 
-def test_perplexity_gate_promotes_the_lower_one(client):
-    v1 = _version(client, 80.0, "perplexity")
-    gate(client, "m", v1, "perplexity", 80.0)
-    v2 = _version(client, 95.0, "perplexity")
-    assert not gate(client, "m", v2, "perplexity", 95.0)[0] and _champion(client) == v1
-    v3 = _version(client, 60.0, "perplexity")
-    promoted, why = gate(client, "m", v3, "perplexity", 60.0)
-    assert promoted and _champion(client) == v3 and "60 < champion" in why
+def test_promote_refuses_a_version_that_does_not_exist(client):
+    client.create_model_version("m", source="file:///nowhere")
+    with pytest.raises(TunelineError, match="has no version 7.*choose one of: 1"):
+        registry.promote(client, "m", "7", "why not")
 
 
-def test_a_dry_run_decides_but_moves_and_tags_nothing(client):
-    v1 = _version(client, 0.3)
-    gate(client, "m", v1, "exact_match", 0.3)
-    promoted, why = gate(client, "m", None, "exact_match", 0.9)
-    assert promoted and _champion(client) == v1
-    assert "gate.decision" not in client.get_model_version("m", v1).tags or \
-        client.get_model_version("m", v1).tags["gate.decision"] == "promoted"  # v1's own decision only
+def test_the_model_card_has_every_section_and_fits_the_description_column():
+    params = recipes.build("descramble")
+    metrics = {m: 0.5 for m in ("chrf", "exact_match", "bleu", "multiset_rate", "perplexity")}
+    comparison = {"metric": "chrf", "delta": 10.0, "ci_low": 5.0, "ci_high": 15.0, "p_value": 0.001, "test": "bootstrap"}
+    gate = {"decision": "promoted", "reason": "chrf 60 vs base's 50", "compared_with": "base model x", "metric": "chrf",
+            "challenger_value": 60.0, "reference_value": 50.0, "delta": 10.0, "ci_low": 5.0, "ci_high": 15.0,
+            "p_value": 0.001, "test": "bootstrap", "n": 200}
+    long = "word " * 200
+    text = card.description(
+        name="descrambler", version="3", params=params, flat=flatten(params), gate=gate,
+        evals={"base": metrics, "tuned": metrics | {"chrf": 60.0}, "primary_metric": "chrf", "n_examples": 200,
+               "tuned_vs_base": comparison},
+        samples=[{"prompt": long, "target": long, "base_output": long, "tuned_output": long}] * 5,
+        lineage={"source": {"source": "builtin:wikipedia", "sha256": "ab12"}},
+        data_hashes={"data.prepare.md5": "d1.dir", "data.tokenize.md5": "d2.dir"}, commit="abc123",
+        train={"steps": 80, "best_val_loss": 1.03, "best_step": 80})
+    assert len(text) <= card.MAX_CHARS
+    for part in ("# descrambler v3", "smollm2-135m-instruct", "LoRA (r=16", "## Gate decision", "**promoted**",
+                 "[+5, +15]", "| chrf (primary) | 0.5 | 60 | +59.5 |", "sha256 `ab12`", "(dvc.lock md5): `d1.dir`",
+                 "| train.lr | `0.002` |", "## Sample predictions (5)", "## Intended use", "## Limits"):
+        assert part in text, part
 
 
 def test_data_hashes_come_from_dvc_lock(tmp_path):

@@ -110,6 +110,120 @@ def predict(text: str = typer.Argument(..., help="The input, e.g. scrambled word
         _fail(e)
 
 
+def _params(recipe: str | None, sets: list[str]):
+    from tuneline import recipes
+    from tuneline.config import load_params
+
+    return recipes.build(recipe, list(sets), False, None if recipe else load_params(ROOT / "params.yaml").model_dump())
+
+
+def _model_name(name: str | None) -> str:
+    from tuneline.config import load_params
+
+    return name or load_params(ROOT / "params.yaml").register.model_name
+
+
+@app.command()
+def evaluate(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, "
+                                       "a local model folder, or a built-in/hub model name."),
+             data: str = typer.Option(..., "--data", "-d", help="A CSV/JSON/JSONL/Parquet file (or any prepare.source form) "
+                                      "with the recipe's columns."),
+             recipe: str = typer.Option(None, "--recipe", "-r", help="The recipe whose task, template and labels apply "
+                                        "(default: params.yaml)."),
+             sets: list[str] = typer.Option([], "--set", "-s", help="Override one param, e.g. --set evaluate.num_beams=4."),
+             limit: int = typer.Option(0, help="Evaluate only the first N examples (0: all)."),
+             output: Path = typer.Option(None, "--out", "-o", help="Where the JSON goes (default: reports/evaluate/<model>-<data>.json).")) -> None:
+    """Evaluate any registered or local model on any file of a recipe's data shape: prints the
+    metrics, saves them as JSON and logs them to MLflow."""
+    try:
+        import json
+        import re
+
+        from components.evaluate import evaluate_file
+        from tuneline.io import write_json
+        from tuneline.tracking import log_params, redact, setup
+
+        params = _params(recipe, sets)
+        result = evaluate_file(model, params, data, limit)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{Path(data).stem}").strip("_")
+        path = output or ROOT / "reports" / "evaluate" / f"{slug}.json"
+        write_json(path, result)
+        import mlflow
+
+        setup(params.register.experiment)
+        with mlflow.start_run(run_name=f"evaluate {model} on {Path(data).name}",
+                              tags={"tuneline.kind": "evaluation", "tuneline.model": redact(model),
+                                    "tuneline.data": redact(data)}) as run:
+            log_params(mlflow.MlflowClient(), run.info.run_id, params)
+            mlflow.log_metrics({k: float(v) for k, v in result["metrics"].items()})
+            mlflow.log_text(json.dumps(result, indent=2), "evaluation.json")
+    except TunelineError as e:
+        _fail(e)
+        return
+    out.print(f"[bold]{model}[/] on {result['n_examples']} examples of {data} ({result['task']}):")
+    for k, v in result["metrics"].items():
+        star = " (primary)" if k == result["primary_metric"] else ""
+        out.print(f"  {k:<18} {v:.4g}{star}")
+    out.print(f"  saved: {os.path.relpath(path)}; MLflow run {run.info.run_id} in experiment '{params.register.experiment}'")
+
+
+@app.command()
+def promote(version: str = typer.Argument(..., help="The version to make champion."),
+            reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
+            name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
+    """Move the `champion` alias to VERSION by hand; who, when and why are recorded."""
+    from tuneline import registry
+
+    _move(lambda client, n: registry.promote(client, n, version, reason), name)
+
+
+@app.command()
+def rollback(reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
+             name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
+    """Move `champion` back to the version that was champion before the current one."""
+    from tuneline import registry
+
+    _move(lambda client, n: registry.rollback(client, n, reason), name)
+
+
+def _move(fn, name: str | None) -> None:
+    try:
+        import mlflow
+
+        from tuneline.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        name = _model_name(name)
+        event = fn(mlflow.MlflowClient(), name)
+    except TunelineError as e:
+        _fail(e)
+        return
+    out.print(f"{name}: champion v{event['previous']} -> v{event['version']} ({event['action']} by {event['who']} "
+              f"at {event['when']}: {event['why']})")
+
+
+@app.command()
+def history(name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
+    """Every move of the `champion` alias: when, who, what and why."""
+    try:
+        import mlflow
+
+        from tuneline import registry
+        from tuneline.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        name = _model_name(name)
+        events = registry.history(mlflow.MlflowClient(), name)
+    except TunelineError as e:
+        _fail(e)
+        return
+    if not events:
+        out.print(f"{name}: the champion alias has never moved")
+    for e in events:
+        prev = f"v{e['previous']}" if e["previous"] else "none"
+        out.print(f"{e['when']}  {e['action']:<8} {prev} -> v{e['version']}  by {e['who']}: {e['why']}")
+
+
 @app.command()
 def ui(mlflow_port: int = typer.Option(5000, help="MLflow UI port."),
        prefect_port: int = typer.Option(4200, help="Prefect UI port."),

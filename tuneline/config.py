@@ -136,7 +136,10 @@ class EvaluateCfg(_Group):
         128, ge=1, description="Cap on generated tokens; the budget is the longest reference answer + 8, up to this.")
     primary_metric: str | None = Field(
         None, description="Metric the champion/challenger gate compares; None: the task's default "
-        "(descramble exact_match, classify/entail accuracy, instruct rouge_l, pretrain perplexity).")
+        "(descramble chrf, classify/entail accuracy, instruct rouge_l, pretrain perplexity).")
+    n_bootstrap: int = Field(
+        1000, ge=100, le=100_000, description="Paired bootstrap resamples for the confidence interval of a "
+        "metric difference (tuned vs base here; challenger vs champion in register).")
 
 
 class RegisterCfg(_Group):
@@ -144,6 +147,15 @@ class RegisterCfg(_Group):
     experiment: str = Field("tuneline", min_length=1, description="MLflow experiment for pipeline runs.")
     dry_run: bool = Field(False, description="Log the model to the run and report the gate's decision, but "
                           "register no version and move no alias (what --smoke does).")
+    min_delta: float = Field(
+        0.0, ge=0, description="The challenger must beat the champion (or, with none yet, the base model) "
+        "by at least this much on the primary metric, in the metric's own units.")
+    alpha: float = Field(
+        0.05, gt=0, le=1, description="The improvement must also be significant: one-sided p-value below alpha "
+        "(1 turns the test off).")
+    test: Literal["bootstrap", "mcnemar"] = Field(
+        "bootstrap", description="Significance test: paired 'bootstrap' (any metric) or exact 'mcnemar' "
+        "(0/1 metrics: exact_match, accuracy, multiset_rate, scored_accuracy, unparseable_rate).")
 
 
 with warnings.catch_warnings():
@@ -168,6 +180,11 @@ with warnings.catch_warnings():
             if metric is not None and metric not in task.metrics:
                 raise ValueError(f"evaluate.primary_metric '{metric}' is not a {task.name} metric "
                                  f"(choose one of: {', '.join(task.metrics)})")
+            from tuneline.scoring import BINARY
+
+            if self.register.test == "mcnemar" and self.primary_metric() not in BINARY:
+                raise ValueError(f"register.test 'mcnemar' needs a 0/1 primary metric, not '{self.primary_metric()}' "
+                                 "(use register.test: bootstrap)")
             if self.tokenize.packing == "concat" and task.name != "pretrain":
                 raise ValueError("tokenize.packing 'concat' lets examples attend to each other; "
                                  f"use 'bfd' for the supervised task '{task.name}'")

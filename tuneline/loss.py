@@ -17,12 +17,8 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of token cross-entropies over answer tokens, and how many there are.
-
-    Returning the sum (not the mean) lets callers weight every micro-batch and every
-    device by its trainable tokens, so accumulation and DDP equal one big batch.
-    """
+def _trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at trained positions only: (logits (N, V) fp32, their targets (N,), keep (B, T-1))."""
     lm = unwrap(model)
     h = lm.base_model(                                   # backbone: LlamaModel / GPT2Model
         input_ids=batch["input_ids"],
@@ -33,7 +29,47 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     target = batch["labels"][:, 1:]                      # position t predicts token t+1
     keep = target != IGNORE                              # (B, T-1)
     logits = lm.get_output_embeddings()(h[:, :-1][keep]).float()  # (N, V), N trained tokens
-    return F.cross_entropy(logits, target[keep], reduction="sum"), int(keep.sum())
+    return logits, target[keep], keep
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token cross-entropies over answer tokens, and how many there are.
+
+    Returning the sum (not the mean) lets callers weight every micro-batch and every
+    device by its trainable tokens, so accumulation and DDP equal one big batch.
+    """
+    logits, target, keep = _trained_logits(model, batch)
+    return F.cross_entropy(logits, target, reduction="sum"), int(keep.sum())
+
+
+@torch.no_grad()
+def example_totals(model, rows: list[dict], pad_id: int, batch_size: int) -> list[list[tuple[float, int]]]:
+    """Per packed row, per example (segment) in it: (summed answer-token loss, answer tokens).
+    What perplexity's confidence interval and log-likelihood label scoring resample and rank."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[tuple[float, int]]] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        logits, target, keep = _trained_logits(model, batch)
+        losses = F.cross_entropy(logits, target, reduction="none")          # (N,)
+        seg = torch.zeros_like(batch["labels"])                             # (B, T): 0 = padding
+        for b, r in enumerate(chunk):
+            seg[b, :sum(r["seq_lens"])] = torch.repeat_interleave(
+                torch.arange(1, len(r["seq_lens"]) + 1), torch.tensor(r["seq_lens"]))
+        row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(keep)[keep]  # (N,)
+        seg_of = seg[:, 1:].to(device)[keep]                                # (N,) segment of each target
+        for b, r in enumerate(chunk):
+            sums = torch.zeros(len(r["seq_lens"]) + 1, dtype=torch.float64, device=device)
+            cnt = torch.zeros_like(sums)
+            mine = row_of == b
+            sums.index_add_(0, seg_of[mine], losses[mine].double())
+            cnt.index_add_(0, seg_of[mine], torch.ones_like(losses[mine], dtype=torch.float64))
+            out.append([(float(s), int(c)) for s, c in zip(sums[1:].tolist(), cnt[1:].tolist())])
+    model.train(was_training)
+    return out
 
 
 @torch.no_grad()

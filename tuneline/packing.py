@@ -62,8 +62,14 @@ def concat(examples: list[Example], block: int, drop_remainder: bool = True) -> 
 
 def pack(examples: list[Example], capacity: int, packing: str) -> list[dict]:
     """Rows of {input_ids, labels, seq_lens}; no padding is stored (collate pads)."""
+    return pack_groups(examples, capacity, packing)[0]
+
+
+def pack_groups(examples: list[Example], capacity: int, packing: str) -> tuple[list[dict], list[list[int]]]:
+    """`pack`'s rows and, per row, the indices of the examples in it, in segment order
+    (concat: empty; its blocks cut across examples)."""
     if packing == "concat":
-        return concat(examples, capacity)
+        return concat(examples, capacity), []
     groups = bfd([len(e.input_ids) for e in examples], capacity) if packing == "bfd" else [[i] for i in range(len(examples))]
     rows = []
     for g in groups:
@@ -73,7 +79,7 @@ def pack(examples: list[Example], capacity: int, packing: str) -> list[dict]:
             row["labels"] += examples[i].labels
             row["seq_lens"].append(len(examples[i].input_ids))
         rows.append(row)
-    return rows
+    return rows, groups
 
 
 def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:

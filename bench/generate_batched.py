@@ -1,0 +1,161 @@
+"""Batched greedy generation against one-at-a-time generation, over the same test prompts.
+
+Both sides call `components.evaluate.generate` (the evaluate stage's code: prompts sorted by
+length, left padding, KV cache, greedy, stop at EOS, prompt stripped, cut at a newline) on
+the same N descramble test prompts (the pipeline's split: `prepare.split_rows` with
+prepare.n_test=N, rendered by `tasks.render`), with the same model object, the same
+max_new_tokens (as `evaluate_model`: the longest reference answer in tokens + 8, capped at
+evaluate.max_new_tokens) and the same precision. The only difference is batch_size: 1 is
+what a plain `model.generate` loop per prompt does (no padding, each prompt stops at its
+own EOS), so the baseline is not weakened.
+
+Precision: fp32 by default for both. Identical outputs need identical numerics; under
+bf16 autocast, rounding depends on the batch's shapes (padding, kernel blocking), so
+greedy argmaxes can flip between the two modes. `--precision bf16` runs both under bf16
+autocast, for information only.
+
+Checked: the decoded outputs and the generated token ids (up to and including EOS) of
+every prompt, which must be identical; differing cases are printed. Also reported: new
+tokens per prompt (mean, total) and, for batched, the token slots computed (padding
+after a row's EOS included). The untrained base SmolLM2 is a fair model to time: how long
+each answer runs depends on the model, and both modes generate the same tokens.
+
+Timing: a short warm-up (not timed), then one-at-a-time and batched side by side in one
+process; with `--repeats` > 1 they alternate and medians are used. The machine is shared,
+so the ratio of the two measured here is the figure, not the absolute seconds.
+
+Run (from the project root):
+    python bench/generate_batched.py                           # smollm2-135m-instruct, N=256
+    python bench/generate_batched.py --model tiny-gpt2 --n 16  # quick check of the harness
+Results: bench/results/generate_batched.json. Goal (GitHub issue): identical outputs,
+batched at least 5x faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("TUNELINE_ROOT", str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from components.evaluate import generate  # noqa: E402
+from components.prepare import split_rows  # noqa: E402
+from train_vs_seed import machine  # noqa: E402
+from tuneline import recipes, tasks  # noqa: E402
+from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
+
+
+def recorded(model, tok, log: dict):
+    """Wrap `model.generate` to record each prompt's new token ids (to EOS) and the work done."""
+    inner = model.generate
+
+    def wrapper(**kw):
+        out = inner(**kw)
+        new = out[:, kw["input_ids"].shape[1]:]
+        log["slots"] += new.numel()
+        for ids, mask, row in zip(kw["input_ids"], kw["attention_mask"], new.tolist()):
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id) + 1]
+            log["tokens"][tuple(ids[mask.bool()].tolist())] = row
+        return out
+
+    model.generate = wrapper
+
+
+def timed(model, tok, prompts, max_new: int, batch_size: int, precision: str) -> dict:
+    log = {"slots": 0, "tokens": {}}
+    vars(model).pop("generate", None)  # unwrap a previous run's recorder
+    recorded(model, tok, log)
+    with autocast(precision), contextlib.redirect_stdout(io.StringIO()):  # generate prints per batch
+        t = time.perf_counter()
+        outs = generate(model, tok, prompts, max_new, batch_size)
+        wall = time.perf_counter() - t
+    keys = [tuple(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return {"wall_s": wall, "outputs": outs, "token_ids": [log["tokens"][k] for k in keys], "slots": log["slots"]}
+
+
+def bench(args) -> dict:
+    params = recipes.build("descramble", [f"model.name={args.model}", f"prepare.n_test={args.n}",
+                                          f"evaluate.precision={args.precision}"])
+    task, labels = tasks.TASKS[params.prepare.task], params.prepare.labels
+    rows = split_rows(params)[0]["test"]
+    prompts, targets = (list(x) for x in zip(*(tasks.render(task, r, labels) for r in rows)))
+    tok, model = load_tokenizer(args.model), load_model(args.model)  # fp32 weights, CPU
+    max_new = min(params.evaluate.max_new_tokens, max(len(tok(t)["input_ids"]) for t in targets) + 8)
+    print(f"[bench] {len(prompts)} prompts, max_new_tokens={max_new}, {args.precision}, "
+          f"batch {args.batch_size}, {torch.get_num_threads()} torch threads", flush=True)
+    timed(model, tok, prompts[:2], max_new, 2, args.precision)  # warm-up, not timed
+    single, batched = [], []
+    for i in range(args.repeats):
+        for name, runs, bs in (("one-at-a-time", single, 1), ("batched", batched, args.batch_size)):
+            runs.append(timed(model, tok, prompts, max_new, bs, args.precision))
+            print(f"[bench] round {i + 1}: {name} {runs[-1]['wall_s']:.1f} s", flush=True)
+    s, b = single[-1], batched[-1]
+    diff = [i for i in range(len(prompts)) if s["outputs"][i] != b["outputs"][i]]
+    diff_ids = [i for i in range(len(prompts)) if s["token_ids"][i] != b["token_ids"][i]]
+    n_new = [len(t) for t in s["token_ids"]]
+    t_s, t_b = (statistics.median(r["wall_s"] for r in runs) for runs in (single, batched))
+    return {
+        "model": args.model, "precision": args.precision, "prompts": len(prompts), "max_new_tokens": max_new,
+        "batch_size": args.batch_size, "repeats": args.repeats, "machine": machine(), "device": str(model.device),
+        "single_wall_s": t_s, "batched_wall_s": t_b, "ratio": t_s / t_b,
+        "single_wall_s_all": [r["wall_s"] for r in single], "batched_wall_s_all": [r["wall_s"] for r in batched],
+        "outputs_identical": len(prompts) - len(diff), "token_ids_identical": len(prompts) - len(diff_ids),
+        "new_tokens_single": sum(n_new), "new_tokens_batched": sum(len(t) for t in b["token_ids"]),
+        "mean_new_tokens_single": sum(n_new) / len(n_new),
+        "mean_new_tokens_batched": sum(len(t) for t in b["token_ids"]) / len(n_new),
+        "prompts_hitting_max_new_tokens": sum(n == max_new for n in n_new), "batched_token_slots": b["slots"],
+        "differing": [{"i": i, "prompt": prompts[i], "single": s["outputs"][i], "batched": b["outputs"][i]}
+                      for i in sorted(set(diff) | set(diff_ids))],
+        "goals": {"identical": not diff and not diff_ids, "ratio_at_least_5x": t_s / t_b >= 5.0},
+    }
+
+
+def table(r: dict) -> str:
+    rows = [("wall seconds", f"{r['single_wall_s']:.1f}", f"{r['batched_wall_s']:.1f}"),
+            ("prompts / s", f"{r['prompts'] / r['single_wall_s']:.2f}", f"{r['prompts'] / r['batched_wall_s']:.2f}"),
+            ("new tokens (total, to EOS)", f"{r['new_tokens_single']:,}", f"{r['new_tokens_batched']:,}"),
+            ("mean new tokens / prompt", f"{r['mean_new_tokens_single']:.1f}", f"{r['mean_new_tokens_batched']:.1f}"),
+            ("token slots computed", f"{r['new_tokens_single']:,}", f"{r['batched_token_slots']:,}")]
+    m = r["machine"]
+    out = [f"{r['model']}, {r['prompts']} descramble test prompts, greedy, max_new_tokens {r['max_new_tokens']}, "
+           f"{r['precision']}, {r['device']} ({m['cpu']}), {m['torch_threads']} torch threads, {r['repeats']} round(s)",
+           "", f"| | one-at-a-time (batch 1) | batched (batch {r['batch_size']}) |", "|---|---|---|"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    out += ["", f"speed-up: **{r['ratio']:.2f}x** (goal >= 5x: {'met' if r['goals']['ratio_at_least_5x'] else 'NOT met'})",
+            f"identical outputs: {r['outputs_identical']}/{r['prompts']}, identical token ids: "
+            f"{r['token_ids_identical']}/{r['prompts']}; {r['prompts_hitting_max_new_tokens']} prompts hit max_new_tokens"]
+    for d in r["differing"]:
+        out.append(f"DIFFERS #{d['i']}: {d['prompt']!r}\n  single:  {d['single']!r}\n  batched: {d['batched']!r}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model.name (tiny-gpt2 for a quick check)")
+    ap.add_argument("--n", type=int, default=256, help="test prompts")
+    ap.add_argument("--batch-size", type=int, default=64, help="batched side's batch size")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides; bf16 is info only")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating rounds; medians reported")
+    ap.add_argument("--out", default=str(HERE / "results" / "generate_batched.json"))
+    args = ap.parse_args()
+    result = bench(args)
+    print(table(result))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[bench] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Generation, per-example losses and label scoring, each checked against plain one-at-a-time code."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from components.evaluate import evaluate_file, evaluate_model, example_nll, generate, metrics_of, score_labels
+from tuneline import recipes, tasks
+
+PROMPTS = ["Unscramble: cat the sat\nSentence:", "Unscramble: on the mat a dog lay quietly today\nSentence:",
+           "Unscramble: hills\nSentence:", "Unscramble: over ran dogs the old red barns near the river\nSentence:",
+           "Unscramble: x\nSentence:", "Unscramble: the rain in spain stays mainly\nSentence:"]
+
+
+def _tiny_llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model(request, tiny_gpt2, gpt2_tok):
+    return tiny_gpt2 if request.param == "gpt2" else _tiny_llama(len(gpt2_tok))
+
+
+def _one_at_a_time(model, tok, prompt: str, max_new: int, num_beams: int = 1) -> str:
+    """What a plain HF loop does: no padding, the prompt's own length stripped."""
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new, do_sample=False, num_beams=num_beams,
+                             pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return text.split("\n")[0].strip()
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_batched_generation_equals_one_prompt_at_a_time(model, gpt2_tok, num_beams):
+    """Left padding, the KV cache and prompt stripping change nothing: prompts of 1 to 15
+    words in one batch give exactly the answers each gives alone (greedy and beam)."""
+    batched = generate(model, gpt2_tok, PROMPTS, 8, batch_size=len(PROMPTS), num_beams=num_beams)
+    alone = [_one_at_a_time(model, gpt2_tok, p, 8, num_beams) for p in PROMPTS]
+    assert batched == alone
+    assert not any(a.startswith("Unscramble") for a in batched)  # the prompt is never echoed
+
+
+def _rows(n=6):
+    return [{"target": " ".join(p.split("\n")[0].split()[1:]), "source": p.split("\n")[0].split(": ")[1]}
+            for p in PROMPTS[:n]]
+
+
+def test_example_losses_equal_each_example_scored_alone(tiny_gpt2, gpt2_tok):
+    params = recipes.build("descramble", ["model.name=tiny-gpt2", "tokenize.max_length=32"])
+    rows = _rows()
+    nll, n = example_nll(tiny_gpt2, gpt2_tok, rows, params)  # packed several to a row
+    for r, got, count in zip(rows, nll, n):
+        prompt, answer = tasks.render(tasks.TASKS["descramble"], r, [])
+        p = gpt2_tok(prompt, add_special_tokens=False)["input_ids"]
+        a = gpt2_tok(answer, add_special_tokens=False)["input_ids"] + [gpt2_tok.eos_token_id]
+        with torch.no_grad():
+            logp = tiny_gpt2(torch.tensor([p + a])).logits[0].log_softmax(-1)
+        want = -sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))
+        assert count == len(a) and got == pytest.approx(want, rel=1e-4)
+    ev = {"nll": nll, "tokens": n, "outputs": [""] * len(rows), "generation_s": 0.0}
+    assert metrics_of(ev, rows, params)["perplexity"] == pytest.approx(math.exp(sum(nll) / sum(n)))
+
+
+def test_label_scoring_picks_the_most_likely_verbalised_label(tiny_gpt2, gpt2_tok):
+    labels = ["sadness", "joy", "love", "anger", "fear", "surprise"]
+    params = recipes.build("emotion", ["model.name=tiny-gpt2"])
+    rows = [{"text": t, "label": "joy"} for t in ("i feel great", "i am so scared of the dark", "what a day")]
+    picked = score_labels(tiny_gpt2, gpt2_tok, rows, params)
+    for r, got in zip(rows, picked):
+        prompt = tasks.classify_prompt(r, labels)
+        p = gpt2_tok(prompt, add_special_tokens=False)["input_ids"]
+
+        def logp(label):
+            a = gpt2_tok(" " + label, add_special_tokens=False)["input_ids"] + [gpt2_tok.eos_token_id]
+            with torch.no_grad():
+                lp = tiny_gpt2(torch.tensor([p + a])).logits[0].log_softmax(-1)
+            return sum(float(lp[len(p) - 1 + i, t]) for i, t in enumerate(a))
+
+        assert got == max(labels, key=logp)
+
+
+def test_classification_reports_free_generation_and_scoring(tiny_gpt2, gpt2_tok):
+    params = recipes.build("emotion", ["model.name=tiny-gpt2", "evaluate.max_new_tokens=4"])
+    rows = [{"text": t, "label": lab} for t, lab in (("i feel great", "joy"), ("so sad", "sadness"), ("grr", "anger"))]
+    ev = evaluate_model(tiny_gpt2, gpt2_tok, rows, params)
+    m = metrics_of(ev, rows, params)
+    assert set(tasks.CLASS_METRICS) <= set(m) and len(ev["scored"]) == 3
+    assert all(s in params.prepare.labels for s in ev["scored"])  # scoring always gives a label
+    assert m["unparseable_rate"] == 1.0  # a random model never starts its answer with one
+
+
+def test_any_model_on_a_file_it_has_never_seen(tmp_path, model_cache):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"target": s}) + "\n" for s in (
+        "The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine stitches later.",
+        "The quick brown fox jumps over the lazy dog.")))  # the duplicate is dropped, as prepare does
+    params = recipes.build("descramble", ["model.name=tiny-gpt2", "evaluate.max_new_tokens=8"])
+    result = evaluate_file("tiny-gpt2", params, str(data))
+    assert result["n_examples"] == 2 and result["data"]["sha256"]
+    assert list(result["metrics"]) == [*tasks.TASKS["descramble"].metrics, "generation_s"]
+    assert sorted(result["predictions"][0]["prompt"].split()[1:-1]) == sorted(result["predictions"][0]["target"].split())

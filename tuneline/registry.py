@@ -1,0 +1,96 @@
+"""The `champion` alias and its history.
+
+Every move of `champion` (by the gate, `tuneline promote` or `tuneline rollback`) is kept
+as a registered-model tag `champion.history.<ns timestamp>` holding who (the OS user),
+when (UTC), why, the version and the one before it. MLflow keeps only an alias's current
+target; these tags are the audit trail, shown in the UI and by `tuneline history`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from datetime import datetime, timezone
+
+from tuneline.errors import TunelineError
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY = "champion.history."
+
+
+def champion(client, name: str):
+    """The champion ModelVersion, or None when there is none (or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def history(client, name: str) -> list[dict]:
+    """Every champion move, oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException:
+        return []
+    return [json.loads(tags[k]) for k in sorted(tags) if k.startswith(HISTORY)]
+
+
+def user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "unknown"
+
+
+def move_champion(client, name: str, version: str, action: str, why: str) -> dict:
+    """Point `champion` at `version` and record the move."""
+    before = champion(client, name)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    event = {"action": action, "version": str(version), "previous": str(before.version) if before else None,
+             "who": user(), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "why": why}
+    client.set_registered_model_tag(name, f"{HISTORY}{time.time_ns()}", json.dumps(event))
+    return event
+
+
+def _existing(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        known = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), reverse=True)
+        raise TunelineError(f"model '{name}' has no version {version}",
+                            f"choose one of: {', '.join(map(str, known[:10])) or '(none registered)'}") from None
+
+
+def promote(client, name: str, version: str, why: str) -> dict:
+    """Make `version` the champion by hand."""
+    _existing(client, name, version)
+    current = champion(client, name)
+    if current is not None and str(current.version) == str(version):
+        raise TunelineError(f"{name} v{version} is already the champion", "nothing to do")
+    return move_champion(client, name, version, "promote", why)
+
+
+def rollback_target(client, name: str) -> str:
+    """The champion before the current one: the `previous` of the latest non-rollback move
+    to the current champion. Rolling back again walks further back."""
+    current = champion(client, name)
+    if current is None:
+        raise TunelineError(f"model '{name}' has no champion", "run the pipeline or `tuneline promote VERSION` first")
+    moves = [e for e in history(client, name) if e["version"] == str(current.version) and e["action"] != "rollback"]
+    if not moves or not moves[-1]["previous"]:
+        raise TunelineError(f"{name} v{current.version} has no earlier champion to roll back to",
+                            "use `tuneline promote VERSION` to pick one")
+    return moves[-1]["previous"]
+
+
+def rollback(client, name: str, why: str) -> dict:
+    target = rollback_target(client, name)
+    _existing(client, name, target)
+    return move_champion(client, name, target, "rollback", why)

@@ -1,0 +1,160 @@
+"""Every metric as a sum of per-example statistics, so one piece of code both scores a model
+and resamples it for confidence intervals and significance tests.
+
+A metric is `Stat(values, fn)`: `values` (n, k) holds each example's sufficient statistics
+and `fn` turns their (k,) sum into the metric. Means are (x, 1) pairs; BLEU and chrF use
+sacrebleu's own sentence statistics (n-gram matches and totals), the way sacrebleu's
+paired bootstrap does; macro-F1 sums per-label tp/fp/fn; perplexity sums (nll, tokens).
+Resampling examples is then a matrix product of bootstrap counts with `values`.
+
+`ev` (one model's evaluation) is {"outputs": [str], "nll": [float], "tokens": [int],
+"scored": [str] | None}: generated answers, summed answer-token loss and answer tokens
+per unit (an example; a concatenated block for pretraining), and the label that
+log-likelihood scoring picked (classify/entail).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from tuneline import tasks
+
+# Metrics that are a mean of a 0/1 per-example outcome: McNemar's test applies.
+BINARY = {"exact_match", "multiset_rate", "accuracy", "scored_accuracy", "unparseable_rate"}
+
+
+@dataclass(frozen=True)
+class Stat:
+    values: np.ndarray                    # (n, k) per-example sufficient statistics
+    fn: Callable[[np.ndarray], float]     # (k,) summed statistics -> metric value
+
+    def value(self) -> float:
+        return self.fn(self.values.sum(0))
+
+
+def _mean(x) -> Stat:
+    x = np.asarray(x, dtype=float)
+    return Stat(np.stack([x, np.ones_like(x)], 1), lambda s: float(s[0] / s[1]) if s[1] else math.nan)
+
+
+def _macro_f1(preds: list[str | None], gold: list[str], labels: list[str]) -> Stat:
+    """Per example, per label: (tp, fp, fn). F1 of a label with none of them is 0, as
+    scikit-learn's f1_score(average='macro', zero_division=0)."""
+    L = len(labels)
+    v = np.zeros((len(gold), 3 * L))
+    for i, (p, g) in enumerate(zip(preds, gold)):
+        for j, label in enumerate(labels):
+            v[i, 3 * j] = p == label and g == label
+            v[i, 3 * j + 1] = p == label and g != label
+            v[i, 3 * j + 2] = p != label and g == label
+
+    def fn(s: np.ndarray) -> float:
+        tp, fp, fn_ = s[0::3], s[1::3], s[2::3]
+        den = 2 * tp + fp + fn_
+        return float(np.mean(np.where(den > 0, 2 * tp / np.where(den > 0, den, 1), 0.0)))
+
+    return Stat(v, fn)
+
+
+def _sacrebleu(name: str, outputs: list[str], targets: list[str]) -> Stat:
+    from sacrebleu.metrics import BLEU, CHRF
+
+    metric = BLEU() if name == "bleu" else CHRF()
+    # The same private API sacrebleu's own paired bootstrap (significance.py) uses.
+    values = np.asarray(metric._extract_corpus_statistics(outputs, [targets]), dtype=float)
+    return Stat(values, lambda s: float(metric._compute_score_from_stats(s).score))
+
+
+def stat(task: tasks.Task, metric: str, rows: list[dict], ev: dict, labels: list[str]) -> Stat:
+    """The per-example statistics of `metric` for one model's evaluation `ev` on `rows`."""
+    if metric == "perplexity":
+        nll, n = np.asarray(ev["nll"], dtype=float), np.asarray(ev["tokens"], dtype=float)
+        return Stat(np.stack([nll, n], 1), lambda s: math.exp(s[0] / s[1]) if s[1] else math.nan)
+    outputs = ev["outputs"]
+    if task.name == "descramble":
+        outs, targets = [tasks.normalise(o) for o in outputs], [tasks.normalise(r["target"]) for r in rows]
+        if metric == "exact_match":
+            return _mean([o == t for o, t in zip(outs, targets)])
+        if metric == "multiset_rate":
+            return _mean([tasks.same_words(o, r["source"]) for o, r in zip(outs, rows)])
+        return _sacrebleu(metric, outs, targets)
+    if task.name in ("classify", "entail"):
+        gold = [r["label"] for r in rows]
+        scored = metric.startswith("scored_")
+        preds = ev["scored"] if scored else [tasks.parse_label(o, labels) for o in outputs]
+        if metric.removeprefix("scored_") == "accuracy":
+            return _mean([p == g for p, g in zip(preds, gold)])
+        if metric.removeprefix("scored_") == "macro_f1":
+            return _macro_f1(preds, gold, labels)
+        return _mean([p is None for p in preds])  # unparseable_rate
+    if task.name == "instruct":  # rouge_l
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        return _mean([scorer.score(r["output"], o)["rougeL"].fmeasure for o, r in zip(outputs, rows)])
+    raise ValueError(f"no metric '{metric}' for task '{task.name}'")
+
+
+def metrics(task: tasks.Task, rows: list[dict], ev: dict, labels: list[str]) -> dict[str, float]:
+    return {m: stat(task, m, rows, ev, labels).value() for m in task.metrics}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A paired comparison of a challenger `a` with a reference `b` on the same examples."""
+    metric: str
+    a: float                 # challenger's value
+    b: float                 # reference's value
+    delta: float             # a - b
+    ci_low: float            # 95% paired bootstrap interval of a - b
+    ci_high: float
+    p_value: float           # one-sided: H0 "a is no better than b"
+    test: str                # 'bootstrap' or 'mcnemar'
+    n: int                   # examples (units) compared
+
+    def improvement(self) -> float:
+        """delta in the metric's good direction (positive = a is better)."""
+        return -self.delta if self.metric in tasks.LOWER_IS_BETTER else self.delta
+
+
+def compare(a: Stat, b: Stat, metric: str, test: str = "bootstrap", n_boot: int = 1000, seed: int = 0) -> Comparison:
+    """Paired bootstrap (Koehn 2004): resample examples with replacement, the same draw for
+    both models; the 2.5/97.5 percentiles of the resampled differences are the CI. The
+    p-value shifts the resampled differences to the null (Berg-Kirkpatrick et al. 2012):
+    p = P(delta* - delta >= delta), one-sided toward "a is better". McNemar's exact test
+    uses only the examples where exactly one of the two is right (0/1 metrics)."""
+    n = len(a.values)
+    if len(b.values) != n:
+        raise ValueError(f"paired comparison needs the same examples ({n} vs {len(b.values)})")
+    va, vb = a.value(), b.value()
+    delta = va - vb
+    sign = -1.0 if metric in tasks.LOWER_IS_BETTER else 1.0
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_boot, n))                    # (B, n) example indices
+    counts = np.zeros((n_boot, n))
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)     # (B, n) times each is drawn
+    deltas = np.array([a.fn(s) for s in counts @ a.values]) - np.array([b.fn(s) for s in counts @ b.values])
+    if not (math.isfinite(delta) and np.isfinite(deltas).all()):
+        return Comparison(metric, va, vb, delta, math.nan, math.nan, math.nan, test, n)
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    if test == "mcnemar":
+        p = mcnemar(a.values[:, 0], b.values[:, 0], lower_is_better=sign < 0)
+    else:
+        p = (1 + int(np.sum(sign * (deltas - delta) >= sign * delta))) / (n_boot + 1)
+    return Comparison(metric, va, vb, delta, float(lo), float(hi), float(p), test, n)
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray, lower_is_better: bool = False) -> float:
+    """One-sided exact McNemar p-value that `a` is right more often than `b` (0/1 arrays;
+    for a lower-is-better rate, 'right' is 0)."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if lower_is_better:
+        a, b = ~a, ~b
+    wins, losses = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue) if wins + losses else 1.0
