@@ -1,34 +1,26 @@
 """Batched greedy generation against one-at-a-time generation, over the same test prompts.
 
-Both sides call `components.evaluate.generate` (the evaluate stage's code: prompts sorted by
+Both sides call the evaluate stage's `components.evaluate.generate` (prompts sorted by
 length, left padding, KV cache, greedy, stop at EOS, prompt stripped, cut at a newline) on
-the same N descramble test prompts (the pipeline's split: `prepare.split_rows` with
-prepare.n_test=N, rendered by `tasks.render`), with the same model object, the same
-max_new_tokens (as `evaluate_model`: the longest reference answer in tokens + 8, capped at
-evaluate.max_new_tokens) and the same precision. The only difference is batch_size: 1 is
-what a plain `model.generate` loop per prompt does (no padding, each prompt stops at its
-own EOS), so the baseline is not weakened.
+the same N descramble test prompts (`prepare.split_rows` with prepare.n_test=N, rendered by
+`tasks.render`), with the same model object, precision and max_new_tokens (as
+`evaluate_model`: longest reference answer in tokens + 8, capped at evaluate.max_new_tokens).
+Only batch_size differs: 1 is what a plain `model.generate` loop per prompt does (no
+padding, each prompt stops at its own EOS), so the baseline is not weakened.
 
-Precision: fp32 by default for both. Identical outputs need identical numerics; under
-bf16 autocast, rounding depends on the batch's shapes (padding, kernel blocking), so
-greedy argmaxes can flip between the two modes. `--precision bf16` runs both under bf16
-autocast, for information only.
-
-Checked: the decoded outputs and the generated token ids (up to and including EOS) of
-every prompt, which must be identical; differing cases are printed. Also reported: new
-tokens per prompt (mean, total) and, for batched, the token slots computed (padding
-after a row's EOS included). The untrained base SmolLM2 is a fair model to time: how long
-each answer runs depends on the model, and both modes generate the same tokens.
-
-Timing: a short warm-up (not timed), then one-at-a-time and batched side by side in one
-process; with `--repeats` > 1 they alternate and medians are used. The machine is shared,
-so the ratio of the two measured here is the figure, not the absolute seconds.
+Precision: fp32 for both by default. Identical outputs need identical numerics; bf16
+autocast rounds differently for different batch shapes, so greedy argmaxes can flip
+(`--precision bf16`: both sides under bf16 autocast, information only).
+Checked per prompt: decoded output and generated token ids (to EOS) must be identical;
+differing cases are printed. New tokens per prompt are reported for both modes: the
+untrained base SmolLM2 is fair to time, as answer lengths depend on the model and both
+modes generate the same tokens. Timing: an untimed warm-up, then both side by side in one
+process (`--repeats` > 1: alternating, medians); on a shared machine the ratio is the figure.
 
 Run (from the project root):
     python bench/generate_batched.py                           # smollm2-135m-instruct, N=256
     python bench/generate_batched.py --model tiny-gpt2 --n 16  # quick check of the harness
-Results: bench/results/generate_batched.json. Goal (GitHub issue): identical outputs,
-batched at least 5x faster.
+Results: bench/results/generate_batched.json. Goal (issue): identical outputs, >= 5x faster.
 """
 
 from __future__ import annotations
@@ -56,33 +48,26 @@ from tuneline import recipes, tasks  # noqa: E402
 from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
 
 
-def recorded(model, tok, log: dict):
-    """Wrap `model.generate` to record each prompt's new token ids (to EOS) and the work done."""
-    inner = model.generate
+def timed(model, tok, prompts, max_new: int, batch_size: int, precision: str) -> dict:
+    """`generate` timed; `model.generate` wrapped to record each prompt's new token ids (to EOS)."""
+    log, inner = {"slots": 0}, type(model).generate.__get__(model)
 
-    def wrapper(**kw):
+    def recording(**kw):
         out = inner(**kw)
         new = out[:, kw["input_ids"].shape[1]:]
         log["slots"] += new.numel()
         for ids, mask, row in zip(kw["input_ids"], kw["attention_mask"], new.tolist()):
-            if tok.eos_token_id in row:
-                row = row[:row.index(tok.eos_token_id) + 1]
-            log["tokens"][tuple(ids[mask.bool()].tolist())] = row
+            eos = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            log[tuple(ids[mask.bool()].tolist())] = row[:eos]
         return out
 
-    model.generate = wrapper
-
-
-def timed(model, tok, prompts, max_new: int, batch_size: int, precision: str) -> dict:
-    log = {"slots": 0, "tokens": {}}
-    vars(model).pop("generate", None)  # unwrap a previous run's recorder
-    recorded(model, tok, log)
+    model.generate = recording
     with autocast(precision), contextlib.redirect_stdout(io.StringIO()):  # generate prints per batch
         t = time.perf_counter()
         outs = generate(model, tok, prompts, max_new, batch_size)
         wall = time.perf_counter() - t
     keys = [tuple(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    return {"wall_s": wall, "outputs": outs, "token_ids": [log["tokens"][k] for k in keys], "slots": log["slots"]}
+    return {"wall_s": wall, "outputs": outs, "token_ids": [log[k] for k in keys], "slots": log["slots"]}
 
 
 def bench(args) -> dict:
@@ -104,7 +89,9 @@ def bench(args) -> dict:
     s, b = single[-1], batched[-1]
     diff = [i for i in range(len(prompts)) if s["outputs"][i] != b["outputs"][i]]
     diff_ids = [i for i in range(len(prompts)) if s["token_ids"][i] != b["token_ids"][i]]
-    n_new = [len(t) for t in s["token_ids"]]
+    n_new, n_new_b = [len(t) for t in s["token_ids"]], sum(len(t) for t in b["token_ids"])
+    # one-line task: the output is cut at the first newline; tokens up to it (incl.), for scale
+    n_line = [next((j + 1 for j, t in enumerate(ids) if "\n" in tok.decode([t])), len(ids)) for ids in s["token_ids"]]
     t_s, t_b = (statistics.median(r["wall_s"] for r in runs) for runs in (single, batched))
     return {
         "model": args.model, "precision": args.precision, "prompts": len(prompts), "max_new_tokens": max_new,
@@ -112,9 +99,9 @@ def bench(args) -> dict:
         "single_wall_s": t_s, "batched_wall_s": t_b, "ratio": t_s / t_b,
         "single_wall_s_all": [r["wall_s"] for r in single], "batched_wall_s_all": [r["wall_s"] for r in batched],
         "outputs_identical": len(prompts) - len(diff), "token_ids_identical": len(prompts) - len(diff_ids),
-        "new_tokens_single": sum(n_new), "new_tokens_batched": sum(len(t) for t in b["token_ids"]),
-        "mean_new_tokens_single": sum(n_new) / len(n_new),
-        "mean_new_tokens_batched": sum(len(t) for t in b["token_ids"]) / len(n_new),
+        "new_tokens_single": sum(n_new), "new_tokens_batched": n_new_b,
+        "mean_new_tokens_single": sum(n_new) / len(n_new), "mean_new_tokens_batched": n_new_b / len(n_new),
+        "mean_new_tokens_to_first_newline": sum(n_line) / len(n_line),
         "prompts_hitting_max_new_tokens": sum(n == max_new for n in n_new), "batched_token_slots": b["slots"],
         "differing": [{"i": i, "prompt": prompts[i], "single": s["outputs"][i], "batched": b["outputs"][i]}
                       for i in sorted(set(diff) | set(diff_ids))],
@@ -135,7 +122,8 @@ def table(r: dict) -> str:
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out += ["", f"speed-up: **{r['ratio']:.2f}x** (goal >= 5x: {'met' if r['goals']['ratio_at_least_5x'] else 'NOT met'})",
             f"identical outputs: {r['outputs_identical']}/{r['prompts']}, identical token ids: "
-            f"{r['token_ids_identical']}/{r['prompts']}; {r['prompts_hitting_max_new_tokens']} prompts hit max_new_tokens"]
+            f"{r['token_ids_identical']}/{r['prompts']}; {r['prompts_hitting_max_new_tokens']} prompts hit max_new_tokens; "
+            f"mean new tokens up to the first newline {r['mean_new_tokens_to_first_newline']:.1f}"]
     for d in r["differing"]:
         out.append(f"DIFFERS #{d['i']}: {d['prompt']!r}\n  single:  {d['single']!r}\n  batched: {d['batched']!r}")
     return "\n".join(out)

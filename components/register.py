@@ -69,14 +69,16 @@ def decide(c: scoring.Comparison, cfg: RegisterCfg, against: str) -> tuple[bool,
     if not all(math.isfinite(x) for x in (c.a, c.b, c.p_value)):
         return False, f"{c.metric} is {c.a} against {c.b}: a failed evaluation never promotes"
     gain = c.improvement()
-    shown = f"{c.metric} {c.a:.4g} vs {against}'s {c.b:.4g} ({gain:+.4g}, 95% CI [{c.ci_low:+.4g}, {c.ci_high:+.4g}])"
+    lower = " (lower is better)" if c.metric in tasks.LOWER_IS_BETTER else ""
+    shown = (f"{c.metric} {c.a:.4g} vs {against}'s {c.b:.4g}{lower}: delta {c.delta:+.4g}, "
+             f"95% CI [{c.ci_low:+.4g}, {c.ci_high:+.4g}]")
     if gain <= 0:
-        return False, f"{shown}: not better"
+        return False, f"{shown}; not better"
     if gain < cfg.min_delta:
-        return False, f"{shown}: the gain is below register.min_delta={cfg.min_delta}"
+        return False, f"{shown}; the gain {gain:.4g} is below register.min_delta={cfg.min_delta}"
     if c.p_value >= cfg.alpha:
-        return False, f"{shown}: not significant (p={c.p_value:.3g} >= register.alpha={cfg.alpha}, {c.test})"
-    return True, f"{shown}, p={c.p_value:.3g} < {cfg.alpha} ({c.test})"
+        return False, f"{shown}; not significant (p={c.p_value:.3g} >= register.alpha={cfg.alpha}, {c.test})"
+    return True, f"{shown}; p={c.p_value:.3g} < {cfg.alpha} ({c.test})"
 
 
 def reference(client, name: str, rows: list[dict], params: Params, record: dict) -> tuple[str, str | None, dict]:

@@ -2,12 +2,19 @@
 
 import ast
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import yaml
+
+from conftest import make_project
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +33,27 @@ print(json.dumps([dict(id=r.info.run_id, status=r.info.status, tags=r.data.tags,
     return json.loads(proj.python(code).strip().splitlines()[-1])
 
 
-def test_flow_then_dvc_then_a_train_change(project):
-    # 1. The Prefect flow runs every stage and registers a champion.
-    out = project.run(sys.executable, "-m", "tuneline.cli", "run").stdout
+def _version(proj, name="descrambler", ref="champion"):
+    """A registered version's number, aliases, tags and description (ref: alias or number)."""
+    get = f"c.get_model_version_by_alias('{name}', '{ref}')" if not ref.isdigit() else f"c.get_model_version('{name}', '{ref}')"
+    out = proj.python("import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient()\n"
+                      f"v = {get}\n"
+                      "print(json.dumps([str(v.version), sorted(v.aliases), v.tags, v.description]))")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, model_cache):
+    """One tiny project for the module. Perplexity is the gate's metric here: six steps of a
+    random 2-layer model lower it reliably, while its generated text stays noise."""
+    proj = make_project(tmp_path_factory.mktemp("pipeline") / "proj", model_cache,
+                        {"evaluate": {"primary_metric": "perplexity"}})
+    proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run").stdout
+    return proj
+
+
+def test_the_flow_runs_every_stage_and_registers_a_champion(project):
+    out = project.flow_out
     assert "pipeline finished" in out and "tuneline predict" in out
     runs = _runs(project)
     parents = [r for r in runs if r["tags"].get("tuneline.kind") == "pipeline"]
@@ -63,14 +88,60 @@ def test_flow_then_dvc_then_a_train_change(project):
     files = project.run("find", "mlartifacts", "-name", "*.safetensors").stdout
     assert "model.safetensors" in files
 
-    # 2. Right after, `dvc repro` skips every stage, fast, and nothing is out of date.
+    # The gate compared v1 with the base model, and says so on the version and in its card.
+    _, _, tags, card = _version(project)
+    assert tags["gate.decision"] == "promoted" and tags["gate.compared_with"] == "base model tiny-gpt2"
+    assert float(tags["gate.p_value"]) < 0.05 and float(tags["gate.delta"]) < 0  # lower perplexity
+    for section in ("# descrambler v1", "## Gate decision", "| perplexity (primary) |", "## Data lineage",
+                    "(dvc.lock md5)", "## Params", "## Sample predictions (5)", "## Intended use", "## Limits"):
+        assert section in card, section
+    hist = project.run(sys.executable, "-m", "tuneline.cli", "history").stdout
+    assert re.search(r"gate +none -> v1 +by \S+: perplexity", hist), hist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_champion_answers_over_http(project):
+    """The issue's command, as a user types it in the project, offline; a real POST."""
+    port = _free_port()
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/descrambler@champion", "--env-manager", "local",
+                               "-p", str(port)], cwd=project.root, env=project.env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the model server did not start in 180 s"
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                         data=json.dumps({"inputs": ["sat cat the"]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    local = project.python("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+                           "print(repr(mlflow.pyfunc.load_model('models:/descrambler@champion').predict(['sat cat the'])))")
+    assert answer["predictions"] == ast.literal_eval(local.strip().splitlines()[-1])  # the same greedy answer
+
+
+def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champion(project):
+    # Right after, `dvc repro` skips every stage, fast, and nothing is out of date.
     t = time.time()
     out = project.run(sys.executable, "-m", "dvc", "repro").stdout
     assert time.time() - t < 10, "a no-op dvc repro must take at most 10 s"
     assert all(f"'{s}' didn't change" in out for s in STAGES), out
     assert "up to date" in project.run(sys.executable, "-m", "dvc", "status").stdout
 
-    # 3. A train.* change re-runs only train, evaluate and register.
+    # A train.* change re-runs only train, evaluate and register.
     project.set_params({"train": {"lr": 0.001}})
     status = json.loads(project.run(sys.executable, "-m", "dvc", "status", "--json").stdout)
     assert set(status) == {"train"}  # what DVC sees as changed
@@ -87,3 +158,8 @@ def test_flow_then_dvc_then_a_train_change(project):
     assert len(dvc_parent) == 1
     kids = [r["tags"]["tuneline.stage"] for r in runs if r["tags"].get("mlflow.parentRunId") == dvc_parent[0]["id"]]
     assert sorted(kids) == ["evaluate", "register", "train"]
+    # v2 faced champion v1 on the same examples, through v1's logged per-example results.
+    _, aliases, tags, _ = _version(project, ref="2")
+    assert tags["gate.compared_with"] == "champion v1" and "challenger" in aliases
+    assert tags["gate.decision"] in ("promoted", "kept champion")
+    assert (_version(project)[0] == "2") == (tags["gate.decision"] == "promoted")

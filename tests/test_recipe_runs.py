@@ -19,7 +19,7 @@ SETS = {
     "emotion": [f"prepare.source={SHARED_DATA / 'emotion/train.jsonl'}",
                 f"prepare.test_source={SHARED_DATA / 'emotion/validation.jsonl'}"],
 }
-PRIMARY = {"descramble": "exact_match", "pretrain": "perplexity", "mnli": "accuracy", "alpaca": "rouge_l", "emotion": "accuracy"}
+PRIMARY = {"descramble": "chrf", "pretrain": "perplexity", "mnli": "accuracy", "alpaca": "rouge_l", "emotion": "accuracy"}
 
 
 def _cli(project, *args):

@@ -33,11 +33,11 @@ def _cmp(a, b, lo, hi, p, metric="chrf"):
     (_cmp(60, 50, 4, 16, 0.001), RegisterCfg(), True, "p=0.001 < 0.05"),
     (_cmp(50, 50, 0, 0, 1.0), RegisterCfg(), False, "not better"),
     (_cmp(45, 50, -9, -1, 0.99), RegisterCfg(), False, "not better"),
-    (_cmp(51, 50, 0.2, 1.8, 0.01), RegisterCfg(min_delta=2.0), False, "below register.min_delta=2.0"),
+    (_cmp(51, 50, 0.2, 1.8, 0.01), RegisterCfg(min_delta=2.0), False, "gain 1 is below register.min_delta=2.0"),
     (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(), False, "not significant (p=0.2 >= register.alpha=0.05"),
     (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(alpha=1.0), True, "p=0.2 < 1.0"),
     (_cmp(math.nan, 50, math.nan, math.nan, math.nan), RegisterCfg(alpha=1.0), False, "never promotes"),
-    (_cmp(40, 50, -15, -5, 0.001, "perplexity"), RegisterCfg(), True, "+10"),  # lower perplexity wins
+    (_cmp(40, 50, -15, -5, 0.001, "perplexity"), RegisterCfg(), True, "delta -10"),  # lower wins
 ])
 def test_the_gate_promotes_only_a_real_significant_improvement(c, cfg, promoted, why):
     got, reason = decide(c, cfg, "champion v1")

@@ -49,11 +49,13 @@ def setup(experiment: str) -> str:
         if tracking_uri() == default_uri():  # the project's own store keeps artifacts beside it
             location = (ROOT / "mlartifacts").as_uri()
         try:
-            return mlflow.create_experiment(experiment, artifact_location=location)
+            exp_id = mlflow.create_experiment(experiment, artifact_location=location)
         except Exception:  # another process created it first
-            exp = mlflow.get_experiment_by_name(experiment)
-    mlflow.set_experiment(experiment_id=exp.experiment_id if exp else None)
-    return exp.experiment_id
+            exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)  # runs started with mlflow.start_run() land here
+    return exp_id
 
 
 def _dvc_execution_key() -> str | None:
