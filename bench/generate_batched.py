@@ -11,7 +11,7 @@ padding, each prompt stops at its own EOS), so the baseline is not weakened.
 Precision: fp32 for both by default. Identical outputs need identical numerics; bf16
 autocast rounds differently for different batch shapes, so greedy argmaxes can flip
 (`--precision bf16`: both sides under bf16 autocast, information only).
-Checked per prompt: decoded output and generated token ids (to EOS) must be identical;
+Checked per prompt: decoded output and generated token ids (before EOS) must be identical;
 differing cases are printed. New tokens per prompt are reported for both modes: the
 untrained base SmolLM2 is fair to time, as answer lengths depend on the model and both
 modes generate the same tokens. Timing: an untimed warm-up, then both side by side in one
@@ -57,7 +57,9 @@ def timed(model, tok, prompts, max_new: int, batch_size: int, precision: str) ->
         new = out[:, kw["input_ids"].shape[1]:]
         log["slots"] += new.numel()
         for ids, mask, row in zip(kw["input_ids"], kw["attention_mask"], new.tolist()):
-            eos = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            # Up to, not including, EOS: a batched row that the newline rule stopped is padded
+            # with EOS (= pad here), which a lone prompt never generates.
+            eos = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
             log[tuple(ids[mask.bool()].tolist())] = row[:eos]
         return out
 
@@ -112,7 +114,7 @@ def bench(args) -> dict:
 def table(r: dict) -> str:
     rows = [("wall seconds", f"{r['single_wall_s']:.1f}", f"{r['batched_wall_s']:.1f}"),
             ("prompts / s", f"{r['prompts'] / r['single_wall_s']:.2f}", f"{r['prompts'] / r['batched_wall_s']:.2f}"),
-            ("new tokens (total, to EOS)", f"{r['new_tokens_single']:,}", f"{r['new_tokens_batched']:,}"),
+            ("new tokens (total, before EOS)", f"{r['new_tokens_single']:,}", f"{r['new_tokens_batched']:,}"),
             ("mean new tokens / prompt", f"{r['mean_new_tokens_single']:.1f}", f"{r['mean_new_tokens_batched']:.1f}"),
             ("token slots computed", f"{r['new_tokens_single']:,}", f"{r['batched_token_slots']:,}")]
     m = r["machine"]

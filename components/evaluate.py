@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from components.prepare import read_split
 from components.tokenize import encode_rows
@@ -33,7 +34,7 @@ from tuneline import scoring, tasks
 from tuneline.config import Params
 from tuneline.io import read_json, write_json, write_text
 from tuneline.loss import example_totals
-from tuneline.modeling import autocast, cache_dir, load_model, load_tokenizer
+from tuneline.modeling import autocast, cache_dir, device, load_model, load_tokenizer
 from tuneline.packing import concat, pack_groups
 
 METRICS = Path("metrics/eval.json")
@@ -42,25 +43,42 @@ EXAMPLES = Path("reports/eval_examples.json")
 PRETRAIN_SAMPLES, PRETRAIN_PROMPT_WORDS = 8, 12  # continuations shown for pretraining
 
 
+class _StopAfter(StoppingCriteria):
+    """Stopping criterion: a row is done once its answer (leading whitespace aside) holds
+    `marker`; everything after it would be cut anyway. Greedy only: a beam's finished
+    hypotheses would be re-ranked by it."""
+
+    def __init__(self, tok, prompt_len: int, marker: str):
+        self.tok, self.prompt_len, self.marker = tok, prompt_len, marker
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([self.marker in t.lstrip() for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, num_beams: int = 1,
              one_line: bool = True) -> list[str]:
-    """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS (and newline)."""
+    """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
+    of the answer (one-line tasks: the first newline; instruct: the next `###` header)."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
+    marker = "\n" if one_line else "\n###"
     # Similar lengths share a batch: less padding, and a batch stops as soon as all its
-    # (similarly long) answers reach EOS.
+    # (similarly long) answers are done.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        T = enc["input_ids"].shape[1]                       # (B, T) left-padded prompts
+        stop = StoppingCriteriaList([_StopAfter(tok, T, marker)] if num_beams == 1 else [])
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]  # (B, new_tokens): strip the prompt
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, stopping_criteria=stop)
+        new = gen[:, T:]                                    # (B, new_tokens): strip the prompt
         for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
             text = text.strip()  # chat-tuned models often open with a newline
-            outs[i] = text.split("\n")[0].strip() if one_line else text.split("\n###")[0].strip()
+            outs[i] = text.split(marker)[0].strip()
         print(f"[evaluate]   generated {len(outs)}/{len(prompts)}", flush=True)
     return [outs[i] for i in range(len(prompts))]
 
@@ -105,6 +123,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params) -> dict:
     """One model's evaluation record on `rows` (see tuneline/scoring.py): generated
     outputs, per-unit answer loss and tokens, and (classify/entail) log-likelihood labels."""
     cfg, task, labels = params.evaluate, tasks.TASKS[params.prepare.task], params.prepare.labels
+    model = model.to(device())
     prompts, targets = prompts_and_targets(task, rows, labels)
     # Budget from the data: the longest reference answer plus slack, capped.
     max_new = min(cfg.max_new_tokens, max(len(tok(t)["input_ids"]) for t in targets) + 8)

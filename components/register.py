@@ -83,7 +83,9 @@ def decide(c: scoring.Comparison, cfg: RegisterCfg, against: str) -> tuple[bool,
 
 def reference(client, name: str, rows: list[dict], params: Params, record: dict) -> tuple[str, str | None, dict]:
     """(what the challenger is compared with, its version or None, its evaluation record)."""
-    champ = registry.champion(client, name)
+    # A dry run (--smoke) faces the base model: it must not spend minutes re-evaluating a
+    # real champion on a toy slice.
+    champ = None if params.register.dry_run else registry.champion(client, name)
     if champ is None:
         return f"base model {params.model.name}", None, record["base"]
     label = f"champion v{champ.version}"

@@ -48,6 +48,19 @@ def test_batched_generation_equals_one_prompt_at_a_time(model, gpt2_tok, num_bea
     assert not any(a.startswith("Unscramble") for a in batched)  # the prompt is never echoed
 
 
+def test_generation_stops_once_the_answer_line_is_complete(gpt2_tok):
+    """Greedy rows stop at the answer's first newline (a leading one does not count): the
+    rest would be cut anyway. The batched == one-at-a-time test above covers the outputs."""
+    from components.evaluate import _StopAfter
+
+    prompt = gpt2_tok("Unscramble: b a\nSentence:", add_special_tokens=False)["input_ids"]
+    answers = [gpt2_tok(r, add_special_tokens=False)["input_ids"] for r in (" a b\nmore", "\n a b", " a b")]
+    width = max(map(len, answers))  # rows that finished early carry EOS (= pad) after the answer
+    batch = torch.tensor([prompt + a + [gpt2_tok.eos_token_id] * (width - len(a)) for a in answers])
+    stop = _StopAfter(gpt2_tok, len(prompt), "\n")
+    assert stop(batch, None).tolist() == [True, False, False]
+
+
 def _rows(n=6):
     return [{"target": " ".join(p.split("\n")[0].split()[1:]), "source": p.split("\n")[0].split(": ")[1]}
             for p in PROMPTS[:n]]
