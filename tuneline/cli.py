@@ -42,11 +42,8 @@ def run(recipe: str = typer.Option(None, "--recipe", "-r", help="A recipe from r
                                    "experiment 'smoke'; touches no alias, params.yaml or pipeline output.")) -> None:
     """Run the pipeline (a Prefect flow); stages whose inputs are unchanged are skipped."""
     try:
-        from tuneline import recipes
-        from tuneline.config import load_params
-
         # Validate before anything starts (the flow validates again: it can be run alone).
-        recipes.build(recipe, list(sets), smoke, None if recipe else load_params(ROOT / "params.yaml").model_dump())
+        _params(recipe, sets, smoke)
         from flows.pipeline import pipeline
         from tuneline.tracking import tracking_uri
 
@@ -110,11 +107,12 @@ def predict(text: str = typer.Argument(..., help="The input, e.g. scrambled word
         _fail(e)
 
 
-def _params(recipe: str | None, sets: list[str]):
+def _params(recipe: str | None, sets: list[str], smoke: bool = False):
+    """The recipe's params (params.yaml's without one) with the --set overrides, validated."""
     from tuneline import recipes
     from tuneline.config import load_params
 
-    return recipes.build(recipe, list(sets), False, None if recipe else load_params(ROOT / "params.yaml").model_dump())
+    return recipes.build(recipe, list(sets), smoke, None if recipe else load_params(ROOT / "params.yaml").model_dump())
 
 
 def _model_name(name: str | None) -> str:
