@@ -22,7 +22,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
 export UV_FIND_LINKS := $(PIP_FIND_LINKS)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test repro lock clean
+.PHONY: install sysdeps run test repro lock clean
 
 install: $(STAMP)
 
@@ -44,6 +44,15 @@ repro: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Debian packages the browser and postgres tests need: chromium + chromedriver (headless
+# browser test of the UIs), PostgreSQL 15 (MLflow on a postgresql:// store).
+SYSDEPS := $(if $(shell command -v chromium),,chromium) $(if $(shell command -v chromedriver),,chromium-driver) \
+	$(if $(wildcard /usr/lib/postgresql/15/bin/initdb),,postgresql)
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+sysdeps:
+	@$(if $(strip $(SYSDEPS)),$(SUDO) apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -q $(SYSDEPS) >/dev/null,true)
 
 # Re-resolve the pins (needs the package index); commit the result.
 lock:

@@ -30,7 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from components.prepare import read_split
 from components.tokenize import encode_rows
 from components.train import OUT as MODELS
-from tuneline import scoring, tasks
+from tuneline import progress, scoring, tasks
 from tuneline.config import Params
 from tuneline.io import read_json, write_json, write_text
 from tuneline.loss import example_totals
@@ -41,6 +41,7 @@ METRICS = Path("metrics/eval.json")
 PREDICTIONS = Path("reports/predictions.jsonl")
 EXAMPLES = Path("reports/eval_examples.json")
 PRETRAIN_SAMPLES, PRETRAIN_PROMPT_WORDS = 8, 12  # continuations shown for pretraining
+SCORE_BATCH = 4  # packed rows per forward when scoring losses
 
 
 class _StopAfter(StoppingCriteria):
@@ -68,18 +69,20 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     # (similarly long) answers are done.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        T = enc["input_ids"].shape[1]                       # (B, T) left-padded prompts
-        stop = StoppingCriteriaList([_StopAfter(tok, T, marker)] if num_beams == 1 else [])
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, stopping_criteria=stop)
-        new = gen[:, T:]                                    # (B, new_tokens): strip the prompt
-        for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-            text = text.strip()  # chat-tuned models often open with a newline
-            outs[i] = text.split(marker)[0].strip()
-        print(f"[evaluate]   generated {len(outs)}/{len(prompts)}", flush=True)
+    with progress.bar("evaluate", len(prompts), "prompts", what="generating") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            T = enc["input_ids"].shape[1]                       # (B, T) left-padded prompts
+            stop = StoppingCriteriaList([_StopAfter(tok, T, marker)] if num_beams == 1 else [])
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, stopping_criteria=stop)
+            new = gen[:, T:]                                    # (B, new_tokens): strip the prompt
+            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+                text = text.strip()  # chat-tuned models often open with a newline
+                outs[i] = text.split(marker)[0].strip()
+            # the rate counts generated tokens (padding after a row's end, EOS included, is not work done)
+            bar.advance(len(idx), tokens=int((new != tok.pad_token_id).sum()))
     return [outs[i] for i in range(len(prompts))]
 
 
@@ -90,15 +93,28 @@ def example_nll(model, tok, rows: list[dict], params: Params) -> tuple[list[floa
     examples = encode_rows(tok, rows, tasks.TASKS[params.prepare.task], params.prepare.labels)
     T = params.tokenize.max_length
     if params.tokenize.packing == "concat":
-        totals = example_totals(model, concat(examples, T, drop_remainder=False), tok.pad_token_id, 4)
+        totals = _scored(model, concat(examples, T, drop_remainder=False), tok.pad_token_id)
         units = [t for row in totals for t in row]
     else:
         packed, groups = pack_groups(examples, max(T, max(len(e.input_ids) for e in examples)), "bfd")
         units = [(0.0, 0)] * len(examples)
-        for group, totals in zip(groups, example_totals(model, packed, tok.pad_token_id, 4)):
+        for group, totals in zip(groups, _scored(model, packed, tok.pad_token_id)):
             for i, t in zip(group, totals):
                 units[i] = t
     return [u[0] for u in units], [u[1] for u in units]
+
+
+def _scored(model, packed: list[dict], pad_id: int) -> list[list[tuple[float, int]]]:
+    """example_totals over packed rows, a few batches at a time so a bar can follow; the
+    batches are the ones one call would make (SCORE_BATCH divides every chunk), so the
+    numbers are too."""
+    out: list[list[tuple[float, int]]] = []
+    with progress.bar("evaluate", len(packed), "sequences", what="scoring") as bar:
+        for i in range(0, len(packed), SCORE_BATCH * 8):
+            chunk = packed[i:i + SCORE_BATCH * 8]
+            out += example_totals(model, chunk, pad_id, SCORE_BATCH)
+            bar.advance(len(chunk), tokens=sum(len(r["input_ids"]) for r in chunk))
+    return out
 
 
 def score_labels(model, tok, rows: list[dict], params: Params) -> list[str]:
@@ -184,7 +200,7 @@ def _show(c: scoring.Comparison) -> str:
 
 
 def run(params: Params) -> dict:
-    from tuneline.tracking import log_metrics, log_table
+    from tuneline.tracking import log_figure, log_metrics, log_table
 
     task = tasks.TASKS[params.prepare.task]
     rows = read_split("test")[: params.evaluate.n_examples]
@@ -216,7 +232,32 @@ def run(params: Params) -> dict:
     log_metrics({"delta": comparison.delta, "delta_ci_low": comparison.ci_low, "delta_ci_high": comparison.ci_high,
                  "p_value": comparison.p_value}, prefix=f"tuned_vs_base_{comparison.metric}_")
     log_table(table, "predictions.json")
+    log_figure(base_vs_tuned_figure(results), "base_vs_tuned.png")
     return results
+
+
+def base_vs_tuned_figure(results: dict):
+    """One panel per metric (their scales differ: chrF 0-100, exact match 0-1, perplexity
+    1-inf): base and tuned bars; the primary metric's panel also shows the paired 95% CI
+    of the delta as an interval around the tuned bar (base + [ci_low, ci_high])."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to pick
+
+    names, c = list(results["delta"]), results["tuned_vs_base"]
+    fig = Figure(figsize=(2.4 * len(names), 3.2), layout="constrained")
+    for ax, m in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+        vals = [results["base"][m], results["tuned"][m]]
+        # values under the bars, where the CI whisker cannot cover them
+        ax.bar([f"base\n{vals[0]:.3g}", f"tuned\n{vals[1]:.3g}"], vals, color=["#999999", "#2b7bba"])
+        title = m + (" (lower is better)" if m in tasks.LOWER_IS_BETTER else "")
+        if m == c["metric"]:
+            ax.errorbar([1], [vals[1]], yerr=[[c["delta"] - c["ci_low"]], [c["ci_high"] - c["delta"]]],
+                        fmt="none", ecolor="black", capsize=4)
+            title += f"\nprimary: delta {c['delta']:+.3g}\n95% CI [{c['ci_low']:+.3g}, {c['ci_high']:+.3g}]"
+        ax.set_title(title, fontsize=9)
+        if min(vals) >= 0:  # the metrics are non-negative: keep 0 at the bottom, even when both are 0
+            ax.set_ylim(bottom=0)
+    fig.suptitle(f"base vs tuned on {results['n_examples']} test examples", fontsize=10)
+    return fig
 
 
 def load_any(ref: str):

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.prepare import SPLITS, read_split
-from tuneline import tasks
+from tuneline import progress, tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.io import atomic_dir, read_json, read_parquet, write_json
@@ -26,6 +26,7 @@ from tuneline.packing import IGNORE, Example, pack, stats
 OUT = Path("data/tokenized")
 META = OUT / "meta.json"
 METRICS = Path("metrics/tokenize.json")
+ENCODE_CHUNK = 2048  # examples per batched tokenizer call
 
 
 def tokenizer_hash(tok) -> str:
@@ -64,6 +65,18 @@ def encode_rows(tok, rows: list[dict], task: tasks.Task, labels: list[str]) -> l
     return [Example(p + a + [eos], [IGNORE] * len(p) + a + [eos]) for p, a in zip(p_ids, a_ids)]
 
 
+def encode_split(tok, rows: list[dict], task: tasks.Task, labels: list[str], split: str) -> list[Example]:
+    """encode_rows in chunks, so a large split shows progress; the same ids (a text's ids
+    never depend on the others in its batch), and chunks big enough to keep the batching win."""
+    out: list[Example] = []
+    with progress.bar("tokenize", len(rows), "examples", what=split) as b:
+        for i in range(0, len(rows), ENCODE_CHUNK):
+            chunk = encode_rows(tok, rows[i:i + ENCODE_CHUNK], task, labels)
+            b.advance(len(chunk), tokens=sum(len(e.input_ids) for e in chunk))
+            out += chunk
+    return out
+
+
 def fit(examples: list[Example], max_length: int, policy: str, split: str) -> tuple[list[Example], int]:
     """Apply the over-long policy; returns the examples kept and how many were over-long."""
     over = [i for i, e in enumerate(examples) if len(e.input_ids) > max_length]
@@ -97,7 +110,7 @@ def run(params: Params) -> dict:
     metrics: dict = {"template_version": tasks.TEMPLATE_VERSION}
     with atomic_dir(OUT) as tmp:
         for split in SPLITS:
-            examples = encode_rows(tok, read_split(split), task, params.prepare.labels)
+            examples = encode_split(tok, read_split(split), task, params.prepare.labels, split)
             n_over = 0
             if cfg.packing != "concat":  # concat cuts documents at block edges by design
                 examples, n_over = fit(examples, cfg.max_length, cfg.overlong, split)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from components.tokenize import check_tokenizer, read_rows
-from tuneline import checkpoint, distributed
+from tuneline import checkpoint, distributed, progress
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
@@ -184,92 +184,95 @@ def run(params: Params) -> dict:
     seen_tokens = seen_trained = seen_flops = 0.0
     # A run killed right after its early-stopping validation stays stopped when resumed.
     stopped_early = bool(cfg.patience) and bad_evals >= cfg.patience
-    while step < total and not stopped_early:
-        t_step = time.perf_counter()
-        lr = lr_at(step, total, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # This rank's share of each global micro-batch: (batch_size, T) tensors. A rank whose
-        # share is empty (short last batch) runs the batch's first row with weight 0, so it
-        # still joins the gradient all-reduce.
-        batches, n_local, tokens_local, ctx2_local = [], 0, 0, 0
-        for m in range(cfg.grad_accum):
-            idx = batch_indices(step, m, len(train_rows), cfg, seed, world)
-            mine = [train_rows[i] for i in idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
-            b = {k: v.to(dev) for k, v in collate(mine or [train_rows[idx[0]]], pad_id).items()}
-            batches.append((b, 1.0 if mine else 0.0))
-            n_local += int((b["labels"][:, 1:] != -100).sum()) if mine else 0
-            tokens_local += sum(len(r["input_ids"]) for r in mine)       # real tokens, no padding
-            ctx2_local += sum(n * n for r in mine for n in r["seq_lens"])  # attention work, per example
-        # Weight every micro-batch by its share of the trainable tokens of the whole step on
-        # all ranks, so k micro-batches x w ranks give exactly the gradient of one big batch.
-        n_step, tokens = distributed.all_sum(n_local), distributed.all_sum(tokens_local)
-        step_flops = flops_tok * tokens + flops_trained * n_step + flops_ctx2 * distributed.all_sum(ctx2_local)
-        local_loss = 0.0
-        for m, (b, w) in enumerate(batches):
-            sync = m == len(batches) - 1 or world == 1
-            with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(cfg.precision):
-                s = engine(b)
-            # DDP averages gradients over ranks; x world turns that into the sum we want.
-            scaler.scale(s * (w * world / n_step)).backward()
-            local_loss += w * s.detach().item()
-        step_loss = distributed.all_sum(local_loss) / n_step
-        if not math.isfinite(step_loss):
-            raise TunelineError(f"train: loss became {step_loss} at step {step + 1}",
-                                "lower train.lr or set train.precision: fp32; nothing was saved or registered")
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t_step
-        busy += dt
-        seen_tokens, seen_trained, seen_flops = seen_tokens + tokens, seen_trained + n_step, seen_flops + step_flops
-        window = {"t": window["t"] + dt, "tokens": window["tokens"] + tokens, "trained": window["trained"] + n_step,
-                  "flops": window["flops"] + step_flops}
+    # The bar follows optimizer steps (tokens of all ranks); it reads the clock only, no RNG.
+    with progress.bar("train", total, "steps", start=step0, show=main) as bar:
+        while step < total and not stopped_early:
+            t_step = time.perf_counter()
+            lr = lr_at(step, total, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # This rank's share of each global micro-batch: (batch_size, T) tensors. A rank whose
+            # share is empty (short last batch) runs the batch's first row with weight 0, so it
+            # still joins the gradient all-reduce.
+            batches, n_local, tokens_local, ctx2_local = [], 0, 0, 0
+            for m in range(cfg.grad_accum):
+                idx = batch_indices(step, m, len(train_rows), cfg, seed, world)
+                mine = [train_rows[i] for i in idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
+                b = {k: v.to(dev) for k, v in collate(mine or [train_rows[idx[0]]], pad_id).items()}
+                batches.append((b, 1.0 if mine else 0.0))
+                n_local += int((b["labels"][:, 1:] != -100).sum()) if mine else 0
+                tokens_local += sum(len(r["input_ids"]) for r in mine)       # real tokens, no padding
+                ctx2_local += sum(n * n for r in mine for n in r["seq_lens"])  # attention work, per example
+            # Weight every micro-batch by its share of the trainable tokens of the whole step on
+            # all ranks, so k micro-batches x w ranks give exactly the gradient of one big batch.
+            n_step, tokens = distributed.all_sum(n_local), distributed.all_sum(tokens_local)
+            step_flops = flops_tok * tokens + flops_trained * n_step + flops_ctx2 * distributed.all_sum(ctx2_local)
+            local_loss = 0.0
+            for m, (b, w) in enumerate(batches):
+                sync = m == len(batches) - 1 or world == 1
+                with (contextlib.nullcontext() if sync else engine.no_sync()), autocast(cfg.precision):
+                    s = engine(b)
+                # DDP averages gradients over ranks; x world turns that into the sum we want.
+                scaler.scale(s * (w * world / n_step)).backward()
+                local_loss += w * s.detach().item()
+            step_loss = distributed.all_sum(local_loss) / n_step
+            if not math.isfinite(step_loss):
+                raise TunelineError(f"train: loss became {step_loss} at step {step + 1}",
+                                    "lower train.lr or set train.precision: fp32; nothing was saved or registered")
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t_step
+            busy += dt
+            seen_tokens, seen_trained, seen_flops = seen_tokens + tokens, seen_trained + n_step, seen_flops + step_flops
+            window = {"t": window["t"] + dt, "tokens": window["tokens"] + tokens, "trained": window["trained"] + n_step,
+                      "flops": window["flops"] + step_flops}
+            bar.advance(1, tokens=tokens)
 
-        point = {"step": step, "train_loss": step_loss, "lr": lr}
-        if step % cfg.log_every == 0 or step == total:
-            point |= {"tokens_per_s": window["tokens"] / window["t"], "trainable_tokens_per_s": window["trained"] / window["t"],
-                      "peak_memory_mb": peak_memory_mb()}
-            if peak:
-                point["mfu"] = window["flops"] / window["t"] / peak
-            window = {"t": 0.0, "tokens": 0.0, "trained": 0.0, "flops": 0.0}
-            eta = busy / (step - step0) * (total - step)
-            mfu = f" MFU {point['mfu']:.1%}" if "mfu" in point else ""
-            say(f"[train] step {step}/{total} loss {step_loss:.4f} lr {lr:.2e} "
-                f"{point['tokens_per_s']:.0f} tok/s{mfu} ETA {eta:.0f}s", flush=True)
-        if step % cfg.eval_every == 0 or step == total:
-            # Each rank scores a slice of the validation rows; the sums make one number.
-            with autocast(cfg.precision):
-                s, n = loss_totals(model, val_rows[rank::world], pad_id, cfg.batch_size)
-            point["val_loss"] = distributed.all_sum(s) / max(1.0, distributed.all_sum(n))
-            improved = point["val_loss"] < best
-            best, best_step, bad_evals = ((point["val_loss"], step, 0) if improved else (best, best_step, bad_evals + 1))
-            say(f"[train] step {step} val_loss {point['val_loss']:.4f}" + ("" if improved else
-                f" (best {best:.4f} at step {best_step}; {bad_evals} without improvement)"), flush=True)
-            stopped_early = bool(cfg.patience) and bad_evals >= cfg.patience and step < total
-        curve.append(point)
-        if main:
-            _log_point(point)
-        if "val_loss" in point:
-            rngs = distributed.all_gather(torch.get_rng_state())  # every rank's, for exact resume
-            if main:  # the best first: a checkpoint never names a best that is not on disk
-                if best_step == step:
-                    checkpoint.save_best(trainable_state(model), step, best)
-                checkpoint.save({"fingerprint": fp, "step": step, "weights": trainable_state(model),
-                                 "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-                                 "schedule": {"step": step, "total": total, "lr": lr},
-                                 "data_order": {"seed": seed, "micro_batches_done": step * cfg.grad_accum},
-                                 "rng": rngs, "best": best, "best_step": best_step, "bad_evals": bad_evals,
-                                 "curve": curve},
-                                step, cfg.keep_checkpoints)
-            distributed.barrier()
-        if stopped_early:
-            say(f"[train] early stop at step {step}: no better validation loss for {cfg.patience} "
-                f"validations; keeping step {best_step} (val_loss {best:.4f})", flush=True)
-            break
+            point = {"step": step, "train_loss": step_loss, "lr": lr}
+            if step % cfg.log_every == 0 or step == total:
+                point |= {"tokens_per_s": window["tokens"] / window["t"], "trainable_tokens_per_s": window["trained"] / window["t"],
+                          "peak_memory_mb": peak_memory_mb()}
+                if peak:
+                    point["mfu"] = window["flops"] / window["t"] / peak
+                window = {"t": 0.0, "tokens": 0.0, "trained": 0.0, "flops": 0.0}
+                eta = busy / (step - step0) * (total - step)
+                mfu = f" MFU {point['mfu']:.1%}" if "mfu" in point else ""
+                say(f"[train] step {step}/{total} loss {step_loss:.4f} lr {lr:.2e} "
+                    f"{point['tokens_per_s']:.0f} tok/s{mfu} ETA {eta:.0f}s", flush=True)
+            if step % cfg.eval_every == 0 or step == total:
+                # Each rank scores a slice of the validation rows; the sums make one number.
+                with autocast(cfg.precision):
+                    s, n = loss_totals(model, val_rows[rank::world], pad_id, cfg.batch_size)
+                point["val_loss"] = distributed.all_sum(s) / max(1.0, distributed.all_sum(n))
+                improved = point["val_loss"] < best
+                best, best_step, bad_evals = ((point["val_loss"], step, 0) if improved else (best, best_step, bad_evals + 1))
+                say(f"[train] step {step} val_loss {point['val_loss']:.4f}" + ("" if improved else
+                    f" (best {best:.4f} at step {best_step}; {bad_evals} without improvement)"), flush=True)
+                stopped_early = bool(cfg.patience) and bad_evals >= cfg.patience and step < total
+            curve.append(point)
+            if main:
+                _log_point(point)
+            if "val_loss" in point:
+                rngs = distributed.all_gather(torch.get_rng_state())  # every rank's, for exact resume
+                if main:  # the best first: a checkpoint never names a best that is not on disk
+                    if best_step == step:
+                        checkpoint.save_best(trainable_state(model), step, best)
+                    checkpoint.save({"fingerprint": fp, "step": step, "weights": trainable_state(model),
+                                     "opt": opt.state_dict(), "scaler": scaler.state_dict(),
+                                     "schedule": {"step": step, "total": total, "lr": lr},
+                                     "data_order": {"seed": seed, "micro_batches_done": step * cfg.grad_accum},
+                                     "rng": rngs, "best": best, "best_step": best_step, "bad_evals": bad_evals,
+                                     "curve": curve},
+                                    step, cfg.keep_checkpoints)
+                distributed.barrier()
+            if stopped_early:
+                say(f"[train] early stop at step {step}: no better validation loss for {cfg.patience} "
+                    f"validations; keeping step {best_step} (val_loss {best:.4f})", flush=True)
+                break
 
     best_weights = checkpoint.best(best_step)
     if best_weights is not None:  # evaluate and register the best validation checkpoint
@@ -330,7 +333,8 @@ def _log_plot(curve: list[dict]) -> None:
     ax2 = ax.twinx()
     ax2.plot([p["step"] for p in curve], [p["lr"] for p in curve], "k:", alpha=0.4, label="learning rate")
     ax2.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
+    lines = ax.get_lines() + ax2.get_lines()  # one legend for both axes: the lr line too
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
     fig.tight_layout()
     log_figure(fig, "loss_curve.png")
     plt.close(fig)

@@ -7,6 +7,11 @@ is written to params.yaml first, as `dvc exp run --set-param` does, and the fini
 is saved as a DVC experiment. MLflow gets one parent run per flow run; each stage's
 process opens its child run under it (skipped stages get a child run tagged `skipped`).
 
+A run whose data and params are unchanged ends at once in the state "Skipped" ("skipped:
+nothing changed"), before MLflow or any stage starts. Only I/O-bound tasks retry
+(writing params, checking sources on the hub, saving the DVC experiment); a stage that
+fails is reported, never silently re-run.
+
 `smoke=True` runs the same stages in-process on a tiny slice in `.smoke/<recipe>/`,
 logging to the MLflow experiment `smoke`: params.yaml, dvc.lock, the pipeline's outputs
 and the model registry are left alone.
@@ -19,9 +24,11 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
-from prefect import flow, task
+from prefect import flow, runtime, task
+from prefect.states import Completed
 
 from tuneline import ROOT, recipes
 from tuneline.config import Params
@@ -61,8 +68,56 @@ def run_stage_here(name: str, params: Params) -> str:
 
 
 @task(name="write-params", retries=2, retry_delay_seconds=1)
-def write_params(params: Params, header: str) -> None:
-    write_text(ROOT / "params.yaml", recipes.dump(params, header))
+def write_params(params: Params, header: str) -> bool:
+    """Write params.yaml if its values differ (a nightly run of the same recipe leaves the
+    file, and so `git diff`, alone). Returns whether it was written."""
+    path = ROOT / "params.yaml"
+    if path.is_file() and (yaml.safe_load(path.read_text()) or {}) == params.model_dump(mode="json"):
+        return False
+    write_text(path, recipes.dump(params, header))
+    return True
+
+
+@task(name="check-sources", retries=3, retry_delay_seconds=10)
+def changed_inputs(params: Params) -> dict[str, str]:
+    """Stages DVC cannot see are stale, with why: {stage: reason}. I/O-bound (hashes data
+    files, asks the hub for a dataset's head revision), hence the retries."""
+    forced = {}
+    why = _source_changed()
+    if why:
+        forced["prepare"] = why
+    if _tokenizer_changed(params):
+        forced["tokenize"] = "the tokenizer changed since the last tokenize"
+    return forced
+
+
+@task(name="dvc-status")
+def outdated_stages() -> list[str]:
+    """Stages whose deps, params or outs differ from dvc.lock (what `dvc status` lists)."""
+    import logging
+
+    from dvc.repo import Repo
+
+    logging.getLogger("dvc").propagate = False
+    with Repo(str(ROOT)) as repo:
+        status = repo.status()
+    return [name for name in stage_names() if any(key.split(":")[-1] == name for key in status)]
+
+
+@task(name="registry", retries=3, retry_delay_seconds=5)
+def champion_after(parent: str, model_name: str) -> str | None:
+    """Which version `champion` points at now, noted on the run (a registry call: I/O,
+    retried; the MLflow REST client also retries transient HTTP errors itself)."""
+    from mlflow import MlflowClient
+
+    from tuneline import registry
+
+    client = MlflowClient()
+    version = registry.champion(client, model_name)
+    if version is None:
+        return None
+    client.set_tag(parent, "tuneline.champion", f"{model_name} v{version.version}")
+    return str(version.version)
 
 
 def _record_skipped(parent: str, name: str) -> None:
@@ -80,7 +135,8 @@ def _tokenizer_changed(params: Params) -> bool:
     """Token data made with another tokenizer (e.g. a local model folder whose tokenizer
     files changed under the same name) must be rebuilt, though no DVC dep changed."""
     meta = ROOT / "data" / "tokenized" / "meta.json"
-    if not meta.is_file():
+    folder = ROOT / Path(params.model.name).expanduser()
+    if not meta.is_file() or not folder.is_dir():  # built-ins ship in pinned packages; hub ids have revisions
         return False
     from components.tokenize import tokenizer_hash
     from tuneline.modeling import load_tokenizer
@@ -88,25 +144,45 @@ def _tokenizer_changed(params: Params) -> bool:
     return read_json(meta).get("tokenizer_sha256") != tokenizer_hash(load_tokenizer(params.model.name))
 
 
-def _source_changed() -> bool:
-    """A local data file edited in place changes no DVC dep; its recorded hash tells."""
+def _source_changed() -> str | None:
+    """Why the prepared data is stale though no DVC dep changed, or None: a local data file
+    edited in place (its recorded hash tells), or a hub dataset with a new head revision."""
     lineage = ROOT / "data" / "prepared" / "lineage.json"
     if not lineage.is_file():
-        return False
+        return None
     from tuneline import sources
 
-    try:
-        return any(sources.file_hashes(rec["source"]) not in (None, rec.get("sha256"))
-                   for rec in read_json(lineage).values())
-    except TunelineError:
-        return False  # a vanished file: prepare itself reports it
+    for rec in read_json(lineage).values():
+        spec = rec["source"]
+        if spec.startswith("hf:"):
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                print(f"[tuneline] note: the hub is off (HF_HUB_OFFLINE=1): not checking '{spec}' for a new revision")
+                continue
+            try:
+                now = sources.hub_revision(spec)
+            except TunelineError:
+                raise
+            except Exception as e:  # network: the task retries, then fails with this line
+                raise TunelineError(f"cannot ask the hub for the revision of '{spec}' ({type(e).__name__})",
+                                    "check the network and HF_TOKEN, or pin the source with @<revision>") from None
+            if now and now != rec.get("revision"):
+                return f"'{spec}' has a new revision {now[:12]} (was {str(rec.get('revision'))[:12]})"
+            continue
+        try:
+            if sources.file_hashes(spec) != rec.get("sha256"):
+                return f"the data file(s) of '{spec}' changed"
+        except TunelineError:
+            return None  # a vanished file: prepare itself reports it
+    return None
 
 
-def _save_experiment(name: str) -> str | None:
-    """Record the workspace (params, dvc.lock, metrics) as a DVC experiment."""
+@task(name="save-experiment")
+def save_experiment(name: str, command: str) -> str | None:
+    """Record the workspace (params, dvc.lock, metrics) as a DVC experiment; the command
+    with the flow's parameters is its commit message (`dvc exp show` has the values)."""
     env = os.environ | {k: os.environ.get(k, "tuneline") for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME")}
     env |= {k: os.environ.get(k, "tuneline@localhost") for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL")}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "--force", "-n", name],
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "--force", "-n", name, "-m", command],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         print(f"[tuneline] note: not saved as a DVC experiment ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]})")
@@ -114,15 +190,22 @@ def _save_experiment(name: str) -> str | None:
     return name
 
 
+SKIPPED = "skipped: nothing changed"
+
+
+def command(recipe: str | None, overrides: list[str]) -> str:
+    """The `tuneline run` line a run's parameters amount to (params.yaml header, DVC record)."""
+    return " ".join(["tuneline run", *([f"--recipe {recipe}"] if recipe else []), *(f"--set {o}" for o in overrides)])
+
+
 @flow(name="tuneline-pipeline", log_prints=True)
-def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smoke: bool = False) -> dict[str, str]:
+def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smoke: bool = False):
     """Run prepare → tokenize → train → evaluate → register, skipping what is up to date.
 
     recipe: a recipes/<name>.yaml (None: params.yaml as it is); overrides: `key=value`
     strings applied on top; smoke: a tiny in-process run that touches nothing of the real one.
+    Returns {stage: 'ran' | 'skipped'}; a run with nothing to do ends in the state Skipped.
     """
-    from mlflow import MlflowClient
-
     overrides = list(overrides or [])
     base = None
     if not recipe:
@@ -131,14 +214,29 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
             raise TunelineError("params.yaml not found", "run from the project root, or pass --recipe NAME")
         base = yaml.safe_load(path.read_text()) or {}
     params = recipes.build(recipe, overrides, smoke, base)  # validate before any work
-    if (recipe or overrides) and not smoke:
-        what = " ".join([f"--recipe {recipe}" if recipe else "", *(f"--set {o}" for o in overrides)]).strip()
-        write_params(params, f"Written by `tuneline run {what}` ({time.strftime('%Y-%m-%d %H:%M')}).\n"
-                             "Edit it and run `tuneline run` or `dvc repro`; `git diff params.yaml` shows the change.")
+    forced: dict[str, str] = {}
+    if not smoke:
+        if recipe or overrides:
+            write_params(params, f"Written by `{command(recipe, overrides)}` ({time.strftime('%Y-%m-%d %H:%M')}).\n"
+                                 "Edit it and run `tuneline run` or `dvc repro`; `git diff params.yaml` shows the change.")
+        forced = changed_inputs(params)
+        if not forced and not outdated_stages():
+            print(f"[tuneline] {SKIPPED}: data, params and code match dvc.lock; nothing trained")
+            return Completed(name="Skipped", message=SKIPPED, data={name: "skipped" for name in stage_names()})
+    return _run(params, recipe, overrides, smoke, forced)
+
+
+def _run(params: Params, recipe: str | None, overrides: list[str], smoke: bool, forced: dict[str, str]) -> dict[str, str]:
+    from mlflow import MlflowClient
+
     parent = start_parent(params, "smoke" if smoke else "prefect")
     client = MlflowClient()
+    # The flow's parameters, as Prefect shows them, on the MLflow run too.
     client.set_tag(parent, "tuneline.recipe", recipe or "params.yaml")
     client.set_tag(parent, "tuneline.overrides", " ".join(overrides))
+    flow_run = runtime.flow_run.get_id()
+    if flow_run:
+        client.set_tag(parent, "prefect.flow_run_id", flow_run)
     # Stage processes find the parent through the environment; `python` must be this one.
     os.environ[PARENT_ENV] = parent
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -154,13 +252,14 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
                 status[name] = run_stage_here(name, params)
         else:
             for name in stage_names():
-                force = (name == "prepare" and _source_changed()) or (name == "tokenize" and _tokenizer_changed(params))
-                if force:
-                    print(f"[tuneline] {'a data file' if name == 'prepare' else 'the tokenizer'} changed since "
-                          f"the last {name}: running it again")
-                status[name] = run_stage(name, force)
+                if name in forced:
+                    print(f"[tuneline] {forced[name]}: running {name} again")
+                status[name] = run_stage(name, name in forced)
                 if status[name] == "skipped":
                     _record_skipped(parent, name)
+            if not params.register.dry_run:
+                champ = champion_after(parent, params.register.model_name)
+                print(f"[tuneline] champion: {f'{params.register.model_name} v{champ}' if champ else 'none yet'}")
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise
@@ -170,7 +269,7 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
     client.set_tag(parent, "tuneline.stages", ", ".join(f"{k}={v}" for k, v in status.items()))
     client.log_metric(parent, "pipeline_wall_s", time.time() - t0)
     if not smoke and "ran" in status.values():
-        exp = _save_experiment(f"{recipe or 'params'}-{time.strftime('%Y%m%d-%H%M%S')}")
+        exp = save_experiment(f"{recipe or 'params'}-{time.strftime('%Y%m%d-%H%M%S')}", command(recipe, overrides))
         if exp:
             client.set_tag(parent, "dvc.experiment", exp)
     client.set_terminated(parent, "FINISHED")

@@ -95,3 +95,139 @@ def make_project(root: Path, cache: Path, params: dict | None = None) -> Project
 @pytest.fixture
 def project(tmp_path, model_cache) -> Project:
     return make_project(tmp_path / "proj", model_cache)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 10):
+    """GET (or POST `body`) a JSON API; the parsed reply."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or "null")
+
+
+def http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.status == 200
+
+
+def wait_for(what: str, fn, timeout: float, proc: subprocess.Popen | None = None, every: float = 1.0):
+    """Poll `fn` until it returns something truthy (exceptions count as not yet)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited ({proc.returncode}) first")
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception:
+            pass
+        if time.time() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(every)
+
+
+class Served:
+    """A tiny project with `tuneline ui` up (MLflow + Prefect on 127.0.0.1) and its pipeline
+    served by `tuneline serve --cron`, as a user runs them in two terminals."""
+
+    DEPLOYMENT = "tuneline-pipeline/served"
+
+    def __init__(self, proj: Project, mlflow_port: int, prefect_port: int):
+        self.proj, self.root = proj, proj.root
+        self.mlflow = f"http://127.0.0.1:{mlflow_port}"
+        self.prefect = f"http://127.0.0.1:{prefect_port}"
+        self.env = proj.env | {"PREFECT_API_URL": f"{self.prefect}/api"}
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: str, log: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "tuneline.cli", *args], cwd=self.root, env=self.env,
+                                stdout=open(self.root.parent / log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def api(self, path: str, body: dict | None = None):
+        return http_json(f"{self.prefect}/api/{path}", body)
+
+    def trigger(self) -> str:
+        """`prefect deployment run`, as a user types it; the new flow run's id."""
+        import re
+
+        out = self.run("prefect", "deployment", "run", self.DEPLOYMENT).stdout
+        return re.search(r"UUID: ([0-9a-f-]{36})", out)[1]
+
+    def run(self, *cmd: str, cwd=None, **env) -> subprocess.CompletedProcess:
+        """A command in a third terminal, talking to this Prefect server."""
+        proc = subprocess.run(list(cmd), cwd=cwd or self.root, env=self.env | env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    def wait(self, run_id: str, timeout: float = 900) -> dict:
+        final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+        return wait_for(f"flow run {run_id}", lambda: (r := self.api(f"flow_runs/{run_id}"))["state_type"] in final and r,
+                        timeout, self.procs[-1], every=2)
+
+    def task_runs(self, run_id: str) -> dict[str, str]:
+        runs = self.api("task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+        return {r["name"]: r["state_type"] for r in runs}
+
+    def log(self, name: str) -> str:
+        return (self.root.parent / name).read_text()
+
+    def stop(self) -> list[int]:
+        import signal
+
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops them
+        codes = []
+        for proc in reversed(self.procs):
+            try:
+                codes.append(proc.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                codes.append(proc.wait())
+        return codes
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, model_cache):
+    """Shared by the schedule and browser tests: one pipeline run costs minutes here.
+    Perplexity is the gate's metric, so the tiny model's first version becomes champion."""
+    proj = make_project(tmp_path_factory.mktemp("served") / "proj", model_cache,
+                        {"evaluate": {"primary_metric": "perplexity"}})
+    shutil.copy(REPO / "prefect.yaml", proj.root / "prefect.yaml")
+    ident = ["-c", "user.name=tuneline-test", "-c", "user.email=test@localhost"]
+    proj.run("git", "add", "-A")
+    proj.run("git", *ident, "commit", "-qm", "a new tuneline project")  # DVC experiments need a commit
+    s = Served(proj, free_port(), free_port())
+    try:
+        ui = s.start("ui", "--mlflow-port", s.mlflow.rsplit(":", 1)[1], "--prefect-port", s.prefect.rsplit(":", 1)[1],
+                     log="ui.log")
+        wait_for("tuneline ui: MLflow", lambda: http_ok(f"{s.mlflow}/health"), 180, ui)
+        wait_for("tuneline ui: Prefect", lambda: http_json(f"{s.prefect}/api/health"), 180, ui)
+        s.start("serve", "--cron", "0 3 * * *", "--set", "train.lr=0.003", "--name", "served", log="serve.log")
+        s.deployment = wait_for("the served deployment", lambda: s.api(f"deployments/name/{s.DEPLOYMENT}"), 120,
+                                s.procs[-1])
+        s.first_id = s.trigger()
+        s.first = s.wait(s.first_id)
+        yield s
+    finally:
+        s.stop()

@@ -41,6 +41,21 @@ def test_bad_values_name_the_key(raw, key):
     assert f"'{key}" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("raw, says", [
+    ({"train": {"lr": -1}}, "'train.lr' must be a number > 0 and <= 1.0 (got -1). Fix: set 'train.lr' to a number "
+                            "> 0 and <= 1.0 (default: 0.002)"),
+    ({"tokenize": {"max_length": 99999}}, "'tokenize.max_length' must be an integer >= 16 and <= 8192 (got 99999)"),
+    ({"train": {"batch_size": "two"}}, "'train.batch_size' must be an integer >= 1 (got 'two')"),
+    ({"train": {"method": "lorra"}}, "'train.method' must be one of 'lora', 'full' (got 'lorra'). Fix: did you mean 'lora'?"),
+    ({"prepare": {"task": "clasify"}}, "Fix: did you mean 'classify'?"),
+    ({"train": {"grad_checkpointing": "maybe"}}, "'train.grad_checkpointing' must be true or false"),
+])
+def test_wrong_types_and_ranges_give_the_key_path_and_what_is_allowed(raw, says):
+    with pytest.raises(TunelineError) as e:
+        parse_params(raw)
+    assert says in str(e.value)
+
+
 def test_missing_params_file_says_where_to_run(tmp_path):
     with pytest.raises(TunelineError, match="project root"):
         load_params(tmp_path / "params.yaml")

@@ -120,3 +120,28 @@ def test_any_model_on_a_file_it_has_never_seen(tmp_path, model_cache):
     assert result["n_examples"] == 2 and result["data"]["sha256"]
     assert list(result["metrics"]) == [*tasks.TASKS["descramble"].metrics, "generation_s"]
     assert sorted(result["predictions"][0]["prompt"].split()[1:-1]) == sorted(result["predictions"][0]["target"].split())
+
+
+@pytest.mark.parametrize("task", ["descramble", "classify"])
+def test_base_vs_tuned_figure_has_a_panel_per_metric_and_the_primary_ci(task):
+    """The PNG evaluate logs to MLflow: scales differ (chrF 0-100, exact match 0-1), hence a
+    panel per metric; the primary metric's panel names the paired 95% CI of the delta."""
+    import io
+
+    from components.evaluate import base_vs_tuned_figure
+
+    names = tasks.TASKS[task].metrics
+    base = {m: 0.1 * (i + 1) for i, m in enumerate(names)}
+    tuned = {m: 0.2 * (i + 1) for i, m in enumerate(names)}
+    primary = names[0]
+    results = {"base": base | {"generation_s": 3.0}, "tuned": tuned | {"generation_s": 2.0},
+               "delta": {m: tuned[m] - base[m] for m in names}, "n_examples": 8,
+               "tuned_vs_base": {"metric": primary, "delta": 0.1, "ci_low": 0.05, "ci_high": 0.15}}
+    fig = base_vs_tuned_figure(results)
+    assert [ax.get_title().split("\n")[0].split(" (")[0] for ax in fig.axes] == list(names)
+    assert "95% CI [+0.05, +0.15]" in fig.axes[0].get_title()
+    assert all("CI" not in ax.get_title() for ax in fig.axes[1:])
+    assert all(len(ax.patches) == 2 for ax in fig.axes)  # base and tuned bars
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    assert png.getvalue().startswith(b"\x89PNG\r\n\x1a\n")

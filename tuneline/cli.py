@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,32 +10,35 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from tuneline import ROOT
-from tuneline.errors import TunelineError
+from tuneline import ROOT, servers
+from tuneline.errors import TunelineError, print_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Reproducible fine-tuning of GPT-2-family models: prepare → tokenize → train → evaluate → register.")
-err = Console(stderr=True, soft_wrap=True)
+                  help="Reproducible fine-tuning of GPT-2-family models: prepare → tokenize → train → evaluate → register.",
+                  epilog="Start with `tuneline run` (the default job), then `tuneline ui` to look at it. "
+                         "`tuneline COMMAND --help` explains each command; README.md has the rest.")
 out = Console(soft_wrap=True)
 _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (here and in the stages).")) -> None:
     _state["debug"] = debug
+    if debug:
+        os.environ["TUNELINE_DEBUG"] = "1"  # the stage processes DVC starts inherit it
 
 
 def _fail(e: Exception) -> None:
     if _state["debug"]:
         raise e
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    print_error(str(e))
     raise typer.Exit(2)
 
 
 @app.command()
-def run(recipe: str = typer.Option(None, "--recipe", "-r", help="A recipe from recipes/ (see `tuneline recipes`); "
+def run(recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help="A recipe from recipes/ (see `tuneline recipes`); "
                                    "it is written to params.yaml. Default: params.yaml as it is."),
-        sets: list[str] = typer.Option([], "--set", "-s", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."),
+        sets: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."),
         smoke: bool = typer.Option(False, "--smoke", help="A tiny slice of the recipe, in .smoke/, logged to the MLflow "
                                    "experiment 'smoke'; touches no alias, params.yaml or pipeline output.")) -> None:
     """Run the pipeline (a Prefect flow); stages whose inputs are unchanged are skipped."""
@@ -51,6 +52,10 @@ def run(recipe: str = typer.Option(None, "--recipe", "-r", help="A recipe from r
         status = pipeline(recipe=recipe, overrides=list(sets), smoke=smoke)
     except TunelineError as e:
         _fail(e)
+        return
+    if set(status.values()) == {"skipped"}:
+        out.print(f"[bold green]skipped: nothing changed[/] ({time.time() - t:.0f}s): data, params and code match "
+                  "dvc.lock, so no stage ran; `dvc status` agrees")
         return
     where = ROOT / ".smoke" / (recipe or "params") if smoke else ROOT
     rel = os.path.relpath(where)
@@ -126,13 +131,14 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@
                                        "a local model folder, or a built-in/hub model name."),
              data: str = typer.Option(..., "--data", "-d", help="A CSV/JSON/JSONL/Parquet file (or any prepare.source form) "
                                       "with the recipe's columns."),
-             recipe: str = typer.Option(None, "--recipe", "-r", help="The recipe whose task, template and labels apply "
+             recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help="The recipe whose task, template and labels apply "
                                         "(default: params.yaml)."),
-             sets: list[str] = typer.Option([], "--set", "-s", help="Override one param, e.g. --set evaluate.num_beams=4."),
+             sets: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set evaluate.num_beams=4."),
              limit: int = typer.Option(0, help="Evaluate only the first N examples (0: all)."),
              output: Path = typer.Option(None, "--out", "-o", help="Where the JSON goes (default: reports/evaluate/<model>-<data>.json).")) -> None:
-    """Evaluate any registered or local model on any file of a recipe's data shape: prints the
-    metrics, saves them as JSON and logs them to MLflow."""
+    """Evaluate any model on any file with a recipe's columns.
+
+    Prints the metrics, saves them as JSON and logs them to MLflow."""
     try:
         import json
         import re
@@ -223,38 +229,71 @@ def history(name: str = typer.Option(None, "--name", help="Registered model (def
 
 
 @app.command()
-def ui(mlflow_port: int = typer.Option(5000, help="MLflow UI port."),
-       prefect_port: int = typer.Option(4200, help="Prefect UI port."),
-       host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default).")) -> None:
-    """Start the MLflow and Prefect servers on 127.0.0.1 and print their URLs; Ctrl-C stops both."""
-    from tuneline.tracking import tracking_uri
+def serve(cron: str = typer.Option(..., "--cron", metavar="CRON", help='When to run, as a cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).'),
+          recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help="Recipe to run (default: params.yaml as it is at each run)."),
+          sets: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."),
+          name: str = typer.Option(None, "--name", help="Deployment name (default: the recipe's, or 'params').")) -> None:
+    """Run the pipeline on a cron schedule until Ctrl-C.
 
-    bindir = Path(sys.executable).parent
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    procs = [
-        subprocess.Popen([str(bindir / "mlflow"), "server", "--backend-store-uri", tracking_uri(),
-                          "--default-artifact-root", (ROOT / "mlartifacts").as_uri(),
-                          "--host", host, "--port", str(mlflow_port), "--workers", "1"], env=env),
-        subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", host,
-                          "--port", str(prefect_port)], env=env),
-    ]
-    out.print(f"MLflow:  http://{host}:{mlflow_port}\nPrefect: http://{host}:{prefect_port}\n(Ctrl-C stops both)")
-    stop = []
-    # Explicit handlers: a shell that starts us in the background may have ignored SIGINT.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(1))
+    Runs whose data and params are unchanged end at once as "skipped: nothing changed".
+    Uses the Prefect server of `tuneline ui` (or PREFECT_API_URL), and starts one on
+    127.0.0.1:4200 if none is up. `prefect.yaml` deploys the same flow to a work pool."""
+    from flows.serve import serve as serve_flow
+
+    def start():
+        out.print("no Prefect server is up: starting one on http://127.0.0.1:4200 (it stops with this command)")
+        servers.check_ports("127.0.0.1", {"Prefect": ("PREFECT_API_URL", 4200)})
+        server = servers.prefect("127.0.0.1", 4200)
+        try:
+            servers.wait_ready([server], [], "127.0.0.1", time.time())
+        except BaseException:
+            servers.stop_all([server], [])
+            raise
+        return server
+
     try:
-        while not stop and all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        serve_flow(cron, recipe, list(sets), name, start_server=start, say=out.print)
+    except TunelineError as e:
+        _fail(e)
+
+
+@app.command()
+def ui(mlflow_port: int = typer.Option(5000, "--mlflow-port", help="Port of the MLflow UI (runs, metrics, "
+                                       "plots, predictions tables, registered models)."),
+       prefect_port: int = typer.Option(4200, "--prefect-port", help="Port of the Prefect UI (flow runs, tasks, logs)."),
+       host: str = typer.Option("127.0.0.1", help="Address both servers listen on. The default is reachable from "
+                                "this machine only; 0.0.0.0 opens them to the network.")) -> None:
+    """Start the MLflow and Prefect UIs on 127.0.0.1 and print their URLs; Ctrl-C stops both.
+
+    It waits until both servers answer.
+
+    MLflow serves MLFLOW_TRACKING_URI's store (default mlflow.db; postgres works).
+    Prefect serves the flow runs in .prefect/. Server logs go to .cache/ui/.
+    """
+    from tuneline.tracking import redact, tracking_uri
+
+    store = tracking_uri()
+    try:
+        servers.check_ports(host, {"MLflow": ("--mlflow-port", mlflow_port), "Prefect": ("--prefect-port", prefect_port)})
+        servers.check_store(store)
+    except TunelineError as e:
+        _fail(e)
+        return
+    out.print(f"starting MLflow (store {redact(store)}) and Prefect (flow runs in {os.environ['PREFECT_HOME']}); "
+              f"server logs in {os.path.relpath(servers.logs_dir())}/", markup=False, highlight=False)
+
+    def ready(seconds: float) -> None:
+        out.print(f"ready in {seconds:.1f}s: MLflow {servers.url(host, mlflow_port)}  Prefect "
+                  f"{servers.url(host, prefect_port)}  (Ctrl-C stops both)", markup=False, highlight=False)
+        sys.stdout.flush()
+
+    try:
+        took = servers.serve_until_stopped([lambda: servers.mlflow(host, mlflow_port, store),
+                                            lambda: servers.prefect(host, prefect_port)], host, ready)
+    except TunelineError as e:
+        _fail(e)
+        return
+    out.print(f"stopped MLflow and Prefect in {took:.1f}s", highlight=False)
 
 
 @app.command()
@@ -314,7 +353,16 @@ def doctor() -> None:
 
 
 def main() -> None:
-    app()
+    """The `tuneline` command: errors are one line (red on a terminal); tracebacks only with --debug."""
+    from tuneline.errors import debug, report
+
+    try:
+        app()
+    except Exception as e:  # not a TunelineError: those exit through _fail
+        if _state["debug"] or debug():
+            raise
+        print_error(report(e, "tuneline"))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

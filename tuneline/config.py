@@ -10,7 +10,7 @@ import difflib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -196,26 +196,61 @@ with warnings.catch_warnings():
             return self.evaluate.primary_metric or TASKS[self.prepare.task].metrics[0]
 
 
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc[:-1]:
-        ann = model.model_fields.get(str(part))
-        if ann is None or not isinstance(ann.annotation, type) or not issubclass(ann.annotation, BaseModel):
-            return []
-        model = ann.annotation
-    return list(model.model_fields)
+def _field(loc: tuple):
+    """The schema field at a key path, e.g. ('train', 'lr'), or None."""
+    model, field = Params, None
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return field
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    parent = _field(loc[:-1]) if loc[:-1] else None
+    model = parent.annotation if parent is not None else Params
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _allowed(field) -> str | None:
+    """What a field accepts, in words: 'one of ...' or a range such as '> 0 and <= 1'."""
+    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    if choices:
+        return "one of " + ", ".join(repr(c) for c in choices)
+    kind = {int: "an integer", float: "a number", bool: "true or false"}.get(field.annotation)
+    if kind is None:
+        return None
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [f"{sign} {getattr(m, op)}" for m in field.metadata for op, sign in ops.items() if hasattr(m, op)]
+    return " ".join([kind, " and ".join(bounds)]).strip()
 
 
 def _explain(err: ValidationError, source: str) -> TunelineError:
     e = err.errors()[0]
-    path = ".".join(str(p) for p in e["loc"])
+    loc = tuple(e["loc"])
+    path = ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
-        known = _known_keys(Params, e["loc"])
-        close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
-        hint = f"did you mean '{'.'.join([*map(str, e['loc'][:-1]), close[0]])}'?" if close else (
+        known = _known_keys(loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else (
             f"known keys here: {', '.join(known)}")
         return TunelineError(f"{source}: unknown key '{path}'", hint)
-    return TunelineError(f"{source}: '{path}' {e['msg'].lower()} (got {e.get('input')!r})",
-                         f"set a valid value for '{path}' in {source}")
+    field = _field(loc) if loc else None
+    allowed = _allowed(field) if field is not None else None
+    if e["type"] == "value_error":  # a rule across keys (a model validator): its message names them
+        return TunelineError(f"{source}: {e['msg'].removeprefix('Value error, ')}" + (f" (in '{path}')" if path else ""),
+                             f"change the keys it names in {source}")
+    if allowed is None:
+        return TunelineError(f"{source}: '{path}' {e['msg'].lower()} (got {e.get('input')!r})",
+                             f"set a valid value for '{path}' in {source}")
+    fix = f"set '{path}' to {allowed}"
+    if allowed.startswith("one of") and isinstance(e.get("input"), str):
+        close = difflib.get_close_matches(e["input"], [str(c) for c in get_args(field.annotation)], n=1)
+        fix = f"did you mean '{close[0]}'?" if close else f"choose {allowed}"
+    default = yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("...").strip()
+    return TunelineError(f"{source}: '{path}' must be {allowed} (got {e.get('input')!r})", f"{fix} (default: {default})")
 
 
 def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:

@@ -24,18 +24,30 @@ def stage_names(dvc_yaml: Path | None = None) -> list[str]:
 def run_stage(name: str, params=None) -> dict:
     """Validate params, open the stage's MLflow child run, run `components.<name>.run`.
     `params` defaults to params.yaml (smoke runs pass their own and run in-process)."""
-    import contextlib
-
-    import torch
-
     from tuneline import distributed
     from tuneline.config import load_params
-    from tuneline.tracking import stage_run
 
     if name not in stage_names():
         raise TunelineError(f"unknown stage '{name}'", f"choose one of: {', '.join(stage_names())}")
     from_file = params is None
     params = params or load_params(ROOT / "params.yaml")
+    if name == "train" and distributed.world() == 1:
+        # One training run per machine; torchrun's workers run under their launcher's lock.
+        from tuneline.lock import machine_lock
+
+        with machine_lock("train"):
+            return _run(name, params, from_file)
+    return _run(name, params, from_file)
+
+
+def _run(name: str, params, from_file: bool) -> dict:
+    import contextlib
+
+    import torch
+
+    from tuneline import distributed
+    from tuneline.tracking import stage_run
+
     if name == "train" and params.train.nproc > 1 and distributed.world() == 1:
         if not from_file:
             raise TunelineError("train.nproc > 1 needs the stage started from params.yaml",
@@ -62,11 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m tuneline.stages STAGE", file=sys.stderr)
         return 2
+    from tuneline.errors import debug, print_error, report
+
     try:
         run_stage(argv[0])
     except TunelineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
+    except Exception as e:  # unforeseen: one line here, the traceback in a file (or here with --debug)
+        if debug():
+            raise
+        print_error(report(e, argv[0]))
+        return 1
     return 0
 
 

@@ -20,6 +20,7 @@ from tuneline.config import Params, flatten
 
 PARENT_ENV = "TUNELINE_PARENT_RUN_ID"
 EXEC_TAG = "tuneline.execution"
+KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
 _SECRET = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # user:password@ in URIs
 
 
@@ -54,6 +55,10 @@ def setup(experiment: str) -> str:
             exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
     else:
         exp_id = exp.experiment_id
+    if exp is None or exp.tags.get(KIND_TAG) != TRAINING:
+        # MLflow 3's UI opens an experiment on its GenAI traces view unless it is told these
+        # are model-training runs; then it opens on the runs table, the charts and the models.
+        mlflow.MlflowClient().set_experiment_tag(exp_id, KIND_TAG, TRAINING)
     mlflow.set_experiment(experiment_id=exp_id)  # runs started with mlflow.start_run() land here
     return exp_id
 

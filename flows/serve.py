@@ -1,0 +1,87 @@
+"""Serve the pipeline flow on a cron schedule from this process (`tuneline serve`).
+
+Prefect's scheduler lives in its server, so serving needs one: PREFECT_API_URL if set,
+else the local one `tuneline ui` starts (127.0.0.1:4200), else this process starts it and
+stops it on exit. Scheduled runs execute here, one at a time (`limit=1`); training also
+takes the machine-wide lock (tuneline/lock.py), whatever started it. For workers on other
+machines, `prefect.yaml` deploys the same flow to a process work pool.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from tuneline import recipes
+from tuneline.errors import TunelineError
+
+LOCAL_API = "http://127.0.0.1:4200/api"
+
+
+def check_cron(cron: str) -> str:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise TunelineError(f"--cron '{cron}' is not a cron expression",
+                            "give five fields: minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\" (03:00 daily)") from None
+    return cron
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def serve(cron: str, recipe: str | None = None, overrides: list[str] | None = None, name: str | None = None,
+          start_server: Callable | None = None, say: Callable[[str], None] = print) -> None:
+    """Validate everything, find (or start) the Prefect server, then serve until Ctrl-C."""
+    overrides = list(overrides or [])
+    check_cron(cron)
+    recipes.build(recipe, overrides, False, None if recipe else _params_yaml())  # fail before serving
+    server = None
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        if not healthy(api):
+            raise TunelineError(f"the Prefect server at PREFECT_API_URL={api} does not answer",
+                                "start it (`tuneline ui` or `prefect server start`), or unset PREFECT_API_URL")
+    elif healthy(LOCAL_API):
+        api = LOCAL_API
+    elif start_server is None:
+        raise TunelineError("no Prefect server to schedule on", "start one with `tuneline ui`, or set PREFECT_API_URL")
+    else:
+        server, api = start_server(), LOCAL_API
+    os.environ["PREFECT_API_URL"] = api  # this process and the flow runs it starts
+    from flows.pipeline import pipeline
+
+    deployment = name or (recipe or "params")
+    say(f"serving 'tuneline-pipeline/{deployment}' on '{cron}' (UTC) via {api}; Ctrl-C stops")
+    say(f"  run it now: prefect deployment run 'tuneline-pipeline/{deployment}'")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}):  # prefect read its settings at import
+            pipeline.serve(name=deployment, cron=cron, parameters={"recipe": recipe, "overrides": overrides},
+                           limit=1, tags=["tuneline"], print_starting_message=False,
+                           description=f"tuneline pipeline ({recipe or 'params.yaml'}"
+                                       f"{''.join(f', --set {o}' for o in overrides)}) on '{cron}'")
+    except KeyboardInterrupt:  # Ctrl-C is how a user stops serving
+        say("stopped serving")
+    finally:
+        if server is not None:
+            from tuneline.servers import stop_all
+
+            stop_all([server], [])
+
+
+def _params_yaml() -> dict:
+    from tuneline import ROOT
+    from tuneline.config import load_params
+
+    return load_params(ROOT / "params.yaml").model_dump()

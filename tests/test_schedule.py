@@ -1,0 +1,164 @@
+"""Schedules: `tuneline serve --cron` against a real Prefect server on 127.0.0.1, the
+prefect.yaml work-pool deployment, skipping unchanged runs, I/O-only retries, hub revisions."""
+
+import json
+import os
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import wait_for
+
+STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
+
+
+@pytest.mark.slow
+def test_a_served_schedule_runs_the_pipeline_and_records_its_parameters_everywhere(served):
+    dep = served.deployment
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+    run = served.first
+    assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Completed"), served.log("serve.log")[-3000:]
+    # Prefect: the flow run's parameters, and one Completed task per stage.
+    assert run["parameters"] == {"recipe": None, "overrides": ["train.lr=0.003"]}
+    tasks = served.task_runs(served.first_id)
+    assert all(tasks[s] == "COMPLETED" for s in STAGES), tasks
+    # MLflow: the pipeline run names the flow run, the recipe and the overrides, and has the values.
+    parent = json.loads(served.proj.python(
+        "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        f"r = mlflow.search_runs(search_all_experiments=True, output_format='list', "
+        f"filter_string=\"tags.`prefect.flow_run_id` = '{served.first_id}'\")[0]\n"
+        "print(json.dumps([r.data.tags, r.data.params]))").strip().splitlines()[-1])
+    tags, params = parent
+    assert tags["tuneline.overrides"] == "train.lr=0.003" and params["train.lr"] == "0.003"
+    assert tags["tuneline.champion"] == "descrambler v1"
+    # DVC: the run is an experiment whose params have the override and whose message is the command.
+    exps = json.loads(served.proj.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    revs = [r for e in exps for x in (e.get("experiments") or []) for r in x["revs"]]
+    assert [r["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in revs] == [0.003]
+    log = served.proj.run("git", "log", "--all", "--format=%s").stdout
+    assert "tuneline run --set train.lr=0.003" in log
+
+
+def _n_runs(served) -> int:
+    return int(served.proj.python("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+                                  "print(len(mlflow.search_runs(search_all_experiments=True)))").split()[-1])
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_with_nothing_changed_is_skipped_and_trains_nothing(served):
+    root = served.root
+    watched = [root / "models" / "merged" / "model.safetensors", root / "metrics" / "train.json", root / "dvc.lock"]
+    before = [p.stat().st_mtime_ns for p in watched]
+    n_runs = _n_runs(served)
+    run = served.wait(served.trigger(), timeout=300)
+    assert (run["state_type"], run["state_name"], run["state"]["message"]) == (
+        "COMPLETED", "Skipped", "skipped: nothing changed")
+    assert not set(STAGES) & set(served.task_runs(run["id"]))  # no stage task even started
+    assert [p.stat().st_mtime_ns for p in watched] == before
+    assert _n_runs(served) == n_runs  # not even a pipeline run in MLflow
+    print(f"skipped scheduled run: {run['total_run_time']:.1f}s of flow time")
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_the_flow_to_a_process_work_pool_that_a_worker_runs(served):
+    # `prefect deploy` resolves {{ $PWD }} from the environment, as a shell in the project sets it.
+    served.run("prefect", "work-pool", "create", "tuneline", "--type", "process")
+    served.run("prefect", "--no-prompt", "deploy", "--name", "nightly", PWD=str(served.root))
+    dep = served.api("deployments/name/tuneline-pipeline/nightly")
+    assert dep["work_pool_name"] == "tuneline" and dep["global_concurrency_limit"]["limit"] == 1
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+    assert dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(served.root)
+    started = served.run("prefect", "deployment", "run", "tuneline-pipeline/nightly")
+    run_id = started.stdout.split("UUID: ")[1].split()[0]
+    # A worker started elsewhere picks the run up and runs it in the project: nothing changed.
+    served.run("prefect", "worker", "start", "--pool", "tuneline", "--run-once", cwd="/")
+    state = wait_for("the worker's run", lambda: (r := served.api(f"flow_runs/{run_id}"))["state_type"] == "COMPLETED" and r, 120)
+    assert state["state_name"] == "Skipped"
+
+
+def test_only_io_bound_tasks_retry():
+    """Stages are never re-run behind the user's back: a failed train is reported, not retried."""
+    from prefect import Task
+
+    import flows.pipeline as fp
+
+    retrying = {t.name for t in vars(fp).values() if isinstance(t, Task) and t.retries}
+    assert retrying == {"write-params", "check-sources", "registry"}
+    assert fp.run_stage.retries == 0
+
+
+@pytest.fixture
+def prepared(tmp_path, monkeypatch):
+    """A project whose prepared data came from a hub dataset at revision 'aaa'."""
+    import flows.pipeline as fp
+
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    (tmp_path / "data" / "prepared" / "lineage.json").write_text(
+        json.dumps({"source": {"source": "hf:dair-ai/emotion#train", "revision": "aaa"}}))
+    monkeypatch.setattr(fp, "ROOT", tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    return fp
+
+
+def test_a_hub_dataset_with_a_new_revision_is_prepared_again(prepared, monkeypatch):
+    from tuneline import sources
+
+    monkeypatch.setattr(sources, "hub_revision", lambda spec: "aaa")
+    assert prepared._source_changed() is None
+    monkeypatch.setattr(sources, "hub_revision", lambda spec: "bbb4567890abcdef")
+    assert "new revision bbb4567890ab (was aaa)" in prepared._source_changed()
+    from tuneline import recipes
+
+    forced = prepared.changed_inputs.fn(recipes.build("emotion", [], False, None))
+    assert list(forced) == ["prepare"]  # the flow forces prepare; DVC re-runs what depends on it
+
+
+def test_the_hub_is_not_asked_when_offline_and_an_unreachable_hub_is_one_clear_error(prepared, monkeypatch, capsys):
+    from tuneline import sources
+    from tuneline.errors import TunelineError
+
+    def down(spec):
+        raise ConnectionError("no route")
+
+    monkeypatch.setattr(sources, "hub_revision", down)
+    with pytest.raises(TunelineError, match="cannot ask the hub for the revision of 'hf:dair-ai/emotion#train'.*pin"):
+        prepared._source_changed()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert prepared._source_changed() is None
+    assert "not checking 'hf:dair-ai/emotion#train'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cron", ["every day", "61 3 * * *", "0 3 * *"])
+def test_serve_rejects_a_bad_cron_in_one_line_before_serving(cron, project):
+    proc = project.run(sys.executable, "-m", "tuneline.cli", "serve", "--cron", cron, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--cron '{cron}' is not a cron expression" in lines[0] and "0 3 * * *" in lines[0]
+
+
+def test_serve_validates_params_and_the_server_before_serving(project):
+    proc = project.run(sys.executable, "-m", "tuneline.cli", "serve", "--cron", "0 3 * * *", "--set", "train.lrr=1",
+                       check=False)
+    assert proc.returncode == 2 and "did you mean 'train.lr'" in proc.stderr
+    project.env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # nothing listens on port 9
+    t = time.time()
+    proc = project.run(sys.executable, "-m", "tuneline.cli", "serve", "--cron", "0 3 * * *", check=False)
+    assert proc.returncode == 2 and "does not answer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert time.time() - t < 60
+
+
+def test_params_yaml_is_left_alone_when_a_recipe_run_changes_no_value(tmp_path, monkeypatch):
+    """A nightly `--recipe` run rewrites params.yaml only if a value changed: git stays clean."""
+    import flows.pipeline as fp
+    from tuneline import recipes
+
+    monkeypatch.setattr(fp, "ROOT", tmp_path)
+    params = recipes.build("descramble", [], False, None)
+    assert fp.write_params.fn(params, "first") is True
+    text = (tmp_path / "params.yaml").read_text()
+    assert fp.write_params.fn(params, "second") is False and (tmp_path / "params.yaml").read_text() == text
+    assert fp.write_params.fn(recipes.build("descramble", ["train.lr=0.001"], False, None), "third") is True
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["lr"] == 0.001
+    assert os.path.exists(tmp_path / "params.yaml")

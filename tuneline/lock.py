@@ -1,0 +1,44 @@
+"""One training run per machine: an advisory file lock that every way of training takes
+(Prefect flow, `dvc repro`, `tuneline run`, a served schedule), so two runs never fight
+over the same cores or GPU. The kernel releases it when the holder exits, however it
+exits (SIGKILL included), so a crash never leaves a stale lock behind."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+
+def lock_path(name: str) -> Path:
+    """Machine-wide by default (the temp dir); TUNELINE_LOCK_DIR narrows or moves it."""
+    return Path(os.environ.get("TUNELINE_LOCK_DIR") or tempfile.gettempdir()) / f"tuneline-{name}.lock"
+
+
+@contextlib.contextmanager
+def machine_lock(name: str = "train") -> Iterator[Path]:
+    """Hold the named lock for the block; wait (saying who holds it) if it is taken."""
+    path = lock_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file: flock works on a read-only fd too
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown holder"
+            print(f"[{name}] another {name} run is in progress ({holder}); waiting for it to finish "
+                  f"(one {name} run per machine: {path})", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # read-only fd: the lock still holds
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} in {os.getcwd()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
