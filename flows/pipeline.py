@@ -49,6 +49,7 @@ def run_stage(name: str, force: bool = False) -> str:
     logging.getLogger("dvc").propagate = False  # DVC prints its own progress; don't echo it twice
     try:
         with Repo(str(ROOT)) as repo:
+            repo.scm_context.quiet = True  # not "To track the changes with git, run: ..." after every stage
             ran = repo.reproduce(name, single_item=True, force=force)
     except ReproductionError:
         # The stage printed its own one-line error; this names where it happened.
@@ -67,7 +68,7 @@ def run_stage_here(name: str, params: Params) -> str:
     return "ran"
 
 
-@task(name="write-params", retries=2, retry_delay_seconds=1)
+@task(name="write-params", task_run_name="write params.yaml", retries=2, retry_delay_seconds=1)
 def write_params(params: Params, header: str) -> bool:
     """Write params.yaml if its values differ (a nightly run of the same recipe leaves the
     file, and so `git diff`, alone). Returns whether it was written."""
@@ -78,7 +79,7 @@ def write_params(params: Params, header: str) -> bool:
     return True
 
 
-@task(name="check-sources", retries=3, retry_delay_seconds=10)
+@task(name="check-sources", task_run_name="check sources", retries=3, retry_delay_seconds=10)
 def changed_inputs(params: Params) -> dict[str, str]:
     """Stages DVC cannot see are stale, with why: {stage: reason}. I/O-bound (hashes data
     files, asks the hub for a dataset's head revision), hence the retries."""
@@ -91,7 +92,7 @@ def changed_inputs(params: Params) -> dict[str, str]:
     return forced
 
 
-@task(name="dvc-status")
+@task(name="dvc-status", task_run_name="dvc status")
 def outdated_stages() -> list[str]:
     """Stages whose deps, params or outs differ from dvc.lock (what `dvc status` lists)."""
     import logging
@@ -104,7 +105,7 @@ def outdated_stages() -> list[str]:
     return [name for name in stage_names() if any(key.split(":")[-1] == name for key in status)]
 
 
-@task(name="registry", retries=3, retry_delay_seconds=5)
+@task(name="registry", task_run_name="read champion", retries=3, retry_delay_seconds=5)
 def champion_after(parent: str, model_name: str) -> str | None:
     """Which version `champion` points at now, noted on the run (a registry call: I/O,
     retried; the MLflow REST client also retries transient HTTP errors itself)."""
@@ -176,7 +177,7 @@ def _source_changed() -> str | None:
     return None
 
 
-@task(name="save-experiment")
+@task(name="save-experiment", task_run_name="save DVC experiment")
 def save_experiment(name: str, command: str) -> str | None:
     """Record the workspace (params, dvc.lock, metrics) as a DVC experiment; the command
     with the flow's parameters is its commit message (`dvc exp show` has the values)."""

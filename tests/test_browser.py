@@ -63,10 +63,14 @@ def _shows(driver, *texts: str, timeout: float = 90) -> str:
                   timeout)
 
 
-def _click_text(driver, text: str) -> None:
+def _click_text(driver, text: str):
     from selenium.webdriver.common.by import By
 
-    _until(driver, repr(text), lambda: driver.find_element(By.XPATH, f"//*[normalize-space(text())='{text}']")).click()
+    # The innermost element whose whole text is `text` (tabs wrap their label in spans).
+    xpath = f"//*[normalize-space(.)='{text}' and not(.//*[normalize-space(.)='{text}'])]"
+    element = _until(driver, repr(text), lambda: [e for e in driver.find_elements(By.XPATH, xpath) if e.is_displayed()])[0]
+    element.click()
+    return element
 
 
 def _shot(driver, name: str) -> None:
@@ -136,8 +140,9 @@ def test_prefect_shows_the_flow_run_and_every_stage_completed(served, browser):
     d.get(f"{served.prefect}/runs/flow-run/{served.first_id}")
     _shows(d, served.first["name"], "Completed", "tuneline-pipeline", "served", *STAGES)
     _shot(d, "prefect-flow-run")
-    _click_text(d, "Task Runs")
+    tab = _click_text(d, "Task Runs")
     text = _shows(d, *STAGES)
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'})", tab)  # the list, in the screenshot
     assert text.count("Completed") >= len(STAGES) + 1, text[:3000]  # the flow run and each stage
     _shot(d, "prefect-task-runs")
 

@@ -94,3 +94,31 @@ def test_a_missing_data_file_or_version_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "INFO" not in line]
     assert proc.returncode == 2 and lines == ["error: model 'descrambler' has no version 4. Fix: choose one of: "
                                               "(none registered)"]
+
+
+def test_an_unforeseen_error_is_one_line_and_its_traceback_is_saved(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    import tuneline
+    from tuneline import cli, registry
+
+    def broken(client, name):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(registry, "history", broken)
+    monkeypatch.setattr(tuneline, "ROOT", tmp_path)  # where .cache/errors/ goes
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(sys, "argv", ["tuneline", "history", "--name", "m"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err  # (MLflow may log that it created the store first)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "error: tuneline: unexpected ZeroDivisionError: division by zero" in lines[0]
+    assert "Traceback" not in err
+    saved = list((tmp_path / ".cache" / "errors").glob("*-tuneline.log"))
+    assert len(saved) == 1 and saved[0].name in lines[0] and "Traceback" in saved[0].read_text()
+    # --debug shows the traceback instead
+    monkeypatch.setattr(sys, "argv", ["tuneline", "--debug", "history", "--name", "m"])
+    with pytest.raises(ZeroDivisionError):
+        cli.main()
