@@ -27,6 +27,10 @@ _ENV_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "GIT_PYTHON_REFRESH": "quiet",
 }
+if not os.isatty(1) or os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+    # Logs and CI get our plain progress lines (tuneline/progress.py), not tqdm's redraws
+    # ("Loading weights: 100%|████|") from transformers and the hub client.
+    _ENV_DEFAULTS["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 for _k, _v in _ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 
