@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from tuneline import recipes
+from tuneline import recipes, servers
 from tuneline.errors import TunelineError
 
 LOCAL_API = "http://127.0.0.1:4200/api"
@@ -29,18 +29,8 @@ def check_cron(cron: str) -> str:
     return cron
 
 
-def healthy(api_url: str, timeout: float = 2.0) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def serve(cron: str, recipe: str | None = None, overrides: list[str] | None = None, name: str | None = None,
-          start_server: Callable | None = None, say: Callable[[str], None] = print) -> None:
+          say: Callable[[str], None] = print) -> None:
     """Validate everything, find (or start) the Prefect server, then serve until Ctrl-C."""
     overrides = list(overrides or [])
     check_cron(cron)
@@ -48,15 +38,14 @@ def serve(cron: str, recipe: str | None = None, overrides: list[str] | None = No
     server = None
     api = os.environ.get("PREFECT_API_URL")
     if api:
-        if not healthy(api):
+        if not servers.answers(f"{api.rstrip('/')}/health"):
             raise TunelineError(f"the Prefect server at PREFECT_API_URL={api} does not answer",
                                 "start it (`tuneline ui` or `prefect server start`), or unset PREFECT_API_URL")
-    elif healthy(LOCAL_API):
+    elif servers.answers(f"{LOCAL_API}/health"):
         api = LOCAL_API
-    elif start_server is None:
-        raise TunelineError("no Prefect server to schedule on", "start one with `tuneline ui`, or set PREFECT_API_URL")
     else:
-        server, api = start_server(), LOCAL_API
+        say(f"no Prefect server is up: starting one on {LOCAL_API.removesuffix('/api')} (it stops with this command)")
+        server, api = servers.prefect_ready("127.0.0.1", 4200), LOCAL_API
     os.environ["PREFECT_API_URL"] = api  # this process and the flow runs it starts
     from flows.pipeline import pipeline
 
@@ -75,9 +64,7 @@ def serve(cron: str, recipe: str | None = None, overrides: list[str] | None = No
         say("stopped serving")
     finally:
         if server is not None:
-            from tuneline.servers import stop_all
-
-            stop_all([server], [])
+            servers.stop_all([server], [])
 
 
 def _params_yaml() -> dict:

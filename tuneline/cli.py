@@ -240,19 +240,8 @@ def serve(cron: str = typer.Option(..., "--cron", metavar="CRON", help='When to 
     127.0.0.1:4200 if none is up. `prefect.yaml` deploys the same flow to a work pool."""
     from flows.serve import serve as serve_flow
 
-    def start():
-        out.print("no Prefect server is up: starting one on http://127.0.0.1:4200 (it stops with this command)")
-        servers.check_ports("127.0.0.1", {"Prefect": ("PREFECT_API_URL", 4200)})
-        server = servers.prefect("127.0.0.1", 4200)
-        try:
-            servers.wait_ready([server], [], "127.0.0.1", time.time())
-        except BaseException:
-            servers.stop_all([server], [])
-            raise
-        return server
-
     try:
-        serve_flow(cron, recipe, list(sets), name, start_server=start, say=out.print)
+        serve_flow(cron, recipe, list(sets), name, say=out.print)
     except TunelineError as e:
         _fail(e)
 

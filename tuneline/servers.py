@@ -31,13 +31,7 @@ class Server:
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def answers(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(self.health, timeout=2) as r:
-                return r.status == 200
-        except Exception:  # refused, reset, timed out, or an error while it starts
-            return False
+        return answers(self.health)
 
     def members(self) -> list:
         """The live processes of its group (zombies that init has not reaped yet do not count)."""
@@ -72,6 +66,17 @@ class Server:
                                  f"pick another port, e.g. {self.option} {suggest}")
         last = redact(lines[-1])[:200] if lines else "no output"
         return TunelineError(f"the {self.name} server exited (code {self.proc.returncode}): {last}", f"see {log}")
+
+
+def answers(health_url: str, timeout: float = 2.0) -> bool:
+    """Whether a server's health endpoint says 200."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(health_url, timeout=timeout) as r:
+            return r.status == 200
+    except Exception:  # refused, reset, timed out, or an error while it starts
+        return False
 
 
 def url(host: str, port: int) -> str:
@@ -238,3 +243,15 @@ def serve_until_stopped(start: list, host: str, on_ready) -> float:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return time.time() - t1
+
+
+def prefect_ready(host: str, port: int) -> Server:
+    """A Prefect server on its own (for `tuneline serve`), returned once it answers."""
+    check_ports(host, {"Prefect": ("PREFECT_API_URL", port)})
+    server = prefect(host, port)
+    try:
+        wait_ready([server], [], host, time.time())
+    except BaseException:
+        stop_all([server], [])
+        raise
+    return server
