@@ -144,9 +144,17 @@ def run(params: Params) -> dict:
     import mlflow
 
     evals, record, rows = _inputs(params)
-    primary, name, cfg = params.primary_metric(), params.register.model_name, params.register
-    info = log_model(params)
+    info = log_model(params)  # the slow upload happens outside the gate's lock
     mlflow.log_artifact(str(EVAL_EXAMPLES), artifact_path=Path(EVAL_ARTIFACT).parent.as_posix())
+    with registry.gate_lock(params.register.model_name):
+        return gate(params, info, evals, record, rows)
+
+
+def gate(params: Params, info, evals: dict, record: dict, rows: list[dict]) -> dict:
+    """Compare with the champion (or base model), register the version, move the aliases."""
+    import mlflow
+
+    primary, name, cfg = params.primary_metric(), params.register.model_name, params.register
     client = mlflow.MlflowClient()
     against, against_version, ref = reference(client, name, rows, params, record)
     c = compare(record["tuned"], ref, rows, params, cfg.test)

@@ -20,7 +20,7 @@ from tuneline import progress, tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.io import atomic_dir, read_json, read_parquet, write_json
-from tuneline.modeling import load_tokenizer
+from tuneline.modeling import check_pair, load_tokenizer
 from tuneline.packing import IGNORE, Example, pack, stats
 
 OUT = Path("data/tokenized")
@@ -105,6 +105,7 @@ def run(params: Params) -> dict:
 
     cfg, task = params.tokenize, tasks.TASKS[params.prepare.task]
     tok = load_tokenizer(params.model.name)
+    check_pair(params.model.name, tok)  # before hours of training on ids the model cannot read
     meta = {"tokenizer_sha256": tokenizer_hash(tok), "template_version": tasks.TEMPLATE_VERSION,
             "task": task.name, **cfg.model_dump()}
     metrics: dict = {"template_version": tasks.TEMPLATE_VERSION}

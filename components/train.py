@@ -26,7 +26,7 @@ from tuneline.flops import peak_flops, peak_memory_mb, train_flops
 from tuneline.io import atomic_dir, write_json, write_text
 from tuneline.loss import __file__ as loss_file
 from tuneline.loss import loss_sum, loss_totals, unwrap
-from tuneline.modeling import amp_dtype, autocast, device, load_model, load_tokenizer
+from tuneline.modeling import amp_dtype, autocast, check_pair, device, load_model, load_tokenizer
 from tuneline.packing import collate
 
 OUT = Path("models")
@@ -144,6 +144,7 @@ def run(params: Params) -> dict:
     say = print if main else (lambda *a, **k: None)
     torch.manual_seed(seed)
     tok = load_tokenizer(params.model.name)
+    check_pair(params.model.name, tok)
     check_tokenizer(tok)
     model = prepare_model(params)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -8,7 +8,9 @@ is saved as a DVC experiment. MLflow gets one parent run per flow run; each stag
 process opens its child run under it (skipped stages get a child run tagged `skipped`).
 
 A run whose data and params are unchanged ends at once in the state "Skipped" ("skipped:
-nothing changed"), before MLflow or any stage starts. Only I/O-bound tasks retry
+nothing changed"), before MLflow or any stage starts. A run that fails ends in the state
+Failed whose message is the one line that names the problem and the fix (the stage's own,
+handed over through TUNELINE_ERROR_FILE); no traceback is logged for such errors. Only I/O-bound tasks retry
 (writing params, checking sources on the hub, saving the DVC experiment); a stage that
 fails is reported, never silently re-run.
 
@@ -19,44 +21,71 @@ and the model registry are left alone.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 from prefect import flow, runtime, task
-from prefect.states import Completed
+from prefect.states import Completed, Failed, State
 
 from tuneline import ROOT, recipes
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.io import read_json, write_text
-from tuneline.stages import stage_names
-from tuneline.tracking import PARENT_ENV, start_parent
+from tuneline.stages import ERROR_FILE, stage_names
+from tuneline.tracking import PARENT_ENV, check_store, start_parent
+
+
+class _OneLine(logging.Filter):
+    """A TunelineError already says what to fix in one line: Prefect logs it without the
+    traceback (and without the "NoneType: None" of a task that returned a Failed state)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and (record.exc_info[1] is None or isinstance(record.exc_info[1], TunelineError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_OneLine())
 
 
 @task(name="stage", task_run_name="{name}")
-def run_stage(name: str, force: bool = False) -> str:
-    """Reproduce one stage if its inputs changed; returns 'ran' or 'skipped'."""
-    import logging
-
+def run_stage(name: str, force: bool = False) -> str | State:
+    """Reproduce one stage if its inputs changed; returns 'ran' or 'skipped', or a Failed
+    state carrying the stage's one-line error and exit code."""
     from dvc.exceptions import DvcException, ReproductionError
     from dvc.repo import Repo
 
     logging.getLogger("dvc").propagate = False  # DVC prints its own progress; don't echo it twice
+    fd, err_file = tempfile.mkstemp(prefix=f"tuneline-{name}-", suffix=".err")
+    os.close(fd)
+    os.environ[ERROR_FILE] = err_file  # the stage process writes its one-line error here
     try:
         with Repo(str(ROOT)) as repo:
             repo.scm_context.quiet = True  # not "To track the changes with git, run: ..." after every stage
             ran = repo.reproduce(name, single_item=True, force=force)
-    except ReproductionError:
-        # The stage printed its own one-line error; this names where it happened.
-        raise TunelineError(f"stage '{name}' failed (its error is printed above)",
-                            "fix the cause, then re-run: finished stages are reused") from None
+    except ReproductionError as e:
+        code, _, line = Path(err_file).read_text().partition("\n")
+        if not line.strip():  # DVC failed around the stage (e.g. a read-only output), or it was killed
+            from tuneline.errors import from_os_error
+
+            cause = e.__cause__ or e.__context__
+            known = from_os_error(cause, name) if cause is not None else None
+            code, line = ("2", str(known)) if known else ("1", f"stage '{name}' failed ({' '.join(str(cause).split())[:200]}). "
+                                                             "Fix: see its output above, then re-run")
+        return Failed(message=line.strip(), data={"stage": name, "exit_code": int(code)})
     except DvcException as e:
         raise TunelineError(f"dvc: {' '.join(str(e).split())[:300]}", "fix dvc.yaml / params.yaml as the message says") from None
+    finally:
+        os.environ.pop(ERROR_FILE, None)
+        Path(err_file).unlink(missing_ok=True)
     return "ran" if ran else "skipped"
 
 
@@ -205,9 +234,23 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
 
     recipe: a recipes/<name>.yaml (None: params.yaml as it is); overrides: `key=value`
     strings applied on top; smoke: a tiny in-process run that touches nothing of the real one.
-    Returns {stage: 'ran' | 'skipped'}; a run with nothing to do ends in the state Skipped.
+    Returns {stage: 'ran' | 'skipped'}; a run with nothing to do ends in the state Skipped,
+    one that fails in the state Failed with the error's one line as its message.
     """
-    overrides = list(overrides or [])
+    from tuneline.errors import from_os_error
+
+    try:
+        return _pipeline(recipe, list(overrides or []), smoke)
+    except TunelineError as e:
+        return Failed(message=str(e), data={"exit_code": 2})
+    except OSError as e:  # a full disk or read-only project while writing params.yaml or dvc.lock
+        known = from_os_error(e, "tuneline run")
+        if known is None:
+            raise
+        return Failed(message=str(known), data={"exit_code": 2})
+
+
+def _pipeline(recipe: str | None, overrides: list[str], smoke: bool):
     base = None
     if not recipe:
         path = ROOT / "params.yaml"
@@ -215,6 +258,7 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
             raise TunelineError("params.yaml not found", "run from the project root, or pass --recipe NAME")
         base = yaml.safe_load(path.read_text()) or {}
     params = recipes.build(recipe, overrides, smoke, base)  # validate before any work
+    check_store()  # an unreachable MLflow store fails now, not after training
     forced: dict[str, str] = {}
     if not smoke:
         if recipe or overrides:
@@ -227,17 +271,24 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
     return _run(params, recipe, overrides, smoke, forced)
 
 
-def _run(params: Params, recipe: str | None, overrides: list[str], smoke: bool, forced: dict[str, str]) -> dict[str, str]:
+def tag_request(client, parent: str, recipe: str | None, overrides: list[str]) -> None:
+    """The flow's parameters, as Prefect shows them, on the MLflow run too: never a secret
+    (a `--set` value may hold a URI with a password, or a token)."""
+    from tuneline.tracking import redact
+
+    client.set_tag(parent, "tuneline.recipe", recipe or "params.yaml")
+    client.set_tag(parent, "tuneline.overrides", redact(" ".join(overrides)))
+    flow_run = runtime.flow_run.get_id()
+    if flow_run:
+        client.set_tag(parent, "prefect.flow_run_id", flow_run)
+
+
+def _run(params: Params, recipe: str | None, overrides: list[str], smoke: bool, forced: dict[str, str]):
     from mlflow import MlflowClient
 
     parent = start_parent(params, "smoke" if smoke else "prefect")
     client = MlflowClient()
-    # The flow's parameters, as Prefect shows them, on the MLflow run too.
-    client.set_tag(parent, "tuneline.recipe", recipe or "params.yaml")
-    client.set_tag(parent, "tuneline.overrides", " ".join(overrides))
-    flow_run = runtime.flow_run.get_id()
-    if flow_run:
-        client.set_tag(parent, "prefect.flow_run_id", flow_run)
+    tag_request(client, parent, recipe, overrides)
     # Stage processes find the parent through the environment; `python` must be this one.
     os.environ[PARENT_ENV] = parent
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -255,7 +306,13 @@ def _run(params: Params, recipe: str | None, overrides: list[str], smoke: bool, 
             for name in stage_names():
                 if name in forced:
                     print(f"[tuneline] {forced[name]}: running {name} again")
-                status[name] = run_stage(name, name in forced)
+                state = run_stage(name, name in forced, return_state=True)
+                if state.is_failed():  # the stage's one line becomes the flow run's message
+                    client.set_tag(parent, "tuneline.stages", ", ".join([*(f"{k}={v}" for k, v in status.items()),
+                                                                         f"{name}=failed"]))
+                    client.set_terminated(parent, "FAILED")
+                    return Failed(message=state.message, data=state.result(raise_on_failure=False))
+                status[name] = state.result()
                 if status[name] == "skipped":
                     _record_skipped(parent, name)
             if not params.register.dry_run:

@@ -97,6 +97,56 @@ def project(tmp_path, model_cache) -> Project:
     return make_project(tmp_path / "proj", model_cache)
 
 
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, model_cache) -> Project:
+    """A tiny project after one whole `tuneline run`: every stage ran, v1 is champion (the
+    gate's metric is perplexity, which six steps of the random 2-layer model lower reliably).
+    Tests work on copies (copy_project) and never change it."""
+    proj = make_project(tmp_path_factory.mktemp("built") / "proj", model_cache,
+                        {"evaluate": {"primary_metric": "perplexity"}})
+    proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run").stdout
+    return proj
+
+
+def copy_project(src: Project, dst: Path) -> Project:
+    """A copy that is a project of its own: MLflow keeps absolute artifact locations in its
+    store, so the copy's are pointed at the copy's mlartifacts/."""
+    import sqlite3
+
+    shutil.copytree(src.root, dst, symlinks=True)
+    old, new = f"{src.root}/", f"{dst}/"
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for col in [c[1] for c in db.execute(f"PRAGMA table_info('{table}')") if "CHAR" in c[2].upper() or "TEXT" in c[2].upper()]:
+                db.execute(f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) WHERE instr("{col}", ?) > 0', (old, new, old))
+    proj = Project(dst, Path(src.env["TUNELINE_CACHE"]))
+    proj.flow_out = getattr(src, "flow_out", "")
+    return proj
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One Prefect server for the tests that run many short flows (what `tuneline ui` gives a
+    user): each `tuneline run` then starts in seconds instead of starting its own server."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=open(home / "server.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for("a Prefect server", lambda: http_json(f"{url}/health"), 180, proc)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
 def free_port() -> int:
     import socket
 

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import make_project
+from conftest import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,9 @@ def _version(proj, name="descrambler", ref="champion"):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, model_cache):
-    """One tiny project for the module. Perplexity is the gate's metric here: six steps of a
-    random 2-layer model lower it reliably, while its generated text stays noise."""
-    proj = make_project(tmp_path_factory.mktemp("pipeline") / "proj", model_cache,
-                        {"evaluate": {"primary_metric": "perplexity"}})
-    proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run").stdout
-    return proj
+def project(built, tmp_path_factory):
+    """A copy of the session's finished tiny project (`tuneline run` ran every stage)."""
+    return copy_project(built, tmp_path_factory.mktemp("pipeline") / "proj")
 
 
 def test_the_flow_runs_every_stage_and_registers_a_champion(project):
@@ -87,6 +83,9 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
     # safetensors weights, no pickles
     files = project.run("find", "mlartifacts", "-name", "*.safetensors").stdout
     assert "model.safetensors" in files
+    # Nothing pickled among the artifacts: no pickle stream, no torch.save zip.
+    heads = {p: p.read_bytes()[:4] for p in (project.root / "mlartifacts").rglob("*") if p.is_file()}
+    assert [p.name for p, h in heads.items() if h[:1] == b"\x80" or h == b"PK\x03\x04"] == []
 
     # The gate compared v1 with the base model, and says so on the version and in its card.
     _, _, tags, card = _version(project)

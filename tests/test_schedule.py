@@ -78,6 +78,25 @@ def test_prefect_yaml_deploys_the_flow_to_a_process_work_pool_that_a_worker_runs
     assert state["state_name"] == "Skipped"
 
 
+def test_every_server_the_project_started_listens_on_loopback_only(served):
+    """`tuneline ui` (MLflow, Prefect) and `tuneline serve` (its runner): no socket open to
+    the network unless the user passes --host."""
+    import psutil
+
+    listening = set()
+    for proc in served.procs:
+        parent = psutil.Process(proc.pid)
+        for p in [parent, *parent.children(recursive=True)]:
+            try:
+                listening |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                              if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:
+                pass
+    ports = {int(served.mlflow.rsplit(":", 1)[1]), int(served.prefect.rsplit(":", 1)[1])}
+    assert ports <= {port for _, port in listening}, listening
+    assert {ip for ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
+
+
 def test_only_io_bound_tasks_retry():
     """Stages are never re-run behind the user's back: a failed train is reported, not retried."""
     from prefect import Task

@@ -51,3 +51,33 @@ def test_the_flow_parent_is_reused_by_every_stage(store, monkeypatch):
 def test_secrets_in_uris_are_redacted():
     assert tracking.redact("postgresql://me:s3cret@db:5432/x") == "postgresql://me:***@db:5432/x"
     assert "s3cret" not in tracking.redact("see https://u:s3cret@host/path")
+
+
+def test_secret_env_values_and_hub_tokens_are_redacted_everywhere_we_write(monkeypatch, tmp_path, capsys):
+    import tuneline
+    from tuneline.errors import print_error, report
+
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "A" * 34)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "tracking-pw-123")
+    text = f"token {'hf_' + 'A' * 34}, another hf_{'b' * 30}, pw tracking-pw-123, uri mysql://root:pw@db/x"
+    clean = tracking.redact(text)
+    assert "A" * 34 not in clean and "b" * 30 not in clean and "tracking-pw-123" not in clean and ":pw@" not in clean
+    assert clean.count("***") == 4
+
+    print_error(f"cannot reach postgresql://me:s3cret@db/x with {'hf_' + 'A' * 34}")  # the terminal
+    monkeypatch.setattr(tuneline, "ROOT", tmp_path)
+    line = report(RuntimeError("failed with tracking-pw-123"), "train")  # the saved traceback
+    saved = next((tmp_path / ".cache" / "errors").glob("*-train.log")).read_text()
+    shown = capsys.readouterr().err + line + saved
+    assert "s3cret" not in shown and "A" * 34 not in shown and "tracking-pw-123" not in shown
+
+
+def test_a_pipeline_run_tags_its_overrides_without_secrets(store, monkeypatch):
+    """What the flow records of its `--set` values (tag tuneline.overrides) holds no secret."""
+    from flows.pipeline import tag_request
+
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "Z" * 34)
+    parent = tracking.start_parent(Params(), "test")
+    tag_request(store, parent, None, ["prepare.source=https://u:pw0rd@host/x.csv", "model.name=org/m", "x=" + "hf_" + "Z" * 34])
+    tags = store.get_run(parent).data.tags
+    assert tags["tuneline.overrides"] == "prepare.source=https://u:***@host/x.csv model.name=org/m x=hf_***"

@@ -312,3 +312,34 @@ def test_a_server_dying_at_startup_is_one_line_and_stops_the_other(tmp_path):
     time.sleep(0.5)
     assert not _servers_on(mlflow_port, prefect_port), "Prefect was left running"
     print(f"\nMLflow died and Prefect was stopped: `tuneline ui` exited after {time.time() - t:.1f}s")
+
+
+@pytest.mark.slow
+def test_a_pipeline_on_a_postgres_store_records_no_password_or_token(tmp_path, postgres, model_cache, prefect_api):
+    """A smoke pipeline logs to a password-protected postgres store with HF_TOKEN set: neither
+    secret reaches a param, tag or metric in the store, an artifact, or what the run printed."""
+    import psycopg2
+
+    from conftest import make_project
+
+    uri, password = postgres
+    token = "hf_" + os.urandom(16).hex()
+    proj = make_project(tmp_path / "proj", model_cache)
+    env = proj.env | {"MLFLOW_TRACKING_URI": uri, "HF_TOKEN": token, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.run([sys.executable, "-m", "tuneline.cli", "run", "--smoke"], cwd=proj.root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0, said[-3000:]
+    assert "postgresql://tuneline:***@127.0.0.1" in proc.stdout
+    with psycopg2.connect(uri) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM runs")
+        assert cur.fetchone()[0] == 6  # the smoke run's parent and its five stages
+        stored = []
+        for table in ("params", "tags", "experiment_tags", "latest_metrics", "runs", "experiments"):
+            cur.execute(f"SELECT * FROM {table}")
+            stored += [str(v) for row in cur.fetchall() for v in row]
+    files = [p for p in proj.root.rglob("*") if p.is_file() and p.parts[-2:] != ("proj", "params.yaml")
+             and ".git" not in p.parts and p.stat().st_size < 5_000_000]
+    assert any(p.name == "model.safetensors" for p in files) or any(p.name == "MLmodel" for p in files)
+    blob = " ".join(stored) + said + "".join(p.read_text(errors="ignore") for p in files)
+    assert password not in blob and token not in blob

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tuneline.io import atomic_dir
+from tuneline.io import atomic_dir, torch_save
 
 DIR = Path("checkpoints/train")
 _STEP = re.compile(r"step-(\d+)$")
@@ -34,7 +34,7 @@ def _steps() -> list[Path]:
 
 def save(state: dict, step: int, keep: int) -> Path:
     with atomic_dir(DIR / f"step-{step:06d}") as tmp:
-        torch.save(state, tmp / "state.pt")
+        torch_save(state, tmp / "state.pt")
     for old in _steps()[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return DIR / f"step-{step:06d}"
@@ -42,7 +42,7 @@ def save(state: dict, step: int, keep: int) -> Path:
 
 def save_best(weights: dict[str, torch.Tensor], step: int, val_loss: float) -> None:
     with atomic_dir(DIR / "best") as tmp:
-        torch.save({"weights": weights, "step": step, "val_loss": val_loss}, tmp / "weights.pt")
+        torch_save({"weights": weights, "step": step, "val_loss": val_loss}, tmp / "weights.pt")
 
 
 def latest(fingerprint: str) -> dict | None:

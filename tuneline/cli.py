@@ -45,14 +45,23 @@ def run(recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help=
     try:
         # Validate before anything starts (the flow validates again: it can be run alone).
         _params(recipe, sets, smoke)
+        from tuneline.tracking import check_store, redact, tracking_uri
+
+        check_store()
         from flows.pipeline import pipeline
-        from tuneline.tracking import tracking_uri
 
         t = time.time()
-        status = pipeline(recipe=recipe, overrides=list(sets), smoke=smoke)
+        state = pipeline(recipe=recipe, overrides=list(sets), smoke=smoke, return_state=True)
     except TunelineError as e:
         _fail(e)
         return
+    if not state.is_completed():  # the flow's message is the one line naming the problem and the fix
+        failed = state.result(raise_on_failure=False)
+        if isinstance(failed, BaseException) and not isinstance(failed, TunelineError):
+            raise failed  # unforeseen: main() prints one line and saves the traceback
+        print_error(str(failed) if isinstance(failed, TunelineError) else state.message or "the pipeline failed")
+        raise typer.Exit(failed.get("exit_code", 2) if isinstance(failed, dict) else 2)
+    status = state.result()
     if set(status.values()) == {"skipped"}:
         out.print(f"[bold green]skipped: nothing changed[/] ({time.time() - t:.0f}s): data, params and code match "
                   "dvc.lock, so no stage ran; `dvc status` agrees")
@@ -64,7 +73,7 @@ def run(recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help=
     out.print(f"  metrics:     {os.path.join(rel, 'metrics/eval.json')} (base vs tuned), "
               f"{os.path.join(rel, 'metrics/tokenize.json')} (packing)")
     out.print(f"  predictions: {os.path.join(rel, 'reports/predictions.jsonl')}")
-    out.print(f"  MLflow:      {tracking_uri()} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`")
+    out.print(f"  MLflow:      {redact(tracking_uri())} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`")
     if not smoke:
         out.print("  try it:      tuneline predict \"<input>\" (the champion of register.model_name)")
 

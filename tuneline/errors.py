@@ -12,6 +12,29 @@ class TunelineError(Exception):
         super().__init__(f"{problem}. Fix: {fix}" if fix else problem)
 
 
+def from_os_error(err: BaseException, where: str) -> TunelineError | None:
+    """The one-line form of an environment failure (full disk, read-only or forbidden
+    path), found also when a library wrapped the OSError in its own message."""
+    import errno
+
+    chain = err
+    while chain is not None and not isinstance(chain, OSError):  # e.g. raised "from" an OSError
+        chain = chain.__cause__ or chain.__context__
+    err = chain or err
+    code = getattr(err, "errno", None)
+    text = str(err)
+    path = getattr(err, "filename", None)
+    reason = (getattr(err, "strerror", None) if path else None) or " ".join(text.split())[:160]
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left on device" in text:
+        return TunelineError(f"{where}: the disk is full{f' writing {path}' if path else ''} ({reason})",
+                             "free space (`df -h .` shows where), or lower train.keep_checkpoints; "
+                             "then re-run: finished stages and checkpoints are reused")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Read-only file system" in text:
+        return TunelineError(f"{where}: cannot write {path or 'its output'} ({reason})",
+                             "make the project directory writable (or run from a writable copy), then re-run")
+    return None
+
+
 def debug() -> bool:
     """`tuneline --debug` (which sets TUNELINE_DEBUG for the stage processes it starts)."""
     import os
@@ -28,11 +51,13 @@ def report(err: Exception, where: str) -> str:
 
     from tuneline import ROOT
 
-    first = (str(err).strip().splitlines() or [""])[0][:200]
+    from tuneline.tracking import redact
+
+    first = redact((str(err).strip().splitlines() or [""])[0][:200])
     path = ROOT / ".cache" / "errors" / f"{time.strftime('%Y%m%d-%H%M%S')}-{where}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(traceback.format_exception(err)))
+        path.write_text(redact("".join(traceback.format_exception(err))))
         shown = os.path.relpath(path)
     except OSError:
         shown = "not saved (run with --debug to see it)"
@@ -45,4 +70,6 @@ def print_error(text: str) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble(("error: ", "bold red"), text))
+    from tuneline.tracking import redact
+
+    Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble(("error: ", "bold red"), redact(text)))

@@ -1,7 +1,10 @@
 """Atomic writes: a stage's outputs appear whole or not at all.
 
-Everything is written under a temporary sibling and renamed into place; a killed stage
-leaves only `.tmp*` debris that neither DVC nor the next stage will read.
+Everything is written under a temporary sibling (`.<name>.tmp<pid>`) and renamed into
+place, so a killed stage leaves only hidden debris that neither DVC nor the next stage
+reads, and the previous output stays whole (dvc.yaml marks outputs `persist`, so DVC does
+not delete them before a run either). The next write to the same path sweeps up the
+debris of writers that are no longer alive.
 """
 
 from __future__ import annotations
@@ -9,9 +12,39 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep(path: Path) -> None:
+    """Remove `.<name>.tmp<pid>` / `.<name>.old<pid>` siblings left by dead writers."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)(\d+)$")
+    if not path.parent.is_dir():
+        return
+    for item in path.parent.iterdir():
+        m = pattern.match(item.name)
+        if m and (int(m.group(2)) == os.getpid() or not _alive(int(m.group(2)))):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    item.unlink()
+
+
+def _tmp(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{kind}{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -19,31 +52,60 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    sweep(path)
+    tmp = _tmp(path)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    # Two renames: a kill between them leaves the old output under .old<pid> and the new
+    # one under .tmp<pid>, never a mix; `path` missing means "not finished" to DVC.
+    old = _tmp(path, "old")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """An open temporary file that replaces `path` (os.replace) only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    sweep(path)
+    tmp = _tmp(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.errno and not e.filename:  # say which file (a write error names none)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a Python file: a full disk raises OSError(ENOSPC), not the C++
+    writer's opaque "unexpected pos" RuntimeError, and a torn file is never in place."""
+    import torch
+
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def read_json(path: str | Path) -> Any:

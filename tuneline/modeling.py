@@ -115,6 +115,40 @@ def load_tokenizer(name: str):
     return tok
 
 
+def check_pair(name: str, tok) -> None:
+    """Refuse a tokenizer that cannot belong to model `name`: ids past the embedding table
+    crash training (on a GPU, silently read other rows), and a different end-of-text id
+    means the answers never learn to stop."""
+    if name in SCRATCH:  # built with the GPT-2 tokenizer by construction
+        return
+    from transformers import AutoConfig
+
+    folder = resolve(name)
+    if isinstance(folder, Path):  # headers only: a torn or foreign file fails here, in milliseconds
+        from safetensors import safe_open
+
+        for f in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(f, "pt"):
+                    pass
+            except Exception as e:
+                raise TunelineError(f"model '{name}': {f.name} is not a readable safetensors file ({type(e).__name__})",
+                                    "re-create or re-download the model files") from None
+    try:
+        cfg = AutoConfig.from_pretrained(folder)
+    except Exception:  # unreadable or unreachable: load_model says why
+        return
+    fix = "use the tokenizer saved with the model (save_pretrained both into the folder model.name points at)"
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab and len(tok) > vocab:
+        raise TunelineError(f"model '{name}': its tokenizer has {len(tok)} tokens but the model's embedding has "
+                            f"{vocab} rows, so they do not belong together", fix)
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    if eos != [None] and tok.eos_token_id not in eos:
+        raise TunelineError(f"model '{name}': the tokenizer's end-of-text token {tok.eos_token!r} (id "
+                            f"{tok.eos_token_id}) is not the model's (eos_token_id {cfg.eos_token_id})", fix)
+
+
 def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
     """Causal LM with sdpa attention: the implementation whose packed masks we test."""
     from transformers import AutoModelForCausalLM

@@ -19,6 +19,18 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "champion.history."
 
 
+def gate_lock(name: str):
+    """One champion gate at a time per (store, model) on this machine. Two pipeline runs that
+    finish together then gate one after the other: the second challenger faces the first's
+    outcome, so `champion` ends on the better of the two whatever the order."""
+    import hashlib
+
+    from tuneline.lock import machine_lock
+    from tuneline.tracking import tracking_uri
+
+    return machine_lock(f"gate-{hashlib.sha256(f'{tracking_uri()}|{name}'.encode()).hexdigest()[:12]}")
+
+
 def champion(client, name: str):
     """The champion ModelVersion, or None when there is none (or no such model)."""
     from mlflow.exceptions import MlflowException

@@ -127,29 +127,13 @@ def check_ports(host: str, ports: dict[str, tuple[str, int]]) -> None:
 
 def check_store(uri: str) -> None:
     """A database store must answer now: MLflow's server would retry a wrong one for an hour."""
-    from tuneline.tracking import redact
+    from tuneline import tracking
 
     scheme = uri.split(":", 1)[0].lower()
     if scheme in ("http", "https", "databricks"):
-        raise TunelineError(f"MLFLOW_TRACKING_URI is a tracking server ({redact(uri)}), not a store to serve",
+        raise TunelineError(f"MLFLOW_TRACKING_URI is a tracking server ({tracking.redact(uri)}), not a store to serve",
                             "open that server in a browser, or unset MLFLOW_TRACKING_URI to serve the project's store")
-    if not scheme.startswith(("postgresql", "mysql", "mssql")):  # sqlite/file stores are created on first use
-        return
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10} if scheme.startswith("postgresql") else {})
-        try:
-            with engine.connect():
-                pass
-        finally:
-            engine.dispose()
-    except ImportError as e:
-        raise TunelineError(f"no driver for the MLflow store {redact(uri)} ({e})", "install the pinned stack: `make install`") from None
-    except Exception as e:  # refused, unknown host, wrong password, missing database
-        why = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise TunelineError(f"cannot connect to the MLflow store {redact(uri)} ({redact(why)[:160]})",
-                            "start the database, or fix MLFLOW_TRACKING_URI") from None
+    tracking.check_store(uri)
 
 
 def wait_ready(servers: list[Server], stop: list, host: str, t0: float) -> None:

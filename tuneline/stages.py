@@ -69,24 +69,50 @@ def _run(name: str, params, from_file: bool) -> dict:
     return metrics
 
 
+ERROR_FILE = "TUNELINE_ERROR_FILE"  # set by the flow: the stage's one-line error goes there
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m tuneline.stages STAGE` (what dvc.yaml runs). Exit 0, or 2 with one line
+    for a problem the user can fix, 1 for an unforeseen one (traceback saved to a file)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m tuneline.stages STAGE", file=sys.stderr)
         return 2
-    from tuneline.errors import debug, print_error, report
+    from tuneline.errors import debug, from_os_error, report
 
     try:
         run_stage(argv[0])
     except TunelineError as e:
-        print_error(str(e))
-        return 2
-    except Exception as e:  # unforeseen: one line here, the traceback in a file (or here with --debug)
+        return _failed(str(e), 2)
+    except KeyboardInterrupt:
+        return _failed(f"{argv[0]}: interrupted. Fix: re-run it; finished stages and checkpoints are reused", 130)
+    except Exception as e:  # a full disk or read-only path is the user's to fix; anything else is unforeseen
+        known = from_os_error(e, argv[0])
+        if known is not None:
+            return _failed(str(known), 2)
         if debug():
             raise
-        print_error(report(e, argv[0]))
-        return 1
+        return _failed(report(e, argv[0]), 1)
     return 0
+
+
+def _failed(line: str, code: int) -> int:
+    """Print the line, or hand it to the flow that started this stage (it prints it once, last)."""
+    import os
+
+    from tuneline.errors import print_error
+    from tuneline.tracking import redact
+
+    path = os.environ.get(ERROR_FILE)
+    if path:
+        try:
+            Path(path).write_text(f"{code}\n{redact(line)}\n")
+            return code
+        except OSError:
+            pass
+    print_error(line)
+    return code
 
 
 if __name__ == "__main__":

@@ -22,10 +22,20 @@ PARENT_ENV = "TUNELINE_PARENT_RUN_ID"
 EXEC_TAG = "tuneline.execution"
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
 _SECRET = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # user:password@ in URIs
+# Environment variables whose values are credentials: never logged, printed or tagged.
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+              "DATABRICKS_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PGPASSWORD", "WANDB_API_KEY")
+_TOKEN = re.compile(r"\b(hf_[A-Za-z0-9]{20,})\b")  # a Hugging Face token, wherever it came from
 
 
 def redact(text: str) -> str:
-    return _SECRET.sub(r"\1***@", text)
+    """`text` without credentials: URI passwords, HF tokens and the values of SECRET_ENV."""
+    text = _TOKEN.sub("hf_***", _SECRET.sub(r"\1***@", text))
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 6:  # short values would redact ordinary words
+            text = text.replace(value, "***")
+    return text
 
 
 def default_uri() -> str:
@@ -36,6 +46,65 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
+def _sqlite_path(uri: str):
+    """The file of a `sqlite:///` store, else None."""
+    from pathlib import Path
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+
+
+def check_store(uri: str | None = None) -> None:
+    """Fail in seconds, with one line, when the MLflow store cannot be used: a tracking
+    server that does not answer, a database that refuses, an SQLite file that is not a
+    database. (MLflow itself would retry an unreachable server for minutes.)"""
+    from tuneline.errors import TunelineError
+
+    uri = uri or tracking_uri()
+    shown, scheme = redact(uri), uri.split(":", 1)[0].lower()
+    fix = "start it (`tuneline ui` serves one on 127.0.0.1:5000), or unset MLFLOW_TRACKING_URI to use the project's mlflow.db"
+    if scheme in ("http", "https"):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+                why = f"HTTP {r.status}"
+        except Exception as e:  # refused, unknown host, timed out, HTTP error
+            why = " ".join(str(getattr(e, "reason", None) or e).split())[:120]
+        raise TunelineError(f"the MLflow tracking server {shown} does not answer ({redact(why)})", fix)
+    if scheme.startswith(("postgresql", "mysql", "mssql")):
+        try:
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10} if scheme.startswith("postgresql") else {})
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()
+        except ImportError as e:
+            raise TunelineError(f"no driver for the MLflow store {shown} ({e})", "install the pinned stack: `make install`") from None
+        except Exception as e:  # refused, unknown host, wrong password, missing database
+            why = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            raise TunelineError(f"cannot connect to the MLflow store {shown} ({redact(why)[:160]})",
+                                "start the database, or fix MLFLOW_TRACKING_URI") from None
+    elif _sqlite_path(uri) is not None:
+        import sqlite3
+
+        path = _sqlite_path(uri)
+        if path.is_file():
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+                    db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.DatabaseError as e:
+                raise TunelineError(f"the MLflow store {path} is not a usable SQLite database ({e})",
+                                    f"move it aside (mv {path} {path}.bad) to start a new store, or set "
+                                    "MLFLOW_TRACKING_URI to another one") from None
+
+
 def setup(experiment: str) -> str:
     """Point MLflow at the store and return the experiment id (created on first use)."""
     import logging
@@ -43,12 +112,23 @@ def setup(experiment: str) -> str:
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    db = _sqlite_path(uri)
+    if db is not None and not (db.is_file() and db.stat().st_size):
+        # A new SQLite store: one process creates its tables while the others wait (two
+        # pipelines started together would otherwise both run the schema migrations).
+        import hashlib
+
+        from tuneline.lock import machine_lock
+
+        with machine_lock(f"store-{hashlib.sha256(str(db).encode()).hexdigest()[:12]}"):
+            mlflow.MlflowClient().search_experiments(max_results=1)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        location = None
-        if tracking_uri() == default_uri():  # the project's own store keeps artifacts beside it
-            location = (ROOT / "mlartifacts").as_uri()
+        # An SQLite store keeps artifacts beside it (mlflow.db -> mlartifacts/), so every
+        # project sharing it finds them; MLflow's default is the cwd of whoever came first.
+        location = (db.parent / "mlartifacts").as_uri() if db is not None else None
         try:
             exp_id = mlflow.create_experiment(experiment, artifact_location=location)
         except Exception:  # another process created it first
@@ -120,6 +200,7 @@ def stage_run(stage: str, params: Params) -> Iterator[str]:
     """
     import mlflow
 
+    check_store()
     parent = find_parent(params)
     client = mlflow.MlflowClient()
     child = client.create_run(
