@@ -35,7 +35,7 @@ def results(root: Path) -> dict:
     def load(name):
         return json.loads((root / "metrics" / f"{name}.json").read_text())
 
-    train = {k: load("train")[k] for k in ("steps", "best_step", "final_train_loss", "best_val_loss", "model_flops")}
+    train = {k: load("train")[k] for k in ("steps", "best_step", "final_train_loss", "best_val_loss")}
     evals = {side: {k: v for k, v in load("eval")[side].items() if not k.endswith("_s")} for side in ("base", "tuned")}
     curve = (root / "plots" / "train.csv").read_text()
     return {"prepare": load("prepare"), "tokenize": load("tokenize"), "train": train, "eval": evals, "curve": curve,
@@ -60,15 +60,14 @@ def run_until(proj, marker: str, env: dict) -> str:
 
 def aliases(db: Path) -> dict[str, str]:
     with sqlite3.connect(db) as c:
-        return dict(c.execute("SELECT alias, version FROM registered_model_aliases"))
+        return {alias: str(version) for alias, version in c.execute("SELECT alias, version FROM registered_model_aliases")}
 
 
 def artifacts_present(proj, db: Path) -> dict[str, bool]:
-    """Whether each aliased version's registered model loads its weights from the store."""
+    """Whether each alias resolves to a registered model whose weights are in the store."""
     code = (f"import json, mlflow; mlflow.set_tracking_uri('sqlite:///{db}'); c = mlflow.MlflowClient(); out = {{}}\n"
             "for a in ('champion', 'challenger'):\n"
-            "    v = c.get_model_version_by_alias('descrambler', a)\n"
-            "    p = mlflow.artifacts.download_artifacts(v.source)\n"
+            "    p = mlflow.artifacts.download_artifacts(f'models:/descrambler@{a}')\n"
             "    import pathlib; out[a] = any(pathlib.Path(p).rglob('model.safetensors'))\n"
             "print(json.dumps(out))")
     return json.loads(proj.python(code).strip().splitlines()[-1])
