@@ -65,7 +65,7 @@ def aliases(db: Path) -> dict[str, str]:
 
 def artifacts_present(proj, db: Path) -> dict[str, bool]:
     """Whether each alias resolves to a registered model whose weights are in the store."""
-    code = (f"import json, mlflow; mlflow.set_tracking_uri('sqlite:///{db}'); c = mlflow.MlflowClient(); out = {{}}\n"
+    code = (f"import json, mlflow; mlflow.set_tracking_uri('sqlite:///{db}'); out = {{}}\n"
             "for a in ('champion', 'challenger'):\n"
             "    p = mlflow.artifacts.download_artifacts(f'models:/descrambler@{a}')\n"
             "    import pathlib; out[a] = any(pathlib.Path(p).rglob('model.safetensors'))\n"
