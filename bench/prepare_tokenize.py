@@ -82,11 +82,16 @@ def bench(recipe: str, sets: list[str], repeats: int) -> dict:
     real = sum(sum(m) for m in seeded["attention_mask"])
     truncated = sum(1 for m in seeded["attention_mask"] if m[-1] == 1 and sum(m) == SEED_LEN)
     return {
-        "recipe": recipe, "rows": n, "repeats": repeats,
-        "seed_rows_per_s": n / statistics.median(t_seed), "ours_rows_per_s": n / statistics.median(t_ours),
+        "recipe": recipe,
+        "rows": n,
+        "repeats": repeats,
+        "seed_rows_per_s": n / statistics.median(t_seed),
+        "ours_rows_per_s": n / statistics.median(t_ours),
         "throughput_ratio": statistics.median(t_seed) / statistics.median(t_ours),
-        "seed_pad_share": 1 - real / (len(seeded) * SEED_LEN), "seed_rows_at_128_possibly_truncated": truncated,
-        "ours_pad_share": ours_stats["pad_share"], "ours_examples_per_sequence": ours_stats["examples_per_sequence"],
+        "seed_pad_share": 1 - real / (len(seeded) * SEED_LEN),
+        "seed_rows_at_128_possibly_truncated": truncated,
+        "ours_pad_share": ours_stats["pad_share"],
+        "ours_examples_per_sequence": ours_stats["examples_per_sequence"],
         "ours_tokens_per_sequence": ours_stats["tokens_per_sequence"],
     }
 
@@ -105,8 +110,10 @@ def main() -> None:
     print("| recipe | rows | seed rows/s | ours rows/s | ratio | seed pad share | ours pad share (bfd 512) |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['recipe']} | {r['rows']} | {r['seed_rows_per_s']:.0f} | {r['ours_rows_per_s']:.0f} | "
-              f"**{r['throughput_ratio']:.1f}x** | {r['seed_pad_share']:.1%} | {r['ours_pad_share']:.1%} |")
+        print(
+            f"| {r['recipe']} | {r['rows']} | {r['seed_rows_per_s']:.0f} | {r['ours_rows_per_s']:.0f} | "
+            f"**{r['throughput_ratio']:.1f}x** | {r['seed_pad_share']:.1%} | {r['ours_pad_share']:.1%} |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -75,13 +75,16 @@ os.environ.setdefault("TUNELINE_ROOT", str(HERE.parent))  # model cache under th
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from prepare_tokenize import SEED_LEN, seed_recipe  # noqa: E402
 
 from components import prepare, tokenize  # noqa: E402
 from components import train as train_stage  # noqa: E402
-from prepare_tokenize import SEED_LEN, seed_recipe  # noqa: E402
-from tuneline import recipes, tasks  # noqa: E402
+from tuneline import (  # noqa: E402
+    modeling,  # noqa: E402
+    recipes,
+    tasks,
+)
 from tuneline.loss import mean_loss  # noqa: E402
-from tuneline import modeling  # noqa: E402
 from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
 from tuneline.packing import IGNORE  # noqa: E402
 
@@ -100,15 +103,31 @@ def chdir(path: Path):
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").is_file()
+        else platform.processor()
+    )
     import peft
     import transformers
 
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def trained_tokens(labels_rows) -> int:
@@ -137,15 +156,27 @@ def run_seed(params, seed_ds, b_seed: int, val_rows, pad_id: int, workdir: Path)
     schedule = HF_SCHEDULE[cfg.schedule]
     args = TrainingArguments(
         output_dir=str(workdir / "hf_out"),
-        per_device_train_batch_size=b_seed, gradient_accumulation_steps=1, num_train_epochs=cfg.epochs,
-        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
+        per_device_train_batch_size=b_seed,
+        gradient_accumulation_steps=1,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
         lr_scheduler_type=schedule,
         lr_scheduler_kwargs={"min_lr_rate": MIN_LR_RATE} if schedule == "cosine_with_min_lr" else None,
         warmup_steps=int(cfg.warmup_ratio * steps),  # an int: steps, rounded like ours
-        max_grad_norm=cfg.max_grad_norm, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
-        seed=params.seed, report_to=[], save_strategy="no", eval_strategy="no", logging_steps=cfg.log_every,
-        dataloader_num_workers=0, disable_tqdm=True,
+        seed=params.seed,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=cfg.log_every,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=seed_ds)
     t = time.perf_counter()
@@ -155,8 +186,14 @@ def run_seed(params, seed_ds, b_seed: int, val_rows, pad_id: int, workdir: Path)
     if cfg.method == "lora":
         model = model.merge_and_unload()
     val = fp32_val_loss(model, val_rows, pad_id, cfg.batch_size)
-    res = {"wall_s": wall, "steps": out.global_step, "mean_train_loss": out.training_loss, "val_loss": val,
-           "device": str(args.device), "precision": str(dtype or torch.float32).removeprefix("torch.")}
+    res = {
+        "wall_s": wall,
+        "steps": out.global_step,
+        "mean_train_loss": out.training_loss,
+        "val_loss": val,
+        "device": str(args.device),
+        "precision": str(dtype or torch.float32).removeprefix("torch."),
+    }
     del trainer, model
     gc.collect()
     return res
@@ -177,15 +214,21 @@ def run_ours(params, val_rows, pad_id: int) -> dict:
     val = fp32_val_loss(model, val_rows, pad_id, params.train.batch_size)
     del model
     gc.collect()
-    return {"wall_s": wall, "steps_wall_s": metrics["train_s"],
-            "steps": metrics.get("steps"), "mean_train_loss": _mean_train_loss(), "val_loss": val,
-            "run_val_loss_autocast": metrics.get("best_val_loss"), "stopped_early": metrics.get("stopped_early"),
-            "device": metrics.get("device"), "precision": metrics["precision"]}
+    return {
+        "wall_s": wall,
+        "steps_wall_s": metrics["train_s"],
+        "steps": metrics.get("steps"),
+        "mean_train_loss": _mean_train_loss(),
+        "val_loss": val,
+        "run_val_loss_autocast": metrics.get("best_val_loss"),
+        "stopped_early": metrics.get("stopped_early"),
+        "device": metrics.get("device"),
+        "precision": metrics["precision"],
+    }
 
 
 def bench(args) -> dict:
-    sets = [f"model.name={args.model}", "train.epochs=1", *args.set, "train.max_steps=0",
-            f"train.eval_every={10**9}"]
+    sets = [f"model.name={args.model}", "train.epochs=1", *args.set, "train.max_steps=0", f"train.eval_every={10**9}"]
     if args.n is not None:
         sets.insert(0, f"prepare.n_train={args.n}")
     if args.method:
@@ -209,20 +252,29 @@ def bench(args) -> dict:
         seed_tokens = sum(sum(m) for m in seed_mask)
         seed_truncated = sum(1 for m in seed_mask if m[-1] == 1)
         sizes = {
-            "n_train_examples_seed": len(prepared), "n_train_examples_ours": n_examples,
-            "n_val_examples": sum(len(r["seq_lens"]) for r in val_rows), "ours_packed_rows": len(train_rows),
-            "ours_batch_size": cfg.batch_size, "ours_grad_accum": cfg.grad_accum, "ours_steps_planned": steps_ours,
-            "ours_examples_per_step": n_examples / steps_ours, "seed_batch_size": b_seed,
+            "n_train_examples_seed": len(prepared),
+            "n_train_examples_ours": n_examples,
+            "n_val_examples": sum(len(r["seq_lens"]) for r in val_rows),
+            "ours_packed_rows": len(train_rows),
+            "ours_batch_size": cfg.batch_size,
+            "ours_grad_accum": cfg.grad_accum,
+            "ours_steps_planned": steps_ours,
+            "ours_examples_per_step": n_examples / steps_ours,
+            "seed_batch_size": b_seed,
             "seed_steps_planned": math.ceil(len(prepared) / b_seed),
-            "seed_tokens_nonpad": int(seed_tokens * cfg.epochs), "seed_positions": int(len(seed_ds) * SEED_LEN * cfg.epochs),
+            "seed_tokens_nonpad": int(seed_tokens * cfg.epochs),
+            "seed_positions": int(len(seed_ds) * SEED_LEN * cfg.epochs),
             "seed_rows_at_128_possibly_truncated": seed_truncated,
             "ours_tokens_nonpad": int(sum(len(r["input_ids"]) for r in train_rows) * cfg.epochs),
             "seed_trained_answer_tokens": trained_tokens(seed_ds["labels"]),
             "ours_trained_answer_tokens": trained_tokens(r["labels"] for r in train_rows),
         }
-        print(f"[bench] {n_examples} examples -> {len(train_rows)} packed rows: ours {steps_ours} steps x "
-              f"{cfg.grad_accum} x {cfg.batch_size} rows ({n_examples / steps_ours:.1f} examples/step); "
-              f"seed batch {b_seed} rows of {SEED_LEN} ({sizes['seed_steps_planned']} steps)", flush=True)
+        print(
+            f"[bench] {n_examples} examples -> {len(train_rows)} packed rows: ours {steps_ours} steps x "
+            f"{cfg.grad_accum} x {cfg.batch_size} rows ({n_examples / steps_ours:.1f} examples/step); "
+            f"seed batch {b_seed} rows of {SEED_LEN} ({sizes['seed_steps_planned']} steps)",
+            flush=True,
+        )
 
         seed_runs, our_runs = [], []
         for i in range(args.repeats):
@@ -232,17 +284,30 @@ def bench(args) -> dict:
             our_runs.append(run_ours(params, val_rows, pad_id))
 
     def summary(runs: list[dict]) -> dict:
-        return {**runs[-1], "wall_s": statistics.median(r["wall_s"] for r in runs),
-                "wall_s_all": [r["wall_s"] for r in runs], "val_loss_all": [r["val_loss"] for r in runs]}
+        return {
+            **runs[-1],
+            "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "wall_s_all": [r["wall_s"] for r in runs],
+            "val_loss_all": [r["val_loss"] for r in runs],
+        }
 
     seed, ours = summary(seed_runs), summary(our_runs)
     ratio = seed["wall_s"] / ours["wall_s"]
     loop = [r["steps_wall_s"] for r in our_runs if r.get("steps_wall_s")]
     return {
-        "model": params.model.name, "method": cfg.method, "repeats": args.repeats, "machine": machine(),
-        "sizes": sizes, "seed": seed, "ours": ours, "wall_ratio": ratio,
+        "model": params.model.name,
+        "method": cfg.method,
+        "repeats": args.repeats,
+        "machine": machine(),
+        "sizes": sizes,
+        "seed": seed,
+        "ours": ours,
+        "wall_ratio": ratio,
         "wall_ratio_vs_our_steps": seed["wall_s"] / statistics.median(loop) if loop else None,
-        "goals": {"wall_ratio_at_least_3x": ratio >= 3.0, "ours_val_loss_le_seed": ours["val_loss"] <= seed["val_loss"]},
+        "goals": {
+            "wall_ratio_at_least_3x": ratio >= 3.0,
+            "ours_val_loss_le_seed": ours["val_loss"] <= seed["val_loss"],
+        },
         "params": params.model_dump(),
     }
 
@@ -260,25 +325,40 @@ def table(r: dict) -> str:
         ("mean train loss over the epoch", f"{s['mean_train_loss']:.4f}", f"{o['mean_train_loss']:.4f}"),
         ("val loss (fp32, same rows)", f"{s['val_loss']:.4f}", f"{o['val_loss']:.4f}"),
     ]
-    out = [f"{r['model']}, {r['method']}, {z['n_train_examples_seed']} examples, 1 epoch, "
-           f"{r['machine']['torch_threads']} torch threads, {r['repeats']} round(s)", "",
-           "| | seed (HF Trainer, pad 128) | ours (packed, answer-only) |", "|---|---|---|"]
+    out = [
+        f"{r['model']}, {r['method']}, {z['n_train_examples_seed']} examples, 1 epoch, "
+        f"{r['machine']['torch_threads']} torch threads, {r['repeats']} round(s)",
+        "",
+        "| | seed (HF Trainer, pad 128) | ours (packed, answer-only) |",
+        "|---|---|---|",
+    ]
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     g = r["goals"]
-    loop = (f" (vs our optimizer steps alone, run()'s train_s {o['steps_wall_s']:.1f} s: "
-            f"{r['wall_ratio_vs_our_steps']:.2f}x)" if r["wall_ratio_vs_our_steps"] else "")
-    out += ["", f"wall time ratio seed/ours: **{r['wall_ratio']:.2f}x**{loop}",
-            f"goal >= 3x faster: {'met' if g['wall_ratio_at_least_3x'] else 'NOT met'}; "
-            f"goal val loss ours <= seed ({o['val_loss']:.4f} vs {s['val_loss']:.4f}): "
-            f"{'met' if g['ours_val_loss_le_seed'] else 'NOT met'}"]
+    loop = (
+        f" (vs our optimizer steps alone, run()'s train_s {o['steps_wall_s']:.1f} s: "
+        f"{r['wall_ratio_vs_our_steps']:.2f}x)"
+        if r["wall_ratio_vs_our_steps"]
+        else ""
+    )
+    out += [
+        "",
+        f"wall time ratio seed/ours: **{r['wall_ratio']:.2f}x**{loop}",
+        f"goal >= 3x faster: {'met' if g['wall_ratio_at_least_3x'] else 'NOT met'}; "
+        f"goal val loss ours <= seed ({o['val_loss']:.4f} vs {s['val_loss']:.4f}): "
+        f"{'met' if g['ours_val_loss_le_seed'] else 'NOT met'}",
+    ]
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=None, help="training examples (default: the default job's prepare.n_train)")
+    ap.add_argument(
+        "--n", type=int, default=None, help="training examples (default: the default job's prepare.n_train)"
+    )
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model.name (tiny-gpt2 for a quick check)")
-    ap.add_argument("--method", choices=["lora", "full"], default=None, help="train.method (default: the default job's)")
+    ap.add_argument(
+        "--method", choices=["lora", "full"], default=None, help="train.method (default: the default job's)"
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more params overrides, both sides")
     ap.add_argument("--repeats", type=int, default=1, help="alternating seed/ours rounds; medians reported")
     ap.add_argument("--out", default=str(HERE / "results" / "train_vs_seed.json"))

@@ -1,196 +1,57 @@
 """register: log the merged model to MLflow, register a version, run the champion gate.
 
-The gate compares the new version (the challenger) with the current champion on the same
-test examples, or, when there is no champion yet, with the base model. `champion` moves
-only if the challenger is better on the primary metric, by at least register.min_delta,
-with p < register.alpha (paired bootstrap or McNemar); a failed or NaN evaluation never
-promotes. The champion's per-example results come from the artifact logged with it
-(`eval/examples.json`); if it was evaluated on other examples or settings, it is
-re-evaluated on these. The evidence is tagged on the version (`gate.*`), and the version's
-description is its model card (tuneline/card.py). Every new version gets `challenger`.
+The gate's rules are in tuneline/gate.py; what it decided is tagged on the version, and
+its model card (tuneline/card.py) is the version's description.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import subprocess
-from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 
-import yaml
-
-from components.evaluate import EXAMPLES as EVAL_EXAMPLES
-from components.evaluate import METRICS as EVAL_METRICS
-from components.evaluate import PREDICTIONS, compare, evaluate_model, examples_key, load_any
-from components.prepare import OUT as PREPARED
-from components.prepare import read_split
-from components.train import METRICS as TRAIN_METRICS
-from components.train import OUT as MODELS
-from tuneline import card, registry, scoring, tasks
-from tuneline.config import Params, RegisterCfg, flatten
+from tuneline import gate, registry
+from tuneline.config import Params
+from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file, read_split
 from tuneline.errors import TunelineError
-from tuneline.io import read_json, write_json
-from tuneline.registry import CHALLENGER
-from tuneline.tracking import redact
+from tuneline.evaluation import examples_key
+from tuneline.io import read_json
 
-METRICS = Path("metrics/register.json")
-# A served request per task: what goes into the template's {prompt}.
-EXAMPLES = {"descramble": "cat the on sat mat the", "pretrain": "The history of the city",
-            "instruct": "Name three primary colors.", "classify": "i feel wonderful today",
-            "entail": "mnli hypothesis: A man is outside. premise: A man walks in the park. target:"}
-EVAL_ARTIFACT = "eval/examples.json"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        # "-dirty" when code or params differ from the commit; files the pipeline itself
-        # writes (dvc.lock, metrics, plots, reports) do not count.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock",
-                                ":!metrics", ":!plots", ":!reports"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def data_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
-    """md5 of the prepared and tokenized data as DVC recorded them."""
-    if not lock.is_file():
-        return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return {f"data.{stage}.md5": out.get("md5", "")
-            for stage in ("prepare", "tokenize") for out in stages.get(stage, {}).get("outs", [])}
-
-
-def decide(c: scoring.Comparison, cfg: RegisterCfg, against: str) -> tuple[bool, str]:
-    """Promote only if every condition holds; the reason names the one that failed."""
-    if not all(math.isfinite(x) for x in (c.a, c.b, c.p_value)):
-        return False, f"{c.metric} is {c.a} against {c.b}: a failed evaluation never promotes"
-    gain = c.improvement()
-    lower = " (lower is better)" if c.metric in tasks.LOWER_IS_BETTER else ""
-    shown = (f"{c.metric} {c.a:.4g} vs {against}'s {c.b:.4g}{lower}: delta {c.delta:+.4g}, "
-             f"95% CI [{c.ci_low:+.4g}, {c.ci_high:+.4g}]")
-    if gain <= 0:
-        return False, f"{shown}; not better"
-    if gain < cfg.min_delta:
-        return False, f"{shown}; the gain {gain:.4g} is below register.min_delta={cfg.min_delta}"
-    if c.p_value >= cfg.alpha:
-        return False, f"{shown}; not significant (p={c.p_value:.3g} >= register.alpha={cfg.alpha}, {c.test})"
-    return True, f"{shown}; p={c.p_value:.3g} < {cfg.alpha} ({c.test})"
-
-
-def reference(client, name: str, rows: list[dict], params: Params, record: dict) -> tuple[str, str | None, dict]:
-    """(what the challenger is compared with, its version or None, its evaluation record)."""
-    # A dry run (--smoke) faces the base model: it must not spend minutes re-evaluating a
-    # real champion on a toy slice.
-    champ = None if params.register.dry_run else registry.champion(client, name)
-    if champ is None:
-        return f"base model {params.model.name}", None, record["base"]
-    label = f"champion v{champ.version}"
-    if champ.tags.get("eval.examples_key") == record["examples_key"] and champ.run_id:
-        import mlflow
-
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=champ.run_id, artifact_path=EVAL_ARTIFACT)
-            return label, str(champ.version), read_json(path)["tuned"]
-        except Exception as e:  # artifacts gone: re-evaluating below is still correct
-            print(f"[register] {label}'s evaluation artifact is unreadable ({type(e).__name__}); re-evaluating it")
-    print(f"[register] {label} was evaluated on other examples or settings: evaluating it on these "
-          f"{len(rows)}", flush=True)
-    model, tok = load_any(f"models:/{name}/{champ.version}")
-    return label, str(champ.version), evaluate_model(model, tok, rows, params)
-
-
-def log_model(params: Params):
-    """Log models/merged to the active run (safetensors, the task's prompt template)."""
-    import mlflow
-    from mlflow.models import infer_signature
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    merged = MODELS / "merged"
-    task = tasks.TASKS[params.prepare.task]
-    example = [EXAMPLES[task.name]]
-    return mlflow.transformers.log_model(
-        transformers_model={"model": AutoModelForCausalLM.from_pretrained(merged),
-                            "tokenizer": AutoTokenizer.from_pretrained(merged)},
-        name="model",
-        task="text-generation",
-        # MLflow fills {prompt} and strips it from the output (return_full_text=False).
-        prompt_template=tasks.serving_template(task, params.prepare.labels),
-        model_config={"max_new_tokens": params.evaluate.max_new_tokens, "do_sample": False},
-        signature=infer_signature(example, ["an answer"]),
-        input_example=example,
-        save_pretrained=True,  # weights as safetensors
-        # Explicit: MLflow's inference would also pin torchvision, which has no CPU wheel here.
-        pip_requirements=[f"{pkg}=={metadata.version(pkg)}" for pkg in ("torch", "transformers", "accelerate", "mlflow")],
-    )
+PARAMS = (
+    "seed",
+    "model.name",
+    "prepare.task",
+    "prepare.labels",
+    "evaluate.max_new_tokens",
+    "evaluate.primary_metric",
+    "evaluate.n_bootstrap",
+    "register.model_name",
+    "register.experiment",
+    "register.dry_run",
+    "register.min_delta",
+    "register.alpha",
+    "register.test",
+)
+INPUTS = (PREPARED, MODELS, metrics_file("train"), metrics_file("evaluate"), EVAL_EXAMPLES, PREDICTIONS)
+OUTS = ()
 
 
 def _inputs(params: Params) -> tuple[dict, dict, list[dict]]:
     """metrics/eval.json, reports/eval_examples.json and the test rows they were made on."""
     fix = "run `dvc repro` (train and evaluate first)"
-    if not (MODELS / "merged" / "config.json").is_file() or not EVAL_METRICS.is_file() or not EVAL_EXAMPLES.is_file():
+    evals = metrics_file("evaluate")
+    if not (MERGED / "config.json").is_file() or not evals.is_file() or not EVAL_EXAMPLES.is_file():
         raise TunelineError("register: the trained model or the evaluation results are missing", fix)
-    rows = read_split("test", PREPARED)[: params.evaluate.n_examples]
+    rows = read_split("test")
     record = read_json(EVAL_EXAMPLES)
     if record.get("examples_key") != examples_key(rows, params):
         raise TunelineError("register: the evaluation results are for other test examples or settings", fix)
-    return read_json(EVAL_METRICS), record, rows
+    return read_json(evals), record, rows
 
 
 def run(params: Params) -> dict:
     import mlflow
 
     evals, record, rows = _inputs(params)
-    info = log_model(params)  # the slow upload happens outside the gate's lock
-    mlflow.log_artifact(str(EVAL_EXAMPLES), artifact_path=Path(EVAL_ARTIFACT).parent.as_posix())
+    info = gate.log_model(params)  # the slow upload happens outside the gate's lock
+    mlflow.log_artifact(str(EVAL_EXAMPLES), artifact_path=Path(gate.EVAL_ARTIFACT).parent.as_posix())
     with registry.gate_lock(params.register.model_name):
-        return gate(params, info, evals, record, rows)
-
-
-def gate(params: Params, info, evals: dict, record: dict, rows: list[dict]) -> dict:
-    """Compare with the champion (or base model), register the version, move the aliases."""
-    import mlflow
-
-    primary, name, cfg = params.primary_metric(), params.register.model_name, params.register
-    client = mlflow.MlflowClient()
-    against, against_version, ref = reference(client, name, rows, params, record)
-    c = compare(record["tuned"], ref, rows, params, cfg.test)
-    promote, why = decide(c, cfg, against)
-    gate = {"decision": "promoted" if promote else "kept champion" if against_version else "not promoted",
-            "reason": why, "compared_with": against, "challenger_value": c.a, "reference_value": c.b,
-            **{k: v for k, v in asdict(c).items() if k not in ("a", "b")}}
-    if cfg.dry_run:  # smoke runs: the model is logged to the run, the registry untouched
-        print(f"[register] dry run: model logged to the run, not registered (gate would "
-              f"{'promote' if promote else 'not promote'}: {why})", flush=True)
-        result = {"version": 0, "promoted": False, "dry_run": True, "gate": gate, primary: c.a}
-        write_json(METRICS, result)
-        return result
-
-    version = mlflow.register_model(info.model_uri, name).version
-    gate["challenger"] = f"v{version}"
-    flat = flatten(params)
-    tags = {"git.commit": git_commit(), **data_hashes(),
-            "params": redact(json.dumps(flat, sort_keys=True))[:5000],
-            "base_model": params.model.name, "method": params.train.method, "primary_metric": primary,
-            "run_id": mlflow.active_run().info.run_id, "eval.examples_key": record["examples_key"]}
-    tags |= {f"metric.{k}": str(v) for k, v in evals["tuned"].items()}
-    tags |= {f"gate.{k}": str(v) for k, v in gate.items()}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
-    samples = [json.loads(line) for line in PREDICTIONS.read_text().splitlines()[:5]]
-    lineage = read_json(PREPARED / "lineage.json") if (PREPARED / "lineage.json").is_file() else {}
-    facts = dict(name=name, version=version, params=params, flat=flat, evals=evals, gate=gate, samples=samples,
-                 lineage=lineage, data_hashes=data_hashes(), commit=tags["git.commit"],
-                 train=read_json(TRAIN_METRICS) if TRAIN_METRICS.is_file() else {})
-    client.update_model_version(name, version, description=card.description(**facts))
-    mlflow.log_text(card.render(**facts), "model_card.md")
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    if promote:
-        registry.move_champion(client, name, version, "gate", why)
-    print(f"[register] {name} v{version} -> {'champion' if promote else 'challenger only'} ({why})", flush=True)
-    result = {"version": int(version), "promoted": promote, "gate": gate, primary: c.a}
-    write_json(METRICS, result)
-    return result
+        return gate.gate(params, info, evals, record, rows)

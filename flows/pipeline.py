@@ -36,6 +36,7 @@ from prefect.states import Completed, Failed, State
 
 from tuneline import ROOT, recipes
 from tuneline.config import Params
+from tuneline.data import LINEAGE, TOKENIZED_META
 from tuneline.errors import TunelineError
 from tuneline.io import read_json, write_text
 from tuneline.stages import ERROR_FILE, stage_names
@@ -57,7 +58,7 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
 
 
 @task(name="stage", task_run_name="{name}")
-def run_stage(name: str, force: bool = False) -> str | State:
+def reproduce(name: str, force: bool = False) -> str | State:
     """Reproduce one stage if its inputs changed; returns 'ran' or 'skipped', or a Failed
     state carrying the stage's one-line error and exit code."""
     from dvc.exceptions import DvcException, ReproductionError
@@ -78,11 +79,20 @@ def run_stage(name: str, force: bool = False) -> str | State:
 
             cause = e.__cause__ or e.__context__
             known = from_os_error(cause, name) if cause is not None else None
-            code, line = ("2", str(known)) if known else ("1", f"stage '{name}' failed ({' '.join(str(cause).split())[:200]}). "
-                                                             "Fix: see its output above, then re-run")
+            code, line = (
+                ("2", str(known))
+                if known
+                else (
+                    "1",
+                    f"stage '{name}' failed ({' '.join(str(cause).split())[:200]}). "
+                    "Fix: see its output above, then re-run",
+                )
+            )
         return Failed(message=line.strip(), data={"stage": name, "exit_code": int(code)})
     except DvcException as e:
-        raise TunelineError(f"dvc: {' '.join(str(e).split())[:300]}", "fix dvc.yaml / params.yaml as the message says") from None
+        raise TunelineError(
+            f"dvc: {' '.join(str(e).split())[:300]}", "fix dvc.yaml / params.yaml as the message says"
+        ) from None
     finally:
         os.environ.pop(ERROR_FILE, None)
         Path(err_file).unlink(missing_ok=True)
@@ -90,10 +100,10 @@ def run_stage(name: str, force: bool = False) -> str | State:
 
 
 @task(name="smoke-stage", task_run_name="{name} (smoke)")
-def run_stage_here(name: str, params: Params) -> str:
-    from tuneline.stages import run_stage as run_in_process
+def in_process(name: str, params: Params) -> str:
+    from tuneline.stages import run_stage
 
-    run_in_process(name, params)
+    run_stage(name, params)
     return "ran"
 
 
@@ -155,21 +165,28 @@ def _record_skipped(parent: str, name: str) -> None:
 
     client = MlflowClient()
     exp = client.get_run(parent).info.experiment_id
-    run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "mlflow.runName": name,
-                                       "tuneline.stage": name, "tuneline.kind": "stage",
-                                       "tuneline.status": "skipped: nothing changed"})
+    run = client.create_run(
+        exp,
+        tags={
+            "mlflow.parentRunId": parent,
+            "mlflow.runName": name,
+            "tuneline.stage": name,
+            "tuneline.kind": "stage",
+            "tuneline.status": "skipped: nothing changed",
+        },
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
 def _tokenizer_changed(params: Params) -> bool:
     """Token data made with another tokenizer (e.g. a local model folder whose tokenizer
     files changed under the same name) must be rebuilt, though no DVC dep changed."""
-    meta = ROOT / "data" / "tokenized" / "meta.json"
+    meta = ROOT / TOKENIZED_META
     folder = ROOT / Path(params.model.name).expanduser()
     if not meta.is_file() or not folder.is_dir():  # built-ins ship in pinned packages; hub ids have revisions
         return False
-    from components.tokenize import tokenizer_hash
     from tuneline.modeling import load_tokenizer
+    from tuneline.tokenization import tokenizer_hash
 
     return read_json(meta).get("tokenizer_sha256") != tokenizer_hash(load_tokenizer(params.model.name))
 
@@ -177,7 +194,7 @@ def _tokenizer_changed(params: Params) -> bool:
 def _source_changed() -> str | None:
     """Why the prepared data is stale though no DVC dep changed, or None: a local data file
     edited in place (its recorded hash tells), or a hub dataset with a new head revision."""
-    lineage = ROOT / "data" / "prepared" / "lineage.json"
+    lineage = ROOT / LINEAGE
     if not lineage.is_file():
         return None
     from tuneline import sources
@@ -193,8 +210,10 @@ def _source_changed() -> str | None:
             except TunelineError:
                 raise
             except Exception as e:  # network: the task retries, then fails with this line
-                raise TunelineError(f"cannot ask the hub for the revision of '{spec}' ({type(e).__name__})",
-                                    "check the network and HF_TOKEN, or pin the source with @<revision>") from None
+                raise TunelineError(
+                    f"cannot ask the hub for the revision of '{spec}' ({type(e).__name__})",
+                    "check the network and HF_TOKEN, or pin the source with @<revision>",
+                ) from None
             if now and now != rec.get("revision"):
                 return f"'{spec}' has a new revision {now[:12]} (was {str(rec.get('revision'))[:12]})"
             continue
@@ -212,10 +231,18 @@ def save_experiment(name: str, command: str) -> str | None:
     with the flow's parameters is its commit message (`dvc exp show` has the values)."""
     env = os.environ | {k: os.environ.get(k, "tuneline") for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME")}
     env |= {k: os.environ.get(k, "tuneline@localhost") for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL")}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "--force", "-n", name, "-m", command],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "save", "--force", "-n", name, "-m", command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
-        print(f"[tuneline] note: not saved as a DVC experiment ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]})")
+        print(
+            f"[tuneline] note: not saved as a DVC experiment ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]})"
+        )
         return None
     return name
 
@@ -262,19 +289,22 @@ def _pipeline(recipe: str | None, overrides: list[str], smoke: bool):
     forced: dict[str, str] = {}
     if not smoke:
         if recipe or overrides:
-            write_params(params, f"Written by `{command(recipe, overrides)}` ({time.strftime('%Y-%m-%d %H:%M')}).\n"
-                                 "Edit it and run `tuneline run` or `dvc repro`; `git diff params.yaml` shows the change.")
+            write_params(
+                params,
+                f"Written by `{command(recipe, overrides)}` ({time.strftime('%Y-%m-%d %H:%M')}).\n"
+                "Edit it and run `tuneline run` or `dvc repro`; `git diff params.yaml` shows the change.",
+            )
         forced = changed_inputs(params)
         if not forced and not outdated_stages():
             print(f"[tuneline] {SKIPPED}: data, params and code match dvc.lock; nothing trained")
             return Completed(name="Skipped", message=SKIPPED, data={name: "skipped" for name in stage_names()})
-    return _run(params, recipe, overrides, smoke, forced)
+    return _execute(params, recipe, overrides, smoke, forced)
 
 
 def tag_request(client, parent: str, recipe: str | None, overrides: list[str]) -> None:
     """The flow's parameters, as Prefect shows them, on the MLflow run too: never a secret
     (a `--set` value may hold a URI with a password, or a token)."""
-    from tuneline.tracking import redact
+    from tuneline.secrets import redact
 
     client.set_tag(parent, "tuneline.recipe", recipe or "params.yaml")
     client.set_tag(parent, "tuneline.overrides", redact(" ".join(overrides)))
@@ -283,7 +313,7 @@ def tag_request(client, parent: str, recipe: str | None, overrides: list[str]) -
         client.set_tag(parent, "prefect.flow_run_id", flow_run)
 
 
-def _run(params: Params, recipe: str | None, overrides: list[str], smoke: bool, forced: dict[str, str]):
+def _execute(params: Params, recipe: str | None, overrides: list[str], smoke: bool, forced: dict[str, str]):
     from mlflow import MlflowClient
 
     parent = start_parent(params, "smoke" if smoke else "prefect")
@@ -301,15 +331,18 @@ def _run(params: Params, recipe: str | None, overrides: list[str], smoke: bool, 
             work.mkdir(parents=True)
             os.chdir(work)  # stages write relative paths: data/, models/, metrics/ land here
             for name in stage_names():
-                status[name] = run_stage_here(name, params)
+                status[name] = in_process(name, params)
         else:
             for name in stage_names():
                 if name in forced:
                     print(f"[tuneline] {forced[name]}: running {name} again")
-                state = run_stage(name, name in forced, return_state=True)
+                state = reproduce(name, name in forced, return_state=True)
                 if state.is_failed():  # the stage's one line becomes the flow run's message
-                    client.set_tag(parent, "tuneline.stages", ", ".join([*(f"{k}={v}" for k, v in status.items()),
-                                                                         f"{name}=failed"]))
+                    client.set_tag(
+                        parent,
+                        "tuneline.stages",
+                        ", ".join([*(f"{k}={v}" for k, v in status.items()), f"{name}=failed"]),
+                    )
                     client.set_terminated(parent, "FAILED")
                     return Failed(message=state.message, data=state.result(raise_on_failure=False))
                 status[name] = state.result()

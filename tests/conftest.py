@@ -52,9 +52,19 @@ def tiny_gpt2(model_cache):
 def project_env(root: Path, cache: Path) -> dict[str, str]:
     """Environment for a subprocess run in `root`: its own MLflow store, Prefect home and
     DVC site cache (tuneline defaults them inside the project), the shared model cache."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "DVC_SITE_CACHE_DIR", "TUNELINE_ROOT",
-                        "PREFECT_API_URL", "TUNELINE_PARENT_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "MLFLOW_TRACKING_URI",
+            "PREFECT_HOME",
+            "DVC_SITE_CACHE_DIR",
+            "TUNELINE_ROOT",
+            "PREFECT_API_URL",
+            "TUNELINE_PARENT_RUN_ID",
+        )
+    }
     env["TUNELINE_CACHE"] = str(cache)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(root)
@@ -70,7 +80,9 @@ class Project:
     def run(self, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise AssertionError(
+                f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
         return proc
 
     def set_params(self, over: dict) -> None:
@@ -102,8 +114,9 @@ def built(tmp_path_factory, model_cache) -> Project:
     """A tiny project after one whole `tuneline run`: every stage ran, v1 is champion (the
     gate's metric is perplexity, which six steps of the random 2-layer model lower reliably).
     Tests work on copies (copy_project) and never change it."""
-    proj = make_project(tmp_path_factory.mktemp("built") / "proj", model_cache,
-                        {"evaluate": {"primary_metric": "perplexity"}})
+    proj = make_project(
+        tmp_path_factory.mktemp("built") / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}}
+    )
     proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run").stdout
     return proj
 
@@ -118,8 +131,15 @@ def copy_project(src: Project, dst: Path) -> Project:
     with sqlite3.connect(dst / "mlflow.db") as db:
         tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         for table in tables:
-            for col in [c[1] for c in db.execute(f"PRAGMA table_info('{table}')") if "CHAR" in c[2].upper() or "TEXT" in c[2].upper()]:
-                db.execute(f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) WHERE instr("{col}", ?) > 0', (old, new, old))
+            for col in [
+                c[1]
+                for c in db.execute(f"PRAGMA table_info('{table}')")
+                if "CHAR" in c[2].upper() or "TEXT" in c[2].upper()
+            ]:
+                db.execute(
+                    f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) WHERE instr("{col}", ?) > 0',
+                    (old, new, old),
+                )
     proj = Project(dst, Path(src.env["TUNELINE_CACHE"]))
     proj.flow_out = getattr(src, "flow_out", "")
     return proj
@@ -132,9 +152,13 @@ def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=open(home / "server.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=open(home / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api"
     try:
         wait_for("a Prefect server", lambda: http_json(f"{url}/health"), 180, proc)
@@ -160,8 +184,12 @@ def http_json(url: str, body: dict | None = None, timeout: float = 10):
     import json
     import urllib.request
 
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    req = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read() or "null")
 
@@ -194,7 +222,7 @@ def wait_for(what: str, fn, timeout: float, proc: subprocess.Popen | None = None
 
 class Served:
     """A tiny project with `tuneline ui` up (MLflow + Prefect on 127.0.0.1) and its pipeline
-    served by `tuneline serve --cron`, as a user runs them in two terminals."""
+    served by `tuneline schedule --cron`, as a user runs them in two terminals."""
 
     DEPLOYMENT = "tuneline-pipeline/served"
 
@@ -206,9 +234,14 @@ class Served:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, *args: str, log: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneline.cli", *args], cwd=self.root, env=self.env,
-                                stdout=open(self.root.parent / log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuneline.cli", *args],
+            cwd=self.root,
+            env=self.env,
+            stdout=open(self.root.parent / log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
@@ -224,15 +257,23 @@ class Served:
 
     def run(self, *cmd: str, cwd=None, **env) -> subprocess.CompletedProcess:
         """A command in a third terminal, talking to this Prefect server."""
-        proc = subprocess.run(list(cmd), cwd=cwd or self.root, env=self.env | env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        proc = subprocess.run(
+            list(cmd), cwd=cwd or self.root, env=self.env | env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, (
+            f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
         return proc
 
     def wait(self, run_id: str, timeout: float = 900) -> dict:
         final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-        return wait_for(f"flow run {run_id}", lambda: (r := self.api(f"flow_runs/{run_id}"))["state_type"] in final and r,
-                        timeout, self.procs[-1], every=2)
+        return wait_for(
+            f"flow run {run_id}",
+            lambda: (r := self.api(f"flow_runs/{run_id}"))["state_type"] in final and r,
+            timeout,
+            self.procs[-1],
+            every=2,
+        )
 
     def task_runs(self, run_id: str) -> dict[str, str]:
         runs = self.api("task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
@@ -261,21 +302,29 @@ class Served:
 def served(tmp_path_factory, model_cache):
     """Shared by the schedule and browser tests: one pipeline run costs minutes here.
     Perplexity is the gate's metric, so the tiny model's first version becomes champion."""
-    proj = make_project(tmp_path_factory.mktemp("served") / "proj", model_cache,
-                        {"evaluate": {"primary_metric": "perplexity"}})
+    proj = make_project(
+        tmp_path_factory.mktemp("served") / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}}
+    )
     shutil.copy(REPO / "prefect.yaml", proj.root / "prefect.yaml")
     ident = ["-c", "user.name=tuneline-test", "-c", "user.email=test@localhost"]
     proj.run("git", "add", "-A")
     proj.run("git", *ident, "commit", "-qm", "a new tuneline project")  # DVC experiments need a commit
     s = Served(proj, free_port(), free_port())
     try:
-        ui = s.start("ui", "--mlflow-port", s.mlflow.rsplit(":", 1)[1], "--prefect-port", s.prefect.rsplit(":", 1)[1],
-                     log="ui.log")
+        ui = s.start(
+            "ui",
+            "--mlflow-port",
+            s.mlflow.rsplit(":", 1)[1],
+            "--prefect-port",
+            s.prefect.rsplit(":", 1)[1],
+            log="ui.log",
+        )
         wait_for("tuneline ui: MLflow", lambda: http_ok(f"{s.mlflow}/health"), 180, ui)
         wait_for("tuneline ui: Prefect", lambda: http_json(f"{s.prefect}/api/health"), 180, ui)
-        s.start("serve", "--cron", "0 3 * * *", "--set", "train.lr=0.003", "--name", "served", log="serve.log")
-        s.deployment = wait_for("the served deployment", lambda: s.api(f"deployments/name/{s.DEPLOYMENT}"), 120,
-                                s.procs[-1])
+        s.start("schedule", "--cron", "0 3 * * *", "--set", "train.lr=0.003", "--name", "served", log="serve.log")
+        s.deployment = wait_for(
+            "the served deployment", lambda: s.api(f"deployments/name/{s.DEPLOYMENT}"), 120, s.procs[-1]
+        )
         s.first_id = s.trigger()
         s.first = s.wait(s.first_id)
         yield s

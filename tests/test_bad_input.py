@@ -14,12 +14,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from conftest import copy_project, free_port
 
 pytestmark = pytest.mark.slow
@@ -48,9 +47,11 @@ def debris(root: Path) -> list[str]:
 def registry(root: Path) -> dict:
     """Versions, aliases and registered-model tags (the champion history), read from the store."""
     with sqlite3.connect(root / "mlflow.db") as db:
-        return {"versions": db.execute("SELECT name, version, status FROM model_versions ORDER BY 1, 2").fetchall(),
-                "aliases": db.execute("SELECT name, alias, version FROM registered_model_aliases ORDER BY 1, 2").fetchall(),
-                "tags": db.execute("SELECT name, key, value FROM registered_model_tags ORDER BY 1, 2").fetchall()}
+        return {
+            "versions": db.execute("SELECT name, version, status FROM model_versions ORDER BY 1, 2").fetchall(),
+            "aliases": db.execute("SELECT name, alias, version FROM registered_model_aliases ORDER BY 1, 2").fetchall(),
+            "tags": db.execute("SELECT name, key, value FROM registered_model_tags ORDER BY 1, 2").fetchall(),
+        }
 
 
 def unshare_works() -> bool:
@@ -67,6 +68,7 @@ def in_namespace(mount: str, cmd: list[str]) -> list[str]:
 
 
 # ---- the inputs each case spoils -------------------------------------------------------
+
 
 def write(proj, name: str, data: str | bytes) -> str:
     path = proj.root / name
@@ -110,12 +112,21 @@ def foreign_tokenizer(folder: Path) -> None:
     for f in folder.glob("*.safetensors"):
         f.unlink()
     (folder / "config.json").unlink()
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, eos_token_id=50256, bos_token_id=50256)
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        eos_token_id=50256,
+        bos_token_id=50256,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
 
 
 # ---- the cases --------------------------------------------------------------------------
+
 
 @dataclass
 class Case:
@@ -134,6 +145,7 @@ def with_file(name: str, data, *sets: str) -> Callable:
     def setup(proj):
         write(proj, name, data)
         return run(*sets)(proj)
+
     return setup
 
 
@@ -141,6 +153,7 @@ def with_model(tamper, *sets: str) -> Callable:
     def setup(proj):
         folder = model_folder(proj, "my-model", tamper)
         return run(f"model.name={folder}", *sets)(proj)
+
     return setup
 
 
@@ -148,6 +161,7 @@ def repro_after(text_from: str, text_to: str) -> Callable:
     def setup(proj):
         edit_params(proj, text_from, text_to)
         return [*DVC, "repro"]
+
     return setup
 
 
@@ -163,48 +177,105 @@ def disk_full(proj):
 TRAIN_ROWS = sentences(200)
 CASES = [
     # params
-    Case("params-unknown-key", lambda p: edit_params(p, "  lr: 0.002", "  lrr: 0.002") or [*TUNELINE, "run"],
-         ("unknown key 'train.lrr'", "did you mean 'train.lr'")),
+    Case(
+        "params-unknown-key",
+        lambda p: edit_params(p, "  lr: 0.002", "  lrr: 0.002") or [*TUNELINE, "run"],
+        ("unknown key 'train.lrr'", "did you mean 'train.lr'"),
+    ),
     Case("params-unknown-key-set", run("trian.lr=0.1"), ("unknown key 'trian'", "train")),
     Case("params-wrong-type", run("train.batch_size=two"), ("'train.batch_size'",)),
     Case("params-negative-lr", run("train.lr=-0.001"), ("'train.lr'", "> 0")),
     Case("params-zero-epochs", run("train.epochs=0"), ("'train.epochs'",)),
-    Case("params-unknown-recipe", lambda p: [*TUNELINE, "run", "--recipe", "emotoin"], ("unknown recipe 'emotoin'", "did you mean 'emotion'")),
+    Case(
+        "params-unknown-recipe",
+        lambda p: [*TUNELINE, "run", "--recipe", "emotoin"],
+        ("unknown recipe 'emotoin'", "did you mean 'emotion'"),
+    ),
     Case("params-misspelled-task", run("prepare.task=descrambel"), ("'prepare.task'", "did you mean 'descramble'")),
-    Case("params-broken-yaml", lambda p: write(p, "params.yaml", "train: [lr: 0.1\n") and [*TUNELINE, "run"], ("params.yaml", "YAML")),
+    Case(
+        "params-broken-yaml",
+        lambda p: write(p, "params.yaml", "train: [lr: 0.1\n") and [*TUNELINE, "run"],
+        ("params.yaml", "YAML"),
+    ),
     Case("params-set-not-key-value", run("train.lr"), ("--set 'train.lr' is not key=value",)),
     Case("params-set-is-not-code", run("train.lr=__import__('os').system('touch pwned')"), ("'train.lr'",)),
     Case("params-metric-not-of-task", run("evaluate.primary_metric=accuracy"), ("'accuracy'", "descramble")),
     # data
     Case("data-missing-file", run("prepare.source=missing.csv"), ("'missing.csv' not found",)),
-    Case("data-missing-column", with_file("s.csv", csv("sentence", TRAIN_ROWS), "prepare.source=s.csv"),
-         ("missing column 'target'", "sentence")),
+    Case(
+        "data-missing-column",
+        with_file("s.csv", csv("sentence", TRAIN_ROWS), "prepare.source=s.csv"),
+        ("missing column 'target'", "sentence"),
+    ),
     Case("data-empty-file", with_file("s.csv", "target\n", "prepare.source=s.csv"), ("has no rows",)),
-    Case("data-empty-split", with_file("s.csv", csv("target", sentences(20)), "prepare.source=s.csv"),
-         ("the train split has 0 rows",)),
-    Case("data-invalid-utf8", with_file("s.csv", b"target\nA fine first sentence is here.\n\xff\xfe broken\n", "prepare.source=s.csv"),
-         ("line 3 is not valid UTF-8",)),
-    Case("data-label-outside-set", with_file("e.csv", "text,label\n" + "".join(f"i feel case {i} today,{'joy' if i % 2 else 'anger'}\n" for i in range(80)),
-                                             "prepare.task=classify", "prepare.labels=[joy, sadness]", "prepare.source=e.csv"),
-         ("label 'anger'", "outside the declared set")),
-    Case("data-all-rows-over-long", repro_after("  max_length: 256", "  max_length: 16"), ("longer than tokenize.max_length=16",)),
-    Case("data-duplicates-across-splits", lambda p: write(p, "test.csv", csv("target", TRAIN_ROWS[:30])) and
-         with_file("s.csv", csv("target", TRAIN_ROWS), "prepare.source=s.csv", "prepare.test_source=test.csv")(p),
-         ("in both prepare.source and prepare.test_source", "on_overlap=drop")),
-    Case("data-source-is-a-directory", lambda p: (p.root / "somedir").mkdir() or run("prepare.source=somedir")(p), ("is a directory",)),
+    Case(
+        "data-empty-split",
+        with_file("s.csv", csv("target", sentences(20)), "prepare.source=s.csv"),
+        ("the train split has 0 rows",),
+    ),
+    Case(
+        "data-invalid-utf8",
+        with_file("s.csv", b"target\nA fine first sentence is here.\n\xff\xfe broken\n", "prepare.source=s.csv"),
+        ("line 3 is not valid UTF-8",),
+    ),
+    Case(
+        "data-label-outside-set",
+        with_file(
+            "e.csv",
+            "text,label\n" + "".join(f"i feel case {i} today,{'joy' if i % 2 else 'anger'}\n" for i in range(80)),
+            "prepare.task=classify",
+            "prepare.labels=[joy, sadness]",
+            "prepare.source=e.csv",
+        ),
+        ("label 'anger'", "outside the declared set"),
+    ),
+    Case(
+        "data-all-rows-over-long",
+        repro_after("  max_length: 256", "  max_length: 16"),
+        ("longer than tokenize.max_length=16",),
+    ),
+    Case(
+        "data-duplicates-across-splits",
+        lambda p: (
+            write(p, "test.csv", csv("target", TRAIN_ROWS[:30]))
+            and with_file("s.csv", csv("target", TRAIN_ROWS), "prepare.source=s.csv", "prepare.test_source=test.csv")(p)
+        ),
+        ("in both prepare.source and prepare.test_source", "on_overlap=drop"),
+    ),
+    Case(
+        "data-source-is-a-directory",
+        lambda p: (p.root / "somedir").mkdir() or run("prepare.source=somedir")(p),
+        ("is a directory",),
+    ),
     # models
-    Case("model-unknown-name-offline", run("model.name=gpt2-not-a-real-model"), ("cannot load model 'gpt2-not-a-real-model'", "HF_HUB_OFFLINE")),
+    Case(
+        "model-unknown-name-offline",
+        run("model.name=gpt2-not-a-real-model"),
+        ("cannot load model 'gpt2-not-a-real-model'", "HF_HUB_OFFLINE"),
+    ),
     Case("model-corrupt-safetensors", with_model(corrupt_weights), ("model.safetensors", "re-create or re-download")),
     Case("model-tokenizer-mismatch", with_model(foreign_tokenizer), ("50257 tokens", "1000 rows")),
     Case("model-folder-without-config", with_model(lambda f: (f / "config.json").unlink()), ("has no config.json",)),
     # paths, environment, registry
     Case("env-read-only-output-dir", read_only_data, ("cannot write", "writable"), needs_unshare=True),
     Case("env-disk-full", disk_full, ("disk is full", "free space"), needs_unshare=True),
-    Case("env-unreachable-mlflow", run("train.lr=0.003"), ("does not answer", "MLFLOW_TRACKING_URI"),
-         env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed_port}"}),
+    Case(
+        "env-unreachable-mlflow",
+        run("train.lr=0.003"),
+        ("does not answer", "MLFLOW_TRACKING_URI"),
+        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed_port}"},
+    ),
     Case("env-unknown-stage", lambda p: [sys.executable, "-m", "tuneline.stages", "trian"], ("unknown stage 'trian'",)),
-    Case("registry-promote-missing-version", lambda p: [*TUNELINE, "promote", "7", "--reason", "try"], ("has no version 7",)),
-    Case("registry-rollback-without-history", lambda p: [*TUNELINE, "rollback", "--reason", "try"], ("no earlier champion",)),
+    Case(
+        "registry-promote-missing-version",
+        lambda p: [*TUNELINE, "promote", "7", "--reason", "try"],
+        ("has no version 7",),
+    ),
+    Case(
+        "registry-rollback-without-history",
+        lambda p: [*TUNELINE, "rollback", "--reason", "try"],
+        ("no earlier champion",),
+    ),
 ]
 
 
@@ -221,7 +292,11 @@ def test_bad_input_is_one_line_a_nonzero_exit_and_changes_nothing(case, built, p
     proj = copy_project(built, tmp_path / "proj")
     cmd = case.setup(proj)
     before = (outputs(proj.root), registry(proj.root))
-    env = proj.env | {"PREFECT_API_URL": prefect_api} | {k: v.format(closed_port=free_port()) for k, v in case.env.items()}
+    env = (
+        proj.env
+        | {"PREFECT_API_URL": prefect_api}
+        | {k: v.format(closed_port=free_port()) for k, v in case.env.items()}
+    )
     proc = subprocess.run(cmd, cwd=proj.root, env=env, capture_output=True, text=True, timeout=600)
     said = proc.stdout + proc.stderr
     errors = [line for line in said.splitlines() if line.startswith("error:")]

@@ -12,25 +12,41 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SHOTS = Path(os.environ.get("TUNELINE_SCREENSHOTS", Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"))
+CHROMIUM, DRIVER = (
+    shutil.which("chromium") or "/usr/bin/chromium",
+    shutil.which("chromedriver") or "/usr/bin/chromedriver",
+)
+SHOTS = Path(
+    os.environ.get("TUNELINE_SCREENSHOTS", Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots")
+)
 STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
 
 
 @pytest.fixture(scope="module")
 def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
-        pytest.fail("Debian's chromium and chromium-driver are needed: apt-get install chromium chromium-driver "
-                    "(.ci/run installs them)")
+        pytest.fail(
+            "Debian's chromium and chromium-driver are needed: apt-get install chromium chromium-driver "
+            "(.ci/run installs them)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     # No sandbox as root; no background networking: the machine's closed network refuses it.
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1500,950"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1500,950",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -59,8 +75,9 @@ def _until(driver, what: str, cond, timeout: float = 90):
 
 
 def _shows(driver, *texts: str, timeout: float = 90) -> str:
-    return _until(driver, " and ".join(map(repr, texts)), lambda: all(t in (b := _text(driver)) for t in texts) and b,
-                  timeout)
+    return _until(
+        driver, " and ".join(map(repr, texts)), lambda: all(t in (b := _text(driver)) for t in texts) and b, timeout
+    )
 
 
 def _click_text(driver, text: str):
@@ -68,7 +85,9 @@ def _click_text(driver, text: str):
 
     # The innermost element whose whole text is `text` (tabs wrap their label in spans).
     xpath = f"//*[normalize-space(.)='{text}' and not(.//*[normalize-space(.)='{text}'])]"
-    element = _until(driver, repr(text), lambda: [e for e in driver.find_elements(By.XPATH, xpath) if e.is_displayed()])[0]
+    element = _until(
+        driver, repr(text), lambda: [e for e in driver.find_elements(By.XPATH, xpath) if e.is_displayed()]
+    )[0]
     element.click()
     return element
 
@@ -84,7 +103,8 @@ def _mlflow_runs(served) -> dict:
         "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
         "exp = mlflow.get_experiment_by_name('tuneline')\n"
         "runs = mlflow.search_runs([exp.experiment_id], output_format='list')\n"
-        "print(json.dumps({'exp': exp.experiment_id, 'runs': {r.info.run_name: r.info.run_id for r in runs}}))")
+        "print(json.dumps({'exp': exp.experiment_id, 'runs': {r.info.run_name: r.info.run_id for r in runs}}))"
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -113,8 +133,9 @@ def test_mlflow_shows_the_runs_the_loss_chart_the_predictions_and_the_champion(s
 
     d.get(f"{base}/runs/{ids['runs']['train']}/model-metrics")
     # Charts below the fold are not rendered: search for the loss charts, as a user would.
-    _until(d, "the chart search box", lambda: d.find_element(By.CSS_SELECTOR, "input[placeholder*='Search metric']")
-           ).send_keys("loss")
+    _until(
+        d, "the chart search box", lambda: d.find_element(By.CSS_SELECTOR, "input[placeholder*='Search metric']")
+    ).send_keys("loss")
     _shows(d, "train_loss", "val_loss", "Step")
 
     assert _until(d, "a drawn chart", lambda: d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot, svg.main-svg"))
@@ -126,8 +147,11 @@ def test_mlflow_shows_the_runs_the_loss_chart_the_predictions_and_the_champion(s
 
     d.get(f"{base}/runs/{ids['runs']['evaluate']}/artifacts")
     _click_text(d, "base_vs_tuned.png")
-    assert _until(d, "the base-vs-tuned plot", lambda: d.execute_script(
-        "return [...document.images].some(i => i.complete && i.naturalWidth > 300)"))
+    assert _until(
+        d,
+        "the base-vs-tuned plot",
+        lambda: d.execute_script("return [...document.images].some(i => i.complete && i.naturalWidth > 300)"),
+    )
     _shot(d, "mlflow-base-vs-tuned")
 
     d.get(f"{served.mlflow}/#/models/descrambler")

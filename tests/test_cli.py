@@ -6,7 +6,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "tuneline.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneline.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_doctor_finds_every_offline_asset():
@@ -66,21 +68,51 @@ def test_evaluate_any_model_on_a_new_file_prints_saves_and_logs(tmp_path, model_
 
     work = _workdir(tmp_path)
     data = work / "sentences.csv"
-    data.write_text("sentence\nThe old mill stood by the river for a century.\nShe painted the door a bright green.\n"
-                    "Rain fell on the quiet town all night long.\n")
+    data.write_text(
+        "sentence\nThe old mill stood by the river for a century.\nShe painted the door a bright green.\n"
+        "Rain fell on the quiet town all night long.\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TUNELINE_CACHE": str(model_cache)}
-    proc = subprocess.run([sys.executable, "-m", "tuneline.cli", "evaluate", "--model", "tiny-gpt2", "--recipe",
-                           "descramble", "--data", str(data), "--set", "prepare.columns.target=sentence",
-                           "--set", "evaluate.max_new_tokens=8"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneline.cli",
+            "evaluate",
+            "--model",
+            "tiny-gpt2",
+            "--recipe",
+            "descramble",
+            "--data",
+            str(data),
+            "--set",
+            "prepare.columns.target=sentence",
+            "--set",
+            "evaluate.max_new_tokens=8",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "chrf" in proc.stdout and "(primary)" in proc.stdout and "on 3 examples" in proc.stdout
     saved = json.loads((work / "reports" / "evaluate" / "tiny-gpt2-sentences.json").read_text())
     assert saved["n_examples"] == 3 and set(saved["metrics"]) >= {"chrf", "exact_match", "perplexity"}
-    runs = subprocess.run([sys.executable, "-c", "import mlflow, json; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
-                           "r = mlflow.search_runs(experiment_names=['tuneline'], output_format='list')[0];"
-                           "print(json.dumps([r.data.tags['tuneline.kind'], r.data.metrics['chrf']]))"],
-                          cwd=work, capture_output=True, text=True, timeout=120)
+    runs = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import mlflow, json; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
+            "r = mlflow.search_runs(experiment_names=['tuneline'], output_format='list')[0];"
+            "print(json.dumps([r.data.tags['tuneline.kind'], r.data.metrics['chrf']]))",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     kind, chrf = json.loads(runs.stdout.strip().splitlines()[-1])
     assert kind == "evaluation" and chrf == saved["metrics"]["chrf"]
 
@@ -92,8 +124,9 @@ def test_a_missing_data_file_or_version_is_one_line(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "nope.csv" in lines[0] and "Fix:" in lines[0]
     proc = _cli("promote", "4", "--reason", "try", cwd=work)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "INFO" not in line]
-    assert proc.returncode == 2 and lines == ["error: model 'descrambler' has no version 4. Fix: choose one of: "
-                                              "(none registered)"]
+    assert proc.returncode == 2 and lines == [
+        "error: model 'descrambler' has no version 4. Fix: choose one of: (none registered)"
+    ]
 
 
 def test_an_unforeseen_error_is_one_line_and_its_traceback_is_saved(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,9 @@ def test_shipped_params_load_and_spell_out_every_key():
     params = load_params(REPO / "params.yaml")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     # Every field is written in params.yaml, so no default can change behind DVC's back.
-    written = {f"{g}.{k}" if isinstance(v, dict) else g for g, v in raw.items() for k in (v if isinstance(v, dict) else [g])}
+    written = {
+        f"{g}.{k}" if isinstance(v, dict) else g for g, v in raw.items() for k in (v if isinstance(v, dict) else [g])
+    }
     assert written == set(flatten(params)) == set(flatten(Params()))
 
 
@@ -28,28 +30,40 @@ def test_unknown_key_suggests_the_right_one():
         parse_params({"train": {"lrr": 0.1}})
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"train": {"lr": -1}}, "train.lr"),
-    ({"train": {"epochs": 0}}, "train.epochs"),
-    ({"train": {"method": "qlora"}}, "train.method"),
-    ({"tokenize": {"max_length": "long"}}, "tokenize.max_length"),
-    ({"prepare": {"min_words": 10, "max_words": 5}}, "prepare"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"train": {"lr": -1}}, "train.lr"),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"train": {"method": "qlora"}}, "train.method"),
+        ({"tokenize": {"max_length": "long"}}, "tokenize.max_length"),
+        ({"prepare": {"min_words": 10, "max_words": 5}}, "prepare"),
+    ],
+)
 def test_bad_values_name_the_key(raw, key):
     with pytest.raises(TunelineError) as e:
         parse_params(raw)
     assert f"'{key}" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("raw, says", [
-    ({"train": {"lr": -1}}, "'train.lr' must be a number > 0 and <= 1.0 (got -1). Fix: set 'train.lr' to a number "
-                            "> 0 and <= 1.0 (default: 0.002)"),
-    ({"tokenize": {"max_length": 99999}}, "'tokenize.max_length' must be an integer >= 16 and <= 8192 (got 99999)"),
-    ({"train": {"batch_size": "two"}}, "'train.batch_size' must be an integer >= 1 (got 'two')"),
-    ({"train": {"method": "lorra"}}, "'train.method' must be one of 'lora', 'full' (got 'lorra'). Fix: did you mean 'lora'?"),
-    ({"prepare": {"task": "clasify"}}, "Fix: did you mean 'classify'?"),
-    ({"train": {"grad_checkpointing": "maybe"}}, "'train.grad_checkpointing' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        (
+            {"train": {"lr": -1}},
+            "'train.lr' must be a number > 0 and <= 1.0 (got -1). Fix: set 'train.lr' to a number "
+            "> 0 and <= 1.0 (default: 0.002)",
+        ),
+        ({"tokenize": {"max_length": 99999}}, "'tokenize.max_length' must be an integer >= 16 and <= 8192 (got 99999)"),
+        ({"train": {"batch_size": "two"}}, "'train.batch_size' must be an integer >= 1 (got 'two')"),
+        (
+            {"train": {"method": "lorra"}},
+            "'train.method' must be one of 'lora', 'full' (got 'lorra'). Fix: did you mean 'lora'?",
+        ),
+        ({"prepare": {"task": "clasify"}}, "Fix: did you mean 'classify'?"),
+        ({"train": {"grad_checkpointing": "maybe"}}, "'train.grad_checkpointing' must be true or false"),
+    ],
+)
 def test_wrong_types_and_ranges_give_the_key_path_and_what_is_allowed(raw, says):
     with pytest.raises(TunelineError) as e:
         parse_params(raw)

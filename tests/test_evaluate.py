@@ -6,20 +6,32 @@ import math
 import pytest
 import torch
 
-from components.evaluate import evaluate_file, evaluate_model, example_nll, generate, metrics_of, score_labels
 from tuneline import recipes, tasks
+from tuneline.evaluation import evaluate_file, evaluate_model, example_nll, generate, metrics_of, score_labels
 
-PROMPTS = ["Unscramble: cat the sat\nSentence:", "Unscramble: on the mat a dog lay quietly today\nSentence:",
-           "Unscramble: hills\nSentence:", "Unscramble: over ran dogs the old red barns near the river\nSentence:",
-           "Unscramble: x\nSentence:", "Unscramble: the rain in spain stays mainly\nSentence:"]
+PROMPTS = [
+    "Unscramble: cat the sat\nSentence:",
+    "Unscramble: on the mat a dog lay quietly today\nSentence:",
+    "Unscramble: hills\nSentence:",
+    "Unscramble: over ran dogs the old red barns near the river\nSentence:",
+    "Unscramble: x\nSentence:",
+    "Unscramble: the rain in spain stays mainly\nSentence:",
+]
 
 
 def _tiny_llama(vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
 
 
@@ -32,9 +44,15 @@ def _one_at_a_time(model, tok, prompt: str, max_new: int, num_beams: int = 1) ->
     """What a plain HF loop does: no padding, the prompt's own length stripped."""
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new, do_sample=False, num_beams=num_beams,
-                             pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new,
+            do_sample=False,
+            num_beams=num_beams,
+            pad_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return text.split("\n")[0].strip()
 
 
@@ -51,7 +69,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(model, gpt2_tok, num_bea
 def test_generation_stops_once_the_answer_line_is_complete(gpt2_tok):
     """Greedy rows stop at the answer's first newline (a leading one does not count): the
     rest would be cut anyway. The batched == one-at-a-time test above covers the outputs."""
-    from components.evaluate import _StopAfter
+    from tuneline.evaluation import _StopAfter
 
     prompt = gpt2_tok("Unscramble: b a\nSentence:", add_special_tokens=False)["input_ids"]
     answers = [gpt2_tok(r, add_special_tokens=False)["input_ids"] for r in (" a b\nmore", "\n a b", " a b")]
@@ -62,8 +80,10 @@ def test_generation_stops_once_the_answer_line_is_complete(gpt2_tok):
 
 
 def _rows(n=6):
-    return [{"target": " ".join(p.split("\n")[0].split()[1:]), "source": p.split("\n")[0].split(": ")[1]}
-            for p in PROMPTS[:n]]
+    return [
+        {"target": " ".join(p.split("\n")[0].split()[1:]), "source": p.split("\n")[0].split(": ")[1]}
+        for p in PROMPTS[:n]
+    ]
 
 
 def test_example_losses_equal_each_example_scored_alone(tiny_gpt2, gpt2_tok):
@@ -88,10 +108,10 @@ def test_label_scoring_picks_the_most_likely_verbalised_label(tiny_gpt2, gpt2_to
     rows = [{"text": t, "label": "joy"} for t in ("i feel great", "i am so scared of the dark", "what a day")]
     picked = score_labels(tiny_gpt2, gpt2_tok, rows, params)
     for r, got in zip(rows, picked):
-        prompt = tasks.classify_prompt(r, labels)
+        prompt = tasks.TASKS["classify"].prompt(r, labels)
         p = gpt2_tok(prompt, add_special_tokens=False)["input_ids"]
 
-        def logp(label):
+        def logp(label, p=p):
             a = gpt2_tok(" " + label, add_special_tokens=False)["input_ids"] + [gpt2_tok.eos_token_id]
             with torch.no_grad():
                 lp = tiny_gpt2(torch.tensor([p + a])).logits[0].log_softmax(-1)
@@ -112,14 +132,23 @@ def test_classification_reports_free_generation_and_scoring(tiny_gpt2, gpt2_tok)
 
 def test_any_model_on_a_file_it_has_never_seen(tmp_path, model_cache):
     data = tmp_path / "mine.jsonl"
-    data.write_text("".join(json.dumps({"target": s}) + "\n" for s in (
-        "The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine stitches later.",
-        "The quick brown fox jumps over the lazy dog.")))  # the duplicate is dropped, as prepare does
+    data.write_text(
+        "".join(
+            json.dumps({"target": s}) + "\n"
+            for s in (
+                "The quick brown fox jumps over the lazy dog.",
+                "A stitch in time saves nine stitches later.",
+                "The quick brown fox jumps over the lazy dog.",
+            )
+        )
+    )  # the duplicate is dropped, as prepare does
     params = recipes.build("descramble", ["model.name=tiny-gpt2", "evaluate.max_new_tokens=8"])
     result = evaluate_file("tiny-gpt2", params, str(data))
     assert result["n_examples"] == 2 and result["data"]["sha256"]
     assert list(result["metrics"]) == [*tasks.TASKS["descramble"].metrics, "generation_s"]
-    assert sorted(result["predictions"][0]["prompt"].split()[1:-1]) == sorted(result["predictions"][0]["target"].split())
+    assert sorted(result["predictions"][0]["prompt"].split()[1:-1]) == sorted(
+        result["predictions"][0]["target"].split()
+    )
 
 
 @pytest.mark.parametrize("task", ["descramble", "classify"])
@@ -134,9 +163,13 @@ def test_base_vs_tuned_figure_has_a_panel_per_metric_and_the_primary_ci(task):
     base = {m: 0.1 * (i + 1) for i, m in enumerate(names)}
     tuned = {m: 0.2 * (i + 1) for i, m in enumerate(names)}
     primary = names[0]
-    results = {"base": base | {"generation_s": 3.0}, "tuned": tuned | {"generation_s": 2.0},
-               "delta": {m: tuned[m] - base[m] for m in names}, "n_examples": 8,
-               "tuned_vs_base": {"metric": primary, "delta": 0.1, "ci_low": 0.05, "ci_high": 0.15}}
+    results = {
+        "base": base | {"generation_s": 3.0},
+        "tuned": tuned | {"generation_s": 2.0},
+        "delta": {m: tuned[m] - base[m] for m in names},
+        "n_examples": 8,
+        "tuned_vs_base": {"metric": primary, "delta": 0.1, "ci_low": 0.05, "ci_high": 0.15},
+    }
     fig = base_vs_tuned_figure(results)
     assert [ax.get_title().split("\n")[0].split(" (")[0] for ax in fig.axes] == list(names)
     assert "95% CI [+0.05, +0.15]" in fig.axes[0].get_title()

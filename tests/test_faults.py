@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_project, make_project
+
 from tuneline.recipes import merge
 
 pytestmark = pytest.mark.slow
@@ -32,20 +32,28 @@ KILLS = [
 
 def results(root: Path) -> dict:
     """What a run computed, without its timings."""
+
     def load(name):
         return json.loads((root / "metrics" / f"{name}.json").read_text())
 
     train = {k: load("train")[k] for k in ("steps", "best_step", "final_train_loss", "best_val_loss")}
     evals = {side: {k: v for k, v in load("eval")[side].items() if not k.endswith("_s")} for side in ("base", "tuned")}
     curve = (root / "plots" / "train.csv").read_text()
-    return {"prepare": load("prepare"), "tokenize": load("tokenize"), "train": train, "eval": evals, "curve": curve,
-            "gate_value": load("register")["perplexity"]}
+    return {
+        "prepare": load("prepare"),
+        "tokenize": load("tokenize"),
+        "train": train,
+        "eval": evals,
+        "curve": curve,
+        "gate_value": load("register")["perplexity"],
+    }
 
 
 def run_until(proj, marker: str, env: dict) -> str:
     """Start `tuneline run`, SIGKILL its whole process group when `marker` is printed."""
-    proc = subprocess.Popen(RUN, cwd=proj.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        RUN, cwd=proj.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     seen, deadline = [], time.time() + 600
     for line in proc.stdout:
         seen.append(line)
@@ -60,20 +68,26 @@ def run_until(proj, marker: str, env: dict) -> str:
 
 def aliases(db: Path) -> dict[str, str]:
     with sqlite3.connect(db) as c:
-        return {alias: str(version) for alias, version in c.execute("SELECT alias, version FROM registered_model_aliases")}
+        return {
+            alias: str(version) for alias, version in c.execute("SELECT alias, version FROM registered_model_aliases")
+        }
 
 
 def artifacts_present(proj, db: Path) -> dict[str, bool]:
     """Whether each alias resolves to a registered model whose weights are in the store."""
-    code = (f"import json, mlflow; mlflow.set_tracking_uri('sqlite:///{db}'); out = {{}}\n"
-            "for a in ('champion', 'challenger'):\n"
-            "    p = mlflow.artifacts.download_artifacts(f'models:/descrambler@{a}')\n"
-            "    import pathlib; out[a] = any(pathlib.Path(p).rglob('model.safetensors'))\n"
-            "print(json.dumps(out))")
+    code = (
+        f"import json, mlflow; mlflow.set_tracking_uri('sqlite:///{db}'); out = {{}}\n"
+        "for a in ('champion', 'challenger'):\n"
+        "    p = mlflow.artifacts.download_artifacts(f'models:/descrambler@{a}')\n"
+        "    import pathlib; out[a] = any(pathlib.Path(p).rglob('model.safetensors'))\n"
+        "print(json.dumps(out))"
+    )
     return json.loads(proj.python(code).strip().splitlines()[-1])
 
 
-def test_sigkill_at_five_points_loses_nothing_and_ends_equal_to_an_unbroken_run(built, prefect_api, tmp_path, model_cache):
+def test_sigkill_at_five_points_loses_nothing_and_ends_equal_to_an_unbroken_run(
+    built, prefect_api, tmp_path, model_cache
+):
     proj = make_project(tmp_path / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}})
     # Progress lines on (CI quiets them): they mark the points to kill at.
     env = proj.env | {"PREFECT_API_URL": prefect_api, "TUNELINE_PROGRESS": "plain"}
@@ -102,8 +116,13 @@ def test_sigkill_at_five_points_loses_nothing_and_ends_equal_to_an_unbroken_run(
     # The same numbers as the unbroken run of the same params (the session's `built`).
     assert results(proj.root) == results(built.root)
     # No half-written output anywhere, and every alias points at a loadable model.
-    leftovers = [p.name for d in (proj.root, proj.root / "data", proj.root / "checkpoints" / "train")
-                 if d.is_dir() for p in d.iterdir() if ".tmp" in p.name or ".old" in p.name]
+    leftovers = [
+        p.name
+        for d in (proj.root, proj.root / "data", proj.root / "checkpoints" / "train")
+        if d.is_dir()
+        for p in d.iterdir()
+        if ".tmp" in p.name or ".old" in p.name
+    ]
     assert leftovers == []
     assert aliases(proj.root / "mlflow.db")["champion"]
     assert artifacts_present(proj, proj.root / "mlflow.db") == {"champion": True, "challenger": True}
@@ -114,14 +133,20 @@ def test_two_pipelines_at_once_on_one_sqlite_store(prefect_api, tmp_path, model_
     a tiny learning rate: a worse model. Whichever registers first, champion ends on A's."""
     store = tmp_path / "shared" / "mlflow.db"
     store.parent.mkdir()
-    projects = {"a": make_project(tmp_path / "a", model_cache, {"evaluate": {"primary_metric": "perplexity"}}),
-                "b": make_project(tmp_path / "b", model_cache, merge({"evaluate": {"primary_metric": "perplexity"}},
-                                                                    {"train": {"max_steps": 1, "lr": 1e-6}}))}
+    projects = {
+        "a": make_project(tmp_path / "a", model_cache, {"evaluate": {"primary_metric": "perplexity"}}),
+        "b": make_project(
+            tmp_path / "b",
+            model_cache,
+            merge({"evaluate": {"primary_metric": "perplexity"}}, {"train": {"max_steps": 1, "lr": 1e-6}}),
+        ),
+    }
     procs = {}
     for name, proj in projects.items():
         env = proj.env | {"PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
-        procs[name] = subprocess.Popen(RUN, cwd=proj.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True)
+        procs[name] = subprocess.Popen(
+            RUN, cwd=proj.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     outs = {name: p.communicate(timeout=1500)[0] for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, outs[name][-4000:]
@@ -131,7 +156,9 @@ def test_two_pipelines_at_once_on_one_sqlite_store(prefect_api, tmp_path, model_
     with sqlite3.connect(store) as c:
         versions = sorted(v for (v,) in c.execute("SELECT version FROM model_versions WHERE name = 'descrambler'"))
     assert versions == [1, 2]
-    ppl = {n: json.loads((p.root / "metrics/eval.json").read_text())["tuned"]["perplexity"] for n, p in projects.items()}
+    ppl = {
+        n: json.loads((p.root / "metrics/eval.json").read_text())["tuned"]["perplexity"] for n, p in projects.items()
+    }
     assert ppl["a"] < ppl["b"]
     version_of = {n: json.loads((p.root / "metrics/register.json").read_text())["version"] for n, p in projects.items()}
     assert sorted(version_of.values()) == [1, 2]
@@ -143,23 +170,41 @@ def test_two_pipelines_at_once_on_one_sqlite_store(prefect_api, tmp_path, model_
 def test_a_worse_challenger_is_never_promoted_and_rollback_restores_the_champion(built, prefect_api, tmp_path):
     """Also: secrets in the environment reach no MLflow param, tag, artifact or log."""
     proj = copy_project(built, tmp_path / "proj")
-    secrets = {"HF_TOKEN": "hf_" + "Q" * 30, "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-" + os.urandom(6).hex(),
-               "AWS_SECRET_ACCESS_KEY": "aws-" + os.urandom(10).hex()}
+    secrets = {
+        "HF_TOKEN": "hf_" + "Q" * 30,
+        "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-" + os.urandom(6).hex(),
+        "AWS_SECRET_ACCESS_KEY": "aws-" + os.urandom(10).hex(),
+    }
     env = proj.env | {"PREFECT_API_URL": prefect_api} | secrets
     cli = [sys.executable, "-m", "tuneline.cli"]
-    worse = subprocess.run([*cli, "run", "--set", "train.lr=1e-6", "--set", "train.max_steps=1"], cwd=proj.root,
-                           env=env, capture_output=True, text=True, timeout=900)
+    worse = subprocess.run(
+        [*cli, "run", "--set", "train.lr=1e-6", "--set", "train.max_steps=1"],
+        cwd=proj.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert worse.returncode == 0, worse.stdout[-3000:] + worse.stderr[-3000:]
     assert "descrambler v2 -> challenger only" in worse.stdout and "not better" in worse.stdout
     db = proj.root / "mlflow.db"
     assert aliases(db) == {"champion": "1", "challenger": "2"}
 
     # A person forces the worse one in; rollback puts v1 back; history keeps every move.
-    assert subprocess.run([*cli, "promote", "2", "--reason", "try the new one"], cwd=proj.root, env=env,
-                          capture_output=True, text=True).returncode == 0
+    assert (
+        subprocess.run(
+            [*cli, "promote", "2", "--reason", "try the new one"],
+            cwd=proj.root,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).returncode
+        == 0
+    )
     assert aliases(db)["champion"] == "2"
-    back = subprocess.run([*cli, "rollback", "--reason", "v2 is worse"], cwd=proj.root, env=env,
-                          capture_output=True, text=True)
+    back = subprocess.run(
+        [*cli, "rollback", "--reason", "v2 is worse"], cwd=proj.root, env=env, capture_output=True, text=True
+    )
     assert back.returncode == 0 and "champion v2 -> v1 (rollback" in back.stdout, back.stdout + back.stderr
     assert aliases(db)["champion"] == "1"
     history = subprocess.run([*cli, "history"], cwd=proj.root, env=env, capture_output=True, text=True).stdout
@@ -169,9 +214,20 @@ def test_a_worse_challenger_is_never_promoted_and_rollback_restores_the_champion
 
     # No secret anywhere MLflow keeps things, nor in what the run printed.
     with sqlite3.connect(db) as c:
-        text = " ".join(str(v) for t in ("params", "tags", "latest_metrics", "model_version_tags", "registered_model_tags",
-                                         "model_versions", "experiment_tags")
-                        for row in c.execute(f'SELECT * FROM "{t}"') for v in row)
+        text = " ".join(
+            str(v)
+            for t in (
+                "params",
+                "tags",
+                "latest_metrics",
+                "model_version_tags",
+                "registered_model_tags",
+                "model_versions",
+                "experiment_tags",
+            )
+            for row in c.execute(f'SELECT * FROM "{t}"')
+            for v in row
+        )
     files = [p for p in (proj.root / "mlartifacts").rglob("*") if p.is_file() and p.stat().st_size < 5_000_000]
     blob = text + worse.stdout + worse.stderr + "".join(p.read_text(errors="ignore") for p in files)
     for name, value in secrets.items():

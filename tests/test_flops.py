@@ -22,8 +22,10 @@ def test_lora_on_the_top_block_costs_less_than_full_training_more_than_a_forward
     from peft import LoraConfig, get_peft_model
 
     full = flops.train_flops(scratch_model("gpt2-scratch-tiny"))
-    lora = get_peft_model(scratch_model("gpt2-scratch-tiny"), LoraConfig(
-        r=4, target_modules=["c_attn"], fan_in_fan_out=True, layers_to_transform=[3]))
+    lora = get_peft_model(
+        scratch_model("gpt2-scratch-tiny"),
+        LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, layers_to_transform=[3]),
+    )
     per_token, per_trained, per_context2 = flops.train_flops(lora)
     blocks = flops._blocks(lora)
     forward = sum(2 * sum(p.numel() for p in flops._matmul_weights(b)) for b in blocks)
@@ -36,13 +38,16 @@ def test_lora_on_the_top_block_costs_less_than_full_training_more_than_a_forward
     assert per_context2 == 3 * 4 * 256 + 12 * 256
 
 
-@pytest.mark.parametrize("name, dtype, tflops", [
-    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.0),
-    ("NVIDIA H100 PCIe", torch.bfloat16, 756.0),
-    ("NVIDIA H200", None, 67.0),
-    ("NVIDIA A100-SXM4-80GB", torch.float16, 312.0),
-    ("NVIDIA L40", torch.bfloat16, 181.0),
-])
+@pytest.mark.parametrize(
+    "name, dtype, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.0),
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756.0),
+        ("NVIDIA H200", None, 67.0),
+        ("NVIDIA A100-SXM4-80GB", torch.float16, 312.0),
+        ("NVIDIA L40", torch.bfloat16, 181.0),
+    ],
+)
 def test_gpu_peak_comes_from_the_table(monkeypatch, name, dtype, tflops):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
@@ -56,8 +61,14 @@ def test_unknown_gpu_has_no_peak_rather_than_a_guess(monkeypatch):
 
 
 def test_cpu_peak_uses_cores_clock_and_instruction_set(monkeypatch):
-    zen4 = {"vendor_id": "AuthenticAMD", "flags": "fma avx2 avx512f avx512_bf16", "cpu MHz": "2500.0",
-            "model name": "AMD EPYC", "cpu cores": "2", "siblings": "2"}
+    zen4 = {
+        "vendor_id": "AuthenticAMD",
+        "flags": "fma avx2 avx512f avx512_bf16",
+        "cpu MHz": "2500.0",
+        "model name": "AMD EPYC",
+        "cpu cores": "2",
+        "siblings": "2",
+    }
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(flops, "_cpuinfo", lambda: zen4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)

@@ -49,8 +49,15 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
 
 
@@ -65,22 +72,26 @@ def test_packed_logits_equal_each_example_alone(arch, tiny_gpt2):
     assert max(len(r["seq_lens"]) for r in rows) > 1
     packed = collate(rows, pad_id=0)
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                       position_ids=packed["position_ids"]).logits
+        logits = model(
+            input_ids=packed["input_ids"], attention_mask=packed["attention_mask"], position_ids=packed["position_ids"]
+        ).logits
         for b, row in enumerate(rows):
             start = 0
             for L in row["seq_lens"]:
-                alone = model(input_ids=torch.tensor([row["input_ids"][start:start + L]])).logits[0]
-                torch.testing.assert_close(logits[b, start:start + L], alone, atol=1e-5, rtol=0)
+                alone = model(input_ids=torch.tensor([row["input_ids"][start : start + L]])).logits[0]
+                torch.testing.assert_close(logits[b, start : start + L], alone, atol=1e-5, rtol=0)
                 start += L
 
 
 def test_packed_loss_equals_unpacked_loss(tiny_gpt2, gpt2_tok):
-    from components.tokenize import encode_rows
     from tuneline.tasks import TASKS
+    from tuneline.tokenization import encode_rows
 
-    rows = [{"source": "cat the sat", "target": "the cat sat"}, {"source": "dog a barked loudly", "target": "a dog barked loudly"},
-            {"source": "rain it today will", "target": "it will rain today"}]
+    rows = [
+        {"source": "cat the sat", "target": "the cat sat"},
+        {"source": "dog a barked loudly", "target": "a dog barked loudly"},
+        {"source": "rain it today will", "target": "it will rain today"},
+    ]
     ex = encode_rows(gpt2_tok, rows, TASKS["descramble"], [])
     with torch.no_grad():
         s_packed, n_packed = loss_sum(tiny_gpt2, collate(pack(ex, 64, "bfd"), gpt2_tok.pad_token_id))
@@ -97,7 +108,7 @@ def test_concat_keeps_every_token_but_the_final_remainder():
     assert all(len(r["input_ids"]) == 32 and r["seq_lens"] == [32] for r in rows)
     assert len(rows) * 32 == total - total % 32  # in = out + remainder (< one block)
     flat = [t for d in docs for t in d.input_ids]
-    assert [t for r in rows for t in r["input_ids"]] == flat[:len(rows) * 32]  # order kept, no EOS invented
+    assert [t for r in rows for t in r["input_ids"]] == flat[: len(rows) * 32]  # order kept, no EOS invented
     # evaluation keeps the remainder as a shorter last row, which collates on its own
     kept = concat(docs, 32, drop_remainder=False)
     assert sum(len(r["input_ids"]) for r in kept) == total

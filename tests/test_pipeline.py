@@ -13,7 +13,6 @@ import urllib.request
 
 import pytest
 import yaml
-
 from conftest import copy_project
 
 pytestmark = pytest.mark.slow
@@ -35,10 +34,16 @@ print(json.dumps([dict(id=r.info.run_id, status=r.info.status, tags=r.data.tags,
 
 def _version(proj, name="descrambler", ref="champion"):
     """A registered version's number, aliases, tags and description (ref: alias or number)."""
-    get = f"c.get_model_version_by_alias('{name}', '{ref}')" if not ref.isdigit() else f"c.get_model_version('{name}', '{ref}')"
-    out = proj.python("import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient()\n"
-                      f"v = {get}\n"
-                      "print(json.dumps([str(v.version), sorted(v.aliases), v.tags, v.description]))")
+    get = (
+        f"c.get_model_version_by_alias('{name}', '{ref}')"
+        if not ref.isdigit()
+        else f"c.get_model_version('{name}', '{ref}')"
+    )
+    out = proj.python(
+        "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient()\n"
+        f"v = {get}\n"
+        "print(json.dumps([str(v.version), sorted(v.aliases), v.tags, v.description]))"
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -59,13 +64,15 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
     assert all(r["params"]["train.lr"] == "0.002" for r in children + parents)  # flattened params everywhere
     assert {"base_exact_match", "tuned_bleu", "tuned_perplexity"} <= set(parents[0]["metrics"])
     train_run = next(r for r in children if r["tags"]["tuneline.stage"] == "train")
-    assert {"train_loss", "val_loss", "tokens_per_s", "trainable_tokens_per_s", "mfu",
-            "peak_memory_mb"} <= set(train_run["metrics"])  # logged per logging step
+    assert {"train_loss", "val_loss", "tokens_per_s", "trainable_tokens_per_s", "mfu", "peak_memory_mb"} <= set(
+        train_run["metrics"]
+    )  # logged per logging step
 
     # Artifacts a user looks for: the loss curve PNG and the predictions table.
     arts = project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); c = mlflow.MlflowClient()\n"
-        f"print([a.path for r in {[r['id'] for r in children]!r} for a in c.list_artifacts(r)])")
+        f"print([a.path for r in {[r['id'] for r in children]!r} for a in c.list_artifacts(r)])"
+    )
     assert "loss_curve.png" in arts and "predictions.json" in arts
 
     # The registered champion answers through the generic pyfunc interface, offline.
@@ -74,7 +81,8 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
         "m = mlflow.pyfunc.load_model('models:/descrambler@champion')\n"
         "print(repr(m.predict(['sat cat the'])))\n"
         "c = mlflow.MlflowClient(); v = c.get_model_version_by_alias('descrambler', 'champion')\n"
-        "import json; print(json.dumps([v.version, sorted(v.aliases), v.tags['git.commit'], v.tags['data.prepare.md5']]))")
+        "import json; print(json.dumps([v.version, sorted(v.aliases), v.tags['git.commit'], v.tags['data.prepare.md5']]))"
+    )
     pred, meta = answer.strip().splitlines()[-2:]
     assert isinstance(ast.literal_eval(pred)[0], str)
     version, aliases, commit, data_md5 = json.loads(meta)
@@ -91,8 +99,17 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
     _, _, tags, card = _version(project)
     assert tags["gate.decision"] == "promoted" and tags["gate.compared_with"] == "base model tiny-gpt2"
     assert float(tags["gate.p_value"]) < 0.05 and float(tags["gate.delta"]) < 0  # lower perplexity
-    for section in ("# descrambler v1", "## Gate decision", "| perplexity (primary) |", "## Data lineage",
-                    "(dvc.lock md5)", "## Params", "## Sample predictions (5)", "## Intended use", "## Limits"):
+    for section in (
+        "# descrambler v1",
+        "## Gate decision",
+        "| perplexity (primary) |",
+        "## Data lineage",
+        "(dvc.lock md5)",
+        "## Params",
+        "## Sample predictions (5)",
+        "## Intended use",
+        "## Limits",
+    ):
         assert section in card, section
     hist = project.run(sys.executable, "-m", "tuneline.cli", "history").stdout
     assert re.search(r"gate +none -> v1 +by \S+: perplexity", hist), hist
@@ -107,9 +124,15 @@ def _free_port() -> int:
 def test_the_champion_answers_over_http(project):
     """The issue's command, as a user types it in the project, offline; a real POST."""
     port = _free_port()
-    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/descrambler@champion", "--env-manager", "local",
-                               "-p", str(port)], cwd=project.root, env=project.env, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", "models:/descrambler@champion", "--env-manager", "local", "-p", str(port)],
+        cwd=project.root,
+        env=project.env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 180
         while True:
@@ -120,15 +143,20 @@ def test_the_champion_answers_over_http(project):
             except OSError:
                 assert time.time() < deadline, "the model server did not start in 180 s"
                 time.sleep(1)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
-                                         data=json.dumps({"inputs": ["sat cat the"]}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            method="POST",
+            data=json.dumps({"inputs": ["sat cat the"]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    local = project.python("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-                           "print(repr(mlflow.pyfunc.load_model('models:/descrambler@champion').predict(['sat cat the'])))")
+    local = project.python(
+        "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        "print(repr(mlflow.pyfunc.load_model('models:/descrambler@champion').predict(['sat cat the'])))"
+    )
     assert answer["predictions"] == ast.literal_eval(local.strip().splitlines()[-1])  # the same greedy answer
 
 

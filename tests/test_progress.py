@@ -90,8 +90,9 @@ def test_the_environment_forces_a_mode(capsys, monkeypatch):
 def test_a_terminal_gets_a_live_rich_bar_with_rate_and_eta(capsys):
     out = io.StringIO()
     clock = Clock(2.0)
-    with progress.bar("tokenize", 10, "examples", what="train", console=Console(force_terminal=True, file=out, width=120),
-                      clock=clock) as b:
+    with progress.bar(
+        "tokenize", 10, "examples", what="train", console=Console(force_terminal=True, file=out, width=120), clock=clock
+    ) as b:
         for _ in range(5):
             clock.t += 2.0
             b.advance(1, tokens=300)

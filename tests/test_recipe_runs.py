@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
@@ -16,10 +15,18 @@ SETS = {
     "pretrain": [],
     "mnli": [],
     "alpaca": [f"prepare.source={SHARED_DATA / 'alpaca/alpaca_data.json'}"],
-    "emotion": [f"prepare.source={SHARED_DATA / 'emotion/train.jsonl'}",
-                f"prepare.test_source={SHARED_DATA / 'emotion/validation.jsonl'}"],
+    "emotion": [
+        f"prepare.source={SHARED_DATA / 'emotion/train.jsonl'}",
+        f"prepare.test_source={SHARED_DATA / 'emotion/validation.jsonl'}",
+    ],
 }
-PRIMARY = {"descramble": "chrf", "pretrain": "perplexity", "mnli": "accuracy", "alpaca": "rouge_l", "emotion": "accuracy"}
+PRIMARY = {
+    "descramble": "chrf",
+    "pretrain": "perplexity",
+    "mnli": "accuracy",
+    "alpaca": "rouge_l",
+    "emotion": "accuracy",
+}
 
 
 def _cli(project, *args):
@@ -27,8 +34,13 @@ def _cli(project, *args):
 
 
 def _mlflow(project, code):
-    return json.loads(project.python("import json, mlflow\nmlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-                                     "c = mlflow.MlflowClient()\n" + code).strip().splitlines()[-1])
+    return json.loads(
+        project.python(
+            "import json, mlflow\nmlflow.set_tracking_uri('sqlite:///mlflow.db')\nc = mlflow.MlflowClient()\n" + code
+        )
+        .strip()
+        .splitlines()[-1]
+    )
 
 
 @pytest.mark.parametrize("recipe", list(SETS))
@@ -44,18 +56,28 @@ def test_smoke_runs_every_recipe_and_touches_nothing_real(project, recipe):
     # The real pipeline is untouched: params.yaml, dvc.lock, outputs, the registry.
     assert (project.root / "params.yaml").read_text() == before
     assert not (project.root / "dvc.lock").exists() and not (project.root / "data").exists()
-    runs = _mlflow(project, "exp = c.get_experiment_by_name('smoke')\n"
-                   "rs = c.search_runs([exp.experiment_id], filter_string=\"tags.`tuneline.kind` = 'pipeline'\")\n"
-                   "print(json.dumps([[r.info.status, r.data.tags['tuneline.recipe'], len(c.search_registered_models())]"
-                   " for r in rs]))")
+    runs = _mlflow(
+        project,
+        "exp = c.get_experiment_by_name('smoke')\n"
+        "rs = c.search_runs([exp.experiment_id], filter_string=\"tags.`tuneline.kind` = 'pipeline'\")\n"
+        "print(json.dumps([[r.info.status, r.data.tags['tuneline.recipe'], len(c.search_registered_models())]"
+        " for r in rs]))",
+    )
     assert runs == [["FINISHED", recipe, 0]]
 
 
 def test_a_recipe_run_is_a_dvc_experiment_and_an_mlflow_run_with_the_same_params(project):
     project.run("git", "add", "-A")
     project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
-    sets = ["model.name=tiny-gpt2", "prepare.n_val=16", "prepare.n_test=16", "train.max_steps=3", "train.eval_every=3",
-            "tokenize.max_length=128", "evaluate.n_examples=4"]
+    sets = [
+        "model.name=tiny-gpt2",
+        "prepare.n_val=16",
+        "prepare.n_test=16",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "tokenize.max_length=128",
+        "evaluate.n_examples=4",
+    ]
     _cli(project, "run", "--recipe", "pretrain", *[a for s in sets for a in ("--set", s)])
     written = yaml.safe_load((project.root / "params.yaml").read_text())
     assert written["prepare"]["task"] == "pretrain" and written["train"]["max_steps"] == 3
@@ -66,9 +88,12 @@ def test_a_recipe_run_is_a_dvc_experiment_and_an_mlflow_run_with_the_same_params
     assert any(n.startswith("pretrain-") for n in names), names
     exp_params = recorded[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]
     assert exp_params["train"]["max_steps"] == 3 and exp_params["model"]["name"] == "tiny-gpt2"
-    mlflow_params = _mlflow(project, "exp = c.get_experiment_by_name('tuneline')\n"
-                            "r = c.search_runs([exp.experiment_id], filter_string=\"tags.`tuneline.kind` = 'pipeline'\")[0]\n"
-                            "print(json.dumps([r.data.params, r.data.tags.get('dvc.experiment')]))")
+    mlflow_params = _mlflow(
+        project,
+        "exp = c.get_experiment_by_name('tuneline')\n"
+        "r = c.search_runs([exp.experiment_id], filter_string=\"tags.`tuneline.kind` = 'pipeline'\")[0]\n"
+        "print(json.dumps([r.data.params, r.data.tags.get('dvc.experiment')]))",
+    )
     assert mlflow_params[0]["train.max_steps"] == "3" and mlflow_params[0]["prepare.task"] == "pretrain"
     assert mlflow_params[1] in names
     # The recipe's metric: perplexity over all test tokens, lower is better for the gate.

@@ -41,23 +41,35 @@ def test_dump_round_trips_and_documents_every_key():
 
 
 def test_set_values_are_yaml_data_never_code():
-    got = recipes.parse_set(["train.lr=0.001", "prepare.labels=[a, b]", "model.name=__import__('os').system('x')",
-                             "prepare.columns.text=sentence"])
-    assert got == {"train": {"lr": 1e-3}, "prepare": {"labels": ["a", "b"], "columns": {"text": "sentence"}},
-                   "model": {"name": "__import__('os').system('x')"}}
+    got = recipes.parse_set(
+        [
+            "train.lr=0.001",
+            "prepare.labels=[a, b]",
+            "model.name=__import__('os').system('x')",
+            "prepare.columns.text=sentence",
+        ]
+    )
+    assert got == {
+        "train": {"lr": 1e-3},
+        "prepare": {"labels": ["a", "b"], "columns": {"text": "sentence"}},
+        "model": {"name": "__import__('os').system('x')"},
+    }
     assert recipes.build("emotion", ["train.lr=1e-3"]).train.lr == 0.001  # YAML reads 1e-3 as text; the schema converts
     p = recipes.build("emotion", ["prepare.columns.text=sentence"])
     assert p.prepare.columns == {"text": "sentence"} and p.prepare.labels  # merged into the recipe, not replacing it
 
 
-@pytest.mark.parametrize("args, message", [
-    (("emotoin", []), r"unknown recipe 'emotoin'.*did you mean 'emotion'"),
-    (("emotion", ["train.lrr=1"]), r"unknown key 'train.lrr'.*did you mean 'train.lr'"),
-    (("emotion", ["train.lr"]), r"--set 'train.lr' is not key=value"),
-    (("emotion", ["evaluate.primary_metric=bleu"]), r"'bleu' is not a classify metric.*accuracy"),
-    (("descramble", ["tokenize.packing=concat"]), r"use 'bfd' for the supervised task"),
-    (("emotion", ["prepare.labels=[joy]"]), r"needs at least two labels"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("emotoin", []), r"unknown recipe 'emotoin'.*did you mean 'emotion'"),
+        (("emotion", ["train.lrr=1"]), r"unknown key 'train.lrr'.*did you mean 'train.lr'"),
+        (("emotion", ["train.lr"]), r"--set 'train.lr' is not key=value"),
+        (("emotion", ["evaluate.primary_metric=bleu"]), r"'bleu' is not a classify metric.*accuracy"),
+        (("descramble", ["tokenize.packing=concat"]), r"use 'bfd' for the supervised task"),
+        (("emotion", ["prepare.labels=[joy]"]), r"needs at least two labels"),
+    ],
+)
 def test_bad_recipe_input_is_one_clear_line(args, message):
     with pytest.raises(TunelineError, match=message) as e:
         recipes.build(*args)

@@ -6,11 +6,10 @@ import math
 import mlflow
 import pytest
 
-from components import register
-from components.register import data_hashes, decide, reference
-from tuneline import card, recipes, registry
+from tuneline import card, gate, recipes, registry
 from tuneline.config import RegisterCfg, flatten
 from tuneline.errors import TunelineError
+from tuneline.gate import data_hashes, decide, reference
 from tuneline.scoring import Comparison
 
 
@@ -29,16 +28,19 @@ def _cmp(a, b, lo, hi, p, metric="chrf"):
     return Comparison(metric, a, b, a - b, lo, hi, p, "bootstrap", 100)
 
 
-@pytest.mark.parametrize("c, cfg, promoted, why", [
-    (_cmp(60, 50, 4, 16, 0.001), RegisterCfg(), True, "p=0.001 < 0.05"),
-    (_cmp(50, 50, 0, 0, 1.0), RegisterCfg(), False, "not better"),
-    (_cmp(45, 50, -9, -1, 0.99), RegisterCfg(), False, "not better"),
-    (_cmp(51, 50, 0.2, 1.8, 0.01), RegisterCfg(min_delta=2.0), False, "gain 1 is below register.min_delta=2.0"),
-    (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(), False, "not significant (p=0.2 >= register.alpha=0.05"),
-    (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(alpha=1.0), True, "p=0.2 < 1.0"),
-    (_cmp(math.nan, 50, math.nan, math.nan, math.nan), RegisterCfg(alpha=1.0), False, "never promotes"),
-    (_cmp(40, 50, -15, -5, 0.001, "perplexity"), RegisterCfg(), True, "delta -10"),  # lower wins
-])
+@pytest.mark.parametrize(
+    "c, cfg, promoted, why",
+    [
+        (_cmp(60, 50, 4, 16, 0.001), RegisterCfg(), True, "p=0.001 < 0.05"),
+        (_cmp(50, 50, 0, 0, 1.0), RegisterCfg(), False, "not better"),
+        (_cmp(45, 50, -9, -1, 0.99), RegisterCfg(), False, "not better"),
+        (_cmp(51, 50, 0.2, 1.8, 0.01), RegisterCfg(min_delta=2.0), False, "gain 1 is below register.min_delta=2.0"),
+        (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(), False, "not significant (p=0.2 >= register.alpha=0.05"),
+        (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(alpha=1.0), True, "p=0.2 < 1.0"),
+        (_cmp(math.nan, 50, math.nan, math.nan, math.nan), RegisterCfg(alpha=1.0), False, "never promotes"),
+        (_cmp(40, 50, -15, -5, 0.001, "perplexity"), RegisterCfg(), True, "delta -10"),  # lower wins
+    ],
+)
 def test_the_gate_promotes_only_a_real_significant_improvement(c, cfg, promoted, why):
     got, reason = decide(c, cfg, "champion v1")
     assert got is promoted and why in reason
@@ -50,7 +52,7 @@ def _record(key="k1", base=0.1, tuned=0.9):
 
 def _champion_with_record(client, record) -> str:
     with mlflow.start_run() as run:
-        mlflow.log_text(json.dumps(record), register.EVAL_ARTIFACT)
+        mlflow.log_text(json.dumps(record), gate.EVAL_ARTIFACT)
     v = client.create_model_version("m", source="file:///nowhere", run_id=run.info.run_id).version
     client.set_model_version_tag("m", v, "eval.examples_key", record["examples_key"])
     registry.move_champion(client, "m", v, "gate", "test")
@@ -72,8 +74,8 @@ def test_the_champion_is_compared_on_its_logged_per_example_results(client):
 def test_a_champion_evaluated_on_other_examples_is_re_evaluated_on_these(client, monkeypatch):
     _champion_with_record(client, _record(key="old-examples"))
     loaded = []
-    monkeypatch.setattr(register, "load_any", lambda uri: loaded.append(uri) or ("model", "tokenizer"))
-    monkeypatch.setattr(register, "evaluate_model", lambda model, tok, rows, params: {"re-evaluated on": rows})
+    monkeypatch.setattr(gate, "load_any", lambda uri: loaded.append(uri) or ("model", "tokenizer"))
+    monkeypatch.setattr(gate, "evaluate_model", lambda model, tok, rows, params: {"re-evaluated on": rows})
     _, version, ev = reference(client, "m", [{"target": "a"}], recipes.build("descramble"), _record(key="new"))
     assert loaded == [f"models:/m/{version}"] and version == "1" and ev == {"re-evaluated on": [{"target": "a"}]}
 
@@ -91,8 +93,13 @@ def test_promote_and_rollback_record_who_when_why_and_walk_back(client):
     registry.promote(client, "m", versions[2], "fixed upstream")
     events = registry.history(client, "m")
     assert [(e["action"], e["previous"], e["version"]) for e in events] == [
-        ("gate", None, "1"), ("gate", "1", "2"), ("gate", "2", "3"),
-        ("rollback", "3", "2"), ("rollback", "2", "1"), ("promote", "1", "3")]
+        ("gate", None, "1"),
+        ("gate", "1", "2"),
+        ("gate", "2", "3"),
+        ("rollback", "3", "2"),
+        ("rollback", "2", "1"),
+        ("promote", "1", "3"),
+    ]
     assert events[3]["why"] == "v3 misbehaves in production" and events[3]["who"] == registry.user()
     assert all(e["when"].endswith("+00:00") for e in events)
 
@@ -106,28 +113,71 @@ def test_promote_refuses_a_version_that_does_not_exist(client):
 def test_the_model_card_has_every_section_and_fits_the_description_column():
     params = recipes.build("descramble")
     metrics = {m: 0.5 for m in ("chrf", "exact_match", "bleu", "multiset_rate", "perplexity")}
-    comparison = {"metric": "chrf", "delta": 10.0, "ci_low": 5.0, "ci_high": 15.0, "p_value": 0.001, "test": "bootstrap"}
-    gate = {"decision": "promoted", "reason": "chrf 60 vs base's 50", "compared_with": "base model x", "metric": "chrf",
-            "challenger_value": 60.0, "reference_value": 50.0, "delta": 10.0, "ci_low": 5.0, "ci_high": 15.0,
-            "p_value": 0.001, "test": "bootstrap", "n": 200}
+    comparison = {
+        "metric": "chrf",
+        "delta": 10.0,
+        "ci_low": 5.0,
+        "ci_high": 15.0,
+        "p_value": 0.001,
+        "test": "bootstrap",
+    }
+    gate = {
+        "decision": "promoted",
+        "reason": "chrf 60 vs base's 50",
+        "compared_with": "base model x",
+        "metric": "chrf",
+        "challenger_value": 60.0,
+        "reference_value": 50.0,
+        "delta": 10.0,
+        "ci_low": 5.0,
+        "ci_high": 15.0,
+        "p_value": 0.001,
+        "test": "bootstrap",
+        "n": 200,
+    }
     long = "word " * 200
     text = card.description(
-        name="descrambler", version="3", params=params, flat=flatten(params), gate=gate,
-        evals={"base": metrics, "tuned": metrics | {"chrf": 60.0}, "primary_metric": "chrf", "n_examples": 200,
-               "tuned_vs_base": comparison},
+        name="descrambler",
+        version="3",
+        params=params,
+        flat=flatten(params),
+        gate=gate,
+        evals={
+            "base": metrics,
+            "tuned": metrics | {"chrf": 60.0},
+            "primary_metric": "chrf",
+            "n_examples": 200,
+            "tuned_vs_base": comparison,
+        },
         samples=[{"prompt": long, "target": long, "base_output": long, "tuned_output": long}] * 5,
         lineage={"source": {"source": "builtin:wikipedia", "sha256": "ab12"}},
-        data_hashes={"data.prepare.md5": "d1.dir", "data.tokenize.md5": "d2.dir"}, commit="abc123",
-        train={"steps": 80, "best_val_loss": 1.03, "best_step": 80})
+        data_hashes={"data.prepare.md5": "d1.dir", "data.tokenize.md5": "d2.dir"},
+        commit="abc123",
+        train={"steps": 80, "best_val_loss": 1.03, "best_step": 80},
+    )
     assert len(text) <= card.MAX_CHARS
-    for part in ("# descrambler v3", "smollm2-135m-instruct", "LoRA (r=16", "## Gate decision", "**promoted**",
-                 "[+5, +15]", "| chrf (primary) | 0.5 | 60 | +59.5 |", "sha256 `ab12`", "(dvc.lock md5): `d1.dir`",
-                 "| train.lr | `0.002` |", "## Sample predictions (5)", "## Intended use", "## Limits"):
+    for part in (
+        "# descrambler v3",
+        "smollm2-135m-instruct",
+        "LoRA (r=16",
+        "## Gate decision",
+        "**promoted**",
+        "[+5, +15]",
+        "| chrf (primary) | 0.5 | 60 | +59.5 |",
+        "sha256 `ab12`",
+        "(dvc.lock md5): `d1.dir`",
+        "| train.lr | `0.002` |",
+        "## Sample predictions (5)",
+        "## Intended use",
+        "## Limits",
+    ):
         assert part in text, part
 
 
 def test_data_hashes_come_from_dvc_lock(tmp_path):
     lock = tmp_path / "dvc.lock"
-    lock.write_text("schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: data/prepared\n      md5: abc.dir\n"
-                    "  tokenize:\n    outs:\n    - path: data/tokenized\n      md5: def.dir\n")
+    lock.write_text(
+        "schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: data/prepared\n      md5: abc.dir\n"
+        "  tokenize:\n    outs:\n    - path: data/tokenized\n      md5: def.dir\n"
+    )
     assert data_hashes(lock) == {"data.prepare.md5": "abc.dir", "data.tokenize.md5": "def.dir"}

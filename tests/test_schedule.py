@@ -1,4 +1,4 @@
-"""Schedules: `tuneline serve --cron` against a real Prefect server on 127.0.0.1, the
+"""Schedules: `tuneline schedule --cron` against a real Prefect server on 127.0.0.1, the
 prefect.yaml work-pool deployment, skipping unchanged runs, I/O-only retries, hub revisions."""
 
 import json
@@ -8,7 +8,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import wait_for
 
 STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
@@ -25,11 +24,16 @@ def test_a_served_schedule_runs_the_pipeline_and_records_its_parameters_everywhe
     tasks = served.task_runs(served.first_id)
     assert all(tasks[s] == "COMPLETED" for s in STAGES), tasks
     # MLflow: the pipeline run names the flow run, the recipe and the overrides, and has the values.
-    parent = json.loads(served.proj.python(
-        "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-        f"r = mlflow.search_runs(search_all_experiments=True, output_format='list', "
-        f"filter_string=\"tags.`prefect.flow_run_id` = '{served.first_id}'\")[0]\n"
-        "print(json.dumps([r.data.tags, r.data.params]))").strip().splitlines()[-1])
+    parent = json.loads(
+        served.proj.python(
+            "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+            f"r = mlflow.search_runs(search_all_experiments=True, output_format='list', "
+            f"filter_string=\"tags.`prefect.flow_run_id` = '{served.first_id}'\")[0]\n"
+            "print(json.dumps([r.data.tags, r.data.params]))"
+        )
+        .strip()
+        .splitlines()[-1]
+    )
     tags, params = parent
     assert tags["tuneline.overrides"] == "train.lr=0.003" and params["train.lr"] == "0.003"
     assert tags["tuneline.champion"] == "descrambler v1"
@@ -42,8 +46,12 @@ def test_a_served_schedule_runs_the_pipeline_and_records_its_parameters_everywhe
 
 
 def _n_runs(served) -> int:
-    return int(served.proj.python("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-                                  "print(len(mlflow.search_runs(search_all_experiments=True)))").split()[-1])
+    return int(
+        served.proj.python(
+            "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+            "print(len(mlflow.search_runs(search_all_experiments=True)))"
+        ).split()[-1]
+    )
 
 
 @pytest.mark.slow
@@ -54,7 +62,10 @@ def test_a_scheduled_run_with_nothing_changed_is_skipped_and_trains_nothing(serv
     n_runs = _n_runs(served)
     run = served.wait(served.trigger(), timeout=300)
     assert (run["state_type"], run["state_name"], run["state"]["message"]) == (
-        "COMPLETED", "Skipped", "skipped: nothing changed")
+        "COMPLETED",
+        "Skipped",
+        "skipped: nothing changed",
+    )
     assert not set(STAGES) & set(served.task_runs(run["id"]))  # no stage task even started
     assert [p.stat().st_mtime_ns for p in watched] == before
     assert _n_runs(served) == n_runs  # not even a pipeline run in MLflow
@@ -74,12 +85,14 @@ def test_prefect_yaml_deploys_the_flow_to_a_process_work_pool_that_a_worker_runs
     run_id = started.stdout.split("UUID: ")[1].split()[0]
     # A worker started elsewhere picks the run up and runs it in the project: nothing changed.
     served.run("prefect", "worker", "start", "--pool", "tuneline", "--run-once", cwd="/")
-    state = wait_for("the worker's run", lambda: (r := served.api(f"flow_runs/{run_id}"))["state_type"] == "COMPLETED" and r, 120)
+    state = wait_for(
+        "the worker's run", lambda: (r := served.api(f"flow_runs/{run_id}"))["state_type"] == "COMPLETED" and r, 120
+    )
     assert state["state_name"] == "Skipped"
 
 
 def test_every_server_the_project_started_listens_on_loopback_only(served):
-    """`tuneline ui` (MLflow, Prefect) and `tuneline serve` (its runner): no socket open to
+    """`tuneline ui` (MLflow, Prefect) and `tuneline schedule` (its runner): no socket open to
     the network unless the user passes --host."""
     import psutil
 
@@ -88,8 +101,9 @@ def test_every_server_the_project_started_listens_on_loopback_only(served):
         parent = psutil.Process(proc.pid)
         for p in [parent, *parent.children(recursive=True)]:
             try:
-                listening |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
-                              if c.status == psutil.CONN_LISTEN}
+                listening |= {
+                    (c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+                }
             except psutil.Error:
                 pass
     ports = {int(served.mlflow.rsplit(":", 1)[1]), int(served.prefect.rsplit(":", 1)[1])}
@@ -115,7 +129,8 @@ def prepared(tmp_path, monkeypatch):
 
     (tmp_path / "data" / "prepared").mkdir(parents=True)
     (tmp_path / "data" / "prepared" / "lineage.json").write_text(
-        json.dumps({"source": {"source": "hf:dair-ai/emotion#train", "revision": "aaa"}}))
+        json.dumps({"source": {"source": "hf:dair-ai/emotion#train", "revision": "aaa"}})
+    )
     monkeypatch.setattr(fp, "ROOT", tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     return fp
@@ -151,19 +166,20 @@ def test_the_hub_is_not_asked_when_offline_and_an_unreachable_hub_is_one_clear_e
 
 @pytest.mark.parametrize("cron", ["every day", "61 3 * * *", "0 3 * *"])
 def test_serve_rejects_a_bad_cron_in_one_line_before_serving(cron, project):
-    proc = project.run(sys.executable, "-m", "tuneline.cli", "serve", "--cron", cron, check=False)
+    proc = project.run(sys.executable, "-m", "tuneline.cli", "schedule", "--cron", cron, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"--cron '{cron}' is not a cron expression" in lines[0] and "0 3 * * *" in lines[0]
 
 
 def test_serve_validates_params_and_the_server_before_serving(project):
-    proc = project.run(sys.executable, "-m", "tuneline.cli", "serve", "--cron", "0 3 * * *", "--set", "train.lrr=1",
-                       check=False)
+    proc = project.run(
+        sys.executable, "-m", "tuneline.cli", "schedule", "--cron", "0 3 * * *", "--set", "train.lrr=1", check=False
+    )
     assert proc.returncode == 2 and "did you mean 'train.lr'" in proc.stderr
     project.env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # nothing listens on port 9
     t = time.time()
-    proc = project.run(sys.executable, "-m", "tuneline.cli", "serve", "--cron", "0 3 * * *", check=False)
+    proc = project.run(sys.executable, "-m", "tuneline.cli", "schedule", "--cron", "0 3 * * *", check=False)
     assert proc.returncode == 2 and "does not answer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert time.time() - t < 60
 

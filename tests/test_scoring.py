@@ -45,11 +45,14 @@ def test_macro_f1_equals_scikit_learn_with_unparseable_answers():
     ev = {"outputs": outputs, "scored": [rng.choice(LABELS) for _ in range(50)]}
     parsed = [tasks.parse_label(o, LABELS) or "<unparseable>" for o in outputs]
     assert scoring.stat(CLASSIFY, "macro_f1", rows, ev, LABELS).value() == pytest.approx(
-        f1_score(gold, parsed, labels=LABELS, average="macro", zero_division=0))
+        f1_score(gold, parsed, labels=LABELS, average="macro", zero_division=0)
+    )
     assert scoring.stat(CLASSIFY, "scored_macro_f1", rows, ev, LABELS).value() == pytest.approx(
-        f1_score(gold, ev["scored"], labels=LABELS, average="macro", zero_division=0))
+        f1_score(gold, ev["scored"], labels=LABELS, average="macro", zero_division=0)
+    )
     assert scoring.stat(CLASSIFY, "unparseable_rate", rows, ev, LABELS).value() == pytest.approx(
-        np.mean([p == "<unparseable>" for p in parsed]))
+        np.mean([p == "<unparseable>" for p in parsed])
+    )
 
 
 def test_perplexity_is_token_weighted():
@@ -93,10 +96,10 @@ def test_the_bootstrap_is_seeded():
 def test_mcnemar_counts_only_discordant_pairs():
     a = np.array([1] * 10 + [0] * 5 + [1] * 20)
     b = np.array([0] * 10 + [0] * 5 + [1] * 20)  # a wins 10 times, never loses
-    assert scoring.mcnemar(a, b) == pytest.approx(0.5 ** 10)
+    assert scoring.mcnemar(a, b) == pytest.approx(0.5**10)
     assert scoring.mcnemar(a, a) == 1.0
     # for a rate where lower is better, having fewer 1s wins
-    assert scoring.mcnemar(b, a, lower_is_better=True) == pytest.approx(0.5 ** 10)
+    assert scoring.mcnemar(b, a, lower_is_better=True) == pytest.approx(0.5**10)
 
 
 def test_a_nan_metric_gives_a_nan_comparison():

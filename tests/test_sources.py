@@ -9,6 +9,7 @@ import pytest
 from components import prepare
 from tuneline import sources
 from tuneline.config import parse_params
+from tuneline.data import read_split
 from tuneline.errors import TunelineError
 from tuneline.tasks import TASKS
 
@@ -44,10 +45,14 @@ def test_a_glob_reads_every_matching_file(tmp_path):
 
 
 def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
-    got = sources.task_rows([{"sentence": "hi", "y": 1}], TASKS["classify"], {"text": "sentence", "label": "y"}, LABELS, "x")
+    got = sources.task_rows(
+        [{"sentence": "hi", "y": 1}], TASKS["classify"], {"text": "sentence", "label": "y"}, LABELS, "x"
+    )
     assert got == [{"text": "hi", "label": "pos"}]
     dolly = [{"instruction": "Say hi.", "context": "", "response": "Hi!", "category": "open_qa"}]
-    assert sources.task_rows(dolly, TASKS["instruct"], {}, [], "x") == [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    assert sources.task_rows(dolly, TASKS["instruct"], {}, [], "x") == [
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"}
+    ]
 
 
 def test_hub_source_offline_says_how_to_fix(monkeypatch):
@@ -66,13 +71,26 @@ def _prepare(tmp_path, monkeypatch, train_rows, test_rows=None, **over):
 
 
 BAD = [
-    ("missing column", [{"txt": "a", "label": "pos"}] * 5, None,
-     r"missing column 'text' for the classify task \(it has: label, txt\).*prepare.columns.text"),
+    (
+        "missing column",
+        [{"txt": "a", "label": "pos"}] * 5,
+        None,
+        r"missing column 'text' for the classify task \(it has: label, txt\).*prepare.columns.text",
+    ),
     ("wrong type", [{"text": 5, "label": "pos"}] * 5, None, r"column 'text' must be text, but row 0 holds int"),
     ("empty split", [], None, r"has no rows"),
-    ("label outside the set", ROWS[:5] + [{"text": "odd", "label": "meh"}], None,
-     r"row 5 has label 'meh', outside the declared set \['neg', 'pos'\].*add it to prepare.labels"),
-    ("in two splits", ROWS, ROWS[:3], r"3 examples are in both prepare.source and prepare.test_source.*on_overlap=drop"),
+    (
+        "label outside the set",
+        ROWS[:5] + [{"text": "odd", "label": "meh"}],
+        None,
+        r"row 5 has label 'meh', outside the declared set \['neg', 'pos'\].*add it to prepare.labels",
+    ),
+    (
+        "in two splits",
+        ROWS,
+        ROWS[:3],
+        r"3 examples are in both prepare.source and prepare.test_source.*on_overlap=drop",
+    ),
 ]
 
 
@@ -94,8 +112,8 @@ def test_invalid_utf8_names_the_line(tmp_path, monkeypatch):
 def test_overlap_can_be_dropped_from_train_and_test_is_never_trained_on(tmp_path, monkeypatch):
     m = _prepare(tmp_path, monkeypatch, ROWS, ROWS[:3], on_overlap="drop")
     assert m["overlap_dropped_from_train"] == 3 and m["test_rows"] == 3
-    train = {r["text"] for r in prepare.read_split("train")} | {r["text"] for r in prepare.read_split("val")}
-    assert not train & {r["text"] for r in prepare.read_split("test")}
+    train = {r["text"] for r in read_split("train")} | {r["text"] for r in read_split("val")}
+    assert not train & {r["text"] for r in read_split("test")}
     assert m["train_rows"] + m["val_rows"] == 27
 
 

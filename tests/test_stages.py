@@ -38,7 +38,8 @@ def test_dvc_plots_show_renders_the_training_curves(tmp_path, model_cache):
     proj = make_project(tmp_path / "proj", model_cache)
     (proj.root / "plots").mkdir()
     (proj.root / "plots/train.csv").write_text(
-        "step,train_loss,val_loss,lr\n1,2.5,,0.001\n2,2.0,1.9,0.001\n3,1.5,,0.0005\n4,1.2,1.1,0.0001\n")
+        "step,train_loss,val_loss,lr\n1,2.5,,0.001\n2,2.0,1.9,0.001\n3,1.5,,0.0005\n4,1.2,1.1,0.0001\n"
+    )
     out = json.loads(proj.run(sys.executable, "-m", "dvc", "plots", "show", "--json").stdout)
     (plots,) = out["data"].values()  # the top-level definition only: no stage-level duplicate
     (plot,) = plots

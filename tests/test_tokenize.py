@@ -5,24 +5,49 @@ import json
 import pytest
 
 from components import tokenize
-from components.tokenize import encode_rows
-from tuneline import tasks
+from tuneline import tasks, tokenization
 from tuneline.errors import TunelineError
 from tuneline.packing import IGNORE, Example
+from tuneline.tokenization import encode_rows
 
 EMOTIONS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
 CASES = [
-    ("descramble", {"source": "mat the on sat cat the", "target": "the cat sat on the mat"}, [],
-     "Unscramble: mat the on sat cat the\nSentence:", " the cat sat on the mat"),
+    (
+        "descramble",
+        {"source": "mat the on sat cat the", "target": "the cat sat on the mat"},
+        [],
+        "Unscramble: mat the on sat cat the\nSentence:",
+        " the cat sat on the mat",
+    ),
     ("pretrain", {"text": "Paris is the capital of France."}, [], "", "Paris is the capital of France."),
-    ("instruct", {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, [],
-     "### Instruction:\nAdd the numbers.\n\n### Context:\n2 and 3\n\n### Response:\n", "5"),
-    ("instruct", {"instruction": "Name a colour.", "input": "", "output": "Red."}, [],
-     "### Instruction:\nName a colour.\n\n### Response:\n", "Red."),
-    ("classify", {"text": "i feel wonderful", "label": "joy"}, EMOTIONS,
-     "Text: i feel wonderful\nOptions: sadness, joy, love, anger, fear, surprise\nAnswer:", " joy"),
-    ("entail", {"premise": "A man walks.", "hypothesis": "A man moves.", "label": "entailment"}, [],
-     "mnli hypothesis: A man moves. premise: A man walks. target:", " entailment"),
+    (
+        "instruct",
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        [],
+        "### Instruction:\nAdd the numbers.\n\n### Context:\n2 and 3\n\n### Response:\n",
+        "5",
+    ),
+    (
+        "instruct",
+        {"instruction": "Name a colour.", "input": "", "output": "Red."},
+        [],
+        "### Instruction:\nName a colour.\n\n### Response:\n",
+        "Red.",
+    ),
+    (
+        "classify",
+        {"text": "i feel wonderful", "label": "joy"},
+        EMOTIONS,
+        "Text: i feel wonderful\nOptions: sadness, joy, love, anger, fear, surprise\nAnswer:",
+        " joy",
+    ),
+    (
+        "entail",
+        {"premise": "A man walks.", "hypothesis": "A man moves.", "label": "entailment"},
+        [],
+        "mnli hypothesis: A man moves. premise: A man walks. target:",
+        " entailment",
+    ),
 ]
 
 
@@ -41,10 +66,10 @@ def test_template_renders_exactly_and_masks_the_prompt(gpt2_tok, name, row, labe
 
 def test_ids_never_carry_padding_left_on_by_a_padded_call(gpt2_tok):
     texts = ["a", "a much longer text than the first"]
-    clean = tokenize.encode(gpt2_tok, texts)
+    clean = tokenization.encode(gpt2_tok, texts)
     gpt2_tok.padding_side = "left"
     gpt2_tok(texts, padding=True)  # what batched generation does before perplexity is scored
-    assert tokenize.encode(gpt2_tok, texts) == clean == [gpt2_tok(t)["input_ids"] for t in texts]
+    assert tokenization.encode(gpt2_tok, texts) == clean == [gpt2_tok(t)["input_ids"] for t in texts]
 
 
 def test_serving_template_has_one_prompt_slot():
@@ -71,35 +96,41 @@ def test_scramble_is_deterministic_and_keeps_the_words():
 
 def test_overlong_examples_are_counted_never_silently_cut(capsys):
     ex = [Example([1] * 5, [IGNORE, 1, 1, 1, 1]), Example([1] * 12, [IGNORE] * 10 + [1, 1])]
-    kept, n = tokenize.fit(ex, 8, "drop", "train")
+    kept, n = tokenization.fit(ex, 8, "drop", "train")
     assert n == 1 and kept == ex[:1] and "1 of 2 train examples are longer" in capsys.readouterr().out
-    cut, n = tokenize.fit(ex, 8, "truncate", "train")
+    cut, n = tokenization.fit(ex, 8, "truncate", "train")
     assert n == 1 and len(cut[1].input_ids) == 8
     with pytest.raises(TunelineError, match="1 of 2 train examples are longer than tokenize.max_length=8"):
-        tokenize.fit(ex, 8, "error", "train")
+        tokenization.fit(ex, 8, "error", "train")
     with pytest.raises(TunelineError, match="no trainable token"):  # truncation cut the whole answer away
-        tokenize.lint(cut, "train")
+        tokenization.lint(cut, "train")
 
 
 def test_tokenize_stage_writes_stats_and_its_key(tmp_path, monkeypatch, model_cache):
     from conftest import TINY
-    from tuneline.config import parse_params
+
     from components import prepare
+    from tuneline.config import parse_params
 
     monkeypatch.chdir(tmp_path)
     params = parse_params({**TINY, "prepare": {"n_train": 60, "n_val": 8, "n_test": 8}})
     prepare.run(params)
     m = tokenize.run(params)
-    assert {"pad_share", "tokens_per_sequence", "examples_per_sequence", "truncated_examples",
-            "trainable_token_share"} <= set(m["train"])
+    assert {
+        "pad_share",
+        "tokens_per_sequence",
+        "examples_per_sequence",
+        "truncated_examples",
+        "trainable_token_share",
+    } <= set(m["train"])
     assert json.loads((tmp_path / "metrics/tokenize.json").read_text())["train"] == m["train"]
     meta = json.loads((tmp_path / "data/tokenized/meta.json").read_text())
     assert meta["template_version"] == tasks.TEMPLATE_VERSION and meta["packing"] == "bfd"
     from tuneline.modeling import load_tokenizer
 
-    assert meta["tokenizer_sha256"] == tokenize.tokenizer_hash(load_tokenizer("tiny-gpt2"))
-    tokenize.check_tokenizer(load_tokenizer("tiny-gpt2"))  # same tokenizer: fine
+    assert meta["tokenizer_sha256"] == tokenization.tokenizer_hash(load_tokenizer("tiny-gpt2"))
+    tokenization.check_tokenizer(load_tokenizer("tiny-gpt2"))  # same tokenizer: fine
     with pytest.raises(TunelineError, match="different tokenizer"):
         other = load_tokenizer("tiny-gpt2")
         other.add_tokens(["<new>"])
-        tokenize.check_tokenizer(other)
+        tokenization.check_tokenizer(other)

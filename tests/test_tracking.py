@@ -1,7 +1,7 @@
 import mlflow
 import pytest
 
-from tuneline import tracking
+from tuneline import secrets, tracking
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
@@ -49,8 +49,8 @@ def test_the_flow_parent_is_reused_by_every_stage(store, monkeypatch):
 
 
 def test_secrets_in_uris_are_redacted():
-    assert tracking.redact("postgresql://me:s3cret@db:5432/x") == "postgresql://me:***@db:5432/x"
-    assert "s3cret" not in tracking.redact("see https://u:s3cret@host/path")
+    assert secrets.redact("postgresql://me:s3cret@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert "s3cret" not in secrets.redact("see https://u:s3cret@host/path")
 
 
 def test_secret_env_values_and_hub_tokens_are_redacted_everywhere_we_write(monkeypatch, tmp_path, capsys):
@@ -60,7 +60,7 @@ def test_secret_env_values_and_hub_tokens_are_redacted_everywhere_we_write(monke
     monkeypatch.setenv("HF_TOKEN", "hf_" + "A" * 34)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "tracking-pw-123")
     text = f"token {'hf_' + 'A' * 34}, another hf_{'b' * 30}, pw tracking-pw-123, uri mysql://root:pw@db/x"
-    clean = tracking.redact(text)
+    clean = secrets.redact(text)
     assert "A" * 34 not in clean and "b" * 30 not in clean and "tracking-pw-123" not in clean and ":pw@" not in clean
     assert clean.count("***") == 4
 
@@ -78,6 +78,8 @@ def test_a_pipeline_run_tags_its_overrides_without_secrets(store, monkeypatch):
 
     monkeypatch.setenv("HF_TOKEN", "hf_" + "Z" * 34)
     parent = tracking.start_parent(Params(), "test")
-    tag_request(store, parent, None, ["prepare.source=https://u:pw0rd@host/x.csv", "model.name=org/m", "x=" + "hf_" + "Z" * 34])
+    tag_request(
+        store, parent, None, ["prepare.source=https://u:pw0rd@host/x.csv", "model.name=org/m", "x=" + "hf_" + "Z" * 34]
+    )
     tags = store.get_run(parent).data.tags
     assert tags["tuneline.overrides"] == "prepare.source=https://u:***@host/x.csv model.name=org/m x=hf_***"

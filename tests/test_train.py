@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from components.train import batch_indices, lr_at
 from tuneline.config import TrainCfg
 from tuneline.errors import TunelineError
 from tuneline.loss import loss_sum
 from tuneline.packing import Example, collate, pack
+from tuneline.training import batch_indices, lr_at
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
@@ -39,8 +39,10 @@ def test_accumulation_equals_one_big_batch(model_cache):
 
     model = load_model("tiny-gpt2").eval()  # eval: no dropout, so both runs see the same network
     rng = random.Random(0)
-    ex = [Example(ids := [rng.randrange(1, 1000) for _ in range(rng.randint(4, 30))],
-                  [-100] * 2 + ids[2:]) for _ in range(8)]
+    ex = [
+        Example(ids := [rng.randrange(1, 1000) for _ in range(rng.randint(4, 30))], [-100] * 2 + ids[2:])
+        for _ in range(8)
+    ]
     rows = pack(ex, 64, "bfd")
 
     def grads(micro_batches):
@@ -61,9 +63,20 @@ def test_accumulation_equals_one_big_batch(model_cache):
 # Small real runs of components.train on tokenized descramble data, with a dropout-free
 # tiny GPT-2 so that runs which split the same batch differently see the same network.
 
-BASE = {"prepare": {"n_train": 64, "n_val": 8, "n_test": 8}, "tokenize": {"max_length": 128},
-        "train": {"method": "full", "batch_size": 4, "max_steps": 4, "eval_every": 2, "log_every": 1,
-                  "precision": "fp32", "lr": 1e-3, "warmup_ratio": 0.0}}
+BASE = {
+    "prepare": {"n_train": 64, "n_val": 8, "n_test": 8},
+    "tokenize": {"max_length": 128},
+    "train": {
+        "method": "full",
+        "batch_size": 4,
+        "max_steps": 4,
+        "eval_every": 2,
+        "log_every": 1,
+        "precision": "fp32",
+        "lr": 1e-3,
+        "warmup_ratio": 0.0,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -194,17 +207,17 @@ def test_early_stopping_keeps_the_best_checkpoint(token_data, tmp_path, monkeypa
 
 
 def test_a_nan_loss_stops_with_the_step_and_writes_nothing(token_data, tmp_path, monkeypatch):
-    from components import train
+    from tuneline import training
 
     calls = {"n": 0}
-    real = train.loss_sum
+    real = training.loss_sum
 
     def poisoned(model, batch):
         calls["n"] += 1
         s, n = real(model, batch)
         return (s * float("nan"), n) if calls["n"] == 3 else (s, n)
 
-    monkeypatch.setattr(train, "loss_sum", poisoned)
+    monkeypatch.setattr(training, "loss_sum", poisoned)
     with pytest.raises(TunelineError, match=r"loss became nan at step 3.*lower train.lr"):
         _train(token_data, tmp_path)
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics/train.json").exists()
@@ -217,6 +230,7 @@ def test_two_processes_give_the_loss_curve_of_one_at_the_same_global_batch(token
     import sys
 
     from conftest import REPO
+
     from tuneline import recipes
 
     _, one = _train(token_data, tmp_path / "one", {"train": {"batch_size": 4}})
@@ -227,8 +241,14 @@ def test_two_processes_give_the_loss_curve_of_one_at_the_same_global_batch(token
     (two / "params.yaml").write_text(recipes.dump(_params(model_dir, {"train": {"batch_size": 2, "nproc": 2}}), "test"))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TUNELINE_ROOT")}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-m", "tuneline.stages", "train"], cwd=two, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneline.stages", "train"],
+        cwd=two,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "x 2 process(es)" in proc.stdout
     curve = [line.split(",") for line in (two / "plots/train.csv").read_text().splitlines()[1:]]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import project_env
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
@@ -61,7 +60,16 @@ def _servers_on(*ports: int) -> list[psutil.Process]:
 
 
 def _cmd(mlflow_port: int, prefect_port: int) -> list[str]:
-    return [sys.executable, "-m", "tuneline.cli", "ui", "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port)]
+    return [
+        sys.executable,
+        "-m",
+        "tuneline.cli",
+        "ui",
+        "--mlflow-port",
+        str(mlflow_port),
+        "--prefect-port",
+        str(prefect_port),
+    ]
 
 
 class Ui:
@@ -69,8 +77,14 @@ class Ui:
 
     def __init__(self, root: Path, env: dict, mlflow_port: int, prefect_port: int):
         self.ports = (mlflow_port, prefect_port)
-        self.proc = subprocess.Popen(_cmd(mlflow_port, prefect_port), cwd=root, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            _cmd(mlflow_port, prefect_port),
+            cwd=root,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
 
@@ -80,7 +94,9 @@ class Ui:
 
     def wait_ready(self, timeout: float = 300) -> float:
         deadline = time.time() + timeout
-        while not (m := re.search(r"ready in (\d+\.\d)s: MLflow (\S+)  Prefect (\S+)  \(Ctrl-C stops both\)", self.output)):
+        while not (
+            m := re.search(r"ready in (\d+\.\d)s: MLflow (\S+)  Prefect (\S+)  \(Ctrl-C stops both\)", self.output)
+        ):
             assert self.proc.poll() is None, f"`tuneline ui` exited {self.proc.returncode}:\n{self.output}"
             assert time.time() < deadline, f"no ready line in {timeout:.0f}s:\n{self.output}"
             time.sleep(0.2)
@@ -98,7 +114,9 @@ class Ui:
         found = set()
         for p in self.descendants():
             try:
-                found |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+                found |= {
+                    (c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+                }
             except psutil.Error:
                 pass
         return found
@@ -155,8 +173,12 @@ def test_ui_serves_both_on_loopback_with_the_pipelines_artifacts_and_stops_on_ct
         listening = ui.listening()
         assert {mlflow_port, prefect_port} <= {port for _, port in listening}, listening
         assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
-        others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-                  if a.family == socket.AF_INET and not a.address.startswith("127.")]
+        others = [
+            a.address
+            for addrs in psutil.net_if_addrs().values()
+            for a in addrs
+            if a.family == socket.AF_INET and not a.address.startswith("127.")
+        ]
         for addr in others:
             for port in (mlflow_port, prefect_port):
                 with pytest.raises(OSError), socket.create_connection((addr, port), timeout=2):
@@ -199,7 +221,9 @@ def postgres():
     """A throwaway PostgreSQL cluster on 127.0.0.1 with password auth and a database 'mlflow';
     yields (URI, password). initdb/postgres refuse root: as root they run as 'postgres'."""
     if not (PG_BIN / "initdb").is_file():
-        pytest.skip(f"the PostgreSQL 15 server is not installed ({PG_BIN}/initdb missing; apt-get install postgresql-15)")
+        pytest.skip(
+            f"the PostgreSQL 15 server is not installed ({PG_BIN}/initdb missing; apt-get install postgresql-15)"
+        )
     import psycopg2
 
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -216,11 +240,32 @@ def postgres():
         assert proc.returncode == 0, f"{cmd}: {proc.stdout}{proc.stderr}"
 
     try:
-        pg(str(PG_BIN / "initdb"), "-D", str(data), "-U", "tuneline", "--auth=scram-sha-256", f"--pwfile={tmp / 'pw'}",
-           "-E", "UTF8", "--no-sync")
+        pg(
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "tuneline",
+            "--auth=scram-sha-256",
+            f"--pwfile={tmp / 'pw'}",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         port = _free_ports(1)[0]
-        pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(tmp / "log"), "-o", f"-h 127.0.0.1 -p {port} -k {tmp}",
-           "-w", "-t", "60", "start")
+        pg(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(tmp / "log"),
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {tmp}",
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         started = True
         conn = psycopg2.connect(host="127.0.0.1", port=port, user="tuneline", password=password, dbname="postgres")
         conn.autocommit = True
@@ -245,8 +290,14 @@ def test_ui_serves_a_postgres_store_without_showing_its_password(tmp_path, postg
     mlflow_port, prefect_port = _free_ports(2)
 
     # A wrong password: one line at once, with the password masked, and nothing started.
-    wrong = subprocess.run(_cmd(mlflow_port, prefect_port), cwd=root, capture_output=True, text=True, timeout=120,
-                           env=env | {"MLFLOW_TRACKING_URI": uri.replace(password, "not-the-password")})
+    wrong = subprocess.run(
+        _cmd(mlflow_port, prefect_port),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env | {"MLFLOW_TRACKING_URI": uri.replace(password, "not-the-password")},
+    )
     assert wrong.returncode == 2, wrong.stdout + wrong.stderr
     lines = [line for line in wrong.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "password authentication failed" in lines[0], wrong.stderr
@@ -283,8 +334,14 @@ def test_a_taken_port_is_one_line_and_starts_nothing(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", mlflow_port))
         taken.listen()
-        proc = subprocess.run(_cmd(mlflow_port, prefect_port), cwd=tmp_path, env=project_env(tmp_path, tmp_path / "cache"),
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            _cmd(mlflow_port, prefect_port),
+            cwd=tmp_path,
+            env=project_env(tmp_path, tmp_path / "cache"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stdout + proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, proc.stderr
@@ -302,11 +359,15 @@ def test_a_server_dying_at_startup_is_one_line_and_stops_the_other(tmp_path):
     mlflow_port, prefect_port = _free_ports(2)
     env = project_env(tmp_path, tmp_path / "cache") | {"MLFLOW_TRACKING_URI": "sqlite:////proc/no-such-dir/mlflow.db"}
     t = time.time()
-    proc = subprocess.run(_cmd(mlflow_port, prefect_port), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _cmd(mlflow_port, prefect_port), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: the MLflow server exited (code 1): ") and "/proc/no-such-dir" in lines[0], lines[0]
+    assert lines[0].startswith("error: the MLflow server exited (code 1): ") and "/proc/no-such-dir" in lines[0], lines[
+        0
+    ]
     assert lines[0].endswith("Fix: see .cache/ui/mlflow.log")
     assert "ready in" not in proc.stdout
     time.sleep(0.5)
@@ -319,15 +380,20 @@ def test_a_pipeline_on_a_postgres_store_records_no_password_or_token(tmp_path, p
     """A smoke pipeline logs to a password-protected postgres store with HF_TOKEN set: neither
     secret reaches a param, tag or metric in the store, an artifact, or what the run printed."""
     import psycopg2
-
     from conftest import make_project
 
     uri, password = postgres
     token = "hf_" + os.urandom(16).hex()
     proj = make_project(tmp_path / "proj", model_cache)
     env = proj.env | {"MLFLOW_TRACKING_URI": uri, "HF_TOKEN": token, "PREFECT_API_URL": prefect_api}
-    proc = subprocess.run([sys.executable, "-m", "tuneline.cli", "run", "--smoke"], cwd=proj.root, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneline.cli", "run", "--smoke"],
+        cwd=proj.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     said = proc.stdout + proc.stderr
     assert proc.returncode == 0, said[-3000:]
     assert "postgresql://tuneline:***@127.0.0.1" in proc.stdout
@@ -338,8 +404,14 @@ def test_a_pipeline_on_a_postgres_store_records_no_password_or_token(tmp_path, p
         for table in ("params", "tags", "experiment_tags", "latest_metrics", "runs", "experiments"):
             cur.execute(f"SELECT * FROM {table}")
             stored += [str(v) for row in cur.fetchall() for v in row]
-    files = [p for p in proj.root.rglob("*") if p.is_file() and p.parts[-2:] != ("proj", "params.yaml")
-             and ".git" not in p.parts and p.stat().st_size < 5_000_000]
+    files = [
+        p
+        for p in proj.root.rglob("*")
+        if p.is_file()
+        and p.parts[-2:] != ("proj", "params.yaml")
+        and ".git" not in p.parts
+        and p.stat().st_size < 5_000_000
+    ]
     assert any(p.name == "model.safetensors" for p in files) or any(p.name == "MLmodel" for p in files)
     blob = " ".join(stored) + said + "".join(p.read_text(errors="ignore") for p in files)
     assert password not in blob and token not in blob

@@ -27,7 +27,9 @@ def package_dir(package: str, pip_hint: str) -> Path:
 def _file(package: str, rel: str, pip_hint: str) -> Path:
     path = package_dir(package, pip_hint) / rel
     if not path.is_file():
-        raise TunelineError(f"{path} is missing from '{package}'", f"reinstall it: pip install --force-reinstall {pip_hint}")
+        raise TunelineError(
+            f"{path} is missing from '{package}'", f"reinstall it: pip install --force-reinstall {pip_hint}"
+        )
     return path
 
 

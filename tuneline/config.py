@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneline.errors import TunelineError
+from tuneline.tasks import TASKS
 
 PARAMS_FILE = "params.yaml"
 
@@ -33,36 +34,59 @@ class ModelCfg(_Group):
     )
 
 
-TaskName = Literal["descramble", "pretrain", "instruct", "classify", "entail"]
-
-
 class PrepareCfg(_Group):
-    task: TaskName = Field(
+    task: str = Field(
         "descramble",
         description="Task template: 'descramble' (shuffled words -> sentence), 'pretrain' (causal LM on "
-        "raw text), 'instruct' (Alpaca/Dolly), 'classify' (text -> label), 'entail' (MNLI-style).")
+        "raw text), 'instruct' (Alpaca/Dolly), 'classify' (text -> label), 'entail' (MNLI-style); "
+        "any task in tuneline.tasks.TASKS.",
+        json_schema_extra={"choices": "tasks"},
+    )
     source: str = Field(
         "builtin:wikipedia",
         description="Training data: 'builtin:wikipedia' (the dump sample inside the gensim wheel), "
         "'wikidump:<path.xml.bz2>', 'hf:<id>[:config][@revision][#split]' (the hub), or local "
-        "CSV/JSON/JSONL/Parquet files or a glob. Train and validation rows are carved from it.")
+        "CSV/JSON/JSONL/Parquet files or a glob. Train and validation rows are carved from it.",
+    )
     test_source: str | None = Field(
-        None, description="Held-out test data in the same forms (e.g. a validation file). None: carve "
-        "n_test rows from `source`. Never trained on.")
+        None,
+        description="Held-out test data in the same forms (e.g. a validation file). None: carve "
+        "n_test rows from `source`. Never trained on.",
+    )
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Map the task's column names to the source's, e.g. "
-        "{text: sentence, label: emotion}. Unmapped columns are read under their own name.")
+        default_factory=dict,
+        description="Map the task's column names to the source's, e.g. "
+        "{text: sentence, label: emotion}. Unmapped columns are read under their own name.",
+    )
     labels: list[str] = Field(
-        default_factory=list, description="Declared label set (classify/entail), in id order: integer "
-        "labels in the data are read as labels[i]; any other label is an error.")
+        default_factory=list,
+        description="Declared label set (classify/entail), in id order: integer "
+        "labels in the data are read as labels[i]; any other label is an error.",
+    )
     on_overlap: Literal["error", "drop"] = Field(
-        "error", description="An example that is in both train and test_source: 'error' stops, 'drop' "
-        "removes it from train (and reports how many).")
-    min_words: int = Field(6, ge=1, description="Shortest sentence (descramble) or paragraph (pretrain) kept, in words.")
+        "error",
+        description="An example that is in both train and test_source: 'error' stops, 'drop' "
+        "removes it from train (and reports how many).",
+    )
+    min_words: int = Field(
+        6, ge=1, description="Shortest sentence (descramble) or paragraph (pretrain) kept, in words."
+    )
     max_words: int = Field(30, ge=1, description="Longest sentence kept for descramble, in words.")
-    n_train: int = Field(1200, ge=0, description="Training examples (after cleaning); 0: all that remain.")
+    n_train: int = Field(1400, ge=0, description="Training examples (after cleaning); 0: all that remain.")
     n_val: int = Field(100, ge=1, description="Validation examples (loss, early stopping), carved from source.")
-    n_test: int = Field(200, ge=0, description="Test examples (evaluate stage); 0: all of test_source.")
+    n_test: int = Field(
+        200,
+        ge=0,
+        description="Test examples: the evaluate stage scores the base and the tuned model on all of "
+        "them, and the gate compares versions on them. 0: all of test_source.",
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}")
+        return task
 
     @model_validator(mode="after")
     def _check(self):
@@ -70,7 +94,7 @@ class PrepareCfg(_Group):
             raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
         if self.n_test == 0 and not self.test_source:
             raise ValueError("n_test is 0 (all of test_source) but no test_source is set")
-        if self.task in ("classify", "entail") and len(self.labels) < 2:
+        if TASKS[self.task].labelled and len(self.labels) < 2:
             raise ValueError(f"task '{self.task}' needs at least two labels in prepare.labels")
         return self
 
@@ -81,10 +105,13 @@ class TokenizeCfg(_Group):
         "bfd",
         description="'bfd': best-fit-decreasing packing, examples kept whole, attention isolated "
         "between them (supervised tasks). 'concat': join everything and cut into max_length "
-        "blocks, dropping the remainder (pretraining). 'none': one example per row.")
+        "blocks, dropping the remainder (pretraining). 'none': one example per row.",
+    )
     overlong: Literal["drop", "error", "truncate"] = Field(
-        "drop", description="Examples longer than max_length (bfd/none): 'drop' them, stop with an "
-        "'error', or 'truncate' them to max_length. The count is always reported.")
+        "drop",
+        description="Examples longer than max_length (bfd/none): 'drop' them, stop with an "
+        "'error', or 'truncate' them to max_length. The count is always reported.",
+    )
 
 
 class TrainCfg(_Group):
@@ -99,25 +126,38 @@ class TrainCfg(_Group):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="'auto': bf16 autocast where the CPU/GPU supports it; else fp16 with a gradient "
-        "scaler on a GPU, fp32 on a CPU. 'fp16' always uses the scaler."
+        "auto",
+        description="'auto': bf16 autocast where the CPU/GPU supports it; else fp16 with a gradient "
+        "scaler on a GPU, fp32 on a CPU. 'fp16' always uses the scaler.",
     )
     grad_checkpointing: bool = Field(
-        False, description="Recompute each block's activations in backward instead of storing them: less "
-        "memory, about a third more compute.")
+        False,
+        description="Recompute each block's activations in backward instead of storing them: less "
+        "memory, about a third more compute.",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Resume checkpoints kept (the newest N), plus the best one.")
     patience: int = Field(
-        0, ge=0, description="Early stopping: stop after this many validations without a lower validation "
-        "loss (0: never stop early). The best checkpoint is the one saved, evaluated and registered.")
+        0,
+        ge=0,
+        description="Early stopping: stop after this many validations without a lower validation "
+        "loss (0: never stop early). The best checkpoint is the one saved, evaluated and registered.",
+    )
     nproc: int = Field(
-        1, ge=1, le=64, description="Data-parallel processes (torchrun; gloo on CPU, nccl on GPUs). "
-        "batch_size is per process: the global batch is batch_size x grad_accum x nproc.")
+        1,
+        ge=1,
+        le=64,
+        description="Data-parallel processes (torchrun; gloo on CPU, nccl on GPUs). "
+        "batch_size is per process: the global batch is batch_size x grad_accum x nproc.",
+    )
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     lora_layers: int = Field(
-        0, ge=0, description="Adapt only the top N transformer blocks (0 or >= depth: all). Backward stops "
-        "below them, so each step costs less.")
+        20,
+        ge=0,
+        description="Adapt only the top N transformer blocks (0 or >= depth: all). Backward stops "
+        "below them, so each step costs less.",
+    )
     lora_targets: list[str] | None = Field(
         None, description="Module names to adapt; None picks the known set for the architecture."
     )
@@ -126,36 +166,53 @@ class TrainCfg(_Group):
 
 
 class EvaluateCfg(_Group):
-    n_examples: int = Field(100, ge=1, description="Test examples scored (same ones for base and tuned).")
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
     num_beams: int = Field(1, ge=1, description="1 = greedy; >1 = beam search.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Generation under bf16 autocast where supported (~1.5x faster on CPU), else fp32."
     )
     max_new_tokens: int = Field(
-        128, ge=1, description="Cap on generated tokens; the budget is the longest reference answer + 8, up to this.")
+        128, ge=1, description="Cap on generated tokens; the budget is the longest reference answer + 8, up to this."
+    )
     primary_metric: str | None = Field(
-        None, description="Metric the champion/challenger gate compares; None: the task's default "
-        "(descramble chrf, classify/entail accuracy, instruct rouge_l, pretrain perplexity).")
+        None,
+        description="Metric the champion/challenger gate compares; None: the task's default "
+        "(descramble chrf, classify/entail accuracy, instruct rouge_l, pretrain perplexity).",
+    )
     n_bootstrap: int = Field(
-        1000, ge=100, le=100_000, description="Paired bootstrap resamples for the confidence interval of a "
-        "metric difference (tuned vs base here; challenger vs champion in register).")
+        1000,
+        ge=100,
+        le=100_000,
+        description="Paired bootstrap resamples for the confidence interval of a "
+        "metric difference (tuned vs base here; challenger vs champion in register).",
+    )
 
 
 class RegisterCfg(_Group):
     model_name: str = Field("descrambler", min_length=1, description="Registered model name in MLflow.")
     experiment: str = Field("tuneline", min_length=1, description="MLflow experiment for pipeline runs.")
-    dry_run: bool = Field(False, description="Log the model to the run and report the gate's decision, but "
-                          "register no version and move no alias (what --smoke does).")
+    dry_run: bool = Field(
+        False,
+        description="Log the model to the run and report the gate's decision, but "
+        "register no version and move no alias (what --smoke does).",
+    )
     min_delta: float = Field(
-        0.0, ge=0, description="The challenger must beat the champion (or, with none yet, the base model) "
-        "by at least this much on the primary metric, in the metric's own units.")
+        0.0,
+        ge=0,
+        description="The challenger must beat the champion (or, with none yet, the base model) "
+        "by at least this much on the primary metric, in the metric's own units.",
+    )
     alpha: float = Field(
-        0.05, gt=0, le=1, description="The improvement must also be significant: one-sided p-value below alpha "
-        "(1 turns the test off).")
+        0.05,
+        gt=0,
+        le=1,
+        description="The improvement must also be significant: one-sided p-value below alpha (1 turns the test off).",
+    )
     test: Literal["bootstrap", "mcnemar"] = Field(
-        "bootstrap", description="Significance test: paired 'bootstrap' (any metric) or exact 'mcnemar' "
-        "(0/1 metrics: exact_match, accuracy, multiset_rate, scored_accuracy, unparseable_rate).")
+        "bootstrap",
+        description="Significance test: paired 'bootstrap' (any metric) or exact 'mcnemar' "
+        "(0/1 metrics: exact_match, accuracy, multiset_rate, scored_accuracy, unparseable_rate).",
+    )
 
 
 with warnings.catch_warnings():
@@ -173,26 +230,28 @@ with warnings.catch_warnings():
 
         @model_validator(mode="after")
         def _cross(self):
-            from tuneline.tasks import TASKS
-
             task = TASKS[self.prepare.task]
             metric = self.evaluate.primary_metric
             if metric is not None and metric not in task.metrics:
-                raise ValueError(f"evaluate.primary_metric '{metric}' is not a {task.name} metric "
-                                 f"(choose one of: {', '.join(task.metrics)})")
+                raise ValueError(
+                    f"evaluate.primary_metric '{metric}' is not a {task.name} metric "
+                    f"(choose one of: {', '.join(task.metrics)})"
+                )
             from tuneline.scoring import BINARY
 
             if self.register.test == "mcnemar" and self.primary_metric() not in BINARY:
-                raise ValueError(f"register.test 'mcnemar' needs a 0/1 primary metric, not '{self.primary_metric()}' "
-                                 "(use register.test: bootstrap)")
+                raise ValueError(
+                    f"register.test 'mcnemar' needs a 0/1 primary metric, not '{self.primary_metric()}' "
+                    "(use register.test: bootstrap)"
+                )
             if self.tokenize.packing == "concat" and task.name != "pretrain":
-                raise ValueError("tokenize.packing 'concat' lets examples attend to each other; "
-                                 f"use 'bfd' for the supervised task '{task.name}'")
+                raise ValueError(
+                    "tokenize.packing 'concat' lets examples attend to each other; "
+                    f"use 'bfd' for the supervised task '{task.name}'"
+                )
             return self
 
         def primary_metric(self) -> str:
-            from tuneline.tasks import TASKS
-
             return self.evaluate.primary_metric or TASKS[self.prepare.task].metrics[0]
 
 
@@ -214,9 +273,17 @@ def _known_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
+def _choices(field) -> tuple:
+    """The values a field accepts, if it is a choice: a Literal's, or the registered tasks."""
+    if get_origin(field.annotation) is Literal:
+        return get_args(field.annotation)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return tuple(TASKS) if extra.get("choices") == "tasks" else ()
+
+
 def _allowed(field) -> str | None:
     """What a field accepts, in words: 'one of ...' or a range such as '> 0 and <= 1'."""
-    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    choices = _choices(field)
     if choices:
         return "one of " + ", ".join(repr(c) for c in choices)
     kind = {int: "an integer", float: "a number", bool: "true or false"}.get(field.annotation)
@@ -234,23 +301,34 @@ def _explain(err: ValidationError, source: str) -> TunelineError:
     if e["type"] == "extra_forbidden":
         known = _known_keys(loc)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else (
-            f"known keys here: {', '.join(known)}")
+        hint = (
+            f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?"
+            if close
+            else (f"known keys here: {', '.join(known)}")
+        )
         return TunelineError(f"{source}: unknown key '{path}'", hint)
     field = _field(loc) if loc else None
     allowed = _allowed(field) if field is not None else None
-    if e["type"] == "value_error":  # a rule across keys (a model validator): its message names them
-        return TunelineError(f"{source}: {e['msg'].removeprefix('Value error, ')}" + (f" (in '{path}')" if path else ""),
-                             f"change the keys it names in {source}")
+    if e["type"] == "value_error" and not (allowed or "").startswith(
+        "one of"
+    ):  # a rule across keys (a model validator): its message names them
+        return TunelineError(
+            f"{source}: {e['msg'].removeprefix('Value error, ')}" + (f" (in '{path}')" if path else ""),
+            f"change the keys it names in {source}",
+        )
     if allowed is None:
-        return TunelineError(f"{source}: '{path}' {e['msg'].lower()} (got {e.get('input')!r})",
-                             f"set a valid value for '{path}' in {source}")
+        return TunelineError(
+            f"{source}: '{path}' {e['msg'].lower()} (got {e.get('input')!r})",
+            f"set a valid value for '{path}' in {source}",
+        )
     fix = f"set '{path}' to {allowed}"
     if allowed.startswith("one of") and isinstance(e.get("input"), str):
-        close = difflib.get_close_matches(e["input"], [str(c) for c in get_args(field.annotation)], n=1)
+        close = difflib.get_close_matches(e["input"], [str(c) for c in _choices(field)], n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"choose {allowed}"
     default = yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("...").strip()
-    return TunelineError(f"{source}: '{path}' must be {allowed} (got {e.get('input')!r})", f"{fix} (default: {default})")
+    return TunelineError(
+        f"{source}: '{path}' must be {allowed} (got {e.get('input')!r})", f"{fix} (default: {default})"
+    )
 
 
 def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:

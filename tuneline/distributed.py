@@ -66,7 +66,15 @@ def launch(nproc: int, stage: str) -> int:
     env = dict(os.environ)
     if not torch.cuda.is_available():  # share the CPU cores instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "tuneline.stages", stage]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "tuneline.stages",
+        stage,
+    ]
     print(f"[{stage}] data parallel over {nproc} processes: {' '.join(cmd[2:])}", flush=True)
     return subprocess.run(cmd, env=env).returncode

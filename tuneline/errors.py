@@ -26,12 +26,16 @@ def from_os_error(err: BaseException, where: str) -> TunelineError | None:
     path = getattr(err, "filename", None)
     reason = (getattr(err, "strerror", None) if path else None) or " ".join(text.split())[:160]
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left on device" in text:
-        return TunelineError(f"{where}: the disk is full{f' writing {path}' if path else ''} ({reason})",
-                             "free space (`df -h .` shows where), or lower train.keep_checkpoints; "
-                             "then re-run: finished stages and checkpoints are reused")
+        return TunelineError(
+            f"{where}: the disk is full{f' writing {path}' if path else ''} ({reason})",
+            "free space (`df -h .` shows where), or lower train.keep_checkpoints; "
+            "then re-run: finished stages and checkpoints are reused",
+        )
     if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Read-only file system" in text:
-        return TunelineError(f"{where}: cannot write {path or 'its output'} ({reason})",
-                             "make the project directory writable (or run from a writable copy), then re-run")
+        return TunelineError(
+            f"{where}: cannot write {path or 'its output'} ({reason})",
+            "make the project directory writable (or run from a writable copy), then re-run",
+        )
     return None
 
 
@@ -50,8 +54,7 @@ def report(err: Exception, where: str) -> str:
     import traceback
 
     from tuneline import ROOT
-
-    from tuneline.tracking import redact
+    from tuneline.secrets import redact
 
     first = redact((str(err).strip().splitlines() or [""])[0][:200])
     path = ROOT / ".cache" / "errors" / f"{time.strftime('%Y%m%d-%H%M%S')}-{where}.log"
@@ -61,8 +64,10 @@ def report(err: Exception, where: str) -> str:
         shown = os.path.relpath(path)
     except OSError:
         shown = "not saved (run with --debug to see it)"
-    return (f"{where}: unexpected {type(err).__name__}: {first}. Fix: this is likely a bug or a broken install; "
-            f"the traceback is in {shown} (`tuneline --debug ...` prints it)")
+    return (
+        f"{where}: unexpected {type(err).__name__}: {first}. Fix: this is likely a bug or a broken install; "
+        f"the traceback is in {shown} (`tuneline --debug ...` prints it)"
+    )
 
 
 def print_error(text: str) -> None:
@@ -70,6 +75,6 @@ def print_error(text: str) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    from tuneline.tracking import redact
+    from tuneline.secrets import redact
 
     Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble(("error: ", "bold red"), redact(text)))

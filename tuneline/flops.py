@@ -37,7 +37,7 @@ import torch
 GPU_PEAK_TFLOPS: list[tuple[str, float, float]] = [
     ("H100 PCIe", 756.0, 51.0),
     ("H100 NVL", 835.0, 60.0),
-    ("H100", 989.0, 67.0),        # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H100", 989.0, 67.0),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
     ("H200", 989.0, 67.0),
     ("GH200", 989.0, 67.0),
     ("A100", 312.0, 19.5),
@@ -47,8 +47,8 @@ GPU_PEAK_TFLOPS: list[tuple[str, float, float]] = [
     ("A10", 125.0, 31.2),
     ("RTX 4090", 165.2, 82.6),
     ("RTX 3090", 71.0, 35.6),
-    ("V100", 125.0, 15.7),        # fp16 only
-    ("T4", 65.0, 8.1),            # fp16 only
+    ("V100", 125.0, 15.7),  # fp16 only
+    ("T4", 65.0, 8.1),  # fp16 only
 ]
 
 # CPU FLOPs per cycle per physical core: (16-bit autocast dtype, fp32), by instruction set.
@@ -60,7 +60,7 @@ CPU_FLOPS_PER_CYCLE: list[tuple[str, str, float, float]] = [
     ("GenuineIntel", "avx512f", 64.0, 64.0),
     ("AuthenticAMD", "avx512_bf16", 64.0, 32.0),
     ("AuthenticAMD", "avx512f", 32.0, 32.0),
-    ("", "avx2", 32.0, 32.0),      # two 256-bit FMA pipes (Haswell+, Zen 2/3)
+    ("", "avx2", 32.0, 32.0),  # two 256-bit FMA pipes (Haswell+, Zen 2/3)
     ("", "", 8.0, 8.0),
 ]
 
@@ -77,8 +77,12 @@ def _blocks(model) -> list[torch.nn.Module]:
 
 def _matmul_weights(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Weights of Linear / GPT-2 Conv1D / LoRA layers inside `module` (no biases, norms, embeddings)."""
-    return [p for m in module.modules() for n, p in m.named_parameters(recurse=False)
-            if n == "weight" and p.dim() == 2 and not isinstance(m, torch.nn.Embedding)]
+    return [
+        p
+        for m in module.modules()
+        for n, p in m.named_parameters(recurse=False)
+        if n == "weight" and p.dim() == 2 and not isinstance(m, torch.nn.Embedding)
+    ]
 
 
 def train_flops(model) -> tuple[float, float, float]:

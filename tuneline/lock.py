@@ -10,8 +10,8 @@ import fcntl
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def lock_path(name: str) -> Path:
@@ -33,8 +33,11 @@ def machine_lock(name: str = "train") -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown holder"
-            print(f"[{name}] another {name} run is in progress ({holder}); waiting for it to finish "
-                  f"(one {name} run per machine: {path})", flush=True)
+            print(
+                f"[{name}] another {name} run is in progress ({holder}); waiting for it to finish "
+                f"(one {name} run per machine: {path})",
+                flush=True,
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
         with contextlib.suppress(OSError):  # read-only fd: the lock still holds
             os.ftruncate(fd, 0)

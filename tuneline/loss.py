@@ -20,14 +20,14 @@ def unwrap(model):
 def _trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits at trained positions only: (logits (N, V) fp32, their targets (N,), keep (B, T-1))."""
     lm = unwrap(model)
-    h = lm.base_model(                                   # backbone: LlamaModel / GPT2Model
+    h = lm.base_model(  # backbone: LlamaModel / GPT2Model
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],          # (B, 1, T, T) block-diagonal causal
+        attention_mask=batch["attention_mask"],  # (B, 1, T, T) block-diagonal causal
         position_ids=batch["position_ids"],
         use_cache=False,
-    ).last_hidden_state                                  # (B, T, C)
-    target = batch["labels"][:, 1:]                      # position t predicts token t+1
-    keep = target != IGNORE                              # (B, T-1)
+    ).last_hidden_state  # (B, T, C)
+    target = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = target != IGNORE  # (B, T-1)
     logits = lm.get_output_embeddings()(h[:, :-1][keep]).float()  # (N, V), N trained tokens
     return logits, target[keep], keep
 
@@ -51,16 +51,17 @@ def example_totals(model, rows: list[dict], pad_id: int, batch_size: int) -> lis
     device = next(model.parameters()).device
     out: list[list[tuple[float, int]]] = []
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
+        chunk = rows[i : i + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         logits, target, keep = _trained_logits(model, batch)
-        losses = F.cross_entropy(logits, target, reduction="none")          # (N,)
-        seg = torch.zeros_like(batch["labels"])                             # (B, T): 0 = padding
+        losses = F.cross_entropy(logits, target, reduction="none")  # (N,)
+        seg = torch.zeros_like(batch["labels"])  # (B, T): 0 = padding
         for b, r in enumerate(chunk):
-            seg[b, :sum(r["seq_lens"])] = torch.repeat_interleave(
-                torch.arange(1, len(r["seq_lens"]) + 1), torch.tensor(r["seq_lens"]))
+            seg[b, : sum(r["seq_lens"])] = torch.repeat_interleave(
+                torch.arange(1, len(r["seq_lens"]) + 1), torch.tensor(r["seq_lens"])
+            )
         row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(keep)[keep]  # (N,)
-        seg_of = seg[:, 1:].to(device)[keep]                                # (N,) segment of each target
+        seg_of = seg[:, 1:].to(device)[keep]  # (N,) segment of each target
         for b, r in enumerate(chunk):
             sums = torch.zeros(len(r["seq_lens"]) + 1, dtype=torch.float64, device=device)
             cnt = torch.zeros_like(sums)
@@ -80,7 +81,7 @@ def loss_totals(model, rows: list[dict], pad_id: int, batch_size: int) -> tuple[
     total, n = 0.0, 0
     device = next(model.parameters()).device
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
         s, k = loss_sum(model, batch)
         total, n = total + float(s), n + k
     model.train(was_training)

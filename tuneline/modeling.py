@@ -51,8 +51,15 @@ def _build_tiny_gpt2(out: Path) -> None:
 
     tok = assets.gpt2_tokenizer()
     torch.manual_seed(0)  # the same tiny model on every machine
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=len(tok),
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=1024,
+        vocab_size=len(tok),
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = GPT2LMHeadModel(cfg)
     model.generation_config.pad_token_id = tok.eos_token_id
     model.save_pretrained(out)
@@ -64,8 +71,16 @@ def scratch_model(name: str):
 
     n_layer, n_head, n_embd = SCRATCH[name]
     eos = assets.gpt2_tokenizer().eos_token_id
-    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024, vocab_size=50257,
-                     bos_token_id=eos, eos_token_id=eos, attn_implementation="sdpa")
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_positions=1024,
+        vocab_size=50257,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        attn_implementation="sdpa",
+    )
     with torch.random.fork_rng():  # the same init on every machine, without touching the caller's RNG
         torch.manual_seed(0)
         model = GPT2LMHeadModel(cfg)
@@ -91,15 +106,20 @@ def resolve(name: str) -> Path | str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise TunelineError(f"model directory '{name}' has no config.json", "point model.name at a saved Hugging Face model folder")
+            raise TunelineError(
+                f"model directory '{name}' has no config.json", "point model.name at a saved Hugging Face model folder"
+            )
         return path
     return name
 
 
 def _hub_error(name: str, err: Exception) -> TunelineError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    fix = (f"use a built-in model ({', '.join(BUILTIN)}) or a local folder, or set HF_HUB_OFFLINE=0 with network access"
-           if offline else "check the model id and your network/HF_TOKEN")
+    fix = (
+        f"use a built-in model ({', '.join(BUILTIN)}) or a local folder, or set HF_HUB_OFFLINE=0 with network access"
+        if offline
+        else "check the model id and your network/HF_TOKEN"
+    )
     return TunelineError(f"cannot load model '{name}' ({type(err).__name__})", fix)
 
 
@@ -132,8 +152,10 @@ def check_pair(name: str, tok) -> None:
                 with safe_open(f, "pt"):
                     pass
             except Exception as e:
-                raise TunelineError(f"model '{name}': {f.name} is not a readable safetensors file ({type(e).__name__})",
-                                    "re-create or re-download the model files") from None
+                raise TunelineError(
+                    f"model '{name}': {f.name} is not a readable safetensors file ({type(e).__name__})",
+                    "re-create or re-download the model files",
+                ) from None
     try:
         cfg = AutoConfig.from_pretrained(folder)
     except Exception:  # unreadable or unreachable: load_model says why
@@ -141,12 +163,18 @@ def check_pair(name: str, tok) -> None:
     fix = "use the tokenizer saved with the model (save_pretrained both into the folder model.name points at)"
     vocab = getattr(cfg, "vocab_size", None)
     if vocab and len(tok) > vocab:
-        raise TunelineError(f"model '{name}': its tokenizer has {len(tok)} tokens but the model's embedding has "
-                            f"{vocab} rows, so they do not belong together", fix)
+        raise TunelineError(
+            f"model '{name}': its tokenizer has {len(tok)} tokens but the model's embedding has "
+            f"{vocab} rows, so they do not belong together",
+            fix,
+        )
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
     if eos != [None] and tok.eos_token_id not in eos:
-        raise TunelineError(f"model '{name}': the tokenizer's end-of-text token {tok.eos_token!r} (id "
-                            f"{tok.eos_token_id}) is not the model's (eos_token_id {cfg.eos_token_id})", fix)
+        raise TunelineError(
+            f"model '{name}': the tokenizer's end-of-text token {tok.eos_token!r} (id "
+            f"{tok.eos_token_id}) is not the model's (eos_token_id {cfg.eos_token_id})",
+            fix,
+        )
 
 
 def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
@@ -160,8 +188,10 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError) as err:
         raise _hub_error(str(name), err) from None
     except Exception as err:  # corrupt weights surface as many types (SafetensorError, RuntimeError)
-        raise TunelineError(f"model '{name}' could not be read ({type(err).__name__}: {str(err)[:120]})",
-                            "re-create or re-download the model files") from None
+        raise TunelineError(
+            f"model '{name}' could not be read ({type(err).__name__}: {str(err)[:120]})",
+            "re-create or re-download the model files",
+        ) from None
     return model
 
 

@@ -56,8 +56,10 @@ def concat(examples: list[Example], block: int, drop_remainder: bool = True) -> 
     ids = [t for e in examples for t in e.input_ids]
     labels = [t for e in examples for t in e.labels]
     n = len(ids) // block * block if drop_remainder else len(ids)
-    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block], "seq_lens": [min(block, n - i)]}
-            for i in range(0, n, block)]
+    return [
+        {"input_ids": ids[i : i + block], "labels": labels[i : i + block], "seq_lens": [min(block, n - i)]}
+        for i in range(0, n, block)
+    ]
 
 
 def pack(examples: list[Example], capacity: int, packing: str) -> list[dict]:
@@ -70,7 +72,9 @@ def pack_groups(examples: list[Example], capacity: int, packing: str) -> tuple[l
     (concat: empty; its blocks cut across examples)."""
     if packing == "concat":
         return concat(examples, capacity), []
-    groups = bfd([len(e.input_ids) for e in examples], capacity) if packing == "bfd" else [[i] for i in range(len(examples))]
+    groups = (
+        bfd([len(e.input_ids) for e in examples], capacity) if packing == "bfd" else [[i] for i in range(len(examples))]
+    )
     rows = []
     for g in groups:
         row = {"input_ids": [], "labels": [], "seq_lens": []}
@@ -101,12 +105,12 @@ def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[st
         labels[b, :n] = torch.tensor(r["labels"])
         start = 0
         for k, L in enumerate(r["seq_lens"], start=1):
-            pos[b, start:start + L] = torch.arange(L)
-            seg[b, start:start + L] = k
+            pos[b, start : start + L] = torch.arange(L)
+            seg[b, start : start + L] = k
             start += L
-    causal = torch.ones(T, T, dtype=torch.bool).tril()                   # (T, T)
-    same = seg[:, :, None] == seg[:, None, :]                             # (B, T, T)
-    mask = (same & causal)[:, None]                                       # (B, 1, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+    same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
+    mask = (same & causal)[:, None]  # (B, 1, T, T)
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from tuneline.errors import TunelineError
 
@@ -29,8 +29,10 @@ def mode(console=None) -> str:
     forced = os.environ.get("TUNELINE_PROGRESS", "").strip().lower()
     if forced:
         if forced not in MODES:
-            raise TunelineError(f"TUNELINE_PROGRESS={forced!r} is not one of {', '.join(MODES)}",
-                                "set it to bar, plain or off, or unset it")
+            raise TunelineError(
+                f"TUNELINE_PROGRESS={forced!r} is not one of {', '.join(MODES)}",
+                "set it to bar, plain or off, or unset it",
+            )
         return forced
     if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         return "off"
@@ -106,8 +108,9 @@ class _Plain(Bar):
 
     def _show(self) -> None:
         now = self.clock()
-        if self.done < self.total and (now - self.last >= EVERY_S or
-                                       (self.pct() >= self.mark and now - self.t0 >= QUIET_S)):
+        if self.done < self.total and (
+            now - self.last >= EVERY_S or (self.pct() >= self.mark and now - self.t0 >= QUIET_S)
+        ):
             self._print()
 
     def close(self) -> None:  # the closing line, with the whole loop's rate and time
@@ -127,8 +130,14 @@ class _Rich(Bar):
             def render(self, task) -> Text:
                 return Text(bar.status())
 
-        self.progress = Progress(TextColumn(self.head, markup=False), BarColumn(), Status(),
-                                 console=console, get_time=self.clock, refresh_per_second=4)
+        self.progress = Progress(
+            TextColumn(self.head, markup=False),
+            BarColumn(),
+            Status(),
+            console=console,
+            get_time=self.clock,
+            refresh_per_second=4,
+        )
         self.task = self.progress.add_task(self.head, total=self.total, completed=self.start)
         self.progress.start()
         self.shown = self.t0
@@ -145,8 +154,16 @@ class _Rich(Bar):
 
 
 @contextlib.contextmanager
-def bar(label: str, total: int, unit: str = "items", what: str = "", start: int = 0, show: bool = True,
-        console=None, clock: Callable[[], float] = time.monotonic) -> Iterator[Bar]:
+def bar(
+    label: str,
+    total: int,
+    unit: str = "items",
+    what: str = "",
+    start: int = 0,
+    show: bool = True,
+    console=None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[Bar]:
     """Progress of stage `label` over `total` items (`unit`, e.g. "steps"), optionally
     `what` part of it (e.g. the split); `start` items are already done (a resumed run).
     `show=False` (a non-main rank) shows nothing. `console` (a rich Console) and `clock`

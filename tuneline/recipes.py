@@ -48,11 +48,15 @@ def load_recipe(name: str) -> dict:
     if not path.is_file():
         close = difflib.get_close_matches(name, names(), n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(names()) or '(none found)'}"
-        raise TunelineError(f"unknown recipe '{name}' (no {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path})", hint)
+        raise TunelineError(
+            f"unknown recipe '{name}' (no {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path})", hint
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise TunelineError(f"recipes/{name}.yaml is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax") from None
+        raise TunelineError(
+            f"recipes/{name}.yaml is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax"
+        ) from None
     if not isinstance(raw, dict):
         raise TunelineError(f"recipes/{name}.yaml must be a mapping of params", "write it like params.yaml")
     return raw
@@ -100,7 +104,9 @@ def build(recipe: str | None, sets: list[str] | tuple = (), smoke: bool = False,
 def dump(params: Params, header: str) -> str:
     """params.yaml text: every key, grouped by stage, each with its description."""
     lines = [f"# {line}" for line in header.splitlines()] + [
-        "# Every key is validated before any work starts; DVC re-runs only the stages whose keys change.", ""]
+        "# Every key is validated before any work starts; DVC re-runs only the stages whose keys change.",
+        "",
+    ]
     for name, field in type(params).model_fields.items():
         value = getattr(params, name)
         if isinstance(value, BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import getpass
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from tuneline.errors import TunelineError
 
@@ -63,8 +63,14 @@ def move_champion(client, name: str, version: str, action: str, why: str) -> dic
     """Point `champion` at `version` and record the move."""
     before = champion(client, name)
     client.set_registered_model_alias(name, CHAMPION, str(version))
-    event = {"action": action, "version": str(version), "previous": str(before.version) if before else None,
-             "who": user(), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "why": why}
+    event = {
+        "action": action,
+        "version": str(version),
+        "previous": str(before.version) if before else None,
+        "who": user(),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "why": why,
+    }
     client.set_registered_model_tag(name, f"{HISTORY}{time.time_ns()}", json.dumps(event))
     return event
 
@@ -76,8 +82,10 @@ def _existing(client, name: str, version: str):
         return client.get_model_version(name, str(version))
     except MlflowException:
         known = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), reverse=True)
-        raise TunelineError(f"model '{name}' has no version {version}",
-                            f"choose one of: {', '.join(map(str, known[:10])) or '(none registered)'}") from None
+        raise TunelineError(
+            f"model '{name}' has no version {version}",
+            f"choose one of: {', '.join(map(str, known[:10])) or '(none registered)'}",
+        ) from None
 
 
 def promote(client, name: str, version: str, why: str) -> dict:
@@ -97,8 +105,10 @@ def rollback_target(client, name: str) -> str:
         raise TunelineError(f"model '{name}' has no champion", "run the pipeline or `tuneline promote VERSION` first")
     moves = [e for e in history(client, name) if e["version"] == str(current.version) and e["action"] != "rollback"]
     if not moves or not moves[-1]["previous"]:
-        raise TunelineError(f"{name} v{current.version} has no earlier champion to roll back to",
-                            "use `tuneline promote VERSION` to pick one")
+        raise TunelineError(
+            f"{name} v{current.version} has no earlier champion to roll back to",
+            "use `tuneline promote VERSION` to pick one",
+        )
     return moves[-1]["previous"]
 
 

@@ -16,32 +16,33 @@ log-likelihood scoring picked (classify/entail).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from tuneline import tasks
-
 # Metrics that are a mean of a 0/1 per-example outcome: McNemar's test applies.
 BINARY = {"exact_match", "multiset_rate", "accuracy", "scored_accuracy", "unparseable_rate"}
+# Metrics where lower is better (the gate and the deltas need to know).
+LOWER_IS_BETTER = {"perplexity", "unparseable_rate"}
 
 
 @dataclass(frozen=True)
 class Stat:
-    values: np.ndarray                    # (n, k) per-example sufficient statistics
-    fn: Callable[[np.ndarray], float]     # (k,) summed statistics -> metric value
+    values: np.ndarray  # (n, k) per-example sufficient statistics
+    fn: Callable[[np.ndarray], float]  # (k,) summed statistics -> metric value
 
     def value(self) -> float:
         return self.fn(self.values.sum(0))
 
 
-def _mean(x) -> Stat:
+def mean(x) -> Stat:
+    """The mean of per-example values (a 0/1 outcome, a score)."""
     x = np.asarray(x, dtype=float)
     return Stat(np.stack([x, np.ones_like(x)], 1), lambda s: float(s[0] / s[1]) if s[1] else math.nan)
 
 
-def _macro_f1(preds: list[str | None], gold: list[str], labels: list[str]) -> Stat:
+def macro_f1(preds: list[str | None], gold: list[str], labels: list[str]) -> Stat:
     """Per example, per label: (tp, fp, fn). F1 of a label with none of them is 0, as
     scikit-learn's f1_score(average='macro', zero_division=0)."""
     L = len(labels)
@@ -60,7 +61,7 @@ def _macro_f1(preds: list[str | None], gold: list[str], labels: list[str]) -> St
     return Stat(v, fn)
 
 
-def _sacrebleu(name: str, outputs: list[str], targets: list[str]) -> Stat:
+def sacrebleu(name: str, outputs: list[str], targets: list[str]) -> Stat:
     from sacrebleu.metrics import BLEU, CHRF
 
     metric = BLEU() if name == "bleu" else CHRF()
@@ -69,56 +70,43 @@ def _sacrebleu(name: str, outputs: list[str], targets: list[str]) -> Stat:
     return Stat(values, lambda s: float(metric._compute_score_from_stats(s).score))
 
 
-def stat(task: tasks.Task, metric: str, rows: list[dict], ev: dict, labels: list[str]) -> Stat:
-    """The per-example statistics of `metric` for one model's evaluation `ev` on `rows`."""
+def perplexity(ev: dict) -> Stat:
+    """exp(summed answer-token loss / answer tokens), from each unit's (nll, tokens)."""
+    nll, n = np.asarray(ev["nll"], dtype=float), np.asarray(ev["tokens"], dtype=float)
+    return Stat(np.stack([nll, n], 1), lambda s: math.exp(s[0] / s[1]) if s[1] else math.nan)
+
+
+def stat(task, metric: str, rows: list[dict], ev: dict, labels: list[str]) -> Stat:
+    """The per-example statistics of `metric` for one model's evaluation `ev` on `rows`:
+    perplexity for every task, the rest as the task scores them (`Task.score`)."""
     if metric == "perplexity":
-        nll, n = np.asarray(ev["nll"], dtype=float), np.asarray(ev["tokens"], dtype=float)
-        return Stat(np.stack([nll, n], 1), lambda s: math.exp(s[0] / s[1]) if s[1] else math.nan)
-    outputs = ev["outputs"]
-    if task.name == "descramble":
-        outs, targets = [tasks.normalise(o) for o in outputs], [tasks.normalise(r["target"]) for r in rows]
-        if metric == "exact_match":
-            return _mean([o == t for o, t in zip(outs, targets)])
-        if metric == "multiset_rate":
-            return _mean([tasks.same_words(o, r["source"]) for o, r in zip(outs, rows)])
-        return _sacrebleu(metric, outs, targets)
-    if task.name in ("classify", "entail"):
-        gold = [r["label"] for r in rows]
-        scored = metric.startswith("scored_")
-        preds = ev["scored"] if scored else [tasks.parse_label(o, labels) for o in outputs]
-        if metric.removeprefix("scored_") == "accuracy":
-            return _mean([p == g for p, g in zip(preds, gold)])
-        if metric.removeprefix("scored_") == "macro_f1":
-            return _macro_f1(preds, gold, labels)
-        return _mean([p is None for p in preds])  # unparseable_rate
-    if task.name == "instruct":  # rouge_l
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        return _mean([scorer.score(r["output"], o)["rougeL"].fmeasure for o, r in zip(outputs, rows)])
-    raise ValueError(f"no metric '{metric}' for task '{task.name}'")
+        return perplexity(ev)
+    if metric not in task.metrics or task.score is None:
+        raise ValueError(f"no metric '{metric}' for task '{task.name}'")
+    return task.score(metric, rows, ev, labels)
 
 
-def metrics(task: tasks.Task, rows: list[dict], ev: dict, labels: list[str]) -> dict[str, float]:
+def metrics(task, rows: list[dict], ev: dict, labels: list[str]) -> dict[str, float]:
     return {m: stat(task, m, rows, ev, labels).value() for m in task.metrics}
 
 
 @dataclass(frozen=True)
 class Comparison:
     """A paired comparison of a challenger `a` with a reference `b` on the same examples."""
+
     metric: str
-    a: float                 # challenger's value
-    b: float                 # reference's value
-    delta: float             # a - b
-    ci_low: float            # 95% paired bootstrap interval of a - b
+    a: float  # challenger's value
+    b: float  # reference's value
+    delta: float  # a - b
+    ci_low: float  # 95% paired bootstrap interval of a - b
     ci_high: float
-    p_value: float           # one-sided: H0 "a is no better than b"
-    test: str                # 'bootstrap' or 'mcnemar'
-    n: int                   # examples (units) compared
+    p_value: float  # one-sided: H0 "a is no better than b"
+    test: str  # 'bootstrap' or 'mcnemar'
+    n: int  # examples (units) compared
 
     def improvement(self) -> float:
         """delta in the metric's good direction (positive = a is better)."""
-        return -self.delta if self.metric in tasks.LOWER_IS_BETTER else self.delta
+        return -self.delta if self.metric in LOWER_IS_BETTER else self.delta
 
 
 def compare(a: Stat, b: Stat, metric: str, test: str = "bootstrap", n_boot: int = 1000, seed: int = 0) -> Comparison:
@@ -132,11 +120,11 @@ def compare(a: Stat, b: Stat, metric: str, test: str = "bootstrap", n_boot: int 
         raise ValueError(f"paired comparison needs the same examples ({n} vs {len(b.values)})")
     va, vb = a.value(), b.value()
     delta = va - vb
-    sign = -1.0 if metric in tasks.LOWER_IS_BETTER else 1.0
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(n_boot, n))                    # (B, n) example indices
+    draws = rng.integers(0, n, size=(n_boot, n))  # (B, n) example indices
     counts = np.zeros((n_boot, n))
-    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)     # (B, n) times each is drawn
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)  # (B, n) times each is drawn
     deltas = np.array([a.fn(s) for s in counts @ a.values]) - np.array([b.fn(s) for s in counts @ b.values])
     if not (math.isfinite(delta) and np.isfinite(deltas).all()):
         return Comparison(metric, va, vb, delta, math.nan, math.nan, math.nan, test, n)

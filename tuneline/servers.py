@@ -1,4 +1,4 @@
-"""The MLflow and Prefect servers that `tuneline ui` (and `tuneline serve`, when no Prefect
+"""The MLflow and Prefect servers that `tuneline ui` (and `tuneline schedule`, when no Prefect
 server is up) start: each in a session of its own, so a terminal's Ctrl-C reaches only us
 and we stop its whole process group (mlflow's uvicorn worker, Prefect's server); their
 output goes to logs. Both bind 127.0.0.1 unless told otherwise."""
@@ -27,8 +27,15 @@ class Server:
         self.name, self.option, self.port, self.health, self.log = name, option, port, health, log
         self.ready = False
         with open(log, "wb") as f:
-            self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=f,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def answers(self) -> bool:
         return answers(self.health)
@@ -54,7 +61,7 @@ class Server:
 
     def died(self, host: str, suggest: int) -> TunelineError:
         """Why it exited: a taken port, or the last line of its log (passwords redacted)."""
-        from tuneline.tracking import redact
+        from tuneline.secrets import redact
 
         try:
             lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
@@ -62,8 +69,10 @@ class Server:
             lines = []
         log = os.path.relpath(self.log)
         if any("address already in use" in line.lower() for line in lines):
-            return TunelineError(f"the {self.name} server could not listen on {host}:{self.port}: the port is already in use",
-                                 f"pick another port, e.g. {self.option} {suggest}")
+            return TunelineError(
+                f"the {self.name} server could not listen on {host}:{self.port}: the port is already in use",
+                f"pick another port, e.g. {self.option} {suggest}",
+            )
         last = redact(lines[-1])[:200] if lines else "no output"
         return TunelineError(f"the {self.name} server exited (code {self.proc.returncode}): {last}", f"see {log}")
 
@@ -92,7 +101,9 @@ def port_free(host: str, port: int) -> bool:
     try:
         family, socktype, proto, _, addr = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
-        raise TunelineError(f"--host {host} is not an address ({e.strerror})", "use 127.0.0.1 (the default) or 0.0.0.0") from None
+        raise TunelineError(
+            f"--host {host} is not an address ({e.strerror})", "use 127.0.0.1 (the default) or 0.0.0.0"
+        ) from None
     with socket.socket(family, socktype, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -100,8 +111,10 @@ def port_free(host: str, port: int) -> bool:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 return False
-            raise TunelineError(f"cannot listen on --host {host} ({e.strerror})",
-                                "use 127.0.0.1 (the default), 0.0.0.0 or an address of this machine") from None
+            raise TunelineError(
+                f"cannot listen on --host {host} ({e.strerror})",
+                "use 127.0.0.1 (the default), 0.0.0.0 or an address of this machine",
+            ) from None
     return True
 
 
@@ -113,7 +126,10 @@ def check_ports(host: str, ports: dict[str, tuple[str, int]]) -> None:
     """Both ports must be free before anything starts: one line naming each taken port and a free one."""
     taken = {port for _, port in ports.values()}
     if len(taken) < len(ports):
-        raise TunelineError(f"MLflow and Prefect cannot share port {taken.pop()}", "give them different --mlflow-port and --prefect-port")
+        raise TunelineError(
+            f"MLflow and Prefect cannot share port {taken.pop()}",
+            "give them different --mlflow-port and --prefect-port",
+        )
     busy = [(name, option, port) for name, (option, port) in ports.items() if not port_free(host, port)]
     if busy:
         what = " and ".join(f"{port} ({name})" for name, _, port in busy)
@@ -121,19 +137,11 @@ def check_ports(host: str, ports: dict[str, tuple[str, int]]) -> None:
         for _, option, port in busy:
             taken.add(free := free_near(host, port, taken))
             fix.append(f"{option} {free}")
-        raise TunelineError(f"port{'s' if len(busy) > 1 else ''} {what} on {host} {'are' if len(busy) > 1 else 'is'} already in use "
-                            "(another `tuneline ui`?)", f"stop what listens there, or pick free port{'s' if len(busy) > 1 else ''}, e.g. {' '.join(fix)}")
-
-
-def check_store(uri: str) -> None:
-    """A database store must answer now: MLflow's server would retry a wrong one for an hour."""
-    from tuneline import tracking
-
-    scheme = uri.split(":", 1)[0].lower()
-    if scheme in ("http", "https", "databricks"):
-        raise TunelineError(f"MLFLOW_TRACKING_URI is a tracking server ({tracking.redact(uri)}), not a store to serve",
-                            "open that server in a browser, or unset MLFLOW_TRACKING_URI to serve the project's store")
-    tracking.check_store(uri)
+        raise TunelineError(
+            f"port{'s' if len(busy) > 1 else ''} {what} on {host} {'are' if len(busy) > 1 else 'is'} already in use "
+            "(another `tuneline ui`?)",
+            f"stop what listens there, or pick free port{'s' if len(busy) > 1 else ''}, e.g. {' '.join(fix)}",
+        )
 
 
 def wait_ready(servers: list[Server], stop: list, host: str, t0: float) -> None:
@@ -147,8 +155,11 @@ def wait_ready(servers: list[Server], stop: list, host: str, t0: float) -> None:
             return
         if time.time() - t0 > READY_TIMEOUT:
             slow = [s for s in servers if not s.ready]
-            raise TunelineError(f"{' and '.join(s.name for s in slow)} did not answer {', '.join(s.health for s in slow)} "
-                                f"within {READY_TIMEOUT:.0f}s", f"see {', '.join(os.path.relpath(s.log) for s in slow)}")
+            raise TunelineError(
+                f"{' and '.join(s.name for s in slow)} did not answer {', '.join(s.health for s in slow)} "
+                f"within {READY_TIMEOUT:.0f}s",
+                f"see {', '.join(os.path.relpath(s.log) for s in slow)}",
+            )
         time.sleep(0.3)
 
 
@@ -184,10 +195,29 @@ def mlflow(host: str, port: int, store: str) -> Server:
     """The MLflow UI on `store`. The URI goes through the environment, not argv: `ps` would
     show its password."""
     artifacts = (ROOT / "mlartifacts").as_uri()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--default-artifact-root", artifacts,
-           "--artifacts-destination", artifacts, "--host", host, "--port", str(port), "--workers", "1"]
-    return Server("MLflow", "--mlflow-port", port, url(host, port) + "/health", cmd,
-                  env() | {"MLFLOW_BACKEND_STORE_URI": store}, logs_dir() / "mlflow.log")
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--default-artifact-root",
+        artifacts,
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    return Server(
+        "MLflow",
+        "--mlflow-port",
+        port,
+        url(host, port) + "/health",
+        cmd,
+        env() | {"MLFLOW_BACKEND_STORE_URI": store},
+        logs_dir() / "mlflow.log",
+    )
 
 
 def prefect(host: str, port: int) -> Server:
@@ -195,8 +225,15 @@ def prefect(host: str, port: int) -> Server:
     told where its API is: by default it would look on port 4200 whatever --port says."""
     cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", host, "--port", str(port)]
     extra = {"PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or f"{url(host, port)}/api"}
-    return Server("Prefect", "--prefect-port", port, url(host, port) + "/api/health", cmd, env() | extra,
-                  logs_dir() / "prefect.log")
+    return Server(
+        "Prefect",
+        "--prefect-port",
+        port,
+        url(host, port) + "/api/health",
+        cmd,
+        env() | extra,
+        logs_dir() / "prefect.log",
+    )
 
 
 def serve_until_stopped(start: list, host: str, on_ready) -> float:
@@ -230,7 +267,7 @@ def serve_until_stopped(start: list, host: str, on_ready) -> float:
 
 
 def prefect_ready(host: str, port: int) -> Server:
-    """A Prefect server on its own (for `tuneline serve`), returned once it answers."""
+    """A Prefect server on its own (for `tuneline schedule`), returned once it answers."""
     check_ports(host, {"Prefect": ("PREFECT_API_URL", port)})
     server = prefect(host, port)
     try:

@@ -22,8 +22,8 @@ import json
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tuneline import ROOT, assets
 from tuneline.errors import TunelineError
@@ -52,12 +52,15 @@ def load(spec: str) -> tuple[list[dict], dict]:
     if spec.startswith("hf:"):
         return _hub(spec)
     if re.match(r"^[a-z][a-z0-9+]*:", spec) and not os.path.exists(spec):
-        raise TunelineError(f"data source '{spec}' is not supported",
-                            "use builtin:wikipedia, wikidump:<path>, hf:<id>[:config][@rev][#split] or a local file/glob")
+        raise TunelineError(
+            f"data source '{spec}' is not supported",
+            "use builtin:wikipedia, wikidump:<path>, hf:<id>[:config][@rev][#split] or a local file/glob",
+        )
     return _local(spec)
 
 
 # --- MediaWiki dumps -----------------------------------------------------------------
+
 
 def dump_path(spec: str) -> Path:
     if spec == "builtin:wikipedia":
@@ -112,10 +115,13 @@ def paragraphs(path: Path, on_read: Callable[[int], None] | None = None) -> Iter
 
 # --- the hub ---------------------------------------------------------------------------
 
+
 def _hub(spec: str) -> tuple[list[dict], dict]:
     m = _HF.fullmatch(spec)
     if not m:
-        raise TunelineError(f"bad hub source '{spec}'", "write hf:<id>[:config][@revision][#split], e.g. hf:dair-ai/emotion#train")
+        raise TunelineError(
+            f"bad hub source '{spec}'", "write hf:<id>[:config][@revision][#split], e.g. hf:dair-ai/emotion#train"
+        )
     ds_id, config, rev, split = m["id"], m["config"], m["rev"], m["split"] or "train"
     try:
         from datasets import load_dataset
@@ -123,9 +129,15 @@ def _hub(spec: str) -> tuple[list[dict], dict]:
         ds = load_dataset(ds_id, config, revision=rev, split=split)
     except Exception as e:  # offline, unknown id, unknown split: all surface as different types
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        fix = ("the hub is off (HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 with network access, or point the "
-               "source at local files" if offline else "check the dataset id, config, split and your network/HF_TOKEN")
-        raise TunelineError(f"cannot load hub dataset '{spec}' ({type(e).__name__}: {str(e).splitlines()[0][:100]})", fix) from None
+        fix = (
+            "the hub is off (HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 with network access, or point the "
+            "source at local files"
+            if offline
+            else "check the dataset id, config, split and your network/HF_TOKEN"
+        )
+        raise TunelineError(
+            f"cannot load hub dataset '{spec}' ({type(e).__name__}: {str(e).splitlines()[0][:100]})", fix
+        ) from None
     resolved = rev
     try:
         resolved = hub_revision(spec) or rev
@@ -139,13 +151,16 @@ def hub_revision(spec: str) -> str | None:
     Network errors propagate: the caller decides whether to retry."""
     m = _HF.fullmatch(spec)
     if not m:
-        raise TunelineError(f"bad hub source '{spec}'", "write hf:<id>[:config][@revision][#split], e.g. hf:dair-ai/emotion#train")
+        raise TunelineError(
+            f"bad hub source '{spec}'", "write hf:<id>[:config][@revision][#split], e.g. hf:dair-ai/emotion#train"
+        )
     from huggingface_hub import HfApi
 
     return HfApi().dataset_info(m["id"], revision=m["rev"]).sha
 
 
 # --- local files -----------------------------------------------------------------------
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -161,7 +176,9 @@ def local_paths(spec: str) -> list[Path]:
         pattern = str(ROOT / pattern)
     paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths or not paths[0].exists():
-        raise TunelineError(f"data file '{spec}' not found", "check the path (relative to the project root) or the glob")
+        raise TunelineError(
+            f"data file '{spec}' not found", "check the path (relative to the project root) or the glob"
+        )
     return paths
 
 
@@ -181,7 +198,9 @@ def _local(spec: str) -> tuple[list[dict], dict]:
         if path.is_dir():
             raise TunelineError(f"data source '{path}' is a directory", f"name the files, e.g. '{path}/*.jsonl'")
         if path.suffix.lower() not in LOCAL_FORMATS:
-            raise TunelineError(f"data file '{path}' has an unsupported format", f"use one of: {', '.join(LOCAL_FORMATS)}")
+            raise TunelineError(
+                f"data file '{path}' has an unsupported format", f"use one of: {', '.join(LOCAL_FORMATS)}"
+            )
         rows += _read(path)
     return rows, {"source": spec, "sha256": {str(p): sha256(p) for p in paths}}
 
@@ -191,9 +210,11 @@ def _text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise TunelineError(f"{path} line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})",
-                            "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+        line = data[: e.start].count(b"\n") + 1
+        raise TunelineError(
+            f"{path} line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})",
+            "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+        ) from None
 
 
 def _read(path: Path) -> list[dict]:
@@ -215,21 +236,29 @@ def _read(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise TunelineError(f"{path} line {i} is not valid JSON ({e.msg})", "fix or remove that line") from None
+                    raise TunelineError(
+                        f"{path} line {i} is not valid JSON ({e.msg})", "fix or remove that line"
+                    ) from None
         rows_ok = all(isinstance(r, dict) for r in rows)
     else:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise TunelineError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
-                                "fix the file; for one object per line name it .jsonl") from None
+            raise TunelineError(
+                f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
+                "fix the file; for one object per line name it .jsonl",
+            ) from None
         rows_ok = isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
     if not rows_ok:
-        raise TunelineError(f"{path} does not hold JSON objects (one row each)", "write a list of objects, or one object per line (.jsonl)")
+        raise TunelineError(
+            f"{path} does not hold JSON objects (one row each)",
+            "write a list of objects, or one object per line (.jsonl)",
+        )
     return rows
 
 
 # --- validation ------------------------------------------------------------------------
+
 
 def task_rows(rows: list[dict], task: Task, columns: dict[str, str], labels: list[str], where: str) -> list[dict]:
     """Rows with exactly the task's columns, all text, labels checked against `labels`."""
@@ -244,8 +273,10 @@ def task_rows(rows: list[dict], task: Task, columns: dict[str, str], labels: lis
             name = alias if alias in keys and col not in columns else None
             if name is None and col not in task.optional:
                 have = ", ".join(sorted(keys)[:12])
-                raise TunelineError(f"{where}: missing column '{columns.get(col, col)}' for the {task.name} task (it has: {have})",
-                                    f"map one with --set prepare.columns.{col}=<column>")
+                raise TunelineError(
+                    f"{where}: missing column '{columns.get(col, col)}' for the {task.name} task (it has: {have})",
+                    f"map one with --set prepare.columns.{col}=<column>",
+                )
         names[col] = name
     out = []
     for i, r in enumerate(rows):
@@ -257,8 +288,10 @@ def task_rows(rows: list[dict], task: Task, columns: dict[str, str], labels: lis
             if col == "label":
                 v = _label(v, labels, where, i, name)
             elif not isinstance(v, str):
-                raise TunelineError(f"{where}: column '{name}' must be text, but row {i} holds {type(v).__name__} {str(v)[:40]!r}",
-                                    "convert that column to strings, or map another column in prepare.columns")
+                raise TunelineError(
+                    f"{where}: column '{name}' must be text, but row {i} holds {type(v).__name__} {str(v)[:40]!r}",
+                    "convert that column to strings, or map another column in prepare.columns",
+                )
             row[col] = v
         out.append(row)
     return out
@@ -272,7 +305,11 @@ def _label(v, labels: list[str], where: str, i: int, name: str | None) -> str:
     if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(labels):
         return labels[v]
     if not isinstance(v, (str, int)) or isinstance(v, bool):
-        raise TunelineError(f"{where}: column '{name}' must be a label name or id, but row {i} holds {type(v).__name__} {v!r}",
-                            "convert labels to strings or integer ids")
-    raise TunelineError(f"{where}: row {i} has label {v!r}, outside the declared set {labels}",
-                        "add it to prepare.labels, or drop such rows (e.g. -1 marks unlabelled GLUE test rows)")
+        raise TunelineError(
+            f"{where}: column '{name}' must be a label name or id, but row {i} holds {type(v).__name__} {v!r}",
+            "convert labels to strings or integer ids",
+        )
+    raise TunelineError(
+        f"{where}: row {i} has label {v!r}, outside the declared set {labels}",
+        "add it to prepare.labels, or drop such rows (e.g. -1 marks unlabelled GLUE test rows)",
+    )

@@ -23,50 +23,48 @@ def stage_names(dvc_yaml: Path | None = None) -> list[str]:
 
 def run_stage(name: str, params=None) -> dict:
     """Validate params, open the stage's MLflow child run, run `components.<name>.run`.
-    `params` defaults to params.yaml (smoke runs pass their own and run in-process)."""
-    from tuneline import distributed
-    from tuneline.config import load_params
-
-    if name not in stage_names():
-        raise TunelineError(f"unknown stage '{name}'", f"choose one of: {', '.join(stage_names())}")
-    from_file = params is None
-    params = params or load_params(ROOT / "params.yaml")
-    if name == "train" and distributed.world() == 1:
-        # One training run per machine; torchrun's workers run under their launcher's lock.
-        from tuneline.lock import machine_lock
-
-        with machine_lock("train"):
-            return _run(name, params, from_file)
-    return _run(name, params, from_file)
-
-
-def _run(name: str, params, from_file: bool) -> dict:
+    `params` defaults to params.yaml (smoke runs pass their own and run in-process).
+    Training takes the machine's train lock, and with train.nproc > 1 starts torchrun."""
     import contextlib
 
     import torch
 
     from tuneline import distributed
+    from tuneline.config import load_params
+    from tuneline.lock import machine_lock
     from tuneline.tracking import stage_run
 
-    if name == "train" and params.train.nproc > 1 and distributed.world() == 1:
-        if not from_file:
-            raise TunelineError("train.nproc > 1 needs the stage started from params.yaml",
-                                "set train.nproc: 1 for in-process (smoke) runs")
-        code = distributed.launch(params.train.nproc, name)
-        if code:
-            raise TunelineError(f"train: a data-parallel process failed (torchrun exit {code})",
-                                "see the first error above; train.nproc: 1 runs in one process")
-        from tuneline.io import read_json
+    if name not in stage_names():
+        raise TunelineError(f"unknown stage '{name}'", f"choose one of: {', '.join(stage_names())}")
+    from_file = params is None
+    params = params or load_params(ROOT / "params.yaml")
+    single = distributed.world() == 1
+    # One training run per machine; torchrun's workers run under their launcher's lock.
+    with machine_lock("train") if name == "train" and single else contextlib.nullcontext():
+        if name == "train" and params.train.nproc > 1 and single:
+            if not from_file:
+                raise TunelineError(
+                    "train.nproc > 1 needs the stage started from params.yaml",
+                    "set train.nproc: 1 for in-process (smoke) runs",
+                )
+            code = distributed.launch(params.train.nproc, name)
+            if code:
+                raise TunelineError(
+                    f"train: a data-parallel process failed (torchrun exit {code})",
+                    "see the first error above; train.nproc: 1 runs in one process",
+                )
+            from tuneline.data import metrics_file
+            from tuneline.io import read_json
 
-        return read_json("metrics/train.json")
-    torch.manual_seed(params.seed)
-    module = importlib.import_module(f"components.{name}")
-    t = time.time()
-    # Under torchrun only rank 0 opens the MLflow run (the others log nothing).
-    with stage_run(name, params) if distributed.is_main() else contextlib.nullcontext():
-        metrics = module.run(params)
-    print(f"[{name}] done in {time.time() - t:.1f}s", flush=True)
-    return metrics
+            return read_json(metrics_file("train"))
+        torch.manual_seed(params.seed)
+        module = importlib.import_module(f"components.{name}")
+        t = time.time()
+        # Under torchrun only rank 0 opens the MLflow run (the others log nothing).
+        with stage_run(name, params) if distributed.is_main() else contextlib.nullcontext():
+            metrics = module.run(params)
+        print(f"[{name}] done in {time.time() - t:.1f}s", flush=True)
+        return metrics
 
 
 ERROR_FILE = "TUNELINE_ERROR_FILE"  # set by the flow: the stage's one-line error goes there
@@ -102,7 +100,7 @@ def _failed(line: str, code: int) -> int:
     import os
 
     from tuneline.errors import print_error
-    from tuneline.tracking import redact
+    from tuneline.secrets import redact
 
     path = os.environ.get(ERROR_FILE)
     if path:

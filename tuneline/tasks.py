@@ -1,85 +1,71 @@
-"""Task templates: how a prepared row becomes (prompt, answer), and which metrics score it.
+"""Tasks: everything that makes one kind of job differ from another, in one `Task` each.
 
-Each task is the public recipe it comes from; the prompt is masked out of the loss and the
-answer (plus EOS, added by tokenize) is trained. Bump TEMPLATE_VERSION whenever a
-template's text changes: tokenized data records it, so it can never silently disagree.
+A task says which columns a prepared row has, how a row becomes (prompt, answer), how
+prose (the Wikipedia source) becomes rows, which metrics score it and how, what a served
+request looks like, and what its model card says it is (not) for. Every stage reads
+these fields and nothing else about the task, so a new task is one `Task(...)` passed to
+`register` (and a recipe that uses it).
+
+Each shipped task is the public recipe it comes from; the prompt is masked out of the
+loss and the answer (plus EOS, added by tokenize) is trained. Bump TEMPLATE_VERSION
+whenever a template's text changes: tokenized data records it, so it can never silently
+disagree.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+
+from tuneline import scoring
 
 TEMPLATE_VERSION = 2
-
-# The seed recipe's prompt, lightly reworded. {source} is the scrambled sentence.
-DESCRAMBLE_PROMPT = "Unscramble: {source}\nSentence:"
-
-
-def descramble_prompt(source: str) -> str:
-    return DESCRAMBLE_PROMPT.format(source=source)
-
-
-def descramble_answer(target: str) -> str:
-    # Leading space: BPE tokenizers then encode the answer exactly as they would mid-text.
-    return " " + target
-
-
-def instruct_prompt(row: dict) -> str:
-    """Alpaca/Dolly headers; the Context block only when there is an input."""
-    context = f"### Context:\n{row['input']}\n\n" if row.get("input") else ""
-    return f"### Instruction:\n{row['instruction']}\n\n{context}### Response:\n"
-
-
-def classify_prompt(row: dict, labels: list[str]) -> str:
-    # Listing the options lets an untuned model answer with a label at all.
-    return f"Text: {row['text']}\nOptions: {', '.join(labels)}\nAnswer:"
-
-
-def entail_prompt(row: dict) -> str:
-    # The GPT-J/T5 MNLI format: `mnli hypothesis: … premise: … target: {label}<|endoftext|>`
-    return f"mnli hypothesis: {row['hypothesis']} premise: {row['premise']} target:"
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    columns: tuple[str, ...]          # columns of a prepared row, read from the source
-    optional: tuple[str, ...]         # columns that may be missing (filled with "")
-    key: tuple[str, ...]              # what makes two rows the same example
-    prompt: Callable[[dict, list[str]], str]
-    answer: Callable[[dict], str]
-    metrics: tuple[str, ...]          # the first is the default primary metric
+    columns: tuple[str, ...]  # columns of a prepared row, read from the source
+    optional: tuple[str, ...]  # columns that may be missing (filled with "")
+    key: tuple[str, ...]  # what makes two rows the same example
+    prompt: Callable[[dict, list[str]], str]  # (row, labels) -> the prompt text (not trained)
+    answer: Callable[[dict], str]  # row -> the answer text (trained)
+    metrics: tuple[str, ...]  # the first is the default primary metric
+    # (metric, rows, evaluation, labels) -> per-example statistics (perplexity is common to all)
+    score: Callable[[str, list[dict], dict, list[str]], scoring.Stat] | None = None
+    # (texts, min_words, max_words) -> rows: how prose sources become rows (None: not accepted)
+    prose: Callable[[list[str], int, int], list[dict]] | None = None
+    # (row, rng) -> row with missing inputs made from the answer (descramble scrambles it)
+    fill: Callable[[dict, random.Random], dict] | None = None
     aliases: tuple[tuple[str, str], ...] = ()  # (column, accepted other name): Dolly's names
-    generates: bool = True            # scored by generation (pretrain: perplexity only)
-    one_line: bool = True             # answers are one line: generation is cut at a newline
-    serve_field: str | None = None    # the column a served request fills ({prompt} in MLflow)
+    generates: bool = True  # scored by generation (pretrain: perplexity only)
+    one_line: bool = True  # answers are one line: generation is cut at a newline
+    serve_field: str | None = None  # the column a served request fills ({prompt} in MLflow)
+    serve_example: str = ""  # a served request, logged with the model as its input example
+    use: str = ""  # model card: what the model is for
+    limits: str = ""  # model card: what it is not for
+
+    @property
+    def labelled(self) -> bool:
+        """Rows carry a label from prepare.labels: constrained label scoring applies."""
+        return "label" in self.columns
 
 
-# Free generation (parsed), then constrained scoring (the most likely verbalised label).
-CLASS_METRICS = ("accuracy", "macro_f1", "unparseable_rate", "scored_accuracy", "scored_macro_f1", "perplexity")
+TASKS: dict[str, Task] = {}
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("descramble", ("source", "target"), ("source",), ("target",),
-         lambda r, _: descramble_prompt(r["source"]), lambda r: descramble_answer(r["target"]),
-         # chrF first (the default gate metric): at 135M scale exact match is rare, so a
-         # gate on it could almost never tell two models apart.
-         ("chrf", "exact_match", "bleu", "multiset_rate", "perplexity"), serve_field="source"),
-    Task("pretrain", ("text",), (), ("text",), lambda r, _: "", lambda r: r["text"],
-         ("perplexity",), generates=False, one_line=False),
-    Task("instruct", ("instruction", "input", "output"), ("input",), ("instruction", "input"),
-         lambda r, _: instruct_prompt(r), lambda r: r["output"], ("rouge_l", "perplexity"),
-         aliases=(("input", "context"), ("output", "response")), one_line=False, serve_field="instruction"),
-    Task("classify", ("text", "label"), (), ("text",), lambda r, labels: classify_prompt(r, labels),
-         lambda r: " " + r["label"], CLASS_METRICS),
-    Task("entail", ("premise", "hypothesis", "label"), (), ("premise", "hypothesis"),
-         lambda r, _: entail_prompt(r), lambda r: " " + r["label"], CLASS_METRICS),
-)}
 
-# Metrics where lower is better (the gate and the deltas need to know).
-LOWER_IS_BETTER = {"perplexity", "unparseable_rate"}
+def register(task: Task) -> Task:
+    """Make `task` available as prepare.task (the shipped ones below, or your own)."""
+    TASKS[task.name] = task
+    return task
+
+
+def render(task: Task, row: dict, labels: list[str]) -> tuple[str, str]:
+    """(prompt, answer) text of one prepared row."""
+    return task.prompt(row, labels), task.answer(row)
 
 
 def serving_template(task: Task, labels: list[str]) -> str:
@@ -91,9 +77,29 @@ def serving_template(task: Task, labels: list[str]) -> str:
     return task.prompt(row, labels)
 
 
-def render(task: Task, row: dict, labels: list[str]) -> tuple[str, str]:
-    """(prompt, answer) text of one prepared row."""
-    return task.prompt(row, labels), task.answer(row)
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- descramble ---------------------------------------------------------------------------
+
+# The seed recipe's prompt, lightly reworded. {source} is the scrambled sentence.
+DESCRAMBLE_PROMPT = "Unscramble: {source}\nSentence:"
+# A clean sentence: starts with a capital, plain words and light punctuation, ends with '.'
+_CLEAN = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'\"()\-]*[a-z0-9)]\.$")
+_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def clean_sentences(texts: list[str], min_words: int, max_words: int) -> list[str]:
+    """Unique sentences in first-seen order, min_words..max_words long."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        for para in text.split("\n"):  # a heading line never runs into the next sentence
+            for sent in _SPLIT.split(" ".join(para.split())):
+                n = len(sent.split())
+                if min_words <= n <= max_words and _CLEAN.match(sent):
+                    seen.setdefault(sent)
+    return list(seen)
 
 
 def scramble(sentence: str, rng: random.Random) -> str:
@@ -107,13 +113,104 @@ def scramble(sentence: str, rng: random.Random) -> str:
     return " ".join(shuffled)
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.split())
-
-
 def same_words(output: str, source: str) -> bool:
     """True when the output uses exactly the input's multiset of words."""
     return Counter(output.split()) == Counter(source.split())
+
+
+def _descramble_score(metric: str, rows: list[dict], ev: dict, labels: list[str]) -> scoring.Stat:
+    outs = [normalise(o) for o in ev["outputs"]]
+    targets = [normalise(r["target"]) for r in rows]
+    if metric == "exact_match":
+        return scoring.mean([o == t for o, t in zip(outs, targets)])
+    if metric == "multiset_rate":
+        return scoring.mean([same_words(o, r["source"]) for o, r in zip(outs, rows)])
+    return scoring.sacrebleu(metric, outs, targets)  # chrf, bleu
+
+
+register(
+    Task(
+        "descramble",
+        ("source", "target"),
+        ("source",),
+        ("target",),
+        prompt=lambda r, _: DESCRAMBLE_PROMPT.format(source=r["source"]),
+        # Leading space: BPE tokenizers then encode the answer exactly as they would mid-text.
+        answer=lambda r: " " + r["target"],
+        # chrF first (the default gate metric): at 135M scale exact match is rare, so a gate on
+        # it could almost never tell two models apart.
+        metrics=("chrf", "exact_match", "bleu", "multiset_rate", "perplexity"),
+        score=_descramble_score,
+        prose=lambda texts, lo, hi: [{"target": s} for s in clean_sentences(texts, lo, hi)],
+        fill=lambda r, rng: r | {"source": r["source"] or scramble(r["target"], rng)},
+        serve_field="source",
+        serve_example="cat the on sat mat the",
+        use="Reorder the words of a shuffled English sentence into the original sentence.",
+        limits="Trained on short (6-30 word) encyclopedic Wikipedia sentences; longer, informal or non-English "
+        "text is out of scope. Outputs may drop, repeat or invent words: check `multiset_rate`.",
+    )
+)
+
+# --- pretrain -----------------------------------------------------------------------------
+
+register(
+    Task(
+        "pretrain",
+        ("text",),
+        (),
+        ("text",),
+        prompt=lambda r, _: "",
+        answer=lambda r: r["text"],
+        metrics=("perplexity",),
+        prose=lambda texts, lo, hi: [{"text": t} for t in texts if len(t.split()) >= lo],
+        generates=False,
+        one_line=False,
+        serve_example="The history of the city",
+        use="A small causal language model of encyclopedic English prose, for research and as a starting point.",
+        limits="Trained on a small text sample: it is not factual, not instruction-following and not safe for "
+        "user-facing generation.",
+    )
+)
+
+# --- instruct -----------------------------------------------------------------------------
+
+
+def instruct_prompt(row: dict) -> str:
+    """Alpaca/Dolly headers; the Context block only when there is an input."""
+    context = f"### Context:\n{row['input']}\n\n" if row.get("input") else ""
+    return f"### Instruction:\n{row['instruction']}\n\n{context}### Response:\n"
+
+
+def _rouge_l(metric: str, rows: list[dict], ev: dict, labels: list[str]) -> scoring.Stat:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return scoring.mean([scorer.score(r["output"], o)["rougeL"].fmeasure for o, r in zip(ev["outputs"], rows)])
+
+
+register(
+    Task(
+        "instruct",
+        ("instruction", "input", "output"),
+        ("input",),
+        ("instruction", "input"),
+        prompt=lambda r, _: instruct_prompt(r),
+        answer=lambda r: r["output"],
+        metrics=("rouge_l", "perplexity"),
+        score=_rouge_l,
+        aliases=(("input", "context"), ("output", "response")),
+        one_line=False,
+        serve_field="instruction",
+        serve_example="Name three primary colors.",
+        use="Follow short single-turn instructions in the Alpaca/Dolly format.",
+        limits="A small model tuned on a few thousand examples: answers can be wrong or made up; no safety tuning.",
+    )
+)
+
+# --- classify, entail ---------------------------------------------------------------------
+
+# Free generation (parsed), then constrained scoring (the most likely verbalised label).
+CLASS_METRICS = ("accuracy", "macro_f1", "unparseable_rate", "scored_accuracy", "scored_macro_f1", "perplexity")
 
 
 def parse_label(output: str, labels: list[str]) -> str | None:
@@ -124,3 +221,51 @@ def parse_label(output: str, labels: list[str]) -> str | None:
         if text.startswith(low) and (len(text) == len(low) or not text[len(low)].isalnum()):
             return label
     return None
+
+
+def label_score(metric: str, rows: list[dict], ev: dict, labels: list[str]) -> scoring.Stat:
+    """Accuracy, macro-F1 and unparseable rate of generated labels; `scored_*` of the label
+    that log-likelihood scoring picked."""
+    gold = [r["label"] for r in rows]
+    preds = ev["scored"] if metric.startswith("scored_") else [parse_label(o, labels) for o in ev["outputs"]]
+    if metric.removeprefix("scored_") == "accuracy":
+        return scoring.mean([p == g for p, g in zip(preds, gold)])
+    if metric.removeprefix("scored_") == "macro_f1":
+        return scoring.macro_f1(preds, gold, labels)
+    return scoring.mean([p is None for p in preds])  # unparseable_rate
+
+
+register(
+    Task(
+        "classify",
+        ("text", "label"),
+        (),
+        ("text",),
+        # Listing the options lets an untuned model answer with a label at all.
+        prompt=lambda r, labels: f"Text: {r['text']}\nOptions: {', '.join(labels)}\nAnswer:",
+        answer=lambda r: " " + r["label"],
+        metrics=CLASS_METRICS,
+        score=label_score,
+        serve_example="i feel wonderful today",
+        use="Label a short English text with one of the declared labels.",
+        limits="Only the declared label set; accuracy on text unlike the training data (domain, length, language) "
+        "is unknown. Use scored (constrained) predictions where an answer must be a label.",
+    )
+)
+
+register(
+    Task(
+        "entail",
+        ("premise", "hypothesis", "label"),
+        (),
+        ("premise", "hypothesis"),
+        # The GPT-J/T5 MNLI format: `mnli hypothesis: … premise: … target: {label}<|endoftext|>`
+        prompt=lambda r, _: f"mnli hypothesis: {r['hypothesis']} premise: {r['premise']} target:",
+        answer=lambda r: " " + r["label"],
+        metrics=CLASS_METRICS,
+        score=label_score,
+        serve_example="mnli hypothesis: A man is outside. premise: A man walks in the park. target:",
+        use="Decide whether a premise entails, contradicts or is neutral to a hypothesis (MNLI format).",
+        limits="Genre and length shifts from MNLI lower accuracy; not a fact checker.",
+    )
+)

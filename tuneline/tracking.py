@@ -13,29 +13,15 @@ import contextlib
 import os
 import re
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from tuneline import ROOT
 from tuneline.config import Params, flatten
+from tuneline.secrets import redact
 
 PARENT_ENV = "TUNELINE_PARENT_RUN_ID"
 EXEC_TAG = "tuneline.execution"
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
-_SECRET = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")  # user:password@ in URIs
-# Environment variables whose values are credentials: never logged, printed or tagged.
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-              "DATABRICKS_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PGPASSWORD", "WANDB_API_KEY")
-_TOKEN = re.compile(r"\b(hf_[A-Za-z0-9]{20,})\b")  # a Hugging Face token, wherever it came from
-
-
-def redact(text: str) -> str:
-    """`text` without credentials: URI passwords, HF tokens and the values of SECRET_ENV."""
-    text = _TOKEN.sub("hf_***", _SECRET.sub(r"\1***@", text))
-    for name in SECRET_ENV:
-        value = os.environ.get(name, "")
-        if len(value) >= 6:  # short values would redact ordinary words
-            text = text.replace(value, "***")
-    return text
 
 
 def default_uri() -> str:
@@ -55,14 +41,21 @@ def _sqlite_path(uri: str):
     return Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
 
 
-def check_store(uri: str | None = None) -> None:
+def check_store(uri: str | None = None, to_serve: bool = False) -> None:
     """Fail in seconds, with one line, when the MLflow store cannot be used: a tracking
     server that does not answer, a database that refuses, an SQLite file that is not a
-    database. (MLflow itself would retry an unreachable server for minutes.)"""
+    database. (MLflow itself would retry an unreachable server for minutes, and `mlflow
+    server` a wrong database for an hour.) `to_serve`: the store `tuneline ui` is about to
+    serve, which a tracking server cannot be."""
     from tuneline.errors import TunelineError
 
     uri = uri or tracking_uri()
     shown, scheme = redact(uri), uri.split(":", 1)[0].lower()
+    if to_serve and scheme in ("http", "https", "databricks"):
+        raise TunelineError(
+            f"MLFLOW_TRACKING_URI is a tracking server ({shown}), not a store to serve",
+            "open that server in a browser, or unset MLFLOW_TRACKING_URI to serve the project's store",
+        )
     fix = "start it (`tuneline ui` serves one on 127.0.0.1:5000), or unset MLFLOW_TRACKING_URI to use the project's mlflow.db"
     if scheme in ("http", "https"):
         import urllib.request
@@ -79,18 +72,24 @@ def check_store(uri: str | None = None) -> None:
         try:
             import sqlalchemy
 
-            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10} if scheme.startswith("postgresql") else {})
+            engine = sqlalchemy.create_engine(
+                uri, connect_args={"connect_timeout": 10} if scheme.startswith("postgresql") else {}
+            )
             try:
                 with engine.connect():
                     pass
             finally:
                 engine.dispose()
         except ImportError as e:
-            raise TunelineError(f"no driver for the MLflow store {shown} ({e})", "install the pinned stack: `make install`") from None
+            raise TunelineError(
+                f"no driver for the MLflow store {shown} ({e})", "install the pinned stack: `make install`"
+            ) from None
         except Exception as e:  # refused, unknown host, wrong password, missing database
             why = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-            raise TunelineError(f"cannot connect to the MLflow store {shown} ({redact(why)[:160]})",
-                                "start the database, or fix MLFLOW_TRACKING_URI") from None
+            raise TunelineError(
+                f"cannot connect to the MLflow store {shown} ({redact(why)[:160]})",
+                "start the database, or fix MLFLOW_TRACKING_URI",
+            ) from None
     elif _sqlite_path(uri) is not None:
         import sqlite3
 
@@ -100,9 +99,11 @@ def check_store(uri: str | None = None) -> None:
                 with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
                     db.execute("SELECT count(*) FROM sqlite_master").fetchone()
             except sqlite3.DatabaseError as e:
-                raise TunelineError(f"the MLflow store {path} is not a usable SQLite database ({e})",
-                                    f"move it aside (mv {path} {path}.bad) to start a new store, or set "
-                                    "MLFLOW_TRACKING_URI to another one") from None
+                raise TunelineError(
+                    f"the MLflow store {path} is not a usable SQLite database ({e})",
+                    f"move it aside (mv {path} {path}.bad) to start a new store, or set "
+                    "MLFLOW_TRACKING_URI to another one",
+                ) from None
 
 
 def setup(experiment: str) -> str:
@@ -163,7 +164,11 @@ def start_parent(params: Params, source: str, key: str | None = None) -> str:
 
     exp_id = setup(params.register.experiment)
     client = MlflowClient()
-    tags = {"tuneline.kind": "pipeline", "tuneline.source": source, "mlflow.runName": f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"}
+    tags = {
+        "tuneline.kind": "pipeline",
+        "tuneline.source": source,
+        "mlflow.runName": f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
+    }
     if key:
         tags[EXEC_TAG] = key
     run = client.create_run(exp_id, tags=tags)
@@ -238,8 +243,11 @@ def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = 
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    batch = [Metric(f"{prefix}{k}", float(v), ts, step or 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    batch = [
+        Metric(f"{prefix}{k}", float(v), ts, step or 0)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     for run_id in _run_ids():
         MlflowClient().log_batch(run_id, metrics=batch)
 

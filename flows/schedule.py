@@ -1,4 +1,4 @@
-"""Serve the pipeline flow on a cron schedule from this process (`tuneline serve`).
+"""Serve the pipeline flow on a cron schedule from this process (`tuneline schedule`).
 
 Prefect's scheduler lives in its server, so serving needs one: PREFECT_API_URL if set,
 else the local one `tuneline ui` starts (127.0.0.1:4200), else this process starts it and
@@ -10,7 +10,7 @@ machines, `prefect.yaml` deploys the same flow to a process work pool.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from tuneline import recipes, servers
 from tuneline.errors import TunelineError
@@ -24,13 +24,20 @@ def check_cron(cron: str) -> str:
     try:
         CronSchedule(cron=cron)
     except ValueError:
-        raise TunelineError(f"--cron '{cron}' is not a cron expression",
-                            "give five fields: minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\" (03:00 daily)") from None
+        raise TunelineError(
+            f"--cron '{cron}' is not a cron expression",
+            'give five fields: minute hour day-of-month month day-of-week, e.g. "0 3 * * *" (03:00 daily)',
+        ) from None
     return cron
 
 
-def serve(cron: str, recipe: str | None = None, overrides: list[str] | None = None, name: str | None = None,
-          say: Callable[[str], None] = print) -> None:
+def schedule(
+    cron: str,
+    recipe: str | None = None,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+    say: Callable[[str], None] = print,
+) -> None:
     """Validate everything, find (or start) the Prefect server, then serve until Ctrl-C."""
     overrides = list(overrides or [])
     check_cron(cron)
@@ -39,8 +46,10 @@ def serve(cron: str, recipe: str | None = None, overrides: list[str] | None = No
     api = os.environ.get("PREFECT_API_URL")
     if api:
         if not servers.answers(f"{api.rstrip('/')}/health"):
-            raise TunelineError(f"the Prefect server at PREFECT_API_URL={api} does not answer",
-                                "start it (`tuneline ui` or `prefect server start`), or unset PREFECT_API_URL")
+            raise TunelineError(
+                f"the Prefect server at PREFECT_API_URL={api} does not answer",
+                "start it (`tuneline ui` or `prefect server start`), or unset PREFECT_API_URL",
+            )
     elif servers.answers(f"{LOCAL_API}/health"):
         api = LOCAL_API
     else:
@@ -56,10 +65,16 @@ def serve(cron: str, recipe: str | None = None, overrides: list[str] | None = No
 
     try:
         with temporary_settings(updates={PREFECT_API_URL: api}):  # prefect read its settings at import
-            pipeline.serve(name=deployment, cron=cron, parameters={"recipe": recipe, "overrides": overrides},
-                           limit=1, tags=["tuneline"], print_starting_message=False,
-                           description=f"tuneline pipeline ({recipe or 'params.yaml'}"
-                                       f"{''.join(f', --set {o}' for o in overrides)}) on '{cron}'")
+            pipeline.serve(
+                name=deployment,
+                cron=cron,
+                parameters={"recipe": recipe, "overrides": overrides},
+                limit=1,
+                tags=["tuneline"],
+                print_starting_message=False,
+                description=f"tuneline pipeline ({recipe or 'params.yaml'}"
+                f"{''.join(f', --set {o}' for o in overrides)}) on '{cron}'",
+            )
     except KeyboardInterrupt:  # Ctrl-C is how a user stops serving
         say("stopped serving")
     finally:

@@ -1,0 +1,51 @@
+"""Where every stage's outputs live, and how the next stage reads them.
+
+The one place that spells an output path: the stages write here, later stages, the flow
+and the resume code read here, and `tuneline dvc-deps` writes these paths into dvc.yaml's
+`outs` and `metrics` (a test fails when they disagree). Paths are relative to the project
+root (the stages run there; smoke runs in their own folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneline.io import read_parquet
+
+SPLITS = ("train", "val", "test")
+
+PREPARED = Path("data/prepared")  # {train,val,test}.parquet with the task's columns, lineage.json
+LINEAGE = PREPARED / "lineage.json"
+TOKENIZED = Path("data/tokenized")  # {train,val}.parquet packed rows, meta.json
+TOKENIZED_META = TOKENIZED / "meta.json"
+MODELS = Path("models")  # adapter/ (LoRA) and merged/ (a plain HF model + tokenizer)
+MERGED = MODELS / "merged"
+CHECKPOINTS = Path("checkpoints/train")  # resume state (not a DVC output: it outlives a failed run)
+TRAIN_CURVE = Path("plots/train.csv")
+PREDICTIONS = Path("reports/predictions.jsonl")
+EVAL_EXAMPLES = Path("reports/eval_examples.json")
+
+
+# What `dvc metrics show` lists: one file per stage.
+METRICS = {
+    "prepare": Path("metrics/prepare.json"),
+    "tokenize": Path("metrics/tokenize.json"),
+    "train": Path("metrics/train.json"),
+    "evaluate": Path("metrics/eval.json"),
+    "register": Path("metrics/register.json"),
+}
+UNCACHED = {TRAIN_CURVE, PREDICTIONS, EVAL_EXAMPLES}  # small files kept in git, not in DVC's cache
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS[stage]
+
+
+def read_split(split: str, root: Path = PREPARED) -> list[dict]:
+    """Prepared rows of one split: {column: text}."""
+    return read_parquet(root / f"{split}.parquet", "prepare")
+
+
+def read_rows(split: str, root: Path = TOKENIZED) -> list[dict]:
+    """Packed token rows of one split: {input_ids, labels, seq_lens}."""
+    return read_parquet(root / f"{split}.parquet", "tokenize")
