@@ -17,10 +17,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # Tiny, fast params for a whole-pipeline run (tiny-gpt2, a few hundred examples).
 TINY = {
     "model": {"name": "tiny-gpt2"},
-    "prepare": {"n_train": 160, "n_val": 16, "n_test": 16},
+    "prepare": {"n_train": 160, "n_val": 16, "n_test": 8},
     "tokenize": {"max_length": 256},
     "train": {"max_steps": 6, "eval_every": 3, "log_every": 2, "batch_size": 4},
-    "evaluate": {"n_examples": 8, "batch_size": 8},
+    "evaluate": {"batch_size": 8},
 }
 
 

@@ -62,7 +62,7 @@ def test_the_train_stage_takes_the_lock(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNELINE_LOCK_DIR", str(tmp_path))
     seen = {}
 
-    def fake_run(name, params, from_file):
+    def fake_run(name):
         fd = os.open(lock_path("train"), os.O_RDONLY | os.O_CREAT)
         try:  # a second descriptor cannot take a lock that this process's stage holds
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,8 +73,17 @@ def test_the_train_stage_takes_the_lock(monkeypatch, tmp_path):
             os.close(fd)
         return {}
 
-    monkeypatch.setattr(stages, "_run", fake_run)
+    import contextlib
+
+    import components.evaluate
+    import components.train
+    from tuneline import tracking
     from tuneline.config import Params
+
+    # the stages' own work is replaced by a probe of the lock; no MLflow run is opened
+    monkeypatch.setattr(tracking, "stage_run", lambda name, params: contextlib.nullcontext())
+    monkeypatch.setattr(components.train, "run", lambda params: fake_run("train"))
+    monkeypatch.setattr(components.evaluate, "run", lambda params: fake_run("evaluate"))
 
     stages.run_stage("train", Params())
     stages.run_stage("evaluate", Params())

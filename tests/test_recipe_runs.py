@@ -72,11 +72,10 @@ def test_a_recipe_run_is_a_dvc_experiment_and_an_mlflow_run_with_the_same_params
     sets = [
         "model.name=tiny-gpt2",
         "prepare.n_val=16",
-        "prepare.n_test=16",
+        "prepare.n_test=4",
         "train.max_steps=3",
         "train.eval_every=3",
         "tokenize.max_length=128",
-        "evaluate.n_examples=4",
     ]
     _cli(project, "run", "--recipe", "pretrain", *[a for s in sets for a in ("--set", s)])
     written = yaml.safe_load((project.root / "params.yaml").read_text())

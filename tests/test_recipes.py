@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from tuneline import recipes
-from tuneline.config import flatten, load_params, parse_params
+from tuneline.config import Params, flatten, load_params, parse_params
 from tuneline.errors import TunelineError
 from tuneline.tasks import TASKS
 
@@ -24,13 +24,14 @@ def test_every_recipe_and_its_smoke_variant_validate(name):
     assert full.register.experiment == "tuneline" and not full.register.dry_run
     # smoke: a tiny slice, its own experiment, nothing registered
     assert smoke.register.experiment == "smoke" and smoke.register.dry_run
-    assert smoke.train.max_steps <= 3 and smoke.evaluate.n_examples <= 8
+    assert smoke.train.max_steps <= 3 and smoke.prepare.n_test <= 16
     assert full.prepare.task == smoke.prepare.task and full.model.name == smoke.model.name
     assert full.primary_metric() in TASKS[full.prepare.task].metrics
 
 
-def test_params_yaml_is_the_descramble_recipe():
-    assert load_params(REPO / "params.yaml") == recipes.build("descramble")
+def test_params_yaml_is_the_descramble_recipe_and_the_schema_defaults():
+    # Defaults exist once, in the schema: the default job, params.yaml and Params() agree.
+    assert load_params(REPO / "params.yaml") == recipes.build("descramble") == Params()
 
 
 def test_dump_round_trips_and_documents_every_key():

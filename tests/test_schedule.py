@@ -119,7 +119,7 @@ def test_only_io_bound_tasks_retry():
 
     retrying = {t.name for t in vars(fp).values() if isinstance(t, Task) and t.retries}
     assert retrying == {"write-params", "check-sources", "registry"}
-    assert fp.run_stage.retries == 0
+    assert fp.reproduce.retries == 0
 
 
 @pytest.fixture

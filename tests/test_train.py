@@ -185,10 +185,10 @@ def test_early_stopping_keeps_the_best_checkpoint(token_data, tmp_path, monkeypa
     import torch
     from safetensors.torch import load_file
 
-    from components import train
+    from tuneline import training
 
     fake = iter([3.0, 2.0, 2.5, 2.7, 2.9])
-    monkeypatch.setattr(train, "loss_totals", lambda *a, **k: (next(fake), 1))
+    monkeypatch.setattr(training, "loss_totals", lambda *a, **k: (next(fake), 1))
     metrics, curve = _train(token_data, tmp_path, {"train": {"epochs": 3, "max_steps": 20, "patience": 2}})
     assert metrics["stopped_early"] and metrics["steps"] == 8 and metrics["best_step"] == 4
     assert metrics["best_val_loss"] == 2.0 and _losses(curve, 2) == [3.0, 2.0, 2.5, 2.7]

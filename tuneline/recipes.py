@@ -23,7 +23,7 @@ from tuneline.errors import TunelineError
 SMOKE: dict[str, Any] = {
     "prepare": {"n_train": 48, "n_val": 8, "n_test": 8},
     "train": {"max_steps": 3, "eval_every": 3, "log_every": 1, "batch_size": 1, "epochs": 1.0, "nproc": 1},
-    "evaluate": {"n_examples": 8, "max_new_tokens": 24},
+    "evaluate": {"max_new_tokens": 24},
     "register": {"experiment": "smoke", "dry_run": True},
 }
 
