@@ -15,11 +15,21 @@ from tuneline.errors import TunelineError
 from tuneline.evaluation import examples_key
 from tuneline.io import read_json
 
+# The gate's params (those that say which evaluation it compares, too: `examples_key`), and
+# those the model card and version tags quote.
 PARAMS = (
     "seed",
     "model.name",
     "prepare.task",
     "prepare.labels",
+    "train.method",
+    "train.lora_r",
+    "train.lora_alpha",
+    "train.lora_layers",
+    "tokenize.max_length",
+    "tokenize.packing",
+    "evaluate.num_beams",
+    "evaluate.precision",
     "evaluate.max_new_tokens",
     "evaluate.primary_metric",
     "evaluate.n_bootstrap",

@@ -21,7 +21,9 @@ from tuneline.modeling import check_pair, load_tokenizer
 from tuneline.packing import pack, stats
 from tuneline.tokenization import encode_split, fit, lint, tokenizer_hash
 
+# seed: the stage runner seeds torch before every stage (tokenize itself draws nothing).
 PARAMS = (
+    "seed",
     "model.name",
     "prepare.task",
     "prepare.labels",

@@ -19,12 +19,6 @@ def test_shipped_params_load_and_spell_out_every_key():
     assert written == set(flatten(params)) == set(flatten(Params()))
 
 
-def test_every_param_is_declared_by_a_dvc_stage():
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    declared = {p for s in stages.values() for p in s.get("params", [])}
-    assert set(flatten(Params())) <= declared
-
-
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(TunelineError, match=r"unknown key 'train.lrr'.*did you mean 'train.lr'"):
         parse_params({"train": {"lrr": 0.1}})
