@@ -291,7 +291,9 @@ def test_lora_layers_adapts_only_the_top_blocks(model_cache):
     top = _lora_model(model_cache, lora_layers=1)
     assert adapted(top) == {1}
     assert all("lora_" in n for n, p in top.named_parameters() if p.requires_grad)
-    assert adapted(_lora_model(model_cache, lora_layers=0)) == adapted(_lora_model(model_cache, lora_layers=5)) == {0, 1}
+    assert (
+        adapted(_lora_model(model_cache, lora_layers=0)) == adapted(_lora_model(model_cache, lora_layers=5)) == {0, 1}
+    )
 
 
 def test_gpt2_lora_uses_fan_in_fan_out(model_cache):
