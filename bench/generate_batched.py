@@ -1,8 +1,8 @@
 """Batched greedy generation against one-at-a-time generation, over the same test prompts.
 
-Both sides call the evaluate stage's `components.evaluate.generate` (prompts sorted by
+Both sides call the evaluate stage's `tuneline.evaluation.generate` (prompts sorted by
 length, left padding, KV cache, greedy, stop at EOS, prompt stripped, cut at a newline) on
-the same N descramble test prompts (`prepare.split_rows` with prepare.n_test=N, rendered by
+the same N descramble test prompts (`splits.split_rows` with prepare.n_test=N, rendered by
 `tasks.render`), with the same model object, precision and max_new_tokens (as
 `evaluate_model`: longest reference answer in tokens + 8, capped at evaluate.max_new_tokens).
 Only batch_size differs: 1 is what a plain `model.generate` loop per prompt does (no
@@ -42,10 +42,10 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from train_vs_seed import machine  # noqa: E402
 
-from components.evaluate import generate  # noqa: E402
-from components.prepare import split_rows  # noqa: E402
 from tuneline import recipes, tasks  # noqa: E402
+from tuneline.evaluation import generate  # noqa: E402
 from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
+from tuneline.splits import split_rows  # noqa: E402
 
 
 def timed(model, tok, prompts, max_new: int, batch_size: int, precision: str) -> dict:

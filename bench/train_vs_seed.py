@@ -79,10 +79,12 @@ from prepare_tokenize import SEED_LEN, seed_recipe  # noqa: E402
 
 from components import prepare, tokenize  # noqa: E402
 from components import train as train_stage  # noqa: E402
-from tuneline import (  # noqa: E402
+from tuneline import (  # noqa: E402  # noqa: E402
+    data,
     modeling,  # noqa: E402
     recipes,
     tasks,
+    training,
 )
 from tuneline.loss import mean_loss  # noqa: E402
 from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
@@ -138,7 +140,7 @@ def trained_tokens(labels_rows) -> int:
 def seed_model(params):
     """The model our train stage would train: same base, same adapters, same init."""
     torch.manual_seed(params.seed)  # as components.train.run: same RNG state before load + wrap
-    return train_stage.prepare_model(params)
+    return training.prepare_model(params)
 
 
 def fp32_val_loss(model, val_rows, pad_id: int, batch_size: int) -> float:
@@ -201,7 +203,7 @@ def run_seed(params, seed_ds, b_seed: int, val_rows, pad_id: int, workdir: Path)
 
 def _mean_train_loss() -> float:
     """Mean of the per-step training losses (what HF's `training_loss` reports)."""
-    rows = Path("plots/train.csv").read_text().splitlines()[1:]
+    rows = data.TRAIN_CURVE.read_text().splitlines()[1:]
     return sum(float(r.split(",")[1]) for r in rows) / len(rows)
 
 
@@ -210,7 +212,7 @@ def run_ours(params, val_rows, pad_id: int) -> dict:
     t = time.perf_counter()
     metrics = train_stage.run(params)
     wall = time.perf_counter() - t
-    model = load_model(Path("models/merged").resolve())
+    model = load_model(data.MERGED.resolve())
     val = fp32_val_loss(model, val_rows, pad_id, params.train.batch_size)
     del model
     gc.collect()
@@ -241,11 +243,11 @@ def bench(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="train_vs_seed-") as tmp, chdir(Path(tmp)):
         prepare.run(params)
         tokenize.run(params)
-        prepared = prepare.read_split("train")
-        train_rows, val_rows = tokenize.read_rows("train"), tokenize.read_rows("val")
+        prepared = data.read_split("train")
+        train_rows, val_rows = data.read_rows("train"), data.read_rows("val")
 
         n_examples = sum(len(r["seq_lens"]) for r in train_rows)
-        steps_ours = train_stage.total_steps(len(train_rows), cfg)
+        steps_ours = training.total_steps(len(train_rows), cfg)
         b_seed = max(1, round(len(prepared) / steps_ours))
         seed_ds = seed_recipe(prepared, tok, task, params.prepare.labels)
         seed_mask = seed_ds["attention_mask"]

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from tuneline import ROOT, servers
+from tuneline.data import METRICS, PREDICTIONS
 from tuneline.errors import TunelineError, print_error
 
 app = typer.Typer(
@@ -96,10 +97,10 @@ def run(
         + ", ".join(f"{k} {v}" for k, v in status.items())
     )
     out.print(
-        f"  metrics:     {os.path.join(rel, 'metrics/eval.json')} (base vs tuned), "
-        f"{os.path.join(rel, 'metrics/tokenize.json')} (packing)"
+        f"  metrics:     {os.path.join(rel, METRICS['evaluate'])} (base vs tuned), "
+        f"{os.path.join(rel, METRICS['tokenize'])} (packing)"
     )
-    out.print(f"  predictions: {os.path.join(rel, 'reports/predictions.jsonl')}")
+    out.print(f"  predictions: {os.path.join(rel, PREDICTIONS)}")
     out.print(
         f"  MLflow:      {redact(tracking_uri())} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`"
     )
