@@ -128,3 +128,20 @@ def test_editing_a_library_file_reruns_exactly_the_stages_that_import_it(built, 
         assert expected == {s for s in STAGES if rel in deps.stage_code(s)}
         path.write_text(before)
     assert status() == set()
+
+
+def test_a_stale_dvc_yaml_is_named_with_the_fix_and_rewritten(tmp_path):
+    import subprocess
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    spec["stages"]["train"]["deps"].remove("tuneline/packing.py")  # a dep kept by hand, forgotten
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert deps.stale(tmp_path / "dvc.yaml") == ["train"]
+    cli = [sys.executable, "-m", "tuneline.cli", "dvc-deps"]
+    proc = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "for: train" in proc.stderr and "tuneline dvc-deps --write" in proc.stderr
+    subprocess.run([*cli, "--write"], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    assert (
+        deps.stale(tmp_path / "dvc.yaml") == []
+        and (tmp_path / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()
+    )
