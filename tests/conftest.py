@@ -77,8 +77,12 @@ class Project:
     def __init__(self, root: Path, cache: Path):
         self.root, self.env = root, project_env(root, cache)
 
-    def run(self, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(
+        self, *cmd: str, check: bool = True, timeout: int = 900, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            list(cmd), cwd=self.root, env=self.env | (env or {}), capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -110,14 +114,15 @@ def project(tmp_path, model_cache) -> Project:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory, model_cache) -> Project:
+def built(tmp_path_factory, model_cache, prefect_api) -> Project:
     """A tiny project after one whole `tuneline run`: every stage ran, v1 is champion (the
     gate's metric is perplexity, which six steps of the random 2-layer model lower reliably).
-    Tests work on copies (copy_project) and never change it."""
+    Tests work on copies (copy_project) and never change it. The flow runs on the session's
+    Prefect server (the tests that use `built` need it anyway), not a temporary one."""
     proj = make_project(
         tmp_path_factory.mktemp("built") / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}}
     )
-    proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run").stdout
+    proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run", env={"PREFECT_API_URL": prefect_api}).stdout
     return proj
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,8 +35,11 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, model_cache):
     results = []
     for name, kill in (("straight", None), ("killed", "[train] step 7/")):
         proj = make_project(tmp_path / name, model_cache, TRAIN)
-        for stage in ("prepare", "tokenize"):
-            proj.run(sys.executable, "-m", "tuneline.stages", stage)
+        if kill:  # the same token data as the straight run (made by the same stages, same params)
+            shutil.copytree(tmp_path / "straight" / "data", proj.root / "data")
+        else:
+            for stage in ("prepare", "tokenize"):
+                proj.run(sys.executable, "-m", "tuneline.stages", stage)
         if kill:
             _train(proj, kill)
             assert list(proj.root.glob("checkpoints/train/step-*/state.pt"))
