@@ -1,14 +1,11 @@
-"""prepare: load the source, validate it, clean it, split it, write Parquet.
+"""prepare: stream the source, validate it, clean it, split it, write Parquet.
 
 Writes data/prepared/{train,val,test}.parquet with the task's columns and
 data/prepared/lineage.json (where the data came from: hub revision or file hashes).
-The splitting rules are in tuneline/splits.py.
+The splitting rules are in tuneline/splits.py; memory does not grow with the source.
 """
 
 from __future__ import annotations
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tuneline import splits, tasks
 from tuneline.config import Params
@@ -22,6 +19,7 @@ PARAMS = (
     "prepare.test_source",
     "prepare.columns",
     "prepare.labels",
+    "prepare.hub_streaming",
     "prepare.on_overlap",
     "prepare.min_words",
     "prepare.max_words",
@@ -34,16 +32,10 @@ OUTS = (PREPARED,)
 
 
 def run(params: Params) -> dict:
-    split, metrics = splits.split_rows(params)
-    lineage = metrics.pop("lineage")
     task = tasks.TASKS[params.prepare.task]
     with atomic_dir(PREPARED) as tmp:
-        for name in SPLITS:
-            rows = split[name]
-            pq.write_table(pa.table({c: [r[c] for r in rows] for c in task.columns}), tmp / f"{name}.parquet")
-            metrics[f"{name}_rows"] = len(rows)
-            metrics[f"{name}_mean_words"] = sum(len(task.answer(r).split()) for r in rows) / len(rows)
-        write_json(tmp / "lineage.json", lineage)
+        metrics = splits.write_splits(params, tmp)
+        write_json(tmp / "lineage.json", metrics.pop("lineage"))
     write_json(metrics_file("prepare"), metrics)
     print(
         f"[prepare] {task.name}: "

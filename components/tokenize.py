@@ -1,25 +1,23 @@
 """tokenize: apply the task's template, mask the loss to the answer, pack.
 
-Writes data/tokenized/{train,val}.parquet (one packed row per record: `input_ids`,
-`labels` with IGNORE on prompt tokens, `seq_lens` of the examples it holds),
-data/tokenized/meta.json (the tokenizer's content hash, the template version and the
-packing params the rows were made with) and metrics/tokenize.json. The test split is not
-tokenized here: evaluation tokenizes it with each evaluated model's own tokenizer.
+Streams each prepared split batch by batch into data/tokenized/ (tuneline/tokendata.py
+has the layouts): concat writes a flat token stream that training cuts into blocks, bfd
+and none write packed rows (`input_ids`, `labels` with IGNORE on prompt tokens, `seq_lens`
+of the examples each holds) to an Arrow file. Also data/tokenized/meta.json (the
+tokenizer's content hash, the template version, the packing params and each split's
+layout) and metrics/tokenize.json. The test split is not tokenized here: evaluation
+tokenizes it with each evaluated model's own tokenizer.
 """
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from tuneline import tasks
 from tuneline.config import Params
-from tuneline.data import PREPARED, TOKENIZED, metrics_file, read_split
-from tuneline.errors import TunelineError
+from tuneline.data import PREPARED, TOKENIZED, iter_split, metrics_file
 from tuneline.io import atomic_dir, write_json
 from tuneline.modeling import check_pair, load_tokenizer
-from tuneline.packing import pack, stats
-from tuneline.tokenization import encode_split, fit, lint, tokenizer_hash
+from tuneline.tokendata import write_split
+from tuneline.tokenization import ENCODE_CHUNK, tokenizer_hash
 
 # seed: the stage runner seeds torch before every stage (tokenize itself draws nothing).
 PARAMS = (
@@ -50,25 +48,12 @@ def run(params: Params) -> dict:
     }
     metrics: dict = {"template_version": tasks.TEMPLATE_VERSION}
     with atomic_dir(TOKENIZED) as tmp:
+        meta["splits"] = {}
         for split in SPLITS:
-            examples = encode_split(tok, read_split(split), task, params.prepare.labels, split)
-            n_over = 0
-            if cfg.packing != "concat":  # concat cuts documents at block edges by design
-                examples, n_over = fit(examples, cfg.max_length, cfg.overlong, split)
-            lint(examples, split)
-            rows = pack(examples, cfg.max_length, cfg.packing)
-            if not rows:
-                raise TunelineError(
-                    f"tokenize: the {split} split has fewer than max_length={cfg.max_length} tokens",
-                    "lower tokenize.max_length or use more data",
-                )
-            pq.write_table(pa.Table.from_pylist(rows), tmp / f"{split}.parquet")
-            s = stats(rows, [len(e.input_ids) for e in examples])
-            s["overlong_examples"] = n_over
-            s["truncated_examples"] = n_over if cfg.overlong == "truncate" else 0
-            if cfg.packing == "concat":
-                s["dropped_tail_tokens"] = sum(len(e.input_ids) for e in examples) - s["tokens"]
-            metrics[split] = s
+            n_rows, batches = iter_split(split, ENCODE_CHUNK)
+            metrics[split], meta["splits"][split] = write_split(
+                tok, batches, n_rows, task, params.prepare.labels, cfg, tmp, split
+            )
         write_json(tmp / "meta.json", meta)
     write_json(metrics_file("tokenize"), metrics)
     for split in SPLITS:

@@ -31,7 +31,7 @@ OUTS = (MODELS, TRAIN_CURVE)
 
 def fingerprint(params: Params) -> str:
     """What a checkpoint is only valid for: params, the token data, and the training code."""
-    data = [(p.stat().st_size, p.stat().st_mtime_ns) for p in (TOKENIZED / "train.parquet", TOKENIZED / "val.parquet")]
+    data = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(TOKENIZED.iterdir()) if p.is_file()]
     key = json.dumps(
         [params.seed, params.model.name, params.train.model_dump(), data, deps.code_hash("train")], sort_keys=True
     )

@@ -75,3 +75,48 @@ def test_too_few_sentences_is_one_clear_error(tmp_path, monkeypatch):
 def test_bad_sources_are_named(source, msg):
     with pytest.raises(TunelineError, match=msg):
         sources.load(source)
+
+
+def _outputs(root):
+    return {s: (root / f"data/prepared/{s}.parquet").read_bytes() for s in SPLITS}
+
+
+def test_splits_do_not_depend_on_how_the_input_is_cut(tmp_path, monkeypatch):
+    """One file read in one batch, the same file in batches of 7 rows, and the same rows as
+    five shard files give byte-identical splits: the draw is a hash of each example."""
+    import json
+
+    rows = [{"text": f"tweet {i} " + "word " * (i % 5), "label": ("neg", "pos")[i % 2]} for i in range(300)]
+    rows += rows[:40]  # duplicates, some in other batches and other shards than their first copy
+    data = tmp_path / "src"
+    data.mkdir()
+    (data / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for k in range(5):
+        (data / f"shard{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[k * 68 : (k + 1) * 68]))
+    cfg = {"task": "classify", "labels": ["neg", "pos"], "n_train": 200, "n_val": 20, "n_test": 30}
+    got = []
+    for source, batch in ((data / "all.jsonl", 100_000), (data / "all.jsonl", 7), (data / "shard*.jsonl", 100_000)):
+        out = tmp_path / f"run{len(got)}"
+        out.mkdir()
+        monkeypatch.chdir(out)
+        monkeypatch.setattr(sources, "BATCH_ROWS", batch)
+        m = prepare.run(parse_params({"prepare": cfg | {"source": str(source)}}))
+        assert m["duplicates_removed"] == 40
+        got.append(_outputs(out))
+    assert got[0] == got[1] == got[2]
+    texts = {s: {r["text"] for r in read_split(s)} for s in SPLITS}
+    assert [len(texts[s]) for s in ("train", "val", "test")] == [200, 20, 30]  # unique rows, one split each
+    assert not (texts["train"] & texts["val"] or texts["train"] & texts["test"] or texts["val"] & texts["test"])
+
+
+def test_another_seed_draws_other_splits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = {"prepare": {"source": "tests/data/none.jsonl"}}  # replaced below
+    rows = "".join(f'{{"text": "row {i}", "label": "pos"}}\n' for i in range(100))
+    (tmp_path / "d.jsonl").write_text(rows)
+    cfg = {"task": "classify", "labels": ["neg", "pos"], "source": str(tmp_path / "d.jsonl"), "n_train": 0}
+    cfg |= {"n_val": 10, "n_test": 10}
+    prepare.run(parse_params({"prepare": cfg, "seed": 1}))
+    first = {r["text"] for r in read_split("test")}
+    prepare.run(parse_params({"prepare": cfg, "seed": 2}))
+    assert {r["text"] for r in read_split("test")} != first

@@ -30,27 +30,33 @@ def _write(path, rows):
     return path
 
 
+def _rows(batches):
+    return [r for batch in batches for r in batch]
+
+
+def _task_rows(rows, task, columns, labels):
+    return _rows(sources.task_rows([rows], TASKS[task], columns, labels, "x"))
+
+
 @pytest.mark.parametrize("ext", [".csv", ".json", ".jsonl", ".parquet"])
 def test_each_local_format_loads_the_same_rows(tmp_path, ext):
-    rows, lineage = sources.load(str(_write(tmp_path / f"d{ext}", ROWS)))
-    assert sources.task_rows(rows, TASKS["classify"], {}, LABELS, "x") == ROWS
+    batches, lineage, prose = sources.load(str(_write(tmp_path / f"d{ext}", ROWS)))
+    assert _rows(sources.task_rows(batches, TASKS["classify"], {}, LABELS, "x")) == ROWS and not prose
     assert len(next(iter(lineage["sha256"].values()))) == 64  # file hash recorded for lineage
 
 
 def test_a_glob_reads_every_matching_file(tmp_path):
     _write(tmp_path / "a.jsonl", ROWS[:10])
     _write(tmp_path / "b.jsonl", ROWS[10:])
-    rows, lineage = sources.load(str(tmp_path / "*.jsonl"))
-    assert len(rows) == 30 and len(lineage["sha256"]) == 2
+    batches, lineage, _ = sources.load(str(tmp_path / "*.jsonl"))
+    assert _rows(batches) == ROWS and len(lineage["sha256"]) == 2
 
 
 def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
-    got = sources.task_rows(
-        [{"sentence": "hi", "y": 1}], TASKS["classify"], {"text": "sentence", "label": "y"}, LABELS, "x"
-    )
+    got = _task_rows([{"sentence": "hi", "y": 1}], "classify", {"text": "sentence", "label": "y"}, LABELS)
     assert got == [{"text": "hi", "label": "pos"}]
     dolly = [{"instruction": "Say hi.", "context": "", "response": "Hi!", "category": "open_qa"}]
-    assert sources.task_rows(dolly, TASKS["instruct"], {}, [], "x") == [
+    assert _task_rows(dolly, "instruct", {}, []) == [
         {"instruction": "Say hi.", "input": "", "output": "Hi!"}
     ]
 
@@ -106,7 +112,7 @@ def test_invalid_utf8_names_the_line(tmp_path, monkeypatch):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"text": "fine", "label": "pos"}\n{"text": "caf\xe9", "label": "neg"}\n')
     with pytest.raises(TunelineError, match=r"train.jsonl line 2 is not valid UTF-8 \(byte 0xe9\).*iconv"):
-        sources.load(str(path))
+        _rows(sources.load(str(path))[0])
 
 
 def test_overlap_can_be_dropped_from_train_and_test_is_never_trained_on(tmp_path, monkeypatch):
@@ -124,8 +130,79 @@ def test_duplicates_are_removed_before_the_split(tmp_path, monkeypatch):
 
 def test_an_edited_file_changes_its_recorded_hash(tmp_path):
     path = _write(tmp_path / "d.jsonl", ROWS)
-    _, lineage = sources.load(str(path))
+    _, lineage, _ = sources.load(str(path))
     assert sources.file_hashes(str(path)) == lineage["sha256"]  # what the flow compares before prepare
     _write(path, ROWS[:-1])
     assert sources.file_hashes(str(path)) != lineage["sha256"]
     assert sources.file_hashes("hf:dair-ai/emotion") is None  # hub revisions are checked online
+
+
+CORPUS = [f"Paragraph {i} of the corpus, long enough to keep as a pretraining document." for i in range(40)]
+
+
+def _compress(path, ext):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    data = path.read_bytes()
+    out = path.with_name(path.name + ext)
+    out.write_bytes(
+        {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zst": zstandard.compress}[ext](data)
+    )
+    return out
+
+
+def test_a_text_corpus_is_one_document_per_blank_line_separated_block(tmp_path):
+    # hard-wrapped lines join into one document; runs of blank lines separate documents
+    (tmp_path / "a.txt").write_text("\ufeffFirst document,\nwrapped here.\n\n\n  Second one.\nStill second.\n\nThird")
+    batches, _, prose = sources.load(str(tmp_path / "a.txt"))
+    assert prose and _rows(batches) == [
+        {"text": "First document, wrapped here."},
+        {"text": "Second one. Still second."},
+        {"text": "Third"},
+    ]
+
+
+@pytest.mark.parametrize("ext", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_files_are_read_as_they_are(tmp_path, ext):
+    plain = _write(tmp_path / "d.jsonl", ROWS)
+    assert _rows(sources.load(str(_compress(plain, ext)))[0]) == ROWS
+    (tmp_path / "c.txt").write_text("\n\n".join(CORPUS))
+    assert [r["text"] for r in _rows(sources.load(str(_compress(tmp_path / "c.txt", ext)))[0])] == CORPUS
+
+
+def test_a_truncated_compressed_file_is_one_clear_line(tmp_path):
+    gz = _compress(_write(tmp_path / "d.jsonl", ROWS * 50), ".gz")
+    gz.write_bytes(gz.read_bytes()[:200])
+    with pytest.raises(TunelineError, match=r"cannot read .*d.jsonl.gz.*not corrupt"):
+        _rows(sources.load(str(gz))[0])
+
+
+def test_a_glob_of_text_files_pretrains_on_every_paragraph(tmp_path, monkeypatch):
+    for k in range(4):  # four "books", ten paragraphs each, one of them compressed
+        (tmp_path / f"book{k}.txt").write_text("\n\n".join(CORPUS[10 * k : 10 * k + 10]))
+    _compress(tmp_path / "book3.txt", ".gz")
+    (tmp_path / "book3.txt").unlink()
+    monkeypatch.chdir(tmp_path)
+    cfg = {"task": "pretrain", "source": str(tmp_path / "book*"), "n_train": 0, "n_val": 4, "n_test": 4}
+    m = prepare.run(parse_params({"prepare": cfg}))
+    assert m["source_rows"] == 40 and m["train_rows"] == 32
+    got = sorted(r["text"] for s in ("train", "val", "test") for r in read_split(s))
+    assert got == sorted(CORPUS)
+
+
+def test_text_and_table_files_do_not_mix(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    _write(tmp_path / "b.jsonl", ROWS)
+    with pytest.raises(TunelineError, match="mixes plain-text"):
+        sources.load(str(tmp_path / "*"))
+
+
+def test_a_csv_with_a_byte_order_mark_and_a_long_field_loads(tmp_path):
+    long = "word " * 40_000  # 200k characters: over the csv module's default field limit
+    (tmp_path / "d.csv").write_text(f"\ufefftext,label\n{long},pos\nshort,neg\n")
+    rows = _task_rows(_rows(sources.load(str(tmp_path / "d.csv"))[0]), "classify", {}, LABELS)
+    assert rows == [{"text": long, "label": "pos"}, {"text": "short", "label": "neg"}]

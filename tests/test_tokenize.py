@@ -7,7 +7,7 @@ import pytest
 from components import tokenize
 from tuneline import tasks, tokenization
 from tuneline.errors import TunelineError
-from tuneline.packing import IGNORE, Example
+from tuneline.packing import IGNORE
 from tuneline.tokenization import encode_rows
 
 EMOTIONS = ["sadness", "joy", "love", "anger", "fear", "surprise"]
@@ -92,18 +92,6 @@ def test_scramble_is_deterministic_and_keeps_the_words():
     s = "the quick brown fox jumps over the lazy dog"
     a, b = tasks.scramble(s, random.Random(7)), tasks.scramble(s, random.Random(7))
     assert a == b and a != s and tasks.same_words(a, s)
-
-
-def test_overlong_examples_are_counted_never_silently_cut(capsys):
-    ex = [Example([1] * 5, [IGNORE, 1, 1, 1, 1]), Example([1] * 12, [IGNORE] * 10 + [1, 1])]
-    kept, n = tokenization.fit(ex, 8, "drop", "train")
-    assert n == 1 and kept == ex[:1] and "1 of 2 train examples are longer" in capsys.readouterr().out
-    cut, n = tokenization.fit(ex, 8, "truncate", "train")
-    assert n == 1 and len(cut[1].input_ids) == 8
-    with pytest.raises(TunelineError, match="1 of 2 train examples are longer than tokenize.max_length=8"):
-        tokenization.fit(ex, 8, "error", "train")
-    with pytest.raises(TunelineError, match="no trainable token"):  # truncation cut the whole answer away
-        tokenization.lint(cut, "train")
 
 
 def test_tokenize_stage_writes_stats_and_its_key(tmp_path, monkeypatch, model_cache):

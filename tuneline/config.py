@@ -46,7 +46,9 @@ class PrepareCfg(_Group):
         "builtin:wikipedia",
         description="Training data: 'builtin:wikipedia' (the dump sample inside the gensim wheel), "
         "'wikidump:<path.xml.bz2>', 'hf:<id>[:config][@revision][#split]' (the hub), or local "
-        "CSV/JSON/JSONL/Parquet files or a glob. Train and validation rows are carved from it.",
+        "CSV/JSON/JSONL/Parquet files, plain-text .txt corpora (documents separated by blank lines), "
+        "or a glob of them; text formats may be .gz/.bz2/.xz/.zst compressed. Train and validation rows "
+        "are carved from it.",
     )
     test_source: str | None = Field(
         None,
@@ -62,6 +64,11 @@ class PrepareCfg(_Group):
         default_factory=list,
         description="Declared label set (classify/entail), in id order: integer "
         "labels in the data are read as labels[i]; any other label is an error.",
+    )
+    hub_streaming: bool = Field(
+        False,
+        description="hf: sources only: read the dataset as it downloads (datasets streaming=True) "
+        "instead of caching it whole first; for corpora larger than the disk.",
     )
     on_overlap: Literal["error", "drop"] = Field(
         "error",

@@ -8,15 +8,17 @@ root (the stages run there; smoke runs in their own folder).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+from tuneline.errors import TunelineError
 from tuneline.io import read_parquet
 
 SPLITS = ("train", "val", "test")
 
 PREPARED = Path("data/prepared")  # {train,val,test}.parquet with the task's columns, lineage.json
 LINEAGE = PREPARED / "lineage.json"
-TOKENIZED = Path("data/tokenized")  # {train,val}.parquet packed rows, meta.json
+TOKENIZED = Path("data/tokenized")  # per split: a flat token stream or packed Arrow rows, meta.json (tokendata.py)
 TOKENIZED_META = TOKENIZED / "meta.json"
 MODELS = Path("models")  # adapter/ (LoRA) and merged/ (a plain HF model + tokenizer)
 MERGED = MODELS / "merged"
@@ -46,6 +48,19 @@ def read_split(split: str, root: Path = PREPARED) -> list[dict]:
     return read_parquet(root / f"{split}.parquet", "prepare")
 
 
-def read_rows(split: str, root: Path = TOKENIZED) -> list[dict]:
-    """Packed token rows of one split: {input_ids, labels, seq_lens}."""
-    return read_parquet(root / f"{split}.parquet", "tokenize")
+def iter_split(split: str, batch_rows: int, root: Path = PREPARED) -> tuple[int, Iterator[list[dict]]]:
+    """(rows, batches of rows) of one prepared split, read batch by batch."""
+    import pyarrow.parquet as pq
+
+    path = root / f"{split}.parquet"
+    if not path.is_file():
+        raise TunelineError(f"{path} is missing", "run the prepare stage first (dvc repro prepare)")
+    f = pq.ParquetFile(path)
+    return f.metadata.num_rows, (b.to_pylist() for b in f.iter_batches(batch_size=batch_rows))
+
+
+def read_rows(split: str, root: Path = TOKENIZED):
+    """Packed token rows of one split, read from disk on demand (tokendata.TokenRows)."""
+    from tuneline.tokendata import TokenRows
+
+    return TokenRows(split, root)

@@ -11,9 +11,11 @@ and sees only its own tokens: the batch carries a 4-D block-diagonal causal mask
 
 from __future__ import annotations
 
-import bisect
+import heapq
+from array import array
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE = -100  # label value cross-entropy skips: prompt and padding tokens
@@ -25,29 +27,52 @@ class Example:
     labels: list[int]
 
 
-def bfd(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: indices of examples per bin, each bin <= capacity.
+def bfd(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing bin packing on lengths alone: (members, starts), bin b holding
+    examples members[starts[b]:starts[b + 1]] in the order they were placed, each bin <= capacity.
 
-    Longest first; each example goes to the open bin whose free space is the smallest that
-    still fits it (bisect over a sorted list of free spaces), else opens a new bin.
+    Longest first (ties in index order); each example goes to the open bin whose free space
+    is the smallest that still fits it (ties: the oldest bin), else opens a new bin. Open bins
+    sit in one bucket per free-space value; a Python int used as a bitset finds the smallest
+    non-empty bucket >= n in one shift, so the whole packing is O(n log n) (the sort) and
+    handles tens of millions of lengths with a few bytes each.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    free: list[tuple[int, int]] = []  # sorted (free_space, bin_id)
-    bins: list[list[int]] = []
-    for i in order:
-        n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"example {i} has {n} tokens > capacity {capacity}")
-        j = bisect.bisect_left(free, (n, -1))
-        if j < len(free):
-            space, b = free.pop(j)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        i = int(np.argmax(lengths > capacity))
+        raise ValueError(f"example {i} has {lengths[i]} tokens > capacity {capacity}")
+    order = np.argsort(-lengths, kind="stable")
+    bin_of = array("q")  # bin of the example placed at each position of `order`
+    buckets: list[list[int]] = [[] for _ in range(capacity + 1)]  # min-heaps of bin ids by free space
+    nonempty = 0  # bit s set <=> some open bin has exactly s tokens free
+    n_bins = 0
+    for n in lengths[order].tolist():
+        fits = nonempty >> n
+        if fits:
+            space = n + (fits & -fits).bit_length() - 1  # the smallest free space >= n
+            heap = buckets[space]
+            b = heapq.heappop(heap)
+            if not heap:
+                nonempty ^= 1 << space
         else:
-            space, b = capacity, len(bins)
-            bins.append([])
-        bins[b].append(i)
-        if space - n > 0:
-            bisect.insort(free, (space - n, b))
-    return bins
+            space, b = capacity, n_bins
+            n_bins += 1
+        bin_of.append(b)
+        left = space - n
+        if left:
+            if not buckets[left]:
+                nonempty |= 1 << left
+            heapq.heappush(buckets[left], b)
+    placed = np.frombuffer(bin_of, dtype=np.int64) if len(bin_of) else np.zeros(0, np.int64)
+    members = order[np.argsort(placed, kind="stable")]  # by bin, placement order within a bin
+    starts = np.zeros(n_bins + 1, dtype=np.int64)
+    np.cumsum(np.bincount(placed, minlength=n_bins), out=starts[1:])
+    return members, starts
+
+
+def groups(members: np.ndarray, starts: np.ndarray) -> list[list[int]]:
+    """bfd's bins as lists of example indices (small inputs: tests, evaluation)."""
+    return [members[a:b].tolist() for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
 
 
 def concat(examples: list[Example], block: int, drop_remainder: bool = True) -> list[dict]:
@@ -72,18 +97,20 @@ def pack_groups(examples: list[Example], capacity: int, packing: str) -> tuple[l
     (concat: empty; its blocks cut across examples)."""
     if packing == "concat":
         return concat(examples, capacity), []
-    groups = (
-        bfd([len(e.input_ids) for e in examples], capacity) if packing == "bfd" else [[i] for i in range(len(examples))]
+    bins = (
+        groups(*bfd([len(e.input_ids) for e in examples], capacity))
+        if packing == "bfd"
+        else [[i] for i in range(len(examples))]
     )
     rows = []
-    for g in groups:
+    for g in bins:
         row = {"input_ids": [], "labels": [], "seq_lens": []}
         for i in g:
             row["input_ids"] += examples[i].input_ids
             row["labels"] += examples[i].labels
             row["seq_lens"].append(len(examples[i].input_ids))
         rows.append(row)
-    return rows, groups
+    return rows, bins
 
 
 def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
@@ -101,8 +128,8 @@ def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[st
     seg = torch.zeros((B, T), dtype=torch.long)  # 0 = padding, 1..k = examples
     for b, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[b, :n] = torch.tensor(r["input_ids"])
-        labels[b, :n] = torch.tensor(r["labels"])
+        ids[b, :n] = torch.as_tensor(r["input_ids"])
+        labels[b, :n] = torch.as_tensor(r["labels"])
         start = 0
         for k, L in enumerate(r["seq_lens"], start=1):
             pos[b, start : start + L] = torch.arange(L)

@@ -5,10 +5,14 @@ Specs:
 - `wikidump:<path.xml.bz2>`: a MediaWiki XML dump; rows are plain-text paragraphs;
 - `hf:<id>[:config][@revision][#split]`: a hub dataset (split defaults to `train`); the
   resolved commit is recorded;
-- a local CSV / JSON (an array of objects) / JSONL / Parquet file, or a glob of them.
+- a local CSV / JSON (an array of objects) / JSONL / Parquet file, or a glob of them;
+- a plain-text corpus: `.txt` files (or a glob), documents separated by blank lines.
+  CSV, JSON, JSONL and text files may be compressed: `.gz`, `.bz2`, `.xz`, `.zst`.
 
-`task_rows` maps columns, checks types and labels, and fails on the first bad row with
-one line naming the file, the row and the fix.
+`load` streams: it returns an iterator of batches of at most BATCH_ROWS raw rows, so no
+source is ever held whole (a JSON array is the one format parsed in one piece: use JSONL
+for large data). `task_rows` maps columns, checks types and labels, and fails on the first
+bad row with one line naming the file, the row and the fix.
 """
 
 from __future__ import annotations
@@ -16,20 +20,29 @@ from __future__ import annotations
 import bz2
 import csv
 import glob
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
+import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from tuneline import ROOT, assets
 from tuneline.errors import TunelineError
 from tuneline.tasks import Task
 
-LOCAL_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
+LOCAL_FORMATS = (".csv", ".json", ".jsonl", ".parquet", ".txt")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # read as they are (not .parquet: it compresses inside)
+BATCH_ROWS = 8192  # raw rows per batch: memory is bounded by this, not by the source
+MAX_DOC_BYTES = 1 << 20  # a text-file block longer than this is cut at a line end
+
+Batches = Iterator[list[dict]]
 _HF = re.compile(r"hf:(?P<id>[^:@#]+)(?::(?P<config>[^@#]+))?(?:@(?P<rev>[^#]+))?(?:#(?P<split>.+))?")
 
 
@@ -37,26 +50,44 @@ def is_wiki(spec: str) -> bool:
     return spec == "builtin:wikipedia" or spec.startswith("wikidump:")
 
 
-def load(spec: str) -> tuple[list[dict], dict]:
-    """Raw rows of a source and its lineage ({'source', 'revision' or 'sha256'})."""
+def load(spec: str, streaming: bool = False) -> tuple[Batches, dict, bool]:
+    """(batches of raw rows, lineage {'source', 'revision' or 'sha256'}, is_prose). Prose
+    sources (Wikipedia, .txt) give {'text'} rows that `Task.prose` turns into examples.
+    `streaming`: read a hub dataset as it downloads instead of caching it whole first."""
     if is_wiki(spec):
-        from tuneline import progress
-
         path = dump_path(spec)
-        # Parsing wikitext is prepare's slow part (~15 s for the built-in sample): follow it
-        # by the compressed kB read, the one total known before the end.
-        with progress.bar("prepare", max(1, path.stat().st_size >> 10), "kB", what=f"reading {spec}") as b:
-            rows = [{"title": t, "text": p} for t, p in paragraphs(path, lambda pos: b.advance((pos >> 10) - b.done))]
-            b.advance(b.total - b.done)  # the tail after the last page
-        return rows, {"source": spec, "sha256": sha256(path)}
+        return _wiki_batches(spec, path), {"source": spec, "sha256": sha256(path)}, True
     if spec.startswith("hf:"):
-        return _hub(spec)
+        return (*_hub(spec, streaming), False)
     if re.match(r"^[a-z][a-z0-9+]*:", spec) and not os.path.exists(spec):
         raise TunelineError(
             f"data source '{spec}' is not supported",
             "use builtin:wikipedia, wikidump:<path>, hf:<id>[:config][@rev][#split] or a local file/glob",
         )
     return _local(spec)
+
+
+def batched(rows: Iterable[dict], size: int | None = None) -> Batches:
+    size = size or BATCH_ROWS
+    batch: list[dict] = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _wiki_batches(spec: str, path: Path) -> Batches:
+    from tuneline import progress
+
+    # Parsing wikitext is the slow part (~15 s for the built-in sample): follow it by the
+    # compressed kB read, the one total known before the end.
+    with progress.bar("prepare", max(1, path.stat().st_size >> 10), "kB", what=f"reading {spec}") as b:
+        rows = ({"title": t, "text": p} for t, p in paragraphs(path, lambda pos: b.advance((pos >> 10) - b.done)))
+        yield from batched(rows)
+        b.advance(b.total - b.done)  # the tail after the last page
 
 
 # --- MediaWiki dumps -----------------------------------------------------------------
@@ -116,17 +147,18 @@ def paragraphs(path: Path, on_read: Callable[[int], None] | None = None) -> Iter
 # --- the hub ---------------------------------------------------------------------------
 
 
-def _hub(spec: str) -> tuple[list[dict], dict]:
+def _hub(spec: str, streaming: bool) -> tuple[Batches, dict]:
     m = _HF.fullmatch(spec)
     if not m:
         raise TunelineError(
             f"bad hub source '{spec}'", "write hf:<id>[:config][@revision][#split], e.g. hf:dair-ai/emotion#train"
         )
     ds_id, config, rev, split = m["id"], m["config"], m["rev"], m["split"] or "train"
+    # Not streaming, `datasets` caches the split as memory-mapped Arrow, read here in batches.
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(ds_id, config, revision=rev, split=split)
+        ds = load_dataset(ds_id, config, revision=rev, split=split, streaming=streaming)
     except Exception as e:  # offline, unknown id, unknown split: all surface as different types
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         fix = (
@@ -143,7 +175,8 @@ def _hub(spec: str) -> tuple[list[dict], dict]:
         resolved = hub_revision(spec) or rev
     except Exception:  # the data loaded; a missing commit id only weakens lineage
         pass
-    return ds.to_list(), {"source": spec, "revision": resolved or "unknown"}
+    batches = ([dict(zip(b, vals)) for vals in zip(*b.values())] for b in ds.iter(batch_size=BATCH_ROWS))
+    return batches, {"source": spec, "revision": resolved or "unknown"}
 
 
 def hub_revision(spec: str) -> str | None:
@@ -191,65 +224,131 @@ def file_hashes(spec: str) -> str | dict[str, str] | None:
     return {str(p): sha256(p) for p in local_paths(spec)}
 
 
-def _local(spec: str) -> tuple[list[dict], dict]:
+def file_format(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None) of a local data file, or a clear error."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSED else None
+    ext = (suffixes[-2] if comp and len(suffixes) == 2 else "") if comp else (suffixes[-1] if suffixes else "")
+    if ext not in LOCAL_FORMATS or (comp and ext == ".parquet"):
+        raise TunelineError(
+            f"data file '{path}' has an unsupported format",
+            f"use one of: {', '.join(LOCAL_FORMATS)} (text formats may end in {', '.join(COMPRESSED)})",
+        )
+    return ext, comp
+
+
+def _local(spec: str) -> tuple[Batches, dict, bool]:
     paths = local_paths(spec)
-    rows: list[dict] = []
+    kinds = set()
     for path in paths:
         if path.is_dir():
             raise TunelineError(f"data source '{path}' is a directory", f"name the files, e.g. '{path}/*.jsonl'")
-        if path.suffix.lower() not in LOCAL_FORMATS:
-            raise TunelineError(
-                f"data file '{path}' has an unsupported format", f"use one of: {', '.join(LOCAL_FORMATS)}"
-            )
-        rows += _read(path)
-    return rows, {"source": spec, "sha256": {str(p): sha256(p) for p in paths}}
-
-
-def _text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
+        kinds.add(file_format(path)[0] == ".txt")
+    if len(kinds) > 1:
         raise TunelineError(
-            f"{path} line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})",
-            "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
-        ) from None
+            f"data source '{spec}' mixes plain-text (.txt) and table files", "point it at one kind of file"
+        )
+    lineage = {"source": spec, "sha256": {str(p): sha256(p) for p in paths}}
+    return (batch for path in paths for batch in _read(path)), lineage, kinds == {True}
 
 
-def _read(path: Path) -> list[dict]:
-    ext = path.suffix.lower()
+def _open(path: Path) -> IO[bytes]:
+    comp = file_format(path)[1]
+    if comp == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader has no readline of its own
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(comp, open)(path, "rb")
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """Decoded lines (ends kept), one at a time; bad UTF-8 names its line and byte, and an
+    Excel byte-order mark is dropped."""
+    try:
+        with _open(path) as f:
+            for i, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise TunelineError(
+                        f"{path} line {i} is not valid UTF-8 (byte 0x{raw[e.start]:02x})",
+                        "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+                    ) from None
+                yield line.removeprefix("\ufeff") if i == 1 else line
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise TunelineError(f"cannot read {path} ({e})", "check that the file is complete and not corrupt") from None
+    except Exception as e:  # zstandard raises its own ZstdError
+        if type(e).__name__ != "ZstdError":
+            raise
+        raise TunelineError(f"cannot read {path} ({e})", "check that the file is complete and not corrupt") from None
+
+
+def _read(path: Path) -> Batches:
+    ext = file_format(path)[0]
     if ext == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            for b in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+                yield b.to_pylist()
         except Exception as e:
             raise TunelineError(f"{path} is not a readable Parquet file ({e})", "re-export the file") from None
-    text = _text(path)
-    if ext == ".csv":
-        return list(csv.DictReader(io.StringIO(text)))
-    if ext == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise TunelineError(
-                        f"{path} line {i} is not valid JSON ({e.msg})", "fix or remove that line"
-                    ) from None
-        rows_ok = all(isinstance(r, dict) for r in rows)
+    elif ext == ".csv":
+        csv.field_size_limit(sys.maxsize)  # a long text field is data, not an error
+        yield from batched(csv.DictReader(_lines(path)))
+    elif ext == ".jsonl":
+        yield from batched(_jsonl(path))
+    elif ext == ".txt":
+        yield from batched({"text": doc} for doc in documents(_lines(path)))
     else:
+        yield from batched(_json_array(path))
+
+
+def documents(lines: Iterable[str]) -> Iterator[str]:
+    """A text file's documents: blocks separated by one or more blank lines, each block's
+    lines joined by single spaces (hard-wrapped prose reads as one paragraph). A file with
+    no blank line is one document; a block over MAX_DOC_BYTES is cut at a line end."""
+    block: list[str] = []
+    size = 0
+    for line in lines:
+        line = line.strip()
+        if line:
+            block.append(line)
+            size += len(line) + 1
+        if block and (not line or size > MAX_DOC_BYTES):
+            yield " ".join(block)
+            block, size = [], 0
+    if block:
+        yield " ".join(block)
+
+
+def _jsonl(path: Path) -> Iterator[dict]:
+    for i, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
         try:
-            rows = json.loads(text)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
+            raise TunelineError(f"{path} line {i} is not valid JSON ({e.msg})", "fix or remove that line") from None
+        if not isinstance(row, dict):
             raise TunelineError(
-                f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
-                "fix the file; for one object per line name it .jsonl",
-            ) from None
-        rows_ok = isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
-    if not rows_ok:
+                f"{path} does not hold JSON objects (one row each)",
+                "write a list of objects, or one object per line (.jsonl)",
+            )
+        yield row
+
+
+def _json_array(path: Path) -> list[dict]:
+    """A JSON array is parsed whole (the one non-streaming format): use JSONL for large data."""
+    text = "".join(_lines(path))
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TunelineError(
+            f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
+            "fix the file; for one object per line name it .jsonl",
+        ) from None
+    if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
         raise TunelineError(
             f"{path} does not hold JSON objects (one row each)",
             "write a list of objects, or one object per line (.jsonl)",
@@ -260,10 +359,23 @@ def _read(path: Path) -> list[dict]:
 # --- validation ------------------------------------------------------------------------
 
 
-def task_rows(rows: list[dict], task: Task, columns: dict[str, str], labels: list[str], where: str) -> list[dict]:
-    """Rows with exactly the task's columns, all text, labels checked against `labels`."""
-    if not rows:
+def task_rows(batches: Iterable[list[dict]], task: Task, columns: dict[str, str], labels: list[str], where: str) -> Batches:
+    """Batches of rows with exactly the task's columns, all text, labels checked against
+    `labels`; the column mapping is settled on the first batch."""
+    names: dict[str, str | None] | None = None
+    start = 0
+    for rows in batches:
+        if not rows:
+            continue
+        if names is None:
+            names = _column_names(rows, task, columns, where)
+        yield [_task_row(r, names, task, labels, where, start + i) for i, r in enumerate(rows)]
+        start += len(rows)
+    if names is None:
         raise TunelineError(f"{where} has no rows", "point it at a file or split with data")
+
+
+def _column_names(rows: list[dict], task: Task, columns: dict[str, str], where: str) -> dict[str, str | None]:
     keys: set[str] = set().union(*(r.keys() for r in rows[:1000]))
     names: dict[str, str | None] = {}
     for col in task.columns:
@@ -278,23 +390,24 @@ def task_rows(rows: list[dict], task: Task, columns: dict[str, str], labels: lis
                     f"map one with --set prepare.columns.{col}=<column>",
                 )
         names[col] = name
-    out = []
-    for i, r in enumerate(rows):
-        row = {}
-        for col, name in names.items():
-            v = r.get(name) if name else None
-            if v is None and (col in task.optional or name is None):
-                v = ""
-            if col == "label":
-                v = _label(v, labels, where, i, name)
-            elif not isinstance(v, str):
-                raise TunelineError(
-                    f"{where}: column '{name}' must be text, but row {i} holds {type(v).__name__} {str(v)[:40]!r}",
-                    "convert that column to strings, or map another column in prepare.columns",
-                )
-            row[col] = v
-        out.append(row)
-    return out
+    return names
+
+
+def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[str], where: str, i: int) -> dict:
+    row = {}
+    for col, name in names.items():
+        v = r.get(name) if name else None
+        if v is None and (col in task.optional or name is None):
+            v = ""
+        if col == "label":
+            v = _label(v, labels, where, i, name)
+        elif not isinstance(v, str):
+            raise TunelineError(
+                f"{where}: column '{name}' must be text, but row {i} holds {type(v).__name__} {str(v)[:40]!r}",
+                "convert that column to strings, or map another column in prepare.columns",
+            )
+        row[col] = v
+    return row
 
 
 def _label(v, labels: list[str], where: str, i: int, name: str | None) -> str:

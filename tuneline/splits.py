@@ -1,101 +1,258 @@
-"""Source rows → validated, de-duplicated train/val/test splits, with no example in two.
+"""Source rows → validated, de-duplicated train/val/test splits, with no example in two,
+streamed: no split and no source is ever held as Python objects.
 
-Rows are validated before anything is written, de-duplicated *before* splitting, and an
-example in both the source and a separate test source is an error (or, with
-prepare.on_overlap: drop, removed from train). Prose sources (Wikipedia) become rows the
-way the task says (`Task.prose`); inputs a source lacks are made by `Task.fill`, seeded per
-split. `tuneline evaluate --data` reads its file through the same functions.
+Two passes. Pass 1 reads the source batch by batch, validates each row, and spools it to a
+temporary Arrow file, keeping only an 8-byte digest of its example key (the normalised,
+lower-cased key columns). Duplicates are the later rows with a digest seen before. Each
+kept example then gets a rank, a seeded hash of its digest: the n_test lowest ranks are the
+test split, the next n_val validation, the next n_train (0: all the rest) training. So the
+draw depends only on the examples and the seed, never on how the input is cut into files
+or batches, and an example lands in one split only. Pass 2 streams the spool into one
+Parquet file per split, in source order, filling inputs the source lacks (`Task.fill`,
+seeded per split). Memory: about 16 bytes per source row (digests and ranks), plus one
+batch.
+
+With a separate test source, an example in both is an error (or, with
+prepare.on_overlap: drop, removed from train). `tuneline evaluate --data` reads its file
+through `file_rows`, with the same validation, de-duplication and fill as the test split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
 
 from tuneline import sources, tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
+SPLIT_IDS = {"train": 1, "val": 2, "test": 3}  # 0: not used (a duplicate, an overlap, beyond n_train)
+ROW_GROUP = 50_000  # rows per Parquet row group: fixed, so the files' bytes never depend on batching
 
-def source_rows(spec: str, params: Params, where: str) -> tuple[list[dict], dict]:
-    """Validated task rows of one source, plus its lineage."""
+
+def source_rows(spec: str, params: Params, where: str) -> tuple[sources.Batches, dict]:
+    """Batches of validated task rows of one source, plus its lineage."""
     cfg, task = params.prepare, tasks.TASKS[params.prepare.task]
-    raw, lineage = sources.load(spec)
-    if sources.is_wiki(spec):  # prose: sentences for descramble, paragraphs for pretraining
+    raw, lineage, prose = sources.load(spec, streaming=cfg.hub_streaming)
+    if prose:  # sentences for descramble, paragraphs for pretraining
         if task.prose is None:
             raise TunelineError(
                 f"{where} '{spec}' is prose, but task '{task.name}' needs labelled rows",
                 "use a file or hub dataset with the task's columns",
             )
-        raw = task.prose([r["text"] for r in raw], cfg.min_words, cfg.max_words)
+        raw = (task.prose([r["text"] for r in batch], cfg.min_words, cfg.max_words) for batch in raw)
     return sources.task_rows(raw, task, cfg.columns, cfg.labels, f"{where} '{spec}'"), lineage
 
 
-def example_key(row: dict, task: tasks.Task) -> tuple:
-    return tuple(tasks.normalise(row[k]).lower() for k in task.key)
+def digest(row: dict, task: tasks.Task) -> int:
+    """64-bit hash of an example's key: equal for rows that differ only in case and spacing."""
+    key = "\x1f".join(tasks.normalise(row[k]).lower() for k in task.key)
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
-def dedupe(rows: list[dict], task: tasks.Task) -> list[dict]:
-    seen: dict[tuple, dict] = {}
-    for r in rows:
-        seen.setdefault(example_key(r, task), r)
-    return list(seen.values())
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a uint64 → uniform uint64 bijection (vectorised)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
 
 
-def fill(rows: list[dict], task: tasks.Task, seed: str) -> list[dict]:
-    """Inputs the source lacks, made from the answers (descramble: a seeded scramble)."""
-    if task.fill is None:
-        return rows
-    rng = random.Random(seed)
-    return [task.fill(r, rng) for r in rows]
+def ranks(digests: np.ndarray, seed: int | str) -> np.ndarray:
+    """The seeded draw order of examples: a hash of (digest, seed)."""
+    salt = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little")
+    return _mix(digests ^ np.uint64(salt))
 
 
-def split_rows(params: Params) -> tuple[dict[str, list[dict]], dict]:
-    """{'train', 'val', 'test'} rows and metrics; raises before anything is written."""
-    cfg, task = params.prepare, tasks.TASKS[params.prepare.task]
-    rows, lineage = source_rows(cfg.source, params, "prepare.source")
-    metrics: dict = {"source_rows": len(rows)}
-    rows = dedupe(rows, task)
-    metrics["duplicates_removed"] = metrics["source_rows"] - len(rows)
-    rng = random.Random(params.seed)
-    rng.shuffle(rows)
-    lineages = {"source": lineage}
-    if cfg.test_source:
-        test, lineages["test_source"] = source_rows(cfg.test_source, params, "prepare.test_source")
-        test = dedupe(test, task)
-        test_keys = {example_key(r, task) for r in test}
-        shared = [r for r in rows if example_key(r, task) in test_keys]
-        if shared and cfg.on_overlap == "error":
+class Spool:
+    """Pass 1: validated rows spooled to an Arrow file on disk, with their key digests."""
+
+    def __init__(self, path: Path, task: tasks.Task):
+        import pyarrow as pa
+
+        self.path, self.task = path, task
+        self.schema = pa.schema([(c, pa.string()) for c in task.columns])
+        self.digests = array("Q")
+        self.words = array("q")  # answer words per row (prepare's mean-words figures)
+
+    def fill(self, batches: sources.Batches) -> Spool:
+        import pyarrow as pa
+
+        with pa.OSFile(str(self.path), "wb") as f, pa.ipc.new_file(f, self.schema) as w:
+            for rows in batches:
+                self.digests.extend(digest(r, self.task) for r in rows)
+                w.write_batch(pa.record_batch({c: [r[c] for r in rows] for c in self.task.columns}, self.schema))
+        return self
+
+    def digest_array(self) -> np.ndarray:
+        return np.frombuffer(self.digests, dtype=np.uint64) if len(self.digests) else np.zeros(0, np.uint64)
+
+    def first_seen(self) -> np.ndarray:
+        """Indices of each key's first row, in source order."""
+        _, first = np.unique(self.digest_array(), return_index=True)
+        return np.sort(first)
+
+    def batches(self) -> Iterator[list[dict]]:
+        import pyarrow as pa
+
+        with pa.OSFile(str(self.path), "rb") as f:  # plain reads: the spool never maps into memory
+            r = pa.ipc.open_file(f)
+            for i in range(r.num_record_batches):
+                yield r.get_batch(i).to_pylist()
+
+    def row(self, i: int) -> dict:
+        for rows in self.batches():
+            if i < len(rows):
+                return rows[i]
+            i -= len(rows)
+        raise IndexError(i)
+
+
+def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each spooled row's split id (SPLIT_IDS, 0 = unused), for the source and the test
+    source; raises, before anything is written, when a split would be short."""
+    cfg = params.prepare
+    n = len(spool.digests)
+    metrics["source_rows"] = n
+    kept = spool.first_seen()
+    metrics["duplicates_removed"] = n - len(kept)
+    digests = spool.digest_array()
+    out = np.zeros(n, dtype=np.int8)
+    test_out = None
+    if test is not None:
+        test_kept = test.first_seen()
+        test_keys = test.digest_array()[test_kept]
+        shared = kept[np.isin(digests[kept], test_keys)]
+        if len(shared) and cfg.on_overlap == "error":
             raise TunelineError(
                 f"{len(shared)} examples are in both prepare.source and prepare.test_source "
-                f"(e.g. {str(shared[0])[:80]})",
+                f"(e.g. {str(spool.row(int(shared[0])))[:80]})",
                 "de-duplicate the files, or set prepare.on_overlap=drop",
             )
-        rows = [r for r in rows if example_key(r, task) not in test_keys]
+        kept = np.setdiff1d(kept, shared, assume_unique=True)
         metrics["overlap_dropped_from_train"] = len(shared)
-        if cfg.n_test:
-            random.Random(f"{params.seed}-test").shuffle(test)
-            test = test[: cfg.n_test]
+        test_out = np.zeros(len(test.digests), dtype=np.int8)
+        pick = test_kept[np.argsort(ranks(test_keys, f"{params.seed}-test"), kind="stable")]
+        test_out[pick[: cfg.n_test or None]] = SPLIT_IDS["test"]
+        n_test = int((test_out > 0).sum())
+        n_src_test = 0
     else:
-        test, rows = rows[: cfg.n_test], rows[cfg.n_test :]
-    val, rows = rows[: cfg.n_val], rows[cfg.n_val :]
-    train = rows[: cfg.n_train] if cfg.n_train else rows
-    split = {"train": train, "val": val, "test": test}
+        n_src_test = n_test = cfg.n_test
+    order = kept[np.argsort(ranks(digests[kept], params.seed), kind="stable")]
+    cuts = {"test": (0, n_src_test), "val": (n_src_test, n_src_test + cfg.n_val)}
+    cuts["train"] = (cuts["val"][1], cuts["val"][1] + cfg.n_train if cfg.n_train else len(order))
+    for name, (a, b) in cuts.items():
+        out[order[a:b]] = SPLIT_IDS[name]
+    got = {"train": int((out == 1).sum()), "val": int((out == 2).sum()), "test": n_test}
     need = {"train": cfg.n_train or 1, "val": cfg.n_val, "test": cfg.n_test or 1}
-    for name, got in split.items():
-        if len(got) < need[name]:
+    for name in ("train", "val", "test"):
+        if got[name] < need[name]:
             raise TunelineError(
-                f"prepare: the {name} split has {len(got)} rows, but {need[name]} are needed "
-                f"({metrics['source_rows']} usable rows in the source)",
+                f"prepare: the {name} split has {got[name]} rows, but {need[name]} are needed "
+                f"({len(kept)} usable rows in the source)",
                 "lower prepare.n_train/n_val/n_test, or use more data",
             )
-    split = {name: fill(got, task, f"{params.seed}-{name}") for name, got in split.items()}
+    return out, test_out
+
+
+def write_splits(params: Params, out: Path) -> dict:
+    """Stream the sources into out/{train,val,test}.parquet; returns prepare's metrics (with
+    'lineage'). Temporary spools live in `out` and are removed."""
+    cfg, task = params.prepare, tasks.TASKS[params.prepare.task]
+    rows, lineage = source_rows(cfg.source, params, "prepare.source")
+    spool = Spool(out / ".source.arrow", task).fill(rows)
+    lineages, test = {"source": lineage}, None
+    if cfg.test_source:
+        rows, lineages["test_source"] = source_rows(cfg.test_source, params, "prepare.test_source")
+        test = Spool(out / ".test_source.arrow", task).fill(rows)
+    metrics: dict = {}
+    ids, test_ids = assign(params, spool, test, metrics)
+    writers = {name: _Writer(out / f"{name}.parquet", spool.schema) for name in SPLIT_IDS}
+    rngs = {name: random.Random(f"{params.seed}-{name}") for name in SPLIT_IDS}
+    counts, words = dict.fromkeys(SPLIT_IDS, 0), dict.fromkeys(SPLIT_IDS, 0)
+    try:
+        for sp, which in ((spool, ids), (test, test_ids)):
+            if sp is None:
+                continue
+            start = 0
+            for batch in sp.batches():
+                here = which[start : start + len(batch)]
+                start += len(batch)
+                for name, k in SPLIT_IDS.items():
+                    chosen = [r for r, s in zip(batch, here.tolist()) if s == k]
+                    if not chosen:
+                        continue
+                    if task.fill is not None:  # one seeded stream per split, in source order
+                        chosen = [task.fill(r, rngs[name]) for r in chosen]
+                    writers[name].add(chosen)
+                    counts[name] += len(chosen)
+                    words[name] += sum(len(task.answer(r).split()) for r in chosen)
+    finally:
+        for w in writers.values():
+            w.close()
+        for sp in (spool, test):
+            if sp is not None:
+                sp.path.unlink(missing_ok=True)
+    for name in SPLIT_IDS:
+        metrics[f"{name}_rows"] = counts[name]
+        metrics[f"{name}_mean_words"] = words[name] / counts[name]
     metrics["lineage"] = lineages
-    return split, metrics
+    return metrics
+
+
+class _Writer:
+    """Parquet rows written in row groups of exactly ROW_GROUP rows (the last one shorter)."""
+
+    def __init__(self, path: Path, schema):
+        import pyarrow.parquet as pq
+
+        self.schema, self.rows = schema, []
+        self.w = pq.ParquetWriter(path, schema)
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        while len(self.rows) >= ROW_GROUP:
+            self._flush(self.rows[:ROW_GROUP])
+            self.rows = self.rows[ROW_GROUP:]
+
+    def _flush(self, rows: list[dict]) -> None:
+        import pyarrow as pa
+
+        self.w.write_table(pa.table({c: [r[c] for r in rows] for c in self.schema.names}, self.schema))
+
+    def close(self) -> None:
+        if self.rows:
+            self._flush(self.rows)
+        self.w.close()
 
 
 def file_rows(data: str, params: Params, limit: int = 0) -> tuple[list[dict], dict]:
     """Rows of any prepare.source form, validated, de-duplicated and filled exactly as
-    prepare does for a test split (what `tuneline evaluate --data` scores)."""
+    prepare does for a test split (what `tuneline evaluate --data` scores: the first
+    `limit` examples, or all; only those are held)."""
     task = tasks.TASKS[params.prepare.task]
-    rows, lineage = source_rows(data, params, "--data")
-    return fill(dedupe(rows, task)[: limit or None], task, f"{params.seed}-test"), lineage
+    batches, lineage = source_rows(data, params, "--data")
+    seen: set[int] = set()
+    rows: list[dict] = []
+    for batch in batches:
+        for r in batch:
+            d = digest(r, task)
+            if d not in seen:
+                seen.add(d)
+                rows.append(r)
+        if limit and len(rows) >= limit:
+            break
+    rows = rows[: limit or None]
+    if task.fill is not None:
+        rng = random.Random(f"{params.seed}-test")
+        rows = [task.fill(r, rng) for r in rows]
+    return rows, lineage

@@ -11,13 +11,13 @@ import hashlib
 import os
 from pathlib import Path
 
-from tuneline import progress, tasks
+from tuneline import tasks
 from tuneline.data import TOKENIZED_META
 from tuneline.errors import TunelineError
 from tuneline.io import read_json
 from tuneline.packing import IGNORE, Example
 
-ENCODE_CHUNK = 2048  # examples per batched tokenizer call
+ENCODE_CHUNK = 2048  # examples per batched tokenizer call (tokenize reads its splits in such batches)
 
 
 def tokenizer_hash(tok) -> str:
@@ -57,48 +57,16 @@ def encode(tok, texts: list[str]) -> list[list[int]]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def encode_rows(tok, rows: list[dict], task: tasks.Task, labels: list[str]) -> list[Example]:
-    """Batch-tokenize prompts and answers (one fast-tokenizer call each, not per row)."""
+def encode_batch(tok, rows: list[dict], task: tasks.Task, labels: list[str]) -> tuple[list[list[int]], list[int]]:
+    """(prompt + answer + EOS ids, prompt length) per row: one fast-tokenizer call for the
+    prompts and one for the answers, not one per row."""
     prompts, answers = zip(*(tasks.render(task, r, labels) for r in rows))
     p_ids, a_ids = encode(tok, list(prompts)), encode(tok, list(answers))
-    eos = tok.eos_token_id
-    return [Example(p + a + [eos], [IGNORE] * len(p) + a + [eos]) for p, a in zip(p_ids, a_ids)]
+    eos = [tok.eos_token_id]
+    return [p + a + eos for p, a in zip(p_ids, a_ids)], [len(p) for p in p_ids]
 
 
-def encode_split(tok, rows: list[dict], task: tasks.Task, labels: list[str], split: str) -> list[Example]:
-    """encode_rows in chunks, so a large split shows progress; the same ids (a text's ids
-    never depend on the others in its batch), and chunks big enough to keep the batching win."""
-    out: list[Example] = []
-    with progress.bar("tokenize", len(rows), "examples", what=split) as b:
-        for i in range(0, len(rows), ENCODE_CHUNK):
-            chunk = encode_rows(tok, rows[i : i + ENCODE_CHUNK], task, labels)
-            b.advance(len(chunk), tokens=sum(len(e.input_ids) for e in chunk))
-            out += chunk
-    return out
-
-
-def fit(examples: list[Example], max_length: int, policy: str, split: str) -> tuple[list[Example], int]:
-    """Apply the over-long policy; returns the examples kept and how many were over-long."""
-    over = [i for i, e in enumerate(examples) if len(e.input_ids) > max_length]
-    if not over:
-        return examples, 0
-    where = f"{len(over)} of {len(examples)} {split} examples are longer than tokenize.max_length={max_length}"
-    if policy == "error" or len(over) == len(examples):
-        raise TunelineError(
-            f"tokenize: {where}", "raise tokenize.max_length, or set tokenize.overlong to drop/truncate"
-        )
-    # Never silent: an answer cut short teaches the model to stop early, so say so.
-    print(f"[tokenize] {where}: {'dropped' if policy == 'drop' else 'truncated'}", flush=True)
-    if policy == "drop":
-        return [e for e in examples if len(e.input_ids) <= max_length], len(over)
-    return [Example(e.input_ids[:max_length], e.labels[:max_length]) for e in examples], len(over)
-
-
-def lint(examples: list[Example], split: str) -> None:
-    """Fail on examples that would train nothing (e.g. an answer truncated away)."""
-    empty = [i for i, e in enumerate(examples) if e.labels.count(IGNORE) >= len(e.labels) - (e.labels[0] != IGNORE)]
-    if empty:
-        raise TunelineError(
-            f"tokenize: {len(empty)} {split} examples have no trainable token (first: #{empty[0]})",
-            "check the answer column, or use tokenize.overlong=drop instead of truncate",
-        )
+def encode_rows(tok, rows: list[dict], task: tasks.Task, labels: list[str]) -> list[Example]:
+    """Examples with the loss masked to the answer (evaluation's test rows)."""
+    ids, prompts = encode_batch(tok, rows, task, labels)
+    return [Example(x, [IGNORE] * p + x[p:]) for x, p in zip(ids, prompts)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -169,8 +170,8 @@ class Run:
     engine: torch.nn.Module  # StepLoss(model), DDP-wrapped on several ranks
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    train_rows: list[dict]
-    val_rows: list[dict]
+    train_rows: Sequence[dict]  # tokendata.TokenRows: read from disk a row at a time
+    val_rows: Sequence[dict]
     pad_id: int
     total: int  # optimizer steps planned
     fingerprint: str  # what a checkpoint of this run is valid for
