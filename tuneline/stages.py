@@ -4,6 +4,7 @@ runner read it from there, in the order written (which a test checks is a valid 
 from __future__ import annotations
 
 import importlib
+import resource
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,9 @@ def run_stage(name: str, params=None) -> dict:
         # Under torchrun only rank 0 opens the MLflow run (the others log nothing).
         with stage_run(name, params) if distributed.is_main() else contextlib.nullcontext():
             metrics = module.run(params)
-        print(f"[{name}] done in {time.time() - t:.1f}s", flush=True)
+        # Peak resident memory of this process (of all stages so far, when run in-process).
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"[{name}] done in {time.time() - t:.1f}s, peak RSS {peak_gb:.2f} GB", flush=True)
         return metrics
 
 
