@@ -16,11 +16,12 @@ import torch
 
 from tuneline import checkpoint, deps, distributed
 from tuneline.config import Params
-from tuneline.data import MODELS, TOKENIZED, TRAIN_CURVE, metrics_file, read_rows
+from tuneline.data import MODELS, TOKENIZED, TRAIN_CURVE, metrics_file
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
 from tuneline.io import atomic_dir, write_json, write_text
 from tuneline.loss import unwrap
 from tuneline.modeling import amp_dtype, check_pair, device, load_tokenizer
+from tuneline.tokendata import read_rows
 from tuneline.tokenization import check_tokenizer
 from tuneline.training import Meter, Run, StepLoss, fit, make_optimizer, prepare_model, resume, total_steps
 

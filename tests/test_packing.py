@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from tuneline.loss import loss_sum
-from tuneline.packing import IGNORE, Example, bfd, collate, concat, pack, stats
+from tuneline.packing import IGNORE, Example, bfd, collate, concat, groups, pack
 
 
 def test_bfd_keeps_every_example_whole_and_within_capacity():
     rng = random.Random(0)
     lengths = [rng.randint(1, 100) for _ in range(500)]
-    bins = bfd(lengths, 128)
+    bins = groups(*bfd(lengths, 128))
     assert sorted(i for b in bins for i in b) == list(range(500))
     assert all(sum(lengths[i] for i in b) <= 128 for b in bins)
     # best-fit decreasing is within 11/9 OPT + 1; the volume bound is a lower bound on OPT
@@ -19,7 +19,7 @@ def test_bfd_keeps_every_example_whole_and_within_capacity():
 
 def test_bfd_puts_an_item_in_the_tightest_bin():
     # 6 opens bin A (free 4), 5 opens bin B (free 5); 4 must go to A (tightest fit)
-    assert bfd([6, 5, 4], 10) == [[0, 2], [1]]
+    assert groups(*bfd([6, 5, 4], 10)) == [[0, 2], [1]]
 
 
 def test_bfd_refuses_an_example_longer_than_a_sequence():
@@ -36,13 +36,6 @@ def test_collate_isolates_examples_and_restarts_positions():
     assert m[2].tolist() == [True, True, True, False, False, False]
     assert m[5, 5]  # padding attends to itself: no all-masked row, no NaN
     assert b["labels"][0].tolist() == [IGNORE, 2, 3, IGNORE, 5, IGNORE]
-
-
-def test_stats_compare_against_the_seed_pad_to_128():
-    rows = pack([Example([1] * 60, [1] * 60), Example([1] * 60, [1] * 60)], 128, "bfd")
-    s = stats(rows, [60, 60])
-    assert s["sequences"] == 1 and s["pad_share"] == 0 and s["examples_per_sequence"] == 2
-    assert s["pad_share_seed_pad128"] == pytest.approx(1 - 120 / 256)
 
 
 def _tiny_llama():

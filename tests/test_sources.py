@@ -56,9 +56,7 @@ def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
     got = _task_rows([{"sentence": "hi", "y": 1}], "classify", {"text": "sentence", "label": "y"}, LABELS)
     assert got == [{"text": "hi", "label": "pos"}]
     dolly = [{"instruction": "Say hi.", "context": "", "response": "Hi!", "category": "open_qa"}]
-    assert _task_rows(dolly, "instruct", {}, []) == [
-        {"instruction": "Say hi.", "input": "", "output": "Hi!"}
-    ]
+    assert _task_rows(dolly, "instruct", {}, []) == [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
 
 
 def test_hub_source_offline_says_how_to_fix(monkeypatch):

@@ -10,9 +10,9 @@ import pytest
 from components import tokenize
 from tuneline import recipes, sources, splits, tasks, tokendata
 from tuneline.config import TokenizeCfg
-from tuneline.data import read_rows
 from tuneline.modeling import load_tokenizer
 from tuneline.packing import IGNORE
+from tuneline.tokendata import read_rows
 from tuneline.tokenization import encode_rows
 
 # --- the in-memory packing tokenize used before token data streamed (commit 39cceae),
@@ -60,6 +60,22 @@ def _old_rows(examples, cfg):
     return rows, examples
 
 
+def _old_stats(rows, lengths, seed_pad_to=128):
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    trainable = sum(sum(1 for x in r["labels"] if x != IGNORE) for r in rows)
+    T = max(len(r["input_ids"]) for r in rows)
+    return {
+        "examples": len(lengths),
+        "sequences": len(rows),
+        "tokens": tokens,
+        "pad_share": 1 - tokens / (len(rows) * T),
+        "pad_share_seed_pad128": 1 - sum(lengths) / sum(max(seed_pad_to, n) for n in lengths),
+        "tokens_per_sequence": tokens / len(rows),
+        "examples_per_sequence": len(lengths) / len(rows),
+        "trainable_token_share": trainable / tokens,
+    }
+
+
 def _plain(rows):
     return [{k: [int(x) for x in r[k]] for k in ("input_ids", "labels", "seq_lens")} for r in rows]
 
@@ -81,12 +97,14 @@ def test_packed_rows_equal_the_in_memory_code_on_each_recipes_smoke_slice(recipe
     rows, _ = splits.file_rows(params.prepare.source, params, limit=params.prepare.n_train)
     monkeypatch.chdir(tmp_path)
     _write_prepared(tmp_path, rows, task.columns)
-    tokenize.run(params)
+    metrics = tokenize.run(params)["train"]
     tok = load_tokenizer(params.model.name)
-    want = _old_rows(encode_rows(tok, rows, task, params.prepare.labels), params.tokenize)
-    want = want if params.tokenize.packing == "concat" else want[0]
+    examples = encode_rows(tok, rows, task, params.prepare.labels)
+    want = _old_rows(examples, params.tokenize)
+    want, kept = (want, examples) if params.tokenize.packing == "concat" else want
     got = read_rows("train", tmp_path / "data/tokenized")
     assert len(want) > 1 and _plain(got[:]) == _plain(want)
+    assert _old_stats(want, [len(e.input_ids) for e in kept]).items() <= metrics.items()
 
 
 def _rows(n, seed=0):

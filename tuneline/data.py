@@ -57,10 +57,3 @@ def iter_split(split: str, batch_rows: int, root: Path = PREPARED) -> tuple[int,
         raise TunelineError(f"{path} is missing", "run the prepare stage first (dvc repro prepare)")
     f = pq.ParquetFile(path)
     return f.metadata.num_rows, (b.to_pylist() for b in f.iter_batches(batch_size=batch_rows))
-
-
-def read_rows(split: str, root: Path = TOKENIZED):
-    """Packed token rows of one split, read from disk on demand (tokendata.TokenRows)."""
-    from tuneline.tokendata import TokenRows
-
-    return TokenRows(split, root)

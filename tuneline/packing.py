@@ -139,24 +139,3 @@ def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[st
     same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
     mask = (same & causal)[:, None]  # (B, 1, T, T)
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
-
-
-def stats(rows: list[dict], lengths: list[int], seed_pad_to: int = 128) -> dict[str, float]:
-    """Packing figures for rows made from examples of `lengths` tokens.
-
-    Our pad share counts rows padded to the longest row (what collate does per batch at
-    worst); the seed's is every example padded to `seed_pad_to` (longer ones kept whole).
-    """
-    tokens = sum(len(r["input_ids"]) for r in rows)
-    trainable = sum(sum(1 for x in r["labels"] if x != IGNORE) for r in rows)
-    T = max(len(r["input_ids"]) for r in rows)
-    return {
-        "examples": len(lengths),
-        "sequences": len(rows),
-        "tokens": tokens,
-        "pad_share": 1 - tokens / (len(rows) * T),
-        "pad_share_seed_pad128": 1 - sum(lengths) / sum(max(seed_pad_to, n) for n in lengths),
-        "tokens_per_sequence": tokens / len(rows),
-        "examples_per_sequence": len(lengths) / len(rows),
-        "trainable_token_share": trainable / tokens,
-    }

@@ -112,11 +112,12 @@ def plain_text(wikicode) -> str:
     return wikicode.strip_code()
 
 
-def article_texts(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[tuple[str, str]]:
-    """(title, plain text) of each main-namespace article, streamed with a real XML parser;
-    `on_read(compressed bytes read so far)` after each page."""
-    import mwparserfromhell
+WIKI_CHUNK = 8  # articles per worker and chunk: parsing wikitext is the slow part of prepare
 
+
+def _pages(path: Path, on_read: Callable[[int], None] | None) -> Iterator[tuple[str, str]]:
+    """(title, wikitext) of each main-namespace article, streamed with a real XML parser;
+    `on_read(compressed bytes read so far)` after each page."""
     try:
         ns = title = None
         with open(path, "rb") as raw:
@@ -127,13 +128,46 @@ def article_texts(path: Path, on_read: Callable[[int], None] | None = None) -> I
                 elif tag == "ns":
                     ns = el.text
                 elif tag == "text" and ns == "0" and el.text and not el.text.startswith("#REDIRECT"):
-                    yield title or "", plain_text(mwparserfromhell.parse(el.text))
+                    yield title or "", el.text
                 elif tag == "page":
                     el.clear()  # keep memory flat on large dumps
                     if on_read:
                         on_read(raw.tell())
     except (ET.ParseError, OSError, EOFError) as e:
         raise TunelineError(f"cannot read MediaWiki dump '{path}' ({e})", "give a valid .xml.bz2 dump") from None
+
+
+def _plain(wikitext: str) -> str:
+    import mwparserfromhell
+
+    return plain_text(mwparserfromhell.parse(wikitext))
+
+
+def article_texts(
+    path: Path, on_read: Callable[[int], None] | None = None, workers: int | None = None
+) -> Iterator[tuple[str, str]]:
+    """(title, plain text) of each main-namespace article, in dump order. With several CPUs
+    the wikitext of each chunk of articles is parsed by worker processes (one chunk per
+    worker in memory at a time); a dump of one chunk is parsed here."""
+    import itertools
+    import multiprocessing
+
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    size = WIKI_CHUNK * max(workers, 1)
+    pages, pool = _pages(path, on_read), None
+    try:
+        while chunk := list(itertools.islice(pages, size)):
+            titles, texts = zip(*chunk)
+            if pool is None and workers > 1 and len(chunk) == size:  # more to come: worth the workers
+                try:
+                    pool = multiprocessing.get_context("fork").Pool(workers)  # spawn would re-run a script's __main__
+                except (AssertionError, OSError):  # e.g. inside a daemonic process: parse here
+                    workers = 1
+            plain = pool.map(_plain, texts, chunksize=1) if pool else [_plain(t) for t in texts]
+            yield from zip(titles, plain)
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 def paragraphs(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[tuple[str, str]]:
@@ -359,7 +393,9 @@ def _json_array(path: Path) -> list[dict]:
 # --- validation ------------------------------------------------------------------------
 
 
-def task_rows(batches: Iterable[list[dict]], task: Task, columns: dict[str, str], labels: list[str], where: str) -> Batches:
+def task_rows(
+    batches: Iterable[list[dict]], task: Task, columns: dict[str, str], labels: list[str], where: str
+) -> Batches:
     """Batches of rows with exactly the task's columns, all text, labels checked against
     `labels`; the column mapping is settled on the first batch."""
     names: dict[str, str | None] | None = None

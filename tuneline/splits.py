@@ -9,8 +9,8 @@ test split, the next n_val validation, the next n_train (0: all the rest) traini
 draw depends only on the examples and the seed, never on how the input is cut into files
 or batches, and an example lands in one split only. Pass 2 streams the spool into one
 Parquet file per split, in source order, filling inputs the source lacks (`Task.fill`,
-seeded per split). Memory: about 16 bytes per source row (digests and ranks), plus one
-batch.
+seeded per split). Memory: one batch, plus 8 bytes per source row (its digest) and, for
+the moment of the draw, about 40 (sorting digests and ranks).
 
 With a separate test source, an example in both is an error (or, with
 prepare.on_overlap: drop, removed from train). `tuneline evaluate --data` reads its file
@@ -82,7 +82,6 @@ class Spool:
         self.path, self.task = path, task
         self.schema = pa.schema([(c, pa.string()) for c in task.columns])
         self.digests = array("Q")
-        self.words = array("q")  # answer words per row (prepare's mean-words figures)
 
     def fill(self, batches: sources.Batches) -> Spool:
         import pyarrow as pa

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tuneline.data import TOKENIZED
 from tuneline.errors import TunelineError
 from tuneline.io import read_json
 from tuneline.packing import IGNORE, bfd
@@ -142,6 +143,11 @@ def pack_rows(ex: Examples, lengths: np.ndarray, capacity: int, packing: str, ou
                 )
             )
     return n_rows, longest
+
+
+def read_rows(split: str, root: Path = TOKENIZED) -> TokenRows:
+    """Packed token rows of one split, read from disk on demand."""
+    return TokenRows(split, root)
 
 
 class TokenRows:
