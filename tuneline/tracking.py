@@ -116,9 +116,10 @@ def setup(experiment: str) -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     db = _sqlite_path(uri)
-    if db is not None and not (db.is_file() and db.stat().st_size):
+    if db is not None:
         # A new SQLite store: one process creates its tables while the others wait (two
-        # pipelines started together would otherwise both run the schema migrations).
+        # pipelines started together would otherwise both run the schema migrations). The
+        # lock is taken every time: a store being created already has a non-empty file.
         import hashlib
 
         from tuneline.lock import machine_lock
