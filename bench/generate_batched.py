@@ -2,7 +2,7 @@
 
 Both sides call the evaluate stage's `tuneline.evaluation.generate` (prompts sorted by
 length, left padding, KV cache, greedy, stop at EOS, prompt stripped, cut at a newline) on
-the same N descramble test prompts (`splits.split_rows` with prepare.n_test=N, rendered by
+the same N descramble test prompts (`splits.write_splits` with prepare.n_test=N, rendered by
 `tasks.render`), with the same model object, precision and max_new_tokens (as
 `evaluate_model`: longest reference answer in tokens + 8, capped at evaluate.max_new_tokens).
 Only batch_size differs: 1 is what a plain `model.generate` loop per prompt does (no
@@ -32,6 +32,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,9 +44,10 @@ import torch  # noqa: E402
 from train_vs_seed import machine  # noqa: E402
 
 from tuneline import recipes, tasks  # noqa: E402
+from tuneline.data import read_split  # noqa: E402
 from tuneline.evaluation import generate  # noqa: E402
 from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
-from tuneline.splits import split_rows  # noqa: E402
+from tuneline.splits import write_splits  # noqa: E402
 
 
 def timed(model, tok, prompts, max_new: int, batch_size: int, precision: str) -> dict:
@@ -77,7 +79,9 @@ def bench(args) -> dict:
         "descramble", [f"model.name={args.model}", f"prepare.n_test={args.n}", f"evaluate.precision={args.precision}"]
     )
     task, labels = tasks.TASKS[params.prepare.task], params.prepare.labels
-    rows = split_rows(params)[0]["test"]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_splits(params, Path(tmp))
+        rows = read_split("test", Path(tmp))
     prompts, targets = (list(x) for x in zip(*(tasks.render(task, r, labels) for r in rows)))
     tok, model = load_tokenizer(args.model), load_model(args.model)  # fp32 weights, CPU
     max_new = min(params.evaluate.max_new_tokens, max(len(tok(t)["input_ids"]) for t in targets) + 8)

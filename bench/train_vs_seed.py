@@ -84,6 +84,7 @@ from tuneline import (  # noqa: E402  # noqa: E402
     modeling,  # noqa: E402
     recipes,
     tasks,
+    tokendata,
     training,
 )
 from tuneline.loss import mean_loss  # noqa: E402
@@ -244,7 +245,7 @@ def bench(args) -> dict:
         prepare.run(params)
         tokenize.run(params)
         prepared = data.read_split("train")
-        train_rows, val_rows = data.read_rows("train"), data.read_rows("val")
+        train_rows, val_rows = tokendata.read_rows("train"), tokendata.read_rows("val")
 
         n_examples = sum(len(r["seq_lens"]) for r in train_rows)
         steps_ours = training.total_steps(len(train_rows), cfg)
