@@ -90,7 +90,7 @@ def _write_prepared(root, rows, columns):
 
 
 @pytest.mark.parametrize("recipe", recipes.names())
-def test_packed_rows_equal_the_in_memory_code_on_each_recipes_smoke_slice(recipe, tmp_path, monkeypatch):
+def test_packed_rows_equal_the_in_memory_code_on_each_recipes_smoke_slice(recipe, tmp_path, monkeypatch, model_cache):
     params = recipes.build(recipe, smoke=True)
     task = tasks.TASKS[params.prepare.task]
     monkeypatch.setattr(sources, "BATCH_ROWS", 64)  # read only the head of the source
