@@ -172,7 +172,7 @@ def test_tokenize_memory_does_not_grow_with_the_corpus(packing, tmp_path, gpt2_t
     """tracemalloc's peak while tokenizing 4x the examples stays within a small factor:
     the in-memory code it replaced held every example's ids (about 4x here)."""
     peaks = []
-    for n in (20_000, 80_000):
+    for n in (10_000, 40_000):
         rows = _rows(n, seed=n)
         (tmp_path / f"{n}").mkdir()
         tracemalloc.start()
