@@ -8,6 +8,7 @@ of data), in batches of ENCODE_CHUNK, GPT-2's BPE. Run: `python bench/tokenize_p
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -28,10 +29,15 @@ def _texts(n: int) -> list[str]:
     return (texts * (n // len(texts) + 1))[:n]
 
 
-def _encode_chunks(chunks: list[list[str]], threads: bool) -> list[list[int]]:
+@functools.cache
+def _tokenizer():
     from tuneline.modeling import load_tokenizer
 
-    tok = load_tokenizer("gpt2-scratch-tiny").backend_tokenizer
+    return load_tokenizer("gpt2-scratch-tiny").backend_tokenizer  # loaded once per process
+
+
+def _encode_chunks(chunks: list[list[str]], threads: bool) -> list[list[int]]:
+    tok = _tokenizer()
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
     return [e.ids for c in chunks for e in tok.encode_batch_fast(c, add_special_tokens=False)]
 
@@ -51,7 +57,7 @@ def main() -> None:
         t = time.perf_counter()
         if name == "num_proc":
             n = os.cpu_count() or 1
-            with multiprocessing.get_context("fork").Pool(n) as pool:
+            with multiprocessing.get_context("fork").Pool(n) as pool:  # workers inherit the loaded tokenizer
                 ids[name] = [x for part in pool.map(_worker, chunks) for x in part]
         else:
             ids[name] = _encode_chunks(chunks, threads=name == "rust threads")
