@@ -1,10 +1,11 @@
 import bz2
 import os
 
+import pyarrow.parquet as pq
 import pytest
 
 from components import prepare
-from tuneline import sources, tasks
+from tuneline import sources, splits, tasks
 from tuneline.config import parse_params
 from tuneline.data import SPLITS, read_split
 from tuneline.errors import TunelineError
@@ -94,6 +95,7 @@ def test_splits_do_not_depend_on_how_the_input_is_cut(tmp_path, monkeypatch):
     for k in range(5):
         (data / f"shard{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[k * 68 : (k + 1) * 68]))
     cfg = {"task": "classify", "labels": ["neg", "pos"], "n_train": 200, "n_val": 20, "n_test": 30}
+    monkeypatch.setattr(splits, "ROW_GROUP_CHARS", 1000)  # several row groups, cut by text size
     got = []
     for source, batch in ((data / "all.jsonl", 100_000), (data / "all.jsonl", 7), (data / "shard*.jsonl", 100_000)):
         out = tmp_path / f"run{len(got)}"
@@ -104,6 +106,7 @@ def test_splits_do_not_depend_on_how_the_input_is_cut(tmp_path, monkeypatch):
         assert m["duplicates_removed"] == 40
         got.append(_outputs(out))
     assert got[0] == got[1] == got[2]
+    assert pq.ParquetFile(tmp_path / "run0/data/prepared/train.parquet").num_row_groups > 3
     texts = {s: {r["text"] for r in read_split(s)} for s in SPLITS}
     assert [len(texts[s]) for s in ("train", "val", "test")] == [200, 20, 30]  # unique rows, one split each
     assert not (texts["train"] & texts["val"] or texts["train"] & texts["test"] or texts["val"] & texts["test"])

@@ -32,7 +32,11 @@ from tuneline.config import Params
 from tuneline.errors import TunelineError
 
 SPLIT_IDS = {"train": 1, "val": 2, "test": 3}  # 0: not used (a duplicate, an overlap, beyond n_train)
-ROW_GROUP = 50_000  # rows per Parquet row group: fixed, so the files' bytes never depend on batching
+# A Parquet row group ends at ROW_GROUP rows or ROW_GROUP_CHARS characters of text, whichever
+# comes first: a function of the rows alone, so the files' bytes never depend on batching,
+# and memory (here, and in readers, which decode a group at a time) stays bounded.
+ROW_GROUP = 50_000
+ROW_GROUP_CHARS = 1 << 26
 
 
 def source_rows(spec: str, params: Params, where: str) -> tuple[sources.Batches, dict]:
@@ -209,28 +213,30 @@ def write_splits(params: Params, out: Path) -> dict:
 
 
 class _Writer:
-    """Parquet rows written in row groups of exactly ROW_GROUP rows (the last one shorter)."""
+    """Parquet rows written in row groups cut by ROW_GROUP / ROW_GROUP_CHARS."""
 
     def __init__(self, path: Path, schema):
         import pyarrow.parquet as pq
 
-        self.schema, self.rows = schema, []
+        self.schema, self.rows, self.chars = schema, [], 0
         self.w = pq.ParquetWriter(path, schema)
 
     def add(self, rows: list[dict]) -> None:
-        self.rows += rows
-        while len(self.rows) >= ROW_GROUP:
-            self._flush(self.rows[:ROW_GROUP])
-            self.rows = self.rows[ROW_GROUP:]
+        for r in rows:
+            self.rows.append(r)
+            self.chars += sum(len(r[c]) for c in self.schema.names)
+            if len(self.rows) >= ROW_GROUP or self.chars >= ROW_GROUP_CHARS:
+                self._flush()
 
-    def _flush(self, rows: list[dict]) -> None:
+    def _flush(self) -> None:
         import pyarrow as pa
 
-        self.w.write_table(pa.table({c: [r[c] for r in rows] for c in self.schema.names}, self.schema))
+        self.w.write_table(pa.table({c: [r[c] for r in self.rows] for c in self.schema.names}, self.schema))
+        self.rows, self.chars = [], 0
 
     def close(self) -> None:
         if self.rows:
-            self._flush(self.rows)
+            self._flush()
         self.w.close()
 
 
