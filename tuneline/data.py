@@ -56,4 +56,9 @@ def iter_split(split: str, batch_rows: int, root: Path = PREPARED) -> tuple[int,
     if not path.is_file():
         raise TunelineError(f"{path} is missing", "run the prepare stage first (dvc repro prepare)")
     f = pq.ParquetFile(path)
-    return f.metadata.num_rows, (b.to_pylist() for b in f.iter_batches(batch_size=batch_rows))
+    # One row group at a time (prepare bounds their size): `iter_batches` kept every decoded
+    # batch's buffers in Arrow's pool, so its memory grew with the file.
+    batches = (
+        b.to_pylist() for g in range(f.num_row_groups) for b in f.read_row_group(g).to_batches(max_chunksize=batch_rows)
+    )
+    return f.metadata.num_rows, batches

@@ -322,9 +322,11 @@ def _read(path: Path) -> Batches:
     if ext == ".parquet":
         import pyarrow.parquet as pq
 
-        try:
-            for b in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-                yield b.to_pylist()
+        try:  # a row group at a time: iter_batches keeps what it decoded in Arrow's pool
+            f = pq.ParquetFile(path)
+            for g in range(f.num_row_groups):
+                for b in f.read_row_group(g).to_batches(max_chunksize=BATCH_ROWS):
+                    yield b.to_pylist()
         except Exception as e:
             raise TunelineError(f"{path} is not a readable Parquet file ({e})", "re-export the file") from None
     elif ext == ".csv":
