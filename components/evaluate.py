@@ -23,8 +23,17 @@ from dataclasses import asdict
 
 from tuneline import scoring, tasks
 from tuneline.config import Params
-from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file, read_split
-from tuneline.evaluation import compare, evaluate_base, evaluate_model, examples_key, metrics_of, prompts_and_targets
+from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
+from tuneline.errors import TunelineError
+from tuneline.evaluation import (
+    compare,
+    evaluate_base,
+    evaluate_model,
+    examples_key,
+    metrics_of,
+    prompts_and_targets,
+    test_rows,
+)
 from tuneline.io import write_json, write_text
 from tuneline.modeling import load_model, load_tokenizer
 
@@ -34,6 +43,7 @@ PARAMS = (
     "prepare.task",
     "prepare.labels",
     "tokenize.max_length",
+    "tokenize.overlong",
     "tokenize.packing",
     "evaluate.batch_size",
     "evaluate.num_beams",
@@ -57,7 +67,11 @@ def run(params: Params) -> dict:
     from tuneline.tracking import log_figure, log_metrics, log_table
 
     task = tasks.TASKS[params.prepare.task]
-    rows = read_split("test")
+    rows, dropped = test_rows(params)
+    if not rows:
+        raise TunelineError(
+            "evaluate: every test example is longer than the model has positions for", "shorten the test rows"
+        )
     evs: dict[str, dict] = {}
     print(f"[evaluate] base model ({params.model.name}) on {len(rows)} test examples", flush=True)
     evs["base"] = evaluate_base(rows, params)
@@ -70,7 +84,12 @@ def run(params: Params) -> dict:
     results["delta"] = {k: results["tuned"][k] - results["base"][k] for k in task.metrics}
     comparison = compare(evs["tuned"], evs["base"], rows, params)
     print(f"[evaluate] tuned vs base, {_show(comparison)}", flush=True)
-    results |= {"primary_metric": params.primary_metric(), "n_examples": len(rows), "tuned_vs_base": asdict(comparison)}
+    results |= {
+        "primary_metric": params.primary_metric(),
+        "n_examples": len(rows),
+        "n_dropped_overlong": dropped,
+        "tuned_vs_base": asdict(comparison),
+    }
     key = examples_key(rows, params)
     write_json(EVAL_EXAMPLES, {"examples_key": key, "model": params.model.name, **evs})
     write_json(metrics_file("evaluate"), results)

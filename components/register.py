@@ -10,9 +10,9 @@ from pathlib import Path
 
 from tuneline import gate, registry
 from tuneline.config import Params
-from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file, read_split
+from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
 from tuneline.errors import TunelineError
-from tuneline.evaluation import examples_key
+from tuneline.evaluation import examples_key, test_rows
 from tuneline.io import read_json
 
 # The gate's params (those that say which evaluation it compares, too: `examples_key`), and
@@ -27,6 +27,7 @@ PARAMS = (
     "train.lora_alpha",
     "train.lora_layers",
     "tokenize.max_length",
+    "tokenize.overlong",
     "tokenize.packing",
     "evaluate.num_beams",
     "evaluate.precision",
@@ -50,7 +51,7 @@ def _inputs(params: Params) -> tuple[dict, dict, list[dict]]:
     evals = metrics_file("evaluate")
     if not (MERGED / "config.json").is_file() or not evals.is_file() or not EVAL_EXAMPLES.is_file():
         raise TunelineError("register: the trained model or the evaluation results are missing", fix)
-    rows = read_split("test")
+    rows, _ = test_rows(params)
     record = read_json(EVAL_EXAMPLES)
     if record.get("examples_key") != examples_key(rows, params):
         raise TunelineError("register: the evaluation results are for other test examples or settings", fix)

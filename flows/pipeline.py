@@ -30,17 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from prefect import flow, runtime, task
 from prefect.states import Completed, Failed, State
 
-from tuneline import ROOT, recipes
-from tuneline.config import Params
+from tuneline import ROOT, preflight, recipes
+from tuneline.config import Params, read_yaml
 from tuneline.data import LINEAGE, TOKENIZED_META
 from tuneline.errors import TunelineError
-from tuneline.io import read_json, write_text
+from tuneline.io import read_json, rewrite_user_file
 from tuneline.stages import ERROR_FILE, stage_names
-from tuneline.tracking import PARENT_ENV, check_store, start_parent
+from tuneline.tracking import PARENT_ENV, start_parent
 
 
 class _OneLine(logging.Filter):
@@ -107,14 +106,28 @@ def in_process(name: str, params: Params) -> str:
     return "ran"
 
 
-@task(name="write-params", task_run_name="write params.yaml", retries=2, retry_delay_seconds=1)
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O failures, never a one-line user error (a read-only file stays read-only)."""
+    return not isinstance(state.result(raise_on_failure=False), TunelineError)
+
+
+@task(
+    name="write-params",
+    task_run_name="write params.yaml",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=_transient,
+)
 def write_params(params: Params, header: str) -> bool:
     """Write params.yaml if its values differ (a nightly run of the same recipe leaves the
     file, and so `git diff`, alone). Returns whether it was written."""
     path = ROOT / "params.yaml"
-    if path.is_file() and (yaml.safe_load(path.read_text()) or {}) == params.model_dump(mode="json"):
-        return False
-    write_text(path, recipes.dump(params, header))
+    try:
+        if read_yaml(path, "params.yaml") == params.model_dump(mode="json"):
+            return False
+    except TunelineError:  # missing, empty or broken: a recipe replaces it whole
+        pass
+    rewrite_user_file(path, recipes.dump(params, header))
     return True
 
 
@@ -248,6 +261,7 @@ def save_experiment(name: str, command: str) -> str | None:
 
 
 SKIPPED = "skipped: nothing changed"
+INTERRUPTED = "interrupted. Fix: re-run the same command; finished stages and checkpoints are reused"
 
 
 def command(recipe: str | None, overrides: list[str]) -> str:
@@ -270,6 +284,8 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
         return _pipeline(recipe, list(overrides or []), smoke)
     except TunelineError as e:
         return Failed(message=str(e), data={"exit_code": 2})
+    except KeyboardInterrupt:  # Ctrl-C outside a stage process (a stage reports its own, exit 130)
+        return Failed(message=INTERRUPTED, data={"exit_code": 130})
     except OSError as e:  # a full disk or read-only project while writing params.yaml or dvc.lock
         known = from_os_error(e, "tuneline run")
         if known is None:
@@ -283,22 +299,35 @@ def _pipeline(recipe: str | None, overrides: list[str], smoke: bool):
         path = ROOT / "params.yaml"
         if not path.is_file():
             raise TunelineError("params.yaml not found", "run from the project root, or pass --recipe NAME")
-        base = yaml.safe_load(path.read_text()) or {}
+        base = read_yaml(path, "params.yaml")
     params = recipes.build(recipe, overrides, smoke, base)  # validate before any work
-    check_store()  # an unreachable MLflow store fails now, not after training
+    preflight.check(params)  # the model, LoRA targets, the registered name, the store: before params.yaml is written
     forced: dict[str, str] = {}
-    if not smoke:
-        if recipe or overrides:
-            write_params(
-                params,
-                f"Written by `{command(recipe, overrides)}` ({time.strftime('%Y-%m-%d %H:%M')}).\n"
-                "Edit it and run `tuneline run` or `dvc repro`; `git diff params.yaml` shows the change.",
-            )
-        forced = changed_inputs(params)
-        if not forced and not outdated_stages():
-            print(f"[tuneline] {SKIPPED}: data, params and code match dvc.lock; nothing trained")
-            return Completed(name="Skipped", message=SKIPPED, data={name: "skipped" for name in stage_names()})
-    return _execute(params, recipe, overrides, smoke, forced)
+    status: dict[str, str] = {}
+    path = ROOT / "params.yaml"
+    previous = path.read_text() if path.is_file() else None
+    wrote, result = False, None
+    try:
+        if not smoke:
+            if recipe or overrides:
+                wrote = write_params(
+                    params,
+                    f"Written by `{command(recipe, overrides)}` ({time.strftime('%Y-%m-%d %H:%M')}).\n"
+                    "Edit it and run `tuneline run` or `dvc repro`; `git diff params.yaml` shows the change.",
+                )
+            forced = changed_inputs(params)
+            if not forced and not outdated_stages():
+                print(f"[tuneline] {SKIPPED}: data, params and code match dvc.lock; nothing trained")
+                result = Completed(name="Skipped", message=SKIPPED, data={name: "skipped" for name in stage_names()})
+                return result
+        result = _execute(params, recipe, overrides, smoke, forced, status)
+        return result
+    finally:
+        # Refused before any stage finished (bad data, a stage's own check, Ctrl-C): the
+        # values that were refused do not stay in params.yaml; nothing was built with them.
+        refused = result is None or (isinstance(result, State) and result.is_failed())
+        if wrote and previous is not None and refused and "ran" not in status.values():
+            rewrite_user_file(path, previous)
 
 
 def tag_request(client, parent: str, recipe: str | None, overrides: list[str]) -> None:
@@ -313,7 +342,10 @@ def tag_request(client, parent: str, recipe: str | None, overrides: list[str]) -
         client.set_tag(parent, "prefect.flow_run_id", flow_run)
 
 
-def _execute(params: Params, recipe: str | None, overrides: list[str], smoke: bool, forced: dict[str, str]):
+def _execute(
+    params: Params, recipe: str | None, overrides: list[str], smoke: bool, forced: dict[str, str], status: dict
+):
+    """Run the stages in order, recording each one's 'ran' or 'skipped' in `status`."""
     from mlflow import MlflowClient
 
     parent = start_parent(params, "smoke" if smoke else "prefect")
@@ -321,8 +353,8 @@ def _execute(params: Params, recipe: str | None, overrides: list[str], smoke: bo
     tag_request(client, parent, recipe, overrides)
     # Stage processes find the parent through the environment; `python` must be this one.
     os.environ[PARENT_ENV] = parent
+    os.environ[preflight.PASSED_ENV] = preflight.key(params)  # checked in _pipeline, not again per stage
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    status: dict[str, str] = {}
     t0, cwd = time.time(), os.getcwd()
     try:
         if smoke:
@@ -337,6 +369,8 @@ def _execute(params: Params, recipe: str | None, overrides: list[str], smoke: bo
                 if name in forced:
                     print(f"[tuneline] {forced[name]}: running {name} again")
                 state = reproduce(name, name in forced, return_state=True)
+                if state.is_crashed():  # Ctrl-C reached this process while DVC started the stage
+                    raise KeyboardInterrupt
                 if state.is_failed():  # the stage's one line becomes the flow run's message
                     client.set_tag(
                         parent,
@@ -357,6 +391,7 @@ def _execute(params: Params, recipe: str | None, overrides: list[str], smoke: bo
     finally:
         os.chdir(cwd)
         os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(preflight.PASSED_ENV, None)
     client.set_tag(parent, "tuneline.stages", ", ".join(f"{k}={v}" for k, v in status.items()))
     client.log_metric(parent, "pipeline_wall_s", time.time() - t0)
     if not smoke and "ran" in status.values():

@@ -125,7 +125,7 @@ def test_a_missing_data_file_or_version_is_one_line(tmp_path):
     proc = _cli("promote", "4", "--reason", "try", cwd=work)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "INFO" not in line]
     assert proc.returncode == 2 and lines == [
-        "error: model 'descrambler' has no version 4. Fix: choose one of: (none registered)"
+        "error: no registered model 'descrambler'. Fix: run the pipeline first (`tuneline run`)"
     ]
 
 
@@ -139,6 +139,7 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_is_saved(tmp_path, mo
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(registry, "history", broken)
+    monkeypatch.setattr(registry, "require_model", lambda client, name: None)
     monkeypatch.setattr(tuneline, "ROOT", tmp_path)  # where .cache/errors/ goes
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setattr(sys, "argv", ["tuneline", "history", "--name", "m"])
@@ -155,3 +156,68 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_is_saved(tmp_path, mo
     monkeypatch.setattr(sys, "argv", ["tuneline", "--debug", "history", "--name", "m"])
     with pytest.raises(ZeroDivisionError):
         cli.main()
+
+
+def test_doctor_calls_an_empty_params_file_invalid(tmp_path):
+    (tmp_path / "params.yaml").write_text("# nothing but a comment\n")
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    proc = _cli("doctor", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "FAIL params.yaml: params.yaml is empty" in proc.stdout
+
+
+def _interrupt(proj, sets: list[str], after: list[str], delay: float):
+    """`tuneline run` in a process group of its own, as a terminal runs it; `delay` s after
+    its output has shown each marker of `after` in turn, SIGINT goes to the whole group
+    (Ctrl-C). Returns (exit code, seconds from SIGINT to exit, all output)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneline.cli", "run", *(a for s in sets for a in ("--set", s))],
+        cwd=proj.root,
+        env=proj.env,  # no PREFECT_API_URL: the temporary Prefect server, which Ctrl-C used to kill
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen, waiting = [], list(after)
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if waiting and waiting[0] in line:
+                waiting.pop(0)
+                if not waiting:
+                    break
+        assert not waiting, "".join(seen[-40:])
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        t = time.time()
+        rest, _ = proc.communicate(timeout=120)
+        return proc.returncode, time.time() - t, "".join(seen) + rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_during_tokenize_or_train_ends_the_run_in_seconds_and_a_rerun_resumes(built, tmp_path):
+    import sqlite3
+
+    from conftest import copy_project
+
+    proj = copy_project(built, tmp_path / "proj")
+    sets = ["tokenize.max_length=128", "train.max_steps=30"]  # tokenize onwards must run again
+    # in tokenize once its process is importing its libraries; in train once a checkpoint is written
+    for after, delay in ((["Running stage 'tokenize'"], 1.5), (["val_loss", "[train] step"], 0)):
+        code, took, said = _interrupt(proj, sets, after, delay)
+        errors = [line for line in said.splitlines() if line.startswith("error:")]
+        assert code == 130 and took < 10, (code, took, said[-3000:])
+        assert len(errors) == 1 and "interrupted" in errors[0], said[-3000:]
+        assert "ConnectError" not in said and "Traceback" not in said, said[-3000:]
+    with sqlite3.connect(proj.root / ".prefect" / "prefect.db") as db:
+        states = db.execute("SELECT state_type FROM flow_run").fetchall()
+    assert states and ("RUNNING",) not in states
+    done = proj.run(sys.executable, "-m", "dvc", "repro", "train")  # the interrupted stage, run again
+    assert "resuming from checkpoint at step" in done.stdout, done.stdout[-3000:]

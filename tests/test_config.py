@@ -45,7 +45,7 @@ def test_bad_values_name_the_key(raw, key):
     [
         (
             {"train": {"lr": -1}},
-            "'train.lr' must be a number > 0 and <= 1.0 (got -1). Fix: set 'train.lr' to a number "
+            "'train.lr' must be a finite number > 0 and <= 1.0 (got -1). Fix: set 'train.lr' to a finite number "
             "> 0 and <= 1.0 (default: 0.002)",
         ),
         ({"tokenize": {"max_length": 99999}}, "'tokenize.max_length' must be an integer >= 16 and <= 8192 (got 99999)"),

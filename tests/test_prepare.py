@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import prepare
-from tuneline import sources, splits, tasks
+from tuneline import sources, splits, tasks, wikidump
 from tuneline.config import parse_params
 from tuneline.data import SPLITS, read_split
 from tuneline.errors import TunelineError
@@ -38,7 +38,7 @@ def test_wikitext_is_parsed_and_only_clean_sentences_kept(tmp_path):
             {"title": "Talk:Aardvark", "ns": 1, "text": "This talk page sentence is long enough to keep."},
         ],
     )
-    got = tasks.clean_sentences((t for _, t in sources.article_texts(dump)), 6, 30)
+    got = tasks.clean_sentences((t for _, t in wikidump.article_texts(dump)), 6, 30)
     assert got == [
         "Aardvarks are burrowing mammals that live in Africa today.",
         "They eat ants and termites at night with long sticky tongues.",

@@ -31,7 +31,8 @@ def _write(path, rows):
 
 
 def _rows(batches):
-    return [r for batch in batches for r in batch]
+    """The rows' columns (without the file line each CSV/JSONL row carries for messages)."""
+    return [{k: v for k, v in r.items() if k != sources.LINE} for batch in batches for r in batch]
 
 
 def _task_rows(rows, task, columns, labels):
@@ -79,15 +80,20 @@ BAD = [
         "missing column",
         [{"txt": "a", "label": "pos"}] * 5,
         None,
-        r"missing column 'text' for the classify task \(it has: label, txt\).*prepare.columns.text",
+        r"missing column 'text' for the classify task \(it has: 'label', 'txt'\).*did you mean 'txt'.*prepare.columns.text",
     ),
-    ("wrong type", [{"text": 5, "label": "pos"}] * 5, None, r"column 'text' must be text, but row 0 holds int"),
+    (
+        "wrong type",
+        [{"text": 5, "label": "pos"}] * 5,
+        None,
+        r"column 'text' must be text, but train.jsonl line 1 holds int",
+    ),
     ("empty split", [], None, r"has no rows"),
     (
         "label outside the set",
         ROWS[:5] + [{"text": "odd", "label": "meh"}],
         None,
-        r"row 5 has label 'meh', outside the declared set \['neg', 'pos'\].*add it to prepare.labels",
+        r"train.jsonl line 6 has label 'meh', outside the declared set \['neg', 'pos'\].*add it to prepare.labels",
     ),
     (
         "in two splits",

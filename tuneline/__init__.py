@@ -8,7 +8,34 @@ user already exported win.
 import os
 from pathlib import Path
 
-ROOT = Path(os.environ.get("TUNELINE_ROOT", Path.cwd())).resolve()
+
+def find_root(start: Path) -> Path:
+    """The project root, found as git finds its repository: the nearest directory, from
+    `start` upwards, holding a dvc.yaml. Outside any project, `start` itself (commands that
+    need a project then refuse: see `require_project`)."""
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return start
+
+
+ROOT = (
+    Path(os.environ["TUNELINE_ROOT"]).resolve() if os.environ.get("TUNELINE_ROOT") else find_root(Path.cwd().resolve())
+)
+
+
+def require_project() -> Path:
+    """ROOT, or a one-line error when no tuneline project holds the working directory (so a
+    command never creates a new empty mlflow.db or params.yaml somewhere else)."""
+    if not (ROOT / "dvc.yaml").is_file():
+        from tuneline.errors import TunelineError
+
+        raise TunelineError(
+            f"not inside a tuneline project: no dvc.yaml in {ROOT} or any folder above it",
+            "cd into the project (the clone of tuneline) or set TUNELINE_ROOT to it",
+        )
+    return ROOT
+
 
 _ENV_DEFAULTS = {
     # Without this MLflow/transformers retry the unreachable hub for ~47 s.

@@ -64,20 +64,36 @@ def run(
 ) -> None:
     """Run the pipeline (a Prefect flow); stages whose inputs are unchanged are skipped."""
     try:
-        # Validate before anything starts (the flow validates again: it can be run alone).
-        _params(recipe, sets, smoke)
-        from tuneline.secrets import redact
-        from tuneline.tracking import check_store, tracking_uri
+        from tuneline import preflight, require_project
+        from tuneline.lock import project_lock
 
-        check_store()
-        from flows.pipeline import pipeline
+        with project_lock(require_project()):
+            # Validate before anything starts (the flow checks again: it can be run alone).
+            preflight.check(_params(recipe, sets, smoke))
+            api = os.environ.get("PREFECT_API_URL")
+            if not api:  # Ctrl-C must not kill the temporary server with the stage
+                servers.detach_temporary_prefect_server()
+            elif not servers.answers(f"{api.rstrip('/')}/health", timeout=5):  # Prefect would retry it for minutes
+                raise TunelineError(
+                    f"the Prefect server at PREFECT_API_URL={api} does not answer",
+                    "start it (`tuneline ui`), or unset PREFECT_API_URL to use a temporary one",
+                )
+            from flows.pipeline import pipeline
+            from tuneline.secrets import redact
+            from tuneline.tracking import tracking_uri
 
-        t = time.time()
-        state = pipeline(recipe=recipe, overrides=list(sets), smoke=smoke, return_state=True)
+            t = time.time()
+            state = pipeline(recipe=recipe, overrides=list(sets), smoke=smoke, return_state=True)
     except TunelineError as e:
         _fail(e)
         return
+    except KeyboardInterrupt:  # typer would exit 130 without a word
+        print_error("interrupted. Fix: re-run the same command; finished stages and checkpoints are reused")
+        raise typer.Exit(130) from None
     if not state.is_completed():  # the flow's message is the one line naming the problem and the fix
+        if state.is_crashed() and "interrupt" in (state.message or ""):  # Ctrl-C between two stages
+            print_error("interrupted. Fix: re-run the same command; finished stages and checkpoints are reused")
+            raise typer.Exit(130)
         failed = state.result(raise_on_failure=False)
         if isinstance(failed, BaseException) and not isinstance(failed, TunelineError):
             raise failed  # unforeseen: main() prints one line and saves the traceback
@@ -136,23 +152,57 @@ def predict(
     try:
         import mlflow
 
-        from tuneline.config import load_params
-        from tuneline.tracking import tracking_uri
+        from tuneline import registry
 
-        uri = model or f"models:/{load_params(ROOT / 'params.yaml').register.model_name}@champion"
-        mlflow.set_tracking_uri(tracking_uri())
+        if not text.strip():
+            raise TunelineError(
+                "the input is empty, so there is nothing to answer",
+                'give the text, e.g. tuneline predict "sat the cat mat. on the"',
+            )
+        client = _client()
+        uri = model
+        if uri is None:
+            name = _model_name(None)
+            registry.require_model(client, name)
+            if registry.champion(client, name) is None:
+                raise TunelineError(
+                    f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
+                )
+            uri = f"models:/{name}@champion"
         try:
             loaded = mlflow.pyfunc.load_model(uri)
         except Exception as e:  # MlflowException, missing artifacts
             raise TunelineError(
                 f"cannot load '{uri}' ({str(e).splitlines()[0][:120]})",
-                "run `make run` (or `tuneline run`) first to register a champion",
+                "check the URI with `tuneline history` or the MLflow UI",
             ) from None
+        _check_length(loaded, text)
         # The registered model carries its task's prompt template; the request fills it.
         answer = loaded.predict([text])
         out.print(str(answer[0] if isinstance(answer, list) else answer).strip())
     except TunelineError as e:
         _fail(e)
+
+
+def _check_length(loaded, text: str) -> None:
+    """Refuse, in one line, an input the model has no positions for (templated prompt plus
+    the answer budget); generation would crash on it. A lone input is never cut silently."""
+    from tuneline.modeling import position_limit
+
+    impl = getattr(loaded, "_model_impl", None)  # mlflow.transformers' pyfunc wrapper
+    pipe = getattr(impl, "pipeline", None)
+    if pipe is None or getattr(pipe, "tokenizer", None) is None:
+        return
+    limit = position_limit(pipe.model.config)
+    template = getattr(impl, "prompt_template", None) or "{prompt}"
+    budget = int((getattr(impl, "model_config", None) or {}).get("max_new_tokens", 0))
+    n = len(pipe.tokenizer(template.replace("{prompt}", text))["input_ids"])
+    if limit is not None and n + budget > limit:
+        raise TunelineError(
+            f"the input is {n} tokens with its template; with {budget} tokens for the answer the model has "
+            f"positions for {limit}",
+            f"shorten it to under {limit - budget - (n - len(pipe.tokenizer(text)['input_ids']))} tokens",
+        )
 
 
 def _params(recipe: str | None, sets: list[str], smoke: bool = False):
@@ -164,9 +214,10 @@ def _params(recipe: str | None, sets: list[str], smoke: bool = False):
 
 
 def _model_name(name: str | None) -> str:
+    from tuneline import require_project
     from tuneline.config import load_params
 
-    return name or load_params(ROOT / "params.yaml").register.model_name
+    return name or load_params(require_project() / "params.yaml").register.model_name
 
 
 @app.command()
@@ -211,6 +262,16 @@ def evaluate(
         from tuneline.secrets import redact
         from tuneline.tracking import log_params, setup
 
+        if limit < 0:
+            raise TunelineError(f"--limit {limit} is negative", "give 0 (every example) or how many to evaluate")
+        if output is not None and output.is_dir():
+            raise TunelineError(
+                f"--out '{output}' is a folder; the evaluation is saved as one JSON file",
+                f"give a file path, e.g. --out {output / 'evaluation.json'}",
+            )
+        from tuneline import require_project
+
+        require_project()
         params = _params(recipe, sets)
         result = evaluate_file(model, params, data, limit)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{Path(data).stem}").strip("_")
@@ -247,7 +308,7 @@ def promote(
     """Move the `champion` alias to VERSION by hand; who, when and why are recorded."""
     from tuneline import registry
 
-    _move(lambda client, n: registry.promote(client, n, version, reason), name)
+    _move(lambda client, n: registry.promote(client, n, version, reason.strip()), name, reason)
 
 
 @app.command()
@@ -258,23 +319,39 @@ def rollback(
     """Move `champion` back to the version that was champion before the current one."""
     from tuneline import registry
 
-    _move(lambda client, n: registry.rollback(client, n, reason), name)
+    _move(lambda client, n: registry.rollback(client, n, reason.strip()), name, reason)
 
 
-def _move(fn, name: str | None) -> None:
+def _client():
+    """An MLflow client on the checked store. The default store is the project's mlflow.db,
+    so without MLFLOW_TRACKING_URI the command must run inside the project."""
+    import mlflow
+
+    from tuneline import require_project
+    from tuneline.tracking import check_store, tracking_uri
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        require_project()
+    check_store()
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def _move(fn, name: str | None, reason: str) -> None:
+    from tuneline import registry
+
     try:
-        import mlflow
-
-        from tuneline.tracking import tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri())
+        registry.check_reason(reason)
+        client = _client()
         name = _model_name(name)
-        event = fn(mlflow.MlflowClient(), name)
+        registry.require_model(client, name)
+        event = fn(client, name)
     except TunelineError as e:
         _fail(e)
         return
+    before = f"v{event['previous']}" if event["previous"] else "none"
     out.print(
-        f"{name}: champion v{event['previous']} -> v{event['version']} ({event['action']} by {event['who']} "
+        f"{name}: champion {before} -> v{event['version']} ({event['action']} by {event['who']} "
         f"at {event['when']}: {event['why']})"
     )
 
@@ -283,14 +360,12 @@ def _move(fn, name: str | None) -> None:
 def history(name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
     """Every move of the `champion` alias: when, who, what and why."""
     try:
-        import mlflow
-
         from tuneline import registry
-        from tuneline.tracking import tracking_uri
 
-        mlflow.set_tracking_uri(tracking_uri())
+        client = _client()
         name = _model_name(name)
-        events = registry.history(mlflow.MlflowClient(), name)
+        registry.require_model(client, name)
+        events = registry.history(client, name)
     except TunelineError as e:
         _fail(e)
         return
@@ -320,8 +395,10 @@ def schedule(
     Uses the Prefect server of `tuneline ui` (or PREFECT_API_URL), and starts one on
     127.0.0.1:4200 if none is up. `prefect.yaml` deploys the same flow to a work pool."""
     from flows.schedule import schedule as schedule_flow
+    from tuneline import require_project
 
     try:
+        require_project()
         schedule_flow(cron, recipe, list(sets), name, say=out.print)
     except TunelineError as e:
         _fail(e)
@@ -353,6 +430,9 @@ def ui(
 
     store = tracking_uri()
     try:
+        from tuneline import require_project
+
+        require_project()  # it serves the project's store and flow runs: never a new empty one elsewhere
         servers.check_ports(
             host, {"MLflow": ("--mlflow-port", mlflow_port), "Prefect": ("--prefect-port", prefect_port)}
         )
@@ -430,6 +510,9 @@ def main() -> None:
 
     try:
         app()
+    except KeyboardInterrupt:  # Ctrl-C outside a stage (a stage reports its own and exits 130)
+        print_error("interrupted. Fix: re-run the same command; finished stages and checkpoints are reused")
+        sys.exit(130)
     except Exception as e:  # not a TunelineError: those exit through _fail
         if _state["debug"] or debug():
             raise

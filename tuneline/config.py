@@ -22,7 +22,8 @@ PARAMS_FILE = "params.yaml"
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/nan pass `gt=0` (`train.epochs: .inf` would loop forever): numbers must be finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelCfg(_Group):
@@ -227,7 +228,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
 
     class Params(_Group):
-        seed: int = Field(42, description="Seeds data scrambling, splits, init and data order.")
+        # The range is what every consumer accepts: numpy's generators (the bootstrap) refuse
+        # negative seeds, torch.manual_seed anything past 64 bits.
+        seed: int = Field(42, ge=0, le=2**64 - 1, description="Seeds data scrambling, splits, init and data order.")
         model: ModelCfg = ModelCfg()
         prepare: PrepareCfg = PrepareCfg()
         tokenize: TokenizeCfg = TokenizeCfg()
@@ -293,7 +296,7 @@ def _allowed(field) -> str | None:
     choices = _choices(field)
     if choices:
         return "one of " + ", ".join(repr(c) for c in choices)
-    kind = {int: "an integer", float: "a number", bool: "true or false"}.get(field.annotation)
+    kind = {int: "an integer", float: "a finite number", bool: "true or false"}.get(field.annotation)
     if kind is None:
         return None
     ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -351,11 +354,56 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     shown = os.path.relpath(path) if path.is_absolute() and not os.path.relpath(path).startswith("..") else str(path)
     if not path.is_file():
         raise TunelineError(f"params file '{path}' not found", "run from the project root, where params.yaml lives")
+    return parse_params(read_yaml(path, shown), shown)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently; DVC then refuses the whole file)."""
+
+
+def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise TunelineError(
+                f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})",
+                "keep one of them (the file must name each key once)",
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: Path, shown: str, allow_empty: bool = False) -> dict:
+    """A params-style YAML file as a mapping, or one line naming what is wrong with it.
+    `allow_empty`: a file of comments only means "all defaults" (a recipe may be one)."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TunelineError(f"{shown} is not UTF-8 text (byte {e.start})", "save it as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except TunelineError as e:
+        raise TunelineError(f"{shown}: {e.problem}", e.fix) from None
     except yaml.YAMLError as e:
         raise TunelineError(f"{shown} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None
-    return parse_params(raw, shown)
+    if raw is None and allow_empty:
+        return {}
+    if raw is None:
+        raise TunelineError(
+            f"{shown} is empty",
+            "restore it (`git checkout params.yaml`) or write one with `tuneline run --recipe NAME`",
+        )
+    if not isinstance(raw, dict):
+        raise TunelineError(
+            f"{shown} must be a mapping of stage groups (train:, prepare:, ...), not a {type(raw).__name__}",
+            "restore it (`git checkout params.yaml`) or write one with `tuneline run --recipe NAME`",
+        )
+    return raw
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -50,7 +50,22 @@ def preflight(say: Callable[[str], None]) -> bool:
         f"{shared if shared.is_dir() else '../shared/data not found; only recipes that read it need it'}"
     )
     check("params.yaml", lambda: f"valid (model.name={load_params(ROOT / 'params.yaml').model.name})")
-    check("MLflow store", tracking_uri)
+
+    def run_preflight():
+        from tuneline import preflight
+
+        preflight.check(load_params(ROOT / "params.yaml"), store=False)
+        return "the model's config loads, max_length fits its positions, LoRA targets and the registered name are valid"
+
+    def store():
+        from tuneline.secrets import redact
+        from tuneline.tracking import check_store
+
+        check_store()
+        return f"{redact(tracking_uri())} answers"
+
+    check("preflight", run_preflight)
+    check("MLflow store", store)
     try:
         import torch
 

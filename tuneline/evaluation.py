@@ -25,7 +25,7 @@ from tuneline.io import read_json, write_json
 from tuneline.loss import example_totals
 from tuneline.modeling import autocast, cache_dir, device, load_model, load_tokenizer
 from tuneline.packing import concat, pack_groups
-from tuneline.tokenization import encode_rows
+from tuneline.tokenization import encode_batch, encode_rows
 
 PRETRAIN_SAMPLES, PRETRAIN_PROMPT_WORDS = 8, 12  # continuations shown for pretraining
 SCORE_BATCH = 4  # packed rows per forward when scoring losses
@@ -124,6 +124,51 @@ def score_labels(model, tok, rows: list[dict], params: Params) -> list[str]:
     return [labels[min(range(L), key=lambda j: nll[i * L + j])] for i in range(len(rows))]
 
 
+def fit_rows(
+    tok, rows: list[dict], params: Params, limit: int | None, where: str = "evaluate"
+) -> tuple[list[dict], int]:
+    """The rows the model has positions for, under tokenize.overlong (the rule training
+    uses), and how many were dropped. A row needs `limit` positions for its whole example
+    (scored by teacher forcing) and for its prompt plus the answer budget (generation);
+    past them the position embedding has no row and generation crashes. 'error' stops,
+    naming the row; 'drop' and 'truncate' drop it (a cut test example cannot be scored
+    against its reference), and the count is reported."""
+    task = tasks.TASKS[params.prepare.task]
+    if limit is None or not rows or not task.generates:  # pretrain: scored in blocks of max_length
+        return rows, 0
+    budget = params.evaluate.max_new_tokens
+    ids, prompt_lens = encode_batch(tok, rows, task, params.prepare.labels)
+    fits = [len(x) <= limit and p + budget <= limit for x, p in zip(ids, prompt_lens)]
+    n = fits.count(False)
+    if n == 0:
+        return rows, 0
+    first = fits.index(False)
+    if params.tokenize.overlong == "error":
+        from tuneline.errors import TunelineError
+
+        raise TunelineError(
+            f"{where}: {n} example(s) need more positions than the model has ({limit}); the first is example "
+            f"{first + 1} ({len(ids[first])} tokens, prompt {prompt_lens[first]} + answer budget {budget})",
+            "set tokenize.overlong: drop to skip them (they are counted), or shorten those rows",
+        )
+    print(
+        f"[{where}] dropped {n} of {len(rows)} examples longer than the model's {limit} positions "
+        f"(with the {budget}-token answer budget), first: example {first + 1}",
+        flush=True,
+    )
+    return [r for r, ok in zip(rows, fits) if ok], n
+
+
+def test_rows(params: Params) -> tuple[list[dict], int]:
+    """The prepared test split, fitted to the base model's positions (the tuned model is the
+    same architecture): what evaluate scores and register compares on."""
+    from tuneline.data import read_split
+    from tuneline.modeling import load_config, position_limit
+
+    limit = position_limit(load_config(params.model.name))
+    return fit_rows(load_tokenizer(params.model.name), read_split("test"), params, limit)
+
+
 def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str]) -> tuple[list[str], list[str]]:
     if task.generates:
         return [list(x) for x in zip(*(tasks.render(task, r, labels) for r in rows))]
@@ -210,8 +255,9 @@ def load_any(ref: str):
         import mlflow
 
         from tuneline.errors import TunelineError
-        from tuneline.tracking import tracking_uri
+        from tuneline.tracking import check_store, tracking_uri
 
+        check_store()
         mlflow.set_tracking_uri(tracking_uri())
         try:
             parts = mlflow.transformers.load_model(ref, return_type="components")
@@ -232,8 +278,15 @@ def evaluate_file(ref: str, params: Params, data: str, limit: int = 0) -> dict:
     rows are validated, cleaned and templated exactly as prepare does for a test split."""
     task = tasks.TASKS[params.prepare.task]
     rows, lineage = splits.file_rows(data, params, limit)
-    print(f"[evaluate] {ref} on {len(rows)} examples of {data}", flush=True)
     model, tok = load_any(ref)
+    from tuneline.modeling import position_limit
+
+    rows, dropped = fit_rows(tok, rows, params, position_limit(model.config))
+    if not rows:
+        from tuneline.errors import TunelineError
+
+        raise TunelineError(f"every example of {data} is longer than the model has positions for", "shorten them")
+    print(f"[evaluate] {ref} on {len(rows)} examples of {data}", flush=True)
     ev = evaluate_model(model, tok, rows, params)
     prompts, targets = prompts_and_targets(task, rows, params.prepare.labels)
     return {
@@ -241,6 +294,7 @@ def evaluate_file(ref: str, params: Params, data: str, limit: int = 0) -> dict:
         "task": task.name,
         "data": lineage,
         "n_examples": len(rows),
+        "n_dropped_overlong": dropped,
         "primary_metric": params.primary_metric(),
         "metrics": metrics_of(ev, rows, params),
         "predictions": [

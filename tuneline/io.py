@@ -96,6 +96,35 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
+def rewrite_user_file(path: Path, text: str) -> None:
+    """Replace a file the user owns and may have locked down (params.yaml): refuse, in one
+    line, one whose permissions say read-only (never chmod it); keep its permissions; and
+    write in place when it cannot be replaced by rename (a file bind-mounted on its own,
+    as `docker -v params.yaml:...` gives, answers EBUSY)."""
+    import errno
+    import stat
+
+    from tuneline.errors import TunelineError
+
+    mode = path.stat().st_mode if path.exists() else None
+    if mode is not None and not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise TunelineError(
+            f"{path.name} is read-only (mode {stat.S_IMODE(mode):o}), so --recipe/--set cannot write it",
+            f"make it writable (chmod u+w {path.name}), or edit it yourself and run without --recipe/--set",
+        )
+    try:
+        with atomic_file(path) as f:
+            f.write(text)
+            if mode is not None:
+                os.chmod(f.name, stat.S_IMODE(mode))
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.EXDEV):
+            raise
+        with open(path, "r+") as f:  # EROFS etc. raise here, as the one-line disk/permission error
+            f.write(text)
+            f.truncate()
+
+
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -22,7 +22,30 @@ def lock_path(name: str) -> Path:
 @contextlib.contextmanager
 def machine_lock(name: str = "train") -> Iterator[Path]:
     """Hold the named lock for the block; wait (saying who holds it) if it is taken."""
-    path = lock_path(name)
+    with _held(lock_path(name), name, wait=True) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def project_lock(root: Path) -> Iterator[Path]:
+    """One `tuneline run` per project at a time: a second one is refused at once with one
+    line naming the first (they would write the same params.yaml, outputs and dvc.lock;
+    DVC alone would stop it mid-way with "busy")."""
+    path = root / ".cache" / "run.lock"
+    try:
+        held = _held(path, "run", wait=False)
+        held.__enter__()
+    except OSError:  # a read-only project: nothing can be written, and the run says so itself
+        yield path
+        return
+    try:
+        yield path
+    finally:
+        held.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _held(path: Path, name: str, wait: bool) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -33,6 +56,13 @@ def machine_lock(name: str = "train") -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown holder"
+            if not wait:
+                from tuneline.errors import TunelineError
+
+                raise TunelineError(
+                    f"another tuneline {name} is in progress in this project ({holder})",
+                    "wait for it to finish (or stop it with Ctrl-C), then run again",
+                ) from None
             print(
                 f"[{name}] another {name} run is in progress ({holder}); waiting for it to finish "
                 f"(one {name} run per machine: {path})",

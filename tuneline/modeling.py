@@ -66,12 +66,12 @@ def _build_tiny_gpt2(out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def scratch_model(name: str):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def scratch_config(name: str):
+    from transformers import GPT2Config
 
     n_layer, n_head, n_embd = SCRATCH[name]
-    eos = assets.gpt2_tokenizer().eos_token_id
-    cfg = GPT2Config(
+    eos = 50256  # GPT-2's <|endoftext|>
+    return GPT2Config(
         n_layer=n_layer,
         n_head=n_head,
         n_embd=n_embd,
@@ -81,6 +81,13 @@ def scratch_model(name: str):
         eos_token_id=eos,
         attn_implementation="sdpa",
     )
+
+
+def scratch_model(name: str):
+    from transformers import GPT2LMHeadModel
+
+    cfg = scratch_config(name)
+    eos = cfg.eos_token_id
     with torch.random.fork_rng():  # the same init on every machine, without touching the caller's RNG
         torch.manual_seed(0)
         model = GPT2LMHeadModel(cfg)
@@ -121,6 +128,44 @@ def _hub_error(name: str, err: Exception) -> TunelineError:
         else "check the model id and your network/HF_TOKEN"
     )
     return TunelineError(f"cannot load model '{name}' ({type(err).__name__})", fix)
+
+
+def load_config(name: str):
+    """The model's config (no weights), or one line: a local config.json that is not valid
+    JSON is the folder's problem, not the hub's."""
+    import json
+
+    from transformers import AutoConfig
+
+    if name in SCRATCH:
+        return scratch_config(name)
+    folder = resolve(name)
+    if isinstance(folder, Path):
+        try:
+            json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TunelineError(
+                f"model '{name}': {folder / 'config.json'} is not valid JSON ({str(e)[:80]})",
+                "re-create the folder with save_pretrained, or restore config.json",
+            ) from None
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(folder, Path):
+            raise TunelineError(
+                f"model '{name}': transformers cannot read {folder / 'config.json'} ({str(err).splitlines()[0][:120]})",
+                "re-create the folder with save_pretrained, or restore config.json",
+            ) from None
+        raise _hub_error(name, err) from None
+
+
+def position_limit(cfg) -> int | None:
+    """The longest sequence the model has positions for (None: no limit it declares)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_tokenizer(name: str):

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from tuneline import ROOT
-from tuneline.config import Params, parse_params
+from tuneline.config import Params, parse_params, read_yaml
 from tuneline.errors import TunelineError
 
 # A tiny slice of any recipe: a few dozen rows, a few steps, nothing registered.
@@ -51,15 +51,7 @@ def load_recipe(name: str) -> dict:
         raise TunelineError(
             f"unknown recipe '{name}' (no {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path})", hint
         )
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TunelineError(
-            f"recipes/{name}.yaml is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax"
-        ) from None
-    if not isinstance(raw, dict):
-        raise TunelineError(f"recipes/{name}.yaml must be a mapping of params", "write it like params.yaml")
-    return raw
+    return read_yaml(path, f"recipes/{name}.yaml", allow_empty=True)
 
 
 def parse_set(items: list[str]) -> dict:

@@ -31,6 +31,36 @@ def gate_lock(name: str):
     return machine_lock(f"gate-{hashlib.sha256(f'{tracking_uri()}|{name}'.encode()).hexdigest()[:12]}")
 
 
+def require_model(client, name: str) -> None:
+    """One line for a name the registry does not hold, with the nearest one it does."""
+    import difflib
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    known = sorted(m.name for m in client.search_registered_models(max_results=1000))
+    close = difflib.get_close_matches(name, known, n=1)
+    raise TunelineError(
+        f"no registered model '{name}'",
+        f"did you mean '{close[0]}'? (--name {close[0]})"
+        if close
+        else (f"choose one of: {', '.join(known)}" if known else "run the pipeline first (`tuneline run`)"),
+    )
+
+
+def check_reason(reason: str) -> str:
+    if not reason.strip():
+        raise TunelineError(
+            "--reason is empty: the history must say why the champion moved",
+            "say why, e.g. --reason 'v3 truncates long answers'",
+        )
+    return reason.strip()
+
+
 def champion(client, name: str):
     """The champion ModelVersion, or None when there is none (or no such model)."""
     from mlflow.exceptions import MlflowException

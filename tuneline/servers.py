@@ -276,3 +276,40 @@ def prefect_ready(host: str, port: int) -> Server:
         stop_all([server], [])
         raise
     return server
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (Linux's
+    PR_SET_PDEATHSIG), so a server in a session of its own never outlives a killed parent."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's atexit still stops it
+        pass
+
+
+class _OwnSessionPopen(subprocess.Popen):
+    """Popen that starts the child in a session of its own, tied to our lifetime."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("start_new_session", True)
+        kwargs.setdefault("preexec_fn", _die_with_parent)
+        super().__init__(*args, **kwargs)
+
+
+def detach_temporary_prefect_server() -> None:
+    """Start Prefect's temporary server (the one a flow starts when no PREFECT_API_URL is
+    set) in a session of its own. In our process group, a terminal's Ctrl-C killed it with
+    the stage, and the flow then retried the dead server for minutes before failing with
+    an unrelated ConnectError. Prefect still stops it at exit (atexit); if we are killed,
+    the kernel's parent-death signal stops it."""
+    import types
+
+    from prefect.server.api import server as prefect_server
+
+    if isinstance(prefect_server.subprocess, types.ModuleType) and prefect_server.subprocess is subprocess:
+        shim = types.ModuleType("subprocess")
+        shim.__dict__.update(subprocess.__dict__)
+        shim.Popen = _OwnSessionPopen
+        prefect_server.subprocess = shim

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import difflib
 import glob
 import gzip
 import hashlib
@@ -28,14 +29,14 @@ import lzma
 import os
 import re
 import sys
-import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from tuneline import ROOT, assets
+from tuneline import ROOT
 from tuneline.errors import TunelineError
 from tuneline.tasks import Task
+from tuneline.wikidump import dump_path, paragraphs
 
 LOCAL_FORMATS = (".csv", ".json", ".jsonl", ".parquet", ".txt")
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # read as they are (not .parquet: it compresses inside)
@@ -51,7 +52,8 @@ def is_wiki(spec: str) -> bool:
 
 
 def load(spec: str, streaming: bool = False) -> tuple[Batches, dict, bool]:
-    """(batches of raw rows, lineage {'source', 'revision' or 'sha256'}, is_prose). Prose
+    """(batches of raw rows, lineage {'source', 'revision' or 'sha256'}, is_prose). CSV and
+    JSONL rows also carry their file and line under the key LINE (for messages). Prose
     sources (Wikipedia, .txt) give {'text'} rows that `Task.prose` turns into examples.
     `streaming`: read a hub dataset as it downloads instead of caching it whole first."""
     if is_wiki(spec):
@@ -88,94 +90,6 @@ def _wiki_batches(spec: str, path: Path) -> Batches:
         rows = ({"title": t, "text": p} for t, p in paragraphs(path, lambda pos: b.advance((pos >> 10) - b.done)))
         yield from batched(rows)
         b.advance(b.total - b.done)  # the tail after the last page
-
-
-# --- MediaWiki dumps -----------------------------------------------------------------
-
-
-def dump_path(spec: str) -> Path:
-    if spec == "builtin:wikipedia":
-        return assets.wiki_dump()
-    path = ROOT / Path(spec.removeprefix("wikidump:")).expanduser()
-    if not path.is_file():
-        raise TunelineError(f"dump file '{path}' not found", "give an existing MediaWiki XML .bz2 path")
-    return path
-
-
-def plain_text(wikicode) -> str:
-    """Wikitext → prose: drop footnotes and tables (strip_code would keep their text)."""
-    for tag in wikicode.filter_tags(recursive=False, matches=lambda n: str(n.tag).strip().lower() in ("ref", "table")):
-        try:
-            wikicode.remove(tag)
-        except ValueError:  # already removed with an enclosing node
-            pass
-    return wikicode.strip_code()
-
-
-WIKI_CHUNK = 8  # articles per worker and chunk: parsing wikitext is the slow part of prepare
-
-
-def _pages(path: Path, on_read: Callable[[int], None] | None) -> Iterator[tuple[str, str]]:
-    """(title, wikitext) of each main-namespace article, streamed with a real XML parser;
-    `on_read(compressed bytes read so far)` after each page."""
-    try:
-        ns = title = None
-        with open(path, "rb") as raw:
-            for _, el in ET.iterparse(bz2.open(raw)):
-                tag = el.tag.rsplit("}", 1)[-1]
-                if tag == "title":
-                    title = el.text
-                elif tag == "ns":
-                    ns = el.text
-                elif tag == "text" and ns == "0" and el.text and not el.text.startswith("#REDIRECT"):
-                    yield title or "", el.text
-                elif tag == "page":
-                    el.clear()  # keep memory flat on large dumps
-                    if on_read:
-                        on_read(raw.tell())
-    except (ET.ParseError, OSError, EOFError) as e:
-        raise TunelineError(f"cannot read MediaWiki dump '{path}' ({e})", "give a valid .xml.bz2 dump") from None
-
-
-def _plain(wikitext: str) -> str:
-    import mwparserfromhell
-
-    return plain_text(mwparserfromhell.parse(wikitext))
-
-
-def article_texts(
-    path: Path, on_read: Callable[[int], None] | None = None, workers: int | None = None
-) -> Iterator[tuple[str, str]]:
-    """(title, plain text) of each main-namespace article, in dump order. With several CPUs
-    the wikitext of each chunk of articles is parsed by worker processes (one chunk per
-    worker in memory at a time); a dump of one chunk is parsed here."""
-    import itertools
-    import multiprocessing
-
-    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    size = WIKI_CHUNK * max(workers, 1)
-    pages, pool = _pages(path, on_read), None
-    try:
-        while chunk := list(itertools.islice(pages, size)):
-            titles, texts = zip(*chunk)
-            if pool is None and workers > 1 and len(chunk) == size:  # more to come: worth the workers
-                try:
-                    pool = multiprocessing.get_context("fork").Pool(workers)  # spawn would re-run a script's __main__
-                except (AssertionError, OSError):  # e.g. inside a daemonic process: parse here
-                    workers = 1
-            plain = pool.map(_plain, texts, chunksize=1) if pool else [_plain(t) for t in texts]
-            yield from zip(titles, plain)
-    finally:
-        if pool is not None:
-            pool.terminate()
-
-
-def paragraphs(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[tuple[str, str]]:
-    for title, text in article_texts(path, on_read):
-        for para in text.split("\n"):
-            para = " ".join(para.split())
-            if para:
-                yield title, para
 
 
 # --- the hub ---------------------------------------------------------------------------
@@ -331,7 +245,9 @@ def _read(path: Path) -> Batches:
             raise TunelineError(f"{path} is not a readable Parquet file ({e})", "re-export the file") from None
     elif ext == ".csv":
         csv.field_size_limit(sys.maxsize)  # a long text field is data, not an error
-        yield from batched(csv.DictReader(_lines(path)))
+        reader = csv.DictReader(_lines(path))
+        # line_num after a row is its last line: a row's line in the file, as an editor shows it
+        yield from batched(r | {LINE: f"{path.name} line {reader.line_num}"} for r in reader)
     elif ext == ".jsonl":
         yield from batched(_jsonl(path))
     elif ext == ".txt":
@@ -358,6 +274,9 @@ def documents(lines: Iterable[str]) -> Iterator[str]:
         yield " ".join(block)
 
 
+LINE = "\x00line"  # where a row is in its file (CSV, JSONL), for messages; never a column
+
+
 def _jsonl(path: Path) -> Iterator[dict]:
     for i, line in enumerate(_lines(path), start=1):
         if not line.strip():
@@ -371,6 +290,7 @@ def _jsonl(path: Path) -> Iterator[dict]:
                 f"{path} does not hold JSON objects (one row each)",
                 "write a list of objects, or one object per line (.jsonl)",
             )
+        row[LINE] = f"{path.name} line {i}"
         yield row
 
 
@@ -413,22 +333,43 @@ def task_rows(
         raise TunelineError(f"{where} has no rows", "point it at a file or split with data")
 
 
+def _plain_name(name: str) -> str:
+    """A column name as it reads: Unicode-normalised, without invisible characters
+    (zero-width spaces, a byte-order mark) or surrounding spaces, as spreadsheets leave them."""
+    import unicodedata
+
+    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return visible.strip()
+
+
 def _column_names(rows: list[dict], task: Task, columns: dict[str, str], where: str) -> dict[str, str | None]:
-    keys: set[str] = set().union(*(r.keys() for r in rows[:1000]))
+    keys: set[str] = set().union(*(r.keys() for r in rows[:1000])) - {LINE}
+    plain = {_plain_name(k): k for k in keys if isinstance(k, str)}
     names: dict[str, str | None] = {}
     for col in task.columns:
         name = columns.get(col, col)
+        if name not in keys and name in plain:  # 'target ' or 'target\u200b' is the column meant
+            print(f"[prepare] {where}: reading column {plain[name]!r} as '{name}'", flush=True)
+            name = plain[name]
         if name not in keys:
             alias = dict(task.aliases).get(col)
             name = alias if alias in keys and col not in columns else None
             if name is None and col not in task.optional:
-                have = ", ".join(sorted(keys)[:12])
+                wanted = columns.get(col, col)
+                have = ", ".join(repr(k) for k in sorted(keys, key=str)[:12])  # repr: invisible characters show
+                close = difflib.get_close_matches(wanted, [str(k) for k in keys], n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
                 raise TunelineError(
-                    f"{where}: missing column '{columns.get(col, col)}' for the {task.name} task (it has: {have})",
-                    f"map one with --set prepare.columns.{col}=<column>",
+                    f"{where}: missing column {wanted!r} for the {task.name} task (it has: {have})",
+                    f"{hint}rename the column, or map one with --set prepare.columns.{col}=<column>",
                 )
         names[col] = name
     return names
+
+
+def _at(r: dict, i: int) -> str:
+    """Where row i is: its file line (CSV, JSONL), else its 1-based row number."""
+    return r.get(LINE) or f"row {i + 1}"
 
 
 def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[str], where: str, i: int) -> dict:
@@ -438,17 +379,17 @@ def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[st
         if v is None and (col in task.optional or name is None):
             v = ""
         if col == "label":
-            v = _label(v, labels, where, i, name)
+            v = _label(v, labels, where, _at(r, i), name)
         elif not isinstance(v, str):
             raise TunelineError(
-                f"{where}: column '{name}' must be text, but row {i} holds {type(v).__name__} {str(v)[:40]!r}",
+                f"{where}: column '{name}' must be text, but {_at(r, i)} holds {type(v).__name__} {str(v)[:40]!r}",
                 "convert that column to strings, or map another column in prepare.columns",
             )
         row[col] = v
     return row
 
 
-def _label(v, labels: list[str], where: str, i: int, name: str | None) -> str:
+def _label(v, labels: list[str], where: str, at: str, name: str | None) -> str:
     if isinstance(v, str) and v in labels:
         return v
     if isinstance(v, str) and v.strip().lstrip("-").isdigit():
@@ -457,10 +398,13 @@ def _label(v, labels: list[str], where: str, i: int, name: str | None) -> str:
         return labels[v]
     if not isinstance(v, (str, int)) or isinstance(v, bool):
         raise TunelineError(
-            f"{where}: column '{name}' must be a label name or id, but row {i} holds {type(v).__name__} {v!r}",
+            f"{where}: column '{name}' must be a label name or id, but {at} holds {type(v).__name__} {v!r}",
             "convert labels to strings or integer ids",
         )
-    raise TunelineError(
-        f"{where}: row {i} has label {v!r}, outside the declared set {labels}",
-        "add it to prepare.labels, or drop such rows (e.g. -1 marks unlabelled GLUE test rows)",
-    )
+    near = [lab for lab in labels if isinstance(v, str) and _plain_name(v).casefold() == lab.casefold()]
+    near = near or difflib.get_close_matches(str(v), labels, n=1, cutoff=0.75)
+    if near:
+        fix = f"did you mean {near[0]!r}? Correct that value in the file"
+    else:
+        fix = "add it to prepare.labels, or drop such rows (e.g. -1 marks unlabelled GLUE test rows)"
+    raise TunelineError(f"{where}: {at} has label {v!r}, outside the declared set {labels}", fix)

@@ -40,6 +40,12 @@ def run_stage(name: str, params=None) -> dict:
     from_file = params is None
     params = params or load_params(ROOT / "params.yaml")
     single = distributed.world() == 1
+    from tuneline import preflight
+
+    # `dvc repro` too: a run bound to fail on its params fails before writing (the flow
+    # checked its params once for all its stages)
+    if from_file and single and not preflight.passed(params):
+        preflight.check(params)
     # One training run per machine; torchrun's workers run under their launcher's lock.
     with machine_lock("train") if name == "train" and single else contextlib.nullcontext():
         if name == "train" and params.train.nproc > 1 and single:

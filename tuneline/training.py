@@ -33,14 +33,22 @@ LORA_TARGETS = {
 }
 
 
+def lora_targets(model_type: str, cfg: TrainCfg) -> tuple[list[str], bool]:
+    """(module names to adapt, fan_in_fan_out): train.lora_targets, else the known set."""
+    targets, fan_in_fan_out = LORA_TARGETS.get(model_type, (None, False))
+    targets = cfg.lora_targets or targets
+    if not targets:
+        raise TunelineError(
+            f"train: no known LoRA targets for architecture '{model_type}'",
+            "set train.lora_targets to the names of its linear layers",
+        )
+    return targets, fan_in_fan_out
+
+
 def wrap_lora(model, cfg: TrainCfg):
     from peft import LoraConfig, get_peft_model
 
-    arch = model.config.model_type
-    targets, fan_in_fan_out = LORA_TARGETS.get(arch, (None, False))
-    targets = cfg.lora_targets or targets
-    if not targets:
-        raise TunelineError(f"train: no known LoRA targets for architecture '{arch}'", "set train.lora_targets")
+    targets, fan_in_fan_out = lora_targets(model.config.model_type, cfg)
     n_layers = model.config.num_hidden_layers
     if cfg.lora_layers >= n_layers:
         print(f"[train] train.lora_layers={cfg.lora_layers} >= the model's {n_layers} layers: adapting all", flush=True)

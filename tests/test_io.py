@@ -1,0 +1,46 @@
+"""Writing the user's own files: params.yaml keeps its permissions, a read-only one is
+refused in one line, and one bind-mounted on its own (Docker's -v file:file) is written
+in place."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_bad_input import in_namespace, unshare_works
+
+from tuneline.errors import TunelineError
+from tuneline.io import rewrite_user_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_rewriting_keeps_the_files_permissions(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("a: 1\n")
+    path.chmod(0o640)
+    rewrite_user_file(path, "a: 2\n")
+    assert path.read_text() == "a: 2\n" and path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_read_only_file_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("a: 1\n")
+    path.chmod(0o444)
+    with pytest.raises(TunelineError, match="params.yaml is read-only.*chmod u\\+w params.yaml"):
+        rewrite_user_file(path, "a: 2\n")
+    assert path.read_text() == "a: 1\n" and path.stat().st_mode & 0o777 == 0o444
+
+
+def test_a_file_mounted_on_its_own_is_written_in_place(tmp_path):
+    if not unshare_works():
+        pytest.skip("needs `unshare -rm` (mount namespaces) to bind-mount a file")
+    path = tmp_path / "params.yaml"
+    path.write_text("a: 1\n")
+    code = "from pathlib import Path; from tuneline.io import rewrite_user_file; rewrite_user_file(Path('params.yaml'), 'a: 2\\n')"
+    cmd = in_namespace("mount --bind params.yaml params.yaml", [sys.executable, "-c", code])
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert path.read_text() == "a: 2\n"

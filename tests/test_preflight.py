@@ -1,0 +1,88 @@
+"""The preflight: a run bound to fail on its params fails before anything is written, with
+one line; and for any params at all it says one line or nothing, never another exception."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tuneline import preflight
+from tuneline.config import Params, parse_params
+from tuneline.errors import TunelineError
+
+
+def test_the_default_params_pass(model_cache):
+    preflight.check(Params().model_copy(update={"model": Params().model.model_copy(update={"name": "tiny-gpt2"})}))
+
+
+@pytest.mark.parametrize(
+    "over, says",
+    [
+        ({"train": {"lora_targets": ["c_atn"]}}, "has no module named 'c_atn'. Fix: did you mean 'c_attn'?"),
+        ({"register": {"model_name": "team/descrambler"}}, "register.model_name 'team/descrambler'"),
+        ({"register": {"model_name": "a:b"}}, "':'"),
+        ({"tokenize": {"max_length": 2048}}, "positions for (1024). Fix: set tokenize.max_length to at most 1024"),
+        ({"model": {"name": "no-such-model-here"}}, "cannot load model 'no-such-model-here'"),
+    ],
+)
+def test_what_only_the_model_or_mlflow_can_refuse_is_refused_up_front(over, says, model_cache):
+    params = parse_params({"model": {"name": "tiny-gpt2"}} | over)
+    with pytest.raises(TunelineError) as e:
+        preflight.check(params, store=False)
+    assert says in str(e.value)
+
+
+def test_full_fine_tuning_does_not_check_lora_targets(model_cache):
+    preflight.check(parse_params({"model": {"name": "tiny-gpt2"}, "train": {"method": "full", "lora_targets": ["x"]}}))
+
+
+# Values a user might type, valid or not, for the keys that reach the model and MLflow.
+_junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.text(max_size=8), max_size=3),
+)
+_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "seed": _junk,
+        "model": st.fixed_dictionaries(
+            {"name": st.sampled_from(["tiny-gpt2", "gpt2-scratch-tiny", "no-such-model", "./nowhere"])}
+        ),
+        "tokenize": st.fixed_dictionaries(
+            {},
+            optional={
+                "max_length": st.one_of(st.integers(-5, 5000), _junk),
+                "overlong": st.sampled_from(["drop", "error", "truncate", "cut"]),
+            },
+        ),
+        "train": st.fixed_dictionaries(
+            {},
+            optional={
+                "method": st.sampled_from(["lora", "full", "qlora"]),
+                "epochs": _junk,
+                "lr": _junk,
+                "lora_targets": st.one_of(
+                    st.none(), st.lists(st.sampled_from(["c_attn", "c_fc", "q_proj", "attn", ""]), max_size=3)
+                ),
+                "lora_layers": _junk,
+            },
+        ),
+        "register": st.fixed_dictionaries(
+            {}, optional={"model_name": st.one_of(st.text(max_size=12), _junk), "alpha": _junk}
+        ),
+    },
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=_params)
+def test_any_params_pass_or_give_our_one_line_error(raw, model_cache):
+    try:
+        preflight.check(parse_params(raw, "params.yaml"), store=False)
+    except TunelineError as e:
+        assert "\n" not in str(e) and str(e).strip()

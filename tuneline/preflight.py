@@ -1,0 +1,102 @@
+"""What can be known before the first stage writes, checked before it writes.
+
+Schema checks (types, ranges, choices) live in tuneline/config.py. This adds the checks
+that need the files, the model or the store: local data files exist, the model's config
+loads, `tokenize.max_length` fits its positions, LoRA targets name modules it has, the
+registered name is one MLflow accepts, and the store answers. `tuneline run` runs it before the flow writes params.yaml,
+the flow before its first stage, and every stage process (so `dvc repro` too) before its
+work: a run that is going to fail on its params fails here, with nothing replaced.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+
+from tuneline.config import Params
+from tuneline.errors import TunelineError
+
+PASSED_ENV = "TUNELINE_PREFLIGHT_PASSED"  # set by the flow for its stage processes: these params passed
+
+
+def check_model_name(name: str) -> None:
+    """The registered model name, by MLflow's own rule (it refuses names with '/' or ':'
+    only when register creates the version, after training)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as e:
+        raise TunelineError(
+            f"register.model_name {name!r} is not a name MLflow accepts ({e.message.split('. ')[-1].strip('.')})",
+            "use letters, digits, '-', '_' and '.' (e.g. team-descrambler)",
+        ) from None
+
+
+def check_lora_targets(params: Params, cfg) -> None:
+    """Each LoRA target must name modules of the model (peft matches a module whose name
+    is the target or ends in '.target'). The model is built on the meta device: no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.training import lora_targets
+
+    targets, _ = lora_targets(cfg.model_type, params.train)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            close = difflib.get_close_matches(target, sorted(leaves), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"its layers are named: {', '.join(sorted(leaves))}"
+            raise TunelineError(
+                f"train.lora_targets: model '{params.model.name}' has no module named {target!r}",
+                f"{hint} (or leave train.lora_targets empty for the known set)",
+            )
+
+
+def check_sources(params: Params) -> None:
+    """Local data files (and dumps) exist: a misspelled path fails before the flow starts."""
+    from tuneline import sources
+
+    for spec in filter(None, (params.prepare.source, params.prepare.test_source)):
+        if sources.is_wiki(spec):
+            sources.dump_path(spec)
+        elif not re.match(r"^[a-z][a-z0-9+]*:", spec):  # hub and other schemes: prepare reads (or refuses) them
+            sources.local_paths(spec)
+
+
+def key(params: Params) -> str:
+    return hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def passed(params: Params) -> bool:
+    """Whether the process that started this one (the flow) already checked these params."""
+    return os.environ.get(PASSED_ENV) == key(params)
+
+
+def check(params: Params, store: bool = True) -> None:
+    """Raise the first problem as one line, or return when the run can start."""
+    from tuneline.modeling import load_config, position_limit
+
+    check_model_name(params.register.model_name)
+    check_sources(params)
+    cfg = load_config(params.model.name)
+    limit = position_limit(cfg)
+    if limit is not None and params.tokenize.max_length > limit:
+        raise TunelineError(
+            f"tokenize.max_length={params.tokenize.max_length} is longer than model "
+            f"'{params.model.name}' has positions for ({limit})",
+            f"set tokenize.max_length to at most {limit}",
+        )
+    if params.train.method == "lora":
+        check_lora_targets(params, cfg)
+    if store:
+        from tuneline.tracking import check_store
+
+        check_store()
