@@ -43,14 +43,39 @@ def _mlflow(project, code):
     )
 
 
+@pytest.fixture(scope="module")
+def smoked(request, tmp_path_factory, model_cache, prefect_api) -> dict:
+    """Each selected recipe's smoke run in a fresh project, two at a time (separate projects
+    and processes; most of a run is a process importing its libraries): {recipe: (project,
+    params.yaml before, output)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import make_project
+
+    chosen = [
+        item.callspec.params["recipe"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_smoke_runs_every_recipe_and_touches_nothing_real"
+    ]
+    chosen = [r for r in chosen if not (r in ("alpaca", "emotion") and not SHARED_DATA.is_dir())]
+
+    def smoke(recipe: str):
+        project = make_project(tmp_path_factory.mktemp(recipe) / "proj", model_cache)
+        project.env["PREFECT_API_URL"] = prefect_api  # one Prefect server for all runs, as `tuneline ui` gives
+        before = (project.root / "params.yaml").read_text()
+        args = [a for s in ["model.name=tiny-gpt2", *SETS[recipe]] for a in ("--set", s)]
+        return project, before, _cli(project, "run", "--recipe", recipe, "--smoke", *args).stdout
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {recipe: pool.submit(smoke, recipe) for recipe in chosen}
+        return {recipe: f.result() for recipe, f in futures.items()}
+
+
 @pytest.mark.parametrize("recipe", list(SETS))
-def test_smoke_runs_every_recipe_and_touches_nothing_real(project, recipe, prefect_api):
-    project.env["PREFECT_API_URL"] = prefect_api  # one Prefect server for all runs, as `tuneline ui` gives
+def test_smoke_runs_every_recipe_and_touches_nothing_real(recipe, smoked):
     if recipe in ("alpaca", "emotion") and not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside the repository")
-    before = (project.root / "params.yaml").read_text()
-    args = [a for s in ["model.name=tiny-gpt2", *SETS[recipe]] for a in ("--set", s)]
-    out = _cli(project, "run", "--recipe", recipe, "--smoke", *args).stdout
+    project, before, out = smoked[recipe]
     assert "smoke run finished" in out
     evals = json.loads((project.root / ".smoke" / recipe / "metrics/eval.json").read_text())
     assert PRIMARY[recipe] in evals["tuned"] and evals["n_examples"] >= 1

@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tuneline import ROOT, assets
 from tuneline.errors import TunelineError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the preflight reads configs without it
+    import torch
 
 # Pretraining from scratch: GPT-2 shapes (n_layer, n_head, n_embd) with GPT-2's 1024 positions.
 SCRATCH = {"gpt2-scratch-tiny": (4, 4, 256), "gpt2-scratch-small": (12, 12, 768), "gpt2-scratch-medium": (24, 16, 1024)}
@@ -30,6 +32,7 @@ def cache_dir() -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = assets.smollm2_gguf()
@@ -47,6 +50,7 @@ def _convert_smollm2(out: Path) -> None:
 
 
 def _build_tiny_gpt2(out: Path) -> None:
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = assets.gpt2_tokenizer()
@@ -84,6 +88,7 @@ def scratch_config(name: str):
 
 
 def scratch_model(name: str):
+    import torch
     from transformers import GPT2LMHeadModel
 
     cfg = scratch_config(name)
@@ -159,10 +164,58 @@ def load_config(name: str):
         raise _hub_error(name, err) from None
 
 
+def config_dict(name: str) -> dict:
+    """The model's config as a plain dict, read without importing transformers for local
+    folders and built-ins (what the preflight needs: model_type and positions); hub ids go
+    through AutoConfig."""
+    import json
+
+    if name in SCRATCH:
+        return {"model_type": "gpt2", "n_positions": 1024}
+    folder = resolve(name)
+    if not isinstance(folder, Path):
+        return load_config(name).to_dict()
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TunelineError(
+            f"model '{name}': {folder / 'config.json'} is not valid JSON ({str(e)[:80]})",
+            "re-create the folder with save_pretrained, or restore config.json",
+        ) from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise TunelineError(
+            f"model '{name}': {folder / 'config.json'} names no model_type",
+            "re-create the folder with save_pretrained, or restore config.json",
+        )
+    return cfg
+
+
+def weight_modules(name: str) -> set[str] | None:
+    """Names of the modules that hold weights, read from the safetensors headers of a local
+    model (8-byte length, then JSON): no model is built. None when there are none to read."""
+    import json
+    import struct
+
+    folder = None if name in SCRATCH else resolve(name)
+    files = sorted(folder.glob("*.safetensors")) if isinstance(folder, Path) else []
+    if not files:
+        return None
+    names: set[str] = set()
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error, MemoryError):
+            return None  # unreadable: check_pair and load_model say why
+        names |= {k.rsplit(".", 1)[0] for k in header if k != "__metadata__" and "." in k}
+    return names
+
+
 def position_limit(cfg) -> int | None:
     """The longest sequence the model has positions for (None: no limit it declares)."""
     for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(cfg, key, None)
+        value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -186,7 +239,6 @@ def check_pair(name: str, tok) -> None:
     means the answers never learn to stop."""
     if name in SCRATCH:  # built with the GPT-2 tokenizer by construction
         return
-    from transformers import AutoConfig
 
     folder = resolve(name)
     if isinstance(folder, Path):  # headers only: a torn or foreign file fails here, in milliseconds
@@ -201,10 +253,7 @@ def check_pair(name: str, tok) -> None:
                     f"model '{name}': {f.name} is not a readable safetensors file ({type(e).__name__})",
                     "re-create or re-download the model files",
                 ) from None
-    try:
-        cfg = AutoConfig.from_pretrained(folder)
-    except Exception:  # unreadable or unreachable: load_model says why
-        return
+    cfg = load_config(name)  # one line for a config transformers cannot read, before any output
     fix = "use the tokenizer saved with the model (save_pretrained both into the folder model.name points at)"
     vocab = getattr(cfg, "vocab_size", None)
     if vocab and len(tok) > vocab:
@@ -222,10 +271,12 @@ def check_pair(name: str, tok) -> None:
         )
 
 
-def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
+def load_model(name: str | Path, dtype: torch.dtype | None = None):
     """Causal LM with sdpa attention: the implementation whose packed masks we test."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     if str(name) in SCRATCH:
         return scratch_model(str(name))
     try:
@@ -241,6 +292,8 @@ def load_model(name: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def device() -> torch.device:
+    import torch
+
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -250,6 +303,8 @@ def amp_dtype(precision: str) -> torch.dtype | None:
     'auto' picks bf16 where the device computes it natively (CUDA Ampere+, CPUs with
     AVX512-BF16/AMX), else fp16 on a GPU (with a gradient scaler) and fp32 on a CPU.
     """
+    import torch
+
     if precision == "auto":
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -259,5 +314,7 @@ def amp_dtype(precision: str) -> torch.dtype | None:
 
 def autocast(precision: str):
     """Autocast on the current device in `precision`'s dtype, or a no-op for fp32."""
+    import torch
+
     dtype = amp_dtype(precision)
     return torch.autocast(device().type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -37,19 +37,25 @@ def check_model_name(name: str) -> None:
         ) from None
 
 
-def check_lora_targets(params: Params, cfg) -> None:
+def check_lora_targets(params: Params, model_type: str) -> None:
     """Each LoRA target must name modules of the model (peft matches a module whose name
-    is the target or ends in '.target'). The model is built on the meta device: no weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    is the target or ends in '.target'). The names come from the weight files' headers;
+    a model without local safetensors is built on the meta device (no weights, ~2 s)."""
+    from tuneline.lora import lora_targets
+    from tuneline.modeling import weight_modules
 
-    from tuneline.training import lora_targets
+    targets, _ = lora_targets(model_type, params.train)
+    names = weight_modules(params.model.name)
+    if names is None:
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    targets, _ = lora_targets(cfg.model_type, params.train)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
-    names = [name for name, _ in model.named_modules()]
+        from tuneline.modeling import load_config
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(load_config(params.model.name))
+        names = {name for name, module in model.named_modules() if not list(module.children())}
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in names):
             close = difflib.get_close_matches(target, sorted(leaves), n=1)
@@ -82,11 +88,11 @@ def passed(params: Params) -> bool:
 
 def check(params: Params, store: bool = True) -> None:
     """Raise the first problem as one line, or return when the run can start."""
-    from tuneline.modeling import load_config, position_limit
+    from tuneline.modeling import config_dict, position_limit
 
     check_model_name(params.register.model_name)
     check_sources(params)
-    cfg = load_config(params.model.name)
+    cfg = config_dict(params.model.name)
     limit = position_limit(cfg)
     if limit is not None and params.tokenize.max_length > limit:
         raise TunelineError(
@@ -95,7 +101,7 @@ def check(params: Params, store: bool = True) -> None:
             f"set tokenize.max_length to at most {limit}",
         )
     if params.train.method == "lora":
-        check_lora_targets(params, cfg)
+        check_lora_targets(params, cfg["model_type"])
     if store:
         from tuneline.tracking import check_store
 

@@ -21,28 +21,10 @@ from tuneline import checkpoint, distributed, progress
 from tuneline.checkpoint import Checkpoint
 from tuneline.config import Params, TrainCfg
 from tuneline.errors import TunelineError
+from tuneline.lora import lora_targets
 from tuneline.loss import loss_sum, loss_totals
 from tuneline.modeling import autocast, device, load_model
 from tuneline.packing import IGNORE, collate
-
-# Adapted modules per architecture. GPT-2's c_attn/c_proj are Conv1D (weight stored
-# transposed), hence fan_in_fan_out=True for them.
-LORA_TARGETS = {
-    "llama": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
-    "gpt2": (["c_attn", "c_proj", "c_fc"], True),
-}
-
-
-def lora_targets(model_type: str, cfg: TrainCfg) -> tuple[list[str], bool]:
-    """(module names to adapt, fan_in_fan_out): train.lora_targets, else the known set."""
-    targets, fan_in_fan_out = LORA_TARGETS.get(model_type, (None, False))
-    targets = cfg.lora_targets or targets
-    if not targets:
-        raise TunelineError(
-            f"train: no known LoRA targets for architecture '{model_type}'",
-            "set train.lora_targets to the names of its linear layers",
-        )
-    return targets, fan_in_fan_out
 
 
 def wrap_lora(model, cfg: TrainCfg):
