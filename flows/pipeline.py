@@ -123,9 +123,9 @@ def write_params(params: Params, header: str) -> bool:
     file, and so `git diff`, alone). Returns whether it was written."""
     path = ROOT / "params.yaml"
     try:
-        if read_yaml(path, "params.yaml") == params.model_dump(mode="json"):
+        if path.is_file() and read_yaml(path, "params.yaml") == params.model_dump(mode="json"):
             return False
-    except TunelineError:  # missing, empty or broken: a recipe replaces it whole
+    except TunelineError:  # empty or broken: a recipe replaces it whole
         pass
     rewrite_user_file(path, recipes.dump(params, header))
     return True

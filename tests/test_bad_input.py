@@ -429,7 +429,16 @@ CASES = [
         with_model(lambda f: (f / "config.json").write_text("{not json")),
         ("config.json is not valid JSON", "save_pretrained"),
     ),
-    Case("model-config-unknown-type", with_model(unknown_model_type), ("transformers cannot read",)),
+    Case(
+        "model-config-unknown-type",
+        with_model(unknown_model_type),
+        ("no known LoRA targets for architecture 'banana'", "train.lora_targets"),
+    ),
+    Case(
+        "model-config-unknown-type-full",
+        with_model(unknown_model_type, "train.method=full"),
+        ("transformers cannot read",),
+    ),
     # registry commands: one project, one checked store, names that exist
     Case(
         "registry-promote-unknown-name",
@@ -468,6 +477,7 @@ CASES = [
     Case("registry-history-outside-project", cli("history"), ("not inside a tuneline project",), outside=True),
     # the command line
     Case("cli-run-outside-project", cli("run"), ("not inside a tuneline project",), outside=True),
+    Case("cli-ui-outside-project", cli("ui"), ("not inside a tuneline project",), outside=True),
     Case("cli-predict-empty-input", cli("predict", " "), ("the input is empty",)),
     Case(
         "cli-predict-input-too-long",

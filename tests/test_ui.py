@@ -158,9 +158,16 @@ def _assert_stopped_cleanly(ui: Ui, sig: int) -> None:
 
 
 @pytest.mark.slow
+def _project_folder(root: Path) -> Path:
+    """An empty project: `tuneline ui` serves a project's store and flow runs, so it needs the
+    dvc.yaml that marks one (it refuses elsewhere rather than start an empty store there)."""
+    root.mkdir(exist_ok=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    return root
+
+
 def test_ui_serves_both_on_loopback_with_the_pipelines_artifacts_and_stops_on_ctrl_c(tmp_path):
-    root = tmp_path / "proj"
-    root.mkdir()
+    root = _project_folder(tmp_path / "proj")
     mlflow_port, prefect_port = _free_ports(2)
     ui = Ui(root, project_env(root, tmp_path / "cache"), mlflow_port, prefect_port)
     try:
@@ -286,8 +293,7 @@ def test_ui_serves_a_postgres_store_without_showing_its_password(tmp_path, postg
     from mlflow import MlflowClient
 
     uri, password = postgres
-    root = tmp_path / "proj"
-    root.mkdir()
+    root = _project_folder(tmp_path / "proj")
     env = project_env(root, tmp_path / "cache") | {"MLFLOW_TRACKING_URI": uri}
     mlflow_port, prefect_port = _free_ports(2)
 
@@ -332,6 +338,7 @@ def test_ui_serves_a_postgres_store_without_showing_its_password(tmp_path, postg
 
 
 def test_a_taken_port_is_one_line_and_starts_nothing(tmp_path):
+    _project_folder(tmp_path)
     mlflow_port, prefect_port = _free_ports(2)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", mlflow_port))
@@ -358,6 +365,7 @@ def test_a_taken_port_is_one_line_and_starts_nothing(tmp_path):
 @pytest.mark.slow
 def test_a_server_dying_at_startup_is_one_line_and_stops_the_other(tmp_path):
     """MLflow cannot create its store (a directory under /proc): it exits while Prefect starts."""
+    _project_folder(tmp_path)
     mlflow_port, prefect_port = _free_ports(2)
     env = project_env(tmp_path, tmp_path / "cache") | {"MLFLOW_TRACKING_URI": "sqlite:////proc/no-such-dir/mlflow.db"}
     t = time.time()

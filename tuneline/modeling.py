@@ -224,10 +224,17 @@ def position_limit(cfg) -> int | None:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    folder = None if name in SCRATCH else resolve(name)
     try:
-        tok = assets.gpt2_tokenizer() if name in SCRATCH else AutoTokenizer.from_pretrained(resolve(name))
+        tok = assets.gpt2_tokenizer() if folder is None else AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
-        raise _hub_error(name, err) from None
+        if not isinstance(folder, Path):
+            raise _hub_error(name, err) from None
+        load_config(name)  # a folder whose config transformers cannot read: say that
+        raise TunelineError(
+            f"model '{name}': cannot read a tokenizer from {folder} ({str(err).splitlines()[0][:120]})",
+            "save the tokenizer with the model (tokenizer.save_pretrained into the same folder)",
+        ) from None
     if tok.pad_token is None:  # GPT-2 style: EOS doubles as pad; labels mask pad, not EOS
         tok.pad_token = tok.eos_token
     return tok

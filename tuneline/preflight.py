@@ -86,12 +86,19 @@ def passed(params: Params) -> bool:
     return os.environ.get(PASSED_ENV) == key(params)
 
 
-def check(params: Params, store: bool = True) -> None:
-    """Raise the first problem as one line, or return when the run can start."""
+def check(params: Params, store: bool = True, model: bool = True) -> None:
+    """Raise the first problem as one line, or return when the run can start. `model`:
+    also check the model (which materialises a built-in model on first use)."""
     from tuneline.modeling import config_dict, position_limit
 
     check_model_name(params.register.model_name)
     check_sources(params)
+    if not model:
+        if store:
+            from tuneline.tracking import check_store
+
+            check_store()
+        return
     cfg = config_dict(params.model.name)
     limit = position_limit(cfg)
     if limit is not None and params.tokenize.max_length > limit:
