@@ -69,7 +69,9 @@ def run(
 
         with project_lock(require_project()):
             # Validate before anything starts (the flow checks again: it can be run alone).
-            preflight.check(_params(recipe, sets, smoke))
+            params = _params(recipe, sets, smoke)
+            _build_apart(params.model.name)
+            preflight.check(params)
             api = os.environ.get("PREFECT_API_URL")
             if not api:  # Ctrl-C must not kill the temporary server with the stage
                 servers.detach_temporary_prefect_server()
@@ -122,6 +124,21 @@ def run(
     )
     if not smoke:
         out.print('  try it:      tuneline predict "<input>" (the champion of register.model_name)')
+
+
+def _build_apart(name: str) -> None:
+    """Convert a built-in model into the cache (once) in a child process: the preflight
+    reads its config, and this process stays small for the hours it waits on the stages
+    (their peak RSS, which starts from ours when they fork, stays their own)."""
+    import subprocess
+
+    from tuneline.modeling import BUILTIN, SCRATCH, cache_dir
+
+    if name not in BUILTIN or name in SCRATCH or (cache_dir() / name / "config.json").is_file():
+        return
+    code = f"from tuneline.modeling import resolve; resolve({name!r})"
+    if subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode != 0:
+        raise TunelineError(f"could not build the built-in model '{name}'", "see the lines above; `tuneline doctor`")
 
 
 def _experiment() -> str:
