@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,10 @@ def reproduce(name: str, force: bool = False) -> str | State:
     fd, err_file = tempfile.mkstemp(prefix=f"tuneline-{name}-", suffix=".err")
     os.close(fd)
     os.environ[ERROR_FILE] = err_file  # the stage process writes its one-line error here
+    # The stage process starts with SIGINT blocked (a mask survives fork and exec), and
+    # unblocks it inside its own error handling: a Ctrl-C while it is still starting up
+    # stays pending until then, instead of a KeyboardInterrupt traceback from an import.
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         with Repo(str(ROOT)) as repo:
             repo.scm_context.quiet = True  # not "To track the changes with git, run: ..." after every stage
@@ -81,6 +87,8 @@ def reproduce(name: str, force: bool = False) -> str | State:
             code, line = (
                 ("2", str(known))
                 if known
+                else ("130", f"{name}: {INTERRUPTED}")
+                if re.search(r"exited with (-2|130)$", str(cause))  # SIGINT ended it before it could say so
                 else (
                     "1",
                     f"stage '{name}' failed ({' '.join(str(cause).split())[:200]}). "
@@ -93,6 +101,7 @@ def reproduce(name: str, force: bool = False) -> str | State:
             f"dvc: {' '.join(str(e).split())[:300]}", "fix dvc.yaml / params.yaml as the message says"
         ) from None
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         os.environ.pop(ERROR_FILE, None)
         Path(err_file).unlink(missing_ok=True)
     return "ran" if ran else "skipped"

@@ -209,8 +209,9 @@ def test_ctrl_c_during_tokenize_or_train_ends_the_run_in_seconds_and_a_rerun_res
 
     proj = copy_project(built, tmp_path / "proj")
     sets = ["tokenize.max_length=128", "train.max_steps=30"]  # tokenize onwards must run again
-    # in tokenize once its process is importing its libraries; in train once a checkpoint is written
-    for after, delay in ((["Running stage 'tokenize'"], 1.5), (["val_loss", "[train] step"], 0)):
+    # tokenize while its process starts (SIGINT then used to hit an import: a traceback and exit 1),
+    # train once a checkpoint is written
+    for after, delay in ((["Running stage 'tokenize'"], 0.1), (["val_loss", "[train] step"], 0)):
         code, took, said = _interrupt(proj, sets, after, delay)
         errors = [line for line in said.splitlines() if line.startswith("error:")]
         assert code == 130 and took < 10, (code, took, said[-3000:])

@@ -37,6 +37,27 @@ def test_full_fine_tuning_does_not_check_lora_targets(model_cache):
     preflight.check(parse_params({"model": {"name": "tiny-gpt2"}, "train": {"method": "full", "lora_targets": ["x"]}}))
 
 
+def test_a_source_whose_first_rows_prepare_would_refuse_is_refused_up_front(tmp_path):
+    """Columns, types and labels of a local file's first batch, by prepare's own checks; the
+    file's later rows are prepare's to read (it names the line)."""
+    from tuneline import sources
+    from tuneline.sources import BATCH_ROWS
+
+    def params(name: str, text: str, **prepare):
+        (tmp_path / name).write_text(text)
+        return parse_params({"prepare": {"source": str(tmp_path / name), **prepare}})
+
+    with pytest.raises(TunelineError, match="missing column 'target'.*it has: 'sentence'"):
+        preflight.check(params("a.csv", "sentence\nthe cat sat on the mat.\n"), store=False, model=False)
+    with pytest.raises(TunelineError, match="has no rows"):
+        preflight.check(params("b.csv", "target\n"), store=False, model=False)
+    late = params("c.jsonl", '{"target": "a sentence of words here."}\n' * BATCH_ROWS + "{not json\n")
+    preflight.check(late, store=False, model=False)  # a valid first batch passes; prepare finds the line
+    with pytest.raises(TunelineError, match=f"line {BATCH_ROWS + 1}"):
+        for _ in sources.task_source(late.prepare.source, late.prepare, "prepare.source")[0]:
+            pass
+
+
 # Values a user might type, valid or not, for the keys that reach the model and MLflow.
 _junk = st.one_of(
     st.none(),

@@ -192,7 +192,8 @@ def config_dict(name: str) -> dict:
 
 def weight_modules(name: str) -> set[str] | None:
     """Names of the modules that hold weights, read from the safetensors headers of a local
-    model (8-byte length, then JSON): no model is built. None when there are none to read."""
+    model (8-byte length, then JSON): no model is built. None when it has no such files; an
+    unreadable header is refused here (check_pair also checks what the header points at)."""
     import json
     import struct
 
@@ -205,11 +206,20 @@ def weight_modules(name: str) -> set[str] | None:
         try:
             with open(f, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
+                if n > f.stat().st_size - 8:
+                    raise ValueError("its header length runs past the end of the file")
                 header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error, MemoryError):
-            return None  # unreadable: check_pair and load_model say why
+        except (OSError, ValueError, struct.error) as e:
+            raise unreadable_weights(name, f, e) from None
         names |= {k.rsplit(".", 1)[0] for k in header if k != "__metadata__" and "." in k}
     return names
+
+
+def unreadable_weights(name: str, f: Path, e: Exception) -> TunelineError:
+    return TunelineError(
+        f"model '{name}': {f.name} is not a readable safetensors file ({type(e).__name__})",
+        "re-create or re-download the model files",
+    )
 
 
 def position_limit(cfg) -> int | None:
@@ -240,6 +250,9 @@ def load_tokenizer(name: str):
     return tok
 
 
+PAIR_FIX = "use the tokenizer saved with the model (save_pretrained both into the folder model.name points at)"
+
+
 def check_pair(name: str, tok) -> None:
     """Refuse a tokenizer that cannot belong to model `name`: ids past the embedding table
     crash training (on a GPU, silently read other rows), and a different end-of-text id
@@ -256,26 +269,42 @@ def check_pair(name: str, tok) -> None:
                 with safe_open(f, "pt"):
                     pass
             except Exception as e:
-                raise TunelineError(
-                    f"model '{name}': {f.name} is not a readable safetensors file ({type(e).__name__})",
-                    "re-create or re-download the model files",
-                ) from None
+                raise unreadable_weights(name, f, e) from None
     cfg = load_config(name)  # one line for a config transformers cannot read, before any output
-    fix = "use the tokenizer saved with the model (save_pretrained both into the folder model.name points at)"
-    vocab = getattr(cfg, "vocab_size", None)
-    if vocab and len(tok) > vocab:
-        raise TunelineError(
-            f"model '{name}': its tokenizer has {len(tok)} tokens but the model's embedding has "
-            f"{vocab} rows, so they do not belong together",
-            fix,
-        )
+    check_vocab(name, len(tok), getattr(cfg, "vocab_size", None))
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
     if eos != [None] and tok.eos_token_id not in eos:
         raise TunelineError(
             f"model '{name}': the tokenizer's end-of-text token {tok.eos_token!r} (id "
             f"{tok.eos_token_id}) is not the model's (eos_token_id {cfg.eos_token_id})",
-            fix,
+            PAIR_FIX,
         )
+
+
+def check_vocab(name: str, tokens: int | None, vocab: int | None) -> None:
+    """Token ids past the embedding table crash training (on a GPU, silently read other rows)."""
+    if tokens and vocab and tokens > vocab:
+        raise TunelineError(
+            f"model '{name}': its tokenizer has {tokens} tokens but the model's embedding has "
+            f"{vocab} rows, so they do not belong together",
+            PAIR_FIX,
+        )
+
+
+def tokenizer_size(name: str) -> int | None:
+    """Tokens (added ones included) of a local model's fast tokenizer, read from its
+    tokenizer.json without transformers; None when there is none to read (check_pair, in
+    tokenize, then checks the tokenizer transformers loads)."""
+    folder = None if name in SCRATCH else resolve(name)
+    path = folder / "tokenizer.json" if isinstance(folder, Path) else None
+    if path is None or not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception:  # not one tokenizers reads: load_tokenizer says why
+        return None
 
 
 def load_model(name: str | Path, dtype: torch.dtype | None = None):

@@ -10,8 +10,10 @@ work: a run that is going to fail on its params fails here, with nothing replace
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import io
 import json
 import os
 import re
@@ -67,14 +69,23 @@ def check_lora_targets(params: Params, model_type: str) -> None:
 
 
 def check_sources(params: Params) -> None:
-    """Local data files (and dumps) exist: a misspelled path fails before the flow starts."""
+    """Local data files (and dumps) exist, and a local file's first batch of rows passes
+    prepare's own validation (columns, text, labels, encoding, format): a misspelled path
+    or a wrong column fails before the flow starts. Later rows are prepare's to check."""
     from tuneline import sources
 
-    for spec in filter(None, (params.prepare.source, params.prepare.test_source)):
+    for where, spec in (("prepare.source", params.prepare.source), ("prepare.test_source", params.prepare.test_source)):
+        if not spec:
+            continue
         if sources.is_wiki(spec):
             sources.dump_path(spec)
         elif not re.match(r"^[a-z][a-z0-9+]*:", spec):  # hub and other schemes: prepare reads (or refuses) them
-            sources.local_paths(spec)
+            rows, _ = sources.task_source(spec, params.prepare, where, hashes=False)
+            try:  # its notes ("reading column 'target ' as 'target'") are prepare's to print, once
+                with contextlib.redirect_stdout(io.StringIO()):
+                    next(iter(rows))
+            finally:
+                rows.close()
 
 
 def key(params: Params) -> str:
@@ -89,7 +100,7 @@ def passed(params: Params) -> bool:
 def check(params: Params, store: bool = True, model: bool = True) -> None:
     """Raise the first problem as one line, or return when the run can start. `model`:
     also check the model (which materialises a built-in model on first use)."""
-    from tuneline.modeling import config_dict, position_limit
+    from tuneline.modeling import check_vocab, config_dict, position_limit, tokenizer_size
 
     check_model_name(params.register.model_name)
     check_sources(params)
@@ -100,6 +111,7 @@ def check(params: Params, store: bool = True, model: bool = True) -> None:
             check_store()
         return
     cfg = config_dict(params.model.name)
+    check_vocab(params.model.name, tokenizer_size(params.model.name), cfg.get("vocab_size"))
     limit = position_limit(cfg)
     if limit is not None and params.tokenize.max_length > limit:
         raise TunelineError(

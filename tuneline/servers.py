@@ -5,6 +5,7 @@ output goes to logs. Both bind 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from tuneline import ROOT
 from tuneline.errors import TunelineError
+from tuneline.signals import on_parent_death
 
 READY_TIMEOUT = 300.0  # s; both servers answer in 10-40 s on a busy 2-core machine
 STOP_GRACE = 15.0  # s between SIGTERM and SIGKILL of a server's process group
@@ -278,23 +280,13 @@ def prefect_ready(host: str, port: int) -> Server:
     return server
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it dies (Linux's
-    PR_SET_PDEATHSIG), so a server in a session of its own never outlives a killed parent."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent's atexit still stops it
-        pass
-
-
 class _OwnSessionPopen(subprocess.Popen):
     """Popen that starts the child in a session of its own, tied to our lifetime."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("start_new_session", True)
-        kwargs.setdefault("preexec_fn", _die_with_parent)
+        # SIGTERM when we die, so a server in a session of its own never outlives a killed parent
+        kwargs.setdefault("preexec_fn", functools.partial(on_parent_death, signal.SIGTERM))
         super().__init__(*args, **kwargs)
 
 

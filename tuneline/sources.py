@@ -51,11 +51,12 @@ def is_wiki(spec: str) -> bool:
     return spec == "builtin:wikipedia" or spec.startswith("wikidump:")
 
 
-def load(spec: str, streaming: bool = False) -> tuple[Batches, dict, bool]:
+def load(spec: str, streaming: bool = False, hashes: bool = True) -> tuple[Batches, dict, bool]:
     """(batches of raw rows, lineage {'source', 'revision' or 'sha256'}, is_prose). CSV and
     JSONL rows also carry their file and line under the key LINE (for messages). Prose
     sources (Wikipedia, .txt) give {'text'} rows that `Task.prose` turns into examples.
-    `streaming`: read a hub dataset as it downloads instead of caching it whole first."""
+    `streaming`: read a hub dataset as it downloads instead of caching it whole first.
+    `hashes=False` leaves a local file's sha256 out of the lineage (a look at its first rows)."""
     if is_wiki(spec):
         path = dump_path(spec)
         return _wiki_batches(spec, path), {"source": spec, "sha256": sha256(path)}, True
@@ -66,7 +67,7 @@ def load(spec: str, streaming: bool = False) -> tuple[Batches, dict, bool]:
             f"data source '{spec}' is not supported",
             "use builtin:wikipedia, wikidump:<path>, hf:<id>[:config][@rev][#split] or a local file/glob",
         )
-    return _local(spec)
+    return _local(spec, hashes)
 
 
 def batched(rows: Iterable[dict], size: int | None = None) -> Batches:
@@ -185,7 +186,7 @@ def file_format(path: Path) -> tuple[str, str | None]:
     return ext, comp
 
 
-def _local(spec: str) -> tuple[Batches, dict, bool]:
+def _local(spec: str, hashes: bool = True) -> tuple[Batches, dict, bool]:
     paths = local_paths(spec)
     kinds = set()
     for path in paths:
@@ -196,7 +197,7 @@ def _local(spec: str) -> tuple[Batches, dict, bool]:
         raise TunelineError(
             f"data source '{spec}' mixes plain-text (.txt) and table files", "point it at one kind of file"
         )
-    lineage = {"source": spec, "sha256": {str(p): sha256(p) for p in paths}}
+    lineage = {"source": spec, "sha256": {str(p): sha256(p) for p in paths}} if hashes else {"source": spec}
     return (batch for path in paths for batch in _read(path)), lineage, kinds == {True}
 
 
@@ -313,6 +314,23 @@ def _json_array(path: Path) -> list[dict]:
 
 
 # --- validation ------------------------------------------------------------------------
+
+
+def task_source(spec: str, prepare, where: str, hashes: bool = True) -> tuple[Batches, dict]:
+    """Batches of validated task rows of one source under the `prepare` params, plus its
+    lineage (`hashes`: with the local files' sha256, which reads them whole)."""
+    from tuneline.tasks import TASKS
+
+    task = TASKS[prepare.task]
+    raw, lineage, prose = load(spec, streaming=prepare.hub_streaming, hashes=hashes)
+    if prose:  # sentences for descramble, paragraphs for pretraining
+        if task.prose is None:
+            raise TunelineError(
+                f"{where} '{spec}' is prose, but task '{task.name}' needs labelled rows",
+                "use a file or hub dataset with the task's columns",
+            )
+        raw = (task.prose([r["text"] for r in batch], prepare.min_words, prepare.max_words) for batch in raw)
+    return task_rows(raw, task, prepare.columns, prepare.labels, f"{where} '{spec}'"), lineage
 
 
 def task_rows(

@@ -39,20 +39,6 @@ ROW_GROUP = 50_000
 ROW_GROUP_CHARS = 1 << 26
 
 
-def source_rows(spec: str, params: Params, where: str) -> tuple[sources.Batches, dict]:
-    """Batches of validated task rows of one source, plus its lineage."""
-    cfg, task = params.prepare, tasks.TASKS[params.prepare.task]
-    raw, lineage, prose = sources.load(spec, streaming=cfg.hub_streaming)
-    if prose:  # sentences for descramble, paragraphs for pretraining
-        if task.prose is None:
-            raise TunelineError(
-                f"{where} '{spec}' is prose, but task '{task.name}' needs labelled rows",
-                "use a file or hub dataset with the task's columns",
-            )
-        raw = (task.prose([r["text"] for r in batch], cfg.min_words, cfg.max_words) for batch in raw)
-    return sources.task_rows(raw, task, cfg.columns, cfg.labels, f"{where} '{spec}'"), lineage
-
-
 def digest(row: dict, task: tasks.Task) -> int:
     """64-bit hash of an example's key: equal for rows that differ only in case and spacing."""
     key = "\x1f".join(tasks.normalise(row[k]).lower() for k in task.key)
@@ -171,11 +157,11 @@ def write_splits(params: Params, out: Path) -> dict:
     """Stream the sources into out/{train,val,test}.parquet; returns prepare's metrics (with
     'lineage'). Temporary spools live in `out` and are removed."""
     cfg, task = params.prepare, tasks.TASKS[params.prepare.task]
-    rows, lineage = source_rows(cfg.source, params, "prepare.source")
+    rows, lineage = sources.task_source(cfg.source, cfg, "prepare.source")
     spool = Spool(out / ".source.arrow", task).fill(rows)
     lineages, test = {"source": lineage}, None
     if cfg.test_source:
-        rows, lineages["test_source"] = source_rows(cfg.test_source, params, "prepare.test_source")
+        rows, lineages["test_source"] = sources.task_source(cfg.test_source, cfg, "prepare.test_source")
         test = Spool(out / ".test_source.arrow", task).fill(rows)
     metrics: dict = {}
     ids, test_ids = assign(params, spool, test, metrics)
@@ -245,7 +231,7 @@ def file_rows(data: str, params: Params, limit: int = 0) -> tuple[list[dict], di
     prepare does for a test split (what `tuneline evaluate --data` scores: the first
     `limit` examples, or all; only those are held)."""
     task = tasks.TASKS[params.prepare.task]
-    batches, lineage = source_rows(data, params, "--data")
+    batches, lineage = sources.task_source(data, params.prepare, "--data")
     seen: set[int] = set()
     rows: list[dict] = []
     for batch in batches:

@@ -86,9 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m tuneline.stages STAGE", file=sys.stderr)
         return 2
+    import signal
+
     from tuneline.errors import debug, from_os_error, report
+    from tuneline.signals import on_parent_death
 
     try:
+        # A Ctrl-C that reached the flow just before DVC started us never reaches us: we stop
+        # when it exits, rather than run on unseen.
+        on_parent_death(signal.SIGINT)
+        # The flow starts stages with SIGINT blocked, so that a Ctrl-C during start-up waits
+        # until here, where it becomes the one "interrupted" line.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         run_stage(argv[0])
     except TunelineError as e:
         return _failed(str(e), 2)
@@ -113,6 +122,8 @@ def _failed(line: str, code: int) -> int:
 
     path = os.environ.get(ERROR_FILE)
     if path:
+        if not Path(path).is_file():  # the flow ended first (Ctrl-C), and said so itself
+            return code
         try:
             Path(path).write_text(f"{code}\n{redact(line)}\n")
             return code
