@@ -38,6 +38,31 @@ def test_a_failed_stage_marks_both_runs_failed(store):
     assert {r.info.status for r in _runs(store)} == {"FAILED"}
 
 
+def test_an_interrupted_stage_marks_its_runs_killed_and_never_waits_on_a_locked_store(store, tmp_path):
+    """Ctrl-C can land inside an MLflow write and leave SQLite's write lock held: the
+    interruption still propagates within the grace period, not after MLflow's retries."""
+    import sqlite3
+    import time
+
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.stage_run("train", Params()):
+            raise KeyboardInterrupt
+    assert {r.info.status for r in _runs(store)} == {"KILLED"}
+
+    holder = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with tracking.stage_run("evaluate", Params()):
+                holder.execute("BEGIN IMMEDIATE")  # the write lock a torn write leaves behind
+                t = time.time()
+                raise KeyboardInterrupt
+        assert time.time() - t < tracking.INTERRUPT_GRACE + 3
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        mlflow.end_run()  # the run the interrupted stage left active in this thread
+
+
 def test_the_flow_parent_is_reused_by_every_stage(store, monkeypatch):
     parent = tracking.start_parent(Params(), "prefect")
     monkeypatch.setenv(tracking.PARENT_ENV, parent)

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m tuneline.stages STAGE", file=sys.stderr)
         return 2
+    import os
     import signal
 
     from tuneline.errors import debug, from_os_error, report
@@ -102,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except TunelineError as e:
         return _failed(str(e), 2)
     except KeyboardInterrupt:
-        return _failed(f"{argv[0]}: interrupted. Fix: re-run it; finished stages and checkpoints are reused", 130)
+        code = _failed(f"{argv[0]}: interrupted. Fix: re-run it; finished stages and checkpoints are reused", 130)
+        # Exit now: MLflow's exit hook would end the active run with a write that a lock the
+        # interrupt left held makes wait for ~20 s (tracking.stage_run has recorded what it could).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     except Exception as e:  # a full disk or read-only path is the user's to fix; anything else is unforeseen
         known = from_os_error(e, argv[0])
         if known is not None:

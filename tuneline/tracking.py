@@ -214,17 +214,52 @@ def stage_run(stage: str, params: Params) -> Iterator[str]:
         tags={"mlflow.parentRunId": parent, "mlflow.runName": stage, "tuneline.stage": stage, "tuneline.kind": "stage"},
     ).info.run_id
     log_params(client, child, params)
+    mlflow.start_run(run_id=child)
     try:
-        with mlflow.start_run(run_id=child):
-            yield child
+        yield child
+    except KeyboardInterrupt:
+        # A Ctrl-C can land inside an MLflow write to SQLite and leave that write's lock held
+        # until this process exits; every later write then waits 20-45 s and fails, and the
+        # stage ended in an "unexpected" line instead of "interrupted". Mark the runs KILLED if
+        # the store answers in seconds, and never wait longer (the stage then exits at once).
+        if _set_terminated_within([child, parent], "KILLED", INTERRUPT_GRACE):
+            mlflow.end_run("KILLED")  # the store answers: a quick write
+        raise
     except BaseException:
-        client.set_terminated(child, "FAILED")
+        mlflow.end_run("FAILED")
         client.set_terminated(parent, "FAILED")
         raise
+    mlflow.end_run()
     # The parent stays RUNNING under a flow (the flow ends it); under DVC the last stage
     # to finish leaves it FINISHED.
     if not os.environ.get(PARENT_ENV):
         client.set_terminated(parent, "FINISHED")
+
+
+INTERRUPT_GRACE = 5.0  # s an interrupted stage gives the store to record it
+
+
+def _set_terminated_within(runs: list[str], status: str, seconds: float) -> bool:
+    """Best effort, in a daemon thread: whether the store recorded it in time (if not, it is
+    left as it is)."""
+    import threading
+
+    done: list[bool] = []
+
+    def end() -> None:
+        from mlflow import MlflowClient
+
+        try:
+            for run in runs:
+                MlflowClient().set_terminated(run, status)
+            done.append(True)
+        except Exception:  # the store is locked or gone: the flow records the failure
+            pass
+
+    worker = threading.Thread(target=end, name="tuneline-end-runs", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return bool(done)
 
 
 def _run_ids() -> list[str]:
