@@ -21,6 +21,7 @@ and the model registry are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -58,6 +59,31 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_OneLine())
 
 
+@contextlib.contextmanager
+def sigint_held_for_stages():
+    """Stage processes started inside this block (from this thread) start with SIGINT
+    blocked; `stages.main` unblocks it inside its own error handling. So a Ctrl-C while a
+    stage is still starting up stays pending until it can become the one "interrupted"
+    line, instead of a KeyboardInterrupt traceback from an import.
+
+    A signal mask survives fork and exec, but not every shell passes it on: DVC runs a
+    stage's cmd with `$SHELL -c` (/bin/sh when unset), and dash, Debian's /bin/sh, clears
+    the mask when it starts. bash keeps it, so DVC is pointed at bash where there is one."""
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    shell = os.environ.get("SHELL")
+    bash = shutil.which("bash")
+    if bash:
+        os.environ["SHELL"] = bash
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+        if shell is None:
+            os.environ.pop("SHELL", None)
+        else:
+            os.environ["SHELL"] = shell
+
+
 @task(name="stage", task_run_name="{name}")
 def reproduce(name: str, force: bool = False) -> str | State:
     """Reproduce one stage if its inputs changed; returns 'ran' or 'skipped', or a Failed
@@ -69,12 +95,8 @@ def reproduce(name: str, force: bool = False) -> str | State:
     fd, err_file = tempfile.mkstemp(prefix=f"tuneline-{name}-", suffix=".err")
     os.close(fd)
     os.environ[ERROR_FILE] = err_file  # the stage process writes its one-line error here
-    # The stage process starts with SIGINT blocked (a mask survives fork and exec), and
-    # unblocks it inside its own error handling: a Ctrl-C while it is still starting up
-    # stays pending until then, instead of a KeyboardInterrupt traceback from an import.
-    masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        with Repo(str(ROOT)) as repo:
+        with sigint_held_for_stages(), Repo(str(ROOT)) as repo:
             repo.scm_context.quiet = True  # not "To track the changes with git, run: ..." after every stage
             ran = repo.reproduce(name, single_item=True, force=force)
     except ReproductionError as e:
@@ -101,7 +123,6 @@ def reproduce(name: str, force: bool = False) -> str | State:
             f"dvc: {' '.join(str(e).split())[:300]}", "fix dvc.yaml / params.yaml as the message says"
         ) from None
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         os.environ.pop(ERROR_FILE, None)
         Path(err_file).unlink(missing_ok=True)
     return "ran" if ran else "skipped"

@@ -190,3 +190,19 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     assert tags["gate.compared_with"] == "champion v1" and "challenger" in aliases
     assert tags["gate.decision"] in ("promoted", "kept champion")
     assert (_version(project)[0] == "2") == (tags["gate.decision"] == "promoted")
+
+
+def test_a_stage_started_by_the_flow_starts_with_sigint_blocked_whatever_the_users_shell(monkeypatch):
+    # DVC runs a stage's cmd as `$SHELL -c cmd`; dash (/bin/sh here) clears the signal mask,
+    # which reopened the start-up window in which a Ctrl-C became an import's traceback.
+    from dvc.stage.run import _make_cmd, get_executable
+
+    from flows.pipeline import sigint_held_for_stages
+
+    probe = f"{sys.executable} -c 'import signal; print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))'"
+    monkeypatch.setenv("SHELL", "/bin/sh")
+    with sigint_held_for_stages():
+        inside = subprocess.run(_make_cmd(get_executable(), probe), capture_output=True, text=True, close_fds=True)
+    assert inside.stdout.strip() == "True", inside
+    assert os.environ["SHELL"] == "/bin/sh"  # the user's shell is back, and so is the flow's mask
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
