@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,11 +28,63 @@ TINY = {
 
 from tuneline.recipes import merge  # noqa: E402  (the same deep merge recipes and --set use)
 
+# `make test` runs the suite on two pytest-xdist workers (two cores; most of a test is a
+# process importing its libraries, single-threaded). Each worker trains under its own
+# machine lock: the lock is there so that two users' runs do not share a machine unawares.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ.setdefault("TUNELINE_LOCK_DIR", str(Path(tempfile.gettempdir()) / f"tuneline-locks-{os.getpid()}"))
+
+
+# xdist's `--dist loadgroup` runs each group whole on one worker: a test module is a group
+# (its module-scoped fixtures are built once), and the modules on the `served` UIs share one.
+SAME_WORKER = {"test_browser.py": "served", "test_schedule.py": "served", "test_ui.py": "served"}
+# The longest groups first (minutes on a 2-core machine), so that the two workers end
+# together; the first builds `built`, which the fourth needs, long before it starts.
+LONGEST_FIRST = ["test_faults.py", "served", "test_recipe_runs.py", "test_bad_input.py", "test_cli.py"]
+LONGEST_FIRST += ["test_pipeline.py", "test_resume.py", "test_train.py", "test_preflight.py", "test_prepare.py"]
+
+
+def group(item) -> str:
+    return SAME_WORKER.get(item.path.name, item.path.name)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: the rest keep their order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+
+
+def shared_path(tmp_path_factory, name: str) -> Path:
+    """A path in the run's base temp dir that every xdist worker of this run sees."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if WORKER else base) / name
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """Build `name` once per test run, whichever worker asks first; the others wait for it.
+    Yields (path, done): build into `path` when `done` is False. A failed build is retried."""
+    from filelock import FileLock
+
+    path = shared_path(tmp_path_factory, name)
+    marker = path.with_name(f"{name}.done")
+    with FileLock(str(path.with_name(f"{name}.lock"))):
+        done = marker.is_file()
+        if not done:
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+        yield path, done
+        marker.touch()
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """One `.cache` for every test project, so built-in models are built once."""
-    path = tmp_path_factory.mktemp("cache")
+    """One `.cache` for every test project (and worker), so built-in models are built once."""
+    path = shared_path(tmp_path_factory, "cache")
+    path.mkdir(exist_ok=True)
     os.environ["TUNELINE_CACHE"] = str(path)
     return path
 
@@ -119,11 +173,16 @@ def built(tmp_path_factory, model_cache, prefect_api) -> Project:
     gate's metric is perplexity, which six steps of the random 2-layer model lower reliably).
     Tests work on copies (copy_project) and never change it. The flow runs on the session's
     Prefect server (the tests that use `built` need it anyway), not a temporary one."""
-    proj = make_project(
-        tmp_path_factory.mktemp("built") / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}}
-    )
-    proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run", env={"PREFECT_API_URL": prefect_api}).stdout
-    return proj
+    with built_once(tmp_path_factory, "built") as (path, done):
+        if done:
+            proj = Project(path / "proj", model_cache)
+            proj.flow_out = (path / "flow_out.txt").read_text()
+            return proj
+        proj = make_project(path / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}})
+        env = {"PREFECT_API_URL": prefect_api}
+        proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run", env=env).stdout
+        (path / "flow_out.txt").write_text(proj.flow_out)
+        return proj
 
 
 def copy_project(src: Project, dst: Path) -> Project:

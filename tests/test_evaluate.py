@@ -120,6 +120,29 @@ def test_label_scoring_picks_the_most_likely_verbalised_label(tiny_gpt2, gpt2_to
         assert got == max(labels, key=logp)
 
 
+def test_each_label_scored_as_a_branch_of_its_prompt_equals_the_label_scored_alone(model, gpt2_tok):
+    # One forward per prompt with every label after it (a prefix tree) must give each label
+    # the log-probability it gets as prompt + label alone, on GPT-2 and Llama positions alike.
+    from tuneline.loss import branch_logprobs
+
+    eos = gpt2_tok.eos_token_id
+    rows = [
+        (gpt2_tok(p, add_special_tokens=False)["input_ids"], [gpt2_tok(a)["input_ids"] + [eos] for a in answers])
+        for p, answers in (
+            (PROMPTS[0], [" the cat sat", " sat", " a much longer answer than the others here"]),
+            (PROMPTS[2], [" hills", " hills"]),  # the same branch twice, and a short prompt
+            (PROMPTS[3], [" joy", " sadness", " surprise", " love"]),
+        )
+    ]
+    got = branch_logprobs(model, rows, eos, batch_size=2)  # a batch with padding, and one without
+    for (prefix, branches), lps in zip(rows, got):
+        for branch, lp in zip(branches, lps):
+            with torch.no_grad():
+                alone = model(torch.tensor([prefix + branch])).logits[0].log_softmax(-1)
+            want = sum(float(alone[len(prefix) - 1 + i, t]) for i, t in enumerate(branch))
+            assert lp == pytest.approx(want, abs=1e-4)
+
+
 def test_classification_reports_free_generation_and_scoring(tiny_gpt2, gpt2_tok):
     params = recipes.build("emotion", ["model.name=tiny-gpt2", "evaluate.max_new_tokens=4"])
     rows = [{"text": t, "label": lab} for t, lab in (("i feel great", "joy"), ("so sad", "sadness"), ("grr", "anger"))]

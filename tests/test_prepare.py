@@ -46,6 +46,38 @@ def test_wikitext_is_parsed_and_only_clean_sentences_kept(tmp_path):
     ]
 
 
+def test_wikitext_is_parsed_in_worker_processes_only_from_a_single_threaded_process(tmp_path, monkeypatch):
+    # Forking from a process with other threads (an in-process smoke run under Prefect) hung CI.
+    import multiprocessing
+    import threading
+
+    dump = _dump(
+        tmp_path / "d.xml.bz2",
+        [{"title": f"A{i}", "ns": 0, "text": f"Article {i} is about [[x|y]]."} for i in range(40)],
+    )
+    pools = []
+    real = multiprocessing.get_context
+
+    def counting(method=None):
+        ctx = real(method)
+        pools.append(method)
+        return ctx
+
+    monkeypatch.setattr(multiprocessing, "get_context", counting)
+    want = [(f"A{i}", f"Article {i} is about y.") for i in range(40)]
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert list(wikidump.article_texts(dump, workers=2)) == want
+        assert pools == []  # parsed here
+    finally:
+        stop.set()
+        other.join()
+    assert list(wikidump.article_texts(dump, workers=2)) == want
+    assert pools == ["fork"]  # alone again: the workers parse it
+
+
 def test_real_dump_splits_never_share_a_sentence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = parse_params({"prepare": {"n_train": 300, "n_val": 50, "n_test": 50}})

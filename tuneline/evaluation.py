@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from tuneline import deps, progress, scoring, splits, tasks
 from tuneline.config import Params
 from tuneline.io import read_json, write_json
-from tuneline.loss import example_totals
+from tuneline.loss import branch_logprobs, example_totals
 from tuneline.modeling import autocast, cache_dir, device, load_model, load_tokenizer
 from tuneline.packing import concat, pack_groups
 from tuneline.tokenization import encode_batch, encode_rows
@@ -117,11 +117,29 @@ def _scored(model, packed: list[dict], pad_id: int) -> list[list[tuple[float, in
 def score_labels(model, tok, rows: list[dict], params: Params) -> list[str]:
     """Constrained label scoring: the label whose verbalised answer (" label" + EOS, exactly
     as trained) is most likely given the prompt. Summed, not length-normalised: the
-    probability of the whole answer (lm-evaluation-harness's `acc`)."""
+    probability of the whole answer (lm-evaluation-harness's `acc`). Each prompt is encoded
+    once, with every label's answer as a branch after it (loss.branch_logprobs)."""
     labels = params.prepare.labels
-    nll, _ = example_nll(model, tok, [r | {"label": lab} for r in rows for lab in labels], params)
+    task = tasks.TASKS[params.prepare.task]
     L = len(labels)
-    return [labels[min(range(L), key=lambda j: nll[i * L + j])] for i in range(len(rows))]
+    ids, plens = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
+    trees = []
+    for i in range(len(rows)):
+        prompt = ids[i * L][: plens[i * L]]
+        if any(ids[k][: plens[k]] != prompt for k in range(i * L, (i + 1) * L)):
+            raise ValueError(f"task {task.name}: a prompt must not depend on the label it is scored against")
+        trees.append((prompt, [ids[k][plens[k] :] for k in range(i * L, (i + 1) * L)]))
+    order = sorted(range(len(trees)), key=lambda i: len(trees[i][0]))  # similar lengths share a batch
+    logp: dict[int, list[float]] = {}
+    per = SCORE_BATCH * 4  # a tree row is about one prompt long, a packed row several
+    with progress.bar("evaluate", len(trees), "prompts", what="scoring labels") as bar:
+        for start in range(0, len(order), per):
+            idx = order[start : start + per]
+            chunk = [trees[i] for i in idx]
+            for i, lp in zip(idx, branch_logprobs(model, chunk, tok.pad_token_id, per)):
+                logp[i] = lp
+            bar.advance(len(idx), tokens=sum(len(p) + sum(map(len, bs)) for p, bs in chunk))
+    return [labels[max(range(L), key=lambda j: logp[i][j])] for i in range(len(rows))]
 
 
 def fit_rows(

@@ -69,9 +69,15 @@ def article_texts(
 ) -> Iterator[tuple[str, str]]:
     """(title, plain text) of each main-namespace article, in dump order. With several CPUs
     the wikitext of each chunk of articles is parsed by worker processes (one chunk per
-    worker in memory at a time); a dump of one chunk is parsed here."""
+    worker in memory at a time); a dump of one chunk is parsed here.
+
+    Workers are forked only from a single-threaded process (a stage's own, as `dvc repro`
+    and `tuneline run` start it): a fork copies the locks other threads hold, and a smoke
+    run (stages in-process, in Prefect's task threads) hung CI with a forked worker waiting
+    forever on the pool's queue lock. There the articles are parsed here."""
     import itertools
     import multiprocessing
+    import threading
 
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     size = WIKI_CHUNK * max(workers, 1)
@@ -79,7 +85,7 @@ def article_texts(
     try:
         while chunk := list(itertools.islice(pages, size)):
             titles, texts = zip(*chunk)
-            if pool is None and workers > 1 and len(chunk) == size:  # more to come: worth the workers
+            if pool is None and workers > 1 and len(chunk) == size and threading.active_count() == 1:
                 try:
                     pool = multiprocessing.get_context("fork").Pool(workers)  # spawn would re-run a script's __main__
                 except (AssertionError, OSError):  # e.g. inside a daemonic process: parse here
