@@ -40,7 +40,7 @@ repro: install
 	$(BIN)/python -c 'import sys, tuneline; from dvc.cli import main; sys.exit(main(["repro"]))'
 
 test: install lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -n 2 --no-loadscope-reorder --durations=15
 
 lint: install
 	$(BIN)/ruff check .

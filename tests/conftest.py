@@ -36,8 +36,10 @@ if WORKER:
     os.environ.setdefault("TUNELINE_LOCK_DIR", str(Path(tempfile.gettempdir()) / f"tuneline-locks-{os.getpid()}"))
 
 
-# xdist's `--dist loadgroup` runs each group whole on one worker: a test module is a group
-# (its module-scoped fixtures are built once), and the modules on the `served` UIs share one.
+# Under xdist each group runs whole on one worker: a test module is a group (its module
+# fixtures are built once), and the modules on the `served` UIs share one. (xdist's own
+# `--dist loadgroup` marks do nothing with pytest 9: it renames item._nodeid, which pytest 9
+# no longer reads, so the scheduler below groups by module name itself.)
 SAME_WORKER = {"test_browser.py": "served", "test_schedule.py": "served", "test_ui.py": "served"}
 # The longest groups first (minutes on a 2-core machine), so that the two workers end
 # together; the first builds `built`, which the fourth needs, long before it starts.
@@ -45,16 +47,25 @@ LONGEST_FIRST = ["test_faults.py", "served", "test_recipe_runs.py", "test_bad_in
 LONGEST_FIRST += ["test_pipeline.py", "test_resume.py", "test_train.py", "test_preflight.py", "test_prepare.py"]
 
 
-def group(item) -> str:
-    return SAME_WORKER.get(item.path.name, item.path.name)
+def group_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return SAME_WORKER.get(module, module)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
 def pytest_collection_modifyitems(config, items):
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: the rest keep their order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: the rest keep their order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Groups, in collection order (`--no-loadscope-reorder`), to whichever worker is free."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return ByGroup(config, log)
 
 
 def shared_path(tmp_path_factory, name: str) -> Path:
