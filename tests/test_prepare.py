@@ -1,5 +1,9 @@
 import bz2
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -46,36 +50,35 @@ def test_wikitext_is_parsed_and_only_clean_sentences_kept(tmp_path):
     ]
 
 
-def test_wikitext_is_parsed_in_worker_processes_only_from_a_single_threaded_process(tmp_path, monkeypatch):
+def test_wikitext_is_parsed_in_worker_processes_only_from_a_single_threaded_process(tmp_path):
     # Forking from a process with other threads (an in-process smoke run under Prefect) hung CI.
-    import multiprocessing
-    import threading
-
+    # Each side runs in a fresh interpreter: a test process may hold other tests' threads.
     dump = _dump(
         tmp_path / "d.xml.bz2",
         [{"title": f"A{i}", "ns": 0, "text": f"Article {i} is about [[x|y]]."} for i in range(40)],
     )
-    pools = []
-    real = multiprocessing.get_context
-
-    def counting(method=None):
-        ctx = real(method)
-        pools.append(method)
-        return ctx
-
-    monkeypatch.setattr(multiprocessing, "get_context", counting)
-    want = [(f"A{i}", f"Article {i} is about y.") for i in range(40)]
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait)
-    other.start()
-    try:
-        assert list(wikidump.article_texts(dump, workers=2)) == want
-        assert pools == []  # parsed here
-    finally:
-        stop.set()
-        other.join()
-    assert list(wikidump.article_texts(dump, workers=2)) == want
-    assert pools == ["fork"]  # alone again: the workers parse it
+    code = f"""
+import json, multiprocessing, sys, threading
+from tuneline import wikidump
+forks, real = [], multiprocessing.get_context
+multiprocessing.get_context = lambda method=None: forks.append(method) or real(method)
+stop = threading.Event()
+if sys.argv[1] == "threaded":
+    threading.Thread(target=stop.wait).start()
+texts = list(wikidump.article_texts(__import__("pathlib").Path({str(dump)!r}), workers=2))
+stop.set()
+print(json.dumps([forks, texts]))
+"""
+    want = [[f"A{i}", f"Article {i} is about y."] for i in range(40)]
+    for how, forks in (("threaded", []), ("alone", ["fork"])):  # threaded: parsed here
+        out = subprocess.run(
+            [sys.executable, "-c", code, how],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            check=True,
+        )
+        assert json.loads(out.stdout) == [forks, want], how
 
 
 def test_real_dump_splits_never_share_a_sentence(tmp_path, monkeypatch):
