@@ -61,7 +61,7 @@ def bench(args) -> dict:
         rows = read_split("test", Path(tmp))
     tok, model = load_tokenizer(args.model), load_model(args.model)  # fp32 weights, CPU
     task, labels = tasks.TASKS[params.prepare.task], params.prepare.labels
-    ids, _ = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
+    ids, plens = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
     print(f"[bench] {len(rows)} rows x {len(labels)} labels, {torch.get_num_threads()} torch threads", flush=True)
     score_labels(model, tok, rows[:2], params)  # warm-up, not timed
     pairs(model, tok, rows[:2], params)
@@ -75,7 +75,6 @@ def bench(args) -> dict:
     from tuneline.loss import branch_logprobs
 
     L = len(labels)
-    _, plens = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
     trees = [
         (ids[i * L][: plens[i * L]], [ids[k][plens[k] :] for k in range(i * L, (i + 1) * L)]) for i in range(len(rows))
     ]
