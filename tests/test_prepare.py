@@ -158,3 +158,35 @@ def test_another_seed_draws_other_splits(tmp_path, monkeypatch):
     first = {r["text"] for r in read_split("test")}
     prepare.run(parse_params({"prepare": cfg, "seed": 2}))
     assert {r["text"] for r in read_split("test")} != first
+
+
+def test_a_parsed_dump_is_kept_whole_once_and_read_back_the_same(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELINE_CACHE", str(tmp_path / "cache"))
+    dump = _dump(
+        tmp_path / "d.xml.bz2",
+        [
+            {"title": f"A{i}", "ns": 0, "text": f"Article {i} is about [[x|y]].\n\nIts second paragraph."}
+            for i in range(30)
+        ],
+    )
+    kept = wikidump.cache_path("d1")
+    # A read stopped early (a crash, an error in a later row) leaves no cache, not a partial one.
+    first = wikidump.paragraphs(dump, sha256="d1")
+    next(first)
+    first.close()
+    assert not kept.exists() and list(kept.parent.iterdir()) == []
+
+    seen = []
+    parsed = list(wikidump.paragraphs(dump, on_read=seen.append, sha256="d1"))
+    assert parsed[:2] == [("A0", "Article 0 is about y."), ("A0", "Its second paragraph.")] and len(parsed) == 60
+    assert kept.is_file() and seen[-1] == dump.stat().st_size
+
+    def no_parse(*a, **k):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(wikidump, "article_texts", no_parse)
+    seen.clear()
+    assert list(wikidump.paragraphs(dump, on_read=seen.append, sha256="d1")) == parsed
+    assert seen[-1] == dump.stat().st_size
+    with pytest.raises(AssertionError, match="parsed again"):  # another dump is parsed, not read from this one
+        list(wikidump.paragraphs(dump, sha256="d2"))

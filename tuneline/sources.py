@@ -59,7 +59,8 @@ def load(spec: str, streaming: bool = False, hashes: bool = True) -> tuple[Batch
     `hashes=False` leaves a local file's sha256 out of the lineage (a look at its first rows)."""
     if is_wiki(spec):
         path = dump_path(spec)
-        return _wiki_batches(spec, path), {"source": spec, "sha256": sha256(path)}, True
+        digest = sha256(path)
+        return _wiki_batches(spec, path, digest), {"source": spec, "sha256": digest}, True
     if spec.startswith("hf:"):
         return (*_hub(spec, streaming), False)
     if re.match(r"^[a-z][a-z0-9+]*:", spec) and not os.path.exists(spec):
@@ -82,13 +83,15 @@ def batched(rows: Iterable[dict], size: int | None = None) -> Batches:
         yield batch
 
 
-def _wiki_batches(spec: str, path: Path) -> Batches:
+def _wiki_batches(spec: str, path: Path, digest: str) -> Batches:
     from tuneline import progress
 
-    # Parsing wikitext is the slow part (~15 s for the built-in sample): follow it by the
-    # compressed kB read, the one total known before the end.
+    # Parsing wikitext is the slow part (~15 s for the built-in sample, then cached): follow
+    # it by the compressed kB read, the one total known before the end.
     with progress.bar("prepare", max(1, path.stat().st_size >> 10), "kB", what=f"reading {spec}") as b:
-        rows = ({"title": t, "text": p} for t, p in paragraphs(path, lambda pos: b.advance((pos >> 10) - b.done)))
+        rows = (
+            {"title": t, "text": p} for t, p in paragraphs(path, lambda pos: b.advance((pos >> 10) - b.done), digest)
+        )
         yield from batched(rows)
         b.advance(b.total - b.done)  # the tail after the last page
 

@@ -1,10 +1,19 @@
 """MediaWiki XML dumps (`builtin:wikipedia`, `wikidump:<path.xml.bz2>`) as plain-text
 paragraphs: pages streamed with a real XML parser (memory stays flat on large dumps), the
-wikitext of each chunk of articles parsed to prose by worker processes."""
+wikitext of each chunk of articles parsed to prose by worker processes.
+
+Parsing wikitext is most of prepare's time (10-15 s for the built-in sample, hours for a
+full dump), and its result depends only on the dump's bytes and the parser. So the parsed
+articles are kept once per dump in `.cache/wikitext/` (keyed by the dump's sha256 and both
+parsers' versions; written to a temporary file and renamed when the whole dump has been
+parsed, so a crash or an early stop never leaves a partial one), and a re-run of prepare
+with other params reads them back. Change PARSE_VERSION whenever `plain_text` changes what it returns."""
 
 from __future__ import annotations
 
 import bz2
+import gzip
+import json
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -33,6 +42,7 @@ def plain_text(wikicode) -> str:
     return wikicode.strip_code()
 
 
+PARSE_VERSION = 1  # bump when plain_text's output changes: cached parses are then not reused
 WIKI_CHUNK = 8  # articles per worker and chunk: parsing wikitext is the slow part of prepare
 
 
@@ -97,8 +107,56 @@ def article_texts(
             pool.terminate()
 
 
-def paragraphs(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[tuple[str, str]]:
-    for title, text in article_texts(path, on_read):
+def cache_path(sha256: str) -> Path:
+    """Where the parse of the dump with this sha256 is kept: by our parser's version and the
+    installed mwparserfromhell's, so that either changing parses again."""
+    from importlib.metadata import version
+
+    from tuneline.modeling import cache_dir
+
+    return cache_dir().parent / "wikitext" / f"{sha256}-v{PARSE_VERSION}-mw{version('mwparserfromhell')}.jsonl.gz"
+
+
+def cached_article_texts(
+    path: Path, sha256: str, on_read: Callable[[int], None] | None = None
+) -> Iterator[tuple[str, str]]:
+    """article_texts, read from the parse cache when this dump was parsed before, else
+    parsed and kept there (one JSON [title, text] line per article, gzip level 1).
+    `on_read` gets dump bytes (scaled from the cache file's position when reading it back)."""
+    done = cache_path(sha256)
+    if done.is_file():
+        size, dump_size = done.stat().st_size, path.stat().st_size
+        with open(done, "rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+            for line in f:
+                title, text = json.loads(line)
+                yield title, text
+                if on_read:
+                    on_read(raw.tell() * dump_size // max(size, 1))
+        return
+    tmp = done.with_name(f".{done.name}.tmp{os.getpid()}")
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        out = gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1)
+    except OSError:  # a read-only cache: parse without keeping it
+        yield from article_texts(path, on_read)
+        return
+    try:
+        with out:
+            for title, text in article_texts(path, on_read):
+                out.write(json.dumps([title, text], ensure_ascii=False) + "\n")
+                yield title, text
+        tmp.replace(done)  # only a whole parse becomes the cache
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def paragraphs(
+    path: Path, on_read: Callable[[int], None] | None = None, sha256: str | None = None
+) -> Iterator[tuple[str, str]]:
+    """(title, paragraph) of each article, whitespace-normalised; with the dump's `sha256`,
+    through the parse cache."""
+    texts = cached_article_texts(path, sha256, on_read) if sha256 else article_texts(path, on_read)
+    for title, text in texts:
         for para in text.split("\n"):
             para = " ".join(para.split())
             if para:
