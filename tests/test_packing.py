@@ -1,8 +1,11 @@
+import copy
 import random
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
+from tuneline.attention import dense_mask, enable_flex, mask_for
 from tuneline.loss import loss_sum
 from tuneline.packing import IGNORE, Example, bfd, collate, concat, groups, pack
 
@@ -31,7 +34,8 @@ def test_collate_isolates_examples_and_restarts_positions():
     rows = pack([Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5], [IGNORE, 5])], 8, "bfd")
     b = collate(rows, pad_id=0, length=6)
     assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0]
-    m = b["attention_mask"][0, 0]
+    assert b["segment_ids"][0].tolist() == [1, 1, 1, 2, 2, 0]
+    m = dense_mask(b["segment_ids"])[0, 0]
     assert m[4].tolist() == [False, False, False, True, True, False]  # 2nd example sees only itself
     assert m[2].tolist() == [True, True, True, False, False, False]
     assert m[5, 5]  # padding attends to itself: no all-masked row, no NaN
@@ -54,26 +58,42 @@ def _tiny_llama():
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_packed_logits_equal_each_example_alone(arch, tiny_gpt2):
-    """The implementation we train with (sdpa + 4-D block mask) must isolate exactly."""
-    model = tiny_gpt2.eval() if arch == "gpt2" else _tiny_llama()
-    assert model.config._attn_implementation == "sdpa"
+def test_packed_logits_equal_each_example_alone(arch, attention, tiny_gpt2):
+    """Both ways we train with isolate exactly: sdpa with the dense block mask (CPU), and
+    flex attention with the block mask (CUDA; here unfused, on the CPU)."""
+    model = copy.deepcopy(tiny_gpt2).eval() if arch == "gpt2" else _tiny_llama()
+    if attention == "flex":
+        enable_flex(model)
     rng = random.Random(1)
     examples = [Example(ids := [rng.randrange(1, 300) for _ in range(rng.randint(3, 20))], ids) for _ in range(9)]
     rows = pack(examples, 48, "bfd")
     assert max(len(r["seq_lens"]) for r in rows) > 1
     packed = collate(rows, pad_id=0)
+    mask = mask_for(model, packed["segment_ids"])
+    assert isinstance(mask, BlockMask) == (attention == "flex")
     with torch.no_grad():
-        logits = model(
-            input_ids=packed["input_ids"], attention_mask=packed["attention_mask"], position_ids=packed["position_ids"]
-        ).logits
+        logits = model(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"]).logits
         for b, row in enumerate(rows):
             start = 0
             for L in row["seq_lens"]:
                 alone = model(input_ids=torch.tensor([row["input_ids"][start : start + L]])).logits[0]
                 torch.testing.assert_close(logits[b, start : start + L], alone, atol=1e-5, rtol=0)
                 start += L
+
+
+def test_full_single_example_rows_take_the_plain_causal_path_with_the_same_logits(tiny_gpt2):
+    rng = random.Random(3)
+    docs = [Example(ids := [rng.randrange(1, 300) for _ in range(40)], ids) for _ in range(5)]
+    batch = collate(concat(docs, 32), pad_id=0)
+    assert mask_for(tiny_gpt2, batch["segment_ids"]) is None  # no (T, T) mask: sdpa's causal (flash) kernel
+    with torch.no_grad():
+        causal = tiny_gpt2(input_ids=batch["input_ids"]).logits
+        masked = tiny_gpt2(input_ids=batch["input_ids"], attention_mask=dense_mask(batch["segment_ids"])).logits
+    torch.testing.assert_close(causal, masked, atol=1e-5, rtol=0)
+    padded = collate(concat(docs, 32, drop_remainder=False)[-2:], pad_id=0)  # a shorter last row: padding
+    assert mask_for(tiny_gpt2, padded["segment_ids"]) is not None
 
 
 def test_packed_loss_equals_unpacked_loss(tiny_gpt2, gpt2_tok):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tuneline.attention import mask_for
 from tuneline.packing import IGNORE, collate, collate_tree
 
 
@@ -22,7 +23,7 @@ def _trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     lm = unwrap(model)
     h = lm.base_model(  # backbone: LlamaModel / GPT2Model
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],  # (B, 1, T, T) block-diagonal causal
+        attention_mask=mask_for(lm, batch["segment_ids"]),  # examples isolated: tuneline/attention.py
         position_ids=batch["position_ids"],
         use_cache=False,
     ).last_hidden_state  # (B, T, C)
@@ -55,13 +56,9 @@ def example_totals(model, rows: list[dict], pad_id: int, batch_size: int) -> lis
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         logits, target, keep = _trained_logits(model, batch)
         losses = F.cross_entropy(logits, target, reduction="none")  # (N,)
-        seg = torch.zeros_like(batch["labels"])  # (B, T): 0 = padding
-        for b, r in enumerate(chunk):
-            seg[b, : sum(r["seq_lens"])] = torch.repeat_interleave(
-                torch.arange(1, len(r["seq_lens"]) + 1), torch.tensor(r["seq_lens"])
-            )
+        seg = batch["segment_ids"]  # (B, T): 0 = padding, 1..k the row's examples
         row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(keep)[keep]  # (N,)
-        seg_of = seg[:, 1:].to(device)[keep]  # (N,) segment of each target
+        seg_of = seg[:, 1:][keep]  # (N,) segment of each target
         for b, r in enumerate(chunk):
             sums = torch.zeros(len(r["seq_lens"]) + 1, dtype=torch.float64, device=device)
             cnt = torch.zeros_like(sums)

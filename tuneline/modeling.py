@@ -97,7 +97,7 @@ def scratch_model(name: str):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(cfg)
     model.generation_config.pad_token_id = eos
-    return model
+    return for_device(model)
 
 
 def resolve(name: str) -> Path | str:
@@ -308,7 +308,8 @@ def tokenizer_size(name: str) -> int | None:
 
 
 def load_model(name: str | Path, dtype: torch.dtype | None = None):
-    """Causal LM with sdpa attention: the implementation whose packed masks we test."""
+    """Causal LM with sdpa attention (flex for packed rows on CUDA): the implementations
+    whose packed masks we test."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -324,6 +325,18 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None):
             f"model '{name}' could not be read ({type(err).__name__}: {str(err)[:120]})",
             "re-create or re-download the model files",
         ) from None
+    return for_device(model)
+
+
+def for_device(model):
+    """On a CUDA GPU, packed rows' attention runs as flex attention over their examples
+    (tuneline/attention.py); elsewhere the model keeps sdpa with dense masks."""
+    import torch
+
+    if torch.cuda.is_available():
+        from tuneline.attention import enable_flex
+
+        enable_flex(model)
     return model
 
 

@@ -1,9 +1,10 @@
 """Pack tokenized examples into rows, build batches.
 
 - `bfd` (supervised tasks): a packed row holds several whole examples. Each example restarts its position ids at 0
-and sees only its own tokens: the batch carries a 4-D block-diagonal causal mask
-(B, 1, T, T), so a packed example produces the same logits as the example alone.
-(sdpa honours such a mask exactly on CPU and GPU; tests check it on the models we train.)
+and sees only its own tokens: the batch carries segment ids, which tuneline.attention turns
+into a block-diagonal causal mask (dense for sdpa on CPU, a flex BlockMask on a GPU), so a
+packed example produces the same logits as the example alone (tests check it on the models
+we train).
 - `concat` (pretraining, the HF run_clm recipe): all examples joined, cut into blocks of
   exactly `capacity` tokens, the final remainder dropped; one segment per block.
 - `none`: one example per row.
@@ -114,11 +115,11 @@ def pack_groups(examples: list[Example], capacity: int, packing: str) -> tuple[l
 
 
 def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad rows to `length` (default: the longest row) and build the isolating mask.
+    """Pad rows to `length` (default: the longest row).
 
-    Returns input_ids/labels/position_ids (B, T) and attention_mask (B, 1, T, T) bool,
-    True where query i may attend key j: same segment and j <= i. Padding forms its own
-    segment, so every query attends at least to itself (no all-masked NaN rows).
+    Returns input_ids/labels/position_ids (B, T) and segment_ids (B, T): 1..k the row's
+    examples, 0 padding. Positions restart at 0 in each example; tuneline.attention turns
+    the segment ids into the isolating mask the device computes fastest.
     """
     T = length or max(len(r["input_ids"]) for r in rows)
     B = len(rows)
@@ -135,10 +136,7 @@ def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[st
             pos[b, start : start + L] = torch.arange(L)
             seg[b, start : start + L] = k
             start += L
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
-    same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
-    mask = (same & causal)[:, None]  # (B, 1, T, T)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg}
 
 
 def collate_tree(rows: list[tuple[list[int], list[list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
