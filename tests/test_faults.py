@@ -89,8 +89,16 @@ def test_sigkill_at_five_points_loses_nothing_and_ends_equal_to_an_unbroken_run(
     built, prefect_api, tmp_path, model_cache
 ):
     proj = make_project(tmp_path / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}})
+    # The session's models, but no parse of the Wikipedia dump kept from other runs: the
+    # first kill must land while prepare is still parsing, not after a read of the cache.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(model_cache / "models")
     # Progress lines on (CI quiets them): they mark the points to kill at.
-    env = proj.env | {"PREFECT_API_URL": prefect_api, "TUNELINE_PROGRESS": "plain"}
+    env = proj.env | {
+        "PREFECT_API_URL": prefect_api,
+        "TUNELINE_PROGRESS": "plain",
+        "TUNELINE_CACHE": str(tmp_path / "cache"),
+    }
     outs = {}
     for where, marker in KILLS:
         outs[where] = run_until(proj, marker, env)
@@ -105,6 +113,8 @@ def test_sigkill_at_five_points_loses_nothing_and_ends_equal_to_an_unbroken_run(
         return [s for s in ("prepare", "tokenize", "train", "evaluate") if f"Stage '{s}' didn't change" in out]
 
     assert skipped(outs["tokenize"]) == []  # prepare was killed: it ran again
+    assert (tmp_path / "cache" / "wikitext").is_dir()  # the re-run kept its whole parse, the killed one none
+    assert [p.name.startswith(".") for p in (tmp_path / "cache" / "wikitext").iterdir()] == [False]
     assert skipped(outs["early train"]) == ["prepare"]
     assert skipped(outs["late train"]) == ["prepare", "tokenize"]
     assert skipped(outs["register"]) == ["prepare", "tokenize"]

@@ -176,8 +176,11 @@ def test_a_parsed_dump_is_kept_whole_once_and_read_back_the_same(tmp_path, monke
     first.close()
     assert not kept.exists() and list(kept.parent.iterdir()) == []
 
+    orphan = kept.with_name(f".{kept.name}.tmp999999999")  # what a killed parse leaves: its pid is gone
+    orphan.write_text("partial")
     seen = []
     parsed = list(wikidump.paragraphs(dump, on_read=seen.append, sha256="d1"))
+    assert not orphan.exists()
     assert parsed[:2] == [("A0", "Article 0 is about y."), ("A0", "Its second paragraph.")] and len(parsed) == 60
     assert kept.is_file() and seen[-1] == dump.stat().st_size
 

@@ -136,6 +136,7 @@ def cached_article_texts(
     tmp = done.with_name(f".{done.name}.tmp{os.getpid()}")
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
+        _drop_orphans(done)
         out = gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1)
     except OSError:  # a read-only cache: parse without keeping it
         yield from article_texts(path, on_read)
@@ -148,6 +149,19 @@ def cached_article_texts(
         tmp.replace(done)  # only a whole parse becomes the cache
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _drop_orphans(done: Path) -> None:
+    """Remove the partial parses of `done` that a killed process left (its pid is gone); a
+    live one is another process parsing the same dump, and is left alone."""
+    for part in done.parent.glob(f".{done.name}.tmp*"):
+        pid = part.name.rsplit(".tmp", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            part.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            pass
 
 
 def paragraphs(
