@@ -69,14 +69,47 @@ def test_batched_generation_equals_one_prompt_at_a_time(model, gpt2_tok, num_bea
 def test_generation_stops_once_the_answer_line_is_complete(gpt2_tok):
     """Greedy rows stop at the answer's first newline (a leading one does not count): the
     rest would be cut anyway. The batched == one-at-a-time test above covers the outputs."""
-    from tuneline.evaluation import _StopAfter
+    from tuneline.evaluation import answer_complete
 
-    prompt = gpt2_tok("Unscramble: b a\nSentence:", add_special_tokens=False)["input_ids"]
     answers = [gpt2_tok(r, add_special_tokens=False)["input_ids"] for r in (" a b\nmore", "\n a b", " a b")]
-    width = max(map(len, answers))  # rows that finished early carry EOS (= pad) after the answer
-    batch = torch.tensor([prompt + a + [gpt2_tok.eos_token_id] * (width - len(a)) for a in answers])
-    stop = _StopAfter(gpt2_tok, len(prompt), "\n")
-    assert stop(batch, None).tolist() == [True, False, False]
+    assert [answer_complete(gpt2_tok, a, "\n") for a in answers] == [True, False, False]
+
+
+def test_a_finished_row_leaves_the_batch_and_every_row_keeps_its_greedy_tokens(model, gpt2_tok):
+    """Rows end at different steps (here: at their first token divisible by 5, or EOS). Each
+    row's tokens are generate's greedy tokens for that prompt alone, cut at the same point,
+    and each step computes only the rows still answering."""
+    from tuneline.evaluation import greedy
+
+    def done(ids):
+        return ids[-1] % 5 == 0
+
+    gpt2_tok.padding_side = "left"
+    enc = gpt2_tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    sizes, forward = [], model.forward
+
+    def recording(*args, **kw):
+        sizes.append(kw["input_ids"].shape[0])
+        return forward(*args, **kw)
+
+    model.forward = recording
+    try:
+        got = greedy(model, enc["input_ids"], enc["attention_mask"], 12, gpt2_tok.eos_token_id, done)
+    finally:
+        del model.forward
+    for prompt, ids in zip(PROMPTS, got):
+        alone = gpt2_tok(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            full = model.generate(**alone, max_new_tokens=12, do_sample=False, pad_token_id=gpt2_tok.eos_token_id)
+        want = []
+        for t in full[0, alone["input_ids"].shape[1] :].tolist():
+            want.append(t)
+            if t == gpt2_tok.eos_token_id or done(want):
+                break
+        assert ids == want
+    lengths = sorted(len(ids) for ids in got)
+    assert lengths[0] < lengths[-1]  # the rows did end at different steps
+    assert sizes[0] == len(PROMPTS) and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(PROMPTS)
 
 
 def _rows(n=6):

@@ -17,7 +17,6 @@ import json
 import time
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tuneline import deps, progress, scoring, splits, tasks
 from tuneline.config import Params
@@ -31,17 +30,63 @@ PRETRAIN_SAMPLES, PRETRAIN_PROMPT_WORDS = 8, 12  # continuations shown for pretr
 SCORE_BATCH = 4  # packed rows per forward when scoring losses
 
 
-class _StopAfter(StoppingCriteria):
-    """Stopping criterion: a row is done once its answer (leading whitespace aside) holds
-    `marker`; everything after it would be cut anyway. Greedy only: a beam's finished
-    hypotheses would be re-ranked by it."""
+def answer_complete(tok, ids: list[int], marker: str) -> bool:
+    """A greedy row is done once its answer (leading whitespace aside) holds `marker`: the
+    rest would be cut anyway."""
+    return marker in tok.decode(ids, skip_special_tokens=True).lstrip()
 
-    def __init__(self, tok, prompt_len: int, marker: str):
-        self.tok, self.prompt_len, self.marker = tok, prompt_len, marker
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tok.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        return torch.tensor([self.marker in t.lstrip() for t in texts], device=input_ids.device)
+@torch.no_grad()
+def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, done) -> list[list[int]]:
+    """Greedy decoding with a KV cache, for a left-padded batch (B, T): each row's new token
+    ids, up to and including EOS or until `done(ids)` says its answer is complete.
+
+    A finished row leaves the batch at once: its cache rows are dropped, so later steps
+    compute only the rows still answering (transformers' generate keeps computing finished
+    rows as padding until the last one ends; with answers of very different lengths that
+    is most of the work). Positions and masks are what generate uses (position = count of
+    real tokens before, padding masked), so every row's tokens are those it gets alone,
+    up to floating-point ties: a test checks them against generate."""
+    from transformers import DynamicCache
+
+    B = input_ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,  # only the last position predicts: no vocabulary projection of the prompt
+    ).logits[:, -1]  # (b, V): b rows still answering
+    live = list(range(B))  # row of the batch behind each of the b rows
+    nxt_pos = pos[:, -1:] + 1  # (b, 1)
+    new: list[list[int]] = [[] for _ in range(B)]
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)  # (b,)
+        keep = []
+        for j, (i, t) in enumerate(zip(live, nxt.tolist())):
+            new[i].append(t)
+            if t != eos_id and not done(new[i]):
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):  # drop finished rows from everything the next step reads
+            idx = torch.tensor(keep, device=input_ids.device)
+            cache.batch_select_indices(idx)
+            attention_mask, nxt, nxt_pos = attention_mask[idx], nxt[idx], nxt_pos[idx]
+            live = [live[j] for j in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)  # (b, T + step + 1)
+        logits = model(
+            input_ids=nxt[:, None],
+            attention_mask=attention_mask,
+            position_ids=nxt_pos,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        nxt_pos = nxt_pos + 1
+    return new
 
 
 @torch.no_grad()
@@ -53,6 +98,10 @@ def generate(
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
     marker = "\n" if one_line else "\n###"
+
+    def done(ids: list[int]) -> bool:
+        return answer_complete(tok, ids, marker)
+
     # Similar lengths share a batch: less padding, and a batch stops as soon as all its
     # (similarly long) answers are done.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -63,23 +112,23 @@ def generate(
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
                 model.device
             )
-            T = enc["input_ids"].shape[1]  # (B, T) left-padded prompts
-            stop = StoppingCriteriaList([_StopAfter(tok, T, marker)] if num_beams == 1 else [])
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=num_beams,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                stopping_criteria=stop,
-            )
-            new = gen[:, T:]  # (B, new_tokens): strip the prompt
-            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-                text = text.strip()  # chat-tuned models often open with a newline
+            if num_beams == 1:
+                new = greedy(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id, done)
+            else:
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=num_beams,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                new = gen[:, enc["input_ids"].shape[1] :].tolist()  # (B, new_tokens): the prompt stripped
+            for i, ids in zip(idx, new):
+                text = tok.decode(ids, skip_special_tokens=True).strip()  # chat-tuned models often open with a newline
                 outs[i] = text.split(marker)[0].strip()
-            # the rate counts generated tokens (padding after a row's end, EOS included, is not work done)
-            bar.advance(len(idx), tokens=int((new != tok.pad_token_id).sum()))
+            # the rate counts generated tokens (padding after a row's end is not work done)
+            bar.advance(len(idx), tokens=sum(len([t for t in ids if t != tok.pad_token_id]) for ids in new))
     return [outs[i] for i in range(len(prompts))]
 
 
