@@ -222,3 +222,18 @@ def test_ctrl_c_during_tokenize_or_train_ends_the_run_in_seconds_and_a_rerun_res
     assert states and ("RUNNING",) not in states
     done = proj.run(sys.executable, "-m", "dvc", "repro", "train")  # the interrupted stage, run again
     assert "resuming from checkpoint at step" in done.stdout, done.stdout[-3000:]
+
+
+def test_a_missing_data_file_fails_before_a_built_in_model_is_built(tmp_path):
+    """Converting a built-in model takes ~20 s on first use (SmolLM2); a misspelled path must
+    not wait for it. An empty model cache: nothing may be built into it."""
+    from conftest import make_project
+
+    proj = make_project(tmp_path / "proj", tmp_path / "cache")
+    proc = proj.run(
+        sys.executable, "-m", "tuneline.cli", "run", "--set", "prepare.source=nope.csv", check=False, timeout=300
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "data file 'nope.csv' not found" in lines[0], proc.stderr
+    assert not (tmp_path / "cache" / "models").exists()
+    assert "preparing built-in model" not in proc.stdout

@@ -70,6 +70,7 @@ def run(
         with project_lock(require_project()):
             # Validate before anything starts (the flow checks again: it can be run alone).
             params = _params(recipe, sets, smoke)
+            preflight.check(params, store=False, model=False)  # a wrong path fails before a model is built
             _build_apart(params.model.name)
             preflight.check(params)
             api = os.environ.get("PREFECT_API_URL")
