@@ -49,6 +49,7 @@ PARAMS = (
     "evaluate.num_beams",
     "evaluate.precision",
     "evaluate.max_new_tokens",
+    "evaluate.prompt_lookup",
     "evaluate.primary_metric",
     "evaluate.n_bootstrap",
 )

@@ -66,6 +66,28 @@ def test_batched_generation_equals_one_prompt_at_a_time(model, gpt2_tok, num_bea
     assert not any(a.startswith("Unscramble") for a in batched)  # the prompt is never echoed
 
 
+def test_prompt_lookup_guesses_change_no_token_and_save_forwards(model, gpt2_tok):
+    """Guessed tokens are kept only where the model itself predicts them: with lookup on,
+    every prompt's answer is still its one-at-a-time greedy answer; on tiny GPT-2, which
+    repeats itself (its own earlier tokens are good guesses), in fewer forwards."""
+    calls, forward = [], model.forward
+
+    def counting(*args, **kw):
+        calls.append(kw["input_ids"].shape[1])
+        return forward(*args, **kw)
+
+    model.forward = counting
+    try:
+        plain = generate(model, gpt2_tok, PROMPTS, 12, batch_size=len(PROMPTS))
+        n_plain, calls[:] = len(calls), []
+        guessed = generate(model, gpt2_tok, PROMPTS, 12, batch_size=len(PROMPTS), lookup=3)
+    finally:
+        del model.forward
+    assert guessed == plain == [_one_at_a_time(model, gpt2_tok, p, 12) for p in PROMPTS]
+    if model.config.model_type == "gpt2":
+        assert max(calls[1:]) > 1 and len(calls) < n_plain  # guesses were fed, and some kept
+
+
 def test_generation_stops_once_the_answer_line_is_complete(gpt2_tok):
     """Greedy rows stop at the answer's first newline (a leading one does not count): the
     rest would be cut anyway. The batched == one-at-a-time test above covers the outputs."""
@@ -153,27 +175,57 @@ def test_label_scoring_picks_the_most_likely_verbalised_label(tiny_gpt2, gpt2_to
         assert got == max(labels, key=logp)
 
 
-def test_each_label_scored_as_a_branch_of_its_prompt_equals_the_label_scored_alone(model, gpt2_tok):
-    # One forward per prompt with every label after it (a prefix tree) must give each label
-    # the log-probability it gets as prompt + label alone, on GPT-2 and Llama positions alike.
-    from tuneline.loss import branch_logprobs
+def test_each_branch_scored_from_its_prompts_cache_equals_the_branch_scored_alone(model, gpt2_tok):
+    # Label answers (or a reference answer) scored after the prompt's cache must get the
+    # log-probability of prompt + branch read as one sequence, on GPT-2 and Llama positions
+    # alike, with left padding in the batch; and decoding from the cache afterwards must
+    # give the tokens it gives without the branches.
+    from tuneline.evaluation import decode, prefill, score_branches
 
     eos = gpt2_tok.eos_token_id
-    rows = [
-        (gpt2_tok(p, add_special_tokens=False)["input_ids"], [gpt2_tok(a)["input_ids"] + [eos] for a in answers])
-        for p, answers in (
-            (PROMPTS[0], [" the cat sat", " sat", " a much longer answer than the others here"]),
-            (PROMPTS[2], [" hills", " hills"]),  # the same branch twice, and a short prompt
-            (PROMPTS[3], [" joy", " sadness", " surprise", " love"]),
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    branches = [
+        [gpt2_tok(a)["input_ids"] + [eos] for a in answers]
+        for answers in (
+            [" the cat sat", " sat", " a much longer answer than the others here"],
+            [" hills", " hills"],  # the same branch twice, and a short prompt
+            [" joy", " sadness", " surprise", " love"],
         )
     ]
-    got = branch_logprobs(model, rows, eos, batch_size=2)  # a batch with padding, and one without
-    for (prefix, branches), lps in zip(rows, got):
-        for branch, lp in zip(branches, lps):
+    gpt2_tok.padding_side = "left"
+    enc = gpt2_tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert not enc["attention_mask"].all()  # the batch is padded
+    state = prefill(model, enc["input_ids"], enc["attention_mask"])
+    got = score_branches(model, state, enc["attention_mask"], branches, eos)
+    for prompt, bs, lps in zip(prompts, branches, got):
+        prefix = gpt2_tok(prompt, add_special_tokens=False)["input_ids"]
+        for branch, lp in zip(bs, lps):
             with torch.no_grad():
                 alone = model(torch.tensor([prefix + branch])).logits[0].log_softmax(-1)
             want = sum(float(alone[len(prefix) - 1 + i, t]) for i, t in enumerate(branch))
             assert lp == pytest.approx(want, abs=1e-4)
+    after = decode(model, state, enc["attention_mask"], 6, eos, lambda ids: False)
+    fresh = prefill(model, enc["input_ids"], enc["attention_mask"])
+    assert after == decode(model, fresh, enc["attention_mask"], 6, eos, lambda ids: False)
+
+
+@pytest.mark.parametrize("recipe", ["descramble", "emotion"])
+def test_evaluation_reads_answer_losses_from_the_generation_pass_as_packed_scoring_gives_them(
+    tiny_gpt2, gpt2_tok, recipe
+):
+    """evaluate_model takes each answer's loss from the prompt's cache (no second pass over
+    the prompts); the figures are those of scoring whole examples, packed."""
+    params = recipes.build(recipe, ["model.name=tiny-gpt2", "tokenize.max_length=64", "evaluate.max_new_tokens=3"])
+    if recipe == "emotion":
+        rows = [
+            {"text": t, "label": lab} for t, lab in (("i feel great", "joy"), ("so sad", "sadness"), ("grr", "anger"))
+        ]
+    else:
+        rows = _rows()
+    ev = evaluate_model(tiny_gpt2, gpt2_tok, rows, params)
+    nll, n = example_nll(tiny_gpt2, gpt2_tok, rows, params)
+    assert ev["tokens"] == n
+    assert ev["nll"] == pytest.approx(nll, rel=1e-4)
 
 
 def test_classification_reports_free_generation_and_scoring(tiny_gpt2, gpt2_tok):

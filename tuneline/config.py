@@ -182,6 +182,13 @@ class EvaluateCfg(_Group):
     max_new_tokens: int = Field(
         128, ge=1, description="Cap on generated tokens; the budget is the longest reference answer + 8, up to this."
     )
+    prompt_lookup: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="Greedy only: tokens guessed per step from the prompt (exact prompt-lookup decoding; "
+        "0 = off). Same outputs in fp32; on CPU it is slower at batch 32 (bench/generate_batched.py).",
+    )
     primary_metric: str | None = Field(
         None,
         description="Metric the champion/challenger gate compares; None: the task's default "

@@ -17,11 +17,12 @@ import json
 import time
 
 import torch
+import torch.nn.functional as F
 
 from tuneline import deps, progress, scoring, splits, tasks
 from tuneline.config import Params
 from tuneline.io import read_json, write_json
-from tuneline.loss import branch_logprobs, example_totals
+from tuneline.loss import example_totals, unwrap
 from tuneline.modeling import autocast, cache_dir, device, load_model, load_tokenizer
 from tuneline.packing import concat, pack_groups
 from tuneline.tokenization import encode_batch, encode_rows
@@ -37,19 +38,12 @@ def answer_complete(tok, ids: list[int], marker: str) -> bool:
 
 
 @torch.no_grad()
-def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, done) -> list[list[int]]:
-    """Greedy decoding with a KV cache, for a left-padded batch (B, T): each row's new token
-    ids, up to and including EOS or until `done(ids)` says its answer is complete.
-
-    A finished row leaves the batch at once: its cache rows are dropped, so later steps
-    compute only the rows still answering (transformers' generate keeps computing finished
-    rows as padding until the last one ends; with answers of very different lengths that
-    is most of the work). Positions and masks are what generate uses (position = count of
-    real tokens before, padding masked), so every row's tokens are those it gets alone,
-    up to floating-point ties: a test checks them against generate."""
+def prefill(model, input_ids, attention_mask):
+    """Encode a left-padded batch of prompts (B, T) once. Returns the KV cache, the logits of
+    each row's next token (B, V) and that token's position (B, 1). Positions are what
+    generate uses: the count of real tokens before, padding masked."""
     from transformers import DynamicCache
 
-    B = input_ids.shape[0]
     cache = DynamicCache(config=model.config)
     pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
     logits = model(
@@ -59,42 +53,160 @@ def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, d
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,  # only the last position predicts: no vocabulary projection of the prompt
-    ).logits[:, -1]  # (b, V): b rows still answering
-    live = list(range(B))  # row of the batch behind each of the b rows
-    nxt_pos = pos[:, -1:] + 1  # (b, 1)
-    new: list[list[int]] = [[] for _ in range(B)]
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)  # (b,)
-        keep = []
-        for j, (i, t) in enumerate(zip(live, nxt.tolist())):
-            new[i].append(t)
-            if t != eos_id and not done(new[i]):
-                keep.append(j)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(live):  # drop finished rows from everything the next step reads
-            idx = torch.tensor(keep, device=input_ids.device)
-            cache.batch_select_indices(idx)
-            attention_mask, nxt, nxt_pos = attention_mask[idx], nxt[idx], nxt_pos[idx]
-            live = [live[j] for j in keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)  # (b, T + step + 1)
-        logits = model(
-            input_ids=nxt[:, None],
-            attention_mask=attention_mask,
-            position_ids=nxt_pos,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[:, -1]
-        nxt_pos = nxt_pos + 1
-    return new
+    ).logits[:, -1]  # (B, V)
+    return cache, logits, pos[:, -1:] + 1
 
 
 @torch.no_grad()
-def generate(
-    model, tok, prompts: list[str], max_new_tokens: int, batch_size: int, num_beams: int = 1, one_line: bool = True
-) -> list[str]:
+def score_branches(model, state, attention_mask, branches: list[list[list[int]]], pad_id: int) -> list[list[float]]:
+    """Each row's branches (token lists: every label's answer, or the reference answer)
+    scored after its prompt, from the prompt's cache (`state` = prefill's result): per row,
+    each branch's summed log-probability. The prompt is not encoded again, and the cache is
+    left as prefill made it, so decoding can go on from it. Equals scoring prompt + branch
+    as one sequence (tested)."""
+    cache, last, next_pos = state
+    lm = unwrap(model)
+    dev = attention_mask.device
+    flat = [b for bs in branches for b in bs]
+    owner = torch.repeat_interleave(
+        torch.arange(len(branches), device=dev), torch.tensor([len(bs) for bs in branches], device=dev)
+    )  # (R,) row of each branch
+    width = max(len(b) for b in flat)
+    x = torch.tensor([b + [pad_id] * (width - len(b)) for b in flat], device=dev)  # (R, W), padded on the right
+    real = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in flat], device=dev)  # (R, W)
+    cache.batch_select_indices(owner)  # each branch gets its own copy of its prompt's cache
+    h = lm.base_model(
+        input_ids=x,
+        attention_mask=torch.cat([attention_mask[owner], real.to(attention_mask.dtype)], dim=1),
+        position_ids=next_pos[owner] + torch.arange(width, device=dev),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (R, W, C)
+    cache.crop(-width)  # back to the prompts alone, one copy per row
+    first = torch.ones(len(flat), dtype=torch.bool, device=dev)
+    first[1:] = owner[1:] != owner[:-1]
+    cache.batch_select_indices(first.nonzero()[:, 0])
+    # Token 0 of a branch is predicted by the prompt's last position (prefill's logits),
+    # token t > 0 by the branch's own position t - 1; nothing else is projected.
+    r, t = (real[:, 1:] > 0).nonzero(as_tuple=True)  # (N,) branch and position of each token after the first
+    lp0 = last[owner].float().log_softmax(-1).gather(1, x[:, :1])[:, 0]  # (R,)
+    lp = -F.cross_entropy(lm.get_output_embeddings()(h[r, t]).float(), x[r, t + 1], reduction="none")  # (N,)
+    sums = lp0.double().index_add(0, r, lp.double()).tolist()
+    out = []
+    for bs in branches:
+        out.append(sums[: len(bs)])
+        sums = sums[len(bs) :]
+    return out
+
+
+def lookup(context: list[int], k: int, ngram: int = 2) -> list[int]:
+    """Prompt-lookup drafts: up to `k` tokens that followed the latest earlier occurrence of
+    the context's last `ngram` (then fewer) tokens; [] when nothing matches. Answers that
+    copy the prompt (descrambled words, a label listed in the prompt) match often."""
+    for n in range(min(ngram, len(context) - 1), 0, -1):
+        tail = context[-n:]
+        for s in range(len(context) - n - 1, -1, -1):
+            if context[s : s + n] == tail:
+                return context[s + n : s + n + k]
+    return []
+
+
+@torch.no_grad()
+def decode(
+    model,
+    state,
+    attention_mask,
+    max_new_tokens: int,
+    eos_id: int,
+    done,
+    prompts: list[list[int]] | None = None,
+    draft: int = 0,
+) -> list[list[int]]:
+    """Greedy decoding from prefill's `state` for a left-padded batch: each row's new token
+    ids, up to and including EOS or until `done(ids)` says its answer is complete.
+
+    A finished row leaves the batch at once: its cache rows are dropped, so later steps
+    compute only the rows still answering (transformers' generate keeps computing finished
+    rows as padding until the last one ends; with answers of very different lengths that
+    is most of the work).
+
+    With `draft` > 0 and each row's prompt ids, a step also feeds up to `draft` guessed
+    tokens per row (`lookup`: what followed the same tokens earlier in the prompt or the
+    answer) and keeps those the model itself predicts, plus its next token: exact
+    speculative decoding, several tokens for one forward when the guess is right. Rejected
+    guesses stay in the cache, masked out; positions count kept tokens only. Every row's
+    tokens are those it gets alone, up to floating-point ties: tests check them against
+    generate."""
+    cache, logits, nxt_pos = state  # logits (b, V), nxt_pos (b, 1): b rows still answering
+    dev = attention_mask.device
+    if max_new_tokens <= 0:
+        return [[] for _ in range(attention_mask.shape[0])]
+    live = list(range(attention_mask.shape[0]))  # row of the batch behind each of the b rows
+    new: list[list[int]] = [[] for _ in live]
+    guess = logits.argmax(-1)[:, None].tolist()  # per row, the greedy tokens of the last forward
+    accepted = [1] * len(live)  # per row, how many of them are right (the first always is)
+    while True:
+        keep = []
+        for j, i in enumerate(live):
+            for t in guess[j][: accepted[j]]:
+                new[i].append(t)
+                if t == eos_id or done(new[i]) or len(new[i]) == max_new_tokens:
+                    break
+            else:
+                keep.append(j)
+        if not keep:
+            return new
+        if len(keep) < len(live):  # drop finished rows from everything the next step reads
+            idx = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(idx)
+            attention_mask, nxt_pos = attention_mask[idx], nxt_pos[idx]
+            live = [live[j] for j in keep]
+        last = [new[i][-1] for i in live]  # emitted, not yet fed
+        k = min(draft, *(max_new_tokens - len(new[i]) for i in live)) if draft and prompts else 0
+        drafts = [lookup(prompts[i] + new[i], k) for i in live] if k else []
+        k = max(map(len, drafts), default=0)
+        x = torch.tensor(
+            [[t, *d, *[eos_id] * (k - len(d))] for t, d in zip(last, drafts or [[]] * len(live))], device=dev
+        )
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), k + 1)], dim=1)  # (b, S + k + 1)
+        logits = model(
+            input_ids=x,  # (b, k + 1)
+            attention_mask=attention_mask,
+            position_ids=nxt_pos + torch.arange(k + 1, device=dev),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (b, k + 1, V)
+        g = logits.argmax(-1)  # (b, k + 1): the model's token after each fed one
+        ok = (x[:, 1:] == g[:, :-1]).long().cumprod(-1).sum(-1)  # (b,) guesses right before the first miss
+        guess, accepted = g.tolist(), (ok + 1).tolist()
+        if k:  # mask out the rejected guesses' cache slots
+            width = attention_mask.shape[1]
+            attention_mask[torch.arange(width, device=dev) >= width - k + ok[:, None]] = 0
+        nxt_pos = nxt_pos + ok[:, None] + 1
+
+
+def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, done) -> list[list[int]]:
+    """Greedy decoding with a KV cache for a left-padded batch (B, T): prefill, then decode."""
+    return decode(model, prefill(model, input_ids, attention_mask), attention_mask, max_new_tokens, eos_id, done)
+
+
+@torch.no_grad()
+def answer(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    num_beams: int = 1,
+    one_line: bool = True,
+    branches: list[list[list[int]]] | None = None,
+    lookup: int = 0,
+) -> tuple[list[str], list[list[float]] | None]:
     """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
-    of the answer (one-line tasks: the first newline; instruct: the next `###` header)."""
+    of the answer (one-line tasks: the first newline; instruct: the next `###` header).
+    With `branches` (per prompt, token lists to score after it), also each branch's summed
+    log-probability, from the same encoding of the prompt: the prompt is read once for both.
+    `lookup` > 0: greedy decoding guesses that many tokens per step from the prompt (`decode`)."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
     marker = "\n" if one_line else "\n###"
@@ -106,14 +218,24 @@ def generate(
     # (similarly long) answers are done.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: dict[int, str] = {}
-    with progress.bar("evaluate", len(prompts), "prompts", what="generating") as bar:
+    logps: dict[int, list[float]] = {}
+    what = "generating" if branches is None else "generating and scoring"
+    with progress.bar("evaluate", len(prompts), "prompts", what=what) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
                 model.device
             )
-            if num_beams == 1:
-                new = greedy(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id, done)
+            ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
+            state = prefill(model, ids, mask) if branches is not None or num_beams == 1 else None
+            if branches is not None:
+                for i, lp in zip(idx, score_branches(model, state, mask, [branches[i] for i in idx], tok.pad_token_id)):
+                    logps[i] = lp
+            if max_new_tokens == 0:  # scoring only
+                new = [[] for _ in idx]
+            elif num_beams == 1:
+                own = [row[m.bool()].tolist() for row, m in zip(ids, mask)] if lookup else None  # unpadded
+                new = decode(model, state, mask, max_new_tokens, tok.eos_token_id, done, own, lookup)
             else:
                 gen = model.generate(
                     **enc,
@@ -123,13 +245,29 @@ def generate(
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
                 )
-                new = gen[:, enc["input_ids"].shape[1] :].tolist()  # (B, new_tokens): the prompt stripped
-            for i, ids in zip(idx, new):
-                text = tok.decode(ids, skip_special_tokens=True).strip()  # chat-tuned models often open with a newline
+                new = gen[:, ids.shape[1] :].tolist()  # (B, new_tokens): the prompt stripped
+            for i, row in zip(idx, new):
+                text = tok.decode(row, skip_special_tokens=True).strip()  # chat-tuned models often open with a newline
                 outs[i] = text.split(marker)[0].strip()
             # the rate counts generated tokens (padding after a row's end is not work done)
-            bar.advance(len(idx), tokens=sum(len([t for t in ids if t != tok.pad_token_id]) for ids in new))
-    return [outs[i] for i in range(len(prompts))]
+            bar.advance(len(idx), tokens=sum(len([t for t in row if t != tok.pad_token_id]) for row in new))
+    return [outs[i] for i in range(len(prompts))], (
+        None if branches is None else [logps[i] for i in range(len(prompts))]
+    )
+
+
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    num_beams: int = 1,
+    one_line: bool = True,
+    lookup: int = 0,
+) -> list[str]:
+    """`answer`'s completions alone."""
+    return answer(model, tok, prompts, max_new_tokens, batch_size, num_beams, one_line, lookup=lookup)[0]
 
 
 def example_nll(model, tok, rows: list[dict], params: Params) -> tuple[list[float], list[int]]:
@@ -163,32 +301,35 @@ def _scored(model, packed: list[dict], pad_id: int) -> list[list[tuple[float, in
     return out
 
 
-def score_labels(model, tok, rows: list[dict], params: Params) -> list[str]:
-    """Constrained label scoring: the label whose verbalised answer (" label" + EOS, exactly
-    as trained) is most likely given the prompt. Summed, not length-normalised: the
-    probability of the whole answer (lm-evaluation-harness's `acc`). Each prompt is encoded
-    once, with every label's answer as a branch after it (loss.branch_logprobs)."""
-    labels = params.prepare.labels
-    task = tasks.TASKS[params.prepare.task]
+def answer_branches(
+    tok, rows: list[dict], task: tasks.Task, labels: list[str]
+) -> tuple[list[list[list[int]]], list[int]]:
+    """What is scored after each row's prompt, and which branch is the reference: the
+    reference answer + EOS (its loss is the row's perplexity term) or, for a labelled task,
+    every label's answer + EOS exactly as trained (constrained label scoring), the row's
+    own label being the reference."""
+    if not task.labelled:
+        ids, plens = encode_batch(tok, rows, task, labels)
+        return [[x[p:]] for x, p in zip(ids, plens)], [0] * len(rows)
     L = len(labels)
     ids, plens = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
-    trees = []
+    branches = []
     for i in range(len(rows)):
         prompt = ids[i * L][: plens[i * L]]
         if any(ids[k][: plens[k]] != prompt for k in range(i * L, (i + 1) * L)):
             raise ValueError(f"task {task.name}: a prompt must not depend on the label it is scored against")
-        trees.append((prompt, [ids[k][plens[k] :] for k in range(i * L, (i + 1) * L)]))
-    order = sorted(range(len(trees)), key=lambda i: len(trees[i][0]))  # similar lengths share a batch
-    logp: dict[int, list[float]] = {}
-    per = SCORE_BATCH * 4  # a tree row is about one prompt long, a packed row several
-    with progress.bar("evaluate", len(trees), "prompts", what="scoring labels") as bar:
-        for start in range(0, len(order), per):
-            idx = order[start : start + per]
-            chunk = [trees[i] for i in idx]
-            for i, lp in zip(idx, branch_logprobs(model, chunk, tok.pad_token_id, per)):
-                logp[i] = lp
-            bar.advance(len(idx), tokens=sum(len(p) + sum(map(len, bs)) for p, bs in chunk))
-    return [labels[max(range(L), key=lambda j: logp[i][j])] for i in range(len(rows))]
+        branches.append([ids[k][plens[k] :] for k in range(i * L, (i + 1) * L)])
+    return branches, [labels.index(r["label"]) for r in rows]
+
+
+def score_labels(model, tok, rows: list[dict], params: Params) -> list[str]:
+    """Constrained label scoring alone (evaluate_model does it while generating): the label
+    whose verbalised answer is most likely given the prompt."""
+    task, labels = tasks.TASKS[params.prepare.task], params.prepare.labels
+    prompts, _ = prompts_and_targets(task, rows, labels)
+    branches, _ = answer_branches(tok, rows, task, labels)
+    _, logp = answer(model, tok, prompts, 0, params.evaluate.batch_size, branches=branches)
+    return [labels[max(range(len(labels)), key=lp.__getitem__)] for lp in logp]
 
 
 def fit_rows(
@@ -248,18 +389,27 @@ def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str]) -
 
 def evaluate_model(model, tok, rows: list[dict], params: Params) -> dict:
     """One model's evaluation record on `rows` (see tuneline/scoring.py): generated
-    outputs, per-unit answer loss and tokens, and (classify/entail) log-likelihood labels."""
+    outputs, per-unit answer loss and tokens, and (classify/entail) log-likelihood labels.
+    For a generating task, each prompt is encoded once for all three: the answer's loss and
+    every label's likelihood are read from the cache generation starts from."""
     cfg, task, labels = params.evaluate, tasks.TASKS[params.prepare.task], params.prepare.labels
     model = model.to(device())
     prompts, targets = prompts_and_targets(task, rows, labels)
     # Budget from the data: the longest reference answer plus slack, capped.
     max_new = min(cfg.max_new_tokens, max(len(tok(t)["input_ids"]) for t in targets) + 8)
+    branches, ref = answer_branches(tok, rows, task, labels) if task.generates else (None, None)
     t = time.time()
     with autocast(cfg.precision):
-        outputs = generate(model, tok, prompts, max_new, cfg.batch_size, cfg.num_beams, task.one_line)
+        outputs, logp = answer(
+            model, tok, prompts, max_new, cfg.batch_size, cfg.num_beams, task.one_line, branches, cfg.prompt_lookup
+        )
         gen_s = time.time() - t
-        nll, tokens = example_nll(model, tok, rows, params)
-        scored = score_labels(model, tok, rows, params) if task.labelled else None
+        if logp is None:  # pretraining: blocks of the test text, scored as trained
+            nll, tokens = example_nll(model, tok, rows, params)
+        else:
+            nll = [-lp[k] for lp, k in zip(logp, ref)]
+            tokens = [len(bs[k]) for bs, k in zip(branches, ref)]
+    scored = [labels[max(range(len(labels)), key=lp.__getitem__)] for lp in logp] if task.labelled else None
     return {"outputs": outputs, "nll": nll, "tokens": tokens, "scored": scored, "generation_s": gen_s}
 
 
@@ -297,7 +447,13 @@ def _base_cache_key(rows: list[dict], params: Params) -> str:
     """Base results depend only on the base model, the examples, the eval settings and the
     code of the evaluate stage (the same import closure its DVC deps list)."""
     blob = json.dumps(
-        [params.model.name, examples_key(rows, params), params.evaluate.batch_size, deps.code_hash("evaluate")]
+        [
+            params.model.name,
+            examples_key(rows, params),
+            params.evaluate.batch_size,
+            params.evaluate.prompt_lookup,  # exact in fp32, but bf16 rounds per batch shape
+            deps.code_hash("evaluate"),
+        ]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

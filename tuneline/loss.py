@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneline.attention import mask_for
-from tuneline.packing import IGNORE, collate, collate_tree
+from tuneline.packing import IGNORE, collate
 
 
 def unwrap(model):
@@ -89,44 +89,3 @@ def mean_loss(model, rows: list[dict], pad_id: int, batch_size: int) -> float:
     """Token-weighted mean answer loss over packed rows (validation loss; exp() = perplexity)."""
     total, n = loss_totals(model, rows, pad_id, batch_size)
     return total / max(n, 1)
-
-
-@torch.no_grad()
-def branch_logprobs(
-    model, rows: list[tuple[list[int], list[list[int]]]], pad_id: int, batch_size: int
-) -> list[list[float]]:
-    """Per (prefix, branches) row, each branch's summed log-probability given the prefix,
-    from one forward over the prefix and all its branches (packing.collate_tree). Equals
-    scoring prefix + branch as one example per branch (tested)."""
-    was_training = model.training
-    model.eval()
-    lm = unwrap(model)
-    device = next(model.parameters()).device
-    out: list[list[float]] = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        batch = {k: v.to(device) for k, v in collate_tree(chunk, pad_id).items()}
-        h = lm.base_model(**batch, use_cache=False).last_hidden_state  # (B, T, C)
-        # Token t of a branch is predicted at the position before it: the prefix's last
-        # position for its first token (shared by every branch), its own previous token after.
-        at_b, at_t, target, owner = [], [], [], []  # per scored token: row, position, token, branch number
-        n = 0
-        for b, (prefix, branches) in enumerate(chunk):
-            start = len(prefix)
-            for branch in branches:
-                at_b += [b] * len(branch)
-                at_t += [len(prefix) - 1, *range(start, start + len(branch) - 1)]
-                target += branch
-                owner += [n] * len(branch)
-                start, n = start + len(branch), n + 1
-        logits = lm.get_output_embeddings()(h[at_b, at_t]).float()  # (N, V): only the scored positions
-        lp = -F.cross_entropy(logits, torch.tensor(target, device=device), reduction="none")  # (N,)
-        sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
-            0, torch.tensor(owner, device=device), lp.double()
-        )
-        sums = sums.tolist()
-        for _, branches in chunk:
-            out.append(sums[: len(branches)])
-            sums = sums[len(branches) :]
-    model.train(was_training)
-    return out

@@ -137,34 +137,3 @@ def collate(rows: list[dict], pad_id: int, length: int | None = None) -> dict[st
             seg[b, start : start + L] = k
             start += L
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "segment_ids": seg}
-
-
-def collate_tree(rows: list[tuple[list[int], list[list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of (prefix, branches) as one sequence each: the prefix once, then every branch.
-    A branch's positions continue from the prefix's end, and it sees the prefix and itself
-    only, so its logits equal those of prefix + branch alone: scoring k continuations of one
-    prompt costs one prompt, not k.
-
-    Returns input_ids/position_ids (B, T) and attention_mask (B, 1, T, T) bool. Segments:
-    0 the prefix, 1..k the branches, -1 padding (which attends to padding only)."""
-    T = max(len(p) + sum(len(x) for x in bs) for p, bs in rows)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)
-    for b, (prefix, branches) in enumerate(rows):
-        P = len(prefix)
-        ids[b, :P], pos[b, :P], seg[b, :P] = torch.as_tensor(prefix), torch.arange(P), 0
-        start = P
-        for k, branch in enumerate(branches, start=1):
-            end = start + len(branch)
-            ids[b, start:end], pos[b, start:end], seg[b, start:end] = (
-                torch.as_tensor(branch),
-                torch.arange(P, P + len(branch)),
-                k,
-            )
-            start = end
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T): the prefix comes first, so this covers it
-    q, k = seg[:, :, None], seg[:, None, :]  # (B, T, 1), (B, 1, T)
-    mask = ((q == k) | ((k == 0) & (q > 0))) & causal  # own segment, or a branch looking at the prefix
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None]}
