@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneline import deps, progress, scoring, splits, tasks
+from tuneline.attention import dense_mask
 from tuneline.config import Params
 from tuneline.io import read_json, write_json
 from tuneline.loss import example_totals, unwrap
@@ -61,37 +62,44 @@ def prefill(model, input_ids, attention_mask):
 def score_branches(model, state, attention_mask, branches: list[list[list[int]]], pad_id: int) -> list[list[float]]:
     """Each row's branches (token lists: every label's answer, or the reference answer)
     scored after its prompt, from the prompt's cache (`state` = prefill's result): per row,
-    each branch's summed log-probability. The prompt is not encoded again, and the cache is
-    left as prefill made it, so decoding can go on from it. Equals scoring prompt + branch
-    as one sequence (tested)."""
-    cache, last, next_pos = state
+    each branch's summed log-probability. A row's branches follow its prompt side by side
+    in one forward; each sees the prompt and itself only, at the positions it would have
+    alone. The prompt is not encoded again, and the cache is left as prefill made it, so
+    decoding can go on from it. Equals scoring prompt + branch as one sequence (tested)."""
+    cache, last, next_pos = state  # last: (b, V) logits after each prompt
     lm = unwrap(model)
     dev = attention_mask.device
-    flat = [b for bs in branches for b in bs]
-    owner = torch.repeat_interleave(
-        torch.arange(len(branches), device=dev), torch.tensor([len(bs) for bs in branches], device=dev)
-    )  # (R,) row of each branch
-    width = max(len(b) for b in flat)
-    x = torch.tensor([b + [pad_id] * (width - len(b)) for b in flat], device=dev)  # (R, W), padded on the right
-    real = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in flat], device=dev)  # (R, W)
-    cache.batch_select_indices(owner)  # each branch gets its own copy of its prompt's cache
+    width = max(sum(map(len, bs)) for bs in branches)
+    x = torch.full((len(branches), width), pad_id, dtype=torch.long)  # (b, W) every branch back to back
+    pos = torch.zeros_like(x)  # (b, W) position within the branch
+    seg = torch.zeros_like(x)  # (b, W) branch 1..k, 0 padding
+    at_b, at_t, target, owner, first = [], [], [], [], []  # per token after a branch's first: where it is predicted
+    n = 0
+    for i, bs in enumerate(branches):
+        start = 0
+        for j, branch in enumerate(bs, start=1):
+            end = start + len(branch)
+            x[i, start:end], pos[i, start:end], seg[i, start:end] = torch.tensor(branch), torch.arange(len(branch)), j
+            first.append((i, branch[0]))
+            at_b += [i] * (len(branch) - 1)
+            at_t += range(start, end - 1)
+            target += branch[1:]
+            owner += [n] * (len(branch) - 1)
+            start, n = end, n + 1
+    x, pos, seg = x.to(dev), pos.to(dev), seg.to(dev)
+    sees_prompt = attention_mask.bool()[:, None, None, :] & (seg > 0)[:, None, :, None]  # (b, 1, W, S)
+    mask = torch.cat([sees_prompt, dense_mask(seg)], dim=-1)  # (b, 1, W, S + W); padding sees itself
     h = lm.base_model(
-        input_ids=x,
-        attention_mask=torch.cat([attention_mask[owner], real.to(attention_mask.dtype)], dim=1),
-        position_ids=next_pos[owner] + torch.arange(width, device=dev),
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state  # (R, W, C)
-    cache.crop(-width)  # back to the prompts alone, one copy per row
-    first = torch.ones(len(flat), dtype=torch.bool, device=dev)
-    first[1:] = owner[1:] != owner[:-1]
-    cache.batch_select_indices(first.nonzero()[:, 0])
-    # Token 0 of a branch is predicted by the prompt's last position (prefill's logits),
-    # token t > 0 by the branch's own position t - 1; nothing else is projected.
-    r, t = (real[:, 1:] > 0).nonzero(as_tuple=True)  # (N,) branch and position of each token after the first
-    lp0 = last[owner].float().log_softmax(-1).gather(1, x[:, :1])[:, 0]  # (R,)
-    lp = -F.cross_entropy(lm.get_output_embeddings()(h[r, t]).float(), x[r, t + 1], reduction="none")  # (N,)
-    sums = lp0.double().index_add(0, r, lp.double()).tolist()
+        input_ids=x, attention_mask=mask, position_ids=next_pos + pos, past_key_values=cache, use_cache=True
+    ).last_hidden_state  # (b, W, C)
+    cache.crop(-width)  # back to the prompts alone
+    rows, tokens = (torch.tensor(c, device=dev) for c in zip(*first))
+    sums = last.float().log_softmax(-1)[rows, tokens].double()  # (n,) each branch's first token
+    if target:
+        logits = lm.get_output_embeddings()(h[at_b, at_t]).float()  # (N, V): only the scored positions
+        lp = -F.cross_entropy(logits, torch.tensor(target, device=dev), reduction="none")  # (N,)
+        sums = sums.index_add(0, torch.tensor(owner, device=dev), lp.double())
+    sums = sums.tolist()
     out = []
     for bs in branches:
         out.append(sums[: len(bs)])
