@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from tuneline.attention import dense_mask, enable_flex, mask_for
+from tuneline.attention import attention_inputs, dense_mask, enable_flex, enable_segments
 from tuneline.loss import loss_sum
 from tuneline.packing import IGNORE, Example, bfd, collate, concat, groups, pack
 
@@ -58,23 +58,26 @@ def _tiny_llama():
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "flex", "segments"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_logits_equal_each_example_alone(arch, attention, tiny_gpt2):
-    """Both ways we train with isolate exactly: sdpa with the dense block mask (CPU), and
-    flex attention with the block mask (CUDA; here unfused, on the CPU)."""
+    """Every way we train with isolates exactly: sdpa with the dense block mask, flex
+    attention with the block mask (CUDA; here unfused, on the CPU), and sdpa per example
+    (the CPU)."""
     model = copy.deepcopy(tiny_gpt2).eval() if arch == "gpt2" else _tiny_llama()
-    if attention == "flex":
-        enable_flex(model)
+    {"sdpa": lambda m: m.set_attn_implementation("sdpa"), "flex": enable_flex, "segments": enable_segments}[attention](
+        model
+    )
     rng = random.Random(1)
     examples = [Example(ids := [rng.randrange(1, 300) for _ in range(rng.randint(3, 20))], ids) for _ in range(9)]
     rows = pack(examples, 48, "bfd")
     assert max(len(r["seq_lens"]) for r in rows) > 1
     packed = collate(rows, pad_id=0)
-    mask = mask_for(model, packed["segment_ids"])
-    assert isinstance(mask, BlockMask) == (attention == "flex")
+    how = attention_inputs(model, packed["segment_ids"])
+    assert isinstance(how["attention_mask"], BlockMask) == (attention == "flex")
+    assert ("segments" in how) == (attention == "segments")
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], attention_mask=mask, position_ids=packed["position_ids"]).logits
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **how).logits
         for b, row in enumerate(rows):
             start = 0
             for L in row["seq_lens"]:
@@ -87,13 +90,13 @@ def test_full_single_example_rows_take_the_plain_causal_path_with_the_same_logit
     rng = random.Random(3)
     docs = [Example(ids := [rng.randrange(1, 300) for _ in range(40)], ids) for _ in range(5)]
     batch = collate(concat(docs, 32), pad_id=0)
-    assert mask_for(tiny_gpt2, batch["segment_ids"]) is None  # no (T, T) mask: sdpa's causal (flash) kernel
+    assert attention_inputs(tiny_gpt2, batch["segment_ids"]) == {"attention_mask": None}  # sdpa's causal kernel
     with torch.no_grad():
         causal = tiny_gpt2(input_ids=batch["input_ids"]).logits
         masked = tiny_gpt2(input_ids=batch["input_ids"], attention_mask=dense_mask(batch["segment_ids"])).logits
     torch.testing.assert_close(causal, masked, atol=1e-5, rtol=0)
     padded = collate(concat(docs, 32, drop_remainder=False)[-2:], pad_id=0)  # a shorter last row: padding
-    assert mask_for(tiny_gpt2, padded["segment_ids"]) is not None
+    assert attention_inputs(tiny_gpt2, padded["segment_ids"]) != {"attention_mask": None}
 
 
 def test_packed_loss_equals_unpacked_loss(tiny_gpt2, gpt2_tok):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneline.attention import mask_for
+from tuneline.attention import attention_inputs
 from tuneline.packing import IGNORE, collate
 
 
@@ -23,7 +23,7 @@ def _trained_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     lm = unwrap(model)
     h = lm.base_model(  # backbone: LlamaModel / GPT2Model
         input_ids=batch["input_ids"],
-        attention_mask=mask_for(lm, batch["segment_ids"]),  # examples isolated: tuneline/attention.py
+        **attention_inputs(lm, batch["segment_ids"]),  # examples isolated: tuneline/attention.py
         position_ids=batch["position_ids"],
         use_cache=False,
     ).last_hidden_state  # (B, T, C)

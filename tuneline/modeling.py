@@ -329,14 +329,13 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None):
 
 
 def for_device(model):
-    """On a CUDA GPU, packed rows' attention runs as flex attention over their examples
-    (tuneline/attention.py); elsewhere the model keeps sdpa with dense masks."""
+    """Packed rows' attention over each example alone (tuneline/attention.py): flex
+    attention on a CUDA GPU, per-example sdpa elsewhere."""
     import torch
 
-    if torch.cuda.is_available():
-        from tuneline.attention import enable_flex
+    from tuneline.attention import enable_flex, enable_segments
 
-        enable_flex(model)
+    (enable_flex if torch.cuda.is_available() else enable_segments)(model)
     return model
 
 
