@@ -7,9 +7,9 @@ max_new_tokens (as `evaluate_model`: longest reference answer in tokens + 8, cap
 evaluate.max_new_tokens), and cut each output at its first newline as evaluate does:
 - one-at-a-time: a plain `model.generate` loop, one prompt per call (no padding, KV cache,
   greedy, stop at EOS): what a user writes, and what the issue measured 7.05x against;
-- batched: `tuneline.evaluation.generate` (prompts sorted by length, left padding, KV
+- batched: `tuneline.generation.generate` (prompts sorted by length, left padding, KV
   cache, finished rows leave the batch, rows stop at the end of their answer line, and
-  prompt-lookup guesses verified in the same forward: `evaluation.decode`).
+  prompt-lookup guesses verified in the same forward: `generation.decode`).
 
 Precision: fp32 for both by default. Identical outputs need identical numerics; bf16
 autocast rounds differently for different batch shapes, so greedy argmaxes can flip
@@ -46,9 +46,9 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from train_vs_seed import machine  # noqa: E402
 
-from tuneline import evaluation, recipes, tasks  # noqa: E402
+from tuneline import generation, recipes, tasks  # noqa: E402
 from tuneline.data import read_split  # noqa: E402
-from tuneline.evaluation import generate  # noqa: E402
+from tuneline.generation import generate  # noqa: E402
 from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
 from tuneline.splits import write_splits  # noqa: E402
 
@@ -75,9 +75,9 @@ def one_at_a_time(model, tok, prompts, max_new: int, precision: str) -> dict:
 
 
 def batched(model, tok, prompts, max_new: int, batch_size: int, precision: str, lookup: int = 0) -> dict:
-    """`evaluation.generate` timed; its `decode` wrapped to record each row's new token ids."""
+    """`generation.generate` timed; its `decode` wrapped to record each row's new token ids."""
     log = {"slots": 0}
-    inner = evaluation.decode
+    inner = generation.decode
 
     def recording(model, state, mask, *args, **kw):
         new = inner(model, state, mask, *args, **kw)
@@ -88,20 +88,20 @@ def batched(model, tok, prompts, max_new: int, batch_size: int, precision: str, 
 
     state_ids: list = []
     eos = tok.eos_token_id
-    prefill = evaluation.prefill
+    prefill = generation.prefill
 
     def keep_ids(model, ids, mask):
         state_ids.append(ids)
         return prefill(model, ids, mask)
 
-    evaluation.decode, evaluation.prefill = recording, keep_ids
+    generation.decode, generation.prefill = recording, keep_ids
     try:
         with autocast(precision), contextlib.redirect_stdout(io.StringIO()):  # generate shows progress
             t = time.perf_counter()
             outs = generate(model, tok, prompts, max_new, batch_size, lookup=lookup)
             wall = time.perf_counter() - t
     finally:
-        evaluation.decode, evaluation.prefill = inner, prefill
+        generation.decode, generation.prefill = inner, prefill
     keys = [tuple(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     return {"wall_s": wall, "outputs": outs, "token_ids": [log[k] for k in keys], "slots": log["slots"]}
 

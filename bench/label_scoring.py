@@ -6,8 +6,8 @@ Both sides score the same N emotion test rows (`splits.write_splits` on the emot
 - pairs: what `score_labels` did before: N x L examples (prompt + " label" + EOS), packed
   with bfd into rows of tokenize.max_length (each example isolated by the 4-D mask), scored
   by `evaluation.example_nll`, the label with the lowest summed answer loss;
-- cached: `evaluation.score_labels` now: a batch of prompts encoded once (`prefill`), then
-  every label's answer scored from a copy of each prompt's cache (`score_branches`). The
+- cached: `evaluation.score_labels` now: a batch of prompts encoded once (`generation.prefill`), then
+  every label's answer scored from a copy of each prompt's cache (`generation.score_branches`). The
   evaluate stage does this inside generation, so there the prompt costs nothing extra.
 Checked: the picked labels must be identical, and the per-label log-probabilities are
 compared (largest absolute difference). Timing: an untimed warm-up, then both side by side
@@ -40,7 +40,8 @@ from train_vs_seed import machine  # noqa: E402
 
 from tuneline import recipes, tasks  # noqa: E402
 from tuneline.data import read_split  # noqa: E402
-from tuneline.evaluation import answer, answer_branches, example_nll, prompts_and_targets  # noqa: E402
+from tuneline.evaluation import answer_branches, example_nll, prompts_and_targets  # noqa: E402
+from tuneline.generation import answer  # noqa: E402
 from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
 from tuneline.splits import write_splits  # noqa: E402
 from tuneline.tokenization import encode_batch  # noqa: E402

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tuneline import recipes, tasks
-from tuneline.evaluation import evaluate_file, evaluate_model, example_nll, generate, metrics_of, score_labels
+from tuneline.evaluation import evaluate_file, evaluate_model, example_nll, metrics_of, score_labels
+from tuneline.generation import generate
 
 PROMPTS = [
     "Unscramble: cat the sat\nSentence:",
@@ -91,7 +92,7 @@ def test_prompt_lookup_guesses_change_no_token_and_save_forwards(model, gpt2_tok
 def test_generation_stops_once_the_answer_line_is_complete(gpt2_tok):
     """Greedy rows stop at the answer's first newline (a leading one does not count): the
     rest would be cut anyway. The batched == one-at-a-time test above covers the outputs."""
-    from tuneline.evaluation import answer_complete
+    from tuneline.generation import answer_complete
 
     answers = [gpt2_tok(r, add_special_tokens=False)["input_ids"] for r in (" a b\nmore", "\n a b", " a b")]
     assert [answer_complete(gpt2_tok, a, "\n") for a in answers] == [True, False, False]
@@ -101,7 +102,7 @@ def test_a_finished_row_leaves_the_batch_and_every_row_keeps_its_greedy_tokens(m
     """Rows end at different steps (here: at their first token divisible by 5, or EOS). Each
     row's tokens are generate's greedy tokens for that prompt alone, cut at the same point,
     and each step computes only the rows still answering."""
-    from tuneline.evaluation import greedy
+    from tuneline.generation import greedy
 
     def done(ids):
         return ids[-1] % 5 == 0
@@ -180,7 +181,7 @@ def test_each_branch_scored_from_its_prompts_cache_equals_the_branch_scored_alon
     # log-probability of prompt + branch read as one sequence, on GPT-2 and Llama positions
     # alike, with left padding in the batch; and decoding from the cache afterwards must
     # give the tokens it gives without the branches.
-    from tuneline.evaluation import decode, prefill, score_branches
+    from tuneline.generation import decode, prefill, score_branches
 
     eos = gpt2_tok.eos_token_id
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]

@@ -1,0 +1,264 @@
+"""Batched generation and scoring after a prompt, with one encoding of the prompt.
+
+`prefill` encodes a left-padded batch of prompts once (KV cache, next-token logits,
+positions); `score_branches` scores token lists after each cached prompt (a reference
+answer, or every label's answer); `decode` continues greedily from the same cache, with
+finished rows leaving the batch and optional exact prompt-lookup guesses. `answer` runs
+them over many prompts in length-sorted batches; `generate` returns the texts alone.
+Used by tuneline/evaluation.py; tests check every path against one prompt at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tuneline import progress
+from tuneline.attention import dense_mask
+from tuneline.loss import unwrap
+
+
+def answer_complete(tok, ids: list[int], marker: str) -> bool:
+    """A greedy row is done once its answer (leading whitespace aside) holds `marker`: the
+    rest would be cut anyway."""
+    return marker in tok.decode(ids, skip_special_tokens=True).lstrip()
+
+
+@torch.no_grad()
+def prefill(model, input_ids, attention_mask):
+    """Encode a left-padded batch of prompts (B, T) once. Returns the KV cache, the logits of
+    each row's next token (B, V) and that token's position (B, 1). Positions are what
+    generate uses: the count of real tokens before, padding masked."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,  # only the last position predicts: no vocabulary projection of the prompt
+    ).logits[:, -1]  # (B, V)
+    return cache, logits, pos[:, -1:] + 1
+
+
+@torch.no_grad()
+def score_branches(model, state, attention_mask, branches: list[list[list[int]]], pad_id: int) -> list[list[float]]:
+    """Each row's branches (token lists: every label's answer, or the reference answer)
+    scored after its prompt, from the prompt's cache (`state` = prefill's result): per row,
+    each branch's summed log-probability. A row's branches follow its prompt side by side
+    in one forward; each sees the prompt and itself only, at the positions it would have
+    alone. The prompt is not encoded again, and the cache is left as prefill made it, so
+    decoding can go on from it. Equals scoring prompt + branch as one sequence (tested)."""
+    cache, last, next_pos = state  # last: (b, V) logits after each prompt
+    lm = unwrap(model)
+    dev = attention_mask.device
+    width = max(sum(map(len, bs)) for bs in branches)
+    x = torch.full((len(branches), width), pad_id, dtype=torch.long)  # (b, W) every branch back to back
+    pos = torch.zeros_like(x)  # (b, W) position within the branch
+    seg = torch.zeros_like(x)  # (b, W) branch 1..k, 0 padding
+    at_b, at_t, target, owner, first = [], [], [], [], []  # per token after a branch's first: where it is predicted
+    n = 0
+    for i, bs in enumerate(branches):
+        start = 0
+        for j, branch in enumerate(bs, start=1):
+            end = start + len(branch)
+            x[i, start:end], pos[i, start:end], seg[i, start:end] = torch.tensor(branch), torch.arange(len(branch)), j
+            first.append((i, branch[0]))
+            at_b += [i] * (len(branch) - 1)
+            at_t += range(start, end - 1)
+            target += branch[1:]
+            owner += [n] * (len(branch) - 1)
+            start, n = end, n + 1
+    x, pos, seg = x.to(dev), pos.to(dev), seg.to(dev)
+    sees_prompt = attention_mask.bool()[:, None, None, :] & (seg > 0)[:, None, :, None]  # (b, 1, W, S)
+    mask = torch.cat([sees_prompt, dense_mask(seg)], dim=-1)  # (b, 1, W, S + W); padding sees itself
+    h = lm.base_model(
+        input_ids=x, attention_mask=mask, position_ids=next_pos + pos, past_key_values=cache, use_cache=True
+    ).last_hidden_state  # (b, W, C)
+    cache.crop(-width)  # back to the prompts alone
+    rows, tokens = (torch.tensor(c, device=dev) for c in zip(*first))
+    sums = last.float().log_softmax(-1)[rows, tokens].double()  # (n,) each branch's first token
+    if target:
+        logits = lm.get_output_embeddings()(h[at_b, at_t]).float()  # (N, V): only the scored positions
+        lp = -F.cross_entropy(logits, torch.tensor(target, device=dev), reduction="none")  # (N,)
+        sums = sums.index_add(0, torch.tensor(owner, device=dev), lp.double())
+    sums = sums.tolist()
+    out = []
+    for bs in branches:
+        out.append(sums[: len(bs)])
+        sums = sums[len(bs) :]
+    return out
+
+
+def lookup(context: list[int], k: int, ngram: int = 2) -> list[int]:
+    """Prompt-lookup drafts: up to `k` tokens that followed the latest earlier occurrence of
+    the context's last `ngram` (then fewer) tokens; [] when nothing matches. Answers that
+    copy the prompt (descrambled words, a label listed in the prompt) match often."""
+    for n in range(min(ngram, len(context) - 1), 0, -1):
+        tail = context[-n:]
+        for s in range(len(context) - n - 1, -1, -1):
+            if context[s : s + n] == tail:
+                return context[s + n : s + n + k]
+    return []
+
+
+@torch.no_grad()
+def decode(
+    model,
+    state,
+    attention_mask,
+    max_new_tokens: int,
+    eos_id: int,
+    done,
+    prompts: list[list[int]] | None = None,
+    draft: int = 0,
+) -> list[list[int]]:
+    """Greedy decoding from prefill's `state` for a left-padded batch: each row's new token
+    ids, up to and including EOS or until `done(ids)` says its answer is complete.
+
+    A finished row leaves the batch at once: its cache rows are dropped, so later steps
+    compute only the rows still answering (transformers' generate keeps computing finished
+    rows as padding until the last one ends; with answers of very different lengths that
+    is most of the work).
+
+    With `draft` > 0 and each row's prompt ids, a step also feeds up to `draft` guessed
+    tokens per row (`lookup`: what followed the same tokens earlier in the prompt or the
+    answer) and keeps those the model itself predicts, plus its next token: exact
+    speculative decoding, several tokens for one forward when the guess is right. Rejected
+    guesses stay in the cache, masked out; positions count kept tokens only. Every row's
+    tokens are those it gets alone, up to floating-point ties: tests check them against
+    generate."""
+    cache, logits, nxt_pos = state  # logits (b, V), nxt_pos (b, 1): b rows still answering
+    dev = attention_mask.device
+    if max_new_tokens <= 0:
+        return [[] for _ in range(attention_mask.shape[0])]
+    live = list(range(attention_mask.shape[0]))  # row of the batch behind each of the b rows
+    new: list[list[int]] = [[] for _ in live]
+    guess = logits.argmax(-1)[:, None].tolist()  # per row, the greedy tokens of the last forward
+    accepted = [1] * len(live)  # per row, how many of them are right (the first always is)
+    while True:
+        keep = []
+        for j, i in enumerate(live):
+            for t in guess[j][: accepted[j]]:
+                new[i].append(t)
+                if t == eos_id or done(new[i]) or len(new[i]) == max_new_tokens:
+                    break
+            else:
+                keep.append(j)
+        if not keep:
+            return new
+        if len(keep) < len(live):  # drop finished rows from everything the next step reads
+            idx = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(idx)
+            attention_mask, nxt_pos = attention_mask[idx], nxt_pos[idx]
+            live = [live[j] for j in keep]
+        last = [new[i][-1] for i in live]  # emitted, not yet fed
+        k = min(draft, *(max_new_tokens - len(new[i]) for i in live)) if draft and prompts else 0
+        drafts = [lookup(prompts[i] + new[i], k) for i in live] if k else []
+        k = max(map(len, drafts), default=0)
+        x = torch.tensor(
+            [[t, *d, *[eos_id] * (k - len(d))] for t, d in zip(last, drafts or [[]] * len(live))], device=dev
+        )
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), k + 1)], dim=1)  # (b, S + k + 1)
+        logits = model(
+            input_ids=x,  # (b, k + 1)
+            attention_mask=attention_mask,
+            position_ids=nxt_pos + torch.arange(k + 1, device=dev),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (b, k + 1, V)
+        g = logits.argmax(-1)  # (b, k + 1): the model's token after each fed one
+        ok = (x[:, 1:] == g[:, :-1]).long().cumprod(-1).sum(-1)  # (b,) guesses right before the first miss
+        guess, accepted = g.tolist(), (ok + 1).tolist()
+        if k:  # mask out the rejected guesses' cache slots
+            width = attention_mask.shape[1]
+            attention_mask[torch.arange(width, device=dev) >= width - k + ok[:, None]] = 0
+        nxt_pos = nxt_pos + ok[:, None] + 1
+
+
+def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, done) -> list[list[int]]:
+    """Greedy decoding with a KV cache for a left-padded batch (B, T): prefill, then decode."""
+    return decode(model, prefill(model, input_ids, attention_mask), attention_mask, max_new_tokens, eos_id, done)
+
+
+@torch.no_grad()
+def answer(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    num_beams: int = 1,
+    one_line: bool = True,
+    branches: list[list[list[int]]] | None = None,
+    lookup: int = 0,
+) -> tuple[list[str], list[list[float]] | None]:
+    """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
+    of the answer (one-line tasks: the first newline; instruct: the next `###` header).
+    With `branches` (per prompt, token lists to score after it), also each branch's summed
+    log-probability, from the same encoding of the prompt: the prompt is read once for both.
+    `lookup` > 0: greedy decoding guesses that many tokens per step from the prompt (`decode`)."""
+    model.eval()
+    tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
+    marker = "\n" if one_line else "\n###"
+
+    def done(ids: list[int]) -> bool:
+        return answer_complete(tok, ids, marker)
+
+    # Similar lengths share a batch: less padding, and a batch stops as soon as all its
+    # (similarly long) answers are done.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs: dict[int, str] = {}
+    logps: dict[int, list[float]] = {}
+    what = "generating" if branches is None else "generating and scoring"
+    with progress.bar("evaluate", len(prompts), "prompts", what=what) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
+                model.device
+            )
+            ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
+            state = prefill(model, ids, mask) if branches is not None or num_beams == 1 else None
+            if branches is not None:
+                for i, lp in zip(idx, score_branches(model, state, mask, [branches[i] for i in idx], tok.pad_token_id)):
+                    logps[i] = lp
+            if max_new_tokens == 0:  # scoring only
+                new = [[] for _ in idx]
+            elif num_beams == 1:
+                own = [row[m.bool()].tolist() for row, m in zip(ids, mask)] if lookup else None  # unpadded
+                new = decode(model, state, mask, max_new_tokens, tok.eos_token_id, done, own, lookup)
+            else:
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=num_beams,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                new = gen[:, ids.shape[1] :].tolist()  # (B, new_tokens): the prompt stripped
+            for i, row in zip(idx, new):
+                text = tok.decode(row, skip_special_tokens=True).strip()  # chat-tuned models often open with a newline
+                outs[i] = text.split(marker)[0].strip()
+            # the rate counts generated tokens (padding after a row's end is not work done)
+            bar.advance(len(idx), tokens=sum(len([t for t in row if t != tok.pad_token_id]) for row in new))
+    return [outs[i] for i in range(len(prompts))], (
+        None if branches is None else [logps[i] for i in range(len(prompts))]
+    )
+
+
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    num_beams: int = 1,
+    one_line: bool = True,
+    lookup: int = 0,
+) -> list[str]:
+    """`answer`'s completions alone."""
+    return answer(model, tok, prompts, max_new_tokens, batch_size, num_beams, one_line, lookup=lookup)[0]
