@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from tuneline.attention import attention_inputs, dense_mask, enable_flex, enable_segments
+from tuneline.attention import BUCKET, attention_inputs, dense_mask, enable_flex, enable_segments, segment_groups
 from tuneline.loss import loss_sum
 from tuneline.packing import IGNORE, Example, bfd, collate, concat, groups, pack
 
@@ -84,6 +84,40 @@ def test_packed_logits_equal_each_example_alone(arch, attention, tiny_gpt2):
                 alone = model(input_ids=torch.tensor([row["input_ids"][start : start + L]])).logits[0]
                 torch.testing.assert_close(logits[b, start : start + L], alone, atol=1e-5, rtol=0)
                 start += L
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_per_example_attention_trains_as_each_example_alone_across_length_groups(arch, tiny_gpt2):
+    """The CPU's per-example attention groups examples by padded length (several groups
+    here): the packed loss and every gradient equal those of the examples run one by one."""
+    model = copy.deepcopy(tiny_gpt2).eval() if arch == "gpt2" else _tiny_llama()
+    enable_segments(model)
+    rng = random.Random(2)
+    examples = [
+        Example(ids := [rng.randrange(1, 300) for _ in range(rng.randint(2, 100))], [IGNORE] + ids[1:])
+        for _ in range(12)
+    ]  # a first token is never a target: it would be predicted from the previous example
+    packed = collate(pack(examples, 128, "bfd"), pad_id=0)
+    lengths = {int(valid.shape[1]) for _, valid in segment_groups(packed["segment_ids"]).groups}
+    assert len(lengths) >= 3 and all(L % BUCKET == 0 for L in lengths)
+
+    total, n = loss_sum(model, packed)
+    total.backward()
+    packed_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.set_attn_implementation("sdpa")
+    alone = sum(
+        torch.nn.functional.cross_entropy(
+            model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1], torch.tensor(e.input_ids[1:]), reduction="sum"
+        )
+        for e in examples
+    )
+    alone.backward()
+    assert n == sum(len(e.input_ids) - 1 for e in examples)
+    torch.testing.assert_close(total, alone, rtol=1e-5, atol=1e-4)
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(packed_grads[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_full_single_example_rows_take_the_plain_causal_path_with_the_same_logits(tiny_gpt2):

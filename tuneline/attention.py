@@ -8,10 +8,13 @@ picks one of three exact ways from the batch's segment ids (B, T) (1..k examples
 - a model switched to FLEX (`enable_flex`, done on CUDA): flex attention with a block mask
   built from the segment ids. 128 x 128 tiles wholly outside every example are skipped,
   so the work follows the examples' lengths, not T^2 (compiled by torch.compile);
-- a model switched to SEGMENTS (`enable_segments`, done on the CPU): causal sdpa per
-  example, over its own span of the row: the work is the sum of L^2 over examples, not
-  T^2, and no mask is built (a 512-token row of ~45-token examples wasted ~90 % of its
-  attention with the dense mask);
+- a model switched to SEGMENTS (`enable_segments`, done on the CPU): causal sdpa over
+  each example alone. The batch's examples are gathered into groups of equal padded
+  length (a multiple of BUCKET tokens) and each group is one sdpa call, so the work is
+  about the sum of L^2 over examples, not T^2, and no mask is built (a 512-token row of
+  ~45-token examples wasted ~90 % of its attention with the dense mask). On the CPU it
+  runs in fp32: sdpa's bf16 kernels are about twice as slow as its fp32 ones at these
+  sizes (measured: DEVELOPERS.md);
 - otherwise: sdpa with the dense (B, 1, T, T) boolean block-diagonal mask.
 
 FLEX and SEGMENTS are registered with transformers' AttentionInterface; a 4-D mask or a
@@ -24,12 +27,14 @@ generates.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 FLEX = "tuneline_flex"
 SEGMENTS = "tuneline_segments"
+BUCKET = 32  # SEGMENTS pads each example up to a multiple of this many tokens
 
 
 def dense_mask(seg: torch.Tensor) -> torch.Tensor:
@@ -53,10 +58,6 @@ def block_mask(seg: torch.Tensor):
     return mask
 
 
-def use_flex(model) -> bool:
-    return getattr(model.config, "_attn_implementation", None) == FLEX
-
-
 def enable_flex(model) -> None:
     """Switch `model` (a transformers PreTrainedModel) to FLEX attention."""
     _register()
@@ -69,17 +70,33 @@ def enable_segments(model) -> None:
     model.set_attn_implementation(SEGMENTS)
 
 
-def spans(seg: torch.Tensor) -> list[list[tuple[int, int, int]]]:
-    """Per row, its runs of one segment id: (start, end, id); id 0 is padding."""
-    out = []
-    for row in seg.tolist():
-        runs, start = [], 0
-        for t in range(1, len(row) + 1):
-            if t == len(row) or row[t] != row[start]:
-                runs.append((start, t, row[start]))
-                start = t
-        out.append(runs)
-    return out
+@dataclass(frozen=True)
+class Segments:
+    """A packed batch's examples, for `segments_forward`: one (idx, valid) pair per padded
+    length L. idx (N, L) holds the flat positions (b * T + t) of N examples, each padded
+    to L by repeating its last position; valid (N, L) marks the real ones. Causal attention
+    never lets a real position see the padding after it, so the padding changes nothing."""
+
+    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def segment_groups(seg: torch.Tensor, bucket: int = BUCKET) -> Segments:
+    """The examples of a batch with segment ids `seg` (B, T), grouped by padded length."""
+    B, T = seg.shape
+    change = torch.ones_like(seg, dtype=torch.bool)  # (B, T): where a run of one id starts
+    change[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    starts = change.reshape(-1).nonzero().squeeze(1)  # (R,) flat; every row starts a run
+    lens = torch.diff(starts, append=starts.new_tensor([B * T]))  # (R,)
+    real = seg.reshape(-1)[starts] != 0  # id 0 is padding
+    starts, lens = starts[real], lens[real]
+    padded = (lens + bucket - 1) // bucket * bucket
+    groups = []
+    for L in padded.unique().tolist():
+        pick = padded == L
+        j = torch.arange(L, device=seg.device)  # (L,)
+        n = lens[pick, None]  # (N, 1)
+        groups.append((starts[pick, None] + torch.minimum(j, n - 1), j < n))  # (N, L) each
+    return Segments(tuple(groups))
 
 
 def attention_inputs(model, seg: torch.Tensor) -> dict:
@@ -90,7 +107,7 @@ def attention_inputs(model, seg: torch.Tensor) -> dict:
     if impl == FLEX:
         return {"attention_mask": block_mask(seg)}
     if impl == SEGMENTS:
-        return {"attention_mask": None, "segments": spans(seg)}
+        return {"attention_mask": None, "segments": segment_groups(seg)}
     return {"attention_mask": dense_mask(seg)}
 
 
@@ -119,35 +136,36 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     return out.transpose(1, 2).contiguous(), None
 
 
-def segments_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments=None, **kwargs):
-    """transformers attention function: with `segments` (per row, (start, end, id) spans),
-    causal sdpa over each example's own span (padding gets zeros: nothing reads it);
-    without, plain sdpa. query (B, H, T, D), key/value (B, H_kv, T, D) -> ((B, T, H, D), None)."""
+def segments_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, segments: Segments | None = None, **kwargs
+):
+    """transformers attention function: with `segments`, causal sdpa over each example
+    alone, one call per group of equal padded length (padding positions get zeros: nothing
+    reads them); without, plain sdpa. query (B, H, T, D), key/value (B, H_kv, T, D) ->
+    ((B, T, H, D), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if segments is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    gqa = query.shape[1] != key.shape[1]
-    rows = []
-    for b, runs in enumerate(segments):
-        pieces = [
-            F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e],
-                key[b : b + 1, :, s:e],
-                value[b : b + 1, :, s:e],
+    B, H, T, D = query.shape
+    work = torch.float32 if query.device.type == "cpu" else query.dtype  # fp32: faster here
+    with torch.autocast(query.device.type, enabled=False):  # autocast would cast sdpa to bf16
+        q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D).to(work) for x in (query, key, value))
+        out = q.new_zeros(B * T, H, D)  # (B*T, H, D)
+        for idx, valid in segments.groups:  # idx, valid (N, L)
+            o = F.scaled_dot_product_attention(
+                q[idx].transpose(1, 2),  # (N, H, L, D)
+                k[idx].transpose(1, 2),
+                v[idx].transpose(1, 2),
                 is_causal=True,
                 dropout_p=dropout,
                 scale=scaling,
-                enable_gqa=gqa,
-            )
-            if k
-            else query.new_zeros(1, query.shape[1], e - s, query.shape[3])
-            for s, e, k in runs
-        ]  # each (1, H, L, D)
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+                enable_gqa=H != key.shape[1],
+            )  # (N, H, L, D)
+            out = out.index_put((idx[valid],), o.transpose(1, 2)[valid])
+    return out.view(B, T, H, D).to(query.dtype), None
 
 
 @functools.cache
