@@ -50,6 +50,7 @@ PARAMS = (
     "evaluate.precision",
     "evaluate.max_new_tokens",
     "evaluate.prompt_lookup",
+    "evaluate.constrain",
     "evaluate.primary_metric",
     "evaluate.n_bootstrap",
 )

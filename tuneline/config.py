@@ -189,6 +189,12 @@ class EvaluateCfg(_Group):
         description="Greedy only: tokens guessed per step from the prompt (exact prompt-lookup decoding; "
         "0 = off). Same outputs in fp32; on CPU it is slower at batch 32 (bench/generate_batched.py).",
     )
+    constrain: Literal["auto", "words", "none"] = Field(
+        "auto",
+        description="Constrained decoding. 'words': an answer may use only its input's words, each as often "
+        "as it occurs, then end (descramble; tuneline/constrain.py). 'auto': 'words' for tasks with words to "
+        "keep, else 'none'. Applies to the base and the tuned model alike.",
+    )
     primary_metric: str | None = Field(
         None,
         description="Metric the champion/challenger gate compares; None: the task's default "
@@ -261,12 +267,28 @@ with warnings.catch_warnings():
                     f"register.test 'mcnemar' needs a 0/1 primary metric, not '{self.primary_metric()}' "
                     "(use register.test: bootstrap)"
                 )
+            if self.evaluate.constrain == "words" and task.words is None:
+                raise ValueError(
+                    f"evaluate.constrain 'words' needs a task whose input holds the answer's words, not '{task.name}' "
+                    "(use evaluate.constrain: auto or none)"
+                )
+            if self.constrained() and self.evaluate.prompt_lookup:
+                raise ValueError(
+                    "evaluate.prompt_lookup guesses tokens the word constraint has not checked "
+                    "(set evaluate.prompt_lookup: 0, or evaluate.constrain: none)"
+                )
             if self.tokenize.packing == "concat" and task.name != "pretrain":
                 raise ValueError(
                     "tokenize.packing 'concat' lets examples attend to each other; "
                     f"use 'bfd' for the supervised task '{task.name}'"
                 )
             return self
+
+        def constrained(self) -> bool:
+            """Whether generation keeps to the input's words (evaluate.constrain)."""
+            return self.evaluate.constrain == "words" or (
+                self.evaluate.constrain == "auto" and TASKS[self.prepare.task].words is not None
+            )
 
         def primary_metric(self) -> str:
             return self.evaluate.primary_metric or TASKS[self.prepare.task].metrics[0]

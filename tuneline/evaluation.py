@@ -17,6 +17,7 @@ import time
 
 from tuneline import deps, progress, scoring, splits, tasks
 from tuneline.config import Params
+from tuneline.constrain import WordConstraint
 from tuneline.generation import answer
 from tuneline.io import read_json, write_json
 from tuneline.loss import example_totals
@@ -156,10 +157,20 @@ def evaluate_model(model, tok, rows: list[dict], params: Params) -> dict:
     # Budget from the data: the longest reference answer plus slack, capped.
     max_new = min(cfg.max_new_tokens, max(len(tok(t)["input_ids"]) for t in targets) + 8)
     branches, ref = answer_branches(tok, rows, task, labels) if task.generates else (None, None)
+    words = WordConstraint(tok, [task.words(r) for r in rows]) if params.constrained() else None
     t = time.time()
     with autocast(cfg.precision):
         outputs, logp = answer(
-            model, tok, prompts, max_new, cfg.batch_size, cfg.num_beams, task.one_line, branches, cfg.prompt_lookup
+            model,
+            tok,
+            prompts,
+            max_new,
+            cfg.batch_size,
+            cfg.num_beams,
+            task.one_line,
+            branches,
+            cfg.prompt_lookup,
+            words,
         )
         gen_s = time.time() - t
         if logp is None:  # pretraining: blocks of the test text, scored as trained
@@ -195,6 +206,7 @@ def examples_key(rows: list[dict], params: Params) -> str:
             params.tokenize.max_length,
             params.tokenize.packing,
             params.evaluate.model_dump(include={"num_beams", "max_new_tokens", "precision"}),
+            params.constrained(),
         ],
         sort_keys=True,
     )

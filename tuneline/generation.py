@@ -115,6 +115,7 @@ def decode(
     done,
     prompts: list[list[int]] | None = None,
     draft: int = 0,
+    constrain=None,
 ) -> list[list[int]]:
     """Greedy decoding from prefill's `state` for a left-padded batch: each row's new token
     ids, up to and including EOS or until `done(ids)` says its answer is complete.
@@ -130,13 +131,20 @@ def decode(
     speculative decoding, several tokens for one forward when the guess is right. Rejected
     guesses stay in the cache, masked out; positions count kept tokens only. Every row's
     tokens are those it gets alone, up to floating-point ties: tests check them against
-    generate."""
+    generate.
+
+    `constrain(rows, generated, logits)`, if given, masks the logits (b, V) of the batch's
+    rows `rows` after their `generated` ids (tuneline/constrain.py); it excludes guesses."""
+    if constrain is not None and draft:
+        raise ValueError("constrained decoding takes no prompt-lookup guesses")
     cache, logits, nxt_pos = state  # logits (b, V), nxt_pos (b, 1): b rows still answering
     dev = attention_mask.device
     if max_new_tokens <= 0:
         return [[] for _ in range(attention_mask.shape[0])]
     live = list(range(attention_mask.shape[0]))  # row of the batch behind each of the b rows
     new: list[list[int]] = [[] for _ in live]
+    if constrain is not None:
+        logits = constrain(live, new, logits)
     guess = logits.argmax(-1)[:, None].tolist()  # per row, the greedy tokens of the last forward
     accepted = [1] * len(live)  # per row, how many of them are right (the first always is)
     while True:
@@ -170,6 +178,8 @@ def decode(
             past_key_values=cache,
             use_cache=True,
         ).logits  # (b, k + 1, V)
+        if constrain is not None:  # k == 0
+            logits = constrain(live, [new[i] for i in live], logits[:, -1])[:, None]  # (b, 1, V)
         g = logits.argmax(-1)  # (b, k + 1): the model's token after each fed one
         ok = (x[:, 1:] == g[:, :-1]).long().cumprod(-1).sum(-1)  # (b,) guesses right before the first miss
         guess, accepted = g.tolist(), (ok + 1).tolist()
@@ -195,12 +205,15 @@ def answer(
     one_line: bool = True,
     branches: list[list[list[int]]] | None = None,
     lookup: int = 0,
+    constraint=None,
 ) -> tuple[list[str], list[list[float]] | None]:
     """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
     of the answer (one-line tasks: the first newline; instruct: the next `###` header).
     With `branches` (per prompt, token lists to score after it), also each branch's summed
     log-probability, from the same encoding of the prompt: the prompt is read once for both.
-    `lookup` > 0: greedy decoding guesses that many tokens per step from the prompt (`decode`)."""
+    `lookup` > 0: greedy decoding guesses that many tokens per step from the prompt (`decode`).
+    `constraint` (a constrain.WordConstraint over `prompts`) limits what greedy and beam
+    search may emit."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
     marker = "\n" if one_line else "\n###"
@@ -229,7 +242,12 @@ def answer(
                 new = [[] for _ in idx]
             elif num_beams == 1:
                 own = [row[m.bool()].tolist() for row, m in zip(ids, mask)] if lookup else None  # unpadded
-                new = decode(model, state, mask, max_new_tokens, tok.eos_token_id, done, own, lookup)
+                rule = (
+                    None
+                    if constraint is None
+                    else lambda rows, gen, lg: constraint.mask([idx[r] for r in rows], gen, lg)
+                )
+                new = decode(model, state, mask, max_new_tokens, tok.eos_token_id, done, own, lookup, rule)
             else:
                 gen = model.generate(
                     **enc,
@@ -238,6 +256,7 @@ def answer(
                     num_beams=num_beams,
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
+                    logits_processor=None if constraint is None else constraint.processor(idx, ids.shape[1], num_beams),
                 )
                 new = gen[:, ids.shape[1] :].tolist()  # (B, new_tokens): the prompt stripped
             for i, row in zip(idx, new):
@@ -259,6 +278,9 @@ def generate(
     num_beams: int = 1,
     one_line: bool = True,
     lookup: int = 0,
+    constraint=None,
 ) -> list[str]:
     """`answer`'s completions alone."""
-    return answer(model, tok, prompts, max_new_tokens, batch_size, num_beams, one_line, lookup=lookup)[0]
+    return answer(
+        model, tok, prompts, max_new_tokens, batch_size, num_beams, one_line, lookup=lookup, constraint=constraint
+    )[0]

@@ -40,6 +40,8 @@ class Task:
     prose: Callable[[list[str], int, int], list[dict]] | None = None
     # (row, rng) -> row with missing inputs made from the answer (descramble scrambles it)
     fill: Callable[[dict, random.Random], dict] | None = None
+    # row -> the words its answer must be made of (evaluate.constrain: words), or None
+    words: Callable[[dict], str] | None = None
     aliases: tuple[tuple[str, str], ...] = ()  # (column, accepted other name): Dolly's names
     generates: bool = True  # scored by generation (pretrain: perplexity only)
     one_line: bool = True  # answers are one line: generation is cut at a newline
@@ -143,6 +145,7 @@ register(
         score=_descramble_score,
         prose=lambda texts, lo, hi: [{"target": s} for s in clean_sentences(texts, lo, hi)],
         fill=lambda r, rng: r | {"source": r["source"] or scramble(r["target"], rng)},
+        words=lambda r: r["source"],
         serve_field="source",
         serve_example="cat the on sat mat the",
         use="Reorder the words of a shuffled English sentence into the original sentence.",

@@ -1,0 +1,81 @@
+"""Constrained decoding keeps the input's words, on any tokenizer split, greedy and beam."""
+
+import pytest
+
+from tuneline import recipes
+from tuneline.constrain import WordConstraint
+from tuneline.errors import TunelineError
+from tuneline.generation import generate
+from tuneline.tasks import DESCRAMBLE_PROMPT, same_words
+
+SOURCES = [
+    "sat the cat mat. on the",
+    "hills",
+    "Göbel Kurt met the the in 1990 Berlin, again",
+    "over ran dogs the old red barns near the river",
+    "x y",
+]
+
+
+def _prompts():
+    return [DESCRAMBLE_PROMPT.format(source=s) for s in SOURCES]
+
+
+def _budget(tok) -> int:
+    """Enough tokens for any split: one per byte of the longest input, and EOS."""
+    return max(len(s.encode()) for s in SOURCES) + 2
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_every_answer_uses_exactly_the_inputs_words(tiny_gpt2, gpt2_tok, num_beams):
+    """An untrained model, left alone, writes anything; constrained, each answer is a
+    permutation of its input's words (repeats and punctuation included), greedy and beam."""
+    words = WordConstraint(gpt2_tok, SOURCES)
+    free = generate(tiny_gpt2, gpt2_tok, _prompts(), 12, batch_size=5, num_beams=num_beams)
+    assert not all(same_words(o, s) for o, s in zip(free, SOURCES))
+    outs = generate(tiny_gpt2, gpt2_tok, _prompts(), _budget(gpt2_tok), 5, num_beams, constraint=words)
+    for out, src in zip(outs, SOURCES):
+        assert same_words(out, src), (out, src)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_constrained_answers_in_a_batch_equal_each_prompt_alone(tiny_gpt2, gpt2_tok, num_beams):
+    words = WordConstraint(gpt2_tok, SOURCES)
+    batched = generate(tiny_gpt2, gpt2_tok, _prompts(), _budget(gpt2_tok), 5, num_beams, constraint=words)
+    alone = [
+        generate(tiny_gpt2, gpt2_tok, [p], _budget(gpt2_tok), 1, num_beams, constraint=WordConstraint(gpt2_tok, [s]))[0]
+        for p, s in zip(_prompts(), SOURCES)
+    ]
+    assert batched == alone
+
+
+def test_a_word_may_come_in_any_split_and_nothing_else_may_follow(gpt2_tok):
+    """Allowed next tokens keep the text a prefix of some order of the words; a word may be
+    spelt in pieces (here byte by byte, through a non-ASCII letter); EOS only at the end."""
+    words = WordConstraint(gpt2_tok, ["Göbel met Kurt"])
+
+    def allowed_texts(text: str) -> set[str]:
+        ids = gpt2_tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return {gpt2_tok.decode([t]) for t in words.allowed(0, ids)}
+
+    first = allowed_texts("")
+    assert {" Kurt", "K", " met"} <= first and gpt2_tok.eos_token not in first
+    assert all(any(w.startswith(t.lstrip()) for w in ("Göbel", "met", "Kurt")) for t in first if t.strip())
+    after_met = allowed_texts(" met")
+    assert " Kurt" in after_met and " met" not in after_met  # "met" was used up
+    spelt = [gpt2_tok.convert_tokens_to_ids(t) for t in ("Ġ", "G", "Ã", "¶")]  # " Gö", "ö" as its two bytes
+    for i in range(len(spelt)):
+        assert spelt[i] in words.allowed(0, spelt[:i])
+    assert gpt2_tok.decode(spelt) == " Gö"
+    assert words.allowed(0, gpt2_tok(" met Kurt Göbel", add_special_tokens=False)["input_ids"]) == [
+        gpt2_tok.eos_token_id
+    ]
+
+
+def test_words_constraint_is_refused_for_a_task_without_words():
+    with pytest.raises(TunelineError, match="evaluate.constrain 'words'.*use evaluate.constrain: auto or none"):
+        recipes.build("emotion", ["evaluate.constrain=words"])
+    with pytest.raises(TunelineError, match="prompt_lookup"):
+        recipes.build("descramble", ["evaluate.prompt_lookup=2"])
+    assert recipes.build("descramble", []).constrained()
+    assert not recipes.build("emotion", []).constrained()

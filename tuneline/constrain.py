@@ -1,0 +1,152 @@
+"""Constrained decoding: answers made of exactly the input's words (`evaluate.constrain`).
+
+`WordConstraint` lets each row emit only the words of its input, each as often as it
+occurs there, separated by single spaces (one leading space allowed), and then EOS. It
+works on bytes, under the tokenizer's pieces: the vocabulary's byte strings, sorted, are
+walked together with the words still unused, so a word may come out in any BPE split
+and nothing else can. The model still chooses the order and the split; the constraint
+only takes away what would break the multiset of words.
+
+It masks logits (b, V) for rows of a batch: `decode` (greedy) calls `mask` directly, and
+as a transformers `LogitsProcessor` it also constrains beam search.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from collections import Counter
+
+import torch
+
+SPACE = 0x20
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable stand-in character -> its byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+@functools.cache
+def vocabulary(tok) -> tuple[list[bytes], list[list[int]], dict[int, bytes]]:
+    """The tokenizer's non-special tokens as (sorted distinct byte strings, their ids, each
+    id's bytes).
+    Byte-level BPE tokens (GPT-2, SmolLM2) map back to their exact bytes; other tokenizers'
+    pieces are decoded to text one at a time (pieces that are part of a character do not
+    decode alone, so such words may not be reachable there)."""
+    special = set(tok.all_special_ids)
+    vocab = {t: i for t, i in tok.get_vocab().items() if i not in special}
+    dec = _byte_decoder()
+    byte_level = all(c in dec for t in vocab for c in t)
+    by_bytes: dict[bytes, list[int]] = {}
+    for t, i in vocab.items():
+        b = bytes(dec[c] for c in t) if byte_level else tok.convert_tokens_to_string([t]).encode()
+        if b:
+            by_bytes.setdefault(b, []).append(i)
+    keys = sorted(by_bytes)
+    return keys, [by_bytes[k] for k in keys], {i: k for k, ids in by_bytes.items() for i in ids}
+
+
+class WordConstraint:
+    """Per prompt, the words (whitespace-split) its answer must be made of."""
+
+    def __init__(self, tok, sources: list[str]):
+        self.tok = tok
+        self.eos = tok.eos_token_id
+        self.keys, self.ids, self.bytes = vocabulary(tok)
+        self.words = [Counter(w.encode() for w in s.split()) for s in sources]
+
+    # --- one row ---------------------------------------------------------------------
+    def _state(self, row: int, generated: list[int]):
+        """(words still unused, the current word's bytes so far, started) after `generated`;
+        None if `generated` already broke the constraint."""
+        left, word, started = Counter(self.words[row]), b"", False
+        text = b"".join(self.bytes.get(t, b"") for t in generated)  # special tokens: none
+        for b in text:
+            state = self._step(left, word, started, b)
+            if state is None:
+                return None
+            left, word, started = state
+        return left, word, started
+
+    @staticmethod
+    def _step(left: Counter, word: bytes, started: bool, b: int):
+        """The state after one more byte, or None if the byte is not allowed."""
+        if b == SPACE:
+            if word:  # a space ends the current word: one still unused, and not the last
+                if left[word] <= 0 or sum(left.values()) <= 1:
+                    return None
+                left = left.copy()
+                left[word] -= 1
+                return left, b"", True
+            return (left, b"", True) if not started else None  # one leading space only
+        nxt = word + bytes([b])
+        if not any(n > 0 and w.startswith(nxt) for w, n in left.items()):
+            return None
+        return left, nxt, True
+
+    @staticmethod
+    def _complete(left: Counter, word: bytes) -> bool:
+        """Ending here uses every word exactly."""
+        rest = left.copy()
+        if word:
+            if rest[word] <= 0:
+                return False
+            rest[word] -= 1
+        return not any(n > 0 for n in rest.values())
+
+    def allowed(self, row: int, generated: list[int]) -> list[int]:
+        """The token ids row `row` may emit next, after `generated`."""
+        state = self._state(row, generated)
+        if state is None:
+            return [self.eos]  # already off the words (cut by a length limit): stop
+        left, word, started = state
+        out = [self.eos] if self._complete(left, word) else []
+        # Walk byte strings s that the constraint allows, extending while some token starts with s.
+        stack = [(b"", left, word, started)]
+        while stack:
+            s, lft, wd, st = stack.pop()
+            if s:
+                k = bisect.bisect_left(self.keys, s)
+                if k == len(self.keys) or not self.keys[k].startswith(s):
+                    continue  # no token starts with s
+                if self.keys[k] == s:
+                    out += self.ids[k]
+            nexts = {w[len(wd)] for w, n in lft.items() if n > 0 and len(w) > len(wd) and w.startswith(wd)}
+            nexts.add(SPACE)  # `_step` decides whether a space may come here
+            for b in nexts:
+                state = self._step(lft, wd, st, b)
+                if state is not None:
+                    stack.append((s + bytes([b]), *state))
+        return out or [self.eos]
+
+    # --- a batch ---------------------------------------------------------------------
+    def mask(self, rows: list[int], generated: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+        """logits (b, V) with every token that row `rows[j]` may not emit after
+        `generated[j]` set to -inf."""
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        for j, (row, gen) in enumerate(zip(rows, generated)):
+            keep[j, self.allowed(row, gen)] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def processor(self, rows: list[int], prompt_len: int, num_beams: int):
+        """A transformers LogitsProcessorList for `generate` over prompts `rows` (left-padded
+        to `prompt_len`), each expanded to `num_beams` beams."""
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        constraint = self
+
+        class _Words(LogitsProcessor):
+            def __call__(self, input_ids, scores):  # (B * beams, t), (B * beams, V)
+                beams = [rows[i // num_beams] for i in range(input_ids.shape[0])]
+                return constraint.mask(beams, input_ids[:, prompt_len:].tolist(), scores)
+
+        return LogitsProcessorList([_Words()])
