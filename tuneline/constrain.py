@@ -137,6 +137,10 @@ class WordConstraint:
             keep[j, self.allowed(row, gen)] = True
         return logits.masked_fill(~keep, float("-inf"))
 
+    def rule(self, prompts: list[int]):
+        """`generation.decode`'s `constrain` for a batch whose row j is prompt `prompts[j]`."""
+        return lambda rows, generated, logits: self.mask([prompts[r] for r in rows], generated, logits)
+
     def processor(self, rows: list[int], prompt_len: int, num_beams: int):
         """A transformers LogitsProcessorList for `generate` over prompts `rows` (left-padded
         to `prompt_len`), each expanded to `num_beams` beams."""

@@ -242,11 +242,7 @@ def answer(
                 new = [[] for _ in idx]
             elif num_beams == 1:
                 own = [row[m.bool()].tolist() for row, m in zip(ids, mask)] if lookup else None  # unpadded
-                rule = (
-                    None
-                    if constraint is None
-                    else lambda rows, gen, lg: constraint.mask([idx[r] for r in rows], gen, lg)
-                )
+                rule = None if constraint is None else constraint.rule(idx)
                 new = decode(model, state, mask, max_new_tokens, tok.eos_token_id, done, own, lookup, rule)
             else:
                 gen = model.generate(
