@@ -160,6 +160,24 @@ def test_the_champion_answers_over_http(project):
     assert answer["predictions"] == ast.literal_eval(local.strip().splitlines()[-1])  # the same greedy answer
 
 
+def test_predict_answers_a_descrambler_with_the_inputs_words(project):
+    """`tuneline predict` decodes as evaluate scored (under the word constraint): even this
+    untrained tiny model answers with exactly the input's words; `--free` is the pipeline's
+    own answer, the one MLflow serves."""
+    from tuneline.tasks import same_words
+
+    text = "sat cat the mat on the"
+    cli = [sys.executable, "-m", "tuneline.cli", "predict"]
+    kept = project.run(*cli, text).stdout.strip().splitlines()[-1]
+    assert same_words(kept, text), kept
+    free = project.run(*cli, "--free", text).stdout.strip().splitlines()[-1]
+    served = project.python(
+        "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        f"print(mlflow.pyfunc.load_model('models:/descrambler@champion').predict([{text!r}])[0].strip())"
+    )
+    assert free == served.strip().splitlines()[-1] and not same_words(free, text)
+
+
 def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champion(project):
     # Right after, `dvc repro` skips every stage, fast, and nothing is out of date.
     t = time.time()

@@ -165,11 +165,13 @@ def list_recipes() -> None:
 def predict(
     text: str = typer.Argument(..., help="The input, e.g. scrambled words for the descrambler."),
     model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion)."),
+    free: bool = typer.Option(
+        False, "--free", help="Decode freely, as the served model does (else a descrambler keeps the input's words)."
+    ),
 ) -> None:
     """Answer with the champion model from the MLflow registry."""
     try:
-        import mlflow
-
+        from tuneline import predict as pred
         from tuneline import registry
 
         if not text.strip():
@@ -187,40 +189,12 @@ def predict(
                     f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
                 )
             uri = f"models:/{name}@champion"
-        try:
-            loaded = mlflow.pyfunc.load_model(uri)
-        except Exception as e:  # MlflowException, missing artifacts
-            raise TunelineError(
-                f"cannot load '{uri}' ({str(e).splitlines()[0][:120]})",
-                "check the URI with `tuneline history` or the MLflow UI",
-            ) from None
-        _check_length(loaded, text)
-        # The registered model carries its task's prompt template; the request fills it.
-        answer = loaded.predict([text])
-        out.print(str(answer[0] if isinstance(answer, list) else answer).strip())
+        loaded = pred.load(uri)
+        pred.check_length(loaded, text)
+        task = None if free else pred.word_task(pred.run_params(client, uri))
+        out.print(pred.answer(loaded, text, task))
     except TunelineError as e:
         _fail(e)
-
-
-def _check_length(loaded, text: str) -> None:
-    """Refuse, in one line, an input the model has no positions for (templated prompt plus
-    the answer budget); generation would crash on it. A lone input is never cut silently."""
-    from tuneline.modeling import position_limit
-
-    impl = getattr(loaded, "_model_impl", None)  # mlflow.transformers' pyfunc wrapper
-    pipe = getattr(impl, "pipeline", None)
-    if pipe is None or getattr(pipe, "tokenizer", None) is None:
-        return
-    limit = position_limit(pipe.model.config)
-    template = getattr(impl, "prompt_template", None) or "{prompt}"
-    budget = int((getattr(impl, "model_config", None) or {}).get("max_new_tokens", 0))
-    n = len(pipe.tokenizer(template.replace("{prompt}", text))["input_ids"])
-    if limit is not None and n + budget > limit:
-        raise TunelineError(
-            f"the input is {n} tokens with its template; with {budget} tokens for the answer the model has "
-            f"positions for {limit}",
-            f"shorten it to under {limit - budget - (n - len(pipe.tokenizer(text)['input_ids']))} tokens",
-        )
 
 
 def _params(recipe: str | None, sets: list[str], smoke: bool = False):
