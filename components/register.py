@@ -32,6 +32,7 @@ PARAMS = (
     "evaluate.num_beams",
     "evaluate.precision",
     "evaluate.max_new_tokens",
+    "evaluate.constrain",
     "evaluate.primary_metric",
     "evaluate.n_bootstrap",
     "register.model_name",
