@@ -191,8 +191,9 @@ def predict(
             uri = f"models:/{name}@champion"
         loaded = pred.load(uri)
         pred.check_length(loaded, text)
-        task = None if free else pred.word_task(pred.run_params(client, uri))
-        out.print(pred.answer(loaded, text, task))
+        run = pred.run_params(client, uri)
+        task = None if free else pred.word_task(run)
+        out.print(pred.answer(loaded, text, task, int(run.get("evaluate.num_beams", 1))))
     except TunelineError as e:
         _fail(e)
 

@@ -63,19 +63,26 @@ class WordConstraint:
         self.eos = tok.eos_token_id
         self.keys, self.ids, self.bytes = vocabulary(tok)
         self.words = [Counter(w.encode() for w in s.split()) for s in sources]
+        self._states: dict = {}  # (row, prefix) -> state
+        self._allowed: dict = {}  # state -> allowed ids (beams often reach one state)
 
     # --- one row ---------------------------------------------------------------------
     def _state(self, row: int, generated: list[int]):
         """(words still unused, the current word's bytes so far, started) after `generated`;
-        None if `generated` already broke the constraint."""
-        left, word, started = Counter(self.words[row]), b"", False
-        text = b"".join(self.bytes.get(t, b"") for t in generated)  # special tokens: none
-        for b in text:
-            state = self._step(left, word, started, b)
-            if state is None:
-                return None
-            left, word, started = state
-        return left, word, started
+        None if `generated` already broke the constraint. Each step extends the previous
+        step's prefix, so states are kept per prefix and computed from the parent's."""
+        key = (row, tuple(generated))
+        if key not in self._states:
+            if not generated:
+                state = (Counter(self.words[row]), b"", False)
+            else:
+                state = self._state(row, generated[:-1])
+                for b in self.bytes.get(generated[-1], b""):  # special tokens: no bytes
+                    if state is None:
+                        break
+                    state = self._step(*state, b)
+            self._states[key] = state
+        return self._states[key]
 
     @staticmethod
     def _step(left: Counter, word: bytes, started: bool, b: int):
@@ -109,6 +116,12 @@ class WordConstraint:
         if state is None:
             return [self.eos]  # already off the words (cut by a length limit): stop
         left, word, started = state
+        key = (frozenset((w, n) for w, n in left.items() if n > 0), word, started)
+        if key not in self._allowed:
+            self._allowed[key] = self._walk(left, word, started)
+        return self._allowed[key]
+
+    def _walk(self, left: Counter, word: bytes, started: bool) -> list[int]:
         out = [self.eos] if self._complete(left, word) else []
         # Walk byte strings s that the constraint allows, extending while some token starts with s.
         stack = [(b"", left, word, started)]

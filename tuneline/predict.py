@@ -83,9 +83,9 @@ def check_length(loaded, text: str) -> None:
         )
 
 
-def answer(loaded, text: str, task=None) -> str:
+def answer(loaded, text: str, task=None, num_beams: int = 1) -> str:
     """The model's answer to `text`; with a word `task`, decoded under its word constraint
-    (greedy, the template filled as MLflow fills it)."""
+    (greedy, or beam search as the run's evaluate did; the template filled as MLflow fills it)."""
     pipe, template, budget = _pipeline(loaded)
     if task is None or pipe is None:
         out = loaded.predict([text])
@@ -95,4 +95,6 @@ def answer(loaded, text: str, task=None) -> str:
 
     words = WordConstraint(pipe.tokenizer, [task.words({task.serve_field: text})])
     prompt = template.replace("{prompt}", text)
-    return generate(pipe.model, pipe.tokenizer, [prompt], budget or 128, 1, one_line=task.one_line, constraint=words)[0]
+    return generate(
+        pipe.model, pipe.tokenizer, [prompt], budget or 128, 1, num_beams, one_line=task.one_line, constraint=words
+    )[0]
