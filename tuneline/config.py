@@ -80,7 +80,7 @@ class PrepareCfg(_Group):
         6, ge=1, description="Shortest sentence (descramble) or paragraph (pretrain) kept, in words."
     )
     max_words: int = Field(30, ge=1, description="Longest sentence kept for descramble, in words.")
-    n_train: int = Field(1400, ge=0, description="Training examples (after cleaning); 0: all that remain.")
+    n_train: int = Field(1800, ge=0, description="Training examples (after cleaning); 0: all that remain.")
     n_val: int = Field(100, ge=1, description="Validation examples (loss, early stopping), carved from source.")
     n_test: int = Field(
         200,
