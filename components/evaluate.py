@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from tuneline import scoring, tasks
+from tuneline import prompting, scoring, tasks
 from tuneline.config import Params
 from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
 from tuneline.errors import TunelineError
@@ -51,6 +51,8 @@ PARAMS = (
     "evaluate.max_new_tokens",
     "evaluate.prompt_lookup",
     "evaluate.constrain",
+    "evaluate.base_prompting",
+    "evaluate.base_shots",
     "evaluate.primary_metric",
     "evaluate.n_bootstrap",
 )
@@ -74,26 +76,31 @@ def run(params: Params) -> dict:
         raise TunelineError(
             "evaluate: every test example is longer than the model has positions for", "shorten the test rows"
         )
-    evs: dict[str, dict] = {}
     print(f"[evaluate] base model ({params.model.name}) on {len(rows)} test examples", flush=True)
-    evs["base"] = evaluate_base(rows, params)
+    bases = evaluate_base(rows, params)  # {prompting: record}
+    by_prompting = {kind: metrics_of(ev, rows, params) for kind, ev in bases.items()}
+    for kind, res in by_prompting.items():
+        print(f"[evaluate] base, {kind} prompting: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
+    # The tuned model faces the base at its best: the prompting best on the primary metric.
+    won = prompting.best(by_prompting, params.primary_metric())
     print(f"[evaluate] tuned model on the same {len(rows)} examples", flush=True)
     tuned = str(MERGED)
-    evs["tuned"] = evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params)
-    results = {which: metrics_of(ev, rows, params) for which, ev in evs.items()}
-    for which in ("base", "tuned"):
-        print(f"[evaluate] {which}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[which].items()), flush=True)
+    evs = {"base": bases[won], "tuned": evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params)}
+    results = {"base": by_prompting[won], "tuned": metrics_of(evs["tuned"], rows, params)}
+    print("[evaluate] tuned: " + ", ".join(f"{k}={v:.4g}" for k, v in results["tuned"].items()), flush=True)
     results["delta"] = {k: results["tuned"][k] - results["base"][k] for k in task.metrics}
     comparison = compare(evs["tuned"], evs["base"], rows, params)
-    print(f"[evaluate] tuned vs base, {_show(comparison)}", flush=True)
+    print(f"[evaluate] tuned vs base ({won} prompting), {_show(comparison)}", flush=True)
     results |= {
+        "base_prompting": won,
+        "base_by_prompting": by_prompting,
         "primary_metric": params.primary_metric(),
         "n_examples": len(rows),
         "n_dropped_overlong": dropped,
         "tuned_vs_base": asdict(comparison),
     }
     key = examples_key(rows, params)
-    write_json(EVAL_EXAMPLES, {"examples_key": key, "model": params.model.name, **evs})
+    write_json(EVAL_EXAMPLES, {"examples_key": key, "model": params.model.name, "base_prompting": won, **evs})
     write_json(metrics_file("evaluate"), results)
     prompts, targets = prompts_and_targets(task, rows, params.prepare.labels)
     table = {
@@ -107,6 +114,8 @@ def run(params: Params) -> dict:
     write_text(PREDICTIONS, "".join(json.dumps(dict(zip(table, vals))) + "\n" for vals in zip(*table.values())))
     for which in ("base", "tuned"):
         log_metrics(results[which], prefix=f"{which}_")
+    for kind, res in by_prompting.items():
+        log_metrics(res, prefix=f"base_{kind}_")
     log_metrics(
         {
             "delta": comparison.delta,
@@ -132,7 +141,8 @@ def base_vs_tuned_figure(results: dict):
     for ax, m in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
         vals = [results["base"][m], results["tuned"][m]]
         # values under the bars, where the CI whisker cannot cover them
-        ax.bar([f"base\n{vals[0]:.3g}", f"tuned\n{vals[1]:.3g}"], vals, color=["#999999", "#2b7bba"])
+        base = f"base ({results.get('base_prompting', 'plain')})"
+        ax.bar([f"{base}\n{vals[0]:.3g}", f"tuned\n{vals[1]:.3g}"], vals, color=["#999999", "#2b7bba"])
         title = m + (" (lower is better)" if m in scoring.LOWER_IS_BETTER else "")
         if m == c["metric"]:
             ax.errorbar(
@@ -147,5 +157,8 @@ def base_vs_tuned_figure(results: dict):
         ax.set_title(title, fontsize=9)
         if min(vals) >= 0:  # the metrics are non-negative: keep 0 at the bottom, even when both are 0
             ax.set_ylim(bottom=0)
-    fig.suptitle(f"base vs tuned on {results['n_examples']} test examples", fontsize=10)
+    fig.suptitle(
+        f"base (best prompting: {results.get('base_prompting', 'plain')}) vs tuned on {results['n_examples']} test examples",
+        fontsize=10,
+    )
     return fig

@@ -278,8 +278,11 @@ def test_base_vs_tuned_figure_has_a_panel_per_metric_and_the_primary_ci(task):
         "delta": {m: tuned[m] - base[m] for m in names},
         "n_examples": 8,
         "tuned_vs_base": {"metric": primary, "delta": 0.1, "ci_low": 0.05, "ci_high": 0.15},
+        "base_prompting": "few_shot",
     }
     fig = base_vs_tuned_figure(results)
+    assert "best prompting: few_shot" in fig.get_suptitle()  # which way of prompting the base won
+    assert fig.axes[0].get_xticklabels()[0].get_text().startswith("base (few_shot)")
     assert [ax.get_title().split("\n")[0].split(" (")[0] for ax in fig.axes] == list(names)
     assert "95% CI [+0.05, +0.15]" in fig.axes[0].get_title()
     assert all("CI" not in ax.get_title() for ax in fig.axes[1:])

@@ -97,7 +97,9 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
 
     # The gate compared v1 with the base model, and says so on the version and in its card.
     _, _, tags, card = _version(project)
-    assert tags["gate.decision"] == "promoted" and tags["gate.compared_with"] == "base model tiny-gpt2"
+    assert (
+        tags["gate.decision"] == "promoted" and tags["gate.compared_with"] == "base model tiny-gpt2 (plain prompting)"
+    )
     assert float(tags["gate.p_value"]) < 0.05 and float(tags["gate.delta"]) < 0  # lower perplexity
     for section in (
         "# descrambler v1",

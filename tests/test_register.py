@@ -59,10 +59,10 @@ def _champion_with_record(client, record) -> str:
     return v
 
 
-def test_with_no_champion_the_challenger_faces_the_base_model(client):
+def test_with_no_champion_the_challenger_faces_the_base_model_at_its_best(client):
     params = recipes.build("descramble")
-    against, version, ev = reference(client, "m", [], params, _record())
-    assert version is None and against == "base model smollm2-135m-instruct" and ev["tag"] == 0.1
+    against, version, ev = reference(client, "m", [], params, _record() | {"base_prompting": "chat"})
+    assert version is None and against == "base model smollm2-135m-instruct (chat prompting)" and ev["tag"] == 0.1
 
 
 def test_the_champion_is_compared_on_its_logged_per_example_results(client):
@@ -148,6 +148,8 @@ def test_the_model_card_has_every_section_and_fits_the_description_column():
             "primary_metric": "chrf",
             "n_examples": 200,
             "tuned_vs_base": comparison,
+            "base_prompting": "chat",
+            "base_by_prompting": {"plain": metrics | {"chrf": 0.3}, "chat": metrics, "few_shot": metrics},
         },
         samples=[{"prompt": long, "target": long, "base_output": long, "tuned_output": long}] * 5,
         lineage={"source": {"source": "builtin:wikipedia", "sha256": "ab12"}},
@@ -164,6 +166,7 @@ def test_the_model_card_has_every_section_and_fits_the_description_column():
         "**promoted**",
         "[+5, +15]",
         "| chrf (primary) | 0.5 | 60 | +59.5 |",
+        "prompted chat (the best of the ways tried on chrf: plain 0.3, chat 0.5, few_shot 0.5)",
         "sha256 `ab12`",
         "(dvc.lock md5): `d1.dir`",
         "| train.lr | `0.002` |",

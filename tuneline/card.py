@@ -57,6 +57,13 @@ def description(**kw) -> str:
     return text[: MAX_CHARS - 60] + "\n\n…(cut to fit; the run's model_card.md is whole)\n"
 
 
+def _promptings(evals: dict) -> str:
+    """Which prompting of the base model won, and what each scored on the primary metric."""
+    won, by, m = evals.get("base_prompting", "plain"), evals.get("base_by_prompting", {}), evals["primary_metric"]
+    tried = ", ".join(f"{kind} {_fmt(res[m])}" for kind, res in by.items())
+    return f"{won} (the best of the ways tried on {m}: {tried})" if len(by) > 1 else won
+
+
 def render(
     *,
     name: str,
@@ -99,6 +106,8 @@ def render(
         f"with p < register.alpha={params.register.alpha}.",
         "",
         f"## Metrics: base against tuned ({evals['n_examples']} test examples, the same for both)",
+        "",
+        f"The base model is prompted {_promptings(evals)}.",
         "",
         "| metric | base | tuned | delta |",
         "|---|---|---|---|",

@@ -195,6 +195,16 @@ class EvaluateCfg(_Group):
         "as it occurs, then end (descramble; tuneline/constrain.py). 'auto': 'words' for tasks with words to "
         "keep, else 'none'. Applies to the base and the tuned model alike.",
     )
+    base_prompting: Literal["auto", "plain", "chat", "few_shot"] = Field(
+        "auto",
+        description="How the base model is prompted (tuneline/prompting.py): 'plain' (the task's prompt, as "
+        "the tuned model is trained), 'chat' (that prompt as a user turn in the model's chat template), "
+        "'few_shot' (base_shots solved training examples first). 'auto': every way that applies; each is "
+        "reported and the tuned model is compared with the best. The tuned model is always prompted plain.",
+    )
+    base_shots: int = Field(
+        3, ge=0, le=64, description="Solved training examples before each prompt in few_shot prompting (0: none)."
+    )
     primary_metric: str | None = Field(
         None,
         description="Metric the champion/challenger gate compares; None: the task's default "
@@ -276,6 +286,11 @@ with warnings.catch_warnings():
                 raise ValueError(
                     "evaluate.prompt_lookup guesses tokens the word constraint has not checked "
                     "(set evaluate.prompt_lookup: 0, or evaluate.constrain: none)"
+                )
+            if self.evaluate.base_prompting == "few_shot" and self.evaluate.base_shots == 0:
+                raise ValueError(
+                    "evaluate.base_prompting 'few_shot' needs evaluate.base_shots >= 1 "
+                    "(set base_shots, or base_prompting: auto)"
                 )
             if self.tokenize.packing == "concat" and task.name != "pretrain":
                 raise ValueError(

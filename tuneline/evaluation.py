@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 
-from tuneline import deps, progress, scoring, splits, tasks
+from tuneline import deps, progress, prompting, scoring, splits, tasks
 from tuneline.config import Params
 from tuneline.constrain import WordConstraint
 from tuneline.generation import answer
@@ -146,11 +146,13 @@ def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str]) -
     ]
 
 
-def evaluate_model(model, tok, rows: list[dict], params: Params) -> dict:
+def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.Prompting = prompting.PLAIN) -> dict:
     """One model's evaluation record on `rows` (see tuneline/scoring.py): generated
     outputs, per-unit answer loss and tokens, and (classify/entail) log-likelihood labels.
     For a generating task, each prompt is encoded once for all three: the answer's loss and
-    every label's likelihood are read from the cache generation starts from."""
+    every label's likelihood are read from the cache generation starts from. `how` wraps
+    each prompt (the base model's chat or few-shot prompting); the answers scored after it
+    are the same tokens as trained."""
     cfg, task, labels = params.evaluate, tasks.TASKS[params.prepare.task], params.prepare.labels
     model = model.to(device())
     prompts, targets = prompts_and_targets(task, rows, labels)
@@ -163,7 +165,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params) -> dict:
         outputs, logp = answer(
             model,
             tok,
-            prompts,
+            how.wrap(prompts),
             max_new,
             cfg.batch_size,
             cfg.num_beams,
@@ -171,6 +173,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params) -> dict:
             branches,
             cfg.prompt_lookup,
             words,
+            how.prefix,
         )
         gen_s = time.time() - t
         if logp is None:  # pretraining: blocks of the test text, scored as trained
@@ -213,32 +216,65 @@ def examples_key(rows: list[dict], params: Params) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _base_cache_key(rows: list[dict], params: Params) -> str:
-    """Base results depend only on the base model, the examples, the eval settings and the
-    code of the evaluate stage (the same import closure its DVC deps list)."""
+def _base_cache_key(rows: list[dict], params: Params, how: prompting.Prompting) -> str:
+    """Base results depend only on the base model, the examples, the eval settings, the
+    prompting and the code of the evaluate stage (the same import closure its DVC deps list)."""
     blob = json.dumps(
         [
             params.model.name,
             examples_key(rows, params),
             params.evaluate.batch_size,
             params.evaluate.prompt_lookup,  # exact in fp32, but bf16 rounds per batch shape
+            [how.kind, how.prefix, how.before, how.after],
             deps.code_hash("evaluate"),
         ]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def evaluate_base(rows: list[dict], params: Params) -> dict:
-    """The base model's record, computed once per key and kept in .cache/eval (a train-only
-    change then re-scores only the tuned model)."""
-    path = cache_dir().parent / "eval" / f"base-{_base_cache_key(rows, params)}.json"
-    if path.is_file():
-        print(f"[evaluate] base results reused from {path}", flush=True)
-        return read_json(path)
-    name = params.model.name
-    ev = evaluate_model(load_model(name), load_tokenizer(name), rows, params)
-    write_json(path, ev)
-    return ev
+def base_promptings(rows: list[dict], params: Params) -> list[prompting.Prompting]:
+    """The ways to prompt the base model that evaluate.base_prompting asks for and that apply
+    (tuneline/prompting.py); each one left out is said, with why."""
+    from tuneline.modeling import load_config, position_limit
+
+    name, task = params.model.name, tasks.TASKS[params.prepare.task]
+    tok = load_tokenizer(name)
+    found, skipped = prompting.candidates(params, tok, prompting.train_sample)
+    prompts = prompts_and_targets(task, rows, params.prepare.labels)[0]
+    limit = position_limit(load_config(name))
+    for how in found[:]:
+        if not prompting.fits(how, tok, prompts, params.evaluate.max_new_tokens, limit):
+            if params.evaluate.base_prompting != "auto":
+                from tuneline.errors import TunelineError
+
+                raise TunelineError(
+                    f"evaluate.base_prompting '{how.kind}': the prompts with it need more than {name}'s {limit} "
+                    "positions",
+                    "lower evaluate.base_shots, or set evaluate.base_prompting: auto",
+                )
+            found.remove(how)
+            skipped.append(f"{how.kind}: with it, prompts need more than the model's {limit} positions")
+    for why in skipped:
+        print(f"[evaluate] base prompting left out, {why}", flush=True)
+    return found
+
+
+def evaluate_base(rows: list[dict], params: Params) -> dict[str, dict]:
+    """The base model's record under each prompting that applies ({kind: record}), each
+    computed once per key and kept in .cache/eval (a train-only change then re-scores only
+    the tuned model)."""
+    name, out, model = params.model.name, {}, None
+    for how in base_promptings(rows, params):
+        path = cache_dir().parent / "eval" / f"base-{_base_cache_key(rows, params, how)}.json"
+        if path.is_file():
+            print(f"[evaluate] base model, {how.kind} prompting: results reused from {path}", flush=True)
+            out[how.kind] = read_json(path)
+            continue
+        print(f"[evaluate] base model, {how.kind} prompting", flush=True)
+        model = model or load_model(name)
+        out[how.kind] = evaluate_model(model, load_tokenizer(name), rows, params, how)
+        write_json(path, out[how.kind])
+    return out
 
 
 def load_any(ref: str):

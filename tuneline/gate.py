@@ -96,7 +96,8 @@ def reference(client, name: str, rows: list[dict], params: Params, record: dict)
     # real champion on a toy slice.
     champ = None if params.register.dry_run else registry.champion(client, name)
     if champ is None:
-        return f"base model {params.model.name}", None, record["base"]
+        how = record.get("base_prompting", "plain")  # evaluate faced the tuned model with the best prompting
+        return f"base model {params.model.name} ({how} prompting)", None, record["base"]
     label = f"champion v{champ.version}"
     if champ.tags.get("eval.examples_key") == record["examples_key"] and champ.run_id:
         import mlflow

@@ -25,14 +25,19 @@ def answer_complete(tok, ids: list[int], marker: str) -> bool:
 
 
 @torch.no_grad()
-def prefill(model, input_ids, attention_mask):
+def prefill(model, input_ids, attention_mask, cache=None):
     """Encode a left-padded batch of prompts (B, T) once. Returns the KV cache, the logits of
     each row's next token (B, V) and that token's position (B, 1). Positions are what
-    generate uses: the count of real tokens before, padding masked."""
+    generate uses: the count of real tokens before, padding masked.
+
+    `cache` may already hold a prefix shared by every row (`shared_prefix`): then
+    attention_mask (B, P + T) covers it too, and only input_ids are encoded after it (the
+    padding sits between the prefix and each prompt, masked, so positions run on)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    P = attention_mask.shape[1] - input_ids.shape[1]
+    pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, P:]  # (B, T)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -42,6 +47,27 @@ def prefill(model, input_ids, attention_mask):
         logits_to_keep=1,  # only the last position predicts: no vocabulary projection of the prompt
     ).logits[:, -1]  # (B, V)
     return cache, logits, pos[:, -1:] + 1
+
+
+@torch.no_grad()
+def shared_prefix(model, ids: list[int]):
+    """The KV cache of one prefix (1, P) that every prompt of a batch starts with (a system
+    turn, few-shot examples): encoded once, copied per batch by `prefix_cache`."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    x = torch.tensor([ids], device=model.device)
+    model(input_ids=x, position_ids=torch.arange(len(ids), device=model.device)[None], past_key_values=cache)
+    return cache
+
+
+def prefix_cache(prefix, rows: int):
+    """A fresh copy of `shared_prefix`'s cache for a batch of `rows` prompts."""
+    import copy
+
+    cache = copy.deepcopy(prefix)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 @torch.no_grad()
@@ -206,6 +232,7 @@ def answer(
     branches: list[list[list[int]]] | None = None,
     lookup: int = 0,
     constraint=None,
+    prefix: str = "",
 ) -> tuple[list[str], list[list[float]] | None]:
     """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
     of the answer (one-line tasks: the first newline; instruct: the next `###` header).
@@ -213,7 +240,8 @@ def answer(
     log-probability, from the same encoding of the prompt: the prompt is read once for both.
     `lookup` > 0: greedy decoding guesses that many tokens per step from the prompt (`decode`).
     `constraint` (a constrain.WordConstraint over `prompts`) limits what greedy and beam
-    search may emit."""
+    search may emit. `prefix` is text before every prompt (tuneline/prompting.py), encoded
+    once and read from its cache by every batch."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
     marker = "\n" if one_line else "\n###"
@@ -227,14 +255,21 @@ def answer(
     outs: dict[int, str] = {}
     logps: dict[int, list[float]] = {}
     what = "generating" if branches is None else "generating and scoring"
+    pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    shared = shared_prefix(model, pre) if pre and (branches is not None or num_beams == 1) else None
     with progress.bar("evaluate", len(prompts), "prompts", what=what) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
                 model.device
             )
-            ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
-            state = prefill(model, ids, mask) if branches is not None or num_beams == 1 else None
+            ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T) the prompts after the prefix
+            if pre:  # (B, P + T): the prefix, then each left-padded prompt
+                full = torch.cat([torch.tensor([pre] * len(idx), device=ids.device), ids], dim=1)
+                mask = torch.cat([torch.ones_like(full[:, : len(pre)]), mask], dim=1)
+                enc, ids = {"input_ids": full, "attention_mask": mask}, full  # beam search reads it whole
+            cache = prefix_cache(shared, len(idx)) if shared is not None else None
+            state = prefill(model, ids[:, len(pre) :], mask, cache) if branches is not None or num_beams == 1 else None
             if branches is not None:
                 for i, lp in zip(idx, score_branches(model, state, mask, [branches[i] for i in idx], tok.pad_token_id)):
                     logps[i] = lp
