@@ -95,11 +95,15 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
     heads = {p: p.read_bytes()[:4] for p in (project.root / "mlartifacts").rglob("*") if p.is_file()}
     assert [p.name for p, h in heads.items() if h[:1] == b"\x80" or h == b"PK\x03\x04"] == []
 
-    # The gate compared v1 with the base model, and says so on the version and in its card.
+    # The gate compared v1 with the base model at its best (of plain and few-shot: GPT-2 has no
+    # chat template), and says so on the version and in its card.
     _, _, tags, card = _version(project)
-    assert (
-        tags["gate.decision"] == "promoted" and tags["gate.compared_with"] == "base model tiny-gpt2 (plain prompting)"
-    )
+    evals = json.loads((project.root / "metrics/eval.json").read_text())
+    assert set(evals["base_by_prompting"]) == {"plain", "few_shot"}
+    best = min(evals["base_by_prompting"], key=lambda k: evals["base_by_prompting"][k]["perplexity"])
+    assert evals["base_prompting"] == best and evals["base"] == evals["base_by_prompting"][best]
+    assert tags["gate.decision"] == "promoted"
+    assert tags["gate.compared_with"] == f"base model tiny-gpt2 ({best} prompting)"
     assert float(tags["gate.p_value"]) < 0.05 and float(tags["gate.delta"]) < 0  # lower perplexity
     for section in (
         "# descrambler v1",
