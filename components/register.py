@@ -1,4 +1,5 @@
-"""register: log the merged model to MLflow, register a version, run the champion gate.
+"""register: check the merged model against the adapted one, log it to MLflow, register a
+version, run the champion gate.
 
 The gate's rules are in tuneline/gate.py; what it decided is tagged on the version, and
 its model card (tuneline/card.py) is the version's description.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneline import gate, registry
+from tuneline import gate, parity, registry
 from tuneline.config import Params
 from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
 from tuneline.errors import TunelineError
@@ -41,6 +42,8 @@ PARAMS = (
     "register.min_delta",
     "register.alpha",
     "register.test",
+    "register.parity_prompts",
+    "register.parity_tol",
 )
 INPUTS = (PREPARED, MODELS, metrics_file("train"), metrics_file("evaluate"), EVAL_EXAMPLES, PREDICTIONS)
 OUTS = ()
@@ -63,7 +66,8 @@ def run(params: Params) -> dict:
     import mlflow
 
     evals, record, rows = _inputs(params)
+    checked = parity.check(params, rows, MERGED)  # a broken merge stops here: nothing logged or registered
     info = gate.log_model(params)  # the slow upload happens outside the gate's lock
     mlflow.log_artifact(str(EVAL_EXAMPLES), artifact_path=Path(gate.EVAL_ARTIFACT).parent.as_posix())
     with registry.gate_lock(params.register.model_name):
-        return gate.gate(params, info, evals, record, rows)
+        return gate.gate(params, info, evals, record, rows, checked)

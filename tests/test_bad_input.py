@@ -179,6 +179,19 @@ def evaluate_on(name: str, data: str, *args: str) -> Callable:
     return setup
 
 
+def broken_merge(proj):
+    """models/merged no longer what train folded (one weight scaled), then the register stage
+    as dvc.yaml runs it: a merge bug must not reach the registry."""
+    from safetensors.torch import load_file, save_file
+
+    path = proj.root / "models/merged/model.safetensors"
+    weights = load_file(path)
+    name = next(k for k in weights if k.endswith("c_fc.weight"))
+    weights[name] = weights[name] * 1.5
+    save_file(weights, path, metadata={"format": "pt"})
+    return [sys.executable, "-m", "tuneline.stages", "register"]
+
+
 def long_sentence(words: int) -> str:
     return " ".join(["word"] * words) + "."
 
@@ -479,6 +492,11 @@ CASES = [
     Case("cli-run-outside-project", cli("run"), ("not inside a tuneline project",), outside=True),
     Case("cli-ui-outside-project", cli("ui"), ("not inside a tuneline project",), outside=True),
     Case("cli-predict-empty-input", cli("predict", " "), ("the input is empty",)),
+    Case(
+        "model-broken-merge",
+        broken_merge,
+        ("the merged model does not reproduce the adapted one", "register.parity_tol", "dvc repro -f train"),
+    ),
     Case(
         "cli-predict-input-too-long",
         cli("predict", long_sentence(3000)),

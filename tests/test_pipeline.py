@@ -15,6 +15,8 @@ import pytest
 import yaml
 from conftest import copy_project
 
+from tuneline.tasks import same_words
+
 pytestmark = pytest.mark.slow
 
 STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
@@ -103,6 +105,8 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
     best = min(evals["base_by_prompting"], key=lambda k: evals["base_by_prompting"][k]["perplexity"])
     assert evals["base_prompting"] == best and evals["base"] == evals["base_by_prompting"][best]
     assert tags["gate.decision"] == "promoted"
+    # The merged model was checked against the adapted one before it was logged.
+    assert re.fullmatch(r"(\d+)/\1", tags["parity.greedy_agree"]) and float(tags["parity.max_logit_diff"]) <= 1e-3
     assert tags["gate.compared_with"] == f"base model tiny-gpt2 ({best} prompting)"
     assert float(tags["gate.p_value"]) < 0.05 and float(tags["gate.delta"]) < 0  # lower perplexity
     for section in (
@@ -149,39 +153,47 @@ def test_the_champion_answers_over_http(project):
             except OSError:
                 assert time.time() < deadline, "the model server did not start in 180 s"
                 time.sleep(1)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            method="POST",
-            data=json.dumps({"inputs": ["sat cat the"]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+
+        def post(body: dict) -> list[str]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                method="POST",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            return json.loads(urllib.request.urlopen(request, timeout=120).read())["predictions"]
+
+        kept = post({"inputs": ["sat cat the"]})
+        free = post({"inputs": ["sat cat the"], "params": {"constrain": "none"}})
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     local = project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-        "print(repr(mlflow.pyfunc.load_model('models:/descrambler@champion').predict(['sat cat the'])))"
+        "m = mlflow.pyfunc.load_model('models:/descrambler@champion')\n"
+        "print(repr(m.predict(['sat cat the'])))\n"
+        "print(repr(m.predict(['sat cat the'], params={'constrain': 'none'})))"
     )
-    assert answer["predictions"] == ast.literal_eval(local.strip().splitlines()[-1])  # the same greedy answer
+    assert [kept, free] == [ast.literal_eval(line) for line in local.strip().splitlines()[-2:]]  # the same answers
+    assert same_words(kept[0], "sat cat the") and not same_words(free[0], "sat cat the")  # served as evaluated
 
 
 def test_predict_answers_a_descrambler_with_the_inputs_words(project):
-    """`tuneline predict` decodes as evaluate scored (under the word constraint): even this
-    untrained tiny model answers with exactly the input's words; `--free` is the pipeline's
-    own answer, the one MLflow serves."""
-    from tuneline.tasks import same_words
-
+    """`tuneline predict` answers as the served model does, both as evaluate scored (under
+    the word constraint): even this untrained tiny model answers with exactly the input's
+    words; `--free` asks the served model to decode freely."""
     text = "sat cat the mat on the"
     cli = [sys.executable, "-m", "tuneline.cli", "predict"]
     kept = project.run(*cli, text).stdout.strip().splitlines()[-1]
-    assert same_words(kept, text), kept
     free = project.run(*cli, "--free", text).stdout.strip().splitlines()[-1]
     served = project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-        f"print(mlflow.pyfunc.load_model('models:/descrambler@champion').predict([{text!r}])[0].strip())"
+        "m = mlflow.pyfunc.load_model('models:/descrambler@champion')\n"
+        f"print(m.predict([{text!r}])[0])\n"
+        f"print(m.predict([{text!r}], params={{'constrain': 'none'}})[0])"
     )
-    assert free == served.strip().splitlines()[-1] and not same_words(free, text)
+    assert [kept, free] == served.strip().splitlines()[-2:]
+    assert same_words(kept, text) and not same_words(free, text), (kept, free)
 
 
 def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champion(project):

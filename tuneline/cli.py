@@ -166,7 +166,7 @@ def predict(
     text: str = typer.Argument(..., help="The input, e.g. scrambled words for the descrambler."),
     model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion)."),
     free: bool = typer.Option(
-        False, "--free", help="Decode freely, as the served model does (else a descrambler keeps the input's words)."
+        False, "--free", help="Decode freely (else a descrambler keeps the input's words, as evaluate scored it)."
     ),
 ) -> None:
     """Answer with the champion model from the MLflow registry."""
@@ -189,11 +189,7 @@ def predict(
                     f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
                 )
             uri = f"models:/{name}@champion"
-        loaded = pred.load(uri)
-        pred.check_length(loaded, text)
-        run = pred.run_params(client, uri)
-        task = None if free else pred.word_task(run)
-        out.print(pred.answer(loaded, text, task, int(run.get("evaluate.num_beams", 1))))
+        out.print(pred.answer(pred.load(uri), text, free))
     except TunelineError as e:
         _fail(e)
 

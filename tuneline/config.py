@@ -244,6 +244,18 @@ class RegisterCfg(_Group):
         description="Significance test: paired 'bootstrap' (any metric) or exact 'mcnemar' "
         "(0/1 metrics: exact_match, accuracy, multiset_rate, scored_accuracy, unparseable_rate).",
     )
+    parity_prompts: int = Field(
+        8,
+        ge=1,
+        description="Before a LoRA model is logged, its merged weights must reproduce the adapted model on "
+        "this many test prompts: the same greedy answers, and logits within parity_tol.",
+    )
+    parity_tol: float = Field(
+        1e-3,
+        gt=0,
+        description="The largest absolute difference allowed between the merged and the adapted model's "
+        "logits (fp32) on those prompts; a larger one refuses to register.",
+    )
 
 
 with warnings.catch_warnings():

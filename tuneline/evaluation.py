@@ -146,6 +146,11 @@ def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str]) -
     ]
 
 
+def answer_budget(tok, targets: list[str], cap: int) -> int:
+    """New tokens to generate, from the data: the longest reference answer plus slack, capped."""
+    return min(cap, max(len(tok(t)["input_ids"]) for t in targets) + 8)
+
+
 def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.Prompting = prompting.PLAIN) -> dict:
     """One model's evaluation record on `rows` (see tuneline/scoring.py): generated
     outputs, per-unit answer loss and tokens, and (classify/entail) log-likelihood labels.
@@ -156,8 +161,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.
     cfg, task, labels = params.evaluate, tasks.TASKS[params.prepare.task], params.prepare.labels
     model = model.to(device())
     prompts, targets = prompts_and_targets(task, rows, labels)
-    # Budget from the data: the longest reference answer plus slack, capped.
-    max_new = min(cfg.max_new_tokens, max(len(tok(t)["input_ids"]) for t in targets) + 8)
+    max_new = answer_budget(tok, targets, cfg.max_new_tokens)
     branches, ref = answer_branches(tok, rows, task, labels) if task.generates else (None, None)
     words = WordConstraint(tok, [task.words(r) for r in rows]) if params.constrained() else None
     t = time.time()
@@ -289,16 +293,20 @@ def load_any(ref: str):
         check_store()
         mlflow.set_tracking_uri(tracking_uri())
         try:
-            parts = mlflow.transformers.load_model(ref, return_type="components")
-        except Exception as e:  # MlflowException, missing artifacts, not a transformers model
+            if "transformers" in mlflow.models.get_model_info(ref).flavors:  # registered by older tuneline
+                parts = mlflow.transformers.load_model(ref, return_type="components")
+                model, tok = parts["model"].float(), parts["tokenizer"]
+            else:  # tuneline/serving.py's Answerer
+                served = mlflow.pyfunc.load_model(ref).unwrap_python_model()
+                model, tok = served.model, served.tok
+        except Exception as e:  # MlflowException, missing artifacts, not a model tuneline can read
             raise TunelineError(
                 f"cannot load '{ref}' ({str(e).splitlines()[0][:120]})",
                 "check the name/version/alias with `tuneline history` or the MLflow UI",
             ) from None
-        model, tok = parts["model"], parts["tokenizer"]
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return model.float(), tok
+        return model, tok
     return load_model(ref), load_tokenizer(ref)
 
 

@@ -16,12 +16,11 @@ import json
 import math
 import subprocess
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-from tuneline import card, registry, scoring, tasks
+from tuneline import card, registry, scoring
 from tuneline.config import Params, RegisterCfg, flatten
 from tuneline.data import LINEAGE, MERGED, PREDICTIONS, metrics_file
 from tuneline.evaluation import compare, evaluate_model, load_any
@@ -116,36 +115,16 @@ def reference(client, name: str, rows: list[dict], params: Params, record: dict)
 
 
 def log_model(params: Params):
-    """Log models/merged to the active run (safetensors, the task's prompt template)."""
-    import mlflow
-    from mlflow.models import infer_signature
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Log models/merged to the active run, as the model that answers as evaluate scored
+    (tuneline/serving.py)."""
+    from tuneline import serving
 
-    merged = MERGED
-    task = tasks.TASKS[params.prepare.task]
-    example = [task.serve_example]
-    return mlflow.transformers.log_model(
-        transformers_model={
-            "model": AutoModelForCausalLM.from_pretrained(merged),
-            "tokenizer": AutoTokenizer.from_pretrained(merged),
-        },
-        name="model",
-        task="text-generation",
-        # MLflow fills {prompt} and strips it from the output (return_full_text=False).
-        prompt_template=tasks.serving_template(task, params.prepare.labels),
-        model_config={"max_new_tokens": params.evaluate.max_new_tokens, "do_sample": False},
-        signature=infer_signature(example, ["an answer"]),
-        input_example=example,
-        save_pretrained=True,  # weights as safetensors
-        # Explicit: MLflow's inference would also pin torchvision, which has no CPU wheel here.
-        pip_requirements=[
-            f"{pkg}=={metadata.version(pkg)}" for pkg in ("torch", "transformers", "accelerate", "mlflow")
-        ],
-    )
+    return serving.log_model(params, MERGED)
 
 
-def gate(params: Params, info, evals: dict, record: dict, rows: list[dict]) -> dict:
-    """Compare with the champion (or base model), register the version, move the aliases."""
+def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], parity: dict | None = None) -> dict:
+    """Compare with the champion (or base model), register the version, move the aliases.
+    `parity` (tuneline/parity.py's tags) is recorded with the decision."""
     import mlflow
 
     primary, name, cfg = params.primary_metric(), params.register.model_name, params.register
@@ -167,7 +146,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict]) -> d
             f"{'promote' if promote else 'not promote'}: {why})",
             flush=True,
         )
-        result = {"version": 0, "promoted": False, "dry_run": True, "gate": gate, primary: c.a}
+        result = {"version": 0, "promoted": False, "dry_run": True, "gate": gate, "parity": parity or {}, primary: c.a}
         write_json(metrics_file("register"), result)
         return result
 
@@ -183,6 +162,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict]) -> d
         "primary_metric": primary,
         "run_id": mlflow.active_run().info.run_id,
         "eval.examples_key": record["examples_key"],
+        **(parity or {}),
     }
     tags |= {f"metric.{k}": str(v) for k, v in evals["tuned"].items()}
     tags |= {f"gate.{k}": str(v) for k, v in gate.items()}
@@ -209,6 +189,6 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict]) -> d
     if promote:
         registry.move_champion(client, name, version, "gate", why)
     print(f"[register] {name} v{version} -> {'champion' if promote else 'challenger only'} ({why})", flush=True)
-    result = {"version": int(version), "promoted": promote, "gate": gate, primary: c.a}
+    result = {"version": int(version), "promoted": promote, "gate": gate, "parity": parity or {}, primary: c.a}
     write_json(metrics_file("register"), result)
     return result

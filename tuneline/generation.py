@@ -233,6 +233,7 @@ def answer(
     lookup: int = 0,
     constraint=None,
     prefix: str = "",
+    show: bool = True,
 ) -> tuple[list[str], list[list[float]] | None]:
     """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
     of the answer (one-line tasks: the first newline; instruct: the next `###` header).
@@ -241,7 +242,8 @@ def answer(
     `lookup` > 0: greedy decoding guesses that many tokens per step from the prompt (`decode`).
     `constraint` (a constrain.WordConstraint over `prompts`) limits what greedy and beam
     search may emit. `prefix` is text before every prompt (tuneline/prompting.py), encoded
-    once and read from its cache by every batch."""
+    once and read from its cache by every batch. `show=False` prints no progress (a served
+    request, register's parity check)."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
     marker = "\n" if one_line else "\n###"
@@ -257,7 +259,7 @@ def answer(
     what = "generating" if branches is None else "generating and scoring"
     pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
     shared = shared_prefix(model, pre) if pre and (branches is not None or num_beams == 1) else None
-    with progress.bar("evaluate", len(prompts), "prompts", what=what) as bar:
+    with progress.bar("evaluate", len(prompts), "prompts", what=what, show=show) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
@@ -310,8 +312,18 @@ def generate(
     one_line: bool = True,
     lookup: int = 0,
     constraint=None,
+    show: bool = True,
 ) -> list[str]:
     """`answer`'s completions alone."""
     return answer(
-        model, tok, prompts, max_new_tokens, batch_size, num_beams, one_line, lookup=lookup, constraint=constraint
+        model,
+        tok,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        num_beams,
+        one_line,
+        lookup=lookup,
+        constraint=constraint,
+        show=show,
     )[0]

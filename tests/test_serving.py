@@ -1,0 +1,84 @@
+"""The registered model (tuneline/serving.py): logged as MLflow code with safetensors, it
+answers every way a user reaches it exactly as evaluate decodes."""
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+
+from tuneline import recipes, serving, tasks
+from tuneline.constrain import WordConstraint
+from tuneline.errors import TunelineError
+from tuneline.evaluation import load_any
+from tuneline.generation import generate
+from tuneline.modeling import autocast, load_tokenizer
+
+INPUTS = ["sat cat the mat on the", "went I home", "the was founded university in 1908."]
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory, tiny_gpt2, model_cache):
+    """tiny-gpt2 logged as the default job's descrambler; (model URI, its params, its folder)."""
+    root = tmp_path_factory.mktemp("serving")
+    tiny_gpt2.save_pretrained(root / "merged")
+    load_tokenizer("tiny-gpt2").save_pretrained(root / "merged")
+    params = recipes.build(None, ["model.name=tiny-gpt2", "evaluate.max_new_tokens=24"], False, None)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("s", artifact_location=(root / "art").as_uri()))
+    with mlflow.start_run():
+        info = serving.log_model(params, root / "merged")
+    yield info.model_uri, params, root
+    mp.undo()
+
+
+def _as_evaluate(model, tok, params, texts, constrain: bool) -> list[str]:
+    """What evaluate's decoding gives for these requests (tuneline/evaluation.py's call)."""
+    task = tasks.TASKS[params.prepare.task]
+    prompts = [task.prompt({"source": t, "target": ""}, []) for t in texts]
+    words = WordConstraint(tok, texts) if constrain else None
+    with autocast(params.evaluate.precision):
+        return generate(model, tok, prompts, params.evaluate.max_new_tokens, 32, 1, task.one_line, constraint=words)
+
+
+def test_the_served_descrambler_keeps_the_words_and_answers_as_evaluate_decodes(logged, tiny_gpt2, gpt2_tok):
+    uri, params, root = logged
+    served = mlflow.pyfunc.load_model(uri)
+    kept = served.predict(INPUTS)
+    assert all(tasks.same_words(a, t) for a, t in zip(kept, INPUTS)), kept  # even untrained: the input's words
+    assert kept == _as_evaluate(tiny_gpt2, gpt2_tok, params, INPUTS, constrain=True)
+    assert served.predict(pd.DataFrame({"text": INPUTS})) == kept  # a served JSON list arrives as a frame
+    free = served.predict(INPUTS, params={"constrain": "none"})
+    assert free == _as_evaluate(tiny_gpt2, gpt2_tok, params, INPUTS, constrain=False)
+    assert not all(tasks.same_words(a, t) for a, t in zip(free, INPUTS))
+
+
+def test_the_registered_model_is_code_and_safetensors_and_loads_back_for_the_gate(logged, tiny_gpt2):
+    uri, _, root = logged
+    files = [p for p in (root / "art").rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and any(p.name == "served_model.py" for p in files)
+    heads = {p.name: p.read_bytes()[:4] for p in files}
+    assert [n for n, h in heads.items() if h[:1] == b"\x80" or h == b"PK\x03\x04"] == []  # no pickle, no torch.save
+    model, tok = load_any(uri)  # what the gate re-evaluates an old champion with
+    assert tok.pad_token is not None
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_gpt2.state_dict().values()))
+
+
+def test_a_bad_request_is_refused_in_one_line(logged):
+    served = mlflow.pyfunc.load_model(logged[0])
+    with pytest.raises(TunelineError, match=r"positions for 1024.*shorten it to under \d+ tokens"):
+        served.predict(["word " * 1100])
+    with pytest.raises(TunelineError, match="constrain 'maybe' does not apply.*ask for 'none' or 'words'"):
+        served.predict(INPUTS[:1], params={"constrain": "maybe"})
+
+
+def test_a_model_without_words_decodes_freely_and_refuses_the_word_constraint():
+    params = recipes.build("emotion", ["model.name=tiny-gpt2"], True, None)
+    config = serving.settings(params)
+    assert config["constrain"] == "none" and config["labels"] == list(params.prepare.labels)
+    answerer = serving.Answerer()
+    answerer.config = config
+    with pytest.raises(TunelineError, match="does not apply to a classify model.*ask for 'none'"):
+        answerer.predict(None, ["i feel great"], {"constrain": "words"})

@@ -1,0 +1,139 @@
+"""The registered model: an MLflow pyfunc that answers as evaluate scored.
+
+`log_model` logs models/merged (safetensors weights and the tokenizer) as the artifact of
+an MLflow *model from code*: the code is tuneline/served_model.py, so nothing is pickled,
+and the settings below travel as the model's `model_config`. Wherever the model is loaded
+(`mlflow models serve`, `mlflow.pyfunc.load_model`, `tuneline predict`, the gate
+re-evaluating an old champion), `Answerer` fills the task's prompt with each request and
+decodes as the run's evaluate did: greedy or beam search, in its precision, under the word
+constraint for a descrambler (tuneline/constrain.py), each answer cut where evaluate cuts
+it (the end of the line, or the next `###` header). A request's params may ask for
+{"constrain": "none"} (decode freely) or {"num_beams": k}.
+
+Serving needs tuneline importable where the model runs (`--env-manager local` in this
+project's environment): the model's code is tuneline's own.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from tuneline import tasks
+from tuneline.config import Params
+from tuneline.errors import TunelineError
+
+CONSTRAINTS = ("words", "none")
+
+
+def settings(params: Params) -> dict:
+    """What the served model needs from the run's params (its `model_config`)."""
+    return {
+        "task": params.prepare.task,
+        "labels": list(params.prepare.labels),
+        "max_new_tokens": params.evaluate.max_new_tokens,
+        "num_beams": params.evaluate.num_beams,
+        "constrain": "words" if params.constrained() else "none",
+        "precision": params.evaluate.precision,
+        "batch_size": params.evaluate.batch_size,
+    }
+
+
+def log_model(params: Params, merged: Path):
+    """Log the model in `merged` (a saved HF model and tokenizer) to the active run."""
+    from mlflow.models import infer_signature
+
+    import tuneline.served_model as code  # the file MLflow stores as the model's code
+
+    config = settings(params)
+    example = [tasks.TASKS[params.prepare.task].serve_example]
+    options = {"constrain": config["constrain"], "num_beams": config["num_beams"]}  # a request may override
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=code.__file__,
+        artifacts={"model": str(merged)},
+        model_config=config,
+        signature=infer_signature(example, ["an answer"], params=options),
+        input_example=example,
+        # Explicit: MLflow's inference would also pin torchvision, which has no CPU wheel here.
+        pip_requirements=[
+            f"{pkg}=={metadata.version(pkg)}" for pkg in ("torch", "transformers", "accelerate", "mlflow")
+        ],
+    )
+
+
+def _texts(model_input: pd.DataFrame | list[str]) -> list[str]:
+    """A request's inputs as strings. MLflow hands over a one-column frame, whatever the
+    caller sent (a list, one string, a served JSON list)."""
+    if isinstance(model_input, pd.DataFrame):
+        return [str(x) for x in model_input.iloc[:, 0]]
+    return [str(x) for x in model_input]
+
+
+class Answerer(mlflow.pyfunc.PythonModel):
+    """The served model: a tokenizer, the merged model and the run's `settings`."""
+
+    def load_context(self, context) -> None:
+        self.load(context.artifacts["model"], context.model_config)
+
+    def load(self, path: str, config: dict) -> Answerer:
+        from tuneline.modeling import device, load_model, load_tokenizer
+
+        self.model, self.tok, self.config = load_model(path).to(device()).eval(), load_tokenizer(path), config
+        return self
+
+    def prompts(self, texts: list[str]) -> list[str]:
+        """Each request in the task's prompt, as trained; one that leaves no room for the
+        answer is refused in one line (generation would crash on it; nothing is cut silently)."""
+        from tuneline.modeling import position_limit
+
+        task = tasks.TASKS[self.config["task"]]
+        template = tasks.serving_template(task, self.config["labels"])
+        prompts = [template.replace("{prompt}", t) for t in texts]
+        limit, budget = position_limit(self.model.config), self.config["max_new_tokens"]
+        for text, prompt in zip(texts, prompts):
+            n = len(self.tok(prompt)["input_ids"])
+            if limit is not None and n + budget > limit:
+                own = len(self.tok(text)["input_ids"])
+                raise TunelineError(
+                    f"the input is {n} tokens with its template; with {budget} tokens for the answer the model has "
+                    f"positions for {limit}",
+                    f"shorten it to under {limit - budget - (n - own)} tokens",
+                )
+        return prompts
+
+    # Annotated as a frame, which MLflow infers no schema from: the logged signature (with
+    # its params) stays the one `log_model` gives.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
+        from tuneline.constrain import WordConstraint
+        from tuneline.generation import generate
+        from tuneline.modeling import autocast
+
+        cfg = self.config
+        opts = {"constrain": cfg["constrain"], "num_beams": cfg["num_beams"]} | (params or {})
+        task = tasks.TASKS[cfg["task"]]
+        if opts["constrain"] not in CONSTRAINTS or (opts["constrain"] == "words" and task.words is None):
+            raise TunelineError(
+                f"constrain '{opts['constrain']}' does not apply to a {task.name} model",
+                "ask for 'none'" + (" or 'words'" if task.words else ""),
+            )
+        texts = _texts(model_input)
+        prompts = self.prompts(texts)
+        words = None
+        if opts["constrain"] == "words":
+            words = WordConstraint(self.tok, [task.words({task.serve_field: t}) for t in texts])
+        with autocast(cfg["precision"]):
+            return generate(
+                self.model,
+                self.tok,
+                prompts,
+                cfg["max_new_tokens"],
+                cfg["batch_size"],
+                int(opts["num_beams"]),
+                task.one_line,
+                constraint=words,
+                show=False,  # a request prints nothing
+            )
