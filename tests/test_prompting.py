@@ -59,6 +59,12 @@ def test_auto_tries_every_prompting_that_applies_and_says_why_not_the_others():
     assert [p.kind for p in found] == ["plain"] and "base_shots is 0" in skipped[1]
     with pytest.raises(TunelineError, match="base_prompting 'chat' does not apply.*no chat template"):
         prompting.candidates(_params(base_prompting="chat"), load_tokenizer("tiny-gpt2"), train)
+    # prompts that would not fit the model's positions with the shots: left out, or refused when asked for
+    long = ["Unscramble: " + "word " * 900 + "\nSentence:"]
+    found, skipped = prompting.candidates(_params(), load_tokenizer("tiny-gpt2"), train, long, 1024)
+    assert [p.kind for p in found] == ["plain"] and "more than the model's 1024 positions" in skipped[-1]
+    with pytest.raises(TunelineError, match="'few_shot' does not apply.*1024 positions.*lower evaluate.base_shots"):
+        prompting.candidates(_params(base_prompting="few_shot"), load_tokenizer("tiny-gpt2"), train, long, 1024)
 
 
 def test_the_best_prompting_is_chosen_on_the_primary_metric():

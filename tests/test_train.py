@@ -306,14 +306,17 @@ def test_gpt2_lora_uses_fan_in_fan_out(model_cache):
     assert cfg.fan_in_fan_out and set(cfg.target_modules) == {"c_attn", "c_proj", "c_fc"}
 
 
-def test_merged_model_gives_the_adapted_models_logits(model_cache):
+@pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
+def test_merged_model_gives_the_adapted_models_logits(model_cache, variant):
     """What train saves as models/merged (merge_and_unload) computes what the adapted model
-    did: the same logits on a batch, with adapters that are not zero."""
-    model = _lora_model(model_cache, lora_layers=0).eval()
+    did: the same logits on a batch, with adapters that are not zero, for every variant."""
+    model = _lora_model(model_cache, lora_layers=0, lora_variant=variant).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:  # peft starts B at zero, which would make any merge look right
                 p.normal_(0, 0.5)
+            if "lora_magnitude" in n:  # DoRA's magnitudes start at the weights' norms
+                p.mul_(1.5)
     ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
@@ -322,3 +325,45 @@ def test_merged_model_gives_the_adapted_models_logits(model_cache):
         merged = model.merge_and_unload()(input_ids=ids).logits
     assert not torch.allclose(adapted, plain, atol=1e-3)  # the adapters change the output
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_variants_are_peft_switches(model_cache):
+    """train.lora_variant: DoRA learns a magnitude per output feature as well; rsLoRA scales
+    by alpha/sqrt(r) instead of alpha/r."""
+    lora, dora, rs = (
+        _lora_model(model_cache, lora_variant=v, lora_r=4, lora_alpha=8) for v in ("lora", "dora", "rslora")
+    )
+    trained = {v: {n for n, p in m.named_parameters() if p.requires_grad} for v, m in (("lora", lora), ("dora", dora))}
+    extra = trained["dora"] - trained["lora"]
+    assert extra and all("lora_magnitude_vector" in n for n in extra)
+    scale = {
+        m.peft_config["default"].use_rslora: m.base_model.model.transformer.h[0].attn.c_attn.scaling["default"]
+        for m in (lora, rs)
+    }
+    assert scale == {False: 8 / 4, True: 8 / 2}
+
+
+def test_loraplus_gives_the_b_matrices_a_higher_learning_rate_all_along_the_schedule(model_cache):
+    from tuneline.config import parse_params
+    from tuneline.training import lr_at, make_optimizer
+
+    params = parse_params({"model": {"name": "tiny-gpt2"}, "train": {"loraplus_lr_ratio": 16}})
+    model = _lora_model(model_cache, loraplus_lr_ratio=16)
+    opt = make_optimizer(model, params.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert {s for n, s in scale.items() if "lora_B" in n} == {16.0}
+    assert {s for n, s in scale.items() if "lora_A" in n} == {1.0}
+    plain = make_optimizer(model, parse_params({"model": {"name": "tiny-gpt2"}}).train)
+    assert {g["lr_scale"] for g in plain.param_groups} == {1.0}
+    # the loop applies the schedule to every group through its scale
+    lr = lr_at(3, 10, params.train)
+    assert sorted({lr * g["lr_scale"] for g in opt.param_groups if g["params"]}) == [lr, 16 * lr]
+
+
+def test_lora_shapes_are_refused_with_full_fine_tuning():
+    from tuneline.config import parse_params
+    from tuneline.errors import TunelineError
+
+    with pytest.raises(TunelineError, match="train.method is 'full'"):
+        parse_params({"train": {"method": "full", "lora_variant": "dora"}})

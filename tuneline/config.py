@@ -169,6 +169,19 @@ class TrainCfg(_Group):
     lora_targets: list[str] | None = Field(
         None, description="Module names to adapt; None picks the known set for the architecture."
     )
+    lora_variant: Literal["lora", "dora", "rslora"] = Field(
+        "lora",
+        description="'dora': weight-decomposed LoRA, which also learns a magnitude per output feature "
+        "(peft's use_dora; slower steps); 'rslora': the rank-stabilised scale alpha/sqrt(r) instead of "
+        "alpha/r (use_rslora).",
+    )
+    loraplus_lr_ratio: float = Field(
+        1.0,
+        ge=1,
+        le=1024,
+        description="LoRA+: the B matrices (and 1-D trainables) learn this many times faster than the A "
+        "matrices (peft's LoRA+ grouping); 1 is plain LoRA. Its paper uses 16, with a lower lr.",
+    )
     eval_every: int = Field(30, ge=1, description="Validation loss every N optimizer steps.")
     log_every: int = Field(5, ge=1, description="Log train loss/throughput every N steps.")
 
@@ -298,6 +311,11 @@ with warnings.catch_warnings():
                 raise ValueError(
                     "evaluate.prompt_lookup guesses tokens the word constraint has not checked "
                     "(set evaluate.prompt_lookup: 0, or evaluate.constrain: none)"
+                )
+            if self.train.method == "full" and (self.train.lora_variant != "lora" or self.train.loraplus_lr_ratio != 1):
+                raise ValueError(
+                    "train.lora_variant and train.loraplus_lr_ratio shape LoRA adapters, and train.method is 'full' "
+                    "(set train.method: lora, or leave them at 'lora' and 1)"
                 )
             if self.evaluate.base_prompting == "few_shot" and self.evaluate.base_shots == 0:
                 raise ValueError(

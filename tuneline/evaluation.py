@@ -236,28 +236,14 @@ def _base_cache_key(rows: list[dict], params: Params, how: prompting.Prompting) 
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def base_promptings(rows: list[dict], params: Params) -> list[prompting.Prompting]:
+def base_promptings(rows: list[dict], params: Params, tok) -> list[prompting.Prompting]:
     """The ways to prompt the base model that evaluate.base_prompting asks for and that apply
     (tuneline/prompting.py); each one left out is said, with why."""
     from tuneline.modeling import load_config, position_limit
 
-    name, task = params.model.name, tasks.TASKS[params.prepare.task]
-    tok = load_tokenizer(name)
-    found, skipped = prompting.candidates(params, tok, prompting.train_sample)
+    task, limit = tasks.TASKS[params.prepare.task], position_limit(load_config(params.model.name))
     prompts = prompts_and_targets(task, rows, params.prepare.labels)[0]
-    limit = position_limit(load_config(name))
-    for how in found[:]:
-        if not prompting.fits(how, tok, prompts, params.evaluate.max_new_tokens, limit):
-            if params.evaluate.base_prompting != "auto":
-                from tuneline.errors import TunelineError
-
-                raise TunelineError(
-                    f"evaluate.base_prompting '{how.kind}': the prompts with it need more than {name}'s {limit} "
-                    "positions",
-                    "lower evaluate.base_shots, or set evaluate.base_prompting: auto",
-                )
-            found.remove(how)
-            skipped.append(f"{how.kind}: with it, prompts need more than the model's {limit} positions")
+    found, skipped = prompting.candidates(params, tok, prompting.train_sample, prompts, limit)
     for why in skipped:
         print(f"[evaluate] base prompting left out, {why}", flush=True)
     return found
@@ -268,7 +254,8 @@ def evaluate_base(rows: list[dict], params: Params) -> dict[str, dict]:
     computed once per key and kept in .cache/eval (a train-only change then re-scores only
     the tuned model)."""
     name, out, model = params.model.name, {}, None
-    for how in base_promptings(rows, params):
+    tok = load_tokenizer(name)
+    for how in base_promptings(rows, params, tok):
         path = cache_dir().parent / "eval" / f"base-{_base_cache_key(rows, params, how)}.json"
         if path.is_file():
             print(f"[evaluate] base model, {how.kind} prompting: results reused from {path}", flush=True)
@@ -276,7 +263,7 @@ def evaluate_base(rows: list[dict], params: Params) -> dict[str, dict]:
             continue
         print(f"[evaluate] base model, {how.kind} prompting", flush=True)
         model = model or load_model(name)
-        out[how.kind] = evaluate_model(model, load_tokenizer(name), rows, params, how)
+        out[how.kind] = evaluate_model(model, tok, rows, params, how)
         write_json(path, out[how.kind])
     return out
 

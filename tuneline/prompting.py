@@ -103,32 +103,43 @@ def train_sample() -> list[dict]:
     return next(batches, [])
 
 
-def candidates(params, tok, train: Callable[[], list[dict]]) -> tuple[list[Prompting], list[str]]:
+def candidates(
+    params, tok, train: Callable[[], list[dict]], prompts: list[str] = (), limit: int | None = None
+) -> tuple[list[Prompting], list[str]]:
     """The promptings evaluate.base_prompting asks for that apply to this task, tokenizer and
-    training rows (`train()`, read only for few_shot), and for each one left out, why."""
+    training rows (`train()`, read only for few_shot), and whose `prompts` fit the model's
+    `limit` positions with the answer budget; for each one left out, why. An explicit
+    choice that does not apply is a one-line error."""
     task, cfg = tasks.TASKS[params.prepare.task], params.evaluate
     wanted = KINDS if cfg.base_prompting == "auto" else (cfg.base_prompting,)
     out, skipped = [], []
     for kind in wanted:
+        p = None
         if kind == "plain":
-            out.append(PLAIN)
+            p = PLAIN
         elif not task.generates:
             skipped.append(f"{kind}: {task.name} is scored on text blocks, with no prompt")
         elif kind == "chat":
             p = chat(tok)
-            out.append(p) if p else skipped.append(f"chat: {params.model.name}'s tokenizer has no chat template")
+            if p is None:
+                skipped.append(f"chat: {params.model.name}'s tokenizer has no chat template")
         elif cfg.base_shots == 0:
             skipped.append("few_shot: evaluate.base_shots is 0")
         elif not (rows := train()):
             skipped.append("few_shot: the train split is empty")
         else:
-            out.append(few_shot(task, pick_shots(rows, cfg.base_shots, params.seed, task), params.prepare.labels))
+            p = few_shot(task, pick_shots(rows, cfg.base_shots, params.seed, task), params.prepare.labels)
+        if p is not None and prompts and not fits(p, tok, prompts, cfg.max_new_tokens, limit):
+            skipped.append(f"{kind}: with it, prompts need more than the model's {limit} positions")
+        elif p is not None:
+            out.append(p)
     if cfg.base_prompting != "auto" and skipped:
         from tuneline.errors import TunelineError
 
         raise TunelineError(
             f"evaluate.base_prompting '{cfg.base_prompting}' does not apply ({skipped[0]})",
-            "set evaluate.base_prompting: auto (every way that applies) or plain",
+            "set evaluate.base_prompting: auto (every way that applies) or plain"
+            + (", or lower evaluate.base_shots" if "positions" in skipped[0] else ""),
         )
     return out, skipped
 

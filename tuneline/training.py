@@ -43,6 +43,8 @@ def wrap_lora(model, cfg: TrainCfg):
         fan_in_fan_out=fan_in_fan_out,
         task_type="CAUSAL_LM",
         layers_to_transform=top,
+        use_dora=cfg.lora_variant == "dora",
+        use_rslora=cfg.lora_variant == "rslora",
     )
     return get_peft_model(model, lcfg)
 
@@ -61,13 +63,31 @@ def prepare_model(params: Params):
 
 
 def make_optimizer(model, cfg: TrainCfg) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only, not on biases and norms (nanoGPT's grouping)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    """AdamW; weight decay on matrices only, not on biases and norms (nanoGPT's grouping).
+    With LoRA+ (train.loraplus_lr_ratio > 1), peft's grouping: the B matrices and 1-D
+    trainables at that many times the learning rate. Each group's `lr_scale` is its share
+    of the scheduled rate (`lr_at`)."""
+    if cfg.method == "lora" and cfg.loraplus_lr_ratio > 1:
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=cfg.lr,
+            loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+            loraplus_weight_decay=cfg.weight_decay,
+            betas=(0.9, 0.95),
+        )
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    for group in opt.param_groups:
+        group["lr_scale"] = group["lr"] / cfg.lr
+    return opt
 
 
 def lr_at(step: int, total: int, cfg: TrainCfg) -> float:
@@ -263,7 +283,7 @@ def fit(run: Run, ck: Checkpoint, params: Params, on_point=lambda point: None) -
             t0 = time.perf_counter()
             lr = lr_at(ck.step, run.total, cfg)
             for group in run.opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             batches, n_local, tokens_local, ctx2_local = micro_batches(run, ck.step, cfg, seed, world, rank)
             n_step, tokens = distributed.all_sum(n_local), distributed.all_sum(tokens_local)
             step_flops = flops_tok * tokens + flops_trained * n_step + flops_ctx2 * distributed.all_sum(ctx2_local)
