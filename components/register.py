@@ -7,8 +7,6 @@ its model card (tuneline/card.py) is the version's description.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tuneline import gate, parity, registry
 from tuneline.config import Params
 from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
@@ -68,6 +66,10 @@ def run(params: Params) -> dict:
     evals, record, rows = _inputs(params)
     checked = parity.check(params, rows, MERGED)  # a broken merge stops here: nothing logged or registered
     info = gate.log_model(params)  # the slow upload happens outside the gate's lock
-    mlflow.log_artifact(str(EVAL_EXAMPLES), artifact_path=Path(gate.EVAL_ARTIFACT).parent.as_posix())
+    # The per-example records and each example's input, reference and outputs: what the
+    # next gate compares with (instead of evaluating this model again), and what
+    # `tuneline diff` shows a reviewer.
+    mlflow.log_text(EVAL_EXAMPLES.read_text(), gate.EVAL_ARTIFACT)
+    mlflow.log_text(PREDICTIONS.read_text(), gate.PREDICTIONS_ARTIFACT)
     with registry.gate_lock(params.register.model_name):
         return gate.gate(params, info, evals, record, rows, checked)

@@ -29,6 +29,7 @@ from tuneline.registry import CHALLENGER
 from tuneline.secrets import redact
 
 EVAL_ARTIFACT = "eval/examples.json"  # the run's per-example records, for the next comparison
+PREDICTIONS_ARTIFACT = "eval/predictions.jsonl"  # each test example's input, reference and outputs
 
 
 def git_commit() -> str:
