@@ -7,6 +7,8 @@ its model card (tuneline/card.py) is the version's description.
 
 from __future__ import annotations
 
+import json
+
 from tuneline import gate, parity, registry
 from tuneline.config import Params
 from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
@@ -71,5 +73,6 @@ def run(params: Params) -> dict:
     # `tuneline diff` shows a reviewer.
     mlflow.log_text(EVAL_EXAMPLES.read_text(), gate.EVAL_ARTIFACT)
     mlflow.log_text(PREDICTIONS.read_text(), gate.PREDICTIONS_ARTIFACT)
+    mlflow.log_text("".join(json.dumps(r) + "\n" for r in rows), gate.ROWS_ARTIFACT)
     with registry.gate_lock(params.register.model_name):
         return gate.gate(params, info, evals, record, rows, checked)

@@ -30,6 +30,7 @@ from tuneline.secrets import redact
 
 EVAL_ARTIFACT = "eval/examples.json"  # the run's per-example records, for the next comparison
 PREDICTIONS_ARTIFACT = "eval/predictions.jsonl"  # each test example's input, reference and outputs
+ROWS_ARTIFACT = "eval/rows.jsonl"  # the test examples those records were scored on
 
 
 def git_commit() -> str:
