@@ -366,6 +366,38 @@ def history(name: str = typer.Option(None, "--name", help="Registered model (def
 
 
 @app.command()
+def diff(
+    a: str = typer.Argument("champion", help="What B is compared with: a version (3 or v3), an alias, or runs:/ID."),
+    b: str = typer.Argument("challenger", help="The model reviewed, in the same forms."),
+    name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name)."),
+    threshold: float = typer.Option(
+        None,
+        help="The smallest change on one example that counts as fixed or broken (default: a flip for 0/1 "
+        "metrics, 10 points for chrF/BLEU, 1 for perplexity).",
+    ),
+    show: int = typer.Option(5, min=0, help="Examples shown of each list."),
+    save: Path = typer.Option(None, "--out", help="Also write the report (Markdown) to this file."),
+) -> None:
+    """What B fixed and broke against A (the challenger against the champion), by slice, and what changed."""
+    try:
+        from tuneline import registry, review
+        from tuneline.io import write_text
+
+        if save is not None and save.is_dir():
+            raise TunelineError(f"--out '{save}' is a folder", f"give a file path, e.g. --out {save / 'review.md'}")
+        client = _client()
+        name = _model_name(name)
+        registry.require_model(client, name)
+        text = review.report(review.side(client, name, a), review.side(client, name, b), threshold, show)
+        if save is not None:
+            write_text(save, text)
+    except TunelineError as e:
+        _fail(e)
+        return
+    out.print(text, markup=False, highlight=False)
+
+
+@app.command()
 def schedule(
     cron: str = typer.Option(
         ..., "--cron", metavar="CRON", help='When to run, as a cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).'

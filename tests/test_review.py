@@ -1,0 +1,125 @@
+"""`tuneline diff` (tuneline/review.py): what a challenger fixed and broke, by slice, and
+what changed, read from what register logs with each version, on a real (sqlite) registry."""
+
+import json
+
+import mlflow
+import pytest
+from typer.testing import CliRunner
+
+from tuneline import review
+from tuneline.cli import app
+from tuneline.errors import TunelineError
+from tuneline.gate import EVAL_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT
+
+TARGETS = [
+    "The cat sat on the mat.",
+    "The university was founded in 1908.",
+    "I went to the market yesterday.",
+    "She reads a book every night before bed.",
+    "The river flows quietly through the old town.",
+    "We planted three trees in the garden last spring.",
+]
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
+    c = mlflow.MlflowClient(uri)
+    c.create_registered_model("m")
+    return c
+
+
+def _register(client, rows, outputs, params, tags=None, key="k1", alias=None, task="descramble") -> str:
+    """A version as register leaves it: params on its run, the three eval artifacts, tags."""
+    with mlflow.start_run() as run:
+        mlflow.log_params({"prepare.task": task, "evaluate.primary_metric": "None", **params})
+        record = {
+            "examples_key": key,
+            "tuned": {"outputs": outputs, "nll": [1.0] * len(rows), "tokens": [5] * len(rows)},
+        }
+        record["tuned"]["scored"] = None
+        mlflow.log_text(json.dumps(record), EVAL_ARTIFACT)
+        mlflow.log_text("".join(json.dumps(r) + "\n" for r in rows), ROWS_ARTIFACT)
+        shown = [
+            {
+                "prompt": f"Unscramble: {r.get('source', r.get('text'))}\nSentence:",
+                "target": r.get("target", r.get("label")),
+                "tuned_output": o,
+            }
+            for r, o in zip(rows, outputs)
+        ]
+        mlflow.log_text("".join(json.dumps(s) + "\n" for s in shown), PREDICTIONS_ARTIFACT)
+    v = str(client.create_model_version("m", source="file:///nowhere", run_id=run.info.run_id).version)
+    for k, val in (tags or {}).items():
+        client.set_model_version_tag("m", v, k, val)
+    if alias:
+        client.set_registered_model_alias("m", alias, v)
+    return v
+
+
+def _descramblers(client):
+    rows = [{"source": " ".join(reversed(t.split())), "target": t} for t in TARGETS]
+    a = list(TARGETS)
+    a[1] = "founded was university The in 1908."  # A gets example 1 wrong
+    b = list(TARGETS)
+    b[4] = "Old the town flows river the quietly through."  # B breaks example 4
+    tags_a = {"git.commit": "aaa111", "data.prepare.md5": "d1"}
+    tags_b = {"git.commit": "bbb222", "data.prepare.md5": "d1"}
+    _register(client, rows, a, {"train.lr": "0.002", "train.max_steps": "0"}, tags_a, alias="champion")
+    _register(client, rows, b, {"train.lr": "0.002", "train.max_steps": "20"}, tags_b, alias="challenger")
+
+
+def test_the_report_shows_what_was_fixed_and_broken_by_slice_and_what_changed(client):
+    _descramblers(client)
+    text = review.report(review.side(client, "m", "champion"), review.side(client, "m", "challenger"))
+    assert text.startswith("# v2 (challenger) against v1 (champion)")
+    assert "1 fixed and 1 broken" in text
+    fixed = text.split("## Fixed (1)")[1].split("## Broken")[0]
+    assert "The university was founded in 1908." in fixed and "founded was university The in 1908." in fixed
+    broken = text.split("## Broken (1)")[1].split("## By slice")[0]
+    assert "Old the town flows river the quietly through." in broken and "- v1 (champion): The river" in broken
+    table = text.split("## By slice")[1].split("## What changed")[0]
+    assert table.count("| input ") >= 2 and "95% CI" in table  # length buckets, each with its paired CI
+    changed = text.split("## What changed")[1]
+    assert "params: 1 differ" in changed and "`train.max_steps`: 0 -> 20" in changed
+    assert "`data.prepare.md5`: the same" in changed and "commits aaa111..bbb222" in changed
+
+
+def test_a_label_flip_is_a_fix_or_a_break_and_each_label_is_a_slice(client):
+    rows = [{"text": f"t{i}", "label": lab} for i, lab in enumerate(["joy", "joy", "fear", "fear", "joy", "fear"])]
+    a = ["joy", "fear", "fear", "fear", "joy", "fear"]  # wrong on 1
+    b = ["joy", "joy", "fear", "joy", "joy", "fear"]  # fixes 1, breaks 3
+    params = {"prepare.labels": str(["joy", "fear"])}
+    va = _register(client, rows, a, params, task="classify")
+    vb = _register(client, rows, b, params, task="classify")
+    text = review.report(review.side(client, "m", va), review.side(client, "m", f"v{vb}"))
+    assert "accuracy" in text and "1 fixed and 1 broken" in text
+    assert "| label fear | 3 |" in text and "| label joy | 3 |" in text
+
+
+def test_versions_scored_on_other_examples_or_unknown_refs_are_one_line(client):
+    rows = [{"source": t, "target": t} for t in TARGETS]
+    _register(client, rows, TARGETS, {}, key="k1")
+    _register(client, rows, TARGETS, {}, key="k2")
+    with pytest.raises(TunelineError, match="scored on different test examples"):
+        review.report(review.side(client, "m", "1"), review.side(client, "m", "2"))
+    with pytest.raises(TunelineError, match="'v9' is not a version, alias or run of model 'm'"):
+        review.side(client, "m", "v9")
+    old = client.create_model_version("m", source="file:///nowhere", run_id=mlflow.start_run().info.run_id).version
+    mlflow.end_run()
+    with pytest.raises(TunelineError, match=r"has no eval/examples.json \(it was registered before"):
+        review.side(client, "m", str(old))
+
+
+def test_the_command_compares_the_challenger_with_the_champion_and_saves_markdown(client, tmp_path):
+    _descramblers(client)
+    result = CliRunner().invoke(app, ["diff", "--name", "m", "--out", str(tmp_path / "review.md")])
+    assert result.exit_code == 0, result.output
+    assert "# v2 (challenger) against v1 (champion)" in result.output
+    assert (tmp_path / "review.md").read_text().startswith("# v2 (challenger) against v1 (champion)")
+    bad = CliRunner().invoke(app, ["diff", "--name", "m", "champion", "nope"])
+    assert bad.exit_code != 0 and "'nope' is not a version, alias or run" in bad.output

@@ -1,0 +1,198 @@
+"""`tuneline diff A B`: what model B fixed and broke against model A, and what changed.
+
+A and B are registered versions (`3`, `v3`), aliases (`champion`, `challenger`) or runs
+(`runs:/ID`, or a run id). register logs with every version what a review needs: the
+per-example records (eval/examples.json), the test rows they were scored on
+(eval/rows.jsonl), and each example's prompt, reference and outputs
+(eval/predictions.jsonl). Both must have been scored on the same test examples. The report:
+- the examples B fixed and broke on the primary metric, largest change first, with the
+  input, the reference and both answers. Each example's value is the metric computed on
+  it alone (sentence chrF for chrF; right or wrong for accuracy, so a label flip is a
+  fix or a break), and a change counts past `threshold`;
+- the primary metric by slice, B against A with the gate's paired bootstrap CI restricted
+  to the slice: by label (labelled tasks) and by input length (quartiles of the prompt's
+  words), so a gain that hides a collapse shows;
+- the lineage: the params that differ, the data hashes, the code commits, and the package
+  versions each model pins.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tuneline import scoring, tasks
+from tuneline.errors import TunelineError
+from tuneline.gate import EVAL_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT
+
+
+@dataclass
+class Side:
+    """One model of the comparison, as register logged it."""
+
+    label: str  # "v3 (champion)", "run 1a2b3c4d"
+    record: dict  # eval/examples.json: examples_key, tuned (the model's per-example record), ...
+    rows: list[dict]  # the test rows
+    shown: list[dict]  # per row: prompt, target, tuned_output
+    params: dict[str, str]  # the run's flattened params
+    tags: dict[str, str]  # the version's tags ({} for a bare run)
+    packages: dict[str, str]  # what the model pins (requirements.txt)
+
+
+def _download(run_id: str, path: str, ref: str) -> str:
+    import mlflow
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_text()
+    except Exception:  # MlflowException, OSError: the artifact is not there
+        raise TunelineError(
+            f"'{ref}' has no {path} (it was registered before tuneline logged per-example results)",
+            "compare versions registered by this tuneline, or evaluate the old one again with `tuneline evaluate`",
+        ) from None
+
+
+def _packages(source: str | None) -> dict[str, str]:
+    import mlflow
+
+    try:
+        text = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/requirements.txt")).read_text()
+    except Exception:  # no model source (a bare run) or no requirements file
+        return {}
+    return dict(line.split("==", 1) for line in text.split() if "==" in line)
+
+
+def side(client, name: str, ref: str) -> Side:
+    """`ref` (a version, an alias or a run) of registered model `name`."""
+    from mlflow.exceptions import MlflowException
+
+    ref = ref.strip()
+    version = None
+    try:
+        if m := re.fullmatch(r"runs:/([^/]+)(/.*)?", ref) or re.fullmatch(r"([0-9a-f]{32})", ref):
+            run_id, label = m.group(1), f"run {m.group(1)[:8]}"
+        else:
+            num = re.fullmatch(r"v?(\d+)", ref)
+            version = (
+                client.get_model_version(name, num.group(1)) if num else client.get_model_version_by_alias(name, ref)
+            )
+            run_id, label = version.run_id, f"v{version.version}" + ("" if num else f" ({ref})")
+        params = dict(client.get_run(run_id).data.params)
+    except MlflowException:
+        raise TunelineError(
+            f"'{ref}' is not a version, alias or run of model '{name}'",
+            "name a version (3 or v3), an alias (champion, challenger) or runs:/RUN_ID; see `tuneline history`",
+        ) from None
+    record = json.loads(_download(run_id, EVAL_ARTIFACT, ref))
+    rows = [json.loads(line) for line in _download(run_id, ROWS_ARTIFACT, ref).splitlines()]
+    shown = [json.loads(line) for line in _download(run_id, PREDICTIONS_ARTIFACT, ref).splitlines()]
+    tags = dict(version.tags) if version else {}
+    return Side(label, record, rows, shown, params, tags, _packages(version.source if version else None))
+
+
+def _metric(b: Side) -> tuple[tasks.Task, list[str], str]:
+    """B's task, labels and primary metric, from its run's params."""
+    task = tasks.TASKS[b.params["prepare.task"]]
+    labels = ast.literal_eval(b.params.get("prepare.labels", "[]"))
+    chosen = b.params.get("evaluate.primary_metric", "None")
+    return task, labels, task.metrics[0] if chosen in ("None", "") else chosen
+
+
+def changes(a: scoring.Stat, b: scoring.Stat, metric: str, threshold: float) -> tuple[list, list]:
+    """(fixed, broken): [(example index, A's value, B's value)], largest change first. An
+    example's value is the metric on it alone; a change counts when its gain (in the
+    metric's good direction) is at least `threshold`."""
+    sign = -1.0 if metric in scoring.LOWER_IS_BETTER else 1.0
+    va = np.array([a.fn(v) for v in a.values])
+    vb = np.array([b.fn(v) for v in b.values])
+    gain = sign * (vb - va)
+    order = np.argsort(-np.abs(gain), kind="stable")
+    fixed = [(int(i), va[i], vb[i]) for i in order if gain[i] >= threshold]
+    broken = [(int(i), va[i], vb[i]) for i in order if -gain[i] >= threshold]
+    return fixed, broken
+
+
+def slices(task: tasks.Task, rows: list[dict], prompts: list[str]) -> dict[str, np.ndarray]:
+    """Example indices per slice: each label (labelled tasks), and input-length quartiles."""
+    out = {}
+    if task.labelled:
+        for label in sorted({r["label"] for r in rows}):
+            out[f"label {label}"] = np.array([i for i, r in enumerate(rows) if r["label"] == label])
+    words = np.array([len(p.split()) for p in prompts])
+    edges = np.unique(np.quantile(words, [0, 0.25, 0.5, 0.75, 1.0]).round().astype(int))
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        pick = (words >= lo) & ((words <= hi) if k == len(edges) - 2 else (words < hi))
+        if pick.any():
+            out[f"input {lo}-{hi} words"] = np.flatnonzero(pick)
+    return out
+
+
+def _sub(s: scoring.Stat, idx: np.ndarray) -> scoring.Stat:
+    return scoring.Stat(s.values[idx], s.fn)
+
+
+def report(a: Side, b: Side, threshold: float | None = None, show: int = 5, n_boot: int = 1000) -> str:
+    """The review of B against A, as Markdown."""
+    if a.record.get("examples_key") != b.record.get("examples_key"):
+        raise TunelineError(
+            f"{a.label} and {b.label} were scored on different test examples or settings, so no example pairs up",
+            "compare versions evaluated on the same test split (the same prepare and evaluate params)",
+        )
+    task, labels, metric = _metric(b)
+    sa, sb = (scoring.stat(task, metric, s.rows, s.record["tuned"], labels) for s in (a, b))
+    if threshold is None:  # a flip for 0/1 metrics; else a tenth of the scale
+        threshold = 0.5 if metric in scoring.BINARY else 1.0 if metric in scoring.LOWER_IS_BETTER else 10.0
+    fixed, broken = changes(sa, sb, metric, threshold)
+    whole = scoring.compare(sb, sa, metric, "bootstrap", n_boot)
+    lines = [
+        f"# {b.label} against {a.label}",
+        "",
+        f"{metric} {whole.a:.4g} against {whole.b:.4g}: delta {whole.delta:+.4g}, 95% CI "
+        f"[{whole.ci_low:+.4g}, {whole.ci_high:+.4g}] on {whole.n} test examples. "
+        f"{len(fixed)} fixed and {len(broken)} broken (a change of at least {threshold:g} on one example).",
+    ]
+    for title, found in (("Fixed", fixed), ("Broken", broken)):
+        lines += ["", f"## {title} ({len(found)})"]
+        for i, va, vb in found[:show]:
+            row = b.shown[i]
+            lines += [
+                "",
+                f"- {metric} {va:.4g} -> {vb:.4g}",
+                f"  - input: {_one_line(row['prompt'])}",
+                f"  - reference: {_one_line(row['target'])}",
+                f"  - {a.label}: {_one_line(a.shown[i]['tuned_output'])}",
+                f"  - {b.label}: {_one_line(row['tuned_output'])}",
+            ]
+    lines += ["", "## By slice", "", f"| slice | n | {a.label} | {b.label} | delta (95% CI) |", "|---|---|---|---|---|"]
+    for name, idx in slices(task, b.rows, [r["prompt"] for r in b.shown]).items():
+        c = scoring.compare(_sub(sb, idx), _sub(sa, idx), metric, "bootstrap", n_boot)
+        lines.append(f"| {name} | {c.n} | {c.b:.4g} | {c.a:.4g} | {c.delta:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}] |")
+    return "\n".join(lines + ["", *lineage(a, b)]) + "\n"
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def lineage(a: Side, b: Side) -> list[str]:
+    """What changed between the two: params, data, code, packages (Markdown lines)."""
+    lines = ["## What changed", ""]
+    differ = sorted(k for k in {*a.params, *b.params} if a.params.get(k) != b.params.get(k))
+    lines.append(f"- params: {len(differ)} differ" + (":" if differ else ""))
+    lines += [f"  - `{k}`: {a.params.get(k, '(unset)')} -> {b.params.get(k, '(unset)')}" for k in differ]
+    for key in sorted(k for k in {*a.tags, *b.tags} if k.startswith("data.")):
+        va, vb = a.tags.get(key, "?"), b.tags.get(key, "?")
+        lines.append(f"- `{key}`: " + ("the same" if va == vb else f"{va} -> {vb}"))
+    ca, cb = a.tags.get("git.commit", "?"), b.tags.get("git.commit", "?")
+    lines.append(f"- code: {'the same commit ' + ca if ca == cb else f'commits {ca}..{cb}'}")
+    pkgs = sorted(k for k in {*a.packages, *b.packages} if a.packages.get(k) != b.packages.get(k))
+    lines.append(
+        "- packages: "
+        + (", ".join(f"{k} {a.packages.get(k, '-')} -> {b.packages.get(k, '-')}" for k in pkgs) or "the same pins")
+    )
+    return lines
