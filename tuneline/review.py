@@ -45,7 +45,11 @@ class Side:
 
 
 def _download(run_id: str, path: str, ref: str) -> str:
+    import os
+
     import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: no bars
 
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_text()
@@ -125,9 +129,10 @@ def slices(task: tasks.Task, rows: list[dict], prompts: list[str]) -> dict[str, 
     words = np.array([len(p.split()) for p in prompts])
     edges = np.unique(np.quantile(words, [0, 0.25, 0.5, 0.75, 1.0]).round().astype(int))
     for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-        pick = (words >= lo) & ((words <= hi) if k == len(edges) - 2 else (words < hi))
+        last = k == len(edges) - 2
+        pick = (words >= lo) & ((words <= hi) if last else (words < hi))
         if pick.any():
-            out[f"input {lo}-{hi} words"] = np.flatnonzero(pick)
+            out[f"input {lo}-{hi if last else hi - 1} words"] = np.flatnonzero(pick)
     return out
 
 
