@@ -178,6 +178,20 @@ def project(tmp_path, model_cache) -> Project:
     return make_project(tmp_path / "proj", model_cache)
 
 
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    """A real (sqlite) tracking server and registry in tmp_path, with one registered model "m"."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
+    c = mlflow.MlflowClient(uri)
+    c.create_registered_model("m")
+    return c
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, model_cache, prefect_api) -> Project:
     """A tiny project after one whole `tuneline run`: every stage ran, v1 is champion (the

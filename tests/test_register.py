@@ -13,17 +13,6 @@ from tuneline.gate import data_hashes, decide, reference
 from tuneline.scoring import Comparison
 
 
-@pytest.fixture
-def client(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
-    c = mlflow.MlflowClient(uri)
-    c.create_registered_model("m")
-    return c
-
-
 def _cmp(a, b, lo, hi, p, metric="chrf"):
     return Comparison(metric, a, b, a - b, lo, hi, p, "bootstrap", 100)
 

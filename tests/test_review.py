@@ -22,17 +22,6 @@ TARGETS = [
 ]
 
 
-@pytest.fixture
-def client(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri()))
-    c = mlflow.MlflowClient(uri)
-    c.create_registered_model("m")
-    return c
-
-
 def _register(client, rows, outputs, params, tags=None, key="k1", alias=None, task="descramble") -> str:
     """A version as register leaves it: params on its run, the three eval artifacts, tags."""
     with mlflow.start_run() as run:
