@@ -102,7 +102,7 @@ def run(params: Params) -> dict:
     key = examples_key(rows, params)
     write_json(EVAL_EXAMPLES, {"examples_key": key, "model": params.model.name, "base_prompting": won, **evs})
     write_json(metrics_file("evaluate"), results)
-    prompts, targets = prompts_and_targets(task, rows, params.prepare.labels)
+    prompts, targets = prompts_and_targets(task, rows, params.prepare.labels, load_tokenizer(tuned))
     table = {
         "prompt": prompts,
         "target": [t.strip() for t in targets],

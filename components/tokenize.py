@@ -17,7 +17,7 @@ from tuneline.data import PREPARED, TOKENIZED, iter_split, metrics_file
 from tuneline.io import atomic_dir, write_json
 from tuneline.modeling import check_pair, load_tokenizer
 from tuneline.tokendata import write_split
-from tuneline.tokenization import ENCODE_CHUNK, tokenizer_hash
+from tuneline.tokenization import ENCODE_CHUNK, template_hash, tokenizer_hash
 
 # seed: the stage runner seeds torch before every stage (tokenize itself draws nothing).
 PARAMS = (
@@ -46,6 +46,8 @@ def run(params: Params) -> dict:
         "task": task.name,
         **cfg.model_dump(),
     }
+    if task.chat:  # the conversations were rendered in this template: train checks it is the model's
+        meta["chat_template_sha256"] = template_hash(tok)
     metrics: dict = {"template_version": tasks.TEMPLATE_VERSION}
     with atomic_dir(TOKENIZED) as tmp:
         meta["splits"] = {}

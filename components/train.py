@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from tuneline import checkpoint, deps, distributed
+from tuneline import chat, checkpoint, deps, distributed, tasks
 from tuneline.config import Params
 from tuneline.data import MODELS, TOKENIZED, TRAIN_CURVE, metrics_file
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
@@ -137,6 +137,8 @@ def _save(model, tok, params: Params) -> None:
             model = model.merge_and_unload()
         model = unwrap(model)
         model.save_pretrained(tmp / "merged")
+        if tasks.TASKS[params.prepare.task].chat:  # the template it was trained in travels with it
+            tok.chat_template = chat.template(tok)
         tok.save_pretrained(tmp / "merged")
         write_json(tmp / "merged" / "tuneline_params.json", params.model_dump())
 

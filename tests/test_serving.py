@@ -40,7 +40,7 @@ def _as_evaluate(model, tok, params, texts, constrain: bool) -> list[str]:
     prompts = [task.prompt({"source": t, "target": ""}, []) for t in texts]
     words = WordConstraint(tok, texts) if constrain else None
     with autocast(params.evaluate.precision):
-        return generate(model, tok, prompts, params.evaluate.max_new_tokens, 32, 1, task.one_line, constraint=words)
+        return generate(model, tok, prompts, params.evaluate.max_new_tokens, 32, 1, task.stop, constraint=words)
 
 
 def test_the_served_descrambler_keeps_the_words_and_answers_as_evaluate_decodes(logged, tiny_gpt2, gpt2_tok):

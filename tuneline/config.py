@@ -39,8 +39,9 @@ class PrepareCfg(_Group):
     task: str = Field(
         "descramble",
         description="Task template: 'descramble' (shuffled words -> sentence), 'pretrain' (causal LM on "
-        "raw text), 'instruct' (Alpaca/Dolly), 'classify' (text -> label), 'entail' (MNLI-style); "
-        "any task in tuneline.tasks.TASKS.",
+        "raw text), 'instruct' (Alpaca/Dolly), 'classify' (text -> label), 'entail' (MNLI-style), 'chat' "
+        "(conversations: `messages` or ShareGPT `conversations`, loss on the assistant turns); any task in "
+        "tuneline.tasks.TASKS.",
         json_schema_extra={"choices": "tasks"},
     )
     source: str = Field(
@@ -48,7 +49,8 @@ class PrepareCfg(_Group):
         description="Training data: 'builtin:wikipedia' (the dump sample inside the gensim wheel), "
         "'wikidump:<path.xml.bz2>', 'hf:<id>[:config][@revision][#split]' (the hub), or local "
         "CSV/JSON/JSONL/Parquet files, plain-text .txt corpora (documents separated by blank lines), "
-        "or a glob of them; text formats may be .gz/.bz2/.xz/.zst compressed. Train and validation rows "
+        "or a glob of them; text formats may be .gz/.bz2/.xz/.zst compressed; 'alpaca-chat:<file>' reads "
+        "Alpaca/Dolly records as conversations (the chat task). Train and validation rows "
         "are carved from it.",
     )
     test_source: str | None = Field(

@@ -23,7 +23,7 @@ from tuneline.io import read_json, write_json
 from tuneline.loss import example_totals
 from tuneline.modeling import autocast, cache_dir, device, load_model, load_tokenizer
 from tuneline.packing import concat, pack_groups
-from tuneline.tokenization import encode_batch, encode_rows
+from tuneline.tokenization import answer_start, encode_batch, encode_rows
 
 PRETRAIN_SAMPLES, PRETRAIN_PROMPT_WORDS = 8, 12  # continuations shown for pretraining
 SCORE_BATCH = 4  # packed rows per forward when scoring losses
@@ -67,11 +67,12 @@ def answer_branches(
     reference answer + EOS (its loss is the row's perplexity term) or, for a labelled task,
     every label's answer + EOS exactly as trained (constrained label scoring), the row's
     own label being the reference."""
-    if not task.labelled:
-        ids, plens = encode_batch(tok, rows, task, labels)
-        return [[x[p:]] for x, p in zip(ids, plens)], [0] * len(rows)
+    if not task.labelled:  # a conversation's branch is its last assistant turn
+        ids, spans = encode_batch(tok, rows, task, labels)
+        return [[x[s[-1][0] : s[-1][1]]] for x, s in zip(ids, spans)], [0] * len(rows)
     L = len(labels)
-    ids, plens = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
+    ids, spans = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
+    plens = [answer_start(s) for s in spans]
     branches = []
     for i in range(len(rows)):
         prompt = ids[i * L][: plens[i * L]]
@@ -85,7 +86,7 @@ def score_labels(model, tok, rows: list[dict], params: Params) -> list[str]:
     """Constrained label scoring alone (evaluate_model does it while generating): the label
     whose verbalised answer is most likely given the prompt."""
     task, labels = tasks.TASKS[params.prepare.task], params.prepare.labels
-    prompts, _ = prompts_and_targets(task, rows, labels)
+    prompts, _ = prompts_and_targets(task, rows, labels, tok)
     branches, _ = answer_branches(tok, rows, task, labels)
     _, logp = answer(model, tok, prompts, 0, params.evaluate.batch_size, branches=branches)
     return [labels[max(range(len(labels)), key=lp.__getitem__)] for lp in logp]
@@ -104,7 +105,8 @@ def fit_rows(
     if limit is None or not rows or not task.generates:  # pretrain: scored in blocks of max_length
         return rows, 0
     budget = params.evaluate.max_new_tokens
-    ids, prompt_lens = encode_batch(tok, rows, task, params.prepare.labels)
+    ids, spans = encode_batch(tok, rows, task, params.prepare.labels)
+    prompt_lens = [answer_start(s) for s in spans]
     fits = [len(x) <= limit and p + budget <= limit for x, p in zip(ids, prompt_lens)]
     n = fits.count(False)
     if n == 0:
@@ -136,9 +138,12 @@ def test_rows(params: Params) -> tuple[list[dict], int]:
     return fit_rows(load_tokenizer(params.model.name), read_split("test"), params, limit)
 
 
-def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str]) -> tuple[list[str], list[str]]:
+def prompts_and_targets(
+    task: tasks.Task, rows: list[dict], labels: list[str], tok=None
+) -> tuple[list[str], list[str]]:
+    """What each row asks and the reference answer (`tok`: the model's, for a chat task's template)."""
     if task.generates:
-        return [list(x) for x in zip(*(tasks.render(task, r, labels) for r in rows))]
+        return [list(x) for x in zip(*(tasks.render(task, r, labels, tok) for r in rows))]
     # Pretraining: continue the opening words of a few test paragraphs (shown, not scored).
     words = [r["text"].split() for r in rows[:PRETRAIN_SAMPLES]]
     return [" ".join(w[:PRETRAIN_PROMPT_WORDS]) for w in words], [
@@ -160,7 +165,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.
     are the same tokens as trained."""
     cfg, task, labels = params.evaluate, tasks.TASKS[params.prepare.task], params.prepare.labels
     model = model.to(device())
-    prompts, targets = prompts_and_targets(task, rows, labels)
+    prompts, targets = prompts_and_targets(task, rows, labels, tok)
     max_new = answer_budget(tok, targets, cfg.max_new_tokens)
     branches, ref = answer_branches(tok, rows, task, labels) if task.generates else (None, None)
     words = WordConstraint(tok, [task.words(r) for r in rows]) if params.constrained() else None
@@ -173,7 +178,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.
             max_new,
             cfg.batch_size,
             cfg.num_beams,
-            task.one_line,
+            task.stop,
             branches,
             cfg.prompt_lookup,
             words,
@@ -242,7 +247,7 @@ def base_promptings(rows: list[dict], params: Params, tok) -> list[prompting.Pro
     from tuneline.modeling import load_config, position_limit
 
     task, limit = tasks.TASKS[params.prepare.task], position_limit(load_config(params.model.name))
-    prompts = prompts_and_targets(task, rows, params.prepare.labels)[0]
+    prompts = prompts_and_targets(task, rows, params.prepare.labels, tok)[0]
     found, skipped = prompting.candidates(params, tok, prompting.train_sample, prompts, limit)
     for why in skipped:
         print(f"[evaluate] base prompting left out, {why}", flush=True)
@@ -312,7 +317,7 @@ def evaluate_file(ref: str, params: Params, data: str, limit: int = 0) -> dict:
         raise TunelineError(f"every example of {data} is longer than the model has positions for", "shorten them")
     print(f"[evaluate] {ref} on {len(rows)} examples of {data}", flush=True)
     ev = evaluate_model(model, tok, rows, params)
-    prompts, targets = prompts_and_targets(task, rows, params.prepare.labels)
+    prompts, targets = prompts_and_targets(task, rows, params.prepare.labels, tok)
     return {
         "model": ref,
         "task": task.name,

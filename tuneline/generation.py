@@ -18,10 +18,10 @@ from tuneline.attention import dense_mask
 from tuneline.loss import unwrap
 
 
-def answer_complete(tok, ids: list[int], marker: str) -> bool:
+def answer_complete(tok, ids: list[int], marker: str | None) -> bool:
     """A greedy row is done once its answer (leading whitespace aside) holds `marker`: the
-    rest would be cut anyway."""
-    return marker in tok.decode(ids, skip_special_tokens=True).lstrip()
+    rest would be cut anyway. None: only EOS ends it."""
+    return marker is not None and marker in tok.decode(ids, skip_special_tokens=True).lstrip()
 
 
 @torch.no_grad()
@@ -228,7 +228,7 @@ def answer(
     max_new_tokens: int,
     batch_size: int,
     num_beams: int = 1,
-    one_line: bool = True,
+    stop: str | None = "\n",
     branches: list[list[list[int]]] | None = None,
     lookup: int = 0,
     constraint=None,
@@ -236,7 +236,8 @@ def answer(
     show: bool = True,
 ) -> tuple[list[str], list[list[float]] | None]:
     """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
-    of the answer (one-line tasks: the first newline; instruct: the next `###` header).
+    of the answer, `stop` (Task.stop: one-line tasks the first newline, instruct the next
+    `###` header, None for none).
     With `branches` (per prompt, token lists to score after it), also each branch's summed
     log-probability, from the same encoding of the prompt: the prompt is read once for both.
     `lookup` > 0: greedy decoding guesses that many tokens per step from the prompt (`decode`).
@@ -246,10 +247,8 @@ def answer(
     request, register's parity check)."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
-    marker = "\n" if one_line else "\n###"
-
     def done(ids: list[int]) -> bool:
-        return answer_complete(tok, ids, marker)
+        return answer_complete(tok, ids, stop)
 
     # Similar lengths share a batch: less padding, and a batch stops as soon as all its
     # (similarly long) answers are done.
@@ -294,7 +293,7 @@ def answer(
                 new = gen[:, ids.shape[1] :].tolist()  # (B, new_tokens): the prompt stripped
             for i, row in zip(idx, new):
                 text = tok.decode(row, skip_special_tokens=True).strip()  # chat-tuned models often open with a newline
-                outs[i] = text.split(marker)[0].strip()
+                outs[i] = (text.split(stop)[0] if stop else text).strip()
             # the rate counts generated tokens (padding after a row's end is not work done)
             bar.advance(len(idx), tokens=sum(len([t for t in row if t != tok.pad_token_id]) for row in new))
     return [outs[i] for i in range(len(prompts))], (
@@ -309,7 +308,7 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     num_beams: int = 1,
-    one_line: bool = True,
+    stop: str | None = "\n",
     lookup: int = 0,
     constraint=None,
     show: bool = True,
@@ -322,7 +321,7 @@ def generate(
         max_new_tokens,
         batch_size,
         num_beams,
-        one_line,
+        stop,
         lookup=lookup,
         constraint=constraint,
         show=show,

@@ -23,7 +23,7 @@ ADAPTER = MODELS / "adapter"
 
 
 @torch.no_grad()
-def compare(adapted, merged, tok, prompts: list[str], budget: int, one_line: bool) -> tuple[float, int]:
+def compare(adapted, merged, tok, prompts: list[str], budget: int, stop: str | None) -> tuple[float, int]:
     """(largest |logit difference|, rows whose greedy answer is the same) of two models on
     `prompts`. The merged model answers greedily once; then both read each prompt with
     that answer in one forward (B, T). The adapted model gives the same greedy answer
@@ -31,7 +31,6 @@ def compare(adapted, merged, tok, prompts: list[str], budget: int, one_line: boo
     own decoding need not run; the logits are compared over prompts and answers alike."""
     from tuneline.generation import answer_complete, greedy
 
-    marker = "\n" if one_line else "\n###"
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     new = greedy(
@@ -40,7 +39,7 @@ def compare(adapted, merged, tok, prompts: list[str], budget: int, one_line: boo
         enc["attention_mask"],
         budget,
         tok.eos_token_id,
-        lambda ids: answer_complete(tok, ids, marker),
+        lambda ids: answer_complete(tok, ids, stop),
     )
     rows = [p[m.bool()].tolist() + n for p, m, n in zip(enc["input_ids"], enc["attention_mask"], new)]
     width = max(map(len, rows))
@@ -69,11 +68,11 @@ def check(params: Params, rows: list[dict], merged) -> dict[str, str]:
     fix = "re-run training to save the models again (`dvc repro -f train`)"
     if not (ADAPTER / "adapter_config.json").is_file():
         raise TunelineError(f"register: the LoRA adapter is missing from {ADAPTER}", fix)
-    prompts, targets = prompts_and_targets(task, rows[: cfg.parity_prompts], params.prepare.labels)
     tok = load_tokenizer(merged)
+    prompts, targets = prompts_and_targets(task, rows[: cfg.parity_prompts], params.prepare.labels, tok)
     adapted = PeftModel.from_pretrained(load_model(params.model.name), ADAPTER).eval()
     budget = answer_budget(tok, targets, params.evaluate.max_new_tokens)
-    diff, agree = compare(adapted, load_model(merged).eval(), tok, prompts, budget, task.one_line)
+    diff, agree = compare(adapted, load_model(merged).eval(), tok, prompts, budget, task.stop)
     print(
         f"[register] merge parity on {len(prompts)} test prompts: largest logit difference {diff:.3g} "
         f"(tolerance {cfg.parity_tol}), {agree}/{len(prompts)} greedy answers the same",

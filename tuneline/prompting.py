@@ -3,7 +3,8 @@
 The base is often an instruct model: prompted with the bare task template it may not
 answer at all, and a gate that promotes "better than the base model" must face the base
 at its best. Three ways to prompt it:
-- plain: the task's prompt, exactly as the tuned model is trained on it;
+- plain: the task's prompt, exactly as the tuned model is trained on it (for a chat task,
+  the conversation in the model's own chat template: the only prompting that applies);
 - chat: that prompt as the user turn of the tokenizer's chat template (when it has one),
   the answer starting where the template opens the assistant's turn;
 - few_shot: k solved training examples (evaluate.base_shots), then the prompt. The shots
@@ -119,6 +120,8 @@ def candidates(
             p = PLAIN
         elif not task.generates:
             skipped.append(f"{kind}: {task.name} is scored on text blocks, with no prompt")
+        elif task.chat:  # plain is already the model's own chat template around the conversation
+            skipped.append(f"{kind}: {task.name} prompts are conversations in the model's chat template already")
         elif kind == "chat":
             p = chat(tok)
             if p is None:

@@ -16,6 +16,7 @@ project's environment): the model's code is tuneline's own.
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
 from pathlib import Path
 
@@ -65,12 +66,12 @@ def log_model(params: Params, merged: Path):
     )
 
 
-def _texts(model_input: pd.DataFrame | list[str]) -> list[str]:
-    """A request's inputs as strings. MLflow hands over a one-column frame, whatever the
-    caller sent (a list, one string, a served JSON list)."""
+def _inputs(model_input: pd.DataFrame | list) -> list:
+    """A request's inputs. MLflow hands over a one-column frame, whatever the caller sent
+    (a list, one string, a served JSON list)."""
     if isinstance(model_input, pd.DataFrame):
-        return [str(x) for x in model_input.iloc[:, 0]]
-    return [str(x) for x in model_input]
+        return list(model_input.iloc[:, 0])
+    return list(model_input)
 
 
 class Answerer(mlflow.pyfunc.PythonModel):
@@ -85,14 +86,22 @@ class Answerer(mlflow.pyfunc.PythonModel):
         self.model, self.tok, self.config = load_model(path).to(device()).eval(), load_tokenizer(path), config
         return self
 
-    def prompts(self, texts: list[str]) -> list[str]:
-        """Each request in the task's prompt, as trained; one that leaves no room for the
-        answer is refused in one line (generation would crash on it; nothing is cut silently)."""
+    def prompts(self, texts: list) -> list[str]:
+        """Each request in the task's prompt, as trained (a chat model's: a user message, or
+        the JSON turns of a conversation ending with one, in its chat template); one that
+        leaves no room for the answer is refused in one line (generation would crash on it;
+        nothing is cut silently)."""
+        from tuneline import chat
         from tuneline.modeling import position_limit
 
         task = tasks.TASKS[self.config["task"]]
-        template = tasks.serving_template(task, self.config["labels"])
-        prompts = [template.replace("{prompt}", t) for t in texts]
+        if task.chat:
+            prompts = [chat.render(self.tok, chat.request(t), True) for t in texts]
+            texts = [json.dumps(t) if not isinstance(t, str) else t for t in texts]
+        else:
+            texts = [str(t) for t in texts]
+            template = tasks.serving_template(task, self.config["labels"])
+            prompts = [template.replace("{prompt}", t) for t in texts]
         limit, budget = position_limit(self.model.config), self.config["max_new_tokens"]
         for text, prompt in zip(texts, prompts):
             n = len(self.tok(prompt)["input_ids"])
@@ -120,11 +129,11 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 f"constrain '{opts['constrain']}' does not apply to a {task.name} model",
                 "ask for 'none'" + (" or 'words'" if task.words else ""),
             )
-        texts = _texts(model_input)
+        texts = _inputs(model_input)
         prompts = self.prompts(texts)
         words = None
         if opts["constrain"] == "words":
-            words = WordConstraint(self.tok, [task.words({task.serve_field: t}) for t in texts])
+            words = WordConstraint(self.tok, [task.words({task.serve_field: str(t)}) for t in texts])
         with autocast(cfg["precision"]):
             return generate(
                 self.model,
@@ -133,7 +142,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 cfg["max_new_tokens"],
                 cfg["batch_size"],
                 int(opts["num_beams"]),
-                task.one_line,
+                task.stop,
                 constraint=words,
                 show=False,  # a request prints nothing
             )

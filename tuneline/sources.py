@@ -6,7 +6,9 @@ Specs:
 - `hf:<id>[:config][@revision][#split]`: a hub dataset (split defaults to `train`); the
   resolved commit is recorded;
 - a local CSV / JSON (an array of objects) / JSONL / Parquet file, or a glob of them;
-- a plain-text corpus: `.txt` files (or a glob), documents separated by blank lines.
+- a plain-text corpus: `.txt` files (or a glob), documents separated by blank lines;
+- `alpaca-chat:<file>`: Alpaca/Dolly records (any local form above) as conversations
+  (`chat.from_alpaca`: one and two turns, with and without a system turn).
   CSV, JSON, JSONL and text files may be compressed: `.gz`, `.bz2`, `.xz`, `.zst`.
 
 `load` streams: it returns an iterator of batches of at most BATCH_ROWS raw rows, so no
@@ -40,6 +42,7 @@ from tuneline.wikidump import dump_path, paragraphs
 
 LOCAL_FORMATS = (".csv", ".json", ".jsonl", ".parquet", ".txt")
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # read as they are (not .parquet: it compresses inside)
+ALPACA_CHAT = "alpaca-chat:"  # `alpaca-chat:<file>`: Alpaca/Dolly records read as conversations
 BATCH_ROWS = 8192  # raw rows per batch: memory is bounded by this, not by the source
 MAX_DOC_BYTES = 1 << 20  # a text-file block longer than this is cut at a line end
 
@@ -63,6 +66,11 @@ def load(spec: str, streaming: bool = False, hashes: bool = True) -> tuple[Batch
         return _wiki_batches(spec, path, digest), {"source": spec, "sha256": digest}, True
     if spec.startswith("hf:"):
         return (*_hub(spec, streaming), False)
+    if spec.startswith(ALPACA_CHAT):  # Alpaca/Dolly records as conversations (tuneline/chat.py)
+        from tuneline.chat import from_alpaca
+
+        batches, lineage, _ = _local(spec.removeprefix(ALPACA_CHAT), hashes)
+        return batched(from_alpaca(r for b in batches for r in b)), lineage | {"source": spec}, False
     if re.match(r"^[a-z][a-z0-9+]*:", spec) and not os.path.exists(spec):
         raise TunelineError(
             f"data source '{spec}' is not supported",
@@ -173,7 +181,7 @@ def file_hashes(spec: str) -> str | dict[str, str] | None:
         return None
     if is_wiki(spec):
         return sha256(dump_path(spec))
-    return {str(p): sha256(p) for p in local_paths(spec)}
+    return {str(p): sha256(p) for p in local_paths(spec.removeprefix(ALPACA_CHAT))}
 
 
 def file_format(path: Path) -> tuple[str, str | None]:
@@ -401,6 +409,10 @@ def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[st
             v = ""
         if col == "label":
             v = _label(v, labels, where, _at(r, i), name)
+        elif task.chat and col == "messages":
+            from tuneline.chat import conversation
+
+            v = conversation(v, f"{where}: {_at(r, i)}")
         elif not isinstance(v, str):
             raise TunelineError(
                 f"{where}: column '{name}' must be text, but {_at(r, i)} holds {type(v).__name__} {str(v)[:40]!r}",

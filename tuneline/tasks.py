@@ -31,7 +31,8 @@ class Task:
     columns: tuple[str, ...]  # columns of a prepared row, read from the source
     optional: tuple[str, ...]  # columns that may be missing (filled with "")
     key: tuple[str, ...]  # what makes two rows the same example
-    prompt: Callable[[dict, list[str]], str]  # (row, labels) -> the prompt text (not trained)
+    # (row, labels) -> the prompt text (not trained); None: the model's chat template renders it
+    prompt: Callable[[dict, list[str]], str] | None
     answer: Callable[[dict], str]  # row -> the answer text (trained)
     metrics: tuple[str, ...]  # the first is the default primary metric
     # (metric, rows, evaluation, labels) -> per-example statistics (perplexity is common to all)
@@ -44,7 +45,8 @@ class Task:
     words: Callable[[dict], str] | None = None
     aliases: tuple[tuple[str, str], ...] = ()  # (column, accepted other name): Dolly's names
     generates: bool = True  # scored by generation (pretrain: perplexity only)
-    one_line: bool = True  # answers are one line: generation is cut at a newline
+    chat: bool = False  # rows are conversations (column `messages`), rendered by tuneline/chat.py
+    stop: str | None = "\n"  # an answer ends here (and at EOS): one-line answers at the newline
     serve_field: str | None = None  # the column a served request fills ({prompt} in MLflow)
     serve_example: str = ""  # a served request, logged with the model as its input example
     use: str = ""  # model card: what the model is for
@@ -65,8 +67,15 @@ def register(task: Task) -> Task:
     return task
 
 
-def render(task: Task, row: dict, labels: list[str]) -> tuple[str, str]:
-    """(prompt, answer) text of one prepared row."""
+def render(task: Task, row: dict, labels: list[str], tok=None) -> tuple[str, str]:
+    """(prompt, answer) text of one prepared row. A chat row's prompt is its conversation
+    up to the last assistant turn in `tok`'s chat template, and that turn is the answer."""
+    if task.chat:
+        if tok is None:
+            raise ValueError(f"task {task.name}: rendering a conversation needs the model's tokenizer")
+        from tuneline import chat
+
+        return chat.prompt_answer(tok, row)
     return task.prompt(row, labels), task.answer(row)
 
 
@@ -167,7 +176,7 @@ register(
         metrics=("perplexity",),
         prose=lambda texts, lo, hi: [{"text": t} for t in texts if len(t.split()) >= lo],
         generates=False,
-        one_line=False,
+        stop=None,
         serve_example="The history of the city",
         use="A small causal language model of encyclopedic English prose, for research and as a starting point.",
         limits="Trained on a small text sample: it is not factual, not instruction-following and not safe for "
@@ -184,11 +193,16 @@ def instruct_prompt(row: dict) -> str:
     return f"### Instruction:\n{row['instruction']}\n\n{context}### Response:\n"
 
 
-def _rouge_l(metric: str, rows: list[dict], ev: dict, labels: list[str]) -> scoring.Stat:
-    from rouge_score import rouge_scorer
+def rouge_l(reference: Callable[[dict], str]):
+    """ROUGE-L F1 (stemmed) of each generated answer against its row's `reference`."""
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return scoring.mean([scorer.score(r["output"], o)["rougeL"].fmeasure for o, r in zip(ev["outputs"], rows)])
+    def score(metric: str, rows: list[dict], ev: dict, labels: list[str]) -> scoring.Stat:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        return scoring.mean([scorer.score(reference(r), o)["rougeL"].fmeasure for o, r in zip(ev["outputs"], rows)])
+
+    return score
 
 
 register(
@@ -200,13 +214,42 @@ register(
         prompt=lambda r, _: instruct_prompt(r),
         answer=lambda r: r["output"],
         metrics=("rouge_l", "perplexity"),
-        score=_rouge_l,
+        score=rouge_l(lambda r: r["output"]),
         aliases=(("input", "context"), ("output", "response")),
-        one_line=False,
+        stop="\n###",  # the next header: the model starting another instruction
         serve_field="instruction",
         serve_example="Name three primary colors.",
         use="Follow short single-turn instructions in the Alpaca/Dolly format.",
         limits="A small model tuned on a few thousand examples: answers can be wrong or made up; no safety tuning.",
+    )
+)
+
+# --- chat ---------------------------------------------------------------------------------
+
+
+def _last_answer(row: dict) -> str:
+    from tuneline.chat import last_turn
+
+    return last_turn(row)[1]
+
+
+register(
+    Task(
+        "chat",
+        ("messages",),
+        (),
+        ("messages",),
+        prompt=None,  # the model's chat template (tuneline/chat.py), every assistant turn trained
+        answer=_last_answer,
+        metrics=("rouge_l", "perplexity"),
+        score=rouge_l(_last_answer),
+        aliases=(("messages", "conversations"),),
+        stop=None,  # the end-of-turn token (EOS) ends an answer; markdown headers may be in it
+        chat=True,  # served: a user message, or a conversation ending with one (tuneline/chat.py `request`)
+        serve_example="Name three primary colors.",
+        use="Answer in conversations (system, user and assistant turns) in the model's chat template.",
+        limits="A small model tuned on a few thousand conversations: answers can be wrong or made up; no tool "
+        "use, no safety tuning.",
     )
 )
 

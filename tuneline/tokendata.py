@@ -4,17 +4,18 @@ Two layouts per split, under data/tokenized/ (meta.json says which, per split):
 
 - `blocks` (packing: concat, the nanoGPT layout): `<split>.tokens`, every example's ids
   joined in one flat array (uint16 when the vocabulary fits, else uint32), and the index
-  `<split>.index`, int64 end offsets of the examples, with `<split>.prompts`, int32 prompt
-  lengths (the tokens that carry no loss). Row i is the block of tokens [i*T, (i+1)*T); the
-  remainder after the last whole block is never read. Training memory-maps the file.
+  `<split>.index`, int64 end offsets of the examples, with `<split>.mask`, one uint8 per
+  token, 1 where it is trained (left out when every token is). Row i is the block of tokens
+  [i*T, (i+1)*T); the remainder after the last whole block is never read. Training
+  memory-maps the files.
 - `rows` (packing: bfd or none): `<split>.arrow`, an Arrow IPC file of packed rows with
-  list<int32> columns `input_ids`, `labels` (IGNORE on prompt tokens) and `seq_lens` (the
+  list<int32> columns `input_ids`, `labels` (IGNORE on untrained tokens) and `seq_lens` (the
   examples in the row, in order). It is built in two passes: the examples are first written
   in the blocks layout (a temporary), packed by length alone (`packing.bfd`), then gathered
   into rows chunk by chunk and written as they are made.
 
 Memory does not grow with the corpus: a batch of examples, plus, for `rows`, 12 bytes per
-example for the packing. Disk is the bound: about 2 bytes per token (blocks), 8 (rows).
+example for the packing. Disk is the bound: about 2-3 bytes per token (blocks), 8 (rows).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tuneline.data import TOKENIZED
 from tuneline.errors import TunelineError
 from tuneline.io import read_json
 from tuneline.packing import IGNORE, bfd
+from tuneline.tokenization import Spans
 
 ROWS_PER_CHUNK = 2048  # packed rows gathered and written per Arrow record batch
 
@@ -39,26 +41,32 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ExampleWriter:
-    """Appends examples (ids, prompt length) to the blocks layout, batch by batch."""
+    """Appends examples (ids, trained spans) to the blocks layout, batch by batch."""
 
     def __init__(self, root: Path, name: str, dtype: np.dtype):
         self.root, self.name, self.dtype = root, name, dtype
-        self.files = {k: open(root / f"{name}.{k}", "wb") for k in ("tokens", "index", "prompts")}
-        self.tokens = 0
-        self.examples = 0
+        self.files = {k: open(root / f"{name}.{k}", "wb") for k in ("tokens", "index", "mask")}
+        self.tokens = self.examples = self.trained = 0
 
-    def add(self, ids: list[list[int]], prompts: list[int]) -> None:
+    def add(self, ids: list[list[int]], spans: list[Spans]) -> None:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
         flat.astype(self.dtype).tofile(self.files["tokens"])
         (self.tokens + np.cumsum(lengths)).tofile(self.files["index"])
-        np.asarray(prompts, dtype=np.int32).tofile(self.files["prompts"])
+        mask = np.zeros(len(flat), np.uint8)
+        for begin, trained in zip((np.cumsum(lengths) - lengths).tolist(), spans):
+            for a, b in trained:
+                mask[begin + a : begin + b] = 1
+        mask.tofile(self.files["mask"])
         self.tokens += int(lengths.sum())
+        self.trained += int(mask.sum())
         self.examples += len(ids)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+        if self.trained == self.tokens:  # pretraining: every token trained, no mask to keep
+            (self.root / f"{self.name}.mask").unlink()
 
 
 class Examples:
@@ -77,27 +85,20 @@ class Examples:
     def ends(self) -> np.ndarray:
         return self._map("index", np.int64)
 
-    @property
-    def prompts(self) -> np.ndarray:
-        return self._map("prompts", np.int32)
+    def mask(self) -> np.ndarray | None:
+        """1 where a token is trained; None when every token is (no mask file)."""
+        return self._map("mask", np.uint8) if (self.root / f"{self.name}.mask").is_file() else None
 
     def tokens(self) -> np.ndarray:
         # A fresh map per read, as nanoGPT does: pages of an old map are not kept resident.
         return self._map("tokens", self.dtype)
 
     def labels_of(self, ids: np.ndarray, start: int) -> np.ndarray:
-        """Labels of tokens [start, start + len(ids)): IGNORE inside a prompt."""
-        ends, prompts = self.ends, self.prompts
-        stop = start + len(ids)
-        first = int(np.searchsorted(ends, start, side="right"))  # the example holding `start`
-        last = int(np.searchsorted(ends, stop - 1, side="right"))
-        before = np.asarray(ends[first - 1 : last], dtype=np.int64) if first else np.asarray(ends[:last], np.int64)
-        begins = before if first else np.concatenate(([0], before))
+        """Labels of tokens [start, start + len(ids)): IGNORE where a token is not trained."""
         labels = ids.astype(np.int64, copy=True)
-        for b, p in zip(begins.tolist(), np.asarray(prompts[first : last + 1]).tolist()):
-            lo, hi = max(b, start), min(b + p, stop)
-            if hi > lo:
-                labels[lo - start : hi - start] = IGNORE
+        mask = self.mask()
+        if mask is not None:
+            labels[np.asarray(mask[start : start + len(ids)]) == 0] = IGNORE
         return labels
 
 
@@ -112,7 +113,7 @@ def pack_rows(ex: Examples, lengths: np.ndarray, capacity: int, packing: str, ou
         members, starts = np.arange(len(lengths), dtype=np.int64), np.arange(len(lengths) + 1, dtype=np.int64)
     ends = np.asarray(ex.ends)
     begins = ends - lengths
-    prompts = np.asarray(ex.prompts)
+    mask = ex.mask()
     n_rows = len(starts) - 1
     list32 = pa.list_(pa.int32())
     schema = pa.schema([("input_ids", list32), ("labels", list32), ("seq_lens", list32)])
@@ -126,8 +127,9 @@ def pack_rows(ex: Examples, lengths: np.ndarray, capacity: int, packing: str, ou
             # position of each gathered token inside its example, and where it is in the file
             first = np.repeat(np.cumsum(lens) - lens, lens)
             within = np.arange(total, dtype=np.int64) - first
-            ids = np.asarray(ex.tokens()[np.repeat(begins[m], lens) + within], dtype=np.int32)
-            labels = np.where(within < np.repeat(prompts[m], lens), IGNORE, ids).astype(np.int32)
+            where = np.repeat(begins[m], lens) + within  # (total,) file positions
+            ids = np.asarray(ex.tokens()[where], dtype=np.int32)
+            labels = ids if mask is None else np.where(np.asarray(mask[where]) == 1, ids, IGNORE).astype(np.int32)
             row_lens = np.add.reduceat(lens, starts[r0:r1] - starts[r0]) if len(lens) else lens
             longest = max(longest, int(row_lens.max()))
             tok_off = np.concatenate(([0], np.cumsum(row_lens))).astype(np.int32)
@@ -168,7 +170,7 @@ class TokenRows:
         if self.layout == "blocks":
             self.block = meta["max_length"]
             self.examples = Examples(root, split, info["dtype"])
-            self.all_trained = info["prompt_tokens"] == 0
+            self.all_trained = info["masked_tokens"] == 0
         else:
             import pyarrow as pa
 
@@ -205,10 +207,16 @@ class TokenRows:
         }
 
 
+def _predicted(spans: Spans) -> int:
+    """Trained tokens the model predicts: all but a first token (nothing comes before it)."""
+    return sum(b - a for a, b in spans) - (1 if spans and spans[0][0] == 0 else 0)
+
+
 def write_split(tok, batches: Iterable[list[dict]], n_rows: int, task, labels: list[str], cfg, out: Path, split: str):
     """Tokenize one prepared split batch by batch into out/; returns (its packing figures,
     its meta.json entry). Over-long examples follow tokenize.overlong (bfd/none; concat cuts
-    documents at block edges by design); an example with no trainable token is an error."""
+    documents at block edges by design): under truncate, an example whose every trained token
+    is cut is dropped and counted. An example with no trainable token at all is an error."""
     from tuneline import progress
     from tuneline.tokenization import encode_batch
 
@@ -216,30 +224,33 @@ def write_split(tok, batches: Iterable[list[dict]], n_rows: int, task, labels: l
     dtype = token_dtype(len(tok))
     w = ExampleWriter(out, split if blocks else f".{split}.examples", dtype)
     lengths = array("q")
-    seen = n_over = trainable = prompt_tokens = pad128 = 0
+    seen = n_over = n_cut = trainable = masked = pad128 = 0
     first_empty, n_empty = None, 0
     with progress.bar("tokenize", n_rows, "examples", what=split) as bar:
         for rows in batches:
-            ids, prompts = encode_batch(tok, rows, task, labels)
+            ids, spans = encode_batch(tok, rows, task, labels)
+            empty = [i for i, s in enumerate(spans) if _predicted(s) == 0]  # an answer with nothing to learn
+            if empty and first_empty is None:
+                first_empty = seen + empty[0]
+            n_empty += len(empty)
             seen += len(ids)
             if not blocks:
                 over = [len(x) > T for x in ids]
                 n_over += sum(over)
-                if cfg.overlong == "truncate":
-                    ids = [x[:T] for x in ids]
+                if cfg.overlong == "truncate":  # a row whose every trained token is cut away is dropped
+                    ids, spans = [x[:T] for x in ids], [[(a, min(b, T)) for a, b in s if a < T] for s in spans]
+                    keep = [_predicted(s) > 0 or not o for s, o in zip(spans, over)]
+                    n_cut += keep.count(False)
                 else:  # drop (and error, which stops after counting them all)
-                    ids, prompts = [x for x, o in zip(ids, over) if not o], [p for p, o in zip(prompts, over) if not o]
+                    keep = [not o for o in over]
+                ids, spans = [x for x, k in zip(ids, keep) if k], [s for s, k in zip(spans, keep) if k]
             L = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-            P = np.minimum(np.asarray(prompts, dtype=np.int64), L)
-            empty = np.flatnonzero(L - P - (P == 0) <= 0)  # nothing to predict after the first token
-            if len(empty) and first_empty is None:
-                first_empty = w.examples + int(empty[0])
-            n_empty += len(empty)
-            trainable += int((L - P).sum())
-            prompt_tokens += int(P.sum())
+            n_trained = sum(b - a for s in spans for a, b in s)
+            trainable += n_trained
+            masked += int(L.sum()) - n_trained
             pad128 += int(np.maximum(L, 128).sum())
             lengths.extend(L.tolist())
-            w.add(ids, prompts)
+            w.add(ids, spans)
             bar.advance(len(rows), tokens=int(L.sum()))
     w.close()
     if n_over:
@@ -249,12 +260,15 @@ def write_split(tok, batches: Iterable[list[dict]], n_rows: int, task, labels: l
                 f"tokenize: {where}", "raise tokenize.max_length, or set tokenize.overlong to drop/truncate"
             )
         # Never silent: an answer cut short teaches the model to stop early, so say so.
-        print(f"[tokenize] {where}: {'dropped' if cfg.overlong == 'drop' else 'truncated'}", flush=True)
+        cut = f" ({n_cut} left with no trained token: dropped)" if n_cut else ""
+        print(f"[tokenize] {where}: {'dropped' if cfg.overlong == 'drop' else 'truncated'}{cut}", flush=True)
     if n_empty:
         raise TunelineError(
             f"tokenize: {n_empty} {split} examples have no trainable token (first: #{first_empty})",
-            "check the answer column, or use tokenize.overlong=drop instead of truncate",
+            "check the answer column: an empty answer teaches nothing",
         )
+    if seen and not w.examples:
+        raise TunelineError(f"tokenize: no {split} example is left to train on", "raise tokenize.max_length")
     n, tokens = w.examples, w.tokens
     if blocks:
         rows_out, longest = tokens // T, T
@@ -265,20 +279,20 @@ def write_split(tok, batches: Iterable[list[dict]], n_rows: int, task, labels: l
             )
         kept = rows_out * T
         ex = Examples(out, split, dtype)
-        if kept < tokens and prompt_tokens:  # trainable tokens in the dropped tail do not count
+        if kept < tokens and masked:  # trainable tokens in the dropped tail do not count
             tail = np.asarray(ex.tokens()[kept:], dtype=np.int64)
             trainable -= int((ex.labels_of(tail, kept) != IGNORE).sum())
         elif kept < tokens:
             trainable -= tokens - kept
         meta = {"layout": "blocks", "rows": rows_out, "dtype": dtype.name, "tokens": tokens, "examples": n}
-        meta["prompt_tokens"] = prompt_tokens
+        meta["masked_tokens"] = masked
     else:
         name = f".{split}.examples"
         rows_out, longest = pack_rows(
             Examples(out, name, dtype), np.frombuffer(lengths, np.int64), T, cfg.packing, out / f"{split}.arrow"
         )
-        for k in ("tokens", "index", "prompts"):
-            (out / f"{name}.{k}").unlink()
+        for k in ("tokens", "index", "mask"):
+            (out / f"{name}.{k}").unlink(missing_ok=True)
         kept = tokens
         meta = {"layout": "rows", "rows": rows_out, "tokens": tokens, "examples": n}
     stats = {
