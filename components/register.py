@@ -31,6 +31,7 @@ PARAMS = (
     "tokenize.overlong",
     "tokenize.packing",
     "evaluate.num_beams",
+    "evaluate.batch_size",  # the served model's (tuneline/serving.py settings)
     "evaluate.precision",
     "evaluate.max_new_tokens",
     "evaluate.constrain",

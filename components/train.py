@@ -14,11 +14,11 @@ import json
 
 import torch
 
-from tuneline import chat, checkpoint, deps, distributed, tasks
+from tuneline import chat, checkpoint, deps, distributed
 from tuneline.config import Params
-from tuneline.data import MODELS, TOKENIZED, TRAIN_CURVE, metrics_file
+from tuneline.data import MODELS, TOKENIZED, TOKENIZED_META, TRAIN_CURVE, metrics_file
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
-from tuneline.io import atomic_dir, write_json, write_text
+from tuneline.io import atomic_dir, read_json, write_json, write_text
 from tuneline.loss import unwrap
 from tuneline.modeling import amp_dtype, check_pair, device, load_tokenizer
 from tuneline.tokendata import read_rows
@@ -137,7 +137,7 @@ def _save(model, tok, params: Params) -> None:
             model = model.merge_and_unload()
         model = unwrap(model)
         model.save_pretrained(tmp / "merged")
-        if tasks.TASKS[params.prepare.task].chat:  # the template it was trained in travels with it
+        if "chat_template_sha256" in read_json(TOKENIZED_META):  # conversations: their template travels with it
             tok.chat_template = chat.template(tok)
         tok.save_pretrained(tmp / "merged")
         write_json(tmp / "merged" / "tuneline_params.json", params.model_dump())

@@ -66,7 +66,7 @@ def test_the_answers_compared_are_the_greedy_answers(trained, gpt2_tok):
     adapted = PeftModel.from_pretrained(load_model("tiny-gpt2"), parity.ADAPTER).eval()
     for other, expect in ((merged, 4), (load_model("tiny-gpt2"), 0)):  # the base model answers otherwise
         _, same = parity.compare(adapted, other, gpt2_tok, prompts, 12, "\n")
-        a, b = (generate(m, gpt2_tok, prompts, 12, 4, 1, True, show=False) for m in (adapted, other))
+        a, b = (generate(m, gpt2_tok, prompts, 12, 4, 1, "\n", show=False) for m in (adapted, other))
         assert same == sum(x == y for x, y in zip(a, b)) == expect
 
 

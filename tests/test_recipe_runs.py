@@ -15,6 +15,7 @@ SETS = {
     "pretrain": [],
     "mnli": [],
     "alpaca": [f"prepare.source={SHARED_DATA / 'alpaca/alpaca_data.json'}"],
+    "chat": [f"prepare.source=alpaca-chat:{SHARED_DATA / 'alpaca/alpaca_data.json'}"],
     "emotion": [
         f"prepare.source={SHARED_DATA / 'emotion/train.jsonl'}",
         f"prepare.test_source={SHARED_DATA / 'emotion/validation.jsonl'}",
@@ -25,6 +26,7 @@ PRIMARY = {
     "pretrain": "perplexity",
     "mnli": "accuracy",
     "alpaca": "rouge_l",
+    "chat": "rouge_l",
     "emotion": "accuracy",
 }
 
@@ -57,7 +59,7 @@ def smoked(request, tmp_path_factory, model_cache, prefect_api) -> dict:
         for item in request.session.items
         if getattr(item, "originalname", None) == "test_smoke_runs_every_recipe_and_touches_nothing_real"
     ]
-    chosen = [r for r in chosen if not (r in ("alpaca", "emotion") and not SHARED_DATA.is_dir())]
+    chosen = [r for r in chosen if not (r in ("alpaca", "chat", "emotion") and not SHARED_DATA.is_dir())]
 
     def smoke(recipe: str):
         project = make_project(tmp_path_factory.mktemp(recipe) / "proj", model_cache)
@@ -73,7 +75,7 @@ def smoked(request, tmp_path_factory, model_cache, prefect_api) -> dict:
 
 @pytest.mark.parametrize("recipe", list(SETS))
 def test_smoke_runs_every_recipe_and_touches_nothing_real(recipe, smoked):
-    if recipe in ("alpaca", "emotion") and not SHARED_DATA.is_dir():
+    if recipe in ("alpaca", "chat", "emotion") and not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside the repository")
     project, before, out = smoked[recipe]
     assert "smoke run finished" in out

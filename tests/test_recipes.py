@@ -11,10 +11,10 @@ from tuneline.errors import TunelineError
 from tuneline.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ["alpaca", "descramble", "emotion", "mnli", "pretrain"]
+SHIPPED = ["alpaca", "chat", "descramble", "emotion", "mnli", "pretrain"]
 
 
-def test_the_five_recipes_ship():
+def test_the_six_recipes_ship():
     assert recipes.names() == SHIPPED
 
 

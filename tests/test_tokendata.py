@@ -158,13 +158,24 @@ def test_overlong_examples_are_counted_never_silently_cut(tmp_path, gpt2_tok, ca
         _write(tmp_path / "e", gpt2_tok, rows, 2, max_length=16, packing="none", overlong="error")
 
 
-def test_an_answer_truncated_away_is_an_error(tmp_path, gpt2_tok):
+def test_a_row_truncated_to_no_trained_token_is_dropped_and_counted(tmp_path, gpt2_tok, capsys):
     rows = [{"instruction": "Hi.", "input": "", "output": "Hello."}] + [
         {"instruction": "word " * 30, "input": "", "output": "the answer"}
     ] * 2
     cfg = TokenizeCfg(max_length=16, packing="none", overlong="truncate")
+    stats, meta = tokendata.write_split(gpt2_tok, [rows], 3, tasks.TASKS["instruct"], [], cfg, tmp_path, "train")
+    assert meta["examples"] == 1 and stats["overlong_examples"] == 2
+    out = capsys.readouterr().out
+    assert (
+        "2 of 3 train examples are longer than tokenize.max_length=16: truncated (2 left with no trained token" in out
+    )
+
+
+def test_an_example_with_nothing_to_learn_is_an_error(tmp_path, gpt2_tok):
+    rows = [{"text": "some text"}, {"text": ""}, {"text": ""}]  # "" is EOS alone: no token before it to learn from
+    cfg = TokenizeCfg(max_length=16, packing="none")
     with pytest.raises(Exception, match=r"2 train examples have no trainable token \(first: #1\)"):
-        tokendata.write_split(gpt2_tok, [rows], 3, tasks.TASKS["instruct"], [], cfg, tmp_path, "train")
+        tokendata.write_split(gpt2_tok, [rows], 3, tasks.TASKS["pretrain"], [], cfg, tmp_path, "train")
 
 
 @pytest.mark.parametrize("packing", ["concat", "bfd"])

@@ -193,6 +193,9 @@ def from_alpaca(records: Iterable[dict]) -> Iterator[dict]:
         for rec in pending:
             context = rec.get("input") or rec.get("context") or ""
             ask = str(rec.get("instruction", "")) + (f"\n\n{context}" if context else "")
-            messages += [{"role": "user", "content": ask}, {"role": "assistant", "content": rec.get("output", rec.get("response"))}]
+            messages += [
+                {"role": "user", "content": ask},
+                {"role": "assistant", "content": rec.get("output", rec.get("response"))},
+            ]
         yield {"messages": messages} | ({LINE: pending[0][LINE]} if LINE in pending[0] else {})
         pending, k = [], k + 1

@@ -138,9 +138,7 @@ def test_rows(params: Params) -> tuple[list[dict], int]:
     return fit_rows(load_tokenizer(params.model.name), read_split("test"), params, limit)
 
 
-def prompts_and_targets(
-    task: tasks.Task, rows: list[dict], labels: list[str], tok=None
-) -> tuple[list[str], list[str]]:
+def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str], tok=None) -> tuple[list[str], list[str]]:
     """What each row asks and the reference answer (`tok`: the model's, for a chat task's template)."""
     if task.generates:
         return [list(x) for x in zip(*(tasks.render(task, r, labels, tok) for r in rows))]

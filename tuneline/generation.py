@@ -247,6 +247,7 @@ def answer(
     request, register's parity check)."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
+
     def done(ids: list[int]) -> bool:
         return answer_complete(tok, ids, stop)
 

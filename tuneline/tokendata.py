@@ -267,8 +267,6 @@ def write_split(tok, batches: Iterable[list[dict]], n_rows: int, task, labels: l
             f"tokenize: {n_empty} {split} examples have no trainable token (first: #{first_empty})",
             "check the answer column: an empty answer teaches nothing",
         )
-    if seen and not w.examples:
-        raise TunelineError(f"tokenize: no {split} example is left to train on", "raise tokenize.max_length")
     n, tokens = w.examples, w.tokens
     if blocks:
         rows_out, longest = tokens // T, T
