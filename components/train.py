@@ -134,6 +134,12 @@ def _save(model, tok, params: Params) -> None:
     with atomic_dir(MODELS) as tmp:
         if params.train.method == "lora":
             model.save_pretrained(tmp / "adapter")
+            if params.train.quantize != "none":  # QLoRA: merged into the full-precision base, as registered
+                from peft import PeftModel
+
+                from tuneline.modeling import load_model
+
+                model = PeftModel.from_pretrained(load_model(params.model.name), tmp / "adapter")
             model = model.merge_and_unload()
         model = unwrap(model)
         model.save_pretrained(tmp / "merged")

@@ -33,6 +33,15 @@ def test_what_only_the_model_or_mlflow_can_refuse_is_refused_up_front(over, says
     assert says in str(e.value)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="QLoRA runs where CUDA is")
+def test_qlora_without_a_cuda_gpu_is_refused_up_front_saying_what_to_use(model_cache):
+    params = parse_params({"model": {"name": "tiny-gpt2"}, "train": {"quantize": "nf4"}})
+    with pytest.raises(TunelineError, match=r"'nf4' \(QLoRA\) needs a CUDA GPU.*Fix: set train.quantize: none"):
+        preflight.check(params, store=False)
+    with pytest.raises(TunelineError, match="train.quantize .nf4. .* train.method is .full."):
+        parse_params({"train": {"quantize": "nf4", "method": "full"}})
+
+
 def test_full_fine_tuning_does_not_check_lora_targets(model_cache):
     preflight.check(parse_params({"model": {"name": "tiny-gpt2"}, "train": {"method": "full", "lora_targets": ["x"]}}))
 

@@ -184,6 +184,12 @@ class TrainCfg(_Group):
         description="LoRA+: the B matrices (and 1-D trainables) learn this many times faster than the A "
         "matrices (peft's LoRA+ grouping); 1 is plain LoRA. Its paper uses 16, with a lower lr.",
     )
+    quantize: Literal["none", "nf4"] = Field(
+        "none",
+        description="'nf4': QLoRA, the frozen base held in 4-bit NormalFloat (bitsandbytes, double quantisation, "
+        "bf16 compute) under LoRA adapters: about a quarter of the base's memory. Needs a CUDA GPU and "
+        "bitsandbytes; the adapter is merged into the full-precision base for registering.",
+    )
     eval_every: int = Field(30, ge=1, description="Validation loss every N optimizer steps.")
     log_every: int = Field(5, ge=1, description="Log train loss/throughput every N steps.")
 
@@ -318,6 +324,11 @@ with warnings.catch_warnings():
                 raise ValueError(
                     "train.lora_variant and train.loraplus_lr_ratio shape LoRA adapters, and train.method is 'full' "
                     "(set train.method: lora, or leave them at 'lora' and 1)"
+                )
+            if self.train.quantize != "none" and self.train.method != "lora":
+                raise ValueError(
+                    f"train.quantize '{self.train.quantize}' (QLoRA) trains LoRA adapters over a frozen 4-bit base, "
+                    "and train.method is 'full' (set train.method: lora, or train.quantize: none)"
                 )
             if self.evaluate.base_prompting == "few_shot" and self.evaluate.base_shots == 0:
                 raise ValueError(

@@ -24,3 +24,26 @@ def lora_targets(model_type: str, cfg: TrainCfg) -> tuple[list[str], bool]:
             "set train.lora_targets to the names of its linear layers",
         )
     return targets, fan_in_fan_out
+
+
+def check_quantize(cfg: TrainCfg) -> None:
+    """QLoRA's 4-bit base runs on bitsandbytes' CUDA kernels: where they cannot run, one
+    line that says so (before any data is read), not a crash at the first step."""
+    if cfg.quantize == "none":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TunelineError(
+            f"train.quantize '{cfg.quantize}' (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels run on CUDA, "
+            "and this machine has none",
+            "set train.quantize: none (LoRA over the full-precision base: the same adapters, more memory), "
+            "or run on a CUDA machine",
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunelineError(
+            f"train.quantize '{cfg.quantize}' (QLoRA) needs the bitsandbytes package",
+            "pip install bitsandbytes, or set train.quantize: none",
+        ) from None

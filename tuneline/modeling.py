@@ -328,6 +328,32 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None):
     return for_device(model)
 
 
+def load_4bit(name: str | Path):
+    """The base model with its linear weights in 4-bit NormalFloat on the first CUDA GPU
+    (QLoRA's recipe: double quantisation, bf16 compute); train.quantize: nf4."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if str(name) in SCRATCH:
+        raise TunelineError(
+            f"train.quantize: '{name}' starts from random weights, with nothing to quantise",
+            "set train.quantize: none to train it",
+        )
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve(str(name)), quantization_config=quant, device_map={"": 0}, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as err:
+        raise _hub_error(str(name), err) from None
+    return for_device(model)
+
+
 def for_device(model):
     """Packed rows' attention over each example alone (tuneline/attention.py): flex
     attention on a CUDA GPU, per-example sdpa elsewhere."""

@@ -120,7 +120,10 @@ def check(params: Params, store: bool = True, model: bool = True) -> None:
             f"set tokenize.max_length to at most {limit}",
         )
     if params.train.method == "lora":
+        from tuneline.lora import check_quantize
+
         check_lora_targets(params, cfg["model_type"])
+        check_quantize(params.train)
     if store:
         from tuneline.tracking import check_store
 

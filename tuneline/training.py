@@ -21,9 +21,9 @@ from tuneline import checkpoint, distributed, progress
 from tuneline.checkpoint import Checkpoint
 from tuneline.config import Params, TrainCfg
 from tuneline.errors import TunelineError
-from tuneline.lora import lora_targets
+from tuneline.lora import check_quantize, lora_targets
 from tuneline.loss import loss_sum, loss_totals
-from tuneline.modeling import autocast, device, load_model
+from tuneline.modeling import autocast, device, load_4bit, load_model
 from tuneline.packing import IGNORE, collate
 
 
@@ -50,8 +50,19 @@ def wrap_lora(model, cfg: TrainCfg):
 
 
 def prepare_model(params: Params):
-    """Base model → gradient checkpointing → LoRA (or all weights trainable)."""
+    """Base model → gradient checkpointing → LoRA (or all weights trainable). QLoRA: the
+    base loaded in 4-bit on the GPU, prepared by peft for k-bit training."""
     cfg = params.train
+    if cfg.quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        check_quantize(cfg)
+        model = prepare_model_for_kbit_training(
+            load_4bit(params.model.name),
+            use_gradient_checkpointing=cfg.grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        return wrap_lora(model, cfg).train()  # already placed on the GPU: 4-bit weights are not moved
     model = load_model(params.model.name)
     if cfg.grad_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (LoRA freezes the
