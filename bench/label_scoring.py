@@ -71,7 +71,7 @@ def bench(args) -> dict:
 
     def cached(n: int) -> tuple[list[str], list[list[float]]]:
         with contextlib.redirect_stdout(io.StringIO()):
-            _, logp = answer(model, tok, prompts[:n], 0, params.evaluate.batch_size, branches=branches[:n])
+            _, logp, _ = answer(model, tok, prompts[:n], 0, params.evaluate.batch_size, branches=branches[:n])
         return [labels[max(range(L), key=lp.__getitem__)] for lp in logp], logp
 
     cached(2)  # warm-up, not timed

@@ -67,6 +67,19 @@ def test_batched_generation_equals_one_prompt_at_a_time(model, gpt2_tok, num_bea
     assert not any(a.startswith("Unscramble") for a in batched)  # the prompt is never echoed
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_an_answer_ends_at_eos_or_its_stop_marker_and_is_flagged_when_cut_at_the_budget(model, gpt2_tok, num_beams):
+    from tuneline.generation import answer
+
+    free, _, ended = answer(model, gpt2_tok, PROMPTS, 8, len(PROMPTS), num_beams, stop=None)
+    for text, done in zip(free, ended):  # the random model runs on: cut at 8 tokens, unless EOS came first
+        again, _, _ = answer(model, gpt2_tok, [PROMPTS[free.index(text)]], 16, 1, num_beams, stop=None)
+        assert done == (again[0] == text)  # given more budget, a cut answer goes on; an ended one does not
+    marker = free[0].split()[0]  # a word it does write
+    _, _, ended = answer(model, gpt2_tok, PROMPTS[:1], 8, 1, num_beams, stop=marker)
+    assert ended == [True]
+
+
 def test_prompt_lookup_guesses_change_no_token_and_save_forwards(model, gpt2_tok):
     """Guessed tokens are kept only where the model itself predicts them: with lookup on,
     every prompt's answer is still its one-at-a-time greedy answer; on tiny GPT-2, which
@@ -254,7 +267,7 @@ def test_any_model_on_a_file_it_has_never_seen(tmp_path, model_cache):
     params = recipes.build("descramble", ["model.name=tiny-gpt2", "evaluate.max_new_tokens=8"])
     result = evaluate_file("tiny-gpt2", params, str(data))
     assert result["n_examples"] == 2 and result["data"]["sha256"]
-    assert list(result["metrics"]) == [*tasks.TASKS["descramble"].metrics, "generation_s"]
+    assert list(result["metrics"]) == [*tasks.TASKS["descramble"].metrics, "unterminated_rate", "generation_s"]
     assert sorted(result["predictions"][0]["prompt"].split()[1:-1]) == sorted(
         result["predictions"][0]["target"].split()
     )

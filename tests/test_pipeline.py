@@ -224,10 +224,24 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     # v2 faced champion v1 on the same examples, through v1's logged per-example results
     # (not by evaluating v1 again).
     assert "evaluating it on these" not in out and "unreadable" not in out, out
-    _, aliases, tags, _ = _version(project, ref="2")
+    _, aliases, tags, card = _version(project, ref="2")
     assert tags["gate.compared_with"] == "champion v1" and "challenger" in aliases
     assert tags["gate.decision"] in ("promoted", "kept champion")
     assert (_version(project)[0] == "2") == (tags["gate.decision"] == "promoted")
+    # register wrote the review of v2 against v1 into v2's run, and the card points to it
+    assert "`review/diff.md` (and `.html`) in this version's MLflow run" in card
+    review = project.python(
+        "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        f"run = '{tags['run_id']}'\n"
+        "md = open(mlflow.artifacts.download_artifacts(run_id=run, artifact_path='review/diff.md')).read()\n"
+        "page = open(mlflow.artifacts.download_artifacts(run_id=run, artifact_path='review/diff.html')).read()\n"
+        "print(md.splitlines()[0], '|', '<table>' in page and '<h2>What changed</h2>' in page)"
+    )
+    assert review.strip().splitlines()[-1] == "# v2 against v1 | True"
+    assert "`train.lr`: 0.002 -> 0.001" in project.python(
+        "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        f"print(open(mlflow.artifacts.download_artifacts(run_id='{tags['run_id']}', artifact_path='review/diff.md')).read())"
+    )
 
 
 def test_a_stage_started_by_the_flow_starts_with_sigint_blocked_whatever_the_users_shell(monkeypatch):

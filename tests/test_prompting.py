@@ -83,8 +83,8 @@ def test_a_shared_prefix_answers_and_scores_as_the_whole_text_alone(tiny_gpt2, g
     rows = TEST + [{"source": "one two three four five six seven", "target": "x"}]
     prompts = [task.prompt(r, []) for r in rows]
     branches = [[gpt2_tok(" " + r["target"])["input_ids"] + [gpt2_tok.eos_token_id]] for r in rows]
-    out, lp = answer(tiny_gpt2, gpt2_tok, how.wrap(prompts), 6, 3, num_beams, branches=branches, prefix=how.prefix)
+    out, lp, _ = answer(tiny_gpt2, gpt2_tok, how.wrap(prompts), 6, 3, num_beams, branches=branches, prefix=how.prefix)
     for i, text in enumerate(how.texts(prompts)):
-        o, alone = answer(tiny_gpt2, gpt2_tok, [text], 6, 1, num_beams, branches=[branches[i]])
+        o, alone, _ = answer(tiny_gpt2, gpt2_tok, [text], 6, 1, num_beams, branches=[branches[i]])
         assert out[i] == o[0]
         assert lp[i][0] == pytest.approx(alone[0][0], abs=1e-4)

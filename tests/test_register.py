@@ -4,6 +4,7 @@ import json
 import math
 
 import mlflow
+import numpy as np
 import pytest
 
 from tuneline import card, gate, recipes, registry
@@ -20,12 +21,13 @@ def _cmp(a, b, lo, hi, p, metric="chrf"):
 @pytest.mark.parametrize(
     "c, cfg, promoted, why",
     [
-        (_cmp(60, 50, 4, 16, 0.001), RegisterCfg(), True, "p=0.001 < 0.05"),
+        (_cmp(60, 50, 4, 16, 0.001), RegisterCfg(), True, "p=0.001 < 0.0304 (register.alpha=0.05, decision 1"),
         (_cmp(50, 50, 0, 0, 1.0), RegisterCfg(), False, "not better"),
         (_cmp(45, 50, -9, -1, 0.99), RegisterCfg(), False, "not better"),
         (_cmp(51, 50, 0.2, 1.8, 0.01), RegisterCfg(min_delta=2.0), False, "gain 1 is below register.min_delta=2.0"),
-        (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(), False, "not significant (p=0.2 >= register.alpha=0.05"),
-        (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(alpha=1.0), True, "p=0.2 < 1.0"),
+        (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(), False, "not significant (p=0.2 >= 0.0304 (register.alpha=0.05"),
+        (_cmp(52, 50, -1, 5, 0.04), RegisterCfg(), False, "not significant (p=0.04 >= 0.0304"),  # spent: 6/π² of alpha
+        (_cmp(52, 50, -1, 5, 0.2), RegisterCfg(alpha=1.0), True, "p=0.2 < 1 (bootstrap)"),
         (_cmp(math.nan, 50, math.nan, math.nan, math.nan), RegisterCfg(alpha=1.0), False, "never promotes"),
         (_cmp(40, 50, -15, -5, 0.001, "perplexity"), RegisterCfg(), True, "delta -10"),  # lower wins
     ],
@@ -33,6 +35,63 @@ def _cmp(a, b, lo, hi, p, metric="chrf"):
 def test_the_gate_promotes_only_a_real_significant_improvement(c, cfg, promoted, why):
     got, reason = decide(c, cfg, "champion v1")
     assert got is promoted and why in reason
+
+
+def _guard(metric, p, challenger=0.1, champion=0.1, margin=0.05):
+    return {
+        "metric": metric,
+        "margin": margin,
+        "challenger": challenger,
+        "champion": champion,
+        "delta": challenger - champion,
+        "p_value": p,
+    }
+
+
+@pytest.mark.parametrize(
+    "p, guards, decision, promoted, why",
+    [
+        # Holm over 3 tests at 0.0304: the p-values, sorted, must be <= 0.0101, 0.0152, 0.0304
+        (0.001, [_guard("unterminated_rate", 0.001), _guard("unparseable_rate", 0.02)], 1, True, "guardrails hold"),
+        # wins the primary metric, but more answers run on: the guardrail fails, and says so
+        (
+            0.001,
+            [_guard("unterminated_rate", 0.4, 0.30, 0.10)],
+            1,
+            False,
+            "guardrail unterminated_rate is not shown within its margin 0.05: 0.3 vs 0.1 (p=0.4",
+        ),
+        # 0.02 would pass alone (< 0.0304) but not as the smallest of 3 (> 0.0304 / 3)
+        (0.02, [_guard("unterminated_rate", 0.02), _guard("accuracy[joy]", 0.02)], 1, False, "not significant"),
+        (0.012, [_guard("accuracy[joy]", 0.001)], 1, True, "Holm over 2 tests"),  # 0.001 <= 0.0152, 0.012 <= 0.0304
+        # the same evidence at the 3rd decision on these examples: level 0.05·6/(9π²) = 0.00338
+        (0.004, [], 1, True, "p=0.004 < 0.0304"),
+        (0.004, [], 3, False, "p=0.004 >= 0.00338 (register.alpha=0.05, decision 3 on these examples"),
+    ],
+)
+def test_guardrails_holm_and_repeated_testing_with_known_p_values(p, guards, decision, promoted, why):
+    got, reason = decide(_cmp(60, 50, 4, 16, p), RegisterCfg(), "champion v1", decision, guards)
+    assert got is promoted and why in reason, reason
+
+
+def test_holm_and_alpha_spending_follow_their_definitions():
+    from tuneline.scoring import holm, spent_alpha
+
+    assert holm([0.01, 0.04, 0.03], 0.05) == [True, False, False]  # 0.01 <= 0.05/3; 0.03 > 0.05/2
+    assert holm([0.01, 0.02, 0.04], 0.05) == [True, True, True]  # 0.01 <= .0167, 0.02 <= .025, 0.04 <= .05
+    assert holm([math.nan, 0.001], 0.05) == [False, True]
+    assert sum(spent_alpha(0.05, k) for k in range(1, 100_000)) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_a_non_inferiority_test_passes_within_the_margin_and_fails_beyond_it():
+    from tuneline.scoring import compare, mean
+
+    rng = np.random.default_rng(0)
+    champ = rng.random(400) < 0.10  # 10% of answers run on
+    same, worse = champ.copy(), champ | (rng.random(400) < 0.15)  # about 23%
+    for chal, holds in ((same, True), (worse, False)):
+        c = compare(mean(chal), mean(champ), "unterminated_rate", margin=0.05)
+        assert (c.p_value < 0.05) is holds, (c.delta, c.p_value)
 
 
 def _record(key="k1", base=0.1, tuned=0.9):
@@ -123,6 +182,10 @@ def test_the_model_card_has_every_section_and_fits_the_description_column():
         "p_value": 0.001,
         "test": "bootstrap",
         "n": 200,
+        "decision_on_these_examples": 2,
+        "level": 0.0076,
+        "detectable_effect": 4.2,
+        "guardrails": [_guard("unterminated_rate", 0.001, 0.02, 0.03) | {"holds": True}],
     }
     long = "word " * 200
     text = card.description(
@@ -159,6 +222,9 @@ def test_the_model_card_has_every_section_and_fits_the_description_column():
         "sha256 `ab12`",
         "(dvc.lock md5): `d1.dir`",
         "| train.lr | `0.002` |",
+        "Repeated testing: decision 2 on these test examples, tested at level 0.0076",
+        "a true chrf gain of 4.2 is found 80% of the time",
+        "| unterminated_rate | 0.05 | 0.02 | 0.03 | -0.01 | 0.001 | yes |",
         "## Sample predictions (5)",
         "## Intended use",
         "## Limits",

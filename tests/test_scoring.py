@@ -108,3 +108,27 @@ def test_a_nan_metric_gives_a_nan_comparison():
     a, b = (scoring.stat(DESCRAMBLE, "perplexity", [], e, []) for e in (ev, ok))
     c = scoring.compare(a, b, "perplexity", n_boot=100)
     assert math.isnan(c.p_value) and math.isnan(c.ci_low)
+
+
+def test_a_labels_accuracy_counts_only_that_labels_examples():
+    rows = [{"text": "t", "label": g} for g in ("joy", "joy", "fear", "fear", "fear")]
+    ev = {"outputs": ["joy", "fear", "fear", "joy", "nonsense"], "scored": ["joy", "joy", "fear", "fear", "fear"]}
+    task, labels = tasks.TASKS["classify"], ["joy", "fear"]
+    assert scoring.stat(task, "accuracy[joy]", rows, ev, labels).value() == 0.5
+    assert scoring.stat(task, "accuracy[fear]", rows, ev, labels).value() == pytest.approx(1 / 3)
+    assert scoring.stat(task, "scored_accuracy[fear]", rows, ev, labels).value() == 1.0
+
+
+def test_the_unterminated_rate_is_the_share_of_answers_cut_at_the_budget():
+    rows = [{"source": "a b", "target": "b a"}] * 4
+    ev = {
+        "outputs": ["b a"] * 4,
+        "nll": [1.0] * 4,
+        "tokens": [2] * 4,
+        "scored": None,
+        "ended": [True, False, True, True],
+    }
+    got = scoring.metrics(tasks.TASKS["descramble"], rows, ev, [])
+    assert got["unterminated_rate"] == 0.25
+    older = {k: v for k, v in ev.items() if k != "ended"}  # recorded before tuneline kept it
+    assert "unterminated_rate" not in scoring.metrics(tasks.TASKS["descramble"], rows, older, [])

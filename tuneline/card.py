@@ -4,6 +4,8 @@ its base model, why the gate decided what it did, and what it is (not) for."""
 
 from __future__ import annotations
 
+import math
+
 from tuneline import tasks
 from tuneline.config import Params
 
@@ -57,6 +59,42 @@ def description(**kw) -> str:
     return text[: MAX_CHARS - 60] + "\n\n…(cut to fit; the run's model_card.md is whole)\n"
 
 
+def _repeated(gate: dict, alpha: float) -> list[str]:
+    """Repeated testing: which decision on these test examples this was, its level, and the
+    smallest effect it could detect."""
+    if "decision_on_these_examples" not in gate:
+        return []
+    k, level, mde = gate["decision_on_these_examples"], gate["level"], gate.get("detectable_effect", math.nan)
+    lines = [
+        f"Repeated testing: decision {k} on these test examples, tested at level {level:.3g} "
+        f"(register.alpha={alpha} spent as alpha·6/(π²k²): the levels of every decision on one test sample sum to "
+        "alpha, so re-testing nightly cannot wear the gate down; refresh the test sample to start again)."
+    ]
+    if math.isfinite(mde):
+        lines[0] += (
+            f" At this level, on {gate['n']} examples, a true {gate['metric']} gain of {abs(mde):.3g} is found "
+            "80% of the time; smaller ones mostly are not."
+        )
+    return [*lines, ""]
+
+
+def _guardrails(guards: list[dict]) -> list[str]:
+    if not guards:
+        return []
+    lines = [
+        "Guardrails (non-inferiority against the champion, Holm-corrected with the primary test):",
+        "",
+        "| guardrail | margin | challenger | champion | delta | p-value | holds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {g['metric']} | {g['margin']:g} | {_fmt(g['challenger'])} | {_fmt(g['champion'])} | {g['delta']:+.4g} | "
+        f"{g['p_value']:.3g} | {'yes' if g.get('holds') else '**no**'} |"
+        for g in guards
+    ]
+    return [*lines, ""]
+
+
 def _promptings(evals: dict) -> str:
     """Which prompting of the base model won, and what each scored on the primary metric."""
     won, by, m = evals.get("base_prompting", "plain"), evals.get("base_by_prompting", {}), evals["primary_metric"]
@@ -77,6 +115,7 @@ def render(
     data_hashes: dict,
     commit: str,
     train: dict,
+    review: str | None = None,
     width: int = 90,
 ) -> str:
     task = tasks.TASKS[params.prepare.task]
@@ -103,8 +142,19 @@ def render(
         f"{gate['p_value']:.3g} | {gate['test']} | {gate['n']} |",
         "",
         f"Promotion needs: better than the reference, by at least register.min_delta={params.register.min_delta}, "
-        f"with p < register.alpha={params.register.alpha}.",
+        f"with p below this decision's share of register.alpha={params.register.alpha}, and every guardrail held.",
         "",
+        *_repeated(gate, params.register.alpha),
+        *_guardrails(gate.get("guardrails") or []),
+        *(
+            [
+                f"What this version fixed and broke against {gate['compared_with']}, by slice, and what changed: "
+                f"`{review}` (and `.html`) in this version's MLflow run, or `tuneline diff` in a terminal.",
+                "",
+            ]
+            if review
+            else []
+        ),
         f"## Metrics: base against tuned ({evals['n_examples']} test examples, the same for both)",
         "",
         f"The base model is prompted {_promptings(evals)}.",

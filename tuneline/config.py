@@ -7,6 +7,7 @@ below. Validation runs before any heavy work; errors name the key path and the f
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import warnings
 from pathlib import Path
@@ -265,6 +266,15 @@ class RegisterCfg(_Group):
         description="Significance test: paired 'bootstrap' (any metric) or exact 'mcnemar' "
         "(0/1 metrics: exact_match, accuracy, multiset_rate, scored_accuracy, unparseable_rate).",
     )
+    guardrails: dict[str, float] | None = Field(
+        None,
+        description="Metrics a challenger must not worsen against the champion by more than a margin (in the "
+        "metric's units), each by a one-sided paired-bootstrap non-inferiority test, Holm-corrected together with "
+        "the primary test. None: the unterminated rate (answers cut at max_new_tokens) with margin 0.05 for a "
+        "generating task; for a labelled one also the unparseable rate (0.05) and each label's accuracy, "
+        "accuracy[<label>] (0.05). {} turns them off. Against the base model (no champion yet) only the primary "
+        "metric is tested.",
+    )
     parity_prompts: int = Field(
         8,
         ge=1,
@@ -297,6 +307,16 @@ with warnings.catch_warnings():
         @model_validator(mode="after")
         def _cross(self):
             task = TASKS[self.prepare.task]
+            for name, margin in (self.register.guardrails or {}).items():
+                base, _, label = name.partition("[")
+                known = (*task.metrics, *(("unterminated_rate",) if task.generates else ()))
+                if base not in known or (label and (not task.labelled or label.rstrip("]") not in self.prepare.labels)):
+                    raise ValueError(
+                        f"register.guardrails: '{name}' is not a {task.name} metric (use "
+                        f"{', '.join(known)}" + (", or accuracy[<label>]" if task.labelled else "") + ")"
+                    )
+                if not (math.isfinite(margin) and margin >= 0):
+                    raise ValueError(f"register.guardrails: the margin of '{name}' must be a number >= 0")
             metric = self.evaluate.primary_metric
             if metric is not None and metric not in task.metrics:
                 raise ValueError(
@@ -350,6 +370,16 @@ with warnings.catch_warnings():
 
         def primary_metric(self) -> str:
             return self.evaluate.primary_metric or TASKS[self.prepare.task].metrics[0]
+
+        def guardrails(self) -> dict[str, float]:
+            """register.guardrails, or the task's defaults (see its description)."""
+            if self.register.guardrails is not None:
+                return dict(self.register.guardrails)
+            task = TASKS[self.prepare.task]
+            out = {"unterminated_rate": 0.05} if task.generates else {}
+            if task.labelled:
+                out |= {"unparseable_rate": 0.05} | {f"accuracy[{lab}]": 0.05 for lab in self.prepare.labels}
+            return out
 
 
 def _field(loc: tuple):

@@ -88,7 +88,7 @@ def score_labels(model, tok, rows: list[dict], params: Params) -> list[str]:
     task, labels = tasks.TASKS[params.prepare.task], params.prepare.labels
     prompts, _ = prompts_and_targets(task, rows, labels, tok)
     branches, _ = answer_branches(tok, rows, task, labels)
-    _, logp = answer(model, tok, prompts, 0, params.evaluate.batch_size, branches=branches)
+    _, logp, _ = answer(model, tok, prompts, 0, params.evaluate.batch_size, branches=branches)
     return [labels[max(range(len(labels)), key=lp.__getitem__)] for lp in logp]
 
 
@@ -169,7 +169,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.
     words = WordConstraint(tok, [task.words(r) for r in rows]) if params.constrained() else None
     t = time.time()
     with autocast(cfg.precision):
-        outputs, logp = answer(
+        outputs, logp, ended = answer(
             model,
             tok,
             how.wrap(prompts),
@@ -189,7 +189,10 @@ def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.
             nll = [-lp[k] for lp, k in zip(logp, ref)]
             tokens = [len(bs[k]) for bs, k in zip(branches, ref)]
     scored = [labels[max(range(len(labels)), key=lp.__getitem__)] for lp in logp] if task.labelled else None
-    return {"outputs": outputs, "nll": nll, "tokens": tokens, "scored": scored, "generation_s": gen_s}
+    # `ended`: whether each answer stopped by itself (EOS or the task's stop), not at the token
+    # budget: the unterminated rate, a gate guardrail (scoring.py)
+    ev = {"outputs": outputs, "nll": nll, "tokens": tokens, "scored": scored, "generation_s": gen_s}
+    return ev | ({"ended": ended} if task.generates else {})
 
 
 def metrics_of(ev: dict, rows: list[dict], params: Params) -> dict[str, float]:

@@ -2,8 +2,11 @@
 same test examples, register it, and move the aliases.
 
 The `champion` alias moves only if the challenger is better on the primary metric, by at
-least register.min_delta, with p < register.alpha (paired bootstrap or McNemar); a failed
-or NaN evaluation never promotes. The champion's per-example results come from the
+least register.min_delta, significantly (paired bootstrap or McNemar), and, against a
+champion, no guardrail metric is worse by more than its margin (non-inferiority tests,
+Holm-corrected with the primary test). The level is register.alpha spent over the gate
+decisions made on the same test examples (alpha·6/(π²k²) for the k-th). A failed or NaN
+evaluation never promotes. The champion's per-example results come from the
 artifact logged with it (`eval/examples.json`); if it was evaluated on other examples or
 settings, it is re-evaluated on these. The evidence is tagged on the version (`gate.*`),
 and the version's description is its model card (tuneline/card.py). Every new version
@@ -72,8 +75,13 @@ def data_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
     }
 
 
-def decide(c: scoring.Comparison, cfg: RegisterCfg, against: str) -> tuple[bool, str]:
-    """Promote only if every condition holds; the reason names the one that failed."""
+def decide(
+    c: scoring.Comparison, cfg: RegisterCfg, against: str, decision: int = 1, guards: list[dict] = ()
+) -> tuple[bool, str]:
+    """Promote only if every condition holds; the reason names the one that failed. This is
+    the `decision`-th gate decision on these test examples: the tests run at its spent
+    alpha (scoring.spent_alpha), the primary test and each guardrail's non-inferiority test
+    (`guards`, from `guardrail_tests`) Holm-corrected together; each guard gets `holds`."""
     if not all(math.isfinite(x) for x in (c.a, c.b, c.p_value)):
         return False, f"{c.metric} is {c.a} against {c.b}: a failed evaluation never promotes"
     gain = c.improvement()
@@ -86,9 +94,60 @@ def decide(c: scoring.Comparison, cfg: RegisterCfg, against: str) -> tuple[bool,
         return False, f"{shown}; not better"
     if gain < cfg.min_delta:
         return False, f"{shown}; the gain {gain:.4g} is below register.min_delta={cfg.min_delta}"
-    if c.p_value >= cfg.alpha:
-        return False, f"{shown}; not significant (p={c.p_value:.3g} >= register.alpha={cfg.alpha}, {c.test})"
-    return True, f"{shown}; p={c.p_value:.3g} < {cfg.alpha} ({c.test})"
+    level = level_of(cfg, decision)
+    at = f"{level:.3g}" + (f" (register.alpha={cfg.alpha}, decision {decision} on these examples)" if level < 1 else "")
+    rejected = scoring.holm([c.p_value, *(g["p_value"] for g in guards)], level)
+    for g, ok in zip(guards, rejected[1:]):
+        g["holds"] = ok
+    holm = f", Holm over {len(guards) + 1} tests" if guards else ""
+    if not rejected[0]:
+        return False, f"{shown}; not significant (p={c.p_value:.3g} >= {at}, {c.test}{holm})"
+    for g in guards:
+        if not g["holds"]:
+            return False, (
+                f"{shown}; but guardrail {g['metric']} is not shown within its margin {g['margin']:g}: "
+                f"{g['challenger']:.4g} vs {g['champion']:.4g} (p={g['p_value']:.3g}{holm})"
+            )
+    return True, f"{shown}; p={c.p_value:.3g} < {at} ({c.test}{holm})" + (
+        f"; guardrails hold: {', '.join(g['metric'] for g in guards)}" if guards else ""
+    )
+
+
+def level_of(cfg: RegisterCfg, decision: int) -> float:
+    """The significance level of the `decision`-th decision on the same test examples
+    (register.alpha spent over decisions; alpha 1 keeps the test off)."""
+    return 1.0 if cfg.alpha >= 1 else scoring.spent_alpha(cfg.alpha, decision)
+
+
+def guardrail_tests(params: Params, rows: list[dict], ev: dict, ref: dict) -> list[dict]:
+    """The non-inferiority test of each guardrail (params.guardrails()), challenger `ev`
+    against champion `ref` on `rows`. One the champion's record cannot score (registered
+    before it was recorded) or with no example (a label absent from the test split) is left
+    out, and said."""
+    from tuneline.tasks import TASKS
+
+    task, labels, out = TASKS[params.prepare.task], params.prepare.labels, []
+    for metric, margin in params.guardrails().items():
+        try:
+            a, b = (scoring.stat(task, metric, rows, e, labels) for e in (ev, ref))
+        except KeyError:
+            print(f"[register] guardrail {metric}: the champion's evaluation does not record it; not tested")
+            continue
+        c = scoring.compare(a, b, metric, "bootstrap", params.evaluate.n_bootstrap, params.seed, margin=margin)
+        if not (math.isfinite(c.a) and math.isfinite(c.b)):
+            print(f"[register] guardrail {metric}: no test example to measure it on; not tested")
+            continue
+        out.append(
+            {
+                "metric": metric,
+                "margin": margin,
+                "challenger": c.a,
+                "champion": c.b,
+                "delta": c.delta,
+                "p_value": c.p_value,
+            }
+        )
+    return out
 
 
 def reference(client, name: str, rows: list[dict], params: Params, record: dict) -> tuple[str, str | None, dict]:
@@ -133,7 +192,11 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
     client = mlflow.MlflowClient()
     against, against_version, ref = reference(client, name, rows, params, record)
     c = compare(record["tuned"], ref, rows, params, cfg.test)
-    promote, why = decide(c, cfg, against)
+    # Guardrails protect what the champion already does; the base model has no users to protect.
+    guards = guardrail_tests(params, rows, record["tuned"], ref) if against_version else []
+    decision = registry.decisions_on(client, name, record["examples_key"]) + 1
+    promote, why = decide(c, cfg, against, decision, guards)
+    level = level_of(cfg, decision)
     gate = {
         "decision": "promoted" if promote else "kept champion" if against_version else "not promoted",
         "reason": why,
@@ -141,6 +204,11 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         "challenger_value": c.a,
         "reference_value": c.b,
         **{k: v for k, v in asdict(c).items() if k not in ("a", "b")},
+        "decision_on_these_examples": decision,
+        "level": level,
+        # the smallest true gain this test finds 80% of the time, at this level, on these examples
+        "detectable_effect": scoring.detectable(c.ci_low, c.ci_high, level) if math.isfinite(c.ci_low) else math.nan,
+        "guardrails": guards,
     }
     if cfg.dry_run:  # smoke runs: the model is logged to the run, the registry untouched
         print(
@@ -185,6 +253,10 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         commit=tags["git.commit"],
         train=read_json(metrics_file("train")) if metrics_file("train").is_file() else {},
     )
+    if against_version is not None:  # what it fixed and broke against the champion, for the reviewer
+        from tuneline import review
+
+        facts["review"] = review.log_for_version(client, name, against_version, str(version))
     client.update_model_version(name, version, description=card.description(**facts))
     mlflow.log_text(card.render(**facts), "model_card.md")
     client.set_registered_model_alias(name, CHALLENGER, version)

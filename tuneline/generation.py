@@ -234,7 +234,7 @@ def answer(
     constraint=None,
     prefix: str = "",
     show: bool = True,
-) -> tuple[list[str], list[list[float]] | None]:
+) -> tuple[list[str], list[list[float]] | None, list[bool]]:
     """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
     of the answer, `stop` (Task.stop: one-line tasks the first newline, instruct the next
     `###` header, None for none).
@@ -244,7 +244,8 @@ def answer(
     `constraint` (a constrain.WordConstraint over `prompts`) limits what greedy and beam
     search may emit. `prefix` is text before every prompt (tuneline/prompting.py), encoded
     once and read from its cache by every batch. `show=False` prints no progress (a served
-    request, register's parity check)."""
+    request, register's parity check). Returns (answers, branch log-probabilities or None,
+    per answer whether it ended: EOS or the stop marker, not cut at `max_new_tokens`)."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
 
@@ -256,6 +257,7 @@ def answer(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs: dict[int, str] = {}
     logps: dict[int, list[float]] = {}
+    ended: dict[int, bool] = {}
     what = "generating" if branches is None else "generating and scoring"
     pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
     shared = shared_prefix(model, pre) if pre and (branches is not None or num_beams == 1) else None
@@ -295,10 +297,20 @@ def answer(
             for i, row in zip(idx, new):
                 text = tok.decode(row, skip_special_tokens=True).strip()  # chat-tuned models often open with a newline
                 outs[i] = (text.split(stop)[0] if stop else text).strip()
+                # Ended: EOS, the stop marker, or done before the budget; else it ran on and was cut.
+                real = [t for t in row if t != tok.pad_token_id] if tok.pad_token_id != tok.eos_token_id else row
+                ended[i] = (
+                    max_new_tokens == 0
+                    or tok.eos_token_id in row
+                    or bool(stop and stop in text)
+                    or len(real) < max_new_tokens
+                )
             # the rate counts generated tokens (padding after a row's end is not work done)
             bar.advance(len(idx), tokens=sum(len([t for t in row if t != tok.pad_token_id]) for row in new))
-    return [outs[i] for i in range(len(prompts))], (
-        None if branches is None else [logps[i] for i in range(len(prompts))]
+    return (
+        [outs[i] for i in range(len(prompts))],
+        None if branches is None else [logps[i] for i in range(len(prompts))],
+        [ended[i] for i in range(len(prompts))],
     )
 
 

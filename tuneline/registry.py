@@ -71,6 +71,18 @@ def champion(client, name: str):
         return None
 
 
+def decisions_on(client, name: str, examples_key: str) -> int:
+    """How many gate decisions registered versions of `name` record on these test examples
+    (the tag `eval.examples_key`): the gate spends its alpha over them."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:  # no such model yet
+        return 0
+    return sum(v.tags.get("eval.examples_key") == examples_key for v in versions)
+
+
 def history(client, name: str) -> list[dict]:
     """Every champion move, oldest first."""
     from mlflow.exceptions import MlflowException

@@ -201,3 +201,39 @@ def lineage(a: Side, b: Side) -> list[str]:
         + (", ".join(f"{k} {a.packages.get(k, '-')} -> {b.packages.get(k, '-')}" for k in pkgs) or "the same pins")
     )
     return lines
+
+
+# --- in every new version's run -------------------------------------------------------------
+
+REPORT_MD, REPORT_HTML = "review/diff.md", "review/diff.html"
+
+
+def html(markdown: str, title: str) -> str:
+    """The report as a standalone HTML page (MLflow's artifact view shows it rendered)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>"
+        f"<body>{body}</body></html>\n"
+    )
+
+
+def log_for_version(client, name: str, champion: str, version: str) -> str | None:
+    """Register's review of the new `version` against the `champion` it was gated against,
+    logged to the active run as Markdown and HTML; the path, or None (said why) when the
+    two cannot be paired example by example."""
+    import mlflow
+
+    try:
+        text = report(side(client, name, champion), side(client, name, version))
+    except TunelineError as e:
+        print(f"[register] no review against v{champion}: {e.problem}", flush=True)
+        return None
+    mlflow.log_text(text, REPORT_MD)
+    mlflow.log_text(html(text, f"{name} v{version} against v{champion}"), REPORT_HTML)
+    return REPORT_MD

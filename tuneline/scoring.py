@@ -22,9 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 # Metrics that are a mean of a 0/1 per-example outcome: McNemar's test applies.
-BINARY = {"exact_match", "multiset_rate", "accuracy", "scored_accuracy", "unparseable_rate"}
+BINARY = {"exact_match", "multiset_rate", "accuracy", "scored_accuracy", "unparseable_rate", "unterminated_rate"}
 # Metrics where lower is better (the gate and the deltas need to know).
-LOWER_IS_BETTER = {"perplexity", "unparseable_rate"}
+LOWER_IS_BETTER = {"perplexity", "unparseable_rate", "unterminated_rate"}
+# The share of answers cut at evaluate.max_new_tokens, never ending by themselves (EOS or
+# the task's stop): scored for every generating task, a default guardrail of the gate.
+UNTERMINATED = "unterminated_rate"
 
 
 @dataclass(frozen=True)
@@ -78,16 +81,28 @@ def perplexity(ev: dict) -> Stat:
 
 def stat(task, metric: str, rows: list[dict], ev: dict, labels: list[str]) -> Stat:
     """The per-example statistics of `metric` for one model's evaluation `ev` on `rows`:
-    perplexity for every task, the rest as the task scores them (`Task.score`)."""
+    perplexity for every task, the unterminated rate for every generating one, the rest as
+    the task scores them (`Task.score`; `accuracy[joy]`: a labelled task's accuracy on one
+    label's examples)."""
     if metric == "perplexity":
         return perplexity(ev)
-    if metric not in task.metrics or task.score is None:
+    if metric == UNTERMINATED and task.generates:
+        if "ended" not in ev:
+            raise KeyError(f"this evaluation does not record whether answers ended ({UNTERMINATED})")
+        return mean([not e for e in ev["ended"]])
+    if metric.split("[", 1)[0] not in task.metrics or task.score is None:
         raise ValueError(f"no metric '{metric}' for task '{task.name}'")
     return task.score(metric, rows, ev, labels)
 
 
+def metric_names(task) -> tuple[str, ...]:
+    """What `metrics` reports: the task's metrics, and the unterminated rate where it generates."""
+    return (*task.metrics, UNTERMINATED) if task.generates else task.metrics
+
+
 def metrics(task, rows: list[dict], ev: dict, labels: list[str]) -> dict[str, float]:
-    return {m: stat(task, m, rows, ev, labels).value() for m in task.metrics}
+    names = [m for m in metric_names(task) if m != UNTERMINATED or "ended" in ev]  # older records lack it
+    return {m: stat(task, m, rows, ev, labels).value() for m in names}
 
 
 @dataclass(frozen=True)
@@ -109,12 +124,17 @@ class Comparison:
         return -self.delta if self.metric in LOWER_IS_BETTER else self.delta
 
 
-def compare(a: Stat, b: Stat, metric: str, test: str = "bootstrap", n_boot: int = 1000, seed: int = 0) -> Comparison:
+def compare(
+    a: Stat, b: Stat, metric: str, test: str = "bootstrap", n_boot: int = 1000, seed: int = 0, margin: float = 0.0
+) -> Comparison:
     """Paired bootstrap (Koehn 2004): resample examples with replacement, the same draw for
     both models; the 2.5/97.5 percentiles of the resampled differences are the CI. The
     p-value shifts the resampled differences to the null (Berg-Kirkpatrick et al. 2012):
-    p = P(delta* - delta >= delta), one-sided toward "a is better". McNemar's exact test
-    uses only the examples where exactly one of the two is right (0/1 metrics)."""
+    p = P(delta* - delta >= delta), one-sided toward "a is better". With a `margin` it is
+    a non-inferiority test (the gate's guardrails): H0 "a is worse than b by margin or
+    more", p = P(delta* - delta >= delta + margin), in the metric's good direction.
+    McNemar's exact test uses only the examples where exactly one of the two is right
+    (0/1 metrics; superiority only)."""
     n = len(a.values)
     if len(b.values) != n:
         raise ValueError(f"paired comparison needs the same examples ({n} vs {len(b.values)})")
@@ -129,10 +149,10 @@ def compare(a: Stat, b: Stat, metric: str, test: str = "bootstrap", n_boot: int 
     if not (math.isfinite(delta) and np.isfinite(deltas).all()):
         return Comparison(metric, va, vb, delta, math.nan, math.nan, math.nan, test, n)
     lo, hi = np.percentile(deltas, [2.5, 97.5])
-    if test == "mcnemar":
+    if test == "mcnemar" and not margin:
         p = mcnemar(a.values[:, 0], b.values[:, 0], lower_is_better=sign < 0)
     else:
-        p = (1 + int(np.sum(sign * (deltas - delta) >= sign * delta))) / (n_boot + 1)
+        p = (1 + int(np.sum(sign * (deltas - delta) >= sign * delta + margin))) / (n_boot + 1)
     return Comparison(metric, va, vb, delta, float(lo), float(hi), float(p), test, n)
 
 
@@ -146,3 +166,34 @@ def mcnemar(a: np.ndarray, b: np.ndarray, lower_is_better: bool = False) -> floa
         a, b = ~a, ~b
     wins, losses = int(np.sum(a & ~b)), int(np.sum(~a & b))
     return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue) if wins + losses else 1.0
+
+
+def holm(pvalues: list[float], alpha: float) -> list[bool]:
+    """Holm's step-down procedure: which hypotheses are rejected at family-wise level alpha.
+    The j-th smallest p-value (0-based) must be at most alpha / (m - j), and so must every
+    smaller one."""
+    order = sorted(range(len(pvalues)), key=lambda i: (math.isnan(pvalues[i]), pvalues[i]))  # NaN last
+    rejected = [False] * len(pvalues)
+    for j, i in enumerate(order):
+        if not pvalues[i] <= alpha / (len(pvalues) - j):  # NaN never rejects
+            break
+        rejected[i] = True
+    return rejected
+
+
+def spent_alpha(alpha: float, k: int) -> float:
+    """The level of the k-th (1-based) gate decision on the same test examples: alpha·6/(π²k²).
+    The levels sum to alpha over any number of decisions, so the chance that any of them
+    promotes a model that is no better stays under alpha, however often a schedule re-tests."""
+    return alpha * 6 / (math.pi**2 * k**2)
+
+
+def detectable(ci_low: float, ci_high: float, level: float, power: float = 0.8) -> float:
+    """The smallest true effect a one-sided test at `level` finds with `power`, given the
+    spread of the bootstrap deltas (its 95% interval's width / 3.92 is their standard error)."""
+    from scipy.stats import norm
+
+    if level >= 1:  # no test: nothing to detect
+        return math.nan
+    se = (ci_high - ci_low) / (2 * norm.ppf(0.975))
+    return float((norm.ppf(1 - level) + norm.ppf(power)) * se)

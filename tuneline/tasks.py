@@ -14,11 +14,14 @@ disagree.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from tuneline import scoring
 
@@ -271,9 +274,13 @@ def parse_label(output: str, labels: list[str]) -> str | None:
 
 def label_score(metric: str, rows: list[dict], ev: dict, labels: list[str]) -> scoring.Stat:
     """Accuracy, macro-F1 and unparseable rate of generated labels; `scored_*` of the label
-    that log-likelihood scoring picked."""
+    that log-likelihood scoring picked; `accuracy[joy]`, the accuracy on one label's examples."""
     gold = [r["label"] for r in rows]
     preds = ev["scored"] if metric.startswith("scored_") else [parse_label(o, labels) for o in ev["outputs"]]
+    if m := re.fullmatch(r"(?:scored_)?accuracy\[(.+)\]", metric):
+        mine = np.array([g == m.group(1) for g in gold], dtype=float)
+        right = np.array([p == g for p, g in zip(preds, gold)], dtype=float) * mine
+        return scoring.Stat(np.stack([right, mine], 1), lambda s: float(s[0] / s[1]) if s[1] else math.nan)
     if metric.removeprefix("scored_") == "accuracy":
         return scoring.mean([p == g for p, g in zip(preds, gold)])
     if metric.removeprefix("scored_") == "macro_f1":

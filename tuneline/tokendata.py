@@ -162,7 +162,7 @@ class TokenRows:
             raise TunelineError(f"{root} has no token data", "run the tokenize stage first (dvc repro tokenize)")
         meta = read_json(meta_path)
         info = meta.get("splits", {}).get(split)
-        if info is None:
+        if info is None or (info["layout"] == "blocks" and "masked_tokens" not in info):  # before per-token masks
             raise TunelineError(
                 f"{root} holds token data in an older layout", "re-run tokenization: dvc repro -f tokenize"
             )
