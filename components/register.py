@@ -43,6 +43,7 @@ PARAMS = (
     "register.min_delta",
     "register.alpha",
     "register.test",
+    "register.guardrails",
     "register.parity_prompts",
     "register.parity_tol",
 )
