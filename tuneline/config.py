@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneline.errors import TunelineError
+from tuneline.scoring import metric_names
 from tuneline.tasks import TASKS
 
 PARAMS_FILE = "params.yaml"
@@ -309,7 +310,7 @@ with warnings.catch_warnings():
             task = TASKS[self.prepare.task]
             for name, margin in (self.register.guardrails or {}).items():
                 base, _, label = name.partition("[")
-                known = (*task.metrics, *(("unterminated_rate",) if task.generates else ()))
+                known = metric_names(task)
                 if base not in known or (label and (not task.labelled or label.rstrip("]") not in self.prepare.labels)):
                     raise ValueError(
                         f"register.guardrails: '{name}' is not a {task.name} metric (use "

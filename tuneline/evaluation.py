@@ -69,7 +69,7 @@ def answer_branches(
     own label being the reference."""
     if not task.labelled:  # a conversation's branch is its last assistant turn
         ids, spans = encode_batch(tok, rows, task, labels)
-        return [[x[s[-1][0] : s[-1][1]]] for x, s in zip(ids, spans)], [0] * len(rows)
+        return [[x[answer_start(s) : s[-1][1]]] for x, s in zip(ids, spans)], [0] * len(rows)
     L = len(labels)
     ids, spans = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
     plens = [answer_start(s) for s in spans]
