@@ -23,6 +23,8 @@ PARAMS = (
     "model.name",
     "prepare.task",
     "prepare.labels",
+    "prepare.on_overlap",
+    "prepare.near_dup_threshold",
     "train.method",
     "train.lora_r",
     "train.lora_alpha",
@@ -47,7 +49,15 @@ PARAMS = (
     "register.parity_prompts",
     "register.parity_tol",
 )
-INPUTS = (PREPARED, MODELS, metrics_file("train"), metrics_file("evaluate"), EVAL_EXAMPLES, PREDICTIONS)
+INPUTS = (
+    PREPARED,
+    MODELS,
+    metrics_file("prepare"),  # the near-duplicate audit, quoted on the card
+    metrics_file("train"),
+    metrics_file("evaluate"),
+    EVAL_EXAMPLES,
+    PREDICTIONS,
+)
 OUTS = ()
 
 

@@ -73,6 +73,7 @@ def test_a_task_defined_in_a_test_runs_through_every_stage(tmp_path, monkeypatch
                 "n_train": 48,
                 "n_val": 8,
                 "n_test": 8,
+                "near_dup_threshold": None,  # three words from one small vocabulary: all alike
             },
             "tokenize": {"max_length": 64},
             "train": {"max_steps": 2, "eval_every": 2, "log_every": 1, "batch_size": 4},

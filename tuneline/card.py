@@ -78,6 +78,29 @@ def _repeated(gate: dict, alpha: float) -> list[str]:
     return [*lines, ""]
 
 
+def _audit(prepared: dict, params: Params) -> list[str]:
+    """The near-duplicate audit of train against val/test (prepare's metrics)."""
+    cfg = params.prepare
+    if "near_duplicates" not in prepared:
+        return [f"- near-duplicate audit: off (prepare.near_dup_threshold: {cfg.near_dup_threshold})"]
+    n = prepared["near_duplicates"]
+    what = {"drop": "removed from train", "report": "kept in train", "error": "none allowed"}[cfg.on_overlap]
+    lines = [
+        f"- near-duplicate audit (word uni+bigram Jaccard >= {cfg.near_dup_threshold} with a val/test row): "
+        f"{n} training rows ({what})"
+    ]
+    for p in prepared.get("near_duplicate_pairs", [])[:3]:
+        lines.append(f"  - {p['similarity']:.2f}: `{_cell(p['train'], 70)}` ~ {p['split']} `{_cell(p['other'], 70)}`")
+    if "overlap_dropped_from_train" in prepared or "overlap_kept_in_train" in prepared:
+        dropped = prepared.get("overlap_dropped_from_train")
+        lines.append(
+            f"- exact duplicates of test_source rows: {dropped} removed from train"
+            if dropped is not None
+            else f"- exact duplicates of test_source rows: {prepared['overlap_kept_in_train']} kept in train"
+        )
+    return lines
+
+
 def _guardrails(guards: list[dict]) -> list[str]:
     if not guards:
         return []
@@ -116,6 +139,7 @@ def render(
     commit: str,
     train: dict,
     review: str | None = None,
+    prepared: dict | None = None,
     width: int = 90,
 ) -> str:
     task = tasks.TASKS[params.prepare.task]
@@ -185,6 +209,8 @@ def render(
         lines.append(f"- {which}: `{rec.get('source', '?')}`, {ident}")
     for key, md5 in data_hashes.items():
         lines.append(f"- {key.removeprefix('data.').replace('.md5', '')} data (dvc.lock md5): `{md5}`")
+    if prepared is not None:
+        lines += _audit(prepared, params)
     lines += ["", "## Params", "", "| param | value |", "|---|---|"]
     lines += [f"| {k} | `{_cell(flat[k], 60)}` |" for k in KEY_PARAMS if k in flat and flat[k] is not None]
     if train:

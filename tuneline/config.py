@@ -75,10 +75,20 @@ class PrepareCfg(_Group):
         description="hf: sources only: read the dataset as it downloads (datasets streaming=True) "
         "instead of caching it whole first; for corpora larger than the disk.",
     )
-    on_overlap: Literal["error", "drop"] = Field(
+    on_overlap: Literal["error", "drop", "report"] = Field(
         "error",
-        description="An example that is in both train and test_source: 'error' stops, 'drop' "
-        "removes it from train (and reports how many).",
+        description="A training example that is also in test_source, or a near duplicate of a "
+        "val/test row (near_dup_threshold): 'error' stops, 'drop' removes it from train (refilled "
+        "from unused rows when n_train > 0), 'report' keeps it. The counts and the top pairs go to "
+        "metrics/prepare.json, the MLflow run and the model card.",
+    )
+    near_dup_threshold: float | None = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Near-duplicate audit: a training row whose word unigrams+bigrams (lower-cased, "
+        "no punctuation) have Jaccard similarity >= this with a val/test row's is a near duplicate "
+        "(one word changed in a 6-word sentence: 0.57; in 20 words: 0.86). null: no audit.",
     )
     min_words: int = Field(
         6, ge=1, description="Shortest sentence (descramble) or paragraph (pretrain) kept, in words."

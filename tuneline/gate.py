@@ -252,6 +252,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         data_hashes=data_hashes(),
         commit=tags["git.commit"],
         train=read_json(metrics_file("train")) if metrics_file("train").is_file() else {},
+        prepared=read_json(metrics_file("prepare")) if metrics_file("prepare").is_file() else None,
     )
     if against_version is not None:  # what it fixed and broke against the champion, for the reviewer
         from tuneline import review

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneline import sources, tasks
+from tuneline import neardup, sources, tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
@@ -125,10 +125,13 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
             raise TunelineError(
                 f"{len(shared)} examples are in both prepare.source and prepare.test_source "
                 f"(e.g. {str(spool.row(int(shared[0])))[:80]})",
-                "de-duplicate the files, or set prepare.on_overlap=drop",
+                "de-duplicate the files, or set prepare.on_overlap=drop (or report)",
             )
-        kept = np.setdiff1d(kept, shared, assume_unique=True)
-        metrics["overlap_dropped_from_train"] = len(shared)
+        if cfg.on_overlap == "drop":
+            kept = np.setdiff1d(kept, shared, assume_unique=True)
+            metrics["overlap_dropped_from_train"] = len(shared)
+        else:
+            metrics["overlap_kept_in_train"] = len(shared)
         test_out = np.zeros(len(test.digests), dtype=np.int8)
         pick = test_kept[np.argsort(ranks(test_keys, f"{params.seed}-test"), kind="stable")]
         test_out[pick[: cfg.n_test or None]] = SPLIT_IDS["test"]
@@ -137,10 +140,12 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
     else:
         n_src_test = n_test = cfg.n_test
     order = kept[np.argsort(ranks(digests[kept], params.seed), kind="stable")]
-    cuts = {"test": (0, n_src_test), "val": (n_src_test, n_src_test + cfg.n_val)}
-    cuts["train"] = (cuts["val"][1], cuts["val"][1] + cfg.n_train if cfg.n_train else len(order))
-    for name, (a, b) in cuts.items():
-        out[order[a:b]] = SPLIT_IDS[name]
+    out[order[:n_src_test]] = SPLIT_IDS["test"]
+    out[order[n_src_test : n_src_test + cfg.n_val]] = SPLIT_IDS["val"]
+    candidates = order[n_src_test + cfg.n_val :]  # for train, in draw order
+    if cfg.near_dup_threshold is not None:
+        candidates = _near_duplicates(params, spool, test, out, test_out, candidates, metrics)
+    out[candidates[: cfg.n_train or None]] = SPLIT_IDS["train"]
     got = {"train": int((out == 1).sum()), "val": int((out == 2).sum()), "test": n_test}
     need = {"train": cfg.n_train or 1, "val": cfg.n_val, "test": cfg.n_test or 1}
     for name in ("train", "val", "test"):
@@ -151,6 +156,83 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
                 "lower prepare.n_train/n_val/n_test, or use more data",
             )
     return out, test_out
+
+
+def _near_duplicates(
+    params: Params, spool: Spool, test: Spool | None, ids: np.ndarray, test_ids: np.ndarray | None,
+    candidates: np.ndarray, metrics: dict, top: int = 10,
+) -> np.ndarray:
+    """The near-duplicate audit (tuneline/neardup.py): find the training candidates that are
+    near duplicates of a val/test row, then stop, drop them, or report them, as
+    prepare.on_overlap says. Returns the candidates left for train, in draw order."""
+    import time
+
+    cfg, task = params.prepare, tasks.TASKS[params.prepare.task]
+    t0 = time.time()
+    index = neardup.Index(cfg.near_dup_threshold)
+    n = len(ids)
+    index.add((i, neardup.key_text(r, task)) for i, r in _rows_where(spool, ids > 0))
+    if test is not None:
+        index.add((n + j, neardup.key_text(r, task)) for j, r in _rows_where(test, test_ids > 0))
+    is_candidate = np.zeros(n, dtype=bool)
+    is_candidate[candidates] = True
+    found: dict[int, neardup.Pair] = {}
+    batch: list[tuple[int, str]] = []
+    for i, r in _rows_where(spool, is_candidate):
+        batch.append((i, neardup.key_text(r, task)))
+        if len(batch) == 4096:
+            found.update((p.train, p) for p in index.query(batch))
+            batch = []
+    found.update((p.train, p) for p in index.query(batch))
+    flagged = np.isin(candidates, np.fromiter(found, dtype=np.int64, count=len(found)))
+    if cfg.n_train:  # only the flagged rows within the train split's reach count
+        clean = np.flatnonzero(~flagged)
+        if cfg.on_overlap != "drop":
+            reach = cfg.n_train
+        else:  # dropping them, train reaches further down the draw
+            reach = int(clean[cfg.n_train - 1]) + 1 if len(clean) >= cfg.n_train else len(candidates)
+        flagged[reach:] = False
+    hits = sorted((found[int(i)] for i in candidates[flagged]), key=lambda p: (-p.similarity, p.train))
+    seconds = time.time() - t0
+
+    def text(i: int) -> str:
+        return neardup.key_text(spool.row(i) if i < n else test.row(i - n), task)
+
+    def split(i: int) -> str:
+        return "test" if i >= n or ids[i] == SPLIT_IDS["test"] else "val"
+
+    pairs = [
+        {"train": text(p.train), "split": split(p.other), "other": text(p.other), "similarity": round(p.similarity, 4)}
+        for p in hits[:top]
+    ]
+    what = {"error": "found", "drop": "dropped from train", "report": "kept in train"}[cfg.on_overlap]
+    print(
+        f"[prepare] near-duplicate audit: {len(hits)} training rows within Jaccard "
+        f">= {cfg.near_dup_threshold} of a val/test row ({what}); "
+        f"{int(is_candidate.sum())} rows checked in {seconds:.1f}s",
+        flush=True,
+    )
+    if hits and cfg.on_overlap == "error":
+        p = pairs[0]
+        raise TunelineError(
+            f"{len(hits)} training rows are near duplicates of val/test rows (Jaccard >= "
+            f"{cfg.near_dup_threshold}; e.g. train {p['train'][:60]!r} ~ {p['split']} {p['other'][:60]!r}, "
+            f"{p['similarity']:.2f})",
+            "set prepare.on_overlap=drop to remove them from train (or report to keep them), "
+            "or raise prepare.near_dup_threshold",
+        )
+    metrics["near_duplicates"] = len(hits)
+    metrics["near_duplicate_pairs"] = pairs
+    return candidates[~flagged] if cfg.on_overlap == "drop" else candidates
+
+
+def _rows_where(spool: Spool, mask: np.ndarray) -> Iterator[tuple[int, dict]]:
+    """(row index, row) of the spooled rows where mask is True, in source order."""
+    start = 0
+    for rows in spool.batches():
+        for k in np.flatnonzero(mask[start : start + len(rows)]).tolist():
+            yield start + k, rows[k]
+        start += len(rows)
 
 
 def write_splits(params: Params, out: Path) -> dict:

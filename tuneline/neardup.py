@@ -1,0 +1,106 @@
+"""Near duplicates between the training rows and the val/test rows: the leakage that the
+exact (case- and space-normalised) de-duplication in splits.py lets through, such as a
+test sentence that differs from a training sentence by one word or one comma.
+
+An example's *shingles* are the word unigrams and bigrams of its key text, lower-cased with
+punctuation dropped (so case and punctuation changes give the same set). Two examples are
+near duplicates when the Jaccard similarity of their shingle sets reaches
+`prepare.near_dup_threshold`. With n words and one word changed, that similarity is
+(2n-4)/(2n+2): 0.57 for a 6-word sentence, 0.86 for 20 words; unrelated sentences that
+share only function words score far lower.
+
+Finding the pairs at corpus scale is MinHash LSH (rensa, Rust): the val/test rows, which
+are few, are indexed; each training candidate is sketched and looked up, a batch at a
+time. The LSH banding is chosen so that a pair at the threshold is a candidate with
+probability >= 0.995; every candidate is then checked with its exact Jaccard similarity, so
+the verdicts (and the prepared data) do not depend on the sketch. Memory: the index and
+shingle sets of the val/test rows, and one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tuneline import tasks
+
+NUM_PERM = 128  # MinHash permutations at most (bands x rows per band)
+RECALL = 0.995  # chance that a pair exactly at the threshold becomes an LSH candidate
+SEED = 20260101  # the MinHash seed: fixed, so a re-run finds the same candidates
+_WORD = re.compile(r"\w+")
+
+
+def key_text(row: dict, task: tasks.Task) -> str:
+    """The text that makes an example what it is: its key columns (a conversation's message
+    contents, not its JSON)."""
+    if task.chat:
+        return "\n".join(m["content"] for m in json.loads(row["messages"]))
+    return "\n".join(row[k] for k in task.key)
+
+
+def shingles(text: str) -> set[str]:
+    """Word unigrams and bigrams of the lower-cased text, punctuation dropped."""
+    w = _WORD.findall(text.lower())
+    return set(w) | {f"{a} {b}" for a, b in zip(w, w[1:])}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def banding(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows per band) with the most rows per band (the fewest false candidates) that
+    still makes a pair at `threshold` a candidate with probability >= RECALL."""
+    best = (num_perm, 1)
+    for r in range(1, num_perm + 1):
+        b = num_perm // r
+        if 1 - (1 - threshold**r) ** b >= RECALL:
+            best = (b, r)
+    return best
+
+
+@dataclass(frozen=True)
+class Pair:
+    train: int  # the training candidate's row index in the source
+    other: int  # the val/test row's key (what `Index.add` was given)
+    similarity: float  # exact Jaccard similarity of the shingle sets
+
+
+class Index:
+    """The val/test rows' MinHash sketches in an LSH index, and their shingle sets."""
+
+    def __init__(self, threshold: float):
+        import rensa
+
+        self.threshold = threshold
+        bands, rows = banding(threshold)
+        self.num_perm = bands * rows
+        self.lsh = rensa.RMinHashLSH(threshold=threshold, num_perm=self.num_perm, num_bands=bands)
+        self.sets: dict[int, set[str]] = {}
+
+    def _sketches(self, sets: list[set[str]]):
+        import rensa
+
+        return rensa.RMinHash.from_token_sets(sets, num_perm=self.num_perm, seed=SEED)
+
+    def add(self, items: Iterable[tuple[int, str]]) -> None:
+        """Index (key, text) pairs; a text without words cannot be a near duplicate."""
+        items = [(k, s) for k, t in items if (s := shingles(t))]
+        for (k, s), m in zip(items, self._sketches([s for _, s in items])):
+            self.lsh.insert(k, m)
+            self.sets[k] = s
+
+    def query(self, items: list[tuple[int, str]]) -> list[Pair]:
+        """For a batch of (row index, text): each row's most similar indexed row, where that
+        similarity reaches the threshold."""
+        if not self.sets:
+            return []
+        items = [(i, s) for i, t in items if (s := shingles(t))]
+        found = []
+        for (i, s), cands in zip(items, self.lsh.query_all(self._sketches([s for _, s in items]))):
+            best = max(((jaccard(s, self.sets[k]), -k) for k in cands), default=(0.0, 0))
+            if best[0] >= self.threshold:
+                found.append(Pair(i, -best[1], best[0]))
+        return found
