@@ -40,10 +40,16 @@ def key_text(row: dict, task: tasks.Task) -> str:
     return "\n".join(row[k] for k in task.key)
 
 
-def shingles(text: str) -> set[str]:
-    """Word unigrams and bigrams of the lower-cased text, punctuation dropped."""
+def tokens(text: str) -> list[str]:
+    """Word unigrams and bigrams of the lower-cased text, punctuation dropped (repeats kept:
+    a sketch does not mind them, and most rows are never compared exactly)."""
     w = _WORD.findall(text.lower())
-    return set(w) | {f"{a} {b}" for a, b in zip(w, w[1:])}
+    return w + list(map(" ".join, zip(w, w[1:])))
+
+
+def shingles(text: str) -> set[str]:
+    """The shingle set whose Jaccard similarity is the measure."""
+    return set(tokens(text))
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -80,27 +86,30 @@ class Index:
         self.lsh = rensa.RMinHashLSH(threshold=threshold, num_perm=self.num_perm, num_bands=bands)
         self.sets: dict[int, set[str]] = {}
 
-    def _sketches(self, sets: list[set[str]]):
+    def _sketches(self, docs: list[list[str]]):
         import rensa
 
-        return rensa.RMinHash.from_token_sets(sets, num_perm=self.num_perm, seed=SEED)
+        return rensa.RMinHash.from_token_sets(docs, num_perm=self.num_perm, seed=SEED)
 
     def add(self, items: Iterable[tuple[int, str]]) -> None:
         """Index (key, text) pairs; a text without words cannot be a near duplicate."""
-        items = [(k, s) for k, t in items if (s := shingles(t))]
+        items = [(k, s) for k, t in items if (s := tokens(t))]
         for (k, s), m in zip(items, self._sketches([s for _, s in items])):
             self.lsh.insert(k, m)
-            self.sets[k] = s
+            self.sets[k] = set(s)
 
     def query(self, items: list[tuple[int, str]]) -> list[Pair]:
         """For a batch of (row index, text): each row's most similar indexed row, where that
         similarity reaches the threshold."""
         if not self.sets:
             return []
-        items = [(i, s) for i, t in items if (s := shingles(t))]
+        items = [(i, s) for i, t in items if (s := tokens(t))]
         found = []
         for (i, s), cands in zip(items, self.lsh.query_all(self._sketches([s for _, s in items]))):
-            best = max(((jaccard(s, self.sets[k]), -k) for k in cands), default=(0.0, 0))
+            if not cands:  # nearly every row: no set is built
+                continue
+            s = set(s)
+            best = max((jaccard(s, self.sets[k]), -k) for k in cands)
             if best[0] >= self.threshold:
                 found.append(Pair(i, -best[1], best[0]))
         return found

@@ -171,19 +171,25 @@ def _near_duplicates(
     t0 = time.time()
     index = neardup.Index(cfg.near_dup_threshold)
     n = len(ids)
-    index.add((i, neardup.key_text(r, task)) for i, r in _rows_where(spool, ids > 0))
+    held_out = {i: neardup.key_text(r, task) for i, r in _rows_where(spool, ids > 0)}  # n_val + n_test
     if test is not None:
-        index.add((n + j, neardup.key_text(r, task)) for j, r in _rows_where(test, test_ids > 0))
+        held_out |= {n + j: neardup.key_text(r, task) for j, r in _rows_where(test, test_ids > 0)}
+    index.add(held_out.items())
     is_candidate = np.zeros(n, dtype=bool)
     is_candidate[candidates] = True
-    found: dict[int, neardup.Pair] = {}
+    found: dict[int, tuple[neardup.Pair, str]] = {}  # row -> (pair, its text)
     batch: list[tuple[int, str]] = []
+
+    def look_up() -> None:
+        texts = dict(batch)
+        found.update((p.train, (p, texts[p.train])) for p in index.query(batch))
+        batch.clear()
+
     for i, r in _rows_where(spool, is_candidate):
         batch.append((i, neardup.key_text(r, task)))
         if len(batch) == 4096:
-            found.update((p.train, p) for p in index.query(batch))
-            batch = []
-    found.update((p.train, p) for p in index.query(batch))
+            look_up()
+    look_up()
     flagged = np.isin(candidates, np.fromiter(found, dtype=np.int64, count=len(found)))
     if cfg.n_train:  # only the flagged rows within the train split's reach count
         clean = np.flatnonzero(~flagged)
@@ -192,18 +198,15 @@ def _near_duplicates(
         else:  # dropping them, train reaches further down the draw
             reach = int(clean[cfg.n_train - 1]) + 1 if len(clean) >= cfg.n_train else len(candidates)
         flagged[reach:] = False
-    hits = sorted((found[int(i)] for i in candidates[flagged]), key=lambda p: (-p.similarity, p.train))
+    hits = sorted((found[int(i)] for i in candidates[flagged]), key=lambda h: (-h[0].similarity, h[0].train))
     seconds = time.time() - t0
-
-    def text(i: int) -> str:
-        return neardup.key_text(spool.row(i) if i < n else test.row(i - n), task)
 
     def split(i: int) -> str:
         return "test" if i >= n or ids[i] == SPLIT_IDS["test"] else "val"
 
     pairs = [
-        {"train": text(p.train), "split": split(p.other), "other": text(p.other), "similarity": round(p.similarity, 4)}
-        for p in hits[:top]
+        {"train": text, "split": split(p.other), "other": held_out[p.other], "similarity": round(p.similarity, 4)}
+        for p, text in hits[:top]
     ]
     what = {"error": "found", "drop": "dropped from train", "report": "kept in train"}[cfg.on_overlap]
     print(
