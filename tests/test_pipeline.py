@@ -115,6 +115,7 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
         "| perplexity (primary) |",
         "## Data lineage",
         "(dvc.lock md5)",
+        "near-duplicate audit (word uni+bigram Jaccard >= 0.5 with a val/test row): 0 training rows",
         "## Params",
         "## Sample predictions (5)",
         "## Intended use",

@@ -208,6 +208,12 @@ def test_the_model_card_has_every_section_and_fits_the_description_column():
         data_hashes={"data.prepare.md5": "d1.dir", "data.tokenize.md5": "d2.dir"},
         commit="abc123",
         train={"steps": 80, "best_val_loss": 1.03, "best_step": 80},
+        prepared={
+            "near_duplicates": 2,
+            "near_duplicate_pairs": [
+                {"train": "The cat sat on the mat.", "split": "test", "other": "The dog sat on the mat.", "similarity": 0.6}
+            ],
+        },
     )
     assert len(text) <= card.MAX_CHARS
     for part in (
@@ -221,6 +227,8 @@ def test_the_model_card_has_every_section_and_fits_the_description_column():
         "prompted chat (the best of the ways tried on chrf: plain 0.3, chat 0.5, few_shot 0.5)",
         "sha256 `ab12`",
         "(dvc.lock md5): `d1.dir`",
+        "near-duplicate audit (word uni+bigram Jaccard >= 0.5 with a val/test row): 2 training rows (none allowed)",
+        "0.60: `The cat sat on the mat.` ~ test `The dog sat on the mat.`",
         "| train.lr | `0.002` |",
         "Repeated testing: decision 2 on these test examples, tested at level 0.0076",
         "a true chrf gain of 4.2 is found 80% of the time",
