@@ -14,6 +14,7 @@ Run: `python bench/neardup_scale.py` (about 8 min on 2 cores; `--rows` to change
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import re
@@ -40,11 +41,12 @@ def corpus(path: Path, n: int, inject: int, seed: int = 0) -> None:
     rows, _ = sources.task_source("builtin:wikipedia", params.prepare, "bench")
     words = Counter(w for b in rows for r in b for w in re.findall(r"[a-z]+", r["target"].lower()))
     vocab, weights = zip(*words.items())
+    cum = list(itertools.accumulate(weights))  # once: choices() would sum the weights per call
     rng = random.Random(seed)
     out = []
     for _ in range(n - inject):
         k = rng.randint(8, 30)
-        s = " ".join(rng.choices(vocab, weights, k=k))
+        s = " ".join(rng.choices(vocab, cum_weights=cum, k=k))
         out.append(s[0].upper() + s[1:] + ".")
     # The val/test rows are the lowest seeded ranks of the examples' digests (splits.py):
     # inject near duplicates of those, as a leak would be.

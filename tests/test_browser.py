@@ -159,6 +159,38 @@ def test_mlflow_shows_the_runs_the_loss_chart_the_predictions_and_the_champion(s
     _shot(d, "mlflow-registered-model")
 
 
+def test_mlflow_shows_what_a_challenger_fixed_and_broke(served, browser, tmp_path):
+    """A teammate trains from a copy of the project against the same tracking server; register
+    gates the new version against champion v1 and logs the review, which a reviewer opens in
+    the MLflow UI (the run's artifacts, review/diff.html) without a terminal."""
+    import sys
+
+    copy = tmp_path / "teammate"
+    shutil.copytree(served.root, copy, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", ".prefect"))
+    served.run(
+        sys.executable, "-m", "tuneline.cli", "run", "--set", "train.lr=0.001",
+        cwd=copy, PYTHONPATH=str(copy), MLFLOW_TRACKING_URI=served.mlflow,
+    )  # fmt: skip
+    out = served.proj.python(
+        "import json, mlflow; c = mlflow.MlflowClient('sqlite:///mlflow.db')\n"
+        "v = c.get_model_version('descrambler', '2')\n"
+        "print(json.dumps([v.run_id, c.get_experiment(c.get_run(v.run_id).info.experiment_id).experiment_id]))"
+    )
+    run_id, exp = json.loads(out.strip().splitlines()[-1])
+    d = browser
+    d.get(f"{served.mlflow}/#/experiments/{exp}/runs/{run_id}/artifacts/review/diff.html")
+    from selenium.webdriver.common.by import By
+
+    frame = _until(d, "the report's frame", lambda: d.find_elements(By.TAG_NAME, "iframe"))[0]
+    d.switch_to.frame(frame)
+    try:
+        _shows(d, "v2", "against", "v1", "Fixed (", "Broken (", "By slice", "What changed", "train.lr")
+    finally:
+        d.switch_to.default_content()
+    _shows(d, "diff.html", "diff.md")
+    _shot(d, "mlflow-review")
+
+
 def test_prefect_shows_the_flow_run_and_every_stage_completed(served, browser):
     d = browser
     d.get(f"{served.prefect}/runs/flow-run/{served.first_id}")
