@@ -87,7 +87,9 @@ def one(data: Path, audit: bool, inject: int) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         # An injected row may itself be drawn into val/test; those in train are the leaks.
         injected = set(pq.read_table(data).column("target").to_pylist()[-inject:]) if inject else set()
-        in_train = sum(1 for s in pq.read_table(Path(out) / "train.parquet").column("target").to_pylist() if s in injected)
+        in_train = sum(
+            1 for s in pq.read_table(Path(out) / "train.parquet").column("target").to_pylist() if s in injected
+        )
     return {
         "seconds": seconds,
         "near_duplicates": m.get("near_duplicates"),
@@ -116,7 +118,10 @@ def main() -> None:
         for r in range(a.repeats):
             for kind in ("audit", "no_audit") if r % 2 == 0 else ("no_audit", "audit"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", str(data), kind, "--inject", str(a.inject)], capture_output=True, text=True, check=True
+                    [sys.executable, __file__, "--child", str(data), kind, "--inject", str(a.inject)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 audit_line = [x for x in out.stdout.splitlines() if "near-duplicate audit" in x]
                 res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -211,7 +211,12 @@ def test_the_model_card_has_every_section_and_fits_the_description_column():
         prepared={
             "near_duplicates": 2,
             "near_duplicate_pairs": [
-                {"train": "The cat sat on the mat.", "split": "test", "other": "The dog sat on the mat.", "similarity": 0.6}
+                {
+                    "train": "The cat sat on the mat.",
+                    "split": "test",
+                    "other": "The dog sat on the mat.",
+                    "similarity": 0.6,
+                }
             ],
         },
     )

@@ -159,8 +159,14 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
 
 
 def _near_duplicates(
-    params: Params, spool: Spool, test: Spool | None, ids: np.ndarray, test_ids: np.ndarray | None,
-    candidates: np.ndarray, metrics: dict, top: int = 10,
+    params: Params,
+    spool: Spool,
+    test: Spool | None,
+    ids: np.ndarray,
+    test_ids: np.ndarray | None,
+    candidates: np.ndarray,
+    metrics: dict,
+    top: int = 10,
 ) -> np.ndarray:
     """The near-duplicate audit (tuneline/neardup.py): find the training candidates that are
     near duplicates of a val/test row, then stop, drop them, or report them, as
