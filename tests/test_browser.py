@@ -29,6 +29,13 @@ def browser():
             "Debian's chromium and chromium-driver are needed: apt-get install chromium chromium-driver "
             "(.ci/run installs them)"
         )
+    driver = chromium()
+    yield driver
+    driver.quit()
+
+
+def chromium():
+    """Headless Chromium driven by chromedriver (docs/screenshots.py uses it too)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -50,8 +57,7 @@ def browser():
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    yield driver
-    driver.quit()
+    return driver
 
 
 def _text(driver) -> str:
@@ -179,6 +185,7 @@ def test_mlflow_shows_what_a_challenger_fixed_and_broke(served, browser, tmp_pat
     run_id, exp = json.loads(out.strip().splitlines()[-1])
     d = browser
     d.get(f"{served.mlflow}/#/experiments/{exp}/runs/{run_id}/artifacts/review/diff.html")
+    _training_view(d)
     from selenium.webdriver.common.by import By
 
     frame = _until(d, "the report's frame", lambda: d.find_elements(By.TAG_NAME, "iframe"))[0]
