@@ -3,6 +3,7 @@ challenger. The pipeline keeps working, reuses what finished, and the registry n
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -219,7 +220,13 @@ def test_a_worse_challenger_is_never_promoted_and_rollback_restores_the_champion
     assert aliases(db)["champion"] == "1"
     history = subprocess.run([*cli, "history"], cwd=proj.root, env=env, capture_output=True, text=True).stdout
     moves = [line.split()[1:4] for line in history.splitlines()]
-    assert moves == [["gate", "none", "->"], ["promote", "v1", "->"], ["rollback", "v2", "->"]], history
+    assert moves == [
+        ["gate", "none", "->"],
+        ["gate", "v2", "not"],  # the decision that kept v1, with its evidence
+        ["promote", "v1", "->"],
+        ["rollback", "v2", "->"],
+    ], history
+    assert "not better (p=" in history.splitlines()[1] and f"by {getpass.getuser()}:" in history.splitlines()[1]
     assert artifacts_present(proj, db) == {"champion": True, "challenger": True}
 
     # No secret anywhere MLflow keeps things, nor in what the run printed.

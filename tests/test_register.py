@@ -152,6 +152,26 @@ def test_promote_and_rollback_record_who_when_why_and_walk_back(client):
     assert all(e["when"].endswith("+00:00") for e in events)
 
 
+def test_a_decision_that_kept_the_champion_is_a_history_event_with_its_evidence(client):
+    v1, v2, v3 = (client.create_model_version("m", source="file:///nowhere").version for _ in range(3))
+    for v, decision in ((v1, "promoted"), (v2, "kept champion"), (v3, "not promoted")):
+        for k, val in {
+            "decision": decision,
+            "reason": f"v{v}: not better",
+            "p_value": "0.4",
+            "level": "0.0076",
+        }.items():
+            client.set_model_version_tag("m", v, f"gate.{k}", val)
+        client.set_model_version_tag("m", v, "registered_by", "ana")
+    kept = registry.kept_decisions(client, "m")
+    # the promotion is a champion move already
+    assert sorted((e["version"], e["decision"], e["who"]) for e in kept) == [
+        ("2", "kept champion", "ana"),
+        ("3", "not promoted", "ana"),
+    ]
+    assert all("not better (p=0.4, level 0.0076)" in e["why"] and e["when"].endswith("+00:00") for e in kept)
+
+
 def test_promote_refuses_a_version_that_does_not_exist(client):
     client.create_model_version("m", source="file:///nowhere")
     with pytest.raises(TunelineError, match="has no version 7.*choose one of: 1"):

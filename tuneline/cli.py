@@ -347,22 +347,26 @@ def _move(fn, name: str | None, reason: str) -> None:
 
 @app.command()
 def history(name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
-    """Every move of the `champion` alias: when, who, what and why."""
+    """Every move of the `champion` alias, and every gate decision that kept it: when, who,
+    what and why."""
     try:
         from tuneline import registry
 
         client = _client()
         name = _model_name(name)
         registry.require_model(client, name)
-        events = registry.history(client, name)
+        events = registry.history(client, name) + registry.kept_decisions(client, name)
     except TunelineError as e:
         _fail(e)
         return
     if not events:
         out.print(f"{name}: the champion alias has never moved")
-    for e in events:
-        prev = f"v{e['previous']}" if e["previous"] else "none"
-        out.print(f"{e['when']}  {e['action']:<8} {prev} -> v{e['version']}  by {e['who']}: {e['why']}")
+    for e in sorted(events, key=lambda e: e["when"]):
+        if "decision" in e:  # a gate decision that moved nothing
+            what = f"v{e['version']} not promoted ({e['decision']})"
+        else:
+            what = f"{'v' + str(e['previous']) if e['previous'] else 'none'} -> v{e['version']}"
+        out.print(f"{e['when']}  {e['action']:<8} {what}  by {e['who']}: {e['why']}")
 
 
 @app.command()

@@ -231,6 +231,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         "method": params.train.method,
         "primary_metric": primary,
         "run_id": mlflow.active_run().info.run_id,
+        "registered_by": registry.user(),  # who ran the gate: `tuneline history` shows it
         "eval.examples_key": record["examples_key"],
         **(parity or {}),
     }

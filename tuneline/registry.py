@@ -94,6 +94,29 @@ def history(client, name: str) -> list[dict]:
     return [json.loads(tags[k]) for k in sorted(tags) if k.startswith(HISTORY)]
 
 
+def kept_decisions(client, name: str) -> list[dict]:
+    """The gate's decisions that left the champion where it was (promotions are champion
+    moves already), as history events: from each version's `gate.*` tags."""
+    events = []
+    for v in client.search_model_versions(f"name='{name}'"):
+        tags = v.tags
+        if "gate.decision" not in tags or tags["gate.decision"] == "promoted":
+            continue
+        level = tags.get("gate.level")
+        evidence = f" (p={float(tags['gate.p_value']):.3g}, level {float(level):.3g})" if level else ""
+        events.append(
+            {
+                "when": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
+                "action": "gate",
+                "version": str(v.version),
+                "decision": tags["gate.decision"],
+                "who": tags.get("registered_by") or v.user_id or "-",
+                "why": tags.get("gate.reason", "") + evidence,
+            }
+        )
+    return events
+
+
 def user() -> str:
     try:
         return getpass.getuser()
