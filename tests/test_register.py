@@ -269,6 +269,8 @@ def test_data_hashes_come_from_dvc_lock(tmp_path):
     lock = tmp_path / "dvc.lock"
     lock.write_text(
         "schema: '2.0'\nstages:\n  prepare:\n    outs:\n    - path: data/prepared\n      md5: abc.dir\n"
+        "    - path: metrics/prepare.json\n      md5: 0123\n"  # the stage's metrics are not its data
         "  tokenize:\n    outs:\n    - path: data/tokenized\n      md5: def.dir\n"
+        "    - path: metrics/tokenize.json\n      md5: 4567\n"
     )
     assert data_hashes(lock) == {"data.prepare.md5": "abc.dir", "data.tokenize.md5": "def.dir"}

@@ -67,11 +67,14 @@ def data_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
     """md5 of the prepared and tokenized data as DVC recorded them."""
     if not lock.is_file():
         return {}
+    from tuneline.data import PREPARED, TOKENIZED
+
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     return {
         f"data.{stage}.md5": out.get("md5", "")
-        for stage in ("prepare", "tokenize")
+        for stage, path in (("prepare", PREPARED), ("tokenize", TOKENIZED))
         for out in stages.get(stage, {}).get("outs", [])
+        if out.get("path") == path.as_posix()  # the data, not the stage's metrics file
     }
 
 
