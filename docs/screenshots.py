@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ORIGINAL_ENV = dict(os.environ)
 os.environ.setdefault("TUNELINE_SCREENSHOTS", str(REPO / "docs" / "img"))
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -51,7 +52,10 @@ def main() -> None:
     ui = subprocess.Popen(
         [str(project / ".venv/bin/tuneline"), "ui", "--mlflow-port", str(mport), "--prefect-port", str(pport)],
         cwd=project,
-        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")},
+        # Not this process's (importing tuneline set PREFECT_HOME etc. to this checkout's)
+        env={
+            k: v for k, v in ORIGINAL_ENV.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+        },
         start_new_session=True,
     )
     mlflow, prefect = f"http://127.0.0.1:{mport}", f"http://127.0.0.1:{pport}"
