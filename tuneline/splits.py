@@ -214,7 +214,7 @@ def _near_duplicates(
         {"train": text, "split": split(p.other), "other": held_out[p.other], "similarity": round(p.similarity, 4)}
         for p, text in hits[:top]
     ]
-    what = {"error": "found", "drop": "dropped from train", "report": "kept in train"}[cfg.on_overlap]
+    what = {"error": "none allowed", "drop": "dropped from train", "report": "kept in train"}[cfg.on_overlap]
     print(
         f"[prepare] near-duplicate audit: {len(hits)} training rows within Jaccard "
         f">= {cfg.near_dup_threshold} of a val/test row ({what}); "
