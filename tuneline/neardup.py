@@ -14,7 +14,7 @@ are few, are indexed; each training candidate is sketched and looked up, a batch
 time. The LSH banding is chosen so that a pair at the threshold is a candidate with
 probability >= 0.995; every candidate is then checked with its exact Jaccard similarity, so
 the verdicts (and the prepared data) do not depend on the sketch. Memory: the index and
-shingle sets of the val/test rows, and one batch.
+the texts of the val/test rows, and one batch.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Pair:
 
 
 class Index:
-    """The val/test rows' MinHash sketches in an LSH index, and their shingle sets."""
+    """The val/test rows' MinHash sketches in an LSH index, and their texts."""
 
     def __init__(self, threshold: float):
         import rensa
@@ -84,7 +84,9 @@ class Index:
         bands, rows = banding(threshold)
         self.num_perm = bands * rows
         self.lsh = rensa.RMinHashLSH(threshold=threshold, num_perm=self.num_perm, num_bands=bands)
-        self.sets: dict[int, set[str]] = {}
+        # Texts, not shingle sets (a set costs ~20x its text): a candidate's set is rebuilt
+        # when it is checked, and candidates are rare.
+        self.texts: dict[int, str] = {}
 
     def _sketches(self, docs: list[list[str]]):
         import rensa
@@ -93,15 +95,15 @@ class Index:
 
     def add(self, items: Iterable[tuple[int, str]]) -> None:
         """Index (key, text) pairs; a text without words cannot be a near duplicate."""
-        items = [(k, s) for k, t in items if (s := tokens(t))]
-        for (k, s), m in zip(items, self._sketches([s for _, s in items])):
+        items = [(k, t, s) for k, t in items if (s := tokens(t))]
+        for (k, t, _), m in zip(items, self._sketches([s for _, _, s in items])):
             self.lsh.insert(k, m)
-            self.sets[k] = set(s)
+            self.texts[k] = t
 
     def query(self, items: list[tuple[int, str]]) -> list[Pair]:
         """For a batch of (row index, text): each row's most similar indexed row, where that
         similarity reaches the threshold."""
-        if not self.sets:
+        if not self.texts:
             return []
         items = [(i, s) for i, t in items if (s := tokens(t))]
         found = []
@@ -109,7 +111,7 @@ class Index:
             if not cands:  # nearly every row: no set is built
                 continue
             s = set(s)
-            best = max((jaccard(s, self.sets[k]), -k) for k in cands)
+            best = max((jaccard(s, shingles(self.texts[k])), -k) for k in cands)
             if best[0] >= self.threshold:
                 found.append(Pair(i, -best[1], best[0]))
         return found
