@@ -87,11 +87,23 @@ def test_short_sentences_at_the_threshold_are_still_found_by_the_lsh():
     assert len(found) >= 398 and all(p.other == p.train - 1000 for p in found)
 
 
-@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7, 0.9])
-def test_banding_makes_a_pair_at_the_threshold_a_candidate(threshold):
-    bands, rows = neardup.banding(threshold)
-    assert bands * rows <= neardup.NUM_PERM
-    assert 1 - (1 - threshold**rows) ** bands >= neardup.RECALL
+@pytest.mark.parametrize("threshold, words", [(0.5, 6), (0.7, 10), (0.9, 30)])
+def test_pairs_just_above_any_threshold_are_found(threshold, words):
+    """One word changed in `words`-word rows scores just above `threshold` ((2n-4)/(2n+2)):
+    the banding chosen for each threshold still finds nearly all of them."""
+    rng = random.Random(threshold)
+    vocab = [f"w{i}" for i in range(5000)]
+    rows = [" ".join(rng.sample(vocab, words)) for _ in range(300)]
+    index = neardup.Index(threshold)
+    index.add(enumerate(rows))
+    edited = []
+    for i, s in enumerate(rows):
+        w = s.split()
+        w[rng.randrange(words)] = "changed"
+        edited.append((1000 + i, " ".join(w)))
+    found = index.query(edited)
+    assert threshold <= (2 * words - 4) / (2 * words + 2) < threshold + 0.08
+    assert len(found) >= 297 and all(p.other == p.train - 1000 for p in found)
 
 
 def test_a_conversation_is_compared_by_its_messages_not_its_json():
