@@ -198,10 +198,9 @@ def _near_duplicates(
     look_up()
     flagged = np.isin(candidates, np.fromiter(found, dtype=np.int64, count=len(found)))
     if cfg.n_train:  # only the flagged rows within the train split's reach count
-        clean = np.flatnonzero(~flagged)
-        if cfg.on_overlap != "drop":
-            reach = cfg.n_train
-        else:  # dropping them, train reaches further down the draw
+        reach = cfg.n_train
+        if cfg.on_overlap == "drop":  # dropping them, train reaches further down the draw
+            clean = np.flatnonzero(~flagged)
             reach = int(clean[cfg.n_train - 1]) + 1 if len(clean) >= cfg.n_train else len(candidates)
         flagged[reach:] = False
     hits = sorted((found[int(i)] for i in candidates[flagged]), key=lambda h: (-h[0].similarity, h[0].train))
