@@ -7,6 +7,16 @@ NOT YET BUILT (work in progress on this branch): running the arms as DVC experim
 MLflow parent and child runs, `--jobs N`, resume, scheduling, and the `tuneline sweep`
 command.
 
+The plan for the rest, with what was checked here (DVC 3.67.1, offline, a toy 2-stage
+pipeline in /tmp): `dvc exp run --queue -S b=3` queues an arm; `dvc queue start -j 1`
+starts DVC's own worker, which runs them one by one (`dvc queue status`, `dvc queue logs
+NAME`); an unchanged first stage is skipped in every arm ("didn't change"), and an arm
+queued again with the same params is restored from the run cache ("is cached - skipping
+run"): so prepare/tokenize run once and a killed sweep re-run costs only the missing arms.
+`dvc exp show --csv` lists each arm's params and metrics. Still to decide: how an arm
+scores on validation without the evaluate stage (which reads test): probably a target
+stage that scores the val split, queued as `dvc exp run --queue -S ... <that stage>`.
+
 Spec syntax, as `--set`'s: `--grid train.lr=1e-4,5e-4,2e-3` (one axis; several --grid make
 the Cartesian product), `--sample N` with `--range train.lr=1e-5:1e-3` (log-uniform when
 both ends are positive and a decade or more apart, else uniform; integers stay integers)
