@@ -109,3 +109,47 @@ def test_holm_over_the_arms_with_known_p_values(monkeypatch, pvalues, beaten):
 def test_lower_is_better_metrics_pick_the_lowest():
     stats = [scoring.mean(np.full(50, 3.0)), scoring.mean(np.full(50, 2.0))]
     assert sweep.select(stats, "unterminated_rate", n_boot=200).winner == 1
+
+
+@pytest.mark.slow
+def test_arms_run_as_dvc_experiments_and_an_unchanged_stage_runs_once(tmp_path):
+    """A toy two-stage pipeline: the first stage does not read the swept param."""
+    import json
+    import subprocess
+    import sys
+
+    dvc = (sys.executable, "-m", "dvc")
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+    (tmp_path / "params.yaml").write_text("a: 1\nb: 2\n")
+    (tmp_path / "one.py").write_text(
+        "import json, yaml\np = yaml.safe_load(open('params.yaml'))\njson.dump({'x': p['a']}, open('one.json', 'w'))\n"
+    )
+    (tmp_path / "two.py").write_text(
+        "import json, yaml\np = yaml.safe_load(open('params.yaml'))\n"
+        "json.dump({'y': json.load(open('one.json'))['x'] * p['b']}, open('m.json', 'w'))\n"
+    )
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  one:\n    cmd: {sys.executable} one.py\n    deps: [one.py]\n    params: [a]\n    outs: [one.json]\n"
+        f"  two:\n    cmd: {sys.executable} two.py\n    deps: [two.py, one.json]\n    params: [b]\n"
+        "    metrics: [{m.json: {cache: false}}]\n"
+    )
+    for cmd in (("git", "init", "-q"), (*dvc, "init", "-q"), (*dvc, "repro", "-q"), ("git", "add", "-A")):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run((*git, "commit", "-qm", "base"), cwd=tmp_path, check=True, capture_output=True)
+    names = sweep.queue([{"b": 3}, {"b": 4}], cwd=tmp_path, dvc=dvc)
+    status = sweep.run_queue(jobs=1, cwd=tmp_path, dvc=dvc, poll=1, timeout=300)
+    assert status == {"sweep-1": "Success", "sweep-2": "Success"} and names == ["sweep-1", "sweep-2"]
+    shown = json.loads(
+        subprocess.run((*dvc, "exp", "show", "--json"), cwd=tmp_path, capture_output=True, text=True).stdout
+    )
+    ys = {
+        e["name"]: e["data"]["metrics"]["m.json"]["data"]["y"]
+        for row in shown
+        for e in (row.get("experiments") or [])
+        for e in e["revs"]
+        if e.get("name")
+    }
+    assert ys == {"sweep-1": 3, "sweep-2": 4}
+    for name in names:  # the stage that does not read the swept param is not run again
+        logs = subprocess.run((*dvc, "queue", "logs", name), cwd=tmp_path, capture_output=True, text=True).stdout
+        assert "Stage 'one' didn't change" in logs and "Running stage 'two'" in logs, logs

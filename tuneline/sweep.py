@@ -200,3 +200,52 @@ def select(stats: list[scoring.Stat], metric: str, alpha: float = 0.05, n_boot: 
     for i, r in zip(others, rejected):
         beaten[i] = r
     return Selection(winner, values, comps, beaten)
+
+
+# --- arms as DVC experiments ------------------------------------------------------------------
+
+
+def queue(arms_: list[Arm], target: str | None = None, name: str = "sweep", cwd=None, dvc=("dvc",)) -> list[str]:
+    """Queue each arm as a DVC experiment (`dvc exp run --queue -S key=value ... [target]`),
+    named `<name>-<i>`; returns the names. DVC runs them (`run_queue`) and keeps them:
+    `dvc exp show` lists each with its params and metrics."""
+    import subprocess
+
+    names = []
+    for i, arm in enumerate(arms_, 1):
+        exp = f"{name}-{i}"
+        cmd = [*dvc, "exp", "run", "--queue", "--name", exp]
+        for k, v in arm.items():
+            cmd += ["-S", f"{k}={v}"]
+        if target:
+            cmd.append(target)
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        if done.returncode:
+            raise TunelineError(
+                f"could not queue sweep arm {i} ({describe(arm)}): {(done.stderr or done.stdout).strip()[-300:]}",
+                "see `dvc queue status`; `dvc queue remove --queued` clears the queue",
+            )
+        names.append(exp)
+    return names
+
+
+def run_queue(jobs: int = 1, cwd=None, dvc=("dvc",), poll: float = 2.0, timeout: float | None = None) -> dict:
+    """Start DVC's queue worker(s) and wait until no arm is queued or running; returns
+    {experiment name: status} from `dvc queue status`."""
+    import subprocess
+    import time
+
+    subprocess.run([*dvc, "queue", "start", "-j", str(jobs)], cwd=cwd, check=True, capture_output=True, text=True)
+    deadline = None if timeout is None else time.time() + timeout
+    while True:
+        out = subprocess.run([*dvc, "queue", "status"], cwd=cwd, check=True, capture_output=True, text=True).stdout
+        status = {}  # rows: task, name, created (two words), status; no --json for this command
+        for line in out.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 4 and parts[-1] in ("Queued", "Running", "Success", "Failed"):
+                status[parts[1]] = parts[-1]
+        if not any(s in ("Queued", "Running") for s in status.values()):
+            return status
+        if deadline is not None and time.time() > deadline:
+            raise TunelineError("the sweep's queue did not finish in time", "see `dvc queue status`")
+        time.sleep(poll)
