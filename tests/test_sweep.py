@@ -112,11 +112,15 @@ def test_lower_is_better_metrics_pick_the_lowest():
 
 
 @pytest.mark.slow
-def test_arms_run_as_dvc_experiments_and_an_unchanged_stage_runs_once(tmp_path):
+def test_arms_run_as_dvc_experiments_and_an_unchanged_stage_runs_once(tmp_path, monkeypatch):
     """A toy two-stage pipeline: the first stage does not read the swept param."""
     import json
+    import os
     import subprocess
     import sys
+
+    # DVC's queue worker is started as `dvc` from PATH: the venv's, as `make` gives it.
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
 
     dvc = (sys.executable, "-m", "dvc")
     git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
