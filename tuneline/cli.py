@@ -127,6 +127,82 @@ def run(
         out.print('  try it:      tuneline predict "<input>" (the champion of register.model_name)')
 
 
+@app.command()
+def sweep(
+    recipe: str = typer.Option(
+        None, "--recipe", "-r", metavar="NAME", help="Recipe the arms start from (default: params.yaml)."
+    ),
+    sets: list[str] = typer.Option(
+        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param for every arm (repeatable)."
+    ),
+    grid: list[str] = typer.Option(
+        [],
+        "--grid",
+        "-g",
+        metavar="KEY=V1,V2",
+        help="One axis of a grid, e.g. --grid train.lr=1e-4,5e-4 (repeatable: the product).",
+    ),
+    sample: int = typer.Option(0, "--sample", metavar="N", help="N seeded random arms over the --range values."),
+    ranges: list[str] = typer.Option(
+        [],
+        "--range",
+        metavar="KEY=LOW:HIGH",
+        help="A range to sample (log-uniform over decades), or KEY=A,B,C to choose from.",
+    ),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Arms trained side by side, one per GPU."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate every arm and print the plan; run nothing."),
+) -> None:
+    """Try many configurations as DVC experiments; only the best on validation faces the gate.
+
+    Each arm trains and is scored on the validation split (`dvc exp show` lists them); the
+    winner is compared with the other arms by paired bootstrap (Holm over the arms), then
+    evaluated on the test split and sent through the gate. The same command again skips
+    the arms already run."""
+    try:
+        from tuneline import require_project
+        from tuneline.lock import project_lock
+
+        with project_lock(require_project()):
+            from flows.sweep import plan, sweep_flow
+
+            plan.fn(recipe, list(sets), list(grid), list(ranges), sample, jobs)  # a bad spec fails in seconds
+            if not os.environ.get("PREFECT_API_URL"):  # Ctrl-C must not kill the temporary server with an arm
+                servers.detach_temporary_prefect_server()
+
+            state = sweep_flow(
+                recipe=recipe,
+                overrides=list(sets),
+                grid=list(grid),
+                ranges=list(ranges),
+                sample=sample,
+                jobs=jobs,
+                dry_run=dry_run,
+                return_state=True,
+            )
+    except TunelineError as e:
+        _fail(e)
+        return
+    except KeyboardInterrupt:
+        from flows.sweep import INTERRUPTED
+
+        print_error(INTERRUPTED)
+        raise typer.Exit(130) from None
+    if not state.is_completed():
+        failed = state.result(raise_on_failure=False)
+        if isinstance(failed, BaseException) and not isinstance(failed, TunelineError):
+            raise failed
+        print_error(str(failed) if isinstance(failed, TunelineError) else state.message or "the sweep failed")
+        raise typer.Exit(failed.get("exit_code", 2) if isinstance(failed, dict) else 2)
+    res = state.result()
+    if dry_run:
+        return
+    out.print(
+        f"\n[bold green]sweep {res['sweep']} finished[/] in {res['total_s'] / 60:.1f} min: winner {res['winner']}, "
+        f"test {res['test']:.4g}, gate: {res.get('gate') or 'not registered (register.dry_run)'}"
+    )
+    out.print("  arms:   `dvc exp show` (params and validation metrics); `tuneline ui` (the sweep's MLflow run)")
+
+
 def _build_apart(name: str) -> None:
     """Convert a built-in model into the cache (once) in a child process: the preflight
     reads its config, and this process stays small for the hours it waits on the stages

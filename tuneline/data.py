@@ -26,6 +26,9 @@ CHECKPOINTS = Path("checkpoints/train")  # resume state (not a DVC output: it ou
 TRAIN_CURVE = Path("plots/train.csv")
 PREDICTIONS = Path("reports/predictions.jsonl")
 EVAL_EXAMPLES = Path("reports/eval_examples.json")
+VAL_EXAMPLES = Path(
+    "reports/val_examples.json"
+)  # the tuned model's per-example records on val (sweeps compare arms on them)
 
 
 # What `dvc metrics show` lists: one file per stage.
@@ -33,10 +36,11 @@ METRICS = {
     "prepare": Path("metrics/prepare.json"),
     "tokenize": Path("metrics/tokenize.json"),
     "train": Path("metrics/train.json"),
+    "validate": Path("metrics/validate.json"),
     "evaluate": Path("metrics/eval.json"),
     "register": Path("metrics/register.json"),
 }
-UNCACHED = {TRAIN_CURVE, PREDICTIONS, EVAL_EXAMPLES}  # small files kept in git, not in DVC's cache
+UNCACHED = {TRAIN_CURVE, PREDICTIONS, EVAL_EXAMPLES, VAL_EXAMPLES}  # small files kept in git, not in DVC's cache
 
 
 def metrics_file(stage: str) -> Path:

@@ -128,14 +128,16 @@ def fit_rows(
     return [r for r, ok in zip(rows, fits) if ok], n
 
 
-def test_rows(params: Params) -> tuple[list[dict], int]:
-    """The prepared test split, fitted to the base model's positions (the tuned model is the
-    same architecture): what evaluate scores and register compares on."""
+def test_rows(params: Params, split: str = "test") -> tuple[list[dict], int]:
+    """The prepared test split (or `split`), fitted to the base model's positions (the tuned
+    model is the same architecture): what evaluate scores and register compares on; validate
+    scores the "val" split the same way."""
     from tuneline.data import read_split
     from tuneline.modeling import load_config, position_limit
 
     limit = position_limit(load_config(params.model.name))
-    return fit_rows(load_tokenizer(params.model.name), read_split("test"), params, limit)
+    where = "evaluate" if split == "test" else "validate"
+    return fit_rows(load_tokenizer(params.model.name), read_split(split), params, limit, where)
 
 
 def prompts_and_targets(task: tasks.Task, rows: list[dict], labels: list[str], tok=None) -> tuple[list[str], list[str]]:

@@ -1,26 +1,21 @@
-"""Sweeps (#22), the parts that decide before and after the arms run: the spec (a grid, or a
-seeded sample over ranges), every arm validated before anything runs, and the winner chosen
-on the validation split with the number of arms accounted for.
+"""Sweeps (#22): many configurations of one job as DVC experiments, compared on the
+validation split, with only the winner evaluated on the test split and gated.
 
-NOT YET BUILT (work in progress on this branch): running the arms as DVC experiments
-(`dvc exp run --queue -S ...`, DVC's queue), scoring each arm on the validation split, the
-MLflow parent and child runs, `--jobs N`, resume, scheduling, and the `tuneline sweep`
-command.
-
-The plan for the rest, with what was checked here (DVC 3.67.1, offline, a toy 2-stage
-pipeline in /tmp): `dvc exp run --queue -S b=3` queues an arm; `dvc queue start -j 1`
-starts DVC's own worker, which runs them one by one (`dvc queue status`, `dvc queue logs
-NAME`); an unchanged first stage is skipped in every arm ("didn't change"), and an arm
-queued again with the same params is restored from the run cache ("is cached - skipping
-run"): so prepare/tokenize run once and a killed sweep re-run costs only the missing arms.
-`dvc exp show --csv` lists each arm's params and metrics. Still to decide: how an arm
-scores on validation without the evaluate stage (which reads test): probably a target
-stage that scores the val split, queued as `dvc exp run --queue -S ... <that stage>`.
-
-Spec syntax, as `--set`'s: `--grid train.lr=1e-4,5e-4,2e-3` (one axis; several --grid make
-the Cartesian product), `--sample N` with `--range train.lr=1e-5:1e-3` (log-uniform when
-both ends are positive and a decade or more apart, else uniform; integers stay integers)
-or `--range train.lora_r=8,16,32` (a choice).
+This module holds what decides before and after the arms run, and the calls into DVC; the
+flow that puts them in order is flows/sweep.py (`tuneline sweep`).
+- The spec: a grid (`--grid train.lr=1e-4,5e-4,2e-3`; several --grid make the Cartesian
+  product), or `--sample N` seeded draws over `--range train.lr=1e-5:1e-3` (log-uniform when
+  both ends are positive and a decade or more apart, else uniform; integers stay integers)
+  or `--range train.lora_r=8,16,32` (a choice). Every arm is validated before anything runs.
+- Arms may vary `train.*` and `model.name` only: anything else changes the validation
+  examples or how they are scored, and the arms would not be compared on the same footing.
+- Each arm is `dvc exp run --queue --name <sweep>-<i> -S key=value ... validate`, run by
+  DVC's own queue worker: prepare and tokenize are unchanged in every arm, so DVC reuses
+  them; `dvc exp show` lists the arms with their params and metrics. An arm queued again
+  with the same name is already an experiment (or, with the same params, in DVC's run
+  cache): a killed sweep re-run costs only the missing arms.
+- The winner: the best arm on the primary metric, compared with each other arm by paired
+  bootstrap on the same validation examples, the k-1 p-values Holm-corrected together.
 """
 
 from __future__ import annotations
@@ -152,6 +147,30 @@ def arms(grid: dict[str, list], ranges: list[Range] = (), n_sample: int = 0, see
     return out
 
 
+SWEEPABLE = ("train.", "model.name")
+
+
+def check_keys(arms_: list[Arm]) -> None:
+    """Arms may vary how the model is trained, not the data or the scoring."""
+    for key in dict.fromkeys(k for arm in arms_ for k in arm):
+        if not key.startswith(SWEEPABLE):
+            raise TunelineError(
+                f"a sweep cannot vary '{key}': it changes the validation examples or how they are scored, "
+                "so the arms would not be compared on the same examples",
+                "sweep train.* or model.name; set other keys for every arm with --set",
+            )
+
+
+def name(arm_params: list[Params]) -> str:
+    """The same arms (every param of each) get the same name, so running a sweep's command
+    again finds the arms it already ran, even after its winner was applied to params.yaml."""
+    import hashlib
+    import json
+
+    blob = json.dumps([p.model_dump(mode="json") for p in arm_params], sort_keys=True, default=str)
+    return "sweep-" + hashlib.sha256(blob.encode()).hexdigest()[:6]
+
+
 def describe(arm: Arm) -> str:
     return ", ".join(f"{k}={v}" for k, v in arm.items())
 
@@ -202,50 +221,125 @@ def select(stats: list[scoring.Stat], metric: str, alpha: float = 0.05, n_boot: 
     return Selection(winner, values, comps, beaten)
 
 
+def estimate_s(
+    arm_params: list[Params], last_train: dict | None, last_val: dict | None, n_rows: int | None
+) -> float | None:
+    """Seconds the arms will take, from this project's last training (seconds per optimizer
+    step of the same model) and validation; None when nothing has trained here yet."""
+    from tuneline.training import total_steps
+
+    if not last_train or not n_rows or not last_train.get("steps"):
+        return None
+    per_step = last_train["train_s"] / last_train["steps"]
+    val_s = (last_val or {}).get("generation_s", 0.0)
+    return sum(per_step * total_steps(n_rows, p.train) + val_s + 30 for p in arm_params)
+
+
 # --- arms as DVC experiments ------------------------------------------------------------------
 
 
-def queue(arms_: list[Arm], target: str | None = None, name: str = "sweep", cwd=None, dvc=("dvc",)) -> list[str]:
-    """Queue each arm as a DVC experiment (`dvc exp run --queue -S key=value ... [target]`),
-    named `<name>-<i>`; returns the names. DVC runs them (`run_queue`) and keeps them:
-    `dvc exp show` lists each with its params and metrics."""
+def _dvc(args: list[str], cwd, dvc, check: bool = True) -> str:
     import subprocess
 
-    names = []
-    for i, arm in enumerate(arms_, 1):
-        exp = f"{name}-{i}"
-        cmd = [*dvc, "exp", "run", "--queue", "--name", exp]
+    done = subprocess.run([*dvc, *args], cwd=cwd, capture_output=True, text=True)
+    if check and done.returncode:
+        raise TunelineError(
+            f"`dvc {' '.join(args[:3])}` failed: {' '.join((done.stderr or done.stdout).split())[-300:]}",
+            "see `dvc queue status` and `dvc queue logs NAME`; `dvc queue remove --queued` clears the queue",
+        )
+    return done.stdout
+
+
+def queue(arms_: list[Arm], names: list[str], target: str | None = None, cwd=None, dvc=("dvc",)) -> None:
+    """Queue each arm as a DVC experiment named as given (`dvc exp run --queue --name NAME
+    -S key=value ... [target]`). DVC's worker runs them (`start`) and keeps them: `dvc exp
+    show` lists each with its params and metrics."""
+    for arm, exp in zip(arms_, names):
+        args = ["exp", "run", "--queue", "--name", exp]
         for k, v in arm.items():
-            cmd += ["-S", f"{k}={v}"]
-        if target:
-            cmd.append(target)
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-        if done.returncode:
-            raise TunelineError(
-                f"could not queue sweep arm {i} ({describe(arm)}): {(done.stderr or done.stdout).strip()[-300:]}",
-                "see `dvc queue status`; `dvc queue remove --queued` clears the queue",
-            )
-        names.append(exp)
-    return names
+            args += ["-S", f"{k}={v}"]
+        _dvc(args + ([target] if target else []), cwd, dvc)
 
 
-def run_queue(jobs: int = 1, cwd=None, dvc=("dvc",), poll: float = 2.0, timeout: float | None = None) -> dict:
-    """Start DVC's queue worker(s) and wait until no arm is queued or running; returns
-    {experiment name: status} from `dvc queue status`."""
+STATES = ("Failed", "Success", "Queued", "Running")  # a name queued again has its old rows too: the later state wins
+
+
+def queue_status(cwd=None, dvc=("dvc",)) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`, and
+    under the key WORKERS the number of active workers ('0' when none runs)."""
+    import re
+
+    out = _dvc(["queue", "status"], cwd, dvc)
+    status = {}  # rows: task, name, created (two words), status; no --json for this command
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 4 and parts[-1] in STATES:
+            if STATES.index(parts[-1]) >= STATES.index(status.get(parts[1], "Failed")):
+                status[parts[1]] = parts[-1]
+    found = re.search(r"Worker status: (\d+) active", out)
+    status[WORKERS] = found.group(1) if found else "0"
+    return status
+
+
+WORKERS = "<workers>"
+
+
+def start(jobs: int = 1, cwd=None, dvc=("dvc",), env=None) -> None:
+    """Start DVC's queue worker(s); they run the queued arms, `jobs` at a time."""
     import subprocess
+
+    # The worker DVC spawns outlives this call and keeps the pipes it was given: capturing
+    # its output would wait for the whole queue. Its log is `dvc queue logs NAME`.
+    done = subprocess.run(
+        [*dvc, "queue", "start", "-j", str(jobs)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if done.returncode:
+        raise TunelineError("DVC's queue worker did not start", "run `dvc queue start` to see why")
+
+
+def run_queue(jobs: int = 1, cwd=None, dvc=("dvc",), poll: float = 2.0, timeout: float | None = None, env=None) -> dict:
+    """Start the worker(s) and wait until no arm is queued or running; returns queue_status."""
     import time
 
-    subprocess.run([*dvc, "queue", "start", "-j", str(jobs)], cwd=cwd, check=True, capture_output=True, text=True)
+    start(jobs, cwd, dvc, env)
     deadline = None if timeout is None else time.time() + timeout
     while True:
-        out = subprocess.run([*dvc, "queue", "status"], cwd=cwd, check=True, capture_output=True, text=True).stdout
-        status = {}  # rows: task, name, created (two words), status; no --json for this command
-        for line in out.splitlines()[1:]:
-            parts = line.split()
-            if len(parts) >= 4 and parts[-1] in ("Queued", "Running", "Success", "Failed"):
-                status[parts[1]] = parts[-1]
+        status = queue_status(cwd, dvc)
         if not any(s in ("Queued", "Running") for s in status.values()):
             return status
         if deadline is not None and time.time() > deadline:
             raise TunelineError("the sweep's queue did not finish in time", "see `dvc queue status`")
         time.sleep(poll)
+
+
+def experiments(cwd=None) -> dict[str, str]:
+    """{experiment name: commit} of every DVC experiment in the project (its git refs under
+    refs/exps/, whatever commit it was run from)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = {}
+    for line in out.splitlines():
+        ref, _, sha = line.partition(" ")
+        if ref.count("/") >= 4 and not ref.startswith(("refs/exps/celery", "refs/exps/exec")):
+            found[ref.rsplit("/", 1)[-1]] = sha
+    return found
+
+
+def read_at(commit: str, path: str, cwd=None) -> str | None:
+    """A file as an experiment committed it (metrics and uncached reports are in git)."""
+    import subprocess
+
+    done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=cwd, capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None

@@ -5,6 +5,11 @@ The parent is found, whichever way the pipeline was started:
 - under `dvc repro` / `dvc exp run`, stages are separate processes of one DVC process,
   so the parent is keyed on that ancestor process (pid + start time);
 - a stage run on its own gets a parent of its own.
+
+A sweep arm that DVC's queue runs (tuneline/sweep.py) is a `dvc exp run` in a temporary
+copy of the project: its parent run is the arm's, nested under the sweep's parent run, and
+it logs to the sweep's store (a file in the project names both: `arm_record`), not to an
+mlflow.db in the copy that DVC deletes afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from tuneline.config import Params, flatten
 from tuneline.secrets import redact
 
 PARENT_ENV = "TUNELINE_PARENT_RUN_ID"
+SWEEP_ENV = "TUNELINE_SWEEP_RUN_ID"  # set by a sweep: the pipeline runs it starts nest under it
+ARMS = ".cache/sweep-arms"  # under the project root: <experiment name>.json per queued arm
 EXEC_TAG = "tuneline.execution"
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
 
@@ -29,7 +36,25 @@ def default_uri() -> str:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+    arm = arm_record()
+    return (arm or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def arm_record() -> dict | None:
+    """In a sweep arm run by DVC's queue: {"name", "sweep_run_id", "tracking_uri"} as the
+    sweep wrote them before queueing it; else None. DVC sets DVC_EXP_NAME for a queued
+    experiment, and DVC_ROOT to the project it was queued from."""
+    import json
+    from pathlib import Path
+
+    name, root = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_ROOT")
+    if not name or not root:
+        return None
+    path = Path(root) / ARMS / f"{name}.json"
+    try:
+        return json.loads(path.read_text()) | {"name": name}
+    except (OSError, ValueError):
+        return None
 
 
 def _sqlite_path(uri: str):
@@ -155,7 +180,9 @@ def _dvc_execution_key() -> str | None:
         except psutil.Error:
             continue
         if re.search(r"\bdvc\b", cmd) and re.search(r"\b(repro|exp)\b", cmd):
-            return f"dvc-{anc.pid}-{int(anc.create_time())}"
+            # one queue worker runs experiment after experiment: each is its own execution
+            exp = os.environ.get("DVC_EXP_NAME")
+            return f"dvc-{anc.pid}-{int(anc.create_time())}" + (f"-{exp}" if exp else "")
     return None
 
 
@@ -172,6 +199,12 @@ def start_parent(params: Params, source: str, key: str | None = None) -> str:
     }
     if key:
         tags[EXEC_TAG] = key
+    arm, sweep = arm_record(), os.environ.get(SWEEP_ENV)
+    if arm:  # one arm of a sweep: a child of the sweep's run, named as DVC names the experiment
+        tags |= {"mlflow.parentRunId": arm["sweep_run_id"], "mlflow.runName": arm["name"], "tuneline.kind": "arm"}
+        tags["dvc.experiment"] = arm["name"]
+    elif sweep:  # the sweep's winner, evaluated and gated
+        tags["mlflow.parentRunId"] = sweep
     run = client.create_run(exp_id, tags=tags)
     log_params(client, run.info.run_id, params)
     return run.info.run_id
