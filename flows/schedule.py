@@ -1,4 +1,5 @@
-"""Serve the pipeline flow on a cron schedule from this process (`tuneline schedule`).
+"""Serve the pipeline flow, or a sweep (`--grid`/`--sample`), on a cron schedule from this
+process (`tuneline schedule`).
 
 Prefect's scheduler lives in its server, so serving needs one: PREFECT_API_URL if set,
 else the local one `tuneline ui` starts (127.0.0.1:4200), else this process starts it and
@@ -37,11 +38,17 @@ def schedule(
     overrides: list[str] | None = None,
     name: str | None = None,
     say: Callable[[str], None] = print,
+    sweep: dict | None = None,
 ) -> None:
-    """Validate everything, find (or start) the Prefect server, then serve until Ctrl-C."""
+    """Validate everything, find (or start) the Prefect server, then serve until Ctrl-C.
+    `sweep`: {"grid", "ranges", "sample", "jobs"} serves `tuneline sweep` instead of a run."""
     overrides = list(overrides or [])
     check_cron(cron)
     recipes.build(recipe, overrides, False, None if recipe else _params_yaml())  # fail before serving
+    if sweep:
+        from flows.sweep import plan
+
+        plan.fn(recipe, overrides, sweep["grid"], sweep["ranges"], sweep["sample"], sweep["jobs"])
     server = None
     api = os.environ.get("PREFECT_API_URL")
     if api:
@@ -57,22 +64,27 @@ def schedule(
         server, api = servers.prefect_ready("127.0.0.1", 4200), LOCAL_API
     os.environ["PREFECT_API_URL"] = api  # this process and the flow runs it starts
     from flows.pipeline import pipeline
+    from flows.sweep import sweep_flow
 
     deployment = name or (recipe or "params")
-    say(f"serving 'tuneline-pipeline/{deployment}' on '{cron}' (UTC) via {api}; Ctrl-C stops")
-    say(f"  run it now: prefect deployment run 'tuneline-pipeline/{deployment}'")
+    served, parameters, what = pipeline, {"recipe": recipe, "overrides": overrides}, "pipeline"
+    if sweep:
+        served, what = sweep_flow, "sweep"
+        parameters |= {k: sweep[k] for k in ("grid", "ranges", "sample", "jobs")}
+    say(f"serving '{served.name}/{deployment}' on '{cron}' (UTC) via {api}; Ctrl-C stops")
+    say(f"  run it now: prefect deployment run '{served.name}/{deployment}'")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     try:
         with temporary_settings(updates={PREFECT_API_URL: api}):  # prefect read its settings at import
-            pipeline.serve(
+            served.serve(
                 name=deployment,
                 cron=cron,
-                parameters={"recipe": recipe, "overrides": overrides},
+                parameters=parameters,
                 limit=1,
                 tags=["tuneline"],
                 print_starting_message=False,
-                description=f"tuneline pipeline ({recipe or 'params.yaml'}"
+                description=f"tuneline {what} ({recipe or 'params.yaml'}"
                 f"{''.join(f', --set {o}' for o in overrides)}) on '{cron}'",
             )
     except KeyboardInterrupt:  # Ctrl-C is how a user stops serving

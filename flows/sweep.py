@@ -34,6 +34,7 @@ from tuneline.config import Params, read_yaml
 from tuneline.data import VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
 from tuneline.io import read_json, write_json
+from tuneline.lock import SLOTS_ENV
 from tuneline.tracking import ARMS, PARENT_ENV, SWEEP_ENV, log_params, setup, tracking_uri
 
 DVC = (sys.executable, "-m", "dvc")
@@ -163,11 +164,12 @@ def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list
     return [n for _, n in todo]
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env(jobs: int) -> dict[str, str]:
     """The queue worker runs `dvc` and `python` from this environment, in its own copy of
     the project: nothing may point it back at this one."""
     env = {k: v for k, v in os.environ.items() if k not in ("TUNELINE_ROOT", PARENT_ENV, SWEEP_ENV)}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env[SLOTS_ENV] = str(jobs)  # with N workers, each arm trains on a GPU of its own (lock.train_slot)
     kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.realpath(p) != str(ROOT)]
     env["PYTHONPATH"] = os.pathsep.join(kept)  # the copy's own code, found from its working directory
     if not kept:
@@ -181,7 +183,7 @@ def run_arms(names: list[str], jobs: int, metric: str) -> dict[str, str]:
     t0, idle = time.time(), 0.0
     before = set(sweep.experiments(ROOT))
     seen = {n: "Success" for n in names if n in before}  # run before (a sweep run again): not reported
-    sweep.start(jobs, ROOT, DVC, _worker_env())
+    sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
     try:
         while True:
             status = sweep.queue_status(ROOT, DVC)

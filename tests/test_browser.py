@@ -19,7 +19,7 @@ CHROMIUM, DRIVER = (
 SHOTS = Path(
     os.environ.get("TUNELINE_SCREENSHOTS", Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots")
 )
-STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
+STAGES = ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from tuneline.config import Params, flatten
 from tuneline.stages import stage_names
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
+STAGES = ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
 FIX = "run `tuneline dvc-deps --write` (make deps) and commit dvc.yaml"
 
 
@@ -38,7 +38,13 @@ def test_the_closure_follows_lazy_imports_and_nothing_else():
     code = {s: set(deps.stage_code(s)) for s in STAGES}
     # register imports the card only inside the gate; tokenize packs; nobody runs the CLI
     assert [s for s in STAGES if "tuneline/card.py" in code[s]] == ["register"]
-    assert [s for s in STAGES if "tuneline/packing.py" in code[s]] == ["tokenize", "train", "evaluate", "register"]
+    assert [s for s in STAGES if "tuneline/packing.py" in code[s]] == [
+        "tokenize",
+        "train",
+        "validate",
+        "evaluate",
+        "register",
+    ]
     assert not [s for s in STAGES if {"tuneline/cli.py", "flows/pipeline.py"} & code[s]]
     # evaluate's tokenizer code and the model loader: the deps that were missing by hand
     assert {"tuneline/tokenization.py", "tuneline/modeling.py"} <= code["evaluate"]
@@ -116,10 +122,10 @@ def test_editing_a_library_file_reruns_exactly_the_stages_that_import_it(built, 
 
     assert status() == set()
     for rel, expected in [
-        ("tuneline/packing.py", {"tokenize", "train", "evaluate", "register"}),
+        ("tuneline/packing.py", {"tokenize", "train", "validate", "evaluate", "register"}),
         ("tuneline/card.py", {"register"}),
         ("tuneline/cli.py", set()),
-        ("tuneline/splits.py", {"prepare", "evaluate", "register"}),
+        ("tuneline/splits.py", {"prepare", "validate", "evaluate", "register"}),
     ]:
         path = proj.root / rel
         before = path.read_text()

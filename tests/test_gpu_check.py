@@ -26,7 +26,7 @@ def test_the_table_reports_the_default_jobs_training_and_end_to_end_figures(buil
     e2e = gpu_check.end_to_end_figures(built.root, built.flow_out, 123.0)
     assert train["steps"] == 6 and train["tokens_per_s"] > 0
     assert e2e["metric"] == "perplexity" and e2e["tuned"] < e2e["base"]
-    assert list(e2e["stage_s"]) == ["prepare", "tokenize", "train", "evaluate", "register"]
+    assert list(e2e["stage_s"]) == ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
     res = {"scratch": train, "default_train": train, "default_end_to_end": e2e, "scratch_model": "m", "scratch_T": 64}
     text = gpu_check.table(res)
     assert "default job end to end" in text and "123 s" in text and f"{train['tokens_per_s']:,.0f}" in text

@@ -88,3 +88,33 @@ def test_the_train_stage_takes_the_lock(monkeypatch, tmp_path):
     stages.run_stage("train", Params())
     stages.run_stage("evaluate", Params())
     assert seen == {"train": True, "evaluate": False}
+
+
+def test_with_n_training_slots_each_holder_gets_its_own_device(tmp_path, monkeypatch, capsys):
+    """A sweep's --jobs N: arms train side by side, one per GPU; slot 0 is the machine-wide
+    lock, so a plain run elsewhere still waits for (or holds) device 0."""
+    import threading
+
+    from tuneline.lock import train_slot
+
+    monkeypatch.setenv("TUNELINE_LOCK_DIR", str(tmp_path))
+    with train_slot(2) as a, train_slot(2) as b:
+        assert (a, b) == (0, 1)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(_take(train_slot(3, poll=0.1))))
+        waiter.start()
+        waiter.join(5)
+        assert got == [2]  # a third slot is free
+        late = threading.Thread(target=lambda: got.append(_take(train_slot(2, poll=0.1))))
+        late.start()
+        time.sleep(0.5)
+        assert got == [2] and late.is_alive()  # both slots held: it waits
+    late.join(5)
+    assert got == [2, 0] and "all 2 training slots are in use" in capsys.readouterr().out
+    with train_slot(1) as none:
+        assert none is None
+
+
+def _take(cm):
+    with cm as slot:
+        return slot

@@ -19,7 +19,7 @@ from tuneline.tasks import same_words
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
+STAGES = ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
 
 
 def _runs(proj, experiment="tuneline"):
@@ -205,14 +205,14 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     assert all(f"'{s}' didn't change" in out for s in STAGES), out
     assert "up to date" in project.run(sys.executable, "-m", "dvc", "status").stdout
 
-    # A train.* change re-runs only train, evaluate and register.
+    # A train.* change re-runs only train, validate, evaluate and register.
     project.set_params({"train": {"lr": 0.001}})
     status = json.loads(project.run(sys.executable, "-m", "dvc", "status", "--json").stdout)
     assert set(status) == {"train"}  # what DVC sees as changed
     out = project.run(sys.executable, "-m", "dvc", "repro").stdout
     for s in ("prepare", "tokenize"):
         assert f"'{s}' didn't change" in out
-    for s in ("train", "evaluate", "register"):
+    for s in ("train", "validate", "evaluate", "register"):
         assert f"Running stage '{s}'" in out
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train.lr"] == 0.001
@@ -221,7 +221,7 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     dvc_parent = [r for r in runs if r["tags"].get("tuneline.source") == "dvc"]
     assert len(dvc_parent) == 1
     kids = [r["tags"]["tuneline.stage"] for r in runs if r["tags"].get("mlflow.parentRunId") == dvc_parent[0]["id"]]
-    assert sorted(kids) == ["evaluate", "register", "train"]
+    assert sorted(kids) == ["evaluate", "register", "train", "validate"]
     # v2 faced champion v1 on the same examples, through v1's logged per-example results
     # (not by evaluating v1 again).
     assert "evaluating it on these" not in out and "unreadable" not in out, out

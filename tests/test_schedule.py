@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import wait_for
 
-STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
+STAGES = ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ def _outs(spec: dict) -> list[str]:
 
 def test_stage_list_is_the_pipeline_in_a_valid_order():
     names = stage_names(REPO / "dvc.yaml")
-    assert names == ["prepare", "tokenize", "train", "evaluate", "register"]
+    assert names == ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     producer = {out: names.index(name) for name in names for out in _outs(stages[name])}
     for i, name in enumerate(names):

@@ -1,8 +1,14 @@
 """Sweeps: the spec, every arm validated before anything runs, and the winner chosen on the
 validation split with the number of arms accounted for (tuneline/sweep.py)."""
 
+import json
+import os
+import re
+import sys
+
 import numpy as np
 import pytest
+from test_pipeline import _runs
 
 from tuneline import recipes, scoring, sweep
 from tuneline.config import parse_params
@@ -111,49 +117,210 @@ def test_lower_is_better_metrics_pick_the_lowest():
     assert sweep.select(stats, "unterminated_rate", n_boot=200).winner == 1
 
 
-@pytest.mark.slow
-def test_arms_run_as_dvc_experiments_and_an_unchanged_stage_runs_once(tmp_path, monkeypatch):
-    """A toy two-stage pipeline: the first stage does not read the swept param."""
-    import json
-    import os
+def test_a_sweep_may_not_vary_the_data_or_the_scoring():
+    with pytest.raises(TunelineError, match=r"cannot vary 'prepare.n_train'.*Fix: sweep train"):
+        sweep.check_keys([{"train.lr": 1e-3, "prepare.n_train": 10}])
+    sweep.check_keys([{"train.lr": 1e-3, "model.name": "tiny-gpt2"}])
+
+
+def test_the_same_arms_are_the_same_sweep_whatever_the_base():
+    """What lets a sweep run again find its arms, even after its winner was applied."""
+    build = lambda base, sets: recipes.build("descramble", [*base, *sets])  # noqa: E731
+    arms = sweep.arms(sweep.parse_grid(["train.lr=1e-3,2e-3"], DEFAULTS))
+    a = sweep.name(sweep.validate(lambda sets: build([], sets), arms))
+    b = sweep.name(sweep.validate(lambda sets: build(["train.lr=5e-3"], sets), arms))
+    c = sweep.name(sweep.validate(lambda sets: build(["train.lora_r=4"], sets), arms))
+    assert a == b != c
+
+
+def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatch):
+    table = (
+        "Task     Name      Created    Status\n"
+        "1a2b3c4  s-2  12:38 PM   Running\n"
+        "77d2f04  s-3  12:38 PM   Queued\n"
+        "ace4715  s-2  12:38 PM   Failed\n"
+        "2b61b8f  s-1  12:38 PM   Success\n\n"
+        "Worker status: 1 active, 0 idle\n"
+    )
+    monkeypatch.setattr(sweep, "_dvc", lambda *a, **k: table)
+    assert sweep.queue_status() == {"s-2": "Running", "s-3": "Queued", "s-1": "Success", sweep.WORKERS: "1"}
+
+
+# --- the whole sweep, on the tiny model --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, model_cache, prefect_api):
+    """A tiny project swept over two learning rates: Ctrl-C while the second arm runs, then
+    the same command again. Returns (project, first output, second output)."""
+    import shutil
+    import signal
     import subprocess
     import sys
+    import time
 
-    # DVC's queue worker is started as `dvc` from PATH: the venv's, as `make` gives it.
-    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    from conftest import REPO, make_project
 
-    dvc = (sys.executable, "-m", "dvc")
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
-    (tmp_path / "params.yaml").write_text("a: 1\nb: 2\n")
-    (tmp_path / "one.py").write_text(
-        "import json, yaml\np = yaml.safe_load(open('params.yaml'))\njson.dump({'x': p['a']}, open('one.json', 'w'))\n"
-    )
-    (tmp_path / "two.py").write_text(
-        "import json, yaml\np = yaml.safe_load(open('params.yaml'))\n"
-        "json.dump({'y': json.load(open('one.json'))['x'] * p['b']}, open('m.json', 'w'))\n"
-    )
-    (tmp_path / "dvc.yaml").write_text(
-        f"stages:\n  one:\n    cmd: {sys.executable} one.py\n    deps: [one.py]\n    params: [a]\n    outs: [one.json]\n"
-        f"  two:\n    cmd: {sys.executable} two.py\n    deps: [two.py, one.json]\n    params: [b]\n"
-        "    metrics: [{m.json: {cache: false}}]\n"
-    )
-    for cmd in (("git", "init", "-q"), (*dvc, "init", "-q"), (*dvc, "repro", "-q"), ("git", "add", "-A")):
-        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
-    subprocess.run((*git, "commit", "-qm", "base"), cwd=tmp_path, check=True, capture_output=True)
-    names = sweep.queue([{"b": 3}, {"b": 4}], cwd=tmp_path, dvc=dvc)
-    status = sweep.run_queue(jobs=1, cwd=tmp_path, dvc=dvc, poll=1, timeout=300)
-    assert status == {"sweep-1": "Success", "sweep-2": "Success"} and names == ["sweep-1", "sweep-2"]
-    shown = json.loads(
-        subprocess.run((*dvc, "exp", "show", "--json"), cwd=tmp_path, capture_output=True, text=True).stdout
-    )
-    ys = {
-        e["name"]: e["data"]["metrics"]["m.json"]["data"]["y"]
+    proj = make_project(tmp_path_factory.mktemp("sweep") / "proj", model_cache)
+    shutil.copy(REPO / ".gitignore", proj.root / ".gitignore")
+    proj.run("git", "add", "-A")
+    proj.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
+    cmd = [sys.executable, "-m", "tuneline.cli", "sweep", "--grid", "train.lr=1e-3,1e-2"]
+    env = proj.env | {"PREFECT_API_URL": prefect_api}
+    log = proj.root.parent / "first.txt"
+    with open(log, "w") as f:
+        first = subprocess.Popen(
+            cmd, cwd=proj.root, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.time() + 600
+    while not re.search(r"sweep-\w+-2: running", log.read_text()):
+        assert first.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal
+    assert first.wait(timeout=120) == 130, log.read_text()[-3000:]
+    second = proj.run(*cmd, env={"PREFECT_API_URL": prefect_api}, timeout=900)
+    return proj, log.read_text(), second.stdout + second.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_and_the_same_command_runs_only_the_rest(swept):
+    proj, first, second = swept
+    assert "error: sweep interrupted" in first and "Traceback" not in first
+    assert re.search(r"sweep-\w+-1: success, validation chrf", first)
+    assert "1 of 2 arms already run or queued: not run again" in second
+    assert re.search(r"sweep-\w+-2: success", second) and not re.search(r"sweep-\w+-1: (running|success)", second)
+    # prepare and tokenize ran once, in the project; every arm found them done
+    assert first.count("Running stage 'tokenize'") == 1 and "Running stage 'tokenize'" not in second
+    for n in sweep.experiments(proj.root):
+        logs = proj.run(sys.executable, "-m", "dvc", "queue", "logs", n).stdout
+        assert "Stage 'tokenize' didn't change" in logs and "Running stage 'train'" in logs, logs
+
+
+@pytest.mark.slow
+def test_only_the_winner_is_evaluated_on_test_and_gated(swept):
+    proj, _, second = swept
+    found = sweep.experiments(proj.root)
+    val = {n: json.loads(sweep.read_at(c, "metrics/validate.json", proj.root))["chrf"] for n, c in found.items()}
+    winner = max(val, key=val.get)
+    assert f"winner {winner}" in second and "sweep sweep-" in second and "finished" in second
+    for n, c in found.items():
+        logs = proj.run(sys.executable, "-m", "dvc", "queue", "logs", n).stdout
+        assert "Running stage 'evaluate'" not in logs  # no arm reads the test split
+        assert sweep.read_at(c, "metrics/eval.json", proj.root) is None
+    runs = _runs(proj)
+    evaluated = [r for r in runs if r["tags"].get("tuneline.stage") == "evaluate" and r["params"]]
+    assert len(evaluated) == 1  # once, for the winner
+    (arm,) = [r for r in runs if r["tags"].get("dvc.experiment") == winner]
+    assert evaluated[0]["params"]["train.lr"] == arm["params"]["train.lr"]
+    register = json.loads((proj.root / "metrics/register.json").read_text())
+    assert register["gate"]["decision"] and register["version"] == 1
+
+
+@pytest.mark.slow
+def test_dvc_and_the_mlflow_parent_list_the_same_arms_with_the_same_numbers(swept):
+    proj, _, _ = swept
+    shown = json.loads(proj.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    dvc_val = {
+        e["name"]: e["data"]["metrics"]["metrics/validate.json"]["data"]["chrf"]
         for row in shown
         for e in (row.get("experiments") or [])
         for e in e["revs"]
-        if e.get("name")
+        if (e.get("name") or "").startswith("sweep-")
     }
-    assert ys == {"sweep-1": 3, "sweep-2": 4}
-    for name in names:  # the stage that does not read the swept param is not run again
-        logs = subprocess.run((*dvc, "queue", "logs", name), cwd=tmp_path, capture_output=True, text=True).stdout
-        assert "Stage 'one' didn't change" in logs and "Running stage 'two'" in logs, logs
+    runs = _runs(proj)
+    (parent,) = [r for r in runs if r["tags"].get("tuneline.kind") == "sweep"]
+    arms = [
+        r
+        for r in runs
+        if r["tags"].get("mlflow.parentRunId") == parent["id"] and r["tags"].get("tuneline.kind") == "arm"
+    ]
+    assert {r["tags"]["dvc.experiment"]: r["metrics"]["val_chrf"] for r in arms} == pytest.approx(dvc_val)
+    assert all("train_loss" in r["metrics"] and "train.lr" in r["params"] for r in arms)  # curves and params
+    table = json.loads(
+        proj.python(f"""
+import json, mlflow
+mlflow.set_tracking_uri('sqlite:///mlflow.db')
+print(json.dumps(mlflow.MlflowClient().download_artifacts('{parent["id"]}', 'sweep_summary.json', '.')))
+""")
+        .strip()
+        .splitlines()[-1]
+    )
+    with open(table) as f:
+        table = json.load(f)  # MLflow's table: {"columns": [...], "data": [[...], ...]}
+    col = {c: i for i, c in enumerate(table["columns"])}
+    rows = {r[col["experiment"]]: r[col["val_chrf"]] for r in table["data"]}
+    assert rows == pytest.approx(dvc_val)
+    assert parent["metrics"]["winner_val_chrf"] == pytest.approx(max(dvc_val.values()))
+
+
+@pytest.mark.slow
+def test_a_bad_sweep_spec_is_one_line_before_anything_runs(project):
+    """An unknown key, an empty list, an invalid value in one arm, a key that would change
+    the validation examples: exit 2 with one line, and nothing written or started."""
+    before = (project.root / "params.yaml").read_text()
+    for args, said in [
+        (["--grid", "train.lrr=1e-3,2e-3"], "unknown param 'train.lrr'"),
+        (["--grid", "train.lr="], "has no values"),
+        (["--grid", "train.lr=1e-3,-1"], "sweep arm 2 (train.lr=-1)"),
+        (["--grid", "prepare.n_val=8,16"], "cannot vary 'prepare.n_val'"),
+        (["--sample", "3"], "nothing to sweep"),
+    ]:
+        proc = project.run(sys.executable, "-m", "tuneline.cli", "sweep", *args, check=False)
+        lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and said in lines[0] and "Fix:" in lines[0], lines
+    assert (project.root / "params.yaml").read_text() == before
+    assert not any((project.root / p).exists() for p in ("mlflow.db", "dvc.lock", ".prefect", "data"))
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_the_sweep_and_compares_its_arms(swept):
+    """What a reviewer opens: the sweep's parent run (its table and its plot) and MLflow's
+    compare view of the arms, with the parallel-coordinates plot over the swept param."""
+    import subprocess
+
+    from conftest import free_port, http_ok, wait_for
+    from test_browser import _click_text, _shot, _shows, _training_view, _until, chromium
+
+    proj = swept[0]
+    runs = _runs(proj)
+    (parent,) = [r for r in runs if r["tags"].get("tuneline.kind") == "sweep"]
+    arms = [r for r in runs if r["tags"].get("tuneline.kind") == "arm"]
+    exp = proj.python(
+        "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        "print(mlflow.get_experiment_by_name('tuneline').experiment_id)"
+    ).split()[-1]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    art = (proj.root / "mlartifacts").as_uri()
+    mlflow = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1"]
+    mlflow += ["--port", str(port), "--workers", "1", "--backend-store-uri", "sqlite:///mlflow.db"]
+    mlflow += ["--default-artifact-root", art]
+    with open(proj.root.parent / "mlflow.log", "w") as log:
+        server = subprocess.Popen(
+            mlflow, cwd=proj.root, env=proj.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    d = None
+    try:
+        wait_for("MLflow", lambda: http_ok(f"{url}/health"), 180, server)
+        d = chromium()
+        d.get(f"{url}/#/experiments/{exp}/runs/{parent['id']}")
+        _training_view(d)
+        _shows(d, parent["tags"]["mlflow.runName"], "winner_val_chrf")
+        _shot(d, "mlflow-sweep-run")
+        d.get(f"{url}/#/experiments/{exp}/runs/{parent['id']}/artifacts")
+        _click_text(d, "metric_vs_params.png")
+        assert _until(
+            d,
+            "the metric-vs-params plot",
+            lambda: d.execute_script("return [...document.images].some(i => i.complete && i.naturalWidth > 300)"),
+        )
+        _shot(d, "mlflow-sweep-plot")
+        ids = ",".join(f'"{r["id"]}"' for r in arms)
+        d.get(f'{url}/#/compare-runs?runs=[{ids}]&experiments=["{exp}"]')
+        _shows(d, f"Comparing {len(arms)} Runs", "train.lr", "val_chrf", "Parallel Coordinates")
+        _shot(d, "mlflow-sweep-compare")
+    finally:
+        if d is not None:
+            d.quit()
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

@@ -14,7 +14,7 @@ from tuneline.config import Params, _Group, parse_params
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["prepare", "tokenize", "train", "evaluate", "register"]
+STAGES = ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
 
 # Upper-casing: the answer is the input in capitals. Nothing about it exists outside this file.
 UPPER = tasks.Task(

@@ -409,7 +409,7 @@ def test_a_pipeline_on_a_postgres_store_records_no_password_or_token(tmp_path, p
     assert "postgresql://tuneline:***@127.0.0.1" in proc.stdout
     with psycopg2.connect(uri) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs")
-        assert cur.fetchone()[0] == 6  # the smoke run's parent and its five stages
+        assert cur.fetchone()[0] == 7  # the smoke run's parent and its six stages
         stored = []
         for table in ("params", "tags", "experiment_tags", "latest_metrics", "runs", "experiments"):
             cur.execute(f"SELECT * FROM {table}")

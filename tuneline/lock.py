@@ -44,6 +44,10 @@ def project_lock(root: Path) -> Iterator[Path]:
         held.__exit__(None, None, None)
 
 
+class _Busy(Exception):
+    """A training slot another process holds."""
+
+
 @contextlib.contextmanager
 def _held(path: Path, name: str, wait: bool) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,8 @@ def _held(path: Path, name: str, wait: bool) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown holder"
+            if not wait and name.startswith("train"):
+                raise _Busy(name) from None
             if not wait:
                 from tuneline.errors import TunelineError
 
@@ -75,3 +81,32 @@ def _held(path: Path, name: str, wait: bool) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+SLOTS_ENV = "TUNELINE_TRAIN_SLOTS"  # set by `tuneline sweep --jobs N` for its arms: N GPUs, one arm each
+
+
+@contextlib.contextmanager
+def train_slot(slots: int = 1, poll: float = 2.0) -> Iterator[int | None]:
+    """The lock a training run holds. One slot: the machine-wide `train` lock (yields None).
+    N slots, one per GPU (a sweep's `--jobs N`): the first free of N device locks, slot 0
+    being the machine-wide lock itself (a plain run trains on device 0); with all N held it
+    waits for any. Yields the device index the holder trains on."""
+    if slots <= 1:
+        with machine_lock("train"):
+            yield None
+        return
+    names = ["train", *(f"train-gpu{i}" for i in range(1, slots))]
+    said = False
+    while True:
+        for i, name in enumerate(names):
+            try:
+                with _held(lock_path(name), name, wait=False):
+                    yield i
+                    return
+            except _Busy:
+                continue
+        if not said:
+            print(f"[train] all {slots} training slots are in use; waiting for one", flush=True)
+            said = True
+        time.sleep(poll)

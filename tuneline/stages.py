@@ -4,6 +4,7 @@ runner read it from there, in the order written (which a test checks is a valid 
 from __future__ import annotations
 
 import importlib
+import os
 import resource
 import sys
 import time
@@ -32,7 +33,7 @@ def run_stage(name: str, params=None) -> dict:
 
     from tuneline import distributed
     from tuneline.config import load_params
-    from tuneline.lock import machine_lock
+    from tuneline.lock import SLOTS_ENV, train_slot
     from tuneline.tracking import stage_run
 
     if name not in stage_names():
@@ -46,8 +47,13 @@ def run_stage(name: str, params=None) -> dict:
     # checked its params once for all its stages)
     if from_file and single and not preflight.passed(params):
         preflight.check(params)
-    # One training run per machine; torchrun's workers run under their launcher's lock.
-    with machine_lock("train") if name == "train" and single else contextlib.nullcontext():
+    # One training run per machine (or per GPU, for a sweep's --jobs N: lock.train_slot);
+    # torchrun's workers run under their launcher's lock.
+    slots = int(os.environ.get(SLOTS_ENV) or 1)
+    slotted = name == "train" or (name == "validate" and slots > 1)  # an arm scores on its own GPU too
+    with train_slot(slots) if slotted and single else contextlib.nullcontext() as slot:
+        if slot is not None:
+            torch.cuda.set_device(slot)  # this arm's GPU: modeling.device() is the current device
         if name == "train" and params.train.nproc > 1 and single:
             if not from_file:
                 raise TunelineError(

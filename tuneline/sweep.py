@@ -161,13 +161,15 @@ def check_keys(arms_: list[Arm]) -> None:
             )
 
 
-def name(arm_params: list[Params]) -> str:
-    """The same arms (every param of each) get the same name, so running a sweep's command
-    again finds the arms it already ran, even after its winner was applied to params.yaml."""
+def name(arm_params: list[Params], inputs: str = "") -> str:
+    """The same arms (every param of each) on the same inputs (`inputs`: the data and the
+    code they train on) get the same name, so running a sweep's command again finds the
+    arms it already ran, even after its winner was applied to params.yaml; new data or code
+    make a new sweep."""
     import hashlib
     import json
 
-    blob = json.dumps([p.model_dump(mode="json") for p in arm_params], sort_keys=True, default=str)
+    blob = json.dumps([[p.model_dump(mode="json") for p in arm_params], inputs], sort_keys=True, default=str)
     return "sweep-" + hashlib.sha256(blob.encode()).hexdigest()[:6]
 
 
