@@ -26,6 +26,7 @@ from tuneline.config import Params
 from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
 from tuneline.errors import TunelineError
 from tuneline.evaluation import (
+    SCORING_PARAMS,
     compare,
     evaluate_base,
     evaluate_model,
@@ -37,25 +38,7 @@ from tuneline.evaluation import (
 from tuneline.io import write_json, write_text
 from tuneline.modeling import load_model, load_tokenizer
 
-PARAMS = (
-    "seed",
-    "model.name",
-    "prepare.task",
-    "prepare.labels",
-    "tokenize.max_length",
-    "tokenize.overlong",
-    "tokenize.packing",
-    "evaluate.batch_size",
-    "evaluate.num_beams",
-    "evaluate.precision",
-    "evaluate.max_new_tokens",
-    "evaluate.prompt_lookup",
-    "evaluate.constrain",
-    "evaluate.base_prompting",
-    "evaluate.base_shots",
-    "evaluate.primary_metric",
-    "evaluate.n_bootstrap",
-)
+PARAMS = (*SCORING_PARAMS, "evaluate.base_prompting", "evaluate.base_shots", "evaluate.n_bootstrap")
 INPUTS = (PREPARED, MODELS)
 OUTS = (PREDICTIONS, EVAL_EXAMPLES)
 

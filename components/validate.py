@@ -14,26 +14,11 @@ from __future__ import annotations
 from tuneline.config import Params
 from tuneline.data import MERGED, MODELS, PREPARED, VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
-from tuneline.evaluation import evaluate_model, examples_key, metrics_of, test_rows
+from tuneline.evaluation import SCORING_PARAMS, evaluate_model, examples_key, metrics_of, test_rows
 from tuneline.io import write_json
 from tuneline.modeling import load_model, load_tokenizer
 
-PARAMS = (
-    "seed",
-    "model.name",
-    "prepare.task",
-    "prepare.labels",
-    "tokenize.max_length",
-    "tokenize.overlong",
-    "tokenize.packing",
-    "evaluate.batch_size",
-    "evaluate.num_beams",
-    "evaluate.precision",
-    "evaluate.max_new_tokens",
-    "evaluate.prompt_lookup",
-    "evaluate.constrain",
-    "evaluate.primary_metric",
-)
+PARAMS = SCORING_PARAMS
 INPUTS = (PREPARED, MODELS)
 OUTS = (VAL_EXAMPLES,)
 

@@ -40,7 +40,7 @@ from tuneline.tracking import ARMS, PARENT_ENV, SWEEP_ENV, log_params, setup, tr
 DVC = (sys.executable, "-m", "dvc")
 TARGET = "validate"  # an arm runs the pipeline up to here: never evaluate, which reads test
 INTERRUPTED = (
-    "sweep interrupted (its running arm was stopped; queued arms stay queued). "
+    "sweep interrupted (its running arm was stopped, the rest taken off DVC's queue). "
     "Fix: run the same command again: finished arms are not run again"
 )
 
@@ -92,28 +92,43 @@ def _estimate(arm_params: list[Params]) -> float | None:
 
 
 @task(name="sweep-run", task_run_name="MLflow parent run")
-def parent_run(params: Params, name: str, arms: list[sweep.Arm], spec: str) -> str:
-    """The sweep's MLflow run: found again when the same sweep runs again."""
+def parent_run(params: Params, arms: list[sweep.Arm], spec: str) -> str:
+    """The sweep's MLflow run, before its name is known (that needs the shared stages)."""
     from mlflow import MlflowClient
 
     exp_id = setup(params.register.experiment)
     client = MlflowClient()
-    found = client.search_runs([exp_id], filter_string=f"tags.`tuneline.sweep` = '{name}'", max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
     run = client.create_run(
         exp_id,
         tags={
-            "mlflow.runName": name,
+            "mlflow.runName": "sweep",
             "tuneline.kind": "sweep",
-            "tuneline.sweep": name,
             "tuneline.sweep.spec": spec,
             "tuneline.sweep.arms": str(len(arms)),
         },
     )
     log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def _named(parent: str, name: str) -> str:
+    """Name the sweep's run; when the same sweep ran before (its command run again), carry
+    on in that run instead: its arms are there."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp_id = client.get_run(parent).info.experiment_id
+    found = client.search_runs([exp_id], filter_string=f"tags.`tuneline.sweep` = '{name}'", max_results=1)
+    if not found:
+        client.set_tag(parent, "tuneline.sweep", name)
+        client.set_tag(parent, "mlflow.runName", name)
+        return parent
+    earlier = found[0].info.run_id
+    for run in client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", earlier)  # this time's prepare/tokenize
+    client.delete_run(parent)
+    client.update_run(earlier, status="RUNNING")
+    return earlier
 
 
 def _shared_stages(params: Params, parent: str) -> None:
@@ -129,15 +144,18 @@ def _shared_stages(params: Params, parent: str) -> None:
             print(f"[sweep] {name}: {state.result()} (shared by every arm)")
     finally:
         os.environ.pop(PARENT_ENV, None)
-    # A queued experiment starts from git's view of the project (commits, plus the changes
-    # DVC stashes for it): a dvc.lock git does not track would make every arm run prepare
-    # and tokenize again. Staged, not committed: committing is the user's call.
-    import subprocess
 
-    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "dvc.lock"], cwd=ROOT, capture_output=True)
-    if tracked.returncode:
-        subprocess.run(["git", "add", "dvc.lock"], cwd=ROOT, check=True, capture_output=True)
-        print("[sweep] staged dvc.lock in git (`git add dvc.lock`): the arms start from it")
+
+def _inputs() -> str:
+    """What the arms train on besides their params: the prepared and tokenized data (their
+    hashes in dvc.lock) and the code of train and validate."""
+    import yaml
+
+    from tuneline import deps
+
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    data = {s: [o.get("md5") for o in lock[s].get("outs", [])] for s in ("prepare", "tokenize")}
+    return json.dumps([data, [deps.code_hash(s) for s in ("train", TARGET)]], sort_keys=True)
 
 
 def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list[str]:
@@ -160,8 +178,15 @@ def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list
         todo.append((arm, name))
     if len(todo) < len(arms):
         print(f"[sweep] {len(arms) - len(todo)} of {len(arms)} arms already run or queued: not run again")
-    sweep.queue([a for a, _ in todo], [n for _, n in todo], TARGET, ROOT, DVC)
+    _queue(todo)
     return [n for _, n in todo]
+
+
+def _queue(todo: list[tuple[sweep.Arm, str]]) -> None:
+    # What the arms start from besides git's view: the shared stages' record and metrics.
+    # (Untracked, e.g. in a new project, every arm would run prepare and tokenize again.)
+    shared = ["dvc.lock", *(str(metrics_file(s)) for s in ("prepare", "tokenize"))]
+    sweep.queue([a for a, _ in todo], [n for _, n in todo], TARGET, ROOT, DVC, sweep.untracked(shared, ROOT))
 
 
 def _worker_env(jobs: int) -> dict[str, str]:
@@ -169,6 +194,8 @@ def _worker_env(jobs: int) -> dict[str, str]:
     the project: nothing may point it back at this one."""
     env = {k: v for k, v in os.environ.items() if k not in ("TUNELINE_ROOT", PARENT_ENV, SWEEP_ENV)}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # built-in models are materialised once per project, not once per arm's copy
+    env.setdefault("TUNELINE_CACHE", str(ROOT / ".cache"))
     env[SLOTS_ENV] = str(jobs)  # with N workers, each arm trains on a GPU of its own (lock.train_slot)
     kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.realpath(p) != str(ROOT)]
     env["PYTHONPATH"] = os.pathsep.join(kept)  # the copy's own code, found from its working directory
@@ -178,9 +205,9 @@ def _worker_env(jobs: int) -> dict[str, str]:
 
 
 @task(name="run-arms", task_run_name="run the arms (DVC queue)")
-def run_arms(names: list[str], jobs: int, metric: str) -> dict[str, str]:
+def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str) -> dict[str, str]:
     """Start DVC's worker and wait for this sweep's arms, saying when each one ends."""
-    t0, idle = time.time(), 0.0
+    t0, idle, restarts = time.time(), 0.0, 0
     before = set(sweep.experiments(ROOT))
     seen = {n: "Success" for n in names if n in before}  # run before (a sweep run again): not reported
     sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
@@ -188,11 +215,21 @@ def run_arms(names: list[str], jobs: int, metric: str) -> dict[str, str]:
         while True:
             status = sweep.queue_status(ROOT, DVC)
             idle = 0.0 if status[sweep.WORKERS] != "0" else idle or time.time()
-            if idle and time.time() - idle > 120:  # no worker for two minutes, arms unfinished
-                raise TunelineError(
-                    "DVC's queue worker stopped before the sweep's arms finished",
-                    "see `dvc queue status`; run the same command again: finished arms are not run again",
-                )
+            if idle and time.time() - idle > 30:  # no worker, arms unfinished: it stopped (or never started)
+                restarts += 1
+                if restarts > 3:
+                    raise TunelineError(
+                        "DVC's queue worker keeps stopping before the sweep's arms finish",
+                        "see `dvc queue status` and .dvc/tmp/exps/celery/; then run the same command again",
+                    )
+                # an arm "Running" with no worker died with it: off the queue, and queued again
+                stale = [(a, n) for a, n in zip(arms, names) if status.get(n) == "Running"]
+                if stale:
+                    sweep._dvc(["queue", "kill", *(n for _, n in stale)], ROOT, DVC, check=False)
+                    sweep._dvc(["queue", "remove", *(n for _, n in stale)], ROOT, DVC, check=False)
+                    _queue(stale)
+                sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
+                idle = 0.0
             done = sweep.experiments(ROOT)
             for n in names:
                 now = "Success" if n in done else status.get(n, "Queued")
@@ -214,11 +251,16 @@ def run_arms(names: list[str], jobs: int, metric: str) -> dict[str, str]:
                 return seen
             time.sleep(5)
     except KeyboardInterrupt:
-        # no new arm after the running one, then that one stopped (DVC sends it SIGINT)
-        sweep._dvc(["queue", "stop"], ROOT, DVC, check=False)
-        running = [n for n in names if seen.get(n) == "Running"]
+        # Off the queue first (a worker told to stop still takes the next task), then the
+        # running arm stopped (DVC sends it SIGINT). The same command queues them again.
+        status = sweep.queue_status(ROOT, DVC)
+        queued = [n for n in names if status.get(n) == "Queued"]
+        if queued:
+            sweep._dvc(["queue", "remove", *queued], ROOT, DVC, check=False)
+        running = [n for n in names if status.get(n) == "Running"]
         if running:
             sweep._dvc(["queue", "kill", *running], ROOT, DVC, check=False)
+        sweep._dvc(["queue", "stop"], ROOT, DVC, check=False)
         raise
 
 
@@ -385,34 +427,38 @@ def sweep_flow(
 def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
     t0 = time.time()
     params, arms, arm_params = plan(recipe, overrides, grid, ranges, sample, jobs)
-    name = sweep.name(arm_params)
-    names = [f"{name}-{i}" for i in range(1, len(arms) + 1)]
     est = _estimate(arm_params)
     print(
-        f"[sweep] {name}: {len(arms)} arms ({_spec(grid, ranges, sample)}), on the validation split; "
+        f"[sweep] {len(arms)} arms ({_spec(grid, ranges, sample)}), each trained and scored on the validation "
+        "split; "
         + (
             f"about {_minutes(est)} (from this project's last training)"
             if est
             else "no time estimate yet (nothing has trained in this project)"
         )
     )
-    for n, arm in zip(names, arms):
-        print(f"[sweep]   {n}: {sweep.describe(arm)}")
+    for i, arm in enumerate(arms, 1):
+        print(f"[sweep]   arm {i}: {sweep.describe(arm)}")
     if dry_run:
-        return {"sweep": name, "arms": names, "estimate_s": est}
+        return {"arms": arms, "estimate_s": est}
     if recipe or overrides:
         write_params(
-            params, f"Written by `tuneline sweep` ({name}) as the base of its arms ({time.strftime('%Y-%m-%d %H:%M')})."
+            params, f"Written by `tuneline sweep` as the base of its arms ({time.strftime('%Y-%m-%d %H:%M')})."
         )
-    parent = parent_run(params, name, arms, _spec(grid, ranges, sample))
+    parent = parent_run(params, arms, _spec(grid, ranges, sample))
     from mlflow import MlflowClient
 
     client = MlflowClient()
     try:
         _shared_stages(params, parent)
+        # the same arms on the same data and code are the same sweep: its DVC experiments
+        name = sweep.name(arm_params, _inputs())
+        parent = _named(parent, name)
+        names = [f"{name}-{i}" for i in range(1, len(arms) + 1)]
+        print(f"[sweep] {name}: the arms are the DVC experiments {names[0]} to {names[-1]}")
         queued = _queue_missing(arms, names, parent)
         if queued or any(s in ("Queued", "Running") for n, s in sweep.queue_status(ROOT, DVC).items() if n in names):
-            run_arms(names, jobs, params.primary_metric())
+            run_arms(names, arms, jobs, params.primary_metric())
         results, failed = _arm_results(names)
         for n, why in failed.items():
             print(f"[sweep] {n} failed: {why}")

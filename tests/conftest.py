@@ -43,7 +43,7 @@ if WORKER:
 SAME_WORKER = {"test_browser.py": "served", "test_schedule.py": "served", "test_ui.py": "served"}
 # The longest groups first (minutes on a 2-core machine), so that the two workers end
 # together; the first builds `built`, which the fourth needs, long before it starts.
-LONGEST_FIRST = ["test_faults.py", "served", "test_recipe_runs.py", "test_bad_input.py", "test_cli.py"]
+LONGEST_FIRST = ["test_faults.py", "served", "test_recipe_runs.py", "test_sweep.py", "test_bad_input.py", "test_cli.py"]
 LONGEST_FIRST += ["test_pipeline.py", "test_resume.py", "test_train.py", "test_preflight.py", "test_prepare.py"]
 
 

@@ -149,6 +149,11 @@ def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatc
 # --- the whole sweep, on the tiny model --------------------------------------------------------
 
 
+def _arms(proj) -> dict[str, str]:
+    """The sweep's DVC experiments (the winner's gated run is saved as one too)."""
+    return {n: c for n, c in sweep.experiments(proj.root).items() if n.startswith("sweep-")}
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, model_cache, prefect_api):
     """A tiny project swept over two learning rates: Ctrl-C while the second arm runs, then
@@ -191,7 +196,7 @@ def test_ctrl_c_stops_a_sweep_and_the_same_command_runs_only_the_rest(swept):
     assert re.search(r"sweep-\w+-2: success", second) and not re.search(r"sweep-\w+-1: (running|success)", second)
     # prepare and tokenize ran once, in the project; every arm found them done
     assert first.count("Running stage 'tokenize'") == 1 and "Running stage 'tokenize'" not in second
-    for n in sweep.experiments(proj.root):
+    for n in _arms(proj):
         logs = proj.run(sys.executable, "-m", "dvc", "queue", "logs", n).stdout
         assert "Stage 'tokenize' didn't change" in logs and "Running stage 'train'" in logs, logs
 
@@ -199,7 +204,7 @@ def test_ctrl_c_stops_a_sweep_and_the_same_command_runs_only_the_rest(swept):
 @pytest.mark.slow
 def test_only_the_winner_is_evaluated_on_test_and_gated(swept):
     proj, _, second = swept
-    found = sweep.experiments(proj.root)
+    found = _arms(proj)
     val = {n: json.loads(sweep.read_at(c, "metrics/validate.json", proj.root))["chrf"] for n, c in found.items()}
     winner = max(val, key=val.get)
     assert f"winner {winner}" in second and "sweep sweep-" in second and "finished" in second
@@ -324,3 +329,23 @@ def test_the_mlflow_ui_shows_the_sweep_and_compares_its_arms(swept):
             d.quit()
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_a_sweep_is_served_on_a_schedule_with_its_spec(monkeypatch):
+    """`tuneline schedule --grid ...` serves the sweep flow (not the pipeline) with the
+    sweep's parameters, after validating its arms."""
+    from flows import schedule as sch
+    from flows import sweep as flow
+
+    served, planned = {}, []
+    monkeypatch.setattr(flow.sweep_flow, "serve", lambda **kw: served.update(kw))
+    monkeypatch.setattr(flow.plan, "fn", lambda *args: planned.append(args))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    monkeypatch.setattr(sch.servers, "answers", lambda *a, **k: True)
+    spec = {"grid": ["train.lr=1e-3,2e-3"], "ranges": [], "sample": 0, "jobs": 1}
+    said = []
+    sch.schedule("0 3 * * 0", "descramble", ["train.max_steps=5"], None, say=said.append, sweep=spec)
+    assert planned == [("descramble", ["train.max_steps=5"], ["train.lr=1e-3,2e-3"], [], 0, 1)]
+    assert served["cron"] == "0 3 * * 0" and served["name"] == "descramble"
+    assert served["parameters"] == {"recipe": "descramble", "overrides": ["train.max_steps=5"], **spec}
+    assert "serving 'tuneline-sweep/descramble'" in said[0]

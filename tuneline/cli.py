@@ -116,7 +116,8 @@ def run(
         + ", ".join(f"{k} {v}" for k, v in status.items())
     )
     out.print(
-        f"  metrics:     {os.path.join(rel, METRICS['evaluate'])} (base vs tuned), "
+        f"  metrics:     {os.path.join(rel, METRICS['evaluate'])} (base vs tuned, test split), "
+        f"{os.path.join(rel, METRICS['validate'])} (tuned, validation split), "
         f"{os.path.join(rel, METRICS['tokenize'])} (packing)"
     )
     out.print(f"  predictions: {os.path.join(rel, PREDICTIONS)}")
@@ -489,8 +490,12 @@ def schedule(
         [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."
     ),
     name: str = typer.Option(None, "--name", help="Deployment name (default: the recipe's, or 'params')."),
+    grid: list[str] = typer.Option([], "--grid", metavar="KEY=V1,V2", help="Schedule a sweep (see `tuneline sweep`)."),
+    sample: int = typer.Option(0, "--sample", metavar="N", help="A sampled sweep's arm count (with --range)."),
+    ranges: list[str] = typer.Option([], "--range", metavar="KEY=LOW:HIGH", help="A sampled sweep's ranges."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="A sweep's arms trained side by side, one per GPU."),
 ) -> None:
-    """Run the pipeline on a cron schedule until Ctrl-C.
+    """Run the pipeline (or, with --grid/--sample, a sweep) on a cron schedule until Ctrl-C.
 
     Runs whose data and params are unchanged end at once as "skipped: nothing changed".
     Uses the Prefect server of `tuneline ui` (or PREFECT_API_URL), and starts one on
@@ -498,9 +503,10 @@ def schedule(
     from flows.schedule import schedule as schedule_flow
     from tuneline import require_project
 
+    spec = {"grid": list(grid), "ranges": list(ranges), "sample": sample, "jobs": jobs}
     try:
         require_project()
-        schedule_flow(cron, recipe, list(sets), name, say=out.print)
+        schedule_flow(cron, recipe, list(sets), name, say=out.print, sweep=spec if grid or ranges or sample else None)
     except TunelineError as e:
         _fail(e)
 

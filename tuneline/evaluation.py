@@ -29,6 +29,25 @@ PRETRAIN_SAMPLES, PRETRAIN_PROMPT_WORDS = 8, 12  # continuations shown for pretr
 SCORE_BATCH = 4  # packed rows per forward when scoring losses
 
 
+# The params that shape how a tuned model is scored on a split (validate and evaluate).
+SCORING_PARAMS = (
+    "seed",
+    "model.name",
+    "prepare.task",
+    "prepare.labels",
+    "tokenize.max_length",
+    "tokenize.overlong",
+    "tokenize.packing",
+    "evaluate.batch_size",
+    "evaluate.num_beams",
+    "evaluate.precision",
+    "evaluate.max_new_tokens",
+    "evaluate.prompt_lookup",
+    "evaluate.constrain",
+    "evaluate.primary_metric",
+)
+
+
 def example_nll(model, tok, rows: list[dict], params: Params) -> tuple[list[float], list[int]]:
     """Per unit: summed answer-token loss and answer tokens (teacher forcing). A unit is an
     example, or for pretraining a concatenated block (scored as it is trained). Examples

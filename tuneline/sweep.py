@@ -252,12 +252,38 @@ def _dvc(args: list[str], cwd, dvc, check: bool = True) -> str:
     return done.stdout
 
 
-def queue(arms_: list[Arm], names: list[str], target: str | None = None, cwd=None, dvc=("dvc",)) -> None:
+def untracked(paths: list[str], cwd=None) -> list[str]:
+    """What of `paths` git does not track, as `dvc exp run --copy-paths` takes it: a file
+    whose folder git tracks something in, else the folder (DVC copies into the experiment's
+    copy of the project, which only has the folders git knows)."""
+    import subprocess
+    from pathlib import PurePosixPath
+
+    def tracked(path: str) -> bool:
+        out = subprocess.run(["git", "ls-files", "--", path], cwd=cwd, capture_output=True, text=True).stdout
+        return bool(out.strip())
+
+    out: list[str] = []
+    for path in paths:
+        folder = str(PurePosixPath(path).parent)
+        if tracked(path):
+            continue
+        item = path if folder == "." or tracked(folder) else folder
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def queue(
+    arms_: list[Arm], names: list[str], target: str | None = None, cwd=None, dvc=("dvc",), copy: list[str] = ()
+) -> None:
     """Queue each arm as a DVC experiment named as given (`dvc exp run --queue --name NAME
     -S key=value ... [target]`). DVC's worker runs them (`start`) and keeps them: `dvc exp
-    show` lists each with its params and metrics."""
+    show` lists each with its params and metrics. A queued experiment starts from git's view
+    of the project (the commit and the changes DVC stashes for it): `copy` names what it
+    needs that git does not track (`untracked`)."""
     for arm, exp in zip(arms_, names):
-        args = ["exp", "run", "--queue", "--name", exp]
+        args = ["exp", "run", "--queue", "--name", exp, *(a for path in copy for a in ("--copy-paths", path))]
         for k, v in arm.items():
             args += ["-S", f"{k}={v}"]
         _dvc(args + ([target] if target else []), cwd, dvc)
