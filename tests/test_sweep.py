@@ -274,7 +274,7 @@ def test_a_bad_sweep_spec_is_one_line_before_anything_runs(project):
         lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and said in lines[0] and "Fix:" in lines[0], lines
     assert (project.root / "params.yaml").read_text() == before
-    assert not any((project.root / p).exists() for p in ("mlflow.db", "dvc.lock", ".prefect", "data"))
+    assert not any((project.root / p).exists() for p in ("mlflow.db", "dvc.lock", "data", "metrics"))
 
 
 @pytest.mark.slow
@@ -308,8 +308,11 @@ def test_the_mlflow_ui_shows_the_sweep_and_compares_its_arms(swept):
     try:
         wait_for("MLflow", lambda: http_ok(f"{url}/health"), 180, server)
         d = chromium()
-        d.get(f"{url}/#/experiments/{exp}/runs/{parent['id']}")
+        d.get(f"{url}/#/experiments/{exp}/runs")
         _training_view(d)
+        _shows(d, parent["tags"]["mlflow.runName"])
+        _shot(d, "mlflow-sweep-runs")
+        d.get(f"{url}/#/experiments/{exp}/runs/{parent['id']}")
         _shows(d, parent["tags"]["mlflow.runName"], "winner_val_chrf")
         _shot(d, "mlflow-sweep-run")
         d.get(f"{url}/#/experiments/{exp}/runs/{parent['id']}/artifacts")
@@ -322,7 +325,11 @@ def test_the_mlflow_ui_shows_the_sweep_and_compares_its_arms(swept):
         _shot(d, "mlflow-sweep-plot")
         ids = ",".join(f'"{r["id"]}"' for r in arms)
         d.get(f'{url}/#/compare-runs?runs=[{ids}]&experiments=["{exp}"]')
-        _shows(d, f"Comparing {len(arms)} Runs", "train.lr", "val_chrf", "Parallel Coordinates")
+        _shows(d, f"Comparing {len(arms)} Runs", "Parallel Coordinates Plot")
+        # the plot's axes are the swept param (MLflow picks the params that differ) and a metric;
+        # the tables below it hold every param, metric and tag of each arm
+        text = _shows(d, "Parameters:\ntrain.lr\nMetrics:", "dvc.experiment", timeout=30)
+        assert all(r["tags"]["mlflow.runName"] in text for r in arms)
         _shot(d, "mlflow-sweep-compare")
     finally:
         if d is not None:
