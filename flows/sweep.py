@@ -55,10 +55,10 @@ def plan(
 ) -> tuple[Params, list[sweep.Arm], list[Params]]:
     base = None if recipe else read_yaml(ROOT / "params.yaml", "params.yaml")
     params = recipes.build(recipe, overrides, False, base)
-    preflight.check(params)
     arms = sweep.arms(sweep.parse_grid(grid, params), sweep.parse_ranges(ranges, params), sample, params.seed)
     sweep.check_keys(arms)
     arm_params = sweep.validate(lambda sets: recipes.build(recipe, [*overrides, *sets], False, base), arms)
+    preflight.check(params)  # the model, the data, the store: after the spec, which fails in a second
     for i, p in enumerate(arm_params, 1):
         if p.model.name != params.model.name or p.train.lora_targets != params.train.lora_targets:
             try:
