@@ -356,9 +356,12 @@ def _record(parent: str, names, arms, arm_params, results, sel, metric: str) -> 
     exp_id = client.get_run(parent).info.experiment_id
     ts = int(time.time() * 1000)
     for i, (n, p) in enumerate(zip(names, arm_params)):
+        # the arm's finished run (an attempt stopped by Ctrl-C is a KILLED run beside it)
         found = client.search_runs(
             [exp_id],
-            filter_string=f"tags.`dvc.experiment` = '{n}' and tags.`mlflow.parentRunId` = '{parent}'",
+            filter_string=f"tags.`dvc.experiment` = '{n}' and tags.`mlflow.parentRunId` = '{parent}' "
+            "and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
             max_results=1,
         )
         if found:

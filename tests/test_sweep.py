@@ -239,6 +239,10 @@ def test_dvc_and_the_mlflow_parent_list_the_same_arms_with_the_same_numbers(swep
         for r in runs
         if r["tags"].get("mlflow.parentRunId") == parent["id"] and r["tags"].get("tuneline.kind") == "arm"
     ]
+    # the arm stopped by Ctrl-C left a KILLED attempt beside its finished run
+    assert {r["status"] for r in arms} <= {"FINISHED", "KILLED", "FAILED"}
+    arms = [r for r in arms if r["status"] == "FINISHED"]
+    assert sorted(r["tags"]["dvc.experiment"] for r in arms) == sorted(dvc_val)
     assert {r["tags"]["dvc.experiment"]: r["metrics"]["val_chrf"] for r in arms} == pytest.approx(dvc_val)
     assert all("train_loss" in r["metrics"] and "train.lr" in r["params"] for r in arms)  # curves and params
     table = json.loads(
@@ -289,7 +293,7 @@ def test_the_mlflow_ui_shows_the_sweep_and_compares_its_arms(swept):
     proj = swept[0]
     runs = _runs(proj)
     (parent,) = [r for r in runs if r["tags"].get("tuneline.kind") == "sweep"]
-    arms = [r for r in runs if r["tags"].get("tuneline.kind") == "arm"]
+    arms = [r for r in runs if r["tags"].get("tuneline.kind") == "arm" and r["status"] == "FINISHED"]
     exp = proj.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
         "print(mlflow.get_experiment_by_name('tuneline').experiment_id)"
