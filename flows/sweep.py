@@ -29,13 +29,13 @@ from prefect import flow, task
 from prefect.states import Failed
 
 from flows.pipeline import changed_inputs, pipeline, reproduce, write_params
-from tuneline import ROOT, preflight, recipes, sweep
+from tuneline import ROOT, preflight, recipes, sweep, sweep_runs
 from tuneline.config import Params, read_yaml
 from tuneline.data import VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
 from tuneline.io import read_json, write_json
 from tuneline.lock import SLOTS_ENV
-from tuneline.tracking import ARMS, PARENT_ENV, SWEEP_ENV, log_params, setup, tracking_uri
+from tuneline.tracking import ARMS, PARENT_ENV, SWEEP_ENV, tracking_uri
 
 DVC = (sys.executable, "-m", "dvc")
 TARGET = "validate"  # an arm runs the pipeline up to here: never evaluate, which reads test
@@ -93,42 +93,7 @@ def _estimate(arm_params: list[Params]) -> float | None:
 
 @task(name="sweep-run", task_run_name="MLflow parent run")
 def parent_run(params: Params, arms: list[sweep.Arm], spec: str) -> str:
-    """The sweep's MLflow run, before its name is known (that needs the shared stages)."""
-    from mlflow import MlflowClient
-
-    exp_id = setup(params.register.experiment)
-    client = MlflowClient()
-    run = client.create_run(
-        exp_id,
-        tags={
-            "mlflow.runName": "sweep",
-            "tuneline.kind": "sweep",
-            "tuneline.sweep.spec": spec,
-            "tuneline.sweep.arms": str(len(arms)),
-        },
-    )
-    log_params(client, run.info.run_id, params)
-    return run.info.run_id
-
-
-def _named(parent: str, name: str) -> str:
-    """Name the sweep's run; when the same sweep ran before (its command run again), carry
-    on in that run instead: its arms are there."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    exp_id = client.get_run(parent).info.experiment_id
-    found = client.search_runs([exp_id], filter_string=f"tags.`tuneline.sweep` = '{name}'", max_results=1)
-    if not found:
-        client.set_tag(parent, "tuneline.sweep", name)
-        client.set_tag(parent, "mlflow.runName", name)
-        return parent
-    earlier = found[0].info.run_id
-    for run in client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
-        client.set_tag(run.info.run_id, "mlflow.parentRunId", earlier)  # this time's prepare/tokenize
-    client.delete_run(parent)
-    client.update_run(earlier, status="RUNNING")
-    return earlier
+    return sweep_runs.create_parent(params, arms, spec)
 
 
 def _shared_stages(params: Params, parent: str) -> None:
@@ -164,7 +129,7 @@ def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list
     # "Running" with no worker alive: the arm of a sweep whose worker died with it
     stale = [n for n in names if status.get(n) == "Running" and status[sweep.WORKERS] == "0"]
     if stale:
-        sweep._dvc(["queue", "kill", *stale], ROOT, DVC, check=False)
+        sweep.run_dvc(["queue", "kill", *stale], ROOT, DVC, check=False)
         status |= dict.fromkeys(stale, "Failed")
     (ROOT / ARMS).mkdir(parents=True, exist_ok=True)
     todo = []
@@ -174,7 +139,7 @@ def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list
         if name in done or status.get(name) in ("Queued", "Running"):
             continue
         if status.get(name) == "Failed":  # a killed or failed arm: run it again
-            sweep._dvc(["queue", "remove", name], ROOT, DVC, check=False)
+            sweep.run_dvc(["queue", "remove", name], ROOT, DVC, check=False)
         todo.append((arm, name))
     if len(todo) < len(arms):
         print(f"[sweep] {len(arms) - len(todo)} of {len(arms)} arms already run or queued: not run again")
@@ -225,8 +190,8 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str) ->
                 # an arm "Running" with no worker died with it: off the queue, and queued again
                 stale = [(a, n) for a, n in zip(arms, names) if status.get(n) == "Running"]
                 if stale:
-                    sweep._dvc(["queue", "kill", *(n for _, n in stale)], ROOT, DVC, check=False)
-                    sweep._dvc(["queue", "remove", *(n for _, n in stale)], ROOT, DVC, check=False)
+                    sweep.run_dvc(["queue", "kill", *(n for _, n in stale)], ROOT, DVC, check=False)
+                    sweep.run_dvc(["queue", "remove", *(n for _, n in stale)], ROOT, DVC, check=False)
                     _queue(stale)
                 sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
                 idle = 0.0
@@ -256,11 +221,11 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str) ->
         status = sweep.queue_status(ROOT, DVC)
         queued = [n for n in names if status.get(n) == "Queued"]
         if queued:
-            sweep._dvc(["queue", "remove", *queued], ROOT, DVC, check=False)
+            sweep.run_dvc(["queue", "remove", *queued], ROOT, DVC, check=False)
         running = [n for n in names if status.get(n) == "Running"]
         if running:
-            sweep._dvc(["queue", "kill", *running], ROOT, DVC, check=False)
-        sweep._dvc(["queue", "stop"], ROOT, DVC, check=False)
+            sweep.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
+        sweep.run_dvc(["queue", "stop"], ROOT, DVC, check=False)
         raise
 
 
@@ -270,7 +235,7 @@ def _arm_results(names: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
     done, ok, failed = sweep.experiments(ROOT), {}, {}
     for n in names:
         if n not in done:
-            logs = sweep._dvc(["queue", "logs", n], ROOT, DVC, check=False).strip().splitlines()
+            logs = sweep.run_dvc(["queue", "logs", n], ROOT, DVC, check=False).strip().splitlines()
             errors = [line for line in logs if "Fix:" in line or "ERROR" in line]
             failed[n] = (errors or logs or ["no log"])[-1][:300]
             continue
@@ -299,96 +264,10 @@ def choose(params: Params, names: list[str], results: dict[str, dict]) -> sweep.
     return sweep.select(stats, metric, params.register.alpha, params.evaluate.n_bootstrap)
 
 
-def summary(names: list[str], arms: list[sweep.Arm], results: dict[str, dict], sel: sweep.Selection, metric: str):
-    """The table the parent run holds and the sweep prints: one row per arm."""
-    table: dict[str, list] = {"arm": [], "experiment": []}
-    for k in arms[0]:
-        table[k] = []
-    metrics = [m for m in results[names[0]]["metrics"] if isinstance(results[names[0]]["metrics"][m], float)]
-    for m in metrics:
-        table[f"val_{m}"] = []
-    table |= {"delta_vs_winner": [], "ci_low": [], "ci_high": [], "p_value": [], "beaten_holm": []}
-    for i, (n, arm) in enumerate(zip(names, arms)):
-        c = sel.comparisons[i]
-        table["arm"].append("winner" if i == sel.winner else str(i + 1))
-        table["experiment"].append(n)
-        for k, v in arm.items():
-            table[k].append(v)
-        for m in metrics:
-            table[f"val_{m}"].append(results[n]["metrics"][m])
-        # the winner's lead over this arm (winner - arm), with its paired 95% CI
-        table["delta_vs_winner"].append(None if c is None else c.delta)
-        table["ci_low"].append(None if c is None else c.ci_low)
-        table["ci_high"].append(None if c is None else c.ci_high)
-        table["p_value"].append(None if c is None else c.p_value)
-        table["beaten_holm"].append(None if c is None else sel.beaten[i])
-    return table
-
-
-def metric_figure(arms: list[sweep.Arm], values: list[float], winner: int, metric: str):
-    """The validation metric against each swept param (one panel per param; the winner in
-    orange); a param spanning a decade or more is drawn on a log axis."""
-    from matplotlib.figure import Figure
-
-    keys = list(arms[0])
-    fig = Figure(figsize=(3.6 * len(keys), 3.2), layout="constrained")
-    for ax, k in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
-        xs = [a[k] for a in arms]
-        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-        pos = xs if numeric else [sorted(set(map(str, xs))).index(str(x)) for x in xs]
-        ax.scatter(pos, values, color=["#e8743b" if i == winner else "#2b7bba" for i in range(len(xs))])
-        if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(range(len(set(map(str, xs)))), sorted(set(map(str, xs))))
-        ax.set_xlabel(k)
-        ax.set_ylabel(f"validation {metric}")
-    return fig
-
-
-def _record(parent: str, names, arms, arm_params, results, sel, metric: str) -> None:
-    """Every arm a child run of the sweep's (one its stages did not open, e.g. an arm DVC
-    restored from its run cache, is created here), ranked; the parent gets the table."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient()
-    exp_id = client.get_run(parent).info.experiment_id
-    ts = int(time.time() * 1000)
-    for i, (n, p) in enumerate(zip(names, arm_params)):
-        # the arm's finished run (an attempt stopped by Ctrl-C is a KILLED run beside it)
-        found = client.search_runs(
-            [exp_id],
-            filter_string=f"tags.`dvc.experiment` = '{n}' and tags.`mlflow.parentRunId` = '{parent}' "
-            "and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if found:
-            run = found[0].info.run_id
-        else:
-            run = client.create_run(
-                exp_id,
-                tags={"mlflow.parentRunId": parent, "mlflow.runName": n, "tuneline.kind": "arm", "dvc.experiment": n},
-            ).info.run_id
-            log_params(client, run, p)
-            vals = results[n]["metrics"]
-            client.log_batch(
-                run, metrics=[Metric(f"val_{k}", v, ts, 0) for k, v in vals.items() if isinstance(v, float)]
-            )
-            client.set_terminated(run, "FINISHED")
-        client.set_tag(run, "tuneline.sweep.role", "winner" if i == sel.winner else "arm")
-        client.set_tag(run, "dvc.commit", results[n]["commit"])
-    client.log_table(parent, summary(names, arms, results, sel, metric), "sweep_summary.json")
-    client.log_figure(parent, metric_figure(arms, sel.values, sel.winner, metric), "metric_vs_params.png")
-    client.log_metric(parent, f"winner_val_{metric}", sel.values[sel.winner])
-    client.set_tag(parent, "tuneline.sweep.winner", names[sel.winner])
-
-
 def _winner_through_the_gate(name: str, parent: str) -> dict:
     """`dvc exp apply` the winner (params.yaml, dvc.lock and its model from DVC's cache),
     then the pipeline flow runs what it lacks: evaluate on the test split, and register."""
-    sweep._dvc(["exp", "apply", name], ROOT, DVC)
+    sweep.run_dvc(["exp", "apply", name], ROOT, DVC)
     os.environ[SWEEP_ENV] = parent  # the winner's pipeline run nests under the sweep's
     try:
         state = pipeline(return_state=True)
@@ -456,7 +335,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
         _shared_stages(params, parent)
         # the same arms on the same data and code are the same sweep: its DVC experiments
         name = sweep.name(arm_params, _inputs())
-        parent = _named(parent, name)
+        parent = sweep_runs.named(parent, name)
         names = [f"{name}-{i}" for i in range(1, len(arms) + 1)]
         print(f"[sweep] {name}: the arms are the DVC experiments {names[0]} to {names[-1]}")
         queued = _queue_missing(arms, names, parent)
@@ -474,7 +353,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
         names_ok, arms_ok, params_ok = [names[i] for i in ok], [arms[i] for i in ok], [arm_params[i] for i in ok]
         metric = params.primary_metric()
         sel = choose(params, names_ok, results)
-        _record(parent, names_ok, arms_ok, params_ok, results, sel, metric)
+        sweep_runs.record(parent, names_ok, arms_ok, params_ok, results, sel, metric)
         winner = names_ok[sel.winner]
         print(f"[sweep] validation {metric}, paired bootstrap against the winner, Holm over {len(ok) - 1} comparisons:")
         for i, n in enumerate(names_ok):

@@ -142,7 +142,7 @@ def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatc
         "2b61b8f  s-1  12:38 PM   Success\n\n"
         "Worker status: 1 active, 0 idle\n"
     )
-    monkeypatch.setattr(sweep, "_dvc", lambda *a, **k: table)
+    monkeypatch.setattr(sweep, "run_dvc", lambda *a, **k: table)
     assert sweep.queue_status() == {"s-2": "Running", "s-3": "Queued", "s-1": "Success", sweep.WORKERS: "1"}
 
 

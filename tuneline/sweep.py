@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,9 +241,7 @@ def estimate_s(
 # --- arms as DVC experiments ------------------------------------------------------------------
 
 
-def _dvc(args: list[str], cwd, dvc, check: bool = True) -> str:
-    import subprocess
-
+def run_dvc(args: list[str], cwd, dvc, check: bool = True) -> str:
     done = subprocess.run([*dvc, *args], cwd=cwd, capture_output=True, text=True)
     if check and done.returncode:
         raise TunelineError(
@@ -256,7 +255,6 @@ def untracked(paths: list[str], cwd=None) -> list[str]:
     """What of `paths` git does not track, as `dvc exp run --copy-paths` takes it: a file
     whose folder git tracks something in, else the folder (DVC copies into the experiment's
     copy of the project, which only has the folders git knows)."""
-    import subprocess
     from pathlib import PurePosixPath
 
     def tracked(path: str) -> bool:
@@ -286,7 +284,7 @@ def queue(
         args = ["exp", "run", "--queue", "--name", exp, *(a for path in copy for a in ("--copy-paths", path))]
         for k, v in arm.items():
             args += ["-S", f"{k}={v}"]
-        _dvc(args + ([target] if target else []), cwd, dvc)
+        run_dvc(args + ([target] if target else []), cwd, dvc)
 
 
 STATES = ("Failed", "Success", "Queued", "Running")  # a name queued again has its old rows too: the later state wins
@@ -297,7 +295,7 @@ def queue_status(cwd=None, dvc=("dvc",)) -> dict[str, str]:
     under the key WORKERS the number of active workers ('0' when none runs)."""
     import re
 
-    out = _dvc(["queue", "status"], cwd, dvc)
+    out = run_dvc(["queue", "status"], cwd, dvc)
     status = {}  # rows: task, name, created (two words), status; no --json for this command
     for line in out.splitlines()[1:]:
         parts = line.split()
@@ -314,8 +312,6 @@ WORKERS = "<workers>"
 
 def start(jobs: int = 1, cwd=None, dvc=("dvc",), env=None) -> None:
     """Start DVC's queue worker(s); they run the queued arms, `jobs` at a time."""
-    import subprocess
-
     # The worker DVC spawns outlives this call and keeps the pipes it was given: capturing
     # its output would wait for the whole queue. Its log is `dvc queue logs NAME`.
     done = subprocess.run(
@@ -330,26 +326,9 @@ def start(jobs: int = 1, cwd=None, dvc=("dvc",), env=None) -> None:
         raise TunelineError("DVC's queue worker did not start", "run `dvc queue start` to see why")
 
 
-def run_queue(jobs: int = 1, cwd=None, dvc=("dvc",), poll: float = 2.0, timeout: float | None = None, env=None) -> dict:
-    """Start the worker(s) and wait until no arm is queued or running; returns queue_status."""
-    import time
-
-    start(jobs, cwd, dvc, env)
-    deadline = None if timeout is None else time.time() + timeout
-    while True:
-        status = queue_status(cwd, dvc)
-        if not any(s in ("Queued", "Running") for s in status.values()):
-            return status
-        if deadline is not None and time.time() > deadline:
-            raise TunelineError("the sweep's queue did not finish in time", "see `dvc queue status`")
-        time.sleep(poll)
-
-
 def experiments(cwd=None) -> dict[str, str]:
     """{experiment name: commit} of every DVC experiment in the project (its git refs under
     refs/exps/, whatever commit it was run from)."""
-    import subprocess
-
     out = subprocess.run(
         ["git", "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)"],
         cwd=cwd,
@@ -367,7 +346,5 @@ def experiments(cwd=None) -> dict[str, str]:
 
 def read_at(commit: str, path: str, cwd=None) -> str | None:
     """A file as an experiment committed it (metrics and uncached reports are in git)."""
-    import subprocess
-
     done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=cwd, capture_output=True, text=True)
     return done.stdout if done.returncode == 0 else None
