@@ -34,7 +34,7 @@ def run(params: Params) -> dict:
         )
     print(f"[validate] tuned model on {len(rows)} validation examples", flush=True)
     tuned = str(MERGED)
-    ev = evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params)
+    ev = evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params, stage="validate")
     results = metrics_of(ev, rows, params) | {
         "primary_metric": params.primary_metric(),
         "n_examples": len(rows),

@@ -175,13 +175,15 @@ def answer_budget(tok, targets: list[str], cap: int) -> int:
     return min(cap, max(len(tok(t)["input_ids"]) for t in targets) + 8)
 
 
-def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.Prompting = prompting.PLAIN) -> dict:
+def evaluate_model(
+    model, tok, rows: list[dict], params: Params, how: prompting.Prompting = prompting.PLAIN, stage: str = "evaluate"
+) -> dict:
     """One model's evaluation record on `rows` (see tuneline/scoring.py): generated
     outputs, per-unit answer loss and tokens, and (classify/entail) log-likelihood labels.
     For a generating task, each prompt is encoded once for all three: the answer's loss and
     every label's likelihood are read from the cache generation starts from. `how` wraps
     each prompt (the base model's chat or few-shot prompting); the answers scored after it
-    are the same tokens as trained."""
+    are the same tokens as trained. `stage` labels the progress bar."""
     cfg, task, labels = params.evaluate, tasks.TASKS[params.prepare.task], params.prepare.labels
     model = model.to(device())
     prompts, targets = prompts_and_targets(task, rows, labels, tok)
@@ -202,6 +204,7 @@ def evaluate_model(model, tok, rows: list[dict], params: Params, how: prompting.
             cfg.prompt_lookup,
             words,
             how.prefix,
+            stage=stage,
         )
         gen_s = time.time() - t
         if logp is None:  # pretraining: blocks of the test text, scored as trained

@@ -234,6 +234,7 @@ def answer(
     constraint=None,
     prefix: str = "",
     show: bool = True,
+    stage: str = "evaluate",
 ) -> tuple[list[str], list[list[float]] | None, list[bool]]:
     """Greedy (or beam) completions of `prompts`, prompt stripped, cut at EOS and at the end
     of the answer, `stop` (Task.stop: one-line tasks the first newline, instruct the next
@@ -244,7 +245,7 @@ def answer(
     `constraint` (a constrain.WordConstraint over `prompts`) limits what greedy and beam
     search may emit. `prefix` is text before every prompt (tuneline/prompting.py), encoded
     once and read from its cache by every batch. `show=False` prints no progress (a served
-    request, register's parity check). Returns (answers, branch log-probabilities or None,
+    request, register's parity check); `stage` labels it. Returns (answers, branch log-probabilities or None,
     per answer whether it ended: EOS or the stop marker, not cut at `max_new_tokens`)."""
     model.eval()
     tok.padding_side = "left"  # decoder-only: pad on the left so every prompt ends at -1
@@ -261,7 +262,7 @@ def answer(
     what = "generating" if branches is None else "generating and scoring"
     pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
     shared = shared_prefix(model, pre) if pre and (branches is not None or num_beams == 1) else None
-    with progress.bar("evaluate", len(prompts), "prompts", what=what, show=show) as bar:
+    with progress.bar(stage, len(prompts), "prompts", what=what, show=show) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
