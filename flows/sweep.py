@@ -141,6 +141,7 @@ def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list
         if status.get(name) == "Failed":  # a killed or failed arm: run it again
             sweep.run_dvc(["queue", "remove", name], ROOT, DVC, check=False)
         todo.append((arm, name))
+    sweep_runs.abandon(parent, [n for _, n in todo])  # what an earlier attempt left behind
     if len(todo) < len(arms):
         print(f"[sweep] {len(arms) - len(todo)} of {len(arms)} arms already run or queued: not run again")
     _queue(todo)
@@ -170,7 +171,7 @@ def _worker_env(jobs: int) -> dict[str, str]:
 
 
 @task(name="run-arms", task_run_name="run the arms (DVC queue)")
-def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str) -> dict[str, str]:
+def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, parent: str) -> dict[str, str]:
     """Start DVC's worker and wait for this sweep's arms, saying when each one ends."""
     t0, idle, restarts = time.time(), 0.0, 0
     before = set(sweep.experiments(ROOT))
@@ -192,6 +193,7 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str) ->
                 if stale:
                     sweep.run_dvc(["queue", "kill", *(n for _, n in stale)], ROOT, DVC, check=False)
                     sweep.run_dvc(["queue", "remove", *(n for _, n in stale)], ROOT, DVC, check=False)
+                    sweep_runs.abandon(parent, [n for _, n in stale])
                     _queue(stale)
                 sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
                 idle = 0.0
@@ -226,6 +228,7 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str) ->
         if running:
             sweep.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
         sweep.run_dvc(["queue", "stop"], ROOT, DVC, check=False)
+        sweep_runs.abandon(parent, running)  # stopped between two stages, its run says FINISHED
         raise
 
 
@@ -340,7 +343,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
         print(f"[sweep] {name}: the arms are the DVC experiments {names[0]} to {names[-1]}")
         queued = _queue_missing(arms, names, parent)
         if queued or any(s in ("Queued", "Running") for n, s in sweep.queue_status(ROOT, DVC).items() if n in names):
-            run_arms(names, arms, jobs, params.primary_metric())
+            run_arms(names, arms, jobs, params.primary_metric(), parent)
         results, failed = _arm_results(names)
         for n, why in failed.items():
             print(f"[sweep] {n} failed: {why}")

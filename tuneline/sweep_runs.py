@@ -50,6 +50,22 @@ def named(parent: str, name: str) -> str:
     return earlier
 
 
+def abandon(parent: str, names: list[str]) -> None:
+    """Mark KILLED the runs of arms `names` that an attempt left RUNNING or FINISHED (a
+    Ctrl-C or a dead worker between two of its stages ends no run): each arm's run is then
+    the attempt that finishes it, and the UI shows one finished run per arm."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp_id = client.get_run(parent).info.experiment_id
+    for n in names:
+        for run in client.search_runs(
+            [exp_id], filter_string=f"tags.`dvc.experiment` = '{n}' and tags.`mlflow.parentRunId` = '{parent}'"
+        ):
+            if run.info.status in ("RUNNING", "FINISHED"):
+                client.set_terminated(run.info.run_id, "KILLED")
+
+
 def summary(names: list[str], arms: list[sweep.Arm], results: dict[str, dict], sel: sweep.Selection, metric: str):
     """The table the parent run holds and the sweep prints: one row per arm."""
     table: dict[str, list] = {"arm": [], "experiment": []}
