@@ -91,6 +91,19 @@ def built_once(tmp_path_factory, name: str):
         marker.touch()
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_left_behind():
+    """`mlflow.set_tracking_uri` is process-wide: a test that sets it in-process (tracking.setup,
+    the `client` fixture) would point the next test on this worker at its own store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and utils._tracking_uri is not None:
+        utils.set_tracking_uri(None)  # MLflow's own reset (it unsets MLFLOW_TRACKING_URI too)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """One `.cache` for every test project (and worker), so built-in models are built once."""
