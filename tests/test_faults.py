@@ -137,6 +137,10 @@ def test_sigkill_at_five_points_loses_nothing_and_ends_equal_to_an_unbroken_run(
     assert leftovers == []
     assert aliases(proj.root / "mlflow.db")["champion"]
     assert artifacts_present(proj, proj.root / "mlflow.db") == {"champion": True, "challenger": True}
+    # Each killed execution's runs were ended by the next one: none shows as running forever.
+    with sqlite3.connect(proj.root / "mlflow.db") as c:
+        statuses = [s for (s,) in c.execute("SELECT status FROM runs")]
+    assert "RUNNING" not in statuses and statuses.count("KILLED") >= len(KILLS), statuses
 
 
 def test_two_pipelines_at_once_on_one_sqlite_store(prefect_api, tmp_path, model_cache):

@@ -73,6 +73,32 @@ def test_the_flow_parent_is_reused_by_every_stage(store, monkeypatch):
     assert sorted(r.data.tags["tuneline.stage"] for r in kids) == ["prepare", "tokenize"]
 
 
+def test_a_run_whose_process_died_is_marked_killed_when_the_next_pipeline_starts(store):
+    """SIGKILL or a power cut ends no run: the next execution on this machine ends them, and
+    leaves alone the runs of a live process and those of another machine."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_owner = tracking._owner(__import__("psutil").Process(dead.pid))
+    dead.wait()
+    exp_id = tracking.setup("tuneline")
+
+    def running(owner: str) -> str:
+        return store.create_run(exp_id, tags={tracking.OWNER_TAG: owner}).info.run_id
+
+    orphan, live = running(dead_owner), running(tracking._owner())
+    elsewhere = running(f"not-{socket.gethostname()}:{dead.pid}:0")
+    reused_pid = running(dead_owner.rsplit(":", 1)[0] + ":1")  # the pid again, another process
+    untagged = store.create_run(exp_id).info.run_id  # not ours to judge
+
+    parent = tracking.start_parent(Params(), "prefect")
+    status = {r.info.run_id: r.info.status for r in _runs(store)}
+    assert status[orphan] == status[reused_pid] == "KILLED"
+    assert status[live] == status[elsewhere] == status[untagged] == status[parent] == "RUNNING"
+
+
 def test_secrets_in_uris_are_redacted():
     assert secrets.redact("postgresql://me:s3cret@db:5432/x") == "postgresql://me:***@db:5432/x"
     assert "s3cret" not in secrets.redact("see https://u:s3cret@host/path")

@@ -28,6 +28,7 @@ PARENT_ENV = "TUNELINE_PARENT_RUN_ID"
 SWEEP_ENV = "TUNELINE_SWEEP_RUN_ID"  # set by a sweep: the pipeline runs it starts nest under it
 ARMS = ".cache/sweep-arms"  # under the project root: <experiment name>.json per queued arm
 EXEC_TAG = "tuneline.execution"
+OWNER_TAG = "tuneline.owner"  # <host>:<pid>:<start time> of the process whose end ends the run
 KIND_TAG, TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -170,20 +171,68 @@ def setup(experiment: str) -> str:
     return exp_id
 
 
-def _dvc_execution_key() -> str | None:
+def _dvc_process():
+    """The `dvc repro` / `dvc exp run` process this stage runs under, if any."""
     import psutil
 
-    proc = psutil.Process()
-    for anc in proc.parents():
+    for anc in psutil.Process().parents():
         try:
             cmd = " ".join(anc.cmdline())
         except psutil.Error:
             continue
         if re.search(r"\bdvc\b", cmd) and re.search(r"\b(repro|exp)\b", cmd):
-            # one queue worker runs experiment after experiment: each is its own execution
-            exp = os.environ.get("DVC_EXP_NAME")
-            return f"dvc-{anc.pid}-{int(anc.create_time())}" + (f"-{exp}" if exp else "")
+            return anc
     return None
+
+
+def _dvc_execution_key() -> str | None:
+    anc = _dvc_process()
+    if anc is None:
+        return None
+    # one queue worker runs experiment after experiment: each is its own execution
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"dvc-{anc.pid}-{int(anc.create_time())}" + (f"-{exp}" if exp else "")
+
+
+def _owner(proc=None) -> str:
+    import socket
+
+    import psutil
+
+    proc = proc or psutil.Process()
+    return f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
+
+
+def _alive(owner: str) -> bool:
+    import psutil
+
+    _, pid, started = owner.rsplit(":", 2)
+    try:
+        return int(psutil.Process(int(pid)).create_time()) == int(started)
+    except (psutil.Error, ValueError):
+        return False
+
+
+def end_orphans(exp_id: str) -> list[str]:
+    """Mark KILLED the runs that a process on this machine left RUNNING when it died without
+    ending them (SIGKILL, out of memory, power cut): the UI would show them running forever.
+    Runs owned by another machine, or by a process still alive, are left as they are."""
+    import socket
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    running = client.search_runs(
+        [exp_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{OWNER_TAG}` LIKE '{host}:%'"
+    )
+    ended = []
+    for run in running:
+        owner = run.data.tags[OWNER_TAG]
+        if owner.rsplit(":", 2)[0] == host and not _alive(owner):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def start_parent(params: Params, source: str, key: str | None = None) -> str:
@@ -191,11 +240,14 @@ def start_parent(params: Params, source: str, key: str | None = None) -> str:
     from mlflow import MlflowClient
 
     exp_id = setup(params.register.experiment)
+    end_orphans(exp_id)  # what killed executions left RUNNING, before this one starts
     client = MlflowClient()
     tags = {
         "tuneline.kind": "pipeline",
         "tuneline.source": source,
         "mlflow.runName": f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
+        # under DVC the parent lives as long as the dvc process; otherwise as this one
+        OWNER_TAG: _owner(_dvc_process() if key else None),
     }
     if key:
         tags[EXEC_TAG] = key
@@ -244,7 +296,13 @@ def stage_run(stage: str, params: Params) -> Iterator[str]:
     client = mlflow.MlflowClient()
     child = client.create_run(
         client.get_run(parent).info.experiment_id,
-        tags={"mlflow.parentRunId": parent, "mlflow.runName": stage, "tuneline.stage": stage, "tuneline.kind": "stage"},
+        tags={
+            "mlflow.parentRunId": parent,
+            "mlflow.runName": stage,
+            "tuneline.stage": stage,
+            "tuneline.kind": "stage",
+            OWNER_TAG: _owner(),
+        },
     ).info.run_id
     log_params(client, child, params)
     mlflow.start_run(run_id=child)
