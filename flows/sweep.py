@@ -13,9 +13,9 @@ In order:
    Holm-corrected over them), and the MLflow parent run gets the summary table and a plot
    of the metric against each swept param; each arm is a child run with its params, its
    training curves and its validation metrics;
-5. `dvc exp apply <winner>` puts the winner in the workspace, and the pipeline flow runs
-   what is left of it: evaluate (the test split, read for this arm only) and register (the
-   gate).
+5. the winner's params, dvc.lock and outputs are put in the workspace (`sweep.apply`:
+   the code stays as it is now), and the pipeline flow runs what is left of it: evaluate
+   (the test split, read for this arm only) and register (the gate).
 """
 
 from __future__ import annotations
@@ -280,9 +280,9 @@ def choose(params: Params, names: list[str], results: dict[str, dict]) -> sweep.
 
 
 def _winner_through_the_gate(name: str, parent: str) -> dict:
-    """`dvc exp apply` the winner (params.yaml, dvc.lock and its model from DVC's cache),
+    """The winner in the workspace (params.yaml, dvc.lock and its model from DVC's cache),
     then the pipeline flow runs what it lacks: evaluate on the test split, and register."""
-    sweep.run_dvc(["exp", "apply", name], ROOT, DVC)
+    sweep.apply(name, ROOT, DVC)
     os.environ[SWEEP_ENV] = parent  # the winner's pipeline run nests under the sweep's
     try:
         state = pipeline(return_state=True)

@@ -146,6 +146,40 @@ def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatc
     assert sweep.queue_status() == {"s-2": "Running", "s-3": "Queued", "s-1": "Success", sweep.WORKERS: "1"}
 
 
+def test_the_winner_is_applied_over_the_code_as_it_is_now(tmp_path):
+    """Only the experiment's own changes (params, dvc.lock, metrics) and its outputs reach the
+    workspace; code committed since its arm was queued stays (`dvc exp apply` reverted it)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        ident = ["-c", "user.name=t", "-c", "user.email=t@t"]
+        return subprocess.run(["git", *ident, *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    def commit(files: dict[str, str], message: str) -> str:
+        for path, text in files.items():
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", message)
+        return git("rev-parse", "HEAD").strip()
+
+    git("init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    baseline = commit({"code.py": "v = 1\n", "params.yaml": "lr: 1\n"}, "baseline")
+    arm = commit({"params.yaml": "lr: 2\n", "metrics/validate.json": "{}\n"}, "the arm")
+    git("update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/sweep-t-1", arm)
+    git("reset", "-q", "--hard", baseline)
+    head = commit({"code.py": "v = 2\n", "NOTES.md": "a fix\n"}, "a fix, committed mid-sweep")
+
+    changed = sweep.apply("sweep-t-1", tmp_path, (sys.executable, "-m", "dvc"))
+    assert sorted(changed) == ["metrics/validate.json", "params.yaml"]
+    assert (tmp_path / "params.yaml").read_text() == "lr: 2\n"  # the winner's
+    assert (tmp_path / "code.py").read_text() == "v = 2\n" and (tmp_path / "NOTES.md").is_file()  # today's
+    assert git("rev-parse", "HEAD").strip() == head
+    with pytest.raises(TunelineError, match="experiment 'sweep-t-9' not found"):
+        sweep.apply("sweep-t-9", tmp_path, (sys.executable, "-m", "dvc"))
+
+
 # --- the whole sweep, on the tiny model --------------------------------------------------------
 
 

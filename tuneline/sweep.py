@@ -344,6 +344,30 @@ def experiments(cwd=None) -> dict[str, str]:
     return found
 
 
+def apply(name: str, cwd, dvc) -> list[str]:
+    """Put experiment `name`'s own changes in the workspace: the files its commit changed
+    from its baseline (params.yaml, dvc.lock, metrics, uncached reports), then its outputs
+    from DVC's cache. Returns those files.
+
+    Not `dvc exp apply`: that checks out the experiment's whole tree, so code committed
+    since the arm was queued (a sweep resumed after a fix) went back to the arm's version
+    in the workspace, and the winner was evaluated and registered with that old code. Here
+    the code stays as it is; a stage whose code changed since (evaluate, register: the
+    sweep's id covers train's and validate's) is stale to DVC and runs with today's code."""
+    rev = experiments(cwd).get(name)
+    if rev is None:
+        raise TunelineError(f"experiment '{name}' not found", "see `dvc exp show -A`; run the sweep again")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+    changed = git("diff", "--name-only", "--no-renames", "--diff-filter=AM", f"{rev}^", rev).split()
+    if changed:
+        git("restore", f"--source={rev}", "--worktree", "--", *changed)
+    run_dvc(["checkout", "--force"], cwd, dvc)
+    return changed
+
+
 def read_at(commit: str, path: str, cwd=None) -> str | None:
     """A file as an experiment committed it (metrics and uncached reports are in git)."""
     done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=cwd, capture_output=True, text=True)
