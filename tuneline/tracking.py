@@ -185,10 +185,7 @@ def _dvc_process():
     return None
 
 
-def _dvc_execution_key() -> str | None:
-    anc = _dvc_process()
-    if anc is None:
-        return None
+def _dvc_execution_key(anc) -> str:
     # one queue worker runs experiment after experiment: each is its own execution
     exp = os.environ.get("DVC_EXP_NAME")
     return f"dvc-{anc.pid}-{int(anc.create_time())}" + (f"-{exp}" if exp else "")
@@ -235,8 +232,9 @@ def end_orphans(exp_id: str) -> list[str]:
     return ended
 
 
-def start_parent(params: Params, source: str, key: str | None = None) -> str:
-    """Create a parent run (status RUNNING) and return its id."""
+def start_parent(params: Params, source: str, dvc=None) -> str:
+    """Create a parent run (status RUNNING) and return its id. `dvc`: the DVC process the
+    execution runs under (it keys the run, and outlives each stage), if any."""
     from mlflow import MlflowClient
 
     exp_id = setup(params.register.experiment)
@@ -246,11 +244,10 @@ def start_parent(params: Params, source: str, key: str | None = None) -> str:
         "tuneline.kind": "pipeline",
         "tuneline.source": source,
         "mlflow.runName": f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
-        # under DVC the parent lives as long as the dvc process; otherwise as this one
-        OWNER_TAG: _owner(_dvc_process() if key else None),
+        OWNER_TAG: _owner(dvc),  # the parent lives as long as the dvc process, or this one
     }
-    if key:
-        tags[EXEC_TAG] = key
+    if dvc is not None:
+        tags[EXEC_TAG] = _dvc_execution_key(dvc)
     arm, sweep = arm_record(), os.environ.get(SWEEP_ENV)
     if arm:  # one arm of a sweep: a child of the sweep's run, named as DVC names the experiment
         tags |= {"mlflow.parentRunId": arm["sweep_run_id"], "mlflow.runName": arm["name"], "tuneline.kind": "arm"}
@@ -268,12 +265,13 @@ def find_parent(params: Params) -> str:
     from mlflow import MlflowClient
 
     exp_id = setup(params.register.experiment)
-    key = _dvc_execution_key()
-    if key:
+    dvc = _dvc_process()
+    if dvc is not None:
+        key = _dvc_execution_key(dvc)
         found = MlflowClient().search_runs([exp_id], filter_string=f"tags.`{EXEC_TAG}` = '{key}'", max_results=1)
         if found:
             return found[0].info.run_id
-    return start_parent(params, "dvc" if key else "stage", key)
+    return start_parent(params, "stage" if dvc is None else "dvc", dvc)
 
 
 def log_params(client, run_id: str, params: Params) -> None:
