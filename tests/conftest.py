@@ -34,6 +34,12 @@ from tuneline.recipes import merge  # noqa: E402  (the same deep merge recipes a
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:
     os.environ.setdefault("TUNELINE_LOCK_DIR", str(Path(tempfile.gettempdir()) / f"tuneline-locks-{os.getpid()}"))
+    # One OpenMP thread per process (the worker and every process it starts; set before
+    # torch is imported): with two workers on two cores, a tiny model gains nothing from a
+    # second thread, and OpenMP's threads spin while they wait for a core the other worker
+    # holds. Measured side by side, two stages at once: 25 s of CPU each with torch's
+    # default of two threads, 18.5 s with one.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # Under xdist each group runs whole on one worker: a test module is a group (its module
@@ -400,6 +406,16 @@ class Served:
         return codes
 
 
+_SERVED: list[Served] = []
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The `served` UIs stop when the last test of their group ends, not at the end of the
+    session: idle, their servers and worker still poll, a few % of a core for the rest of the run."""
+    if _SERVED and group_of(item.nodeid) == "served" and (nextitem is None or group_of(nextitem.nodeid) != "served"):
+        _SERVED.pop().stop()
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, model_cache):
     """Shared by the schedule and browser tests: one pipeline run costs minutes here.
@@ -412,6 +428,7 @@ def served(tmp_path_factory, model_cache):
     proj.run("git", "add", "-A")
     proj.run("git", *ident, "commit", "-qm", "a new tuneline project")  # DVC experiments need a commit
     s = Served(proj, free_port(), free_port())
+    _SERVED.append(s)
     try:
         ui = s.start(
             "ui",
