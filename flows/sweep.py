@@ -126,26 +126,33 @@ def _inputs() -> str:
 def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list[str]:
     """Queue the arms not already run or queued; returns their names."""
     done, status = sweep.experiments(ROOT), sweep.queue_status(ROOT, DVC)
-    # "Running" with no worker alive: the arm of a sweep whose worker died with it
-    stale = [n for n in names if status.get(n) == "Running" and status[sweep.WORKERS] == "0"]
-    if stale:
-        sweep.run_dvc(["queue", "kill", *stale], ROOT, DVC, check=False)
-        status |= dict.fromkeys(stale, "Failed")
+    alive = status[sweep.WORKERS] != "0"  # "Running" with no worker: its sweep's worker died with it
     (ROOT / ARMS).mkdir(parents=True, exist_ok=True)
     todo = []
     for arm, name in zip(arms, names):
         # what the arm's stages read: the sweep's run and store (tracking.arm_record)
         write_json(ROOT / ARMS / f"{name}.json", {"sweep_run_id": parent, "tracking_uri": tracking_uri()})
-        if name in done or status.get(name) in ("Queued", "Running"):
+        if name in done or status.get(name) == "Queued" or (status.get(name) == "Running" and alive):
             continue
-        if status.get(name) == "Failed":  # a killed or failed arm: run it again
-            sweep.run_dvc(["queue", "remove", name], ROOT, DVC, check=False)
         todo.append((arm, name))
-    sweep_runs.abandon(parent, [n for _, n in todo])  # what an earlier attempt left behind
     if len(todo) < len(arms):
         print(f"[sweep] {len(arms) - len(todo)} of {len(arms)} arms already run or queued: not run again")
-    _queue(todo)
+    _requeue(todo, status, parent)
     return [n for _, n in todo]
+
+
+def _requeue(todo: list[tuple[sweep.Arm, str]], status: dict[str, str], parent: str) -> None:
+    """Queue `todo`, first clearing what an earlier attempt left of them: an arm still listed
+    as running is killed, a listed one taken off the queue, its MLflow run ended."""
+    names = [n for _, n in todo]
+    running = [n for n in names if status.get(n) == "Running"]
+    if running:
+        sweep.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
+    listed = [n for n in names if status.get(n) in ("Running", "Failed")]
+    if listed:
+        sweep.run_dvc(["queue", "remove", *listed], ROOT, DVC, check=False)
+    sweep_runs.abandon(parent, names)
+    _queue(todo)
 
 
 def _queue(todo: list[tuple[sweep.Arm, str]]) -> None:
@@ -204,10 +211,7 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
                 # an arm "Running" with no worker died with it: off the queue, and queued again
                 stale = [(a, n) for a, n in zip(arms, names) if status.get(n) == "Running"]
                 if stale:
-                    sweep.run_dvc(["queue", "kill", *(n for _, n in stale)], ROOT, DVC, check=False)
-                    sweep.run_dvc(["queue", "remove", *(n for _, n in stale)], ROOT, DVC, check=False)
-                    sweep_runs.abandon(parent, [n for _, n in stale])
-                    _queue(stale)
+                    _requeue(stale, status, parent)
                 sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
                 idle, asked = 0.0, 0.0  # the queue asked again at once
             for n in names:
