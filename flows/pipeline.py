@@ -95,6 +95,11 @@ def reproduce(name: str, force: bool = False) -> str | State:
     fd, err_file = tempfile.mkstemp(prefix=f"tuneline-{name}-", suffix=".err")
     os.close(fd)
     os.environ[ERROR_FILE] = err_file  # the stage process writes its one-line error here
+    # dvc.yaml's `python -m tuneline.stages` must be this interpreter, the one with tuneline's
+    # stack, also under `.venv/bin/tuneline` from a shell without the venv on PATH.
+    here = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
     try:
         with sigint_held_for_stages(), Repo(str(ROOT)) as repo:
             repo.scm_context.quiet = True  # not "To track the changes with git, run: ..." after every stage
@@ -381,10 +386,9 @@ def _execute(
     parent = start_parent(params, "smoke" if smoke else "prefect")
     client = MlflowClient()
     tag_request(client, parent, recipe, overrides)
-    # Stage processes find the parent through the environment; `python` must be this one.
+    # Stage processes find the parent through the environment.
     os.environ[PARENT_ENV] = parent
     os.environ[preflight.PASSED_ENV] = preflight.key(params)  # checked in _pipeline, not again per stage
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     t0, cwd = time.time(), os.getcwd()
     try:
         if smoke:

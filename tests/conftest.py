@@ -181,6 +181,12 @@ class Project:
         return self.run(sys.executable, "-c", code).stdout
 
 
+def venv_not_on(path: str) -> str:
+    """PATH as in a shell where the venv is not activated (`.venv/bin/tuneline run`): the
+    stages that DVC starts (`python -m tuneline.stages`) must still run on this interpreter."""
+    return os.pathsep.join(p for p in path.split(os.pathsep) if p != os.path.dirname(sys.executable))
+
+
 def make_project(root: Path, cache: Path, params: dict | None = None) -> Project:
     for item in ("tuneline", "components", "flows", "recipes", "dvc.yaml", "params.yaml"):
         src = REPO / item
@@ -223,7 +229,7 @@ def built(tmp_path_factory, model_cache, prefect_api) -> Project:
             proj.flow_out = (path / "flow_out.txt").read_text()
             return proj
         proj = make_project(path / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}})
-        env = {"PREFECT_API_URL": prefect_api}
+        env = {"PREFECT_API_URL": prefect_api, "PATH": venv_not_on(proj.env["PATH"])}
         proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run", env=env).stdout
         (path / "flow_out.txt").write_text(proj.flow_out)
         return proj

@@ -198,14 +198,14 @@ def swept(tmp_path_factory, model_cache, prefect_api):
     import sys
     import time
 
-    from conftest import REPO, make_project
+    from conftest import REPO, make_project, venv_not_on
 
     proj = make_project(tmp_path_factory.mktemp("sweep") / "proj", model_cache)
     shutil.copy(REPO / ".gitignore", proj.root / ".gitignore")
     proj.run("git", "add", "-A")
     proj.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
     cmd = [sys.executable, "-m", "tuneline.cli", "sweep", "--grid", "train.lr=1e-3,1e-2"]
-    env = proj.env | {"PREFECT_API_URL": prefect_api}
+    env = proj.env | {"PREFECT_API_URL": prefect_api, "PATH": venv_not_on(proj.env["PATH"])}
     log = proj.root.parent / "first.txt"
     with open(log, "w") as f:
         first = subprocess.Popen(
@@ -217,7 +217,7 @@ def swept(tmp_path_factory, model_cache, prefect_api):
         time.sleep(1)
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal
     assert first.wait(timeout=120) == 130, log.read_text()[-3000:]
-    second = proj.run(*cmd, env={"PREFECT_API_URL": prefect_api}, timeout=900)
+    second = proj.run(*cmd, env=env, timeout=900)
     return proj, log.read_text(), second.stdout + second.stderr
 
 
