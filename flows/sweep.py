@@ -35,6 +35,7 @@ from tuneline.data import VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
 from tuneline.io import read_json, write_json
 from tuneline.lock import SLOTS_ENV
+from tuneline.stages import stage_names
 from tuneline.tracking import ARMS, PARENT_ENV, SWEEP_ENV, tracking_uri
 
 DVC = (sys.executable, "-m", "dvc")
@@ -286,7 +287,8 @@ def choose(params: Params, names: list[str], results: dict[str, dict]) -> sweep.
 def _winner_through_the_gate(name: str, parent: str) -> dict:
     """The winner in the workspace (params.yaml, dvc.lock and its model from DVC's cache),
     then the pipeline flow runs what it lacks: evaluate on the test split, and register."""
-    sweep.apply(name, ROOT, DVC)
+    names = stage_names()
+    sweep.apply(name, ROOT, DVC, keep=names[names.index(TARGET) + 1 :])  # evaluate, register: no arm runs them
     os.environ[SWEEP_ENV] = parent  # the winner's pipeline run nests under the sweep's
     try:
         state = pipeline(return_state=True)

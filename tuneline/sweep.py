@@ -344,7 +344,7 @@ def experiments(cwd=None) -> dict[str, str]:
     return found
 
 
-def apply(name: str, cwd, dvc) -> list[str]:
+def apply(name: str, cwd, dvc, keep: list[str] = ()) -> list[str]:
     """Put experiment `name`'s own changes in the workspace: the files its commit changed
     from its baseline (params.yaml, dvc.lock, metrics, uncached reports), then its outputs
     from DVC's cache. Returns those files.
@@ -353,7 +353,13 @@ def apply(name: str, cwd, dvc) -> list[str]:
     since the arm was queued (a sweep resumed after a fix) went back to the arm's version
     in the workspace, and the winner was evaluated and registered with that old code. Here
     the code stays as it is; a stage whose code changed since (evaluate, register: the
-    sweep's id covers train's and validate's) is stale to DVC and runs with today's code."""
+    sweep's id covers train's and validate's) is stale to DVC and runs with today's code.
+
+    `keep`: stages the arm did not run (those after its target). Their dvc.lock entries and
+    outputs stay the workspace's: DVC then re-runs them only when what they read changed,
+    so a finished sweep run again does not evaluate and register its winner twice."""
+    from pathlib import Path
+
     rev = experiments(cwd).get(name)
     if rev is None:
         raise TunelineError(f"experiment '{name}' not found", "see `dvc exp show -A`; run the sweep again")
@@ -361,9 +367,18 @@ def apply(name: str, cwd, dvc) -> list[str]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
+    lock = Path(cwd or ".") / "dvc.lock"
+    ours = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    kept = {s: ours[s] for s in keep if s in ours}
+    kept_outs = {o["path"] for entry in kept.values() for o in entry.get("outs", [])}
     changed = git("diff", "--name-only", "--no-renames", "--diff-filter=AM", f"{rev}^", rev).split()
+    changed = [f for f in changed if f not in kept_outs]
     if changed:
         git("restore", f"--source={rev}", "--worktree", "--", *changed)
+    if kept and "dvc.lock" in changed:
+        theirs = yaml.safe_load(lock.read_text())
+        theirs.setdefault("stages", {}).update(kept)
+        lock.write_text(yaml.safe_dump(theirs, sort_keys=False))
     run_dvc(["checkout", "--force"], cwd, dvc)
     return changed
 
