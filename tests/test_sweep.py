@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from test_pipeline import _runs
 
 from tuneline import recipes, scoring, sweep
@@ -146,9 +147,8 @@ def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatc
     assert sweep.queue_status() == {"s-2": "Running", "s-3": "Queued", "s-1": "Success", sweep.WORKERS: "1"}
 
 
-def test_the_winner_is_applied_over_the_code_as_it_is_now(tmp_path):
-    """Only the experiment's own changes (params, dvc.lock, metrics) and its outputs reach the
-    workspace; code committed since its arm was queued stays (`dvc exp apply` reverted it)."""
+def _repo(tmp_path):
+    """A git + DVC repo in tmp_path: its `git` and a `commit(files, message)` -> sha."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -156,15 +156,25 @@ def test_the_winner_is_applied_over_the_code_as_it_is_now(tmp_path):
         return subprocess.run(["git", *ident, *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
 
     def commit(files: dict[str, str], message: str) -> str:
-        for path, text in files.items():
-            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / path).write_text(text)
+        write(files)
         git("add", "-A")
         git("commit", "-qm", message)
         return git("rev-parse", "HEAD").strip()
 
+    def write(files: dict[str, str]) -> None:
+        for path, text in files.items():
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text(text)
+
     git("init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    return git, commit, write
+
+
+def test_the_winner_is_applied_over_the_code_as_it_is_now(tmp_path):
+    """Only the experiment's own changes (params, dvc.lock, metrics) and its outputs reach the
+    workspace; code committed since its arm was queued stays (`dvc exp apply` reverted it)."""
+    git, commit, _ = _repo(tmp_path)
     baseline = commit({"code.py": "v = 1\n", "params.yaml": "lr: 1\n"}, "baseline")
     arm = commit({"params.yaml": "lr: 2\n", "metrics/validate.json": "{}\n"}, "the arm")
     git("update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/sweep-t-1", arm)
@@ -178,6 +188,44 @@ def test_the_winner_is_applied_over_the_code_as_it_is_now(tmp_path):
     assert git("rev-parse", "HEAD").strip() == head
     with pytest.raises(TunelineError, match="experiment 'sweep-t-9' not found"):
         sweep.apply("sweep-t-9", tmp_path, (sys.executable, "-m", "dvc"))
+
+
+def test_applying_the_winner_keeps_the_workspaces_record_of_the_stages_no_arm_runs(tmp_path):
+    """A finished sweep run again: the workspace already holds its winner, evaluated and
+    registered. The arm's dvc.lock (train and validate) comes in; evaluate's and register's
+    entries and outputs stay the workspace's, so DVC sees nothing to re-run."""
+    git, commit, write = _repo(tmp_path)
+
+    def lock(**stages) -> str:
+        entries = {s: {"cmd": s, "outs": [{"path": out, "md5": md5}]} for s, (out, md5) in stages.items()}
+        return yaml.safe_dump({"schema": "2.0", "stages": entries}, sort_keys=False)
+
+    baseline = commit({"params.yaml": "lr: 1\n", "dvc.lock": lock(train=("models", "m0"))}, "baseline")
+    # the arm started from a workspace whose eval.json (and its lock entry) a later run replaced
+    arm = commit(
+        {
+            "params.yaml": "lr: 2\n",
+            "dvc.lock": lock(train=("models", "m2"), evaluate=("metrics/eval.json", "e-old")),
+            "metrics/eval.json": "old\n",
+        },
+        "the arm",
+    )
+    git("update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/sweep-t-1", arm)
+    git("reset", "-q", "--hard", baseline)
+    write(
+        {
+            "dvc.lock": lock(train=("models", "m2"), evaluate=("metrics/eval.json", "e-new")),
+            "metrics/eval.json": "new\n",
+        }
+    )
+
+    changed = sweep.apply("sweep-t-1", tmp_path, (sys.executable, "-m", "dvc"), keep=["evaluate", "register"])
+    assert sorted(changed) == ["dvc.lock", "params.yaml"]
+    stages = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert stages["train"]["outs"][0]["md5"] == "m2"  # the arm's
+    assert stages["evaluate"]["outs"][0]["md5"] == "e-new" and "register" not in stages  # the workspace's
+    assert (tmp_path / "metrics/eval.json").read_text() == "new\n"
+    assert (tmp_path / "params.yaml").read_text() == "lr: 2\n"
 
 
 # --- the whole sweep, on the tiny model --------------------------------------------------------
