@@ -84,6 +84,25 @@ def sigint_held_for_stages():
             os.environ["SHELL"] = shell
 
 
+def heal_rwlock(root: Path = ROOT) -> bool:
+    """Remove DVC's `.dvc/tmp/rwlock` when it is not valid JSON: DVC rewrites it in place, so a
+    Ctrl-C that lands in that write leaves it half-written, and every later DVC command then
+    fails with RWLockFileCorruptedError. Runs under the project lock (no other tuneline run
+    here), and a corrupted file holds no lock anyone can use. Returns whether it removed it."""
+    import json
+
+    path = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(path.read_text())
+        return False
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        path.unlink(missing_ok=True)
+        print("[tuneline] removed .dvc/tmp/rwlock, left half-written by an interrupted run", flush=True)
+        return True
+
+
 @task(name="stage", task_run_name="{name}")
 def reproduce(name: str, force: bool = False) -> str | State:
     """Reproduce one stage if its inputs changed; returns 'ran' or 'skipped', or a Failed
@@ -92,6 +111,7 @@ def reproduce(name: str, force: bool = False) -> str | State:
     from dvc.repo import Repo
 
     logging.getLogger("dvc").propagate = False  # DVC prints its own progress; don't echo it twice
+    heal_rwlock()
     fd, err_file = tempfile.mkstemp(prefix=f"tuneline-{name}-", suffix=".err")
     os.close(fd)
     os.environ[ERROR_FILE] = err_file  # the stage process writes its one-line error here
@@ -187,6 +207,7 @@ def outdated_stages() -> list[str]:
     from dvc.repo import Repo
 
     logging.getLogger("dvc").propagate = False
+    heal_rwlock()
     with Repo(str(ROOT)) as repo:
         status = repo.status()
     return [name for name in stage_names() if any(key.split(":")[-1] == name for key in status)]

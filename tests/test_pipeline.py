@@ -259,3 +259,23 @@ def test_a_stage_started_by_the_flow_starts_with_sigint_blocked_whatever_the_use
     assert inside.stdout.strip() == "True", inside
     assert os.environ["SHELL"] == "/bin/sh"  # the user's shell is back, and so is the flow's mask
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_half_written_dvc_rwlock_is_removed_and_a_valid_one_kept(tmp_path):
+    """A Ctrl-C inside DVC's in-place rewrite of .dvc/tmp/rwlock left it empty or cut short,
+    and the next run failed with RWLockFileCorruptedError (seen in CI); it is removed first."""
+    from dvc.fs import LocalFileSystem
+    from dvc.rwlock import rwlock
+
+    from flows.pipeline import heal_rwlock
+
+    lock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    lock.parent.mkdir(parents=True)
+    assert heal_rwlock(tmp_path) is False  # none yet
+    for cut in ("", '{"read": {}, "wri'):
+        lock.write_text(cut)
+        assert heal_rwlock(tmp_path) is True and not lock.exists()
+        with rwlock(str(lock.parent), LocalFileSystem(), "dvc status", [], [], False):  # DVC can lock again
+            pass
+    lock.write_text('{"read": {}, "write": {}}')
+    assert heal_rwlock(tmp_path) is False and lock.read_text() == '{"read": {}, "write": {}}'
