@@ -25,6 +25,7 @@ import math
 import random
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -358,8 +359,6 @@ def apply(name: str, cwd, dvc, keep: list[str] = ()) -> list[str]:
     `keep`: stages the arm did not run (those after its target). Their dvc.lock entries and
     outputs stay the workspace's: DVC then re-runs them only when what they read changed,
     so a finished sweep run again does not evaluate and register its winner twice."""
-    from pathlib import Path
-
     rev = experiments(cwd).get(name)
     if rev is None:
         raise TunelineError(f"experiment '{name}' not found", "see `dvc exp show -A`; run the sweep again")
