@@ -1,0 +1,90 @@
+"""The `tuneline` Typer app and what every command shares: the console, one-line errors,
+the project's params, and the MLflow client. The commands themselves live in the
+modules next to this one, one per group (see tuneline/cli/__init__.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from tuneline import ROOT
+from tuneline.errors import print_error
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Reproducible fine-tuning of GPT-2-family models: prepare → tokenize → train → evaluate → register.",
+    epilog="Start with `tuneline run` (the default job), then `tuneline ui` to look at it. "
+    "`tuneline COMMAND --help` explains each command; README.md has the rest.",
+)
+out = Console(soft_wrap=True)
+_state = {"debug": False}
+INTERRUPTED = "interrupted. Fix: re-run the same command; finished stages and checkpoints are reused"
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (here and in the stages)."),
+) -> None:
+    _state["debug"] = debug
+    if debug:
+        os.environ["TUNELINE_DEBUG"] = "1"  # the stage processes DVC starts inherit it
+
+
+def fail(e: Exception) -> None:
+    """Print a TunelineError as its one line (or raise it under --debug) and exit 2."""
+    if _state["debug"]:
+        raise e
+    print_error(str(e))
+    raise typer.Exit(2)
+
+
+def params_of(recipe: str | None, sets: list[str], smoke: bool = False):
+    """The recipe's params (params.yaml's without one) with the --set overrides, validated."""
+    from tuneline import recipes
+    from tuneline.config import load_params
+
+    return recipes.build(recipe, list(sets), smoke, None if recipe else load_params(ROOT / "params.yaml").model_dump())
+
+
+def model_name(name: str | None) -> str:
+    """`name`, or the project's register.model_name."""
+    from tuneline import require_project
+    from tuneline.config import load_params
+
+    return name or load_params(require_project() / "params.yaml").register.model_name
+
+
+def mlflow_client():
+    """An MLflow client on the checked store. The default store is the project's mlflow.db,
+    so without MLFLOW_TRACKING_URI the command must run inside the project."""
+    import mlflow
+
+    from tuneline import require_project
+    from tuneline.tracking import check_store, tracking_uri
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        require_project()
+    check_store()
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def main() -> None:
+    """The `tuneline` command: errors are one line (red on a terminal); tracebacks only with --debug."""
+    from tuneline.errors import debug, report
+
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C outside a stage (a stage reports its own and exits 130)
+        print_error(INTERRUPTED)
+        sys.exit(130)
+    except Exception as e:  # not a TunelineError: those exit through fail
+        if _state["debug"] or debug():
+            raise
+        print_error(report(e, "tuneline"))
+        sys.exit(1)

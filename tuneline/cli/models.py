@@ -1,0 +1,125 @@
+"""Commands that use a model: `predict` (the champion answers one input) and `evaluate`
+(any model on any file with a recipe's columns)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from tuneline import ROOT
+from tuneline.cli.app import app, fail, mlflow_client, model_name, out, params_of
+from tuneline.errors import TunelineError
+
+
+@app.command()
+def predict(
+    text: str = typer.Argument(..., help="The input, e.g. scrambled words for the descrambler."),
+    model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion)."),
+    free: bool = typer.Option(
+        False, "--free", help="Decode freely (else a descrambler keeps the input's words, as evaluate scored it)."
+    ),
+) -> None:
+    """Answer with the champion model from the MLflow registry."""
+    try:
+        from tuneline import predict as pred
+        from tuneline import registry
+
+        if not text.strip():
+            raise TunelineError(
+                "the input is empty, so there is nothing to answer",
+                'give the text, e.g. tuneline predict "sat the cat mat. on the"',
+            )
+        client = mlflow_client()
+        uri = model
+        if uri is None:
+            name = model_name(None)
+            registry.require_model(client, name)
+            if registry.champion(client, name) is None:
+                raise TunelineError(
+                    f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
+                )
+            uri = f"models:/{name}@champion"
+        out.print(pred.answer(pred.load(uri), text, free))
+    except TunelineError as e:
+        fail(e)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, "
+        "a local model folder, or a built-in/hub model name.",
+    ),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="A CSV/JSON/JSONL/Parquet file (or any prepare.source form) with the recipe's columns.",
+    ),
+    recipe: str = typer.Option(
+        None,
+        "--recipe",
+        "-r",
+        metavar="NAME",
+        help="The recipe whose task, template and labels apply (default: params.yaml).",
+    ),
+    sets: list[str] = typer.Option(
+        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set evaluate.num_beams=4."
+    ),
+    limit: int = typer.Option(0, help="Evaluate only the first N examples (0: all)."),
+    output: Path = typer.Option(
+        None, "--out", "-o", help="Where the JSON goes (default: reports/evaluate/<model>-<data>.json)."
+    ),
+) -> None:
+    """Evaluate any model on any file with a recipe's columns.
+
+    Prints the metrics, saves them as JSON and logs them to MLflow."""
+    try:
+        import json
+        import re
+
+        from tuneline.evaluation import evaluate_file
+        from tuneline.io import write_json
+        from tuneline.secrets import redact
+        from tuneline.tracking import log_params, setup
+
+        if limit < 0:
+            raise TunelineError(f"--limit {limit} is negative", "give 0 (every example) or how many to evaluate")
+        if output is not None and output.is_dir():
+            raise TunelineError(
+                f"--out '{output}' is a folder; the evaluation is saved as one JSON file",
+                f"give a file path, e.g. --out {output / 'evaluation.json'}",
+            )
+        from tuneline import require_project
+
+        require_project()
+        params = params_of(recipe, sets)
+        result = evaluate_file(model, params, data, limit)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{Path(data).stem}").strip("_")
+        path = output or ROOT / "reports" / "evaluate" / f"{slug}.json"
+        write_json(path, result)
+        import mlflow
+
+        setup(params.register.experiment)
+        with mlflow.start_run(
+            run_name=f"evaluate {model} on {Path(data).name}",
+            tags={"tuneline.kind": "evaluation", "tuneline.model": redact(model), "tuneline.data": redact(data)},
+        ) as run:
+            log_params(mlflow.MlflowClient(), run.info.run_id, params)
+            mlflow.log_metrics({k: float(v) for k, v in result["metrics"].items()})
+            mlflow.log_text(json.dumps(result, indent=2), "evaluation.json")
+    except TunelineError as e:
+        fail(e)
+        return
+    out.print(f"[bold]{model}[/] on {result['n_examples']} examples of {data} ({result['task']}):")
+    for k, v in result["metrics"].items():
+        star = " (primary)" if k == result["primary_metric"] else ""
+        out.print(f"  {k:<18} {v:.4g}{star}")
+    out.print(
+        f"  saved: {os.path.relpath(path)}; MLflow run {run.info.run_id} in experiment '{params.register.experiment}'"
+    )

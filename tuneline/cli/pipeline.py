@@ -1,0 +1,214 @@
+"""Commands that run work: `run` (the pipeline flow), `sweep` (many arms as DVC experiments)
+and `recipes` (what `--recipe` accepts)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import typer
+
+from tuneline import ROOT, servers
+from tuneline.cli.app import INTERRUPTED, app, fail, out, params_of
+from tuneline.data import METRICS, PREDICTIONS
+from tuneline.errors import TunelineError, print_error
+
+
+@app.command()
+def run(
+    recipe: str = typer.Option(
+        None,
+        "--recipe",
+        "-r",
+        metavar="NAME",
+        help="A recipe from recipes/ (see `tuneline recipes`); "
+        "it is written to params.yaml. Default: params.yaml as it is.",
+    ),
+    sets: list[str] = typer.Option(
+        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."
+    ),
+    smoke: bool = typer.Option(
+        False,
+        "--smoke",
+        help="A tiny slice of the recipe, in .smoke/, logged to the MLflow "
+        "experiment 'smoke'; touches no alias, params.yaml or pipeline output.",
+    ),
+) -> None:
+    """Run the pipeline (a Prefect flow); stages whose inputs are unchanged are skipped."""
+    try:
+        from tuneline import preflight, require_project
+        from tuneline.lock import project_lock
+
+        with project_lock(require_project()):
+            # Validate before anything starts (the flow checks again: it can be run alone).
+            params = params_of(recipe, sets, smoke)
+            preflight.check(params, store=False, model=False)  # a wrong path fails before a model is built
+            _build_apart(params.model.name)
+            preflight.check(params)
+            api = os.environ.get("PREFECT_API_URL")
+            if not api:  # Ctrl-C must not kill the temporary server with the stage
+                servers.detach_temporary_prefect_server()
+            elif not servers.answers(f"{api.rstrip('/')}/health", timeout=5):  # Prefect would retry it for minutes
+                raise TunelineError(
+                    f"the Prefect server at PREFECT_API_URL={api} does not answer",
+                    "start it (`tuneline ui`), or unset PREFECT_API_URL to use a temporary one",
+                )
+            from flows.pipeline import pipeline
+            from tuneline.secrets import redact
+            from tuneline.tracking import tracking_uri
+
+            t = time.time()
+            state = pipeline(recipe=recipe, overrides=list(sets), smoke=smoke, return_state=True)
+    except TunelineError as e:
+        fail(e)
+        return
+    except KeyboardInterrupt:  # typer would exit 130 without a word
+        print_error(INTERRUPTED)
+        raise typer.Exit(130) from None
+    if state.is_crashed() and "interrupt" in (state.message or ""):  # Ctrl-C between two stages
+        print_error(INTERRUPTED)
+        raise typer.Exit(130)
+    _exit_unless_completed(state, "the pipeline failed")
+    status = state.result()
+    if set(status.values()) == {"skipped"}:
+        out.print(
+            f"[bold green]skipped: nothing changed[/] ({time.time() - t:.0f}s): data, params and code match "
+            "dvc.lock, so no stage ran; `dvc status` agrees"
+        )
+        return
+    where = ROOT / ".smoke" / (recipe or "params") if smoke else ROOT
+    rel = os.path.relpath(where)
+    out.print(
+        f"\n[bold green]{'smoke run' if smoke else 'pipeline'} finished[/] in {time.time() - t:.0f}s: "
+        + ", ".join(f"{k} {v}" for k, v in status.items())
+    )
+    out.print(
+        f"  metrics:     {os.path.join(rel, METRICS['evaluate'])} (base vs tuned, test split), "
+        f"{os.path.join(rel, METRICS['validate'])} (tuned, validation split), "
+        f"{os.path.join(rel, METRICS['tokenize'])} (packing)"
+    )
+    out.print(f"  predictions: {os.path.join(rel, PREDICTIONS)}")
+    out.print(
+        f"  MLflow:      {redact(tracking_uri())} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`"
+    )
+    if not smoke:
+        out.print('  try it:      tuneline predict "<input>" (the champion of register.model_name)')
+
+
+@app.command()
+def sweep(
+    recipe: str = typer.Option(
+        None, "--recipe", "-r", metavar="NAME", help="Recipe the arms start from (default: params.yaml)."
+    ),
+    sets: list[str] = typer.Option(
+        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param for every arm (repeatable)."
+    ),
+    grid: list[str] = typer.Option(
+        [],
+        "--grid",
+        "-g",
+        metavar="KEY=V1,V2",
+        help="One axis of a grid, e.g. --grid train.lr=1e-4,5e-4 (repeatable: the product).",
+    ),
+    sample: int = typer.Option(0, "--sample", metavar="N", help="N seeded random arms over the --range values."),
+    ranges: list[str] = typer.Option(
+        [],
+        "--range",
+        metavar="KEY=LOW:HIGH",
+        help="A range to sample (log-uniform over decades), or KEY=A,B,C to choose from.",
+    ),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Arms trained side by side, one per GPU."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate every arm and print the plan; run nothing."),
+) -> None:
+    """Try many configurations as DVC experiments; only the best on validation faces the gate.
+
+    Each arm trains and is scored on the validation split (`dvc exp show` lists them); the
+    winner is compared with the other arms by paired bootstrap (Holm over the arms), then
+    evaluated on the test split and sent through the gate. The same command again skips
+    the arms already run."""
+    try:
+        from tuneline import require_project
+        from tuneline.lock import project_lock
+
+        with project_lock(require_project()):
+            from flows.sweep import plan, sweep_flow
+
+            plan.fn(recipe, list(sets), list(grid), list(ranges), sample, jobs)  # a bad spec fails in seconds
+            if not os.environ.get("PREFECT_API_URL"):  # Ctrl-C must not kill the temporary server with an arm
+                servers.detach_temporary_prefect_server()
+
+            state = sweep_flow(
+                recipe=recipe,
+                overrides=list(sets),
+                grid=list(grid),
+                ranges=list(ranges),
+                sample=sample,
+                jobs=jobs,
+                dry_run=dry_run,
+                return_state=True,
+            )
+    except TunelineError as e:
+        fail(e)
+        return
+    except KeyboardInterrupt:
+        from flows.sweep import INTERRUPTED
+
+        print_error(INTERRUPTED)
+        raise typer.Exit(130) from None
+    _exit_unless_completed(state, "the sweep failed")
+    res = state.result()
+    if dry_run:
+        return
+    out.print(
+        f"\n[bold green]sweep {res['sweep']} finished[/] in {res['total_s'] / 60:.1f} min: winner {res['winner']}, "
+        f"test {res['test']:.4g}, gate: {res.get('gate') or 'not registered (register.dry_run)'}"
+    )
+    out.print("  arms:   `dvc exp show` (params and validation metrics); `tuneline ui` (the sweep's MLflow run)")
+
+
+def _exit_unless_completed(state, otherwise: str) -> None:
+    """A flow that did not complete exits with its one line (the TunelineError naming the
+    problem and the fix, or the state's message) and its exit code; an unforeseen exception is
+    raised, so that main() prints one line and saves the traceback."""
+    if state.is_completed():
+        return
+    failed = state.result(raise_on_failure=False)
+    if isinstance(failed, BaseException) and not isinstance(failed, TunelineError):
+        raise failed
+    print_error(str(failed) if isinstance(failed, TunelineError) else state.message or otherwise)
+    raise typer.Exit(failed.get("exit_code", 2) if isinstance(failed, dict) else 2)
+
+
+def _build_apart(name: str) -> None:
+    """Convert a built-in model into the cache (once) in a child process: the preflight
+    reads its config, and this process stays small for the hours it waits on the stages
+    (their peak RSS, which starts from ours when they fork, stays their own)."""
+    import subprocess
+
+    from tuneline.modeling import BUILTIN, SCRATCH, cache_dir
+
+    if name not in BUILTIN or name in SCRATCH or (cache_dir() / name / "config.json").is_file():
+        return
+    code = f"from tuneline.modeling import resolve; resolve({name!r})"
+    if subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode != 0:
+        raise TunelineError(f"could not build the built-in model '{name}'", "see the lines above; `tuneline doctor`")
+
+
+def _experiment() -> str:
+    from tuneline.config import load_params
+
+    try:
+        return load_params(ROOT / "params.yaml").register.experiment
+    except TunelineError:
+        return "?"
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the shipped recipes (recipes/*.yaml) and what each one does."""
+    from tuneline import recipes
+
+    for name in recipes.names():
+        first = (recipes.recipes_dir() / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        out.print(f"[bold]{name:<11}[/] {first}")

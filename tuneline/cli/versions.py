@@ -1,0 +1,109 @@
+"""Commands over the registered versions: move the `champion` alias by hand (`promote`,
+`rollback`), list its moves (`history`), and review a challenger against it (`diff`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tuneline.cli.app import app, fail, mlflow_client, model_name, out
+from tuneline.errors import TunelineError
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="The version to make champion."),
+    reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
+    name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name)."),
+) -> None:
+    """Move the `champion` alias to VERSION by hand; who, when and why are recorded."""
+    from tuneline import registry
+
+    _move(lambda client, n: registry.promote(client, n, version, reason.strip()), name, reason)
+
+
+@app.command()
+def rollback(
+    reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
+    name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name)."),
+) -> None:
+    """Move `champion` back to the version that was champion before the current one."""
+    from tuneline import registry
+
+    _move(lambda client, n: registry.rollback(client, n, reason.strip()), name, reason)
+
+
+def _move(fn, name: str | None, reason: str) -> None:
+    from tuneline import registry
+
+    try:
+        registry.check_reason(reason)
+        client = mlflow_client()
+        name = model_name(name)
+        registry.require_model(client, name)
+        event = fn(client, name)
+    except TunelineError as e:
+        fail(e)
+        return
+    before = f"v{event['previous']}" if event["previous"] else "none"
+    out.print(
+        f"{name}: champion {before} -> v{event['version']} ({event['action']} by {event['who']} "
+        f"at {event['when']}: {event['why']})"
+    )
+
+
+@app.command()
+def history(name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
+    """Every move of the `champion` alias, and every gate decision that kept it: when, who,
+    what and why."""
+    try:
+        from tuneline import registry
+
+        client = mlflow_client()
+        name = model_name(name)
+        registry.require_model(client, name)
+        events = registry.history(client, name) + registry.kept_decisions(client, name)
+    except TunelineError as e:
+        fail(e)
+        return
+    if not events:
+        out.print(f"{name}: the champion alias has never moved")
+    for e in sorted(events, key=lambda e: e["when"]):
+        if "decision" in e:  # a gate decision that moved nothing
+            what = f"v{e['version']} not promoted ({e['decision']})"
+        else:
+            what = f"{'v' + str(e['previous']) if e['previous'] else 'none'} -> v{e['version']}"
+        out.print(f"{e['when']}  {e['action']:<8} {what}  by {e['who']}: {e['why']}")
+
+
+@app.command()
+def diff(
+    a: str = typer.Argument("champion", help="What B is compared with: a version (3 or v3), an alias, or runs:/ID."),
+    b: str = typer.Argument("challenger", help="The model reviewed, in the same forms."),
+    name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name)."),
+    threshold: float = typer.Option(
+        None,
+        help="The smallest change on one example that counts as fixed or broken (default: a flip for 0/1 "
+        "metrics, 10 points for chrF/BLEU, 1 for perplexity).",
+    ),
+    show: int = typer.Option(5, min=0, help="Examples shown of each list."),
+    save: Path = typer.Option(None, "--out", help="Also write the report (Markdown) to this file."),
+) -> None:
+    """What B fixed and broke against A (the challenger against the champion), by slice, and what changed."""
+    try:
+        from tuneline import registry, review
+        from tuneline.io import write_text
+
+        if save is not None and save.is_dir():
+            raise TunelineError(f"--out '{save}' is a folder", f"give a file path, e.g. --out {save / 'review.md'}")
+        client = mlflow_client()
+        name = model_name(name)
+        registry.require_model(client, name)
+        text = review.report(review.side(client, name, a), review.side(client, name, b), threshold, show)
+        if save is not None:
+            write_text(save, text)
+    except TunelineError as e:
+        fail(e)
+        return
+    out.print(text, markup=False, highlight=False)
