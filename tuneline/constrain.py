@@ -122,23 +122,35 @@ class WordConstraint:
         return self._allowed[key]
 
     def _walk(self, left: Counter, word: bytes, started: bool) -> list[int]:
+        """Every token whose bytes can come next: a walk over the byte strings s the
+        constraint allows, extended while some token starts with s. Each node carries the
+        unused words that still fit (`fits`: those starting with the current word's bytes),
+        narrowed byte by byte, so a node looks at those words only, not at every word left."""
         out = [self.eos] if self._complete(left, word) else []
-        # Walk byte strings s that the constraint allows, extending while some token starts with s.
-        stack = [(b"", left, word, started)]
+        unused = [w for w, n in left.items() if n > 0]
+        fits = [w for w in unused if w.startswith(word)]
+        # (s, words left, how many, the current word's bytes, started, unused words starting with them)
+        stack = [(b"", left, sum(left[w] for w in unused), word, started, fits)]
         while stack:
-            s, lft, wd, st = stack.pop()
+            s, lft, total, wd, st, fits = stack.pop()
             if s:
                 k = bisect.bisect_left(self.keys, s)
                 if k == len(self.keys) or not self.keys[k].startswith(s):
                     continue  # no token starts with s
                 if self.keys[k] == s:
                     out += self.ids[k]
-            nexts = {w[len(wd)] for w, n in lft.items() if n > 0 and len(w) > len(wd) and w.startswith(wd)}
-            nexts.add(SPACE)  # `_step` decides whether a space may come here
-            for b in nexts:
-                state = self._step(lft, wd, st, b)
-                if state is not None:
-                    stack.append((s + bytes([b]), *state))
+            if wd and lft[wd] > 0 and total > 1:  # a space ends an unused word that is not the last
+                rest = lft.copy()
+                rest[wd] -= 1
+                stack.append((s + b" ", rest, total - 1, b"", True, [w for w, n in rest.items() if n > 0]))
+            elif not wd and not st:  # one leading space
+                stack.append((s + b" ", lft, total, b"", True, fits))
+            at, by_next = len(wd), {}
+            for w in fits:  # the unused words that go on past wd, by their next byte
+                if len(w) > at:
+                    by_next.setdefault(w[at], []).append(w)
+            for b, ws in by_next.items():
+                stack.append((s + bytes([b]), lft, total, wd + bytes([b]), True, ws))
         return out or [self.eos]
 
     # --- a batch ---------------------------------------------------------------------
