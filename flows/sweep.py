@@ -28,7 +28,8 @@ import time
 from prefect import flow, task
 from prefect.states import Failed
 
-from flows.pipeline import changed_inputs, pipeline, reproduce, write_params
+from flows.dvc_tasks import changed_inputs, reproduce
+from flows.pipeline import pipeline, write_params
 from tuneline import ROOT, preflight, recipes, sweep, sweep_runs
 from tuneline.config import Params, read_yaml
 from tuneline.data import VAL_EXAMPLES, metrics_file

@@ -250,7 +250,7 @@ def test_a_stage_started_by_the_flow_starts_with_sigint_blocked_whatever_the_use
     # which reopened the start-up window in which a Ctrl-C became an import's traceback.
     from dvc.stage.run import _make_cmd, get_executable
 
-    from flows.pipeline import sigint_held_for_stages
+    from flows.dvc_tasks import sigint_held_for_stages
 
     probe = f"{sys.executable} -c 'import signal; print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))'"
     monkeypatch.setenv("SHELL", "/bin/sh")
@@ -267,7 +267,7 @@ def test_a_half_written_dvc_rwlock_is_removed_and_a_valid_one_kept(tmp_path):
     from dvc.fs import LocalFileSystem
     from dvc.rwlock import rwlock
 
-    from flows.pipeline import heal_rwlock
+    from flows.dvc_tasks import heal_rwlock
 
     lock = tmp_path / ".dvc" / "tmp" / "rwlock"
     lock.parent.mkdir(parents=True)
