@@ -86,6 +86,35 @@ def test_packed_logits_equal_each_example_alone(arch, attention, tiny_gpt2):
                 start += L
 
 
+def test_padded_inference_on_the_cpu_gives_transformers_sdpa_logits_with_grouped_kv_heads():
+    """Generation's left-padded prefill and its cached decoding steps run
+    attention.masked_inference on a SEGMENTS model (fp32, K/V heads shared by query
+    heads in place): the logits of transformers' own sdpa path, and a row alone's."""
+    from transformers import DynamicCache
+
+    ref, model = _tiny_llama(), _tiny_llama()  # 4 query heads over 2 K/V heads
+    enable_segments(model)
+    ids = torch.tensor([[0, 0, 0, 5, 17, 42, 9], [3, 8, 11, 5, 17, 42, 9]])  # row 0 left-padded
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        caches, steps = [DynamicCache(), DynamicCache()], []
+        for m, cache in zip((ref, model), caches):
+            first = m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+            nxt = m(
+                input_ids=torch.tensor([[7], [7]]),
+                attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                position_ids=pos[:, -1:] + 1,
+                past_key_values=cache,
+            ).logits
+            steps.append((first, nxt))
+        alone = ref(input_ids=torch.tensor([[5, 17, 42, 9, 7]])).logits
+    for a, b in zip(*steps):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(steps[1][0][0, 3:], alone[0, :4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(steps[1][1][0, -1], alone[0, -1], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_per_example_attention_trains_as_each_example_alone_across_length_groups(arch, tiny_gpt2):
     """The CPU's per-example attention groups examples by padded length (several groups
