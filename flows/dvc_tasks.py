@@ -27,11 +27,9 @@ from prefect.states import Failed, State
 from tuneline import ROOT
 from tuneline.config import Params
 from tuneline.data import LINEAGE, TOKENIZED_META
-from tuneline.errors import TunelineError
+from tuneline.errors import INTERRUPTED, TunelineError
 from tuneline.io import read_json
 from tuneline.stages import ERROR_FILE, stage_names
-
-INTERRUPTED = "interrupted. Fix: re-run the same command; finished stages and checkpoints are reused"
 
 
 @contextlib.contextmanager

@@ -29,10 +29,10 @@ import time
 from prefect import flow, runtime, task
 from prefect.states import Completed, Failed, State
 
-from flows.dvc_tasks import INTERRUPTED, changed_inputs, outdated_stages, reproduce, save_experiment
+from flows.dvc_tasks import changed_inputs, outdated_stages, reproduce, save_experiment
 from tuneline import ROOT, preflight, recipes
 from tuneline.config import Params, read_yaml
-from tuneline.errors import TunelineError
+from tuneline.errors import INTERRUPTED, TunelineError
 from tuneline.io import rewrite_user_file
 from tuneline.stages import stage_names
 from tuneline.tracking import PARENT_ENV, start_parent

@@ -127,30 +127,26 @@ class WordConstraint:
         unused words that still fit (`fits`: those starting with the current word's bytes),
         narrowed byte by byte, so a node looks at those words only, not at every word left."""
         out = [self.eos] if self._complete(left, word) else []
-        unused = [w for w, n in left.items() if n > 0]
-        fits = [w for w in unused if w.startswith(word)]
-        # (s, words left, how many, the current word's bytes, started, unused words starting with them)
-        stack = [(b"", left, sum(left[w] for w in unused), word, started, fits)]
+        fits = [w for w, n in left.items() if n > 0 and w.startswith(word)]
+        # (s, words left, the current word's bytes, started, unused words starting with them)
+        stack = [(b"", left, word, started, fits)]
         while stack:
-            s, lft, total, wd, st, fits = stack.pop()
+            s, lft, wd, st, fits = stack.pop()
             if s:
                 k = bisect.bisect_left(self.keys, s)
                 if k == len(self.keys) or not self.keys[k].startswith(s):
                     continue  # no token starts with s
                 if self.keys[k] == s:
                     out += self.ids[k]
-            if wd and lft[wd] > 0 and total > 1:  # a space ends an unused word that is not the last
-                rest = lft.copy()
-                rest[wd] -= 1
-                stack.append((s + b" ", rest, total - 1, b"", True, [w for w, n in rest.items() if n > 0]))
-            elif not wd and not st:  # one leading space
-                stack.append((s + b" ", lft, total, b"", True, fits))
+            spaced = self._step(lft, wd, st, SPACE)  # `_step` decides whether a space may come here
+            if spaced is not None:
+                stack.append((s + b" ", *spaced, [w for w, n in spaced[0].items() if n > 0]))
             at, by_next = len(wd), {}
             for w in fits:  # the unused words that go on past wd, by their next byte
                 if len(w) > at:
                     by_next.setdefault(w[at], []).append(w)
             for b, ws in by_next.items():
-                stack.append((s + bytes([b]), lft, total, wd + bytes([b]), True, ws))
+                stack.append((s + bytes([b]), lft, wd + bytes([b]), True, ws))
         return out or [self.eos]
 
     # --- a batch ---------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """One exception type for everything a user can fix, printed as one line."""
 
+# What a run or a command stopped by Ctrl-C says (the command line, the pipeline flow, a stage DVC ran).
+INTERRUPTED = "interrupted. Fix: re-run the same command; finished stages and checkpoints are reused"
+
 
 class TunelineError(Exception):
     """A problem with the user's input (params, data, paths, models, environment).

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from tuneline import ROOT
-from tuneline.errors import print_error
+from tuneline.errors import INTERRUPTED, print_error
 
 app = typer.Typer(
     add_completion=False,
@@ -23,7 +23,6 @@ app = typer.Typer(
 )
 out = Console(soft_wrap=True)
 _state = {"debug": False}
-INTERRUPTED = "interrupted. Fix: re-run the same command; finished stages and checkpoints are reused"
 
 
 @app.callback()

@@ -10,9 +10,9 @@ import time
 import typer
 
 from tuneline import ROOT, servers
-from tuneline.cli.app import INTERRUPTED, app, fail, out, params_of
+from tuneline.cli.app import app, fail, out, params_of
 from tuneline.data import METRICS, PREDICTIONS
-from tuneline.errors import TunelineError, print_error
+from tuneline.errors import INTERRUPTED, TunelineError, print_error
 
 
 @app.command()
