@@ -96,14 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     from tuneline.errors import debug, from_os_error, report
-    from tuneline.signals import on_parent_death
+    from tuneline.signals import interrupt_outside_imports, on_parent_death
 
     try:
         # A Ctrl-C that reached the flow just before DVC started us never reaches us: we stop
         # when it exits, rather than run on unseen.
         on_parent_death(signal.SIGINT)
         # The flow starts stages with SIGINT blocked, so that a Ctrl-C during start-up waits
-        # until here, where it becomes the one "interrupted" line.
+        # until here, where it becomes the one "interrupted" line; one during a library's
+        # import waits for the import to finish (half-imported modules broke the rest).
+        interrupt_outside_imports()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         run_stage(argv[0])
     except TunelineError as e:

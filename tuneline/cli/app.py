@@ -76,7 +76,9 @@ def mlflow_client():
 def main() -> None:
     """The `tuneline` command: errors are one line (red on a terminal); tracebacks only with --debug."""
     from tuneline.errors import debug, report
+    from tuneline.signals import interrupt_outside_imports
 
+    interrupt_outside_imports()  # a Ctrl-C during a lazy import waits for it (tuneline/signals.py)
     try:
         app()
     except KeyboardInterrupt:  # Ctrl-C outside a stage (a stage reports its own and exits 130)

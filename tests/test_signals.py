@@ -1,0 +1,55 @@
+"""tuneline/signals.py: how tuneline's processes take Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO
+
+
+def test_ctrl_c_during_an_import_lets_the_import_finish_then_interrupts(tmp_path):
+    # A library module that is slow to import; Ctrl-C arrives while its body runs.
+    (tmp_path / "slowlib.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.5)\nDONE = True\n"
+    )
+    script = textwrap.dedent(
+        """
+        import sys
+        from tuneline.signals import interrupt_outside_imports
+        interrupt_outside_imports()
+        def step():
+            pass
+        try:
+            import slowlib
+            while True:
+                step()
+        except KeyboardInterrupt:
+            print("interrupted; slowlib imported whole:", getattr(sys.modules.get("slowlib"), "DONE", False))
+        """
+    )
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "interrupted; slowlib imported whole: True"
+
+
+def test_ctrl_c_outside_an_import_interrupts_at_once():
+    script = textwrap.dedent(
+        """
+        import os, signal, time
+        from tuneline.signals import interrupt_outside_imports
+        interrupt_outside_imports()
+        t = time.time()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+        except KeyboardInterrupt:
+            print(f"interrupted after {time.time() - t:.0f} s")
+        """
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "interrupted after 0 s", out.stderr
