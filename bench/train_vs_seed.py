@@ -44,6 +44,14 @@ Validation loss, computed the same way for both: `tuneline.loss.mean_loss` (answ
 token-weighted mean cross-entropy) over the tokenized val rows, in fp32 without autocast,
 on the CPU; ours from models/merged, the seed from its trained model (LoRA merged).
 
+Work: each side's computed FLOPs for the epoch, from `tuneline.flops.train_flops` of the
+same prepared model (LoRA: 4N frozen + 6N adapted per token above the lowest adapter).
+Ours: per token x real tokens, the vocabulary projection on answer tokens only, attention
+per example (sum of length^2). The seed: every one of its positions (padding included, as
+the hardware computes it), the projection at every position (HF's forward computes all
+logits), attention over 128 x 128 per row. The wall ratio is then the work ratio times the
+ratio of FLOP/s achieved: what is left to gain beyond doing less work is the second.
+
 Data: the real prepare and tokenize stages run in a temporary project directory; both
 sides read the same data/prepared train rows (the seed) and their tokenization (ours).
 
@@ -87,6 +95,7 @@ from tuneline import (  # noqa: E402  # noqa: E402
     tokendata,
     training,
 )
+from tuneline.flops import train_flops  # noqa: E402
 from tuneline.loss import mean_loss  # noqa: E402
 from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
 from tuneline.packing import IGNORE  # noqa: E402
@@ -230,6 +239,19 @@ def run_ours(params, val_rows, pad_id: int) -> dict:
     }
 
 
+def work(params, train_rows, seed_ds, epochs: float) -> dict:
+    """Each side's computed FLOPs for the run (see the module docstring, "Work")."""
+    model = seed_model(params)
+    per_token, per_trained, per_ctx2 = train_flops(model)
+    del model
+    gc.collect()
+    ours = per_token * sum(len(r["input_ids"]) for r in train_rows)
+    ours += per_trained * trained_tokens(r["labels"] for r in train_rows)
+    ours += per_ctx2 * sum(n * n for r in train_rows for n in r["seq_lens"])
+    seed = (per_token + per_trained) * len(seed_ds) * SEED_LEN + per_ctx2 * len(seed_ds) * SEED_LEN**2
+    return {"seed_flops": seed * epochs, "ours_flops": ours * epochs}
+
+
 def bench(args) -> dict:
     sets = [f"model.name={args.model}", "train.epochs=1", *args.set, "train.max_steps=0", f"train.eval_every={10**9}"]
     if args.n is not None:
@@ -272,6 +294,7 @@ def bench(args) -> dict:
             "seed_trained_answer_tokens": trained_tokens(seed_ds["labels"]),
             "ours_trained_answer_tokens": trained_tokens(r["labels"] for r in train_rows),
         }
+        sizes |= work(params, train_rows, seed_ds, cfg.epochs)
         print(
             f"[bench] {n_examples} examples -> {len(train_rows)} packed rows: ours {steps_ours} steps x "
             f"{cfg.grad_accum} x {cfg.batch_size} rows ({n_examples / steps_ours:.1f} examples/step); "
@@ -297,6 +320,8 @@ def bench(args) -> dict:
     seed, ours = summary(seed_runs), summary(our_runs)
     ratio = seed["wall_s"] / ours["wall_s"]
     loop = [r["steps_wall_s"] for r in our_runs if r.get("steps_wall_s")]
+    seed["flop_per_s"] = sizes["seed_flops"] / seed["wall_s"]
+    ours["flop_per_s"] = sizes["ours_flops"] / statistics.median(loop) if loop else None
     return {
         "model": params.model.name,
         "method": cfg.method,
@@ -307,6 +332,8 @@ def bench(args) -> dict:
         "ours": ours,
         "wall_ratio": ratio,
         "wall_ratio_vs_our_steps": seed["wall_s"] / statistics.median(loop) if loop else None,
+        "work_ratio": sizes["seed_flops"] / sizes["ours_flops"],  # the speed-up at equal FLOP/s
+        "flop_per_s_ratio": ours["flop_per_s"] / seed["flop_per_s"] if loop else None,  # ours / seed
         "goals": {
             "wall_ratio_at_least_3x": ratio >= 3.0,
             "ours_val_loss_le_seed": ours["val_loss"] <= seed["val_loss"],
@@ -323,6 +350,12 @@ def table(r: dict) -> str:
         ("tokens processed (non-pad)", f"{z['seed_tokens_nonpad']:,}", f"{z['ours_tokens_nonpad']:,}"),
         ("positions computed", f"{z['seed_positions']:,}", "(packed, ~no pad)"),
         ("answer tokens trained", f"{z['seed_trained_answer_tokens']:,}", f"{z['ours_trained_answer_tokens']:,}"),
+        ("computed TFLOPs (work)", f"{z['seed_flops'] / 1e12:.3g}", f"{z['ours_flops'] / 1e12:.3g}"),
+        (
+            "GFLOP/s achieved (ours: its optimizer steps)",
+            f"{s['flop_per_s'] / 1e9:.0f}",
+            f"{o['flop_per_s'] / 1e9:.0f}" if o.get("flop_per_s") else "-",
+        ),
         ("optimizer steps", str(s["steps"]), str(o["steps"])),
         ("examples per step", f"{z['seed_batch_size']}", f"{z['ours_examples_per_step']:.1f}"),
         ("mean train loss over the epoch", f"{s['mean_train_loss']:.4f}", f"{o['mean_train_loss']:.4f}"),
@@ -346,6 +379,8 @@ def table(r: dict) -> str:
     out += [
         "",
         f"wall time ratio seed/ours: **{r['wall_ratio']:.2f}x**{loop}",
+        f"work ratio seed/ours: {r['work_ratio']:.2f}x (the speed-up if both ran at the same FLOP/s); "
+        + (f"FLOP/s ours/seed: {r['flop_per_s_ratio']:.2f}" if r["flop_per_s_ratio"] else ""),
         f"goal >= 3x faster: {'met' if g['wall_ratio_at_least_3x'] else 'NOT met'}; "
         f"goal val loss ours <= seed ({o['val_loss']:.4f} vs {s['val_loss']:.4f}): "
         f"{'met' if g['ours_val_loss_le_seed'] else 'NOT met'}",
