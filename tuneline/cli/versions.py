@@ -55,8 +55,9 @@ def _move(fn, name: str | None, reason: str) -> None:
 
 @app.command()
 def history(name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name).")) -> None:
-    """Every move of the `champion` alias, and every gate decision that kept it: when, who,
-    what and why."""
+    """Every move of the `champion` alias, and every gate decision that kept it.
+
+    Each line says when, who, what and why."""
     try:
         from tuneline import registry
 
