@@ -37,3 +37,15 @@ def test_corrupt_weights_are_named(tmp_path, model_cache):
 def test_a_folder_without_config_is_refused(tmp_path):
     with pytest.raises(TunelineError, match="no config.json"):
         resolve(str(tmp_path))
+
+
+def test_the_built_in_smollm2_answers_like_smollm2(model_cache):
+    """The conversion from the GGUF (its metadata read once, the model rebuilt without a
+    second random init) keeps the weights, the tokenizer and the chat template: lm_head is
+    tied to the embeddings, and greedy decoding answers a plain question."""
+    tok, model = load_tokenizer("smollm2-135m-instruct"), load_model("smollm2-135m-instruct")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).startswith("The capital of France is Paris")

@@ -11,6 +11,7 @@ pretraining from scratch; small and medium are GPT-2 124M and 350M). Anything el
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -31,18 +32,40 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNELINE_CACHE", ROOT / ".cache")) / "models"
 
 
+@contextlib.contextmanager
+def _gguf_read_once():
+    """transformers parses a GGUF file's metadata three times (tokenizer, config, weights:
+    each builds a `GGUFReader`, ~4 s here for SmolLM2's 49k-token vocabulary) and rebuilds
+    gguf's tensor-name map once per module (~400 times). Both are pure functions of their
+    arguments and only read, so they are memoised while the model is converted (transformers
+    imports them from `gguf` at each call). The converted files are byte-identical (tested)."""
+    import functools
+    from unittest import mock
+
+    import gguf
+
+    with (
+        mock.patch.object(gguf, "GGUFReader", functools.cache(gguf.GGUFReader)),
+        mock.patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)),
+    ):
+        yield
+
+
 def _convert_smollm2(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = assets.smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_read_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = loaded.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    model.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):  # no random init of weights that are replaced next
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()  # assign=True puts new tensors in: tie lm_head to the embeddings again
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.eos_token_id
     model.save_pretrained(out)
