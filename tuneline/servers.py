@@ -305,3 +305,14 @@ def detach_temporary_prefect_server() -> None:
         shim.__dict__.update(subprocess.__dict__)
         shim.Popen = _OwnSessionPopen
         prefect_server.subprocess = shim
+
+
+def start_temporary_prefect_server() -> None:
+    """Start Prefect's temporary server now, where the flow would start it (its client
+    starts `SubprocessASGIServer()`, one instance per process, at its first API call, and
+    finds this one running). Call `detach_temporary_prefect_server` first."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # a profile may name a server: then the flow uses that one
+        SubprocessASGIServer().start()

@@ -44,12 +44,13 @@ def run(
             # Validate before anything starts (the flow checks again: it can be run alone).
             params = params_of(recipe, sets, smoke)
             preflight.check(params, store=False, model=False)  # a wrong path fails before a model is built
-            _build_apart(params.model.name)
-            preflight.check(params)
             api = os.environ.get("PREFECT_API_URL")
             if not api:  # Ctrl-C must not kill the temporary server with the stage
                 servers.detach_temporary_prefect_server()
-            elif not servers.answers(f"{api.rstrip('/')}/health", timeout=5):  # Prefect would retry it for minutes
+            _build_apart(params.model.name, start_server=not api)
+            preflight.check(params)
+            # a named server that does not answer: Prefect would retry it for minutes
+            if api and not servers.answers(f"{api.rstrip('/')}/health", timeout=5):
                 raise TunelineError(
                     f"the Prefect server at PREFECT_API_URL={api} does not answer",
                     "start it (`tuneline ui`), or unset PREFECT_API_URL to use a temporary one",
@@ -180,18 +181,30 @@ def _exit_unless_completed(state, otherwise: str) -> None:
     raise typer.Exit(failed.get("exit_code", 2) if isinstance(failed, dict) else 2)
 
 
-def _build_apart(name: str) -> None:
+def _build_apart(name: str, start_server: bool = False) -> None:
     """Convert a built-in model into the cache (once) in a child process: the preflight
     reads its config, and this process stays small for the hours it waits on the stages
-    (their peak RSS, which starts from ours when they fork, stays their own)."""
+    (their peak RSS, which starts from ours when they fork, stays their own).
+    `start_server`: while the child converts (~20 s, one core), start Prefect's temporary
+    server (~14 s, the other core), which the flow would otherwise start after it."""
     import subprocess
 
     from tuneline.modeling import BUILTIN, SCRATCH, cache_dir
 
     if name not in BUILTIN or name in SCRATCH or (cache_dir() / name / "config.json").is_file():
         return
-    code = f"from tuneline.modeling import resolve; resolve({name!r})"
-    if subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode != 0:
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"from tuneline.modeling import resolve; resolve({name!r})"], cwd=ROOT
+    )
+    try:
+        if start_server:
+            servers.start_temporary_prefect_server()
+        code = child.wait()
+    except BaseException:  # Ctrl-C, or the server did not start: the half-built model is a temporary folder
+        child.kill()
+        child.wait()
+        raise
+    if code != 0:
         raise TunelineError(f"could not build the built-in model '{name}'", "see the lines above; `tuneline doctor`")
 
 
