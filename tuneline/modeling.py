@@ -11,7 +11,6 @@ pretraining from scratch; small and medium are GPT-2 124M and 350M). Anything el
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -30,67 +29,6 @@ BUILTIN = ("smollm2-135m-instruct", "tiny-gpt2", *SCRATCH)
 
 def cache_dir() -> Path:
     return Path(os.environ.get("TUNELINE_CACHE", ROOT / ".cache")) / "models"
-
-
-@contextlib.contextmanager
-def _gguf_read_once():
-    """transformers parses a GGUF file's metadata three times (tokenizer, config, weights:
-    each builds a `GGUFReader`, ~4 s here for SmolLM2's 49k-token vocabulary) and rebuilds
-    gguf's tensor-name map once per module (~400 times). Both are pure functions of their
-    arguments and only read, so they are memoised while the model is converted (transformers
-    imports them from `gguf` at each call). The converted files are byte-identical (tested)."""
-    import functools
-    from unittest import mock
-
-    import gguf
-
-    with (
-        mock.patch.object(gguf, "GGUFReader", functools.cache(gguf.GGUFReader)),
-        mock.patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)),
-    ):
-        yield
-
-
-def _convert_smollm2(out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    gguf = assets.smollm2_gguf()
-    with _gguf_read_once():
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    cfg = loaded.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
-    with torch.device("meta"):  # no random init of weights that are replaced next
-        model = LlamaForCausalLM(LlamaConfig(**cfg))
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()  # assign=True puts new tensors in: tie lm_head to the embeddings again
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-
-
-def _build_tiny_gpt2(out: Path) -> None:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = assets.gpt2_tokenizer()
-    torch.manual_seed(0)  # the same tiny model on every machine
-    cfg = GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=64,
-        n_positions=1024,
-        vocab_size=len(tok),
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = GPT2LMHeadModel(cfg)
-    model.generation_config.pad_token_id = tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
 
 
 def scratch_config(name: str):
@@ -134,7 +72,7 @@ def resolve(name: str) -> Path | str:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             print(f"[tuneline] preparing built-in model '{name}' once into {out}", flush=True)
-            (_convert_smollm2 if name.startswith("smollm2") else _build_tiny_gpt2)(tmp)
+            (assets.build_smollm2 if name.startswith("smollm2") else assets.build_tiny_gpt2)(tmp)
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
         return out
