@@ -233,15 +233,15 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     assert "`review/diff.md` (and `.html`) in this version's MLflow run" in card
     review = project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        "from tuneline.gate import artifact_text\n"
         f"run = '{tags['run_id']}'\n"
-        "md = open(mlflow.artifacts.download_artifacts(run_id=run, artifact_path='review/diff.md')).read()\n"
-        "page = open(mlflow.artifacts.download_artifacts(run_id=run, artifact_path='review/diff.html')).read()\n"
+        "md, page = artifact_text(run, 'review/diff.md'), artifact_text(run, 'review/diff.html')\n"
         "print(md.splitlines()[0], '|', '<table>' in page and '<h2>What changed</h2>' in page)"
     )
     assert review.strip().splitlines()[-1] == "# v2 against v1 | True"
     assert "`train.lr`: 0.002 -> 0.001" in project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-        f"print(open(mlflow.artifacts.download_artifacts(run_id='{tags['run_id']}', artifact_path='review/diff.md')).read())"
+        f"from tuneline.gate import artifact_text; print(artifact_text('{tags['run_id']}', 'review/diff.md'))"
     )
 
 

@@ -78,6 +78,20 @@ def test_the_report_shows_what_was_fixed_and_broken_by_slice_and_what_changed(cl
     assert "`data.prepare.md5`: the same" in changed and "commits aaa111..bbb222" in changed
 
 
+def test_reading_a_version_leaves_no_copies_in_the_temporary_folder(client, tmp_path, monkeypatch):
+    # MLflow copies a run's artifacts into a temporary folder of its own and never removes
+    # it: one more folder in /tmp for every register and every `tuneline diff`.
+    import tempfile
+
+    _descramblers(client)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    side = review.side(client, "m", "champion")
+    assert len(side.rows) == len(TARGETS) and side.record["examples_key"] == "k1"
+    assert list(scratch.iterdir()) == []
+
+
 def test_a_label_flip_is_a_fix_or_a_break_and_each_label_is_a_slice(client):
     rows = [{"text": f"t{i}", "label": lab} for i, lab in enumerate(["joy", "joy", "fear", "fear", "joy", "fear"])]
     a = ["joy", "fear", "fear", "fear", "joy", "fear"]  # wrong on 1

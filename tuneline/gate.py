@@ -36,6 +36,21 @@ PREDICTIONS_ARTIFACT = "eval/predictions.jsonl"  # each test example's input, re
 ROWS_ARTIFACT = "eval/rows.jsonl"  # the test examples those records were scored on
 
 
+def artifact_text(run_id: str | None = None, path: str | None = None, uri: str | None = None) -> str:
+    """The text of one logged artifact (`run_id` + `path`, or a full `uri`). MLflow copies a
+    run's artifact into a fresh temporary folder of its own and leaves it there, one more in
+    /tmp for every register and every `tuneline diff`: download into one we remove."""
+    import os
+    import tempfile
+
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: no bars
+    with tempfile.TemporaryDirectory(prefix="tuneline-artifact-") as tmp:
+        got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, artifact_uri=uri, dst_path=tmp)
+        return Path(got).read_text()
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -163,11 +178,8 @@ def reference(client, name: str, rows: list[dict], params: Params, record: dict)
         return f"base model {params.model.name} ({how} prompting)", None, record["base"]
     label = f"champion v{champ.version}"
     if champ.tags.get("eval.examples_key") == record["examples_key"] and champ.run_id:
-        import mlflow
-
         try:
-            path = mlflow.artifacts.download_artifacts(run_id=champ.run_id, artifact_path=EVAL_ARTIFACT)
-            return label, str(champ.version), read_json(path)["tuned"]
+            return label, str(champ.version), json.loads(artifact_text(champ.run_id, EVAL_ARTIFACT))["tuned"]
         except Exception as e:  # artifacts gone: re-evaluating below is still correct
             print(f"[register] {label}'s evaluation artifact is unreadable ({type(e).__name__}); re-evaluating it")
     print(

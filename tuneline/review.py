@@ -22,13 +22,12 @@ import ast
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from tuneline import scoring, tasks
 from tuneline.errors import TunelineError
-from tuneline.gate import EVAL_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT
+from tuneline.gate import EVAL_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT, artifact_text
 
 
 @dataclass
@@ -45,14 +44,8 @@ class Side:
 
 
 def _download(run_id: str, path: str, ref: str) -> str:
-    import os
-
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: no bars
-
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_text()
+        return artifact_text(run_id, path)
     except Exception:  # MlflowException, OSError: the artifact is not there
         raise TunelineError(
             f"'{ref}' has no {path} (it was registered before tuneline logged per-example results)",
@@ -61,10 +54,8 @@ def _download(run_id: str, path: str, ref: str) -> str:
 
 
 def _packages(source: str | None) -> dict[str, str]:
-    import mlflow
-
     try:
-        text = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/requirements.txt")).read_text()
+        text = artifact_text(uri=f"{source}/requirements.txt")
     except Exception:  # no model source (a bare run) or no requirements file
         return {}
     return dict(line.split("==", 1) for line in text.split() if "==" in line)
