@@ -49,6 +49,33 @@ def test_constrained_answers_in_a_batch_equal_each_prompt_alone(tiny_gpt2, gpt2_
     assert batched == alone
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_projecting_only_the_allowed_tokens_picks_what_the_whole_head_picks(
+    tiny_gpt2, gpt2_tok, precision, monkeypatch
+):
+    """A constrained step computes the output head's columns of the tokens some row may
+    emit, not all 50k: the answers are those of the whole head, masked."""
+    import torch
+
+    from tuneline import generation
+    from tuneline.modeling import autocast
+
+    words = WordConstraint(gpt2_tok, SOURCES)
+    budget = _budget(gpt2_tok)
+    with autocast(precision):
+        fast = generate(tiny_gpt2, gpt2_tok, _prompts(), budget, batch_size=5, constraint=words)
+        monkeypatch.setattr(generation, "HEAD_LAST", ())  # every step through the whole head
+        whole = generate(tiny_gpt2, gpt2_tok, _prompts(), budget, batch_size=5, constraint=words)
+    assert fast == whole and all(same_words(o, s) for o, s in zip(fast, SOURCES))
+    # one step's logits, both ways: the allowed ones equal, every other one -inf
+    monkeypatch.setattr(generation, "HEAD_LAST", ("gpt2",))
+    x = torch.tensor([[464], [3797]])
+    allowed = [[13, 262, 3797], [50256, 11]]
+    got = generation.allowed_logits(tiny_gpt2, x, allowed, {})
+    ref = generation.only(tiny_gpt2(input_ids=x).logits[:, -1], allowed)
+    assert torch.equal(got, ref) and int(torch.isfinite(got).sum()) == 5
+
+
 def test_a_word_may_come_in_any_split_and_nothing_else_may_follow(gpt2_tok):
     """Allowed next tokens keep the text a prefix of some order of the words; a word may be
     spelt in pieces (here byte by byte, through a non-ASCII letter); EOS only at the end."""

@@ -7,8 +7,9 @@ walked together with the words still unused, so a word may come out in any BPE s
 and nothing else can. The model still chooses the order and the split; the constraint
 only takes away what would break the multiset of words.
 
-It masks logits (b, V) for rows of a batch: `decode` (greedy) calls `mask` directly, and
-as a transformers `LogitsProcessor` it also constrains beam search.
+Greedy decoding (`generation.decode`) asks it which tokens each row may emit (`rule`) and
+computes only those logits; as a transformers `LogitsProcessor` (`mask`) it also
+constrains beam search.
 """
 
 from __future__ import annotations
@@ -153,14 +154,14 @@ class WordConstraint:
     def mask(self, rows: list[int], generated: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
         """logits (b, V) with every token that row `rows[j]` may not emit after
         `generated[j]` set to -inf."""
-        keep = torch.zeros_like(logits, dtype=torch.bool)
-        for j, (row, gen) in enumerate(zip(rows, generated)):
-            keep[j, self.allowed(row, gen)] = True
-        return logits.masked_fill(~keep, float("-inf"))
+        from tuneline.generation import only
+
+        return only(logits, [self.allowed(row, gen) for row, gen in zip(rows, generated)])
 
     def rule(self, prompts: list[int]):
-        """`generation.decode`'s `constrain` for a batch whose row j is prompt `prompts[j]`."""
-        return lambda rows, generated, logits: self.mask([prompts[r] for r in rows], generated, logits)
+        """`generation.decode`'s `constrain` for a batch whose row j is prompt `prompts[j]`:
+        the ids each of its rows `rows` may emit after `generated`."""
+        return lambda rows, generated: [self.allowed(prompts[r], gen) for r, gen in zip(rows, generated)]
 
     def processor(self, rows: list[int], prompt_len: int, num_beams: int):
         """A transformers LogitsProcessorList for `generate` over prompts `rows` (left-padded

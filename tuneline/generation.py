@@ -159,8 +159,9 @@ def decode(
     tokens are those it gets alone, up to floating-point ties: tests check them against
     generate.
 
-    `constrain(rows, generated, logits)`, if given, masks the logits (b, V) of the batch's
-    rows `rows` after their `generated` ids (tuneline/constrain.py); it excludes guesses."""
+    `constrain(rows, generated)`, if given, lists the token ids each of the batch's rows
+    `rows` may emit after its `generated` ids (tuneline/constrain.py); every other token's
+    logit is -inf (`allowed_logits`). It excludes guesses."""
     if constrain is not None and draft:
         raise ValueError("constrained decoding takes no prompt-lookup guesses")
     cache, logits, nxt_pos = state  # logits (b, V), nxt_pos (b, 1): b rows still answering
@@ -170,7 +171,7 @@ def decode(
     live = list(range(attention_mask.shape[0]))  # row of the batch behind each of the b rows
     new: list[list[int]] = [[] for _ in live]
     if constrain is not None:
-        logits = constrain(live, new, logits)
+        logits = only(logits, constrain(live, new))
     guess = logits.argmax(-1)[:, None].tolist()  # per row, the greedy tokens of the last forward
     accepted = [1] * len(live)  # per row, how many of them are right (the first always is)
     while True:
@@ -197,15 +198,16 @@ def decode(
             [[t, *d, *[eos_id] * (k - len(d))] for t, d in zip(last, drafts or [[]] * len(live))], device=dev
         )
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), k + 1)], dim=1)  # (b, S + k + 1)
-        logits = model(
-            input_ids=x,  # (b, k + 1)
-            attention_mask=attention_mask,
-            position_ids=nxt_pos + torch.arange(k + 1, device=dev),
-            past_key_values=cache,
-            use_cache=True,
-        ).logits  # (b, k + 1, V)
-        if constrain is not None:  # k == 0
-            logits = constrain(live, [new[i] for i in live], logits[:, -1])[:, None]  # (b, 1, V)
+        step = {
+            "attention_mask": attention_mask,
+            "position_ids": nxt_pos + torch.arange(k + 1, device=dev),
+            "past_key_values": cache,
+            "use_cache": True,
+        }
+        if constrain is None:
+            logits = model(input_ids=x, **step).logits  # (b, k + 1, V), x (b, k + 1)
+        else:  # k == 0
+            logits = allowed_logits(model, x, constrain(live, [new[i] for i in live]), step)[:, None]  # (b, 1, V)
         g = logits.argmax(-1)  # (b, k + 1): the model's token after each fed one
         ok = (x[:, 1:] == g[:, :-1]).long().cumprod(-1).sum(-1)  # (b,) guesses right before the first miss
         guess, accepted = g.tolist(), (ok + 1).tolist()
@@ -213,6 +215,43 @@ def decode(
             width = attention_mask.shape[1]
             attention_mask[torch.arange(width, device=dev) >= width - k + ok[:, None]] = 0
         nxt_pos = nxt_pos + ok[:, None] + 1
+
+
+# Model types whose logits are their output head over the last hidden state, with nothing
+# after it (Gemma 2 soft-caps its logits, Granite scales them): a constrained step of these
+# projects onto the allowed tokens only.
+HEAD_LAST = ("gpt2", "llama")
+
+
+def only(logits, allowed: list[list[int]]):
+    """logits (b, V) with every token but row j's `allowed[j]` at -inf."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for j, ids in enumerate(allowed):
+        keep[j, ids] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def allowed_logits(model, x, allowed: list[list[int]], step: dict):
+    """The next-token logits (b, V) of one decoding step over x (b, 1), where row j may emit
+    only `allowed[j]` (every other token -inf). The output head is the largest matmul of a
+    step (SmolLM2: (b, 576) x (576, 49152), more than a decoder layer's), yet the word
+    constraint leaves a few dozen tokens a row: models in HEAD_LAST compute the head's
+    columns of the tokens some row may emit, and nothing else. Those columns are the same
+    dot products the whole head would compute, so the logits, and the picks, are the same."""
+    head = model.get_output_embeddings()
+    if model.config.model_type not in HEAD_LAST or not isinstance(head, torch.nn.Linear):
+        return only(model(input_ids=x, **step).logits[:, -1], allowed)
+    vocab = sorted(set().union(*allowed))  # ascending: argmax breaks ties as over the whole vocabulary
+    col = {t: c for c, t in enumerate(vocab)}
+    cols = torch.tensor(vocab, device=x.device)
+    h = model.base_model(input_ids=x, **step).last_hidden_state[:, -1]  # (b, H)
+    part = F.linear(h, head.weight[cols], None if head.bias is None else head.bias[cols])  # (b, |vocab|)
+    keep = torch.zeros_like(part, dtype=torch.bool)
+    for j, ids in enumerate(allowed):
+        keep[j, [col[t] for t in ids]] = True
+    logits = part.new_full((len(allowed), head.out_features), float("-inf"))  # (b, V)
+    logits[:, cols] = part.masked_fill(~keep, float("-inf"))
+    return logits
 
 
 def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, done) -> list[list[int]]:
