@@ -173,6 +173,7 @@ def decode(
     if constrain is not None:
         logits = only(logits, constrain(live, new))
     guess = logits.argmax(-1)[:, None].tolist()  # per row, the greedy tokens of the last forward
+    head = output_head(model) if constrain is not None else None
     accepted = [1] * len(live)  # per row, how many of them are right (the first always is)
     while True:
         keep = []
@@ -205,10 +206,10 @@ def decode(
             "use_cache": True,
         }
         if constrain is None:
-            logits = model(input_ids=x, **step).logits  # (b, k + 1, V), x (b, k + 1)
-        else:  # k == 0
-            logits = allowed_logits(model, x, constrain(live, [new[i] for i in live]), step)[:, None]  # (b, 1, V)
-        g = logits.argmax(-1)  # (b, k + 1): the model's token after each fed one
+            g = model(input_ids=x, **step).logits.argmax(-1)  # (b, k + 1): the model's token after each fed one
+        else:  # k == 0: the best of the tokens each row may emit
+            logits, ids = allowed_logits(model, head, x, constrain(live, [new[i] for i in live]), step)  # (b, n), (n,)
+            g = ids[logits.argmax(-1)][:, None]  # (b, 1)
         ok = (x[:, 1:] == g[:, :-1]).long().cumprod(-1).sum(-1)  # (b,) guesses right before the first miss
         guess, accepted = g.tolist(), (ok + 1).tolist()
         if k:  # mask out the rejected guesses' cache slots
@@ -231,27 +232,53 @@ def only(logits, allowed: list[list[int]]):
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def allowed_logits(model, x, allowed: list[list[int]], step: dict):
-    """The next-token logits (b, V) of one decoding step over x (b, 1), where row j may emit
-    only `allowed[j]` (every other token -inf). The output head is the largest matmul of a
-    step (SmolLM2: (b, 576) x (576, 49152), more than a decoder layer's), yet the word
-    constraint leaves a few dozen tokens a row: models in HEAD_LAST compute the head's
-    columns of the tokens some row may emit, and nothing else. Those columns are the same
-    dot products the whole head would compute, so the logits, and the picks, are the same."""
+def output_head(model):
+    """(the output head's weight in bf16, room for rows of it) for `allowed_logits`, or None
+    where a step runs the whole head. The columns alone are used on the CPU under bf16
+    autocast, for models in HEAD_LAST whose head has no bias: there oneDNN's bf16 matmul
+    gives each column the value the whole head gives it (every pick of the default job's
+    evaluation, 800 answers, unchanged). In fp32, MKL's sgemm rounds some columns 1 ulp
+    apart for other widths, which could flip a near tie: there, and on GPUs (where the
+    head is cheap), the whole head runs. The weight is cast once, not its rows every step,
+    and each step gathers its rows into the same room."""
     head = model.get_output_embeddings()
-    if model.config.model_type not in HEAD_LAST or not isinstance(head, torch.nn.Linear):
-        return only(model(input_ids=x, **step).logits[:, -1], allowed)
-    vocab = sorted(set().union(*allowed))  # ascending: argmax breaks ties as over the whole vocabulary
+    if (
+        model.config.model_type not in HEAD_LAST
+        or not isinstance(head, torch.nn.Linear)
+        or head.bias is not None
+        or head.weight.device.type != "cpu"
+        or not torch.is_autocast_enabled("cpu")
+        or torch.get_autocast_dtype("cpu") != torch.bfloat16
+    ):
+        return None
+    w = head.weight.detach().to(torch.bfloat16)
+    return w, torch.empty_like(w)
+
+
+def allowed_logits(model, head, x, allowed: list[list[int]], step: dict):
+    """The next-token logits of one decoding step over x (b, 1) where row j may emit only
+    `allowed[j]`: (logits (b, n), the n token ids they are for), every logit a row may not
+    emit at -inf. The output head is the largest matmul of a step (SmolLM2: (b, 576) x
+    (576, 49152), more than a decoder layer's), yet the word constraint leaves a few dozen
+    tokens a row: with `head` (`output_head`), a step computes the head's columns of the
+    tokens some row may emit (in ascending id order, so argmax breaks ties as over the whole
+    vocabulary), and nothing else: the same picks (see `output_head` for where). Without
+    it, the whole head's logits, masked."""
+    if head is None:
+        logits = model(input_ids=x, **step).logits[:, -1]  # (b, V)
+        return only(logits, allowed), torch.arange(logits.shape[-1], device=x.device)
+    vocab = sorted(set().union(*allowed))
     col = {t: c for c, t in enumerate(vocab)}
-    cols = torch.tensor(vocab, device=x.device)
+    # n rounded up to a power of two (the last id repeated, masked): oneDNN keeps a compiled
+    # matmul per shape it sees, and one per step's n made the evaluate stage's peak RSS
+    # 2.9 -> 3.8 GB.
+    n = len(vocab)
+    width = max(64, 1 << (n - 1).bit_length())
+    ids = torch.tensor(vocab + vocab[-1:] * (width - n), device=x.device)  # (width,)
     h = model.base_model(input_ids=x, **step).last_hidden_state[:, -1]  # (b, H)
-    part = F.linear(h, head.weight[cols], None if head.bias is None else head.bias[cols])  # (b, |vocab|)
-    keep = torch.zeros_like(part, dtype=torch.bool)
-    for j, ids in enumerate(allowed):
-        keep[j, [col[t] for t in ids]] = True
-    logits = part.new_full((len(allowed), head.out_features), float("-inf"))  # (b, V)
-    logits[:, cols] = part.masked_fill(~keep, float("-inf"))
-    return logits
+    weight, room = head
+    logits = F.linear(h, torch.index_select(weight, 0, ids, out=room[:width]))  # (b, width)
+    return only(logits, [[col[t] for t in row] for row in allowed])[:, :n], ids[:n]
 
 
 def greedy(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, done) -> list[list[int]]:
