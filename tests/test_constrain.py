@@ -58,21 +58,21 @@ def test_projecting_only_the_allowed_tokens_picks_what_the_whole_head_picks(
     masked. In fp32 (columns of other widths may round 1 ulp apart) the whole head runs."""
     import torch
 
-    from tuneline import generation
+    from tuneline import constrain
     from tuneline.modeling import autocast
 
     words = WordConstraint(gpt2_tok, SOURCES)
     budget = _budget(gpt2_tok)
     with autocast(precision):
-        head = generation.output_head(tiny_gpt2)
+        head = constrain.output_head(tiny_gpt2)
         assert (head is not None) == (precision == "bf16")
         fast = generate(tiny_gpt2, gpt2_tok, _prompts(), budget, batch_size=5, constraint=words)
         # one step's logits, both ways: the allowed ones equal, every other one -inf
         x, allowed = torch.tensor([[464], [3797]]), [[13, 262, 3797], [50256, 11]]
         with torch.no_grad():
-            got, ids = generation.allowed_logits(tiny_gpt2, head, x, allowed, {})
-            ref = generation.only(tiny_gpt2(input_ids=x).logits[:, -1], allowed)
-        monkeypatch.setattr(generation, "HEAD_LAST", ())  # every step through the whole head
+            got, ids = constrain.allowed_logits(tiny_gpt2, head, x, allowed, {})
+            ref = constrain.only(tiny_gpt2(input_ids=x).logits[:, -1], allowed)
+        monkeypatch.setattr(constrain, "HEAD_LAST", ())  # every step through the whole head
         whole = generate(tiny_gpt2, gpt2_tok, _prompts(), budget, batch_size=5, constraint=words)
     assert fast == whole and all(same_words(o, s) for o, s in zip(fast, SOURCES))
     assert torch.equal(got, ref[:, ids]) and int(torch.isfinite(got).sum()) == 5

@@ -7,8 +7,9 @@ walked together with the words still unused, so a word may come out in any BPE s
 and nothing else can. The model still chooses the order and the split; the constraint
 only takes away what would break the multiset of words.
 
-Greedy decoding (`generation.decode`) asks it which tokens each row may emit (`rule`) and
-computes only those logits; as a transformers `LogitsProcessor` (`mask`) it also
+Greedy decoding (`generation.decode`) asks it which tokens each row may emit (`rule`), and
+`allowed_logits` computes those logits and no others (on the CPU in bf16, the output
+head's columns for them alone); as a transformers `LogitsProcessor` (`mask`) it also
 constrains beam search.
 """
 
@@ -19,6 +20,7 @@ import functools
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 SPACE = 0x20
 
@@ -154,8 +156,6 @@ class WordConstraint:
     def mask(self, rows: list[int], generated: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
         """logits (b, V) with every token that row `rows[j]` may not emit after
         `generated[j]` set to -inf."""
-        from tuneline.generation import only
-
         return only(logits, [self.allowed(row, gen) for row, gen in zip(rows, generated)])
 
     def rule(self, prompts: list[int]):
@@ -176,3 +176,66 @@ class WordConstraint:
                 return constraint.mask(beams, input_ids[:, prompt_len:].tolist(), scores)
 
         return LogitsProcessorList([_Words()])
+
+
+# Model types whose logits are their output head over the last hidden state, with nothing
+# after it (Gemma 2 soft-caps its logits, Granite scales them): a constrained step of these
+# projects onto the allowed tokens only.
+HEAD_LAST = ("gpt2", "llama")
+
+
+def only(logits, allowed: list[list[int]]):
+    """logits (b, V) with every token but row j's `allowed[j]` at -inf."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for j, ids in enumerate(allowed):
+        keep[j, ids] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def output_head(model):
+    """(the output head's weight in bf16, room for rows of it) for `allowed_logits`, or None
+    where a step runs the whole head. The columns alone are used on the CPU under bf16
+    autocast, for models in HEAD_LAST whose head has no bias: there oneDNN's bf16 matmul
+    gives each column the value the whole head gives it (every pick of the default job's
+    evaluation, 800 answers, unchanged). In fp32, MKL's sgemm rounds some columns 1 ulp
+    apart for other widths, which could flip a near tie: there, and on GPUs (where the
+    head is cheap), the whole head runs. The weight is cast once, not its rows every step,
+    and each step gathers its rows into the same room."""
+    head = model.get_output_embeddings()
+    if (
+        model.config.model_type not in HEAD_LAST
+        or not isinstance(head, torch.nn.Linear)
+        or head.bias is not None
+        or head.weight.device.type != "cpu"
+        or not torch.is_autocast_enabled("cpu")
+        or torch.get_autocast_dtype("cpu") != torch.bfloat16
+    ):
+        return None
+    w = head.weight.detach().to(torch.bfloat16)
+    return w, torch.empty_like(w)
+
+
+def allowed_logits(model, head, x, allowed: list[list[int]], step: dict):
+    """The next-token logits of one decoding step over x (b, 1) where row j may emit only
+    `allowed[j]`: (logits (b, n), the n token ids they are for), every logit a row may not
+    emit at -inf. The output head is the largest matmul of a step (SmolLM2: (b, 576) x
+    (576, 49152), more than a decoder layer's), yet the word constraint leaves a few dozen
+    tokens a row: with `head` (`output_head`), a step computes the head's columns of the
+    tokens some row may emit (in ascending id order, so argmax breaks ties as over the whole
+    vocabulary), and nothing else: the same picks (see `output_head` for where). Without
+    it, the whole head's logits, masked."""
+    if head is None:
+        logits = model(input_ids=x, **step).logits[:, -1]  # (b, V)
+        return only(logits, allowed), torch.arange(logits.shape[-1], device=x.device)
+    vocab = sorted(set().union(*allowed))
+    col = {t: c for c, t in enumerate(vocab)}
+    # n rounded up to a power of two (the last id repeated, masked): oneDNN keeps a compiled
+    # matmul per shape it sees, and one per step's n made the evaluate stage's peak RSS
+    # 2.9 -> 3.8 GB.
+    n = len(vocab)
+    width = max(64, 1 << (n - 1).bit_length())
+    ids = torch.tensor(vocab + vocab[-1:] * (width - n), device=x.device)  # (width,)
+    h = model.base_model(input_ids=x, **step).last_hidden_state[:, -1]  # (b, H)
+    weight, room = head
+    logits = F.linear(h, torch.index_select(weight, 0, ids, out=room[:width]))  # (b, width)
+    return only(logits, [[col[t] for t in row] for row in allowed])[:, :n], ids[:n]
