@@ -109,3 +109,29 @@ def test_words_constraint_is_refused_for_a_task_without_words():
         recipes.build("descramble", ["evaluate.prompt_lookup=2"])
     assert recipes.build("descramble", []).constrained()
     assert not recipes.build("emotion", []).constrained()
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_constrained_beam_search_answers_as_transformers_generate_with_the_logits_processor(
+    tiny_gpt2, gpt2_tok, num_beams
+):
+    """Our beam search (one prompt encoding, rows leaving the batch when done) gives what
+    transformers' `generate` gives with the constraint as its LogitsProcessor, batched."""
+    import torch
+
+    gpt2_tok.padding_side = "left"
+    enc = gpt2_tok(_prompts(), return_tensors="pt", padding=True, add_special_tokens=False)
+    width = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = tiny_gpt2.generate(
+            **enc,
+            max_new_tokens=_budget(gpt2_tok),
+            do_sample=False,
+            num_beams=num_beams,
+            pad_token_id=gpt2_tok.eos_token_id,
+            eos_token_id=gpt2_tok.eos_token_id,
+            logits_processor=WordConstraint(gpt2_tok, SOURCES).processor(list(range(len(SOURCES))), width, num_beams),
+        )
+    expected = [gpt2_tok.decode(r, skip_special_tokens=True).strip() for r in ref[:, width:]]
+    words = WordConstraint(gpt2_tok, SOURCES)
+    assert generate(tiny_gpt2, gpt2_tok, _prompts(), _budget(gpt2_tok), 3, num_beams, constraint=words) == expected

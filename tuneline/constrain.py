@@ -7,10 +7,10 @@ walked together with the words still unused, so a word may come out in any BPE s
 and nothing else can. The model still chooses the order and the split; the constraint
 only takes away what would break the multiset of words.
 
-Greedy decoding (`generation.decode`) asks it which tokens each row may emit (`rule`), and
-`allowed_logits` computes those logits and no others (on the CPU in bf16, the output
-head's columns for them alone); as a transformers `LogitsProcessor` (`mask`) it also
-constrains beam search.
+Greedy decoding (`generation.decode`) and beam search (`beam.search`) ask it which tokens
+each row may emit (`rule`); for greedy steps `allowed_logits` computes those logits and no
+others (on the CPU in bf16, the output head's columns for them alone). As a transformers
+`LogitsProcessor` (`processor`) it constrains `model.generate` the same way.
 """
 
 from __future__ import annotations

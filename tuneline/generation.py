@@ -3,7 +3,8 @@
 `prefill` encodes a left-padded batch of prompts once (KV cache, next-token logits,
 positions); `score_branches` scores token lists after each cached prompt (a reference
 answer, or every label's answer); `decode` continues greedily from the same cache, with
-finished rows leaving the batch and optional exact prompt-lookup guesses. `answer` runs
+finished rows leaving the batch and optional exact prompt-lookup guesses, and
+`beam.search` continues with beam search from it. `answer` runs
 them over many prompts in length-sorted batches; `generate` returns the texts alone.
 Used by tuneline/evaluation.py; tests check every path against one prompt at a time.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneline import progress
+from tuneline import beam, progress
 from tuneline.attention import dense_mask
 from tuneline.constrain import allowed_logits, only, output_head
 from tuneline.loss import unwrap
@@ -265,7 +266,7 @@ def answer(
     ended: dict[int, bool] = {}
     what = "generating" if branches is None else "generating and scoring"
     pre = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-    shared = shared_prefix(model, pre) if pre and (branches is not None or num_beams == 1) else None
+    shared = shared_prefix(model, pre) if pre else None
     with progress.bar(stage, len(prompts), "prompts", what=what, show=show) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -274,31 +275,21 @@ def answer(
             )
             ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T) the prompts after the prefix
             if pre:  # (B, P + T): the prefix, then each left-padded prompt
-                full = torch.cat([torch.tensor([pre] * len(idx), device=ids.device), ids], dim=1)
-                mask = torch.cat([torch.ones_like(full[:, : len(pre)]), mask], dim=1)
-                enc, ids = {"input_ids": full, "attention_mask": mask}, full  # beam search reads it whole
+                mask = torch.cat([mask.new_ones(len(idx), len(pre)), mask], dim=1)
             cache = prefix_cache(shared, len(idx)) if shared is not None else None
-            state = prefill(model, ids[:, len(pre) :], mask, cache) if branches is not None or num_beams == 1 else None
+            state = prefill(model, ids, mask, cache)
             if branches is not None:
                 for i, lp in zip(idx, score_branches(model, state, mask, [branches[i] for i in idx], tok.pad_token_id)):
                     logps[i] = lp
+            rule = None if constraint is None else constraint.rule(idx)
             if max_new_tokens == 0:  # scoring only
                 new = [[] for _ in idx]
             elif num_beams == 1:
-                own = [row[m.bool()].tolist() for row, m in zip(ids, mask)] if lookup else None  # unpadded
-                rule = None if constraint is None else constraint.rule(idx)
+                unpadded = zip(ids, mask[:, len(pre) :].bool())
+                own = [pre + row[m].tolist() for row, m in unpadded] if lookup else None
                 new = decode(model, state, mask, max_new_tokens, tok.eos_token_id, done, own, lookup, rule)
             else:
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=num_beams,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                    logits_processor=None if constraint is None else constraint.processor(idx, ids.shape[1], num_beams),
-                )
-                new = gen[:, ids.shape[1] :].tolist()  # (B, new_tokens): the prompt stripped
+                new = beam.search(model, state, mask, num_beams, max_new_tokens, tok.eos_token_id, rule)
             for i, row in zip(idx, new):
                 text = tok.decode(row, skip_special_tokens=True).strip()  # chat-tuned models often open with a newline
                 outs[i] = (text.split(stop)[0] if stop else text).strip()

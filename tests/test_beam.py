@@ -1,0 +1,58 @@
+"""Beam search from one encoding of each prompt gives transformers' beam search answers."""
+
+import pytest
+import torch
+
+from tuneline.generation import answer
+
+PROMPTS = [
+    "Unscramble: cat the sat\nSentence:",
+    "Unscramble: on the mat a dog lay quietly today\nSentence:",
+    "Unscramble: hills\nSentence:",
+    "Unscramble: over ran dogs the old red barns near the river\nSentence:",
+    "Unscramble: x\nSentence:",
+    "Unscramble: the rain in spain stays mainly\nSentence:",
+]
+
+
+@pytest.fixture(scope="module")
+def eos_prone(gpt2_tok):
+    """A random tiny Llama whose EOS is likely at every step, so that hypotheses end at
+    different lengths and compete: what exercises the finished hypotheses, their length
+    normalisation and the 2k continuations kept per step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(gpt2_tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        model.lm_head.weight[gpt2_tok.eos_token_id] = model.model.norm.weight  # along every hidden state's mean
+    return model
+
+
+@pytest.mark.parametrize("num_beams", [2, 3, 4])
+def test_beam_search_answers_as_transformers_generate(eos_prone, gpt2_tok, num_beams):
+    gpt2_tok.padding_side = "left"
+    enc = gpt2_tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    width = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = eos_prone.generate(
+            **enc,
+            max_new_tokens=10,
+            do_sample=False,
+            num_beams=num_beams,
+            pad_token_id=gpt2_tok.eos_token_id,
+            eos_token_id=gpt2_tok.eos_token_id,
+        )
+    expected = [gpt2_tok.decode(r, skip_special_tokens=True).strip() for r in ref[:, width:]]
+    outs, _, ended = answer(eos_prone, gpt2_tok, PROMPTS, 10, 4, num_beams, stop=None)
+    assert outs == expected
+    assert len({len(o.split()) for o in outs}) > 1 and any(ended)  # answers did end at different lengths
