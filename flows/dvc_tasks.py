@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -85,9 +84,13 @@ def reproduce(name: str, force: bool = False) -> str | State:
 
     logging.getLogger("dvc").propagate = False  # DVC prints its own progress; don't echo it twice
     heal_rwlock()
-    fd, err_file = tempfile.mkstemp(prefix=f"tuneline-{name}-", suffix=".err")
-    os.close(fd)
-    os.environ[ERROR_FILE] = err_file  # the stage process writes its one-line error here
+    # The stage process writes its one-line error here. It lives in the project's DVC scratch
+    # folder, one per stage (the project lock lets one run in at a time): a SIGKILL that skips
+    # the `finally` below leaves it for the next run to overwrite, not one more file in /tmp.
+    err_file = ROOT / ".dvc" / "tmp" / f"tuneline-{name}.err"
+    err_file.parent.mkdir(parents=True, exist_ok=True)
+    err_file.write_text("")
+    os.environ[ERROR_FILE] = str(err_file)
     # dvc.yaml's `python -m tuneline.stages` must be this interpreter, the one with tuneline's
     # stack, also under `.venv/bin/tuneline` from a shell without the venv on PATH.
     here = os.path.dirname(sys.executable)
@@ -98,7 +101,7 @@ def reproduce(name: str, force: bool = False) -> str | State:
             repo.scm_context.quiet = True  # not "To track the changes with git, run: ..." after every stage
             ran = repo.reproduce(name, single_item=True, force=force)
     except ReproductionError as e:
-        code, _, line = Path(err_file).read_text().partition("\n")
+        code, _, line = err_file.read_text().partition("\n")
         if not line.strip():  # DVC failed around the stage (e.g. a read-only output), or it was killed
             from tuneline.errors import from_os_error
 
@@ -122,7 +125,7 @@ def reproduce(name: str, force: bool = False) -> str | State:
         ) from None
     finally:
         os.environ.pop(ERROR_FILE, None)
-        Path(err_file).unlink(missing_ok=True)
+        err_file.unlink(missing_ok=True)
     return "ran" if ran else "skipped"
 
 

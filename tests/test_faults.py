@@ -99,7 +99,9 @@ def test_sigkill_at_five_points_loses_nothing_and_ends_equal_to_an_unbroken_run(
         "PREFECT_API_URL": prefect_api,
         "TUNELINE_PROGRESS": "plain",
         "TUNELINE_CACHE": str(tmp_path / "cache"),
+        "TMPDIR": str(tmp_path / "tmp"),  # what the killed runs leave in the temporary folder
     }
+    (tmp_path / "tmp").mkdir()
     outs = {}
     for where, marker in KILLS:
         outs[where] = run_until(proj, marker, env)
@@ -135,6 +137,7 @@ def test_sigkill_at_five_points_loses_nothing_and_ends_equal_to_an_unbroken_run(
         if ".tmp" in p.name or ".old" in p.name
     ]
     assert leftovers == []
+    assert sorted(p.name for p in (tmp_path / "tmp").glob("tuneline-*.err")) == []  # no stage's error file
     assert aliases(proj.root / "mlflow.db")["champion"]
     assert artifacts_present(proj, proj.root / "mlflow.db") == {"champion": True, "challenger": True}
     # Each killed execution's runs were ended by the next one: none shows as running forever.
