@@ -119,6 +119,25 @@ def model_cache(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_llama(vocab: int):
+    """A random 2-layer Llama (grouped-query attention, sdpa), seeded: the Llama code paths
+    at test speed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+
+
 @pytest.fixture(scope="session")
 def gpt2_tok():
     from tuneline.assets import gpt2_tokenizer

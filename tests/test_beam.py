@@ -2,16 +2,17 @@
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from tuneline.generation import answer
 
-PROMPTS = [
-    "Unscramble: cat the sat\nSentence:",
-    "Unscramble: on the mat a dog lay quietly today\nSentence:",
-    "Unscramble: hills\nSentence:",
-    "Unscramble: over ran dogs the old red barns near the river\nSentence:",
-    "Unscramble: x\nSentence:",
-    "Unscramble: the rain in spain stays mainly\nSentence:",
+PROMPTS = [  # of different lengths, so that the batch is left-padded
+    "Unscramble: dog the barked\nSentence:",
+    "Unscramble: a long river ran past the quiet town at night\nSentence:",
+    "Unscramble: snow\nSentence:",
+    "Unscramble: five men the field crossed slowly\nSentence:",
+    "Unscramble: y z\nSentence:",
+    "Unscramble: the old clock on the wall stopped\nSentence:",
 ]
 
 
@@ -20,19 +21,7 @@ def eos_prone(gpt2_tok):
     """A random tiny Llama whose EOS is likely at every step, so that hypotheses end at
     different lengths and compete: what exercises the finished hypotheses, their length
     normalisation and the 2k continuations kept per step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(gpt2_tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    model = tiny_llama(len(gpt2_tok))
     with torch.no_grad():
         model.lm_head.weight[gpt2_tok.eos_token_id] = model.model.norm.weight  # along every hidden state's mean
     return model

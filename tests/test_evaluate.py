@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from tuneline import recipes, tasks
 from tuneline.evaluation import evaluate_file, evaluate_model, example_nll, metrics_of, score_labels
@@ -20,25 +21,9 @@ PROMPTS = [
 ]
 
 
-def _tiny_llama(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
-
-
 @pytest.fixture(params=["gpt2", "llama"])
 def model(request, tiny_gpt2, gpt2_tok):
-    return tiny_gpt2 if request.param == "gpt2" else _tiny_llama(len(gpt2_tok))
+    return tiny_gpt2 if request.param == "gpt2" else tiny_llama(len(gpt2_tok))
 
 
 def _one_at_a_time(model, tok, prompt: str, max_new: int, num_beams: int = 1) -> str:

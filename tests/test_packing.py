@@ -3,6 +3,7 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch.nn.attention.flex_attention import BlockMask
 
 from tuneline.attention import BUCKET, attention_inputs, dense_mask, enable_flex, enable_segments, segment_groups
@@ -42,29 +43,13 @@ def test_collate_isolates_examples_and_restarts_positions():
     assert b["labels"][0].tolist() == [IGNORE, 2, 3, IGNORE, 5, IGNORE]
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
-
-
 @pytest.mark.parametrize("attention", ["sdpa", "flex", "segments"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_logits_equal_each_example_alone(arch, attention, tiny_gpt2):
     """Every way we train with isolates exactly: sdpa with the dense block mask, flex
     attention with the block mask (CUDA; here unfused, on the CPU), and sdpa per example
     (the CPU)."""
-    model = copy.deepcopy(tiny_gpt2).eval() if arch == "gpt2" else _tiny_llama()
+    model = copy.deepcopy(tiny_gpt2).eval() if arch == "gpt2" else tiny_llama(300)
     {"sdpa": lambda m: m.set_attn_implementation("sdpa"), "flex": enable_flex, "segments": enable_segments}[attention](
         model
     )
@@ -92,7 +77,7 @@ def test_padded_inference_on_the_cpu_gives_transformers_sdpa_logits_with_grouped
     heads in place): the logits of transformers' own sdpa path, and a row alone's."""
     from transformers import DynamicCache
 
-    ref, model = _tiny_llama(), _tiny_llama()  # 4 query heads over 2 K/V heads
+    ref, model = tiny_llama(300), tiny_llama(300)  # 4 query heads over 2 K/V heads
     enable_segments(model)
     ids = torch.tensor([[0, 0, 0, 5, 17, 42, 9], [3, 8, 11, 5, 17, 42, 9]])  # row 0 left-padded
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
@@ -119,7 +104,7 @@ def test_padded_inference_on_the_cpu_gives_transformers_sdpa_logits_with_grouped
 def test_per_example_attention_trains_as_each_example_alone_across_length_groups(arch, tiny_gpt2):
     """The CPU's per-example attention groups examples by padded length (several groups
     here): the packed loss and every gradient equal those of the examples run one by one."""
-    model = copy.deepcopy(tiny_gpt2).eval() if arch == "gpt2" else _tiny_llama()
+    model = copy.deepcopy(tiny_gpt2).eval() if arch == "gpt2" else tiny_llama(300)
     enable_segments(model)
     rng = random.Random(2)
     examples = [
