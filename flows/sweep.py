@@ -218,6 +218,8 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
                 idle, asked = 0.0, 0.0  # the queue asked again at once
             for n in names:
                 now = "Success" if n in done else status.get(n, "Queued")
+                if now == "Success" and n not in done:  # it ended after its ref was read: the next round has it
+                    now = "Running"
                 if now != seen.get(n) and now in ("Running", "Success", "Failed"):
                     finished = sum(1 for m in names if m in done or status.get(m) == "Failed")
                     left = ""

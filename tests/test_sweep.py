@@ -449,3 +449,20 @@ def test_a_sweep_is_served_on_a_schedule_with_its_spec(monkeypatch):
     assert served["cron"] == "0 3 * * 0" and served["name"] == "descramble"
     assert served["parameters"] == {"recipe": "descramble", "overrides": ["train.max_steps=5"], **spec}
     assert "serving 'tuneline-sweep/descramble'" in said[0]
+
+
+def test_an_arm_that_ends_between_two_reads_of_the_queue_is_reported_once_its_result_is_there(monkeypatch, capsys):
+    """The queue may say an arm succeeded before git holds its result (it ended between the
+    two reads): it is reported, with its score, on the next round, not a crash."""
+    import types
+
+    import flows.sweep as fs
+
+    refs = iter([{}, {}, {"s-1": "abc123"}])  # before the sweep, round 1, round 2
+    monkeypatch.setattr(sweep, "experiments", lambda root: next(refs))
+    monkeypatch.setattr(sweep, "queue_status", lambda root, dvc: {"s-1": "Success", sweep.WORKERS: "1"})
+    monkeypatch.setattr(sweep, "start", lambda *a: None)
+    monkeypatch.setattr(sweep, "read_at", lambda sha, path, root: '{"chrf": 70.5}' if sha == "abc123" else None)
+    monkeypatch.setattr(fs, "time", types.SimpleNamespace(time=fs.time.time, sleep=lambda s: None))
+    assert fs.run_arms.fn(["s-1"], [{}], 1, "chrf", "parent") == {"s-1": "Success"}
+    assert "[sweep] s-1: success, validation chrf 70.5 (1/1 arms finished)" in capsys.readouterr().out
