@@ -138,6 +138,29 @@ def tiny_llama(vocab: int):
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
 
 
+def generate_beams(model, tok, prompts: list[str], max_new_tokens: int, num_beams: int, processor=None) -> list[str]:
+    """transformers' own `generate` (beam search, or greedy at num_beams=1) over the prompts
+    as one left-padded batch: each answer's text, the reference tuneline's decoding is
+    checked against. `processor(width)` builds its LogitsProcessorList for the padded
+    prompt width."""
+    import torch
+
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    width = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=num_beams,
+            pad_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            logits_processor=None if processor is None else processor(width),
+        )
+    return [tok.decode(r, skip_special_tokens=True).strip() for r in out[:, width:]]
+
+
 @pytest.fixture(scope="session")
 def gpt2_tok():
     from tuneline.assets import gpt2_tokenizer

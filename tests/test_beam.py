@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import generate_beams, tiny_llama
 
 from tuneline.generation import answer
 
@@ -29,19 +29,7 @@ def eos_prone(gpt2_tok):
 
 @pytest.mark.parametrize("num_beams", [2, 3, 4])
 def test_beam_search_answers_as_transformers_generate(eos_prone, gpt2_tok, num_beams):
-    gpt2_tok.padding_side = "left"
-    enc = gpt2_tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    width = enc["input_ids"].shape[1]
-    with torch.no_grad():
-        ref = eos_prone.generate(
-            **enc,
-            max_new_tokens=10,
-            do_sample=False,
-            num_beams=num_beams,
-            pad_token_id=gpt2_tok.eos_token_id,
-            eos_token_id=gpt2_tok.eos_token_id,
-        )
-    expected = [gpt2_tok.decode(r, skip_special_tokens=True).strip() for r in ref[:, width:]]
+    expected = generate_beams(eos_prone, gpt2_tok, PROMPTS, 10, num_beams)
     outs, _, ended = answer(eos_prone, gpt2_tok, PROMPTS, 10, 4, num_beams, stop=None)
     assert outs == expected
     assert len({len(o.split()) for o in outs}) > 1 and any(ended)  # answers did end at different lengths

@@ -1,6 +1,7 @@
 """Constrained decoding keeps the input's words, on any tokenizer split, greedy and beam."""
 
 import pytest
+from conftest import generate_beams
 
 from tuneline import recipes
 from tuneline.constrain import WordConstraint
@@ -117,21 +118,8 @@ def test_constrained_beam_search_answers_as_transformers_generate_with_the_logit
 ):
     """Our beam search (one prompt encoding, rows leaving the batch when done) gives what
     transformers' `generate` gives with the constraint as its LogitsProcessor, batched."""
-    import torch
-
-    gpt2_tok.padding_side = "left"
-    enc = gpt2_tok(_prompts(), return_tensors="pt", padding=True, add_special_tokens=False)
-    width = enc["input_ids"].shape[1]
-    with torch.no_grad():
-        ref = tiny_gpt2.generate(
-            **enc,
-            max_new_tokens=_budget(gpt2_tok),
-            do_sample=False,
-            num_beams=num_beams,
-            pad_token_id=gpt2_tok.eos_token_id,
-            eos_token_id=gpt2_tok.eos_token_id,
-            logits_processor=WordConstraint(gpt2_tok, SOURCES).processor(list(range(len(SOURCES))), width, num_beams),
-        )
-    expected = [gpt2_tok.decode(r, skip_special_tokens=True).strip() for r in ref[:, width:]]
+    rows = list(range(len(SOURCES)))
+    processor = lambda width: WordConstraint(gpt2_tok, SOURCES).processor(rows, width, num_beams)  # noqa: E731
+    expected = generate_beams(tiny_gpt2, gpt2_tok, _prompts(), _budget(gpt2_tok), num_beams, processor)
     words = WordConstraint(gpt2_tok, SOURCES)
     assert generate(tiny_gpt2, gpt2_tok, _prompts(), _budget(gpt2_tok), 3, num_beams, constraint=words) == expected

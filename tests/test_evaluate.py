@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import generate_beams, tiny_llama
 
 from tuneline import recipes, tasks
 from tuneline.evaluation import evaluate_file, evaluate_model, example_nll, metrics_of, score_labels
@@ -28,18 +28,7 @@ def model(request, tiny_gpt2, gpt2_tok):
 
 def _one_at_a_time(model, tok, prompt: str, max_new: int, num_beams: int = 1) -> str:
     """What a plain HF loop does: no padding, the prompt's own length stripped."""
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(
-            **ids,
-            max_new_tokens=max_new,
-            do_sample=False,
-            num_beams=num_beams,
-            pad_token_id=tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    return text.split("\n")[0].strip()
+    return generate_beams(model, tok, [prompt], max_new, num_beams)[0].split("\n")[0].strip()
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
