@@ -182,15 +182,15 @@ def test_the_champion_answers_over_http(project):
 def test_predict_answers_a_descrambler_with_the_inputs_words(project):
     """`tuneline predict` answers as the served model does, both as evaluate scored (under
     the word constraint): even this untrained tiny model answers with exactly the input's
-    words; `--free` asks the served model to decode freely."""
+    words, by beam search too (`--beams`); `--free` asks the served model to decode freely."""
     text = "sat cat the mat on the"
     cli = [sys.executable, "-m", "tuneline.cli", "predict"]
-    kept = project.run(*cli, text).stdout.strip().splitlines()[-1]
+    kept = project.run(*cli, "--beams", "3", text).stdout.strip().splitlines()[-1]
     free = project.run(*cli, "--free", text).stdout.strip().splitlines()[-1]
     served = project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
         "m = mlflow.pyfunc.load_model('models:/descrambler@champion')\n"
-        f"print(m.predict([{text!r}])[0])\n"
+        f"print(m.predict([{text!r}], params={{'num_beams': 3}})[0])\n"
         f"print(m.predict([{text!r}], params={{'constrain': 'none'}})[0])"
     )
     assert [kept, free] == served.strip().splitlines()[-2:]

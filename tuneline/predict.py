@@ -25,8 +25,18 @@ def load(uri: str):
         ) from None
 
 
-def answer(loaded, text: str, free: bool = False) -> str:
-    """The model's answer to `text` (decoded freely with `free`)."""
-    legacy = "transformers" in loaded.metadata.flavors
-    out = loaded.predict([text], params=None if legacy or not free else {"constrain": "none"})
+def answer(loaded, text: str, free: bool = False, beams: int | None = None) -> str:
+    """The model's answer to `text` (decoded freely with `free`, by beam search over `beams`
+    beams when given; else as the version's evaluate decoded)."""
+    if "transformers" in loaded.metadata.flavors:  # a legacy version takes no params
+        if beams is not None:
+            raise TunelineError(
+                "this version was registered by an older tuneline (MLflow's transformers flavour), "
+                "which takes no decoding options",
+                "drop --beams, or register a new version with `tuneline run`",
+            )
+        params = None
+    else:
+        params = ({"constrain": "none"} if free else {}) | ({"num_beams": beams} if beams else {})
+    out = loaded.predict([text], params=params or None)
     return str(out[0] if isinstance(out, list) else out).strip()

@@ -20,6 +20,9 @@ def predict(
     free: bool = typer.Option(
         False, "--free", help="Decode freely (else a descrambler keeps the input's words, as evaluate scored it)."
     ),
+    beams: int = typer.Option(
+        None, "--beams", min=1, help="Beam search with N beams (default: what the version was evaluated with)."
+    ),
 ) -> None:
     """Answer with the champion model from the MLflow registry."""
     try:
@@ -41,7 +44,7 @@ def predict(
                     f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
                 )
             uri = f"models:/{name}@champion"
-        out.print(pred.answer(pred.load(uri), text, free))
+        out.print(pred.answer(pred.load(uri), text, free, beams))
     except TunelineError as e:
         fail(e)
 
