@@ -180,6 +180,7 @@ def _worker_env(jobs: int) -> dict[str, str]:
 
 
 STATUS_EVERY_S = 30  # how often the queue is asked while an arm runs (run_arms)
+PROGRESS_EVERY_S = 60  # how often a running arm's newest progress line is shown
 
 
 @task(name="run-arms", task_run_name="run the arms (DVC queue)")
@@ -191,6 +192,7 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
     sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
     status: dict[str, str] = {}
     asked, done = 0.0, dict.fromkeys(before, "")
+    shown, progress = time.time(), {}
     try:
         while True:
             # `dvc queue status` is a Python process that takes a core for a second or two:
@@ -234,6 +236,13 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
                         f"[sweep] {n}: {now.lower()}{score} ({finished}/{len(names)} arms finished{left})", flush=True
                     )
                 seen[n] = now
+            if time.time() - shown >= PROGRESS_EVERY_S:  # long arms show progress (a file read, no DVC call)
+                shown = time.time()
+                for n in (n for n in names if seen.get(n) == "Running"):
+                    line = sweep.last_progress(n, ROOT)
+                    if line and line != progress.get(n):
+                        progress[n] = line
+                        print(f"[sweep] {n}: {line}", flush=True)
             if all(seen.get(n) in ("Success", "Failed") for n in names):
                 return seen
             time.sleep(5)

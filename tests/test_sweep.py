@@ -284,6 +284,19 @@ def test_ctrl_c_stops_a_sweep_and_the_same_command_runs_only_the_rest(swept):
 
 
 @pytest.mark.slow
+def test_an_arms_progress_is_its_newest_line_in_dvcs_queue_log(swept):
+    """What the sweep shows of a running arm is read from the log DVC's queue writes for it
+    (no DVC process beside the training): the same line `dvc queue logs` ends with, also for
+    the arm that was stopped and queued again."""
+    proj, _, _ = swept
+    for n in _arms(proj):
+        logs = proj.run(sys.executable, "-m", "dvc", "queue", "logs", n).stdout.splitlines()
+        ours = [line.strip() for line in logs if line.strip().startswith("[")]
+        assert ours and sweep.last_progress(n, proj.root) == ours[-1], (n, logs[-5:])
+    assert sweep.last_progress("sweep-nosuch-1", proj.root) is None
+
+
+@pytest.mark.slow
 def test_only_the_winner_is_evaluated_on_test_and_gated(swept):
     proj, _, second = swept
     found = _arms(proj)
@@ -466,3 +479,27 @@ def test_an_arm_that_ends_between_two_reads_of_the_queue_is_reported_once_its_re
     monkeypatch.setattr(fs, "time", types.SimpleNamespace(time=fs.time.time, sleep=lambda s: None))
     assert fs.run_arms.fn(["s-1"], [{}], 1, "chrf", "parent") == {"s-1": "Success"}
     assert "[sweep] s-1: success, validation chrf 70.5 (1/1 arms finished)" in capsys.readouterr().out
+
+
+def test_a_running_arm_shows_its_progress_about_once_a_minute(monkeypatch, capsys):
+    """A long arm is not silent: its newest progress line is shown every PROGRESS_EVERY_S,
+    and only when it changed."""
+    import types
+
+    import flows.sweep as fs
+
+    clock = [0.0]
+    monkeypatch.setattr(
+        fs, "time", types.SimpleNamespace(time=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    )
+    monkeypatch.setattr(sweep, "experiments", lambda root: {"s-1": "abc123"} if clock[0] >= 200 else {})
+    state = lambda: "Success" if clock[0] >= 200 else "Running"  # noqa: E731
+    monkeypatch.setattr(sweep, "queue_status", lambda root, dvc: {"s-1": state(), sweep.WORKERS: "1"})
+    monkeypatch.setattr(sweep, "start", lambda *a: None)
+    monkeypatch.setattr(sweep, "read_at", lambda sha, path, root: '{"chrf": 70.5}')
+    lines = {60: "[train] 10/40 steps (25%)", 120: "[train] 10/40 steps (25%)", 180: "[train] 30/40 steps (75%)"}
+    monkeypatch.setattr(sweep, "last_progress", lambda name, root: lines.get(int(clock[0])))
+    assert fs.run_arms.fn(["s-1"], [{}], 1, "chrf", "parent") == {"s-1": "Success"}
+    out = capsys.readouterr().out.splitlines()
+    shown = [line for line in out if "steps" in line]
+    assert shown == ["[sweep] s-1: [train] 10/40 steps (25%)", "[sweep] s-1: [train] 30/40 steps (75%)"], out

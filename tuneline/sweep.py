@@ -386,3 +386,33 @@ def read_at(commit: str, path: str, cwd=None) -> str | None:
     """A file as an experiment committed it (metrics and uncached reports are in git)."""
     done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=cwd, capture_output=True, text=True)
     return done.stdout if done.returncode == 0 else None
+
+
+def last_progress(name: str, cwd=None) -> str | None:
+    """The newest line a running arm printed (`[train] 41/102 steps (40%) 182 tok/s, ETA
+    5m40s`), read from the log file DVC's queue writes for it: no DVC process, so it can be
+    asked often beside a training arm. None when the arm has no log yet (or prints nothing).
+
+    DVC's queue keeps each task in .dvc/tmp/exps/run/<task>/: `<task>.run` (the executor's
+    info, with the experiment's name) and `<task>.out` (its output; `dvc queue logs`)."""
+    import json
+
+    logs = []  # an arm queued again (a resumed sweep) has its old task's log too: the newest is its
+    for info in (Path(cwd or ".") / ".dvc" / "tmp" / "exps" / "run").glob("*/*.run"):
+        try:
+            if json.loads(info.read_text()).get("name") == name:
+                out = info.with_suffix(".out")
+                logs.append((out.stat().st_mtime, out))
+        except (OSError, ValueError):  # written or removed as we read: not this time
+            continue
+    if not logs:
+        return None
+    try:
+        with open(max(logs)[1], "rb") as f:
+            f.seek(max(f.seek(0, 2) - 4096, 0))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in tail.replace("\r", "\n").splitlines()]
+    stages = [line for line in lines if line.startswith("[") and "]" in line]
+    return stages[-1] if stages else None
