@@ -204,10 +204,16 @@ class Project:
         self.root, self.env = root, project_env(root, cache)
 
     def run(
-        self, *cmd: str, check: bool = True, timeout: int = 900, env: dict | None = None
+        self, *cmd: str, check: bool = True, timeout: int = 900, env: dict | None = None, stdin: str | None = None
     ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            list(cmd), cwd=self.root, env=self.env | (env or {}), capture_output=True, text=True, timeout=timeout
+            list(cmd),
+            cwd=self.root,
+            env=self.env | (env or {}),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(

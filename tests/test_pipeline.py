@@ -182,19 +182,20 @@ def test_the_champion_answers_over_http(project):
 def test_predict_answers_a_descrambler_with_the_inputs_words(project):
     """`tuneline predict` answers as the served model does, both as evaluate scored (under
     the word constraint): even this untrained tiny model answers with exactly the input's
-    words, by beam search too (`--beams`); `--free` asks the served model to decode freely."""
-    text = "sat cat the mat on the"
+    words, by beam search too (`--beams`); `--free` asks the served model to decode freely.
+    Several inputs, as arguments or stdin's lines ('-'), get one answer per line, in order."""
+    texts = ["sat cat the mat on the", "dog the ran"]
     cli = [sys.executable, "-m", "tuneline.cli", "predict"]
-    kept = project.run(*cli, "--beams", "3", text).stdout.strip().splitlines()[-1]
-    free = project.run(*cli, "--free", text).stdout.strip().splitlines()[-1]
+    kept = project.run(*cli, "--beams", "3", *texts).stdout.strip().splitlines()[-2:]
+    free = project.run(*cli, "--free", "-", stdin="\n".join(texts) + "\n").stdout.strip().splitlines()[-2:]
     served = project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
         "m = mlflow.pyfunc.load_model('models:/descrambler@champion')\n"
-        f"print(m.predict([{text!r}], params={{'num_beams': 3}})[0])\n"
-        f"print(m.predict([{text!r}], params={{'constrain': 'none'}})[0])"
+        f"print(*m.predict({texts!r}, params={{'num_beams': 3}}), sep='\\n')\n"
+        f"print(*m.predict({texts!r}, params={{'constrain': 'none'}}), sep='\\n')"
     )
-    assert [kept, free] == served.strip().splitlines()[-2:]
-    assert same_words(kept, text) and not same_words(free, text), (kept, free)
+    assert kept + free == served.strip().splitlines()[-4:]
+    assert all(same_words(k, t) for k, t in zip(kept, texts)) and not same_words(free[0], texts[0]), (kept, free)
 
 
 def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champion(project):

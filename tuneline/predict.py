@@ -1,4 +1,5 @@
-"""`tuneline predict`: one answer from a model in the MLflow registry (or any MLflow model URI).
+"""`tuneline predict`: answers from a model in the MLflow registry (or any MLflow model URI),
+to one input, several, or stdin's lines (`-`), in requests of CHUNK inputs.
 
 A registered model answers as the run's evaluate scored (tuneline/serving.py): the task's
 prompt filled with the input, decoded greedily or by beam search, a descrambler under the
@@ -25,9 +26,33 @@ def load(uri: str):
         ) from None
 
 
-def answer(loaded, text: str, free: bool = False, beams: int | None = None) -> str:
-    """The model's answer to `text` (decoded freely with `free`, by beam search over `beams`
-    beams when given; else as the version's evaluate decoded)."""
+CHUNK = 256  # inputs per request to the model (it batches them): answers are printed as each ends
+
+
+def inputs(texts: list[str], stdin) -> list[str]:
+    """The inputs to answer: the command's arguments, where '-' stands for stdin's lines
+    (one input per line). An empty one is refused, naming which."""
+    found: list[tuple[str, str]] = []  # (where it came from, the input)
+    for i, text in enumerate(texts, 1):
+        if text == "-":
+            found += [(f"line {n} of stdin", line.rstrip("\r\n")) for n, line in enumerate(stdin, 1)]
+        else:
+            found.append((f"input {i}" if len(texts) > 1 else "the input", text))
+    if not found:
+        raise TunelineError("stdin had no lines, so there is nothing to answer", "give one input per line")
+    for where, text in found:
+        if not text.strip():
+            raise TunelineError(
+                f"{where} is empty, so there is nothing to answer",
+                'give the text, e.g. tuneline predict "sat the cat mat. on the"',
+            )
+    return [text for _, text in found]
+
+
+def answers(loaded, texts: list[str], free: bool = False, beams: int | None = None) -> list[str]:
+    """The model's answers to `texts`, in one request (the model batches them): decoded
+    freely with `free`, by beam search over `beams` beams when given; else as the version's
+    evaluate decoded."""
     if "transformers" in loaded.metadata.flavors:  # a legacy version takes no params
         if beams is not None:
             raise TunelineError(
@@ -38,5 +63,6 @@ def answer(loaded, text: str, free: bool = False, beams: int | None = None) -> s
         params = None
     else:
         params = ({"constrain": "none"} if free else {}) | ({"num_beams": beams} if beams else {})
-    out = loaded.predict([text], params=params or None)
-    return str(out[0] if isinstance(out, list) else out).strip()
+    out = loaded.predict(list(texts), params=params or None)
+    out = out if isinstance(out, list) else [out] if isinstance(out, str) else list(out)
+    return [str(a).strip() for a in out]

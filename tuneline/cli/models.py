@@ -15,7 +15,11 @@ from tuneline.errors import TunelineError
 
 @app.command()
 def predict(
-    text: str = typer.Argument(..., help="The input, e.g. scrambled words for the descrambler."),
+    texts: list[str] = typer.Argument(
+        ...,
+        metavar="TEXT...",
+        help="The inputs, e.g. scrambled words for the descrambler; '-' reads one input per line from stdin.",
+    ),
     model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion)."),
     free: bool = typer.Option(
         False, "--free", help="Decode freely (else a descrambler keeps the input's words, as evaluate scored it)."
@@ -24,16 +28,17 @@ def predict(
         None, "--beams", min=1, help="Beam search with N beams (default: what the version was evaluated with)."
     ),
 ) -> None:
-    """Answer with the champion model from the MLflow registry."""
+    """Answer with the champion model from the MLflow registry.
+
+    Several inputs (or '-' for stdin's lines) are answered in one batch, one answer per
+    line in their order (a line break inside an answer is written \\n)."""
     try:
+        import sys
+
         from tuneline import predict as pred
         from tuneline import registry
 
-        if not text.strip():
-            raise TunelineError(
-                "the input is empty, so there is nothing to answer",
-                'give the text, e.g. tuneline predict "sat the cat mat. on the"',
-            )
+        texts = pred.inputs(texts, sys.stdin)
         client = mlflow_client()
         uri = model
         if uri is None:
@@ -44,7 +49,14 @@ def predict(
                     f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
                 )
             uri = f"models:/{name}@champion"
-        out.print(pred.answer(pred.load(uri), text, free, beams))
+        loaded, chunk = pred.load(uri), pred.CHUNK
+        for start in range(0, len(texts), chunk):  # answers appear (and are kept) as each chunk ends
+            for answer in pred.answers(loaded, texts[start : start + chunk], free, beams):
+                if len(texts) > 1:  # one answer per line, in the inputs' order
+                    answer = answer.replace("\n", "\\n")
+                out.print(answer, markup=False, highlight=False, soft_wrap=True)
+            if len(texts) > chunk:
+                print(f"[predict] {min(start + chunk, len(texts))}/{len(texts)} inputs answered", file=sys.stderr)
     except TunelineError as e:
         fail(e)
 

@@ -1,0 +1,30 @@
+"""`tuneline predict`'s inputs: arguments, or stdin's lines for '-'."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from tuneline.errors import TunelineError
+from tuneline.predict import inputs
+
+
+def test_dash_reads_one_input_per_line_from_stdin_in_order():
+    stdin = io.StringIO("sat cat the\r\nran dog the\n")
+    assert inputs(["first one", "-", "last"], stdin) == ["first one", "sat cat the", "ran dog the", "last"]
+    assert inputs(["only"], io.StringIO("unread\n")) == ["only"]
+
+
+@pytest.mark.parametrize(
+    ("texts", "stdin", "says"),
+    [
+        ([" "], "", "the input is empty"),
+        (["a b", ""], "", "input 2 is empty"),
+        (["-"], "a b\n\nc d\n", "line 2 of stdin is empty"),
+        (["-"], "", "stdin had no lines"),
+    ],
+)
+def test_an_empty_input_is_refused_naming_which(texts, stdin, says):
+    with pytest.raises(TunelineError, match=says):
+        inputs(texts, io.StringIO(stdin))
