@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tuneline import recipes, serving, tasks
+from tuneline import predict, recipes, serving, tasks
 from tuneline.constrain import WordConstraint
 from tuneline.errors import TunelineError
 from tuneline.evaluation import load_any
@@ -68,8 +68,14 @@ def test_the_registered_model_is_code_and_safetensors_and_loads_back_for_the_gat
 
 def test_a_bad_request_is_refused_in_one_line(logged):
     served = mlflow.pyfunc.load_model(logged[0])
-    with pytest.raises(TunelineError, match=r"positions for 1024.*shorten it to under \d+ tokens"):
+    with pytest.raises(
+        TunelineError, match=r"the input is \d+ tokens.*positions for 1024.*shorten it to under \d+ tokens"
+    ):
         served.predict(["word " * 1100])
+    # Among several, the one named; `tuneline predict` checks them all before answering any.
+    with pytest.raises(TunelineError, match=r"input 2 of 3 is \d+ tokens"):
+        predict.check(served, [INPUTS[0], "word " * 1100, INPUTS[0]])
+    predict.check(served, INPUTS)  # nothing to refuse
     with pytest.raises(TunelineError, match="constrain 'maybe' does not apply.*ask for 'none' or 'words'"):
         served.predict(INPUTS[:1], params={"constrain": "maybe"})
 

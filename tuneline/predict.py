@@ -49,6 +49,17 @@ def inputs(texts: list[str], stdin) -> list[str]:
     return [text for _, text in found]
 
 
+def check(loaded, texts: list[str]) -> None:
+    """Refuse, before any is answered, an input the model has no room to answer (one line
+    naming which of them); a model not logged by tuneline checks its own."""
+    from tuneline.serving import Answerer
+
+    if "python_function" in loaded.metadata.flavors and "transformers" not in loaded.metadata.flavors:
+        model = loaded.unwrap_python_model()
+        if isinstance(model, Answerer):
+            model.prompts(list(texts))
+
+
 def answers(loaded, texts: list[str], free: bool = False, beams: int | None = None) -> list[str]:
     """The model's answers to `texts`, in one request (the model batches them): decoded
     freely with `free`, by beam search over `beams` beams when given; else as the version's

@@ -103,12 +103,13 @@ class Answerer(mlflow.pyfunc.PythonModel):
             template = tasks.serving_template(task, self.config["labels"])
             prompts = [template.replace("{prompt}", t) for t in texts]
         limit, budget = position_limit(self.model.config), self.config["max_new_tokens"]
-        for text, prompt in zip(texts, prompts):
+        for i, (text, prompt) in enumerate(zip(texts, prompts), 1):
             n = len(self.tok(prompt)["input_ids"])
             if limit is not None and n + budget > limit:
                 own = len(self.tok(text)["input_ids"])
+                which = f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
                 raise TunelineError(
-                    f"the input is {n} tokens with its template; with {budget} tokens for the answer the model has "
+                    f"{which} is {n} tokens with its template; with {budget} tokens for the answer the model has "
                     f"positions for {limit}",
                     f"shorten it to under {limit - budget - (n - own)} tokens",
                 )

@@ -50,6 +50,7 @@ def predict(
                 )
             uri = f"models:/{name}@champion"
         loaded, chunk = pred.load(uri), pred.CHUNK
+        pred.check(loaded, texts)  # every input, before the first is answered
         for start in range(0, len(texts), chunk):  # answers appear (and are kept) as each chunk ends
             for answer in pred.answers(loaded, texts[start : start + chunk], free, beams):
                 if len(texts) > 1:  # one answer per line, in the inputs' order
