@@ -52,12 +52,30 @@ def inputs(texts: list[str], stdin) -> list[str]:
 def check(loaded, texts: list[str]) -> None:
     """Refuse, before any is answered, an input the model has no room to answer (one line
     naming which of them); a model not logged by tuneline checks its own."""
+    from mlflow.exceptions import MlflowException
+
     from tuneline.serving import Answerer
 
-    if "python_function" in loaded.metadata.flavors and "transformers" not in loaded.metadata.flavors:
+    try:
         model = loaded.unwrap_python_model()
-        if isinstance(model, Answerer):
-            model.prompts(list(texts))
+    except MlflowException:  # not a python model (a legacy or foreign flavour)
+        return
+    if isinstance(model, Answerer):
+        model.prompts(list(texts))
+
+
+def stream(loaded, texts: list[str], free: bool = False, beams: int | None = None):
+    """Every input checked, then answered in requests of CHUNK: yields each answer as its
+    request ends (one line each when there are several: a line break is written \\n), and
+    says how far it got on stderr past one request."""
+    import sys
+
+    check(loaded, texts)
+    for start in range(0, len(texts), CHUNK):
+        for answer in answers(loaded, texts[start : start + CHUNK], free, beams):
+            yield answer.replace("\n", "\\n") if len(texts) > 1 else answer
+        if len(texts) > CHUNK:
+            print(f"[predict] {min(start + CHUNK, len(texts))}/{len(texts)} inputs answered", file=sys.stderr)
 
 
 def answers(loaded, texts: list[str], free: bool = False, beams: int | None = None) -> list[str]:

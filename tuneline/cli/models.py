@@ -30,7 +30,7 @@ def predict(
 ) -> None:
     """Answer with the champion model from the MLflow registry.
 
-    Several inputs (or '-' for stdin's lines) are answered in one batch, one answer per
+    Several inputs (or '-' for stdin's lines) are answered in batches, one answer per
     line in their order (a line break inside an answer is written \\n)."""
     try:
         import sys
@@ -49,15 +49,8 @@ def predict(
                     f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
                 )
             uri = f"models:/{name}@champion"
-        loaded, chunk = pred.load(uri), pred.CHUNK
-        pred.check(loaded, texts)  # every input, before the first is answered
-        for start in range(0, len(texts), chunk):  # answers appear (and are kept) as each chunk ends
-            for answer in pred.answers(loaded, texts[start : start + chunk], free, beams):
-                if len(texts) > 1:  # one answer per line, in the inputs' order
-                    answer = answer.replace("\n", "\\n")
-                out.print(answer, markup=False, highlight=False, soft_wrap=True)
-            if len(texts) > chunk:
-                print(f"[predict] {min(start + chunk, len(texts))}/{len(texts)} inputs answered", file=sys.stderr)
+        for answer in pred.stream(pred.load(uri), texts, free, beams):  # printed as each request ends
+            out.print(answer, markup=False, highlight=False, soft_wrap=True)
     except TunelineError as e:
         fail(e)
 
