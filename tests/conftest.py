@@ -175,6 +175,30 @@ def tiny_gpt2(model_cache):
     return load_model("tiny-gpt2")
 
 
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory, tiny_gpt2, model_cache):
+    """tiny-gpt2 logged as the default job's descrambler (tuneline/serving.py), in an MLflow
+    store of its own: (model URI, its params, its folder)."""
+    import mlflow
+
+    from tuneline import recipes, serving
+    from tuneline.modeling import load_tokenizer
+
+    root = tmp_path_factory.mktemp("serving")
+    tiny_gpt2.save_pretrained(root / "merged")
+    load_tokenizer("tiny-gpt2").save_pretrained(root / "merged")
+    params = recipes.build(None, ["model.name=tiny-gpt2", "evaluate.max_new_tokens=24"], False, None)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("s", artifact_location=(root / "art").as_uri()))
+    with mlflow.start_run():
+        info = serving.log_model(params, root / "merged")
+    yield info.model_uri, params, root
+    mp.undo()
+
+
 def project_env(root: Path, cache: Path) -> dict[str, str]:
     """Environment for a subprocess run in `root`: its own MLflow store, Prefect home and
     DVC site cache (tuneline defaults them inside the project), the shared model cache."""

@@ -492,6 +492,13 @@ CASES = [
     Case("cli-run-outside-project", cli("run"), ("not inside a tuneline project",), outside=True),
     Case("cli-ui-outside-project", cli("ui"), ("not inside a tuneline project",), outside=True),
     Case("cli-predict-empty-input", cli("predict", " "), ("the input is empty",)),
+    Case("cli-export-into-a-full-folder", cli("export", "data"), ("'data' already exists and is not an empty folder",)),
+    Case("cli-export-to-the-hub-offline", cli("export", "hf", "--hub", "me/descrambler"), ("the hub is off",)),
+    Case(
+        "registry-export-unknown-version",
+        cli("export", "hf", "--version", "7"),
+        ("'7' is not a version or alias of model 'descrambler'",),
+    ),
     Case(
         "model-broken-merge",
         broken_merge,

@@ -198,6 +198,15 @@ def test_predict_answers_a_descrambler_with_the_inputs_words(project):
     assert all(same_words(k, t) for k, t in zip(kept, texts)) and not same_words(free[0], texts[0]), (kept, free)
 
 
+def test_export_writes_the_champion_as_a_folder_that_transformers_loads(project, tmp_path):
+    """`tuneline export` from the project's registry (its checks: tests/test_export.py)."""
+    out = project.run(sys.executable, "-m", "tuneline.cli", "export", str(tmp_path / "hf")).stdout
+    assert f"descrambler v1 exported to {tmp_path / 'hf'}" in out and "as tuneline does" in out, out
+    meta = yaml.safe_load((tmp_path / "hf" / "README.md").read_text().split("---\n")[1])
+    assert meta["tags"] == ["tuneline", "descramble", "lora"]
+    assert json.loads((tmp_path / "hf" / "tuneline_params.json").read_text())["model"]["name"] == "tiny-gpt2"
+
+
 def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champion(project):
     # Right after, `dvc repro` skips every stage, fast, and nothing is out of date.
     t = time.time()

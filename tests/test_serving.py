@@ -11,27 +11,9 @@ from tuneline.constrain import WordConstraint
 from tuneline.errors import TunelineError
 from tuneline.evaluation import load_any
 from tuneline.generation import generate
-from tuneline.modeling import autocast, load_tokenizer
+from tuneline.modeling import autocast
 
 INPUTS = ["sat cat the mat on the", "went I home", "the was founded university in 1908."]
-
-
-@pytest.fixture(scope="module")
-def logged(tmp_path_factory, tiny_gpt2, model_cache):
-    """tiny-gpt2 logged as the default job's descrambler; (model URI, its params, its folder)."""
-    root = tmp_path_factory.mktemp("serving")
-    tiny_gpt2.save_pretrained(root / "merged")
-    load_tokenizer("tiny-gpt2").save_pretrained(root / "merged")
-    params = recipes.build(None, ["model.name=tiny-gpt2", "evaluate.max_new_tokens=24"], False, None)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("s", artifact_location=(root / "art").as_uri()))
-    with mlflow.start_run():
-        info = serving.log_model(params, root / "merged")
-    yield info.model_uri, params, root
-    mp.undo()
 
 
 def _as_evaluate(model, tok, params, texts, constrain: bool) -> list[str]:

@@ -71,6 +71,23 @@ def champion(client, name: str):
         return None
 
 
+def version(client, name: str, ref: str):
+    """A version of `name` by number (3 or v3) or by alias (champion, challenger)."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+
+    ref = ref.strip()
+    num = re.fullmatch(r"v?(\d+)", ref)
+    try:
+        return client.get_model_version(name, num.group(1)) if num else client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        raise TunelineError(
+            f"'{ref}' is not a version or alias of model '{name}'",
+            "name a version (3 or v3) or an alias (champion, challenger); see `tuneline history`",
+        ) from None
+
+
 def decisions_on(client, name: str, examples_key: str) -> int:
     """How many gate decisions registered versions of `name` record on these test examples
     (the tag `eval.examples_key`): the gate spends its alpha over them."""

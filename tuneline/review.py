@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tuneline import scoring, tasks
+from tuneline import registry, scoring, tasks
 from tuneline.errors import TunelineError
 from tuneline.gate import EVAL_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT, artifact_text
 
@@ -71,13 +71,10 @@ def side(client, name: str, ref: str) -> Side:
         if m := re.fullmatch(r"runs:/([^/]+)(/.*)?", ref) or re.fullmatch(r"([0-9a-f]{32})", ref):
             run_id, label = m.group(1), f"run {m.group(1)[:8]}"
         else:
-            num = re.fullmatch(r"v?(\d+)", ref)
-            version = (
-                client.get_model_version(name, num.group(1)) if num else client.get_model_version_by_alias(name, ref)
-            )
-            run_id, label = version.run_id, f"v{version.version}" + ("" if num else f" ({ref})")
+            version = registry.version(client, name, ref)
+            run_id, label = version.run_id, f"v{version.version}" + ("" if re.fullmatch(r"v?\d+", ref) else f" ({ref})")
         params = dict(client.get_run(run_id).data.params)
-    except MlflowException:
+    except (MlflowException, TunelineError):
         raise TunelineError(
             f"'{ref}' is not a version, alias or run of model '{name}'",
             "name a version (3 or v3), an alias (champion, challenger) or runs:/RUN_ID; see `tuneline history`",

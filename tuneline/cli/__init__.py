@@ -2,7 +2,7 @@
 
 Thin commands over the library, one module per group, in the order `--help` lists them:
 app.py (the Typer app and what every command shares), pipeline.py (run, sweep, recipes),
-models.py (predict, evaluate), versions.py (promote, rollback, history, diff) and ops.py
+models.py (predict, evaluate), versions.py (promote, rollback, history, diff, export) and ops.py
 (schedule, ui, dvc-deps, doctor).
 """
 

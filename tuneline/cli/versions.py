@@ -1,5 +1,6 @@
 """Commands over the registered versions: move the `champion` alias by hand (`promote`,
-`rollback`), list its moves (`history`), and review a challenger against it (`diff`)."""
+`rollback`), list its moves (`history`), review a challenger against it (`diff`), and
+write one out as a Hugging Face model folder (`export`)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,43 @@ def diff(
         fail(e)
         return
     out.print(text, markup=False, highlight=False)
+
+
+@app.command()
+def export(
+    folder: Path = typer.Argument(..., help="Where the Hugging Face model folder goes (a new or empty folder)."),
+    version: str = typer.Option("champion", "--version", help="A version (3 or v3) or an alias."),
+    name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name)."),
+    hub: str = typer.Option(
+        None, "--hub", metavar="REPO", help="Also upload the folder to this hub repository (created private if new)."
+    ),
+) -> None:
+    """Write a registered version as a plain Hugging Face model folder.
+
+    The merged weights and tokenizer as registered, generation_config.json set to decode as
+    the version was evaluated, and a README.md with the hub's metadata, a transformers
+    example (run and checked against tuneline's own answer first) and the model card."""
+    try:
+        from tuneline import export as exporting
+        from tuneline import registry
+
+        if hub is not None:
+            exporting.check_hub()
+        exporting.check_dest(folder)
+        client = mlflow_client()
+        name = model_name(name)
+        registry.require_model(client, name)
+        chosen = registry.version(client, name, version)
+        out.print(f"[export] {name} v{chosen.version} -> {folder}", markup=False, highlight=False)
+        done = exporting.export(client, chosen, folder)
+        shown = done["answer"] if len(done["answer"]) <= 120 else done["answer"][:119] + "…"
+        out.print(
+            f"{name} v{chosen.version} exported to {done['folder']}: {', '.join(done['files'])}\n"
+            f"checked: with transformers alone it answers {done['example']!r} with {shown!r}, as tuneline does",
+            markup=False,
+            highlight=False,
+        )
+        if hub is not None:
+            out.print(f"uploaded to the hub: {exporting.push(folder, hub, chosen)}", markup=False, highlight=False)
+    except TunelineError as e:
+        fail(e)

@@ -1,0 +1,121 @@
+"""`tuneline export` (tuneline/export.py): a registered version as a Hugging Face folder
+that transformers alone loads and answers with as tuneline does."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+from tuneline import export, tasks
+from tuneline.errors import TunelineError
+from tuneline.generation import generate
+from tuneline.modeling import load_tokenizer
+
+CARD = "# d v1\n\n**Task** descramble\n\n## Gate decision\n\npromoted"
+
+
+@pytest.fixture(scope="module")
+def version(logged):
+    """The logged tiny descrambler registered as 'd' v1, with a model card."""
+    uri, params, root = logged
+    client = mlflow.MlflowClient()
+    v = mlflow.register_model(uri, "d")
+    client.update_model_version("d", v.version, description=CARD)
+    return client, client.get_model_version("d", v.version), params
+
+
+def _readme_code(folder) -> str:
+    return re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+
+
+def test_an_exported_version_answers_with_transformers_alone_as_tuneline_does(version, tiny_gpt2, tmp_path):
+    client, v, params = version
+    dest = tmp_path / "out"
+    dest.mkdir()  # an empty folder is fine
+    done = export.export(client, v, dest)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(done["files"])
+    gen = json.loads((dest / "generation_config.json").read_text())
+    assert (gen["max_new_tokens"], gen["num_beams"], gen["do_sample"], gen["eos_token_id"]) == (24, 1, False, 50256)
+    readme = (dest / "README.md").read_text()
+    meta = yaml.safe_load(readme.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and "descramble" in meta["tags"] and "base_model" not in meta
+    assert readme.count("# d v1") == 1 and "## Gate decision" in readme  # the card, under one title
+    # The README's example, in a fresh interpreter that never imports tuneline
+    code = _readme_code(dest)
+    assert "tuneline" not in code.replace("# decoding", "")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # ... answers as tuneline decodes the registered model freely (fp32), and as export checked.
+    task = tasks.TASKS["descramble"]
+    prompt = task.prompt({"source": task.serve_example, "target": ""}, [])
+    ours = generate(tiny_gpt2, load_tokenizer("tiny-gpt2"), [prompt], 24, 1, 1, task.stop, show=False)[0]
+    assert proc.stdout.rstrip("\n").splitlines()[-1] == ours == done["answer"]
+
+
+def test_every_task_answers_with_transformers_alone_as_tuneline_does(model_cache, tmp_path):
+    """Each task's example (its prompt, chat template, cut) against tuneline's decoding; a
+    chat model that trained on tuneline's default template gets it saved with the folder."""
+    folder = tmp_path / "hf"
+    shutil.copytree(model_cache / "models" / "tiny-gpt2", folder)
+    chat_seen = False
+    for name, task in tasks.TASKS.items():
+        chat_seen |= task.chat
+        labels = {"classify": ["joy", "anger"], "entail": ["entailment", "neutral", "contradiction"]}.get(name, [])
+        config = {"task": name, "labels": labels, "max_new_tokens": 12, "num_beams": 2, "constrain": "none"}
+        config |= {"precision": "auto", "batch_size": 4}
+        export._decode_config(folder, config)
+        export._chat_template(folder, task)
+        assert (folder / "chat_template.jinja").is_file() == chat_seen  # written by the chat task only
+        assert export.check(folder, task, config, export.example(task, config, str(folder))) is not None
+    assert chat_seen and load_tokenizer(str(folder)).chat_template is not None
+
+
+def test_an_example_that_answers_otherwise_is_refused_and_nothing_is_written(version, tmp_path, monkeypatch):
+    client, v, _ = version
+    right = export.example
+    monkeypatch.setattr(export, "example", lambda *a: right(*a).replace("'Unscramble: ", "'Sort: "))
+    dest = tmp_path / "out"
+    with pytest.raises(TunelineError, match="with plain transformers where tuneline answers"):
+        export.export(client, v, dest)
+    assert list(tmp_path.iterdir()) == []  # no folder, no temporary one
+
+
+def test_a_destination_must_be_new_or_empty_and_pushing_needs_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    for bad, says in [(tmp_path / "full", "is not an empty folder"), (tmp_path / "no" / "out", "does not exist")]:
+        with pytest.raises(TunelineError, match=says):
+            export.check_dest(bad)
+    export.check_dest(tmp_path / "new")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TunelineError, match="hub is off"):
+        export.check_hub()
+
+
+def test_push_uploads_the_folder_to_a_private_repo_whose_example_loads_from_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class Api:
+        def create_repo(self, repo, **kw):
+            calls.append(("create", repo, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw["repo_id"], kw))
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/abc"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "README.md").write_text(f"MODEL = {str(folder)!r}\n")
+    v = type("V", (), {"name": "d", "version": "3", "run_id": "r1"})()
+    assert export.push(folder, "me/d", v) == "https://huggingface.co/me/d/commit/abc"
+    assert calls[0] == ("create", "me/d", {"private": True, "exist_ok": True})
+    assert calls[1][2]["folder_path"] == str(folder) and "d v3" in calls[1][2]["commit_message"]
+    assert (folder / "README.md").read_text() == "MODEL = 'me/d'\n"

@@ -1,0 +1,255 @@
+"""`tuneline export`: a registered version as a plain Hugging Face model folder, for use
+outside tuneline (transformers, vLLM, llama.cpp's converter) or on the hub.
+
+The folder holds the version's merged weights and tokenizer exactly as registered, its
+`generation_config.json` set to decode as the version was evaluated (greedy or its beams,
+its answer budget), a chat template where the chat task trained with tuneline's default
+one, and a README.md: the hub's metadata, a transformers example that answers one input
+the way `tuneline predict --free` does, and the version's model card. The example is run
+before anything is written, and its answer must equal tuneline's own decoding of the same
+model (nothing is exported that would answer differently). The folder appears whole or
+not at all; `push` uploads it to a hub repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tuneline import tasks
+from tuneline.errors import TunelineError
+
+# Built-in names whose weights are a hub model's (SmolLM2 ships as a GGUF Q4_1 file, dequantised).
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+# What a user runs with transformers alone. `answer` is the version's prompt, decoding and
+# cut; MODEL is the folder (or the hub repository it was pushed to).
+EXAMPLE = """\
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+MODEL = {model!r}
+tok = AutoTokenizer.from_pretrained(MODEL)
+model = AutoModelForCausalLM.from_pretrained(MODEL)
+
+
+def answer(text: str) -> str:
+    {prompt_line}
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids)  # decoding as evaluated: generation_config.json
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return {cut}
+"""
+
+
+def _prompt_line(task: tasks.Task, labels: list[str]) -> str:
+    if task.chat:
+        return (
+            'prompt = tok.apply_chat_template([{"role": "user", "content": text}], '
+            "add_generation_prompt=True, tokenize=False)"
+        )
+    return f'prompt = {tasks.serving_template(task, labels)!r}.replace("{{prompt}}", text)'
+
+
+def example(task: tasks.Task, config: dict, model: str) -> str:
+    """The README's transformers example for a model logged with serving `config`: it
+    defines `answer`; the README then calls it on the task's example."""
+    cut = f"text.split({task.stop!r})[0].strip()" if task.stop else "text"
+    return EXAMPLE.format(model=model, prompt_line=_prompt_line(task, config["labels"]), cut=cut)
+
+
+def check_dest(dest: Path) -> None:
+    """Refuse a destination that holds anything, or whose parent is missing."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise TunelineError(
+            f"'{dest}' already exists and is not an empty folder", "give a new folder, or remove that one first"
+        )
+    if not dest.parent.is_dir():
+        raise TunelineError(f"the folder '{dest.parent}' does not exist", f"create it first: mkdir -p {dest.parent}")
+
+
+def check_hub() -> None:
+    """Before any work: the hub must be reachable to push."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise TunelineError(
+            "--hub needs the network, and the hub is off (HF_HUB_OFFLINE=1)",
+            "set HF_HUB_OFFLINE=0 on a machine with network access and log in (HF_TOKEN or `hf auth login`), "
+            "or export without --hub and upload the folder later",
+        )
+
+
+def _served(downloaded: Path, label: str) -> tuple[Path, dict]:
+    """The HF folder inside a downloaded MLflow model, and its serving settings."""
+    import yaml
+
+    flavors = yaml.safe_load((downloaded / "MLmodel").read_text()).get("flavors", {})
+    pyfunc = flavors.get("python_function", {})
+    if "transformers" in flavors or "model" not in pyfunc.get("artifacts", {}):
+        raise TunelineError(
+            f"{label} was not registered by this tuneline (it has no merged model folder to export)",
+            "register a new version with `tuneline run`, or load this one with mlflow.pyfunc.load_model",
+        )
+    return downloaded / pyfunc["artifacts"]["model"]["path"], pyfunc["config"]
+
+
+def _front_matter(params: dict, task: tasks.Task) -> str:
+    import yaml
+
+    from tuneline.modeling import BUILTIN
+
+    base = params.get("model", {}).get("name", "")
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["tuneline", task.name]}
+    if base in HUB_IDS:
+        meta["base_model"] = HUB_IDS[base]
+    elif base and base not in BUILTIN and "/" in base and not Path(base).exists():
+        meta["base_model"] = base  # a hub id
+    if method := params.get("train", {}).get("method"):
+        meta["tags"].append(method)
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def readme(version, task: tasks.Task, config: dict, params: dict, code: str) -> str:
+    """The exported folder's README.md: hub metadata, how to use it, the version's card."""
+    beams = "greedy" if config["num_beams"] == 1 else f"{config['num_beams']} beams"
+    cut = f", the answer cut at {task.stop!r}" if task.stop else ""
+    words = (
+        " `tuneline predict` and the served MLflow model also keep a descrambler's answer to the input's words "
+        "(`evaluate.constrain: words`); this example decodes freely, as `tuneline predict --free` does."
+        if config.get("constrain") == "words"
+        else ""
+    )
+    card = (version.description or "").lstrip()
+    if card.startswith("# "):  # the card's title is this README's
+        card = card.split("\n", 1)[1] if "\n" in card else ""
+    return (
+        _front_matter(params, task) + f"\n# {version.name} v{version.version}\n\n"
+        f"Exported by `tuneline export` from the MLflow registry (`models:/{version.name}/{version.version}`, "
+        f"run `{version.run_id}`). The weights and tokenizer are the merged model as registered"
+        + ("; `tuneline_params.json` holds every setting of the run that made it" if params else "")
+        + ".\n\n"
+        "## Use it with transformers\n\n"
+        f"```python\n{code}\n\nprint(answer({task.serve_example!r}))\n```\n\n"
+        f"It decodes as the version was evaluated ({beams}, at most {config['max_new_tokens']} new tokens: "
+        f"`generation_config.json`){cut}. In fp32 it answers as tuneline does (checked on this example at "
+        "export); tuneline decodes under bf16 autocast where the hardware has it (`evaluate.precision`), "
+        f"which can flip a near tie.{words}\n\n" + card
+    )
+
+
+def _decode_config(folder: Path, config: dict) -> None:
+    """generation_config.json: the version's decoding, for `generate` without arguments.
+    An answer ends at the tokenizer's EOS alone, as in tuneline (a base model's config may
+    list other end ids), and padding is tuneline's (EOS where the tokenizer has no pad)."""
+    from tuneline.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(folder))
+    path = folder / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    gen |= {
+        "do_sample": False,
+        "num_beams": int(config["num_beams"]),
+        "max_new_tokens": int(config["max_new_tokens"]),
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    for sampling in ("temperature", "top_p", "top_k"):  # unused when greedy; transformers warns about them
+        gen.pop(sampling, None)
+    path.write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _chat_template(folder: Path, task: tasks.Task) -> None:
+    """A chat model trained on tuneline's default template (its tokenizer had none) gets it
+    saved, so that `apply_chat_template` renders its prompts as trained."""
+    from tuneline import chat
+    from tuneline.modeling import load_tokenizer
+
+    if task.chat and not getattr(load_tokenizer(str(folder)), "chat_template", None):
+        (folder / "chat_template.jinja").write_text(chat.DEFAULT_TEMPLATE)
+
+
+def check(folder: Path, task: tasks.Task, config: dict, code: str) -> str:
+    """Run the README's example on `folder` and compare its answer with tuneline's own
+    decoding of the same model and prompt (free, fp32). Returns the answer."""
+    from tuneline.generation import generate
+    from tuneline.modeling import load_tokenizer
+    from tuneline.serving import Answerer
+
+    scope: dict = {}  # the example's globals: it loads `tok` and `model` from `folder`
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own example, as the README shows it)
+    theirs = scope["answer"](task.serve_example)
+    served = Answerer()  # its `prompts` is how the registered model fills the task's prompt
+    served.model, served.tok, served.config = scope["model"], load_tokenizer(str(folder)), config
+    ours = generate(
+        served.model,
+        served.tok,
+        served.prompts([task.serve_example]),
+        config["max_new_tokens"],
+        1,
+        int(config["num_beams"]),
+        task.stop,
+        show=False,
+    )[0]
+    if theirs != ours:
+        raise TunelineError(
+            f"the exported folder answers {theirs!r} with plain transformers where tuneline answers {ours!r}; "
+            "nothing was exported",
+            "report it with both answers (tuneline export --debug shows where it happened)",
+        )
+    return theirs
+
+
+def export(client, version, dest: Path) -> dict:
+    """Write `version` (an MLflow ModelVersion) as a Hugging Face folder at `dest`, whole or
+    not at all. Returns what was written and the checked example's answer."""
+    import mlflow
+
+    check_dest(dest)
+    label = f"{version.name} v{version.version}"
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(work / "mlflow")
+            )
+        )
+        source, config = _served(downloaded, label)
+        task = tasks.TASKS[config["task"]]
+        folder = work / "hf"
+        shutil.copytree(source, folder)
+        params_file = folder / "tuneline_params.json"
+        params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+        _decode_config(folder, config)
+        _chat_template(folder, task)
+        answer = check(folder, task, config, example(task, config, str(folder)))
+        code = example(task, config, str(dest))  # the README names where the folder ends up
+        (folder / "README.md").write_text(readme(version, task, config, params, code))
+        if dest.exists():
+            dest.rmdir()  # empty (check_dest)
+        os.replace(folder, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "folder": str(dest),
+        "files": sorted(p.name for p in dest.iterdir()),
+        "example": task.serve_example,
+        "answer": answer,
+    }
+
+
+def push(folder: Path, repo: str, version) -> str:
+    """Upload an exported folder to the hub repository `repo` (created private if new).
+    Returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, private=True, exist_ok=True)
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text().replace(repr(str(folder)), repr(repo)))  # the example loads from the hub
+    info = api.upload_folder(
+        repo_id=repo,
+        folder_path=str(folder),
+        commit_message=f"{version.name} v{version.version} from tuneline (run {version.run_id})",
+    )
+    return str(getattr(info, "commit_url", info))
