@@ -97,25 +97,38 @@ def test_a_destination_must_be_new_or_empty_and_pushing_needs_the_hub(tmp_path, 
         export.check_hub()
 
 
-def test_push_uploads_the_folder_to_a_private_repo_whose_example_loads_from_the_hub(tmp_path, monkeypatch):
+def test_push_sends_the_folder_in_one_commit_to_a_private_repo_whose_example_loads_from_it(tmp_path, monkeypatch):
+    import httpx
     import huggingface_hub
 
     calls = []
 
-    class Api:
+    class Api:  # the hub's calls, recorded (no network here)
         def create_repo(self, repo, **kw):
             calls.append(("create", repo, kw))
 
-        def upload_folder(self, **kw):
-            calls.append(("upload", kw["repo_id"], kw))
-            return type("Info", (), {"commit_url": f"https://huggingface.co/{kw['repo_id']}/commit/abc"})()
+        def create_commit(self, repo, ops, **kw):
+            calls.append(("commit", repo, ops, kw))
+            if repo == "me/denied":
+                denied = httpx.Response(403, request=httpx.Request("POST", "https://huggingface.co/api/me/denied"))
+                raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden: no write access", response=denied)
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{repo}/commit/abc"})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     folder = tmp_path / "out"
     folder.mkdir()
-    (folder / "README.md").write_text(f"MODEL = {str(folder)!r}\n")
+    readme = f"MODEL = {str(folder)!r}\ntok = AutoTokenizer.from_pretrained(MODEL)\n"
+    (folder / "README.md").write_text(readme)
+    (folder / "model.safetensors").write_bytes(b"weights")
     v = type("V", (), {"name": "d", "version": "3", "run_id": "r1"})()
     assert export.push(folder, "me/d", v) == "https://huggingface.co/me/d/commit/abc"
     assert calls[0] == ("create", "me/d", {"private": True, "exist_ok": True})
-    assert calls[1][2]["folder_path"] == str(folder) and "d v3" in calls[1][2]["commit_message"]
-    assert (folder / "README.md").read_text() == "MODEL = 'me/d'\n"
+    _, repo, ops, kw = calls[1]
+    sent = {op.path_in_repo: op.path_or_fileobj for op in ops}
+    assert sent["README.md"] == readme.replace(repr(str(folder)), "'me/d'").encode()
+    assert sent["model.safetensors"] == str(folder / "model.safetensors") and "d v3" in kw["commit_message"]
+    assert (folder / "README.md").read_text() == readme  # the local folder still loads from itself
+    with pytest.raises(
+        TunelineError, match=r"upload to the hub repository 'me/denied' failed.*403.*hf upload me/denied"
+    ):
+        export.push(folder, "me/denied", v)

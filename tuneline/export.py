@@ -239,17 +239,24 @@ def export(client, version, dest: Path) -> dict:
 
 
 def push(folder: Path, repo: str, version) -> str:
-    """Upload an exported folder to the hub repository `repo` (created private if new).
+    """Upload an exported folder to the hub repository `repo` (created private if new), in
+    one commit whose README example loads from `repo`; the local folder stays as it is.
     Returns the commit's URL."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    readme = (folder / "README.md").read_text().replace(f"MODEL = {str(folder)!r}", f"MODEL = {repo!r}")
+    ops = [CommitOperationAdd(p.name, readme.encode() if p.name == "README.md" else str(p)) for p in files]
     api = HfApi()
-    api.create_repo(repo, private=True, exist_ok=True)
-    readme = folder / "README.md"
-    readme.write_text(readme.read_text().replace(repr(str(folder)), repr(repo)))  # the example loads from the hub
-    info = api.upload_folder(
-        repo_id=repo,
-        folder_path=str(folder),
-        commit_message=f"{version.name} v{version.version} from tuneline (run {version.run_id})",
-    )
-    return str(getattr(info, "commit_url", info))
+    try:
+        api.create_repo(repo, private=True, exist_ok=True)
+        info = api.create_commit(
+            repo, ops, commit_message=f"{version.name} v{version.version} from tuneline (run {version.run_id})"
+        )
+    except Exception as e:  # HfHubHTTPError (auth, a bad name), connection errors
+        raise TunelineError(
+            f"the upload to the hub repository '{repo}' failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+            f"check the name and your login (HF_TOKEN or `hf auth login`); the folder is exported at {folder}, "
+            f"so `hf upload {repo} {folder}` can send it later",
+        ) from None
+    return str(info.commit_url)
