@@ -34,10 +34,10 @@ def _readme_code(folder) -> str:
 
 
 def test_an_exported_version_answers_with_transformers_alone_as_tuneline_does(version, tiny_gpt2, tmp_path):
-    client, v, params = version
+    _, v, params = version
     dest = tmp_path / "out"
     dest.mkdir()  # an empty folder is fine
-    done = export.export(client, v, dest)
+    done = export.export(v, dest)
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(done["files"])
     gen = json.loads((dest / "generation_config.json").read_text())
     assert (gen["max_new_tokens"], gen["num_beams"], gen["do_sample"], gen["eos_token_id"]) == (24, 1, False, 50256)
@@ -76,12 +76,12 @@ def test_every_task_answers_with_transformers_alone_as_tuneline_does(model_cache
 
 
 def test_an_example_that_answers_otherwise_is_refused_and_nothing_is_written(version, tmp_path, monkeypatch):
-    client, v, _ = version
+    _, v, _ = version
     right = export.example
     monkeypatch.setattr(export, "example", lambda *a: right(*a).replace("'Unscramble: ", "'Sort: "))
     dest = tmp_path / "out"
     with pytest.raises(TunelineError, match="with plain transformers where tuneline answers"):
-        export.export(client, v, dest)
+        export.export(v, dest)
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary one
 
 

@@ -200,7 +200,7 @@ def check(folder: Path, task: tasks.Task, config: dict, code: str) -> str:
     return theirs
 
 
-def export(client, version, dest: Path) -> dict:
+def export(version, dest: Path) -> dict:
     """Write `version` (an MLflow ModelVersion) as a Hugging Face folder at `dest`, whole or
     not at all. Returns what was written and the checked example's answer."""
     import mlflow

@@ -137,7 +137,7 @@ def export(
         registry.require_model(client, name)
         chosen = registry.version(client, name, version)
         out.print(f"[export] {name} v{chosen.version} -> {folder}", markup=False, highlight=False)
-        done = exporting.export(client, chosen, folder)
+        done = exporting.export(chosen, folder)
         shown = done["answer"] if len(done["answer"]) <= 120 else done["answer"][:119] + "…"
         out.print(
             f"{name} v{chosen.version} exported to {done['folder']}: {', '.join(done['files'])}\n"
