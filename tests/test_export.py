@@ -132,3 +132,11 @@ def test_push_sends_the_folder_in_one_commit_to_a_private_repo_whose_example_loa
         TunelineError, match=r"upload to the hub repository 'me/denied' failed.*403.*hf upload me/denied"
     ):
         export.push(folder, "me/denied", v)
+
+
+def test_a_version_from_mlflows_transformers_flavour_is_refused_in_one_line(tmp_path):
+    """Versions registered by older tuneline have no merged folder of ours to take out."""
+    flavors = {"transformers": {"task": "text-generation"}, "python_function": {"loader_module": "mlflow.transformers"}}
+    (tmp_path / "MLmodel").write_text(yaml.safe_dump({"flavors": flavors}))
+    with pytest.raises(TunelineError, match="d v1 was not registered by this tuneline.*mlflow.pyfunc.load_model"):
+        export._served(tmp_path, "d v1")
