@@ -62,16 +62,17 @@ def test_every_task_answers_with_transformers_alone_as_tuneline_does(model_cache
     chat model that trained on tuneline's default template gets it saved with the folder."""
     folder = tmp_path / "hf"
     shutil.copytree(model_cache / "models" / "tiny-gpt2", folder)
+    tok = load_tokenizer(str(folder))
     chat_seen = False
     for name, task in tasks.TASKS.items():
         chat_seen |= task.chat
         labels = {"classify": ["joy", "anger"], "entail": ["entailment", "neutral", "contradiction"]}.get(name, [])
         config = {"task": name, "labels": labels, "max_new_tokens": 12, "num_beams": 2, "constrain": "none"}
         config |= {"precision": "auto", "batch_size": 4}
-        export._decode_config(folder, config)
-        export._chat_template(folder, task)
+        export._decode_config(folder, config, tok)
+        export._chat_template(folder, task, tok)
         assert (folder / "chat_template.jinja").is_file() == chat_seen  # written by the chat task only
-        assert export.check(folder, task, config, export.example(task, config, str(folder))) is not None
+        assert export.check(folder, task, config, export.example(task, config, str(folder)), tok) is not None
     assert chat_seen and load_tokenizer(str(folder)).chat_template is not None
 
 

@@ -82,9 +82,9 @@ def check_hub() -> None:
 
 def _served(downloaded: Path, label: str) -> tuple[Path, dict]:
     """The HF folder inside a downloaded MLflow model, and its serving settings."""
-    import yaml
+    from mlflow.models import Model
 
-    flavors = yaml.safe_load((downloaded / "MLmodel").read_text()).get("flavors", {})
+    flavors = Model.load(str(downloaded)).flavors
     pyfunc = flavors.get("python_function", {})
     if "transformers" in flavors or "model" not in pyfunc.get("artifacts", {}):
         raise TunelineError(
@@ -138,13 +138,10 @@ def readme(version, task: tasks.Task, config: dict, params: dict, code: str) -> 
     )
 
 
-def _decode_config(folder: Path, config: dict) -> None:
+def _decode_config(folder: Path, config: dict, tok) -> None:
     """generation_config.json: the version's decoding, for `generate` without arguments.
     An answer ends at the tokenizer's EOS alone, as in tuneline (a base model's config may
     list other end ids), and padding is tuneline's (EOS where the tokenizer has no pad)."""
-    from tuneline.modeling import load_tokenizer
-
-    tok = load_tokenizer(str(folder))
     path = folder / "generation_config.json"
     gen = json.loads(path.read_text()) if path.is_file() else {}
     gen |= {
@@ -159,28 +156,28 @@ def _decode_config(folder: Path, config: dict) -> None:
     path.write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def _chat_template(folder: Path, task: tasks.Task) -> None:
+def _chat_template(folder: Path, task: tasks.Task, tok) -> None:
     """A chat model trained on tuneline's default template (its tokenizer had none) gets it
     saved, so that `apply_chat_template` renders its prompts as trained."""
     from tuneline import chat
-    from tuneline.modeling import load_tokenizer
 
-    if task.chat and not getattr(load_tokenizer(str(folder)), "chat_template", None):
+    if task.chat and not getattr(tok, "chat_template", None):
         (folder / "chat_template.jinja").write_text(chat.DEFAULT_TEMPLATE)
 
 
-def check(folder: Path, task: tasks.Task, config: dict, code: str) -> str:
+def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
     """Run the README's example on `folder` and compare its answer with tuneline's own
-    decoding of the same model and prompt (free, fp32). Returns the answer."""
+    decoding of the same model and prompt (free, fp32), with tuneline's tokenizer `tok` (a
+    chat model without a template of its own renders with tuneline's default, as the
+    folder's `chat_template.jinja` does). Returns the answer."""
     from tuneline.generation import generate
-    from tuneline.modeling import load_tokenizer
     from tuneline.serving import Answerer
 
     scope: dict = {}  # the example's globals: it loads `tok` and `model` from `folder`
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own example, as the README shows it)
     theirs = scope["answer"](task.serve_example)
     served = Answerer()  # its `prompts` is how the registered model fills the task's prompt
-    served.model, served.tok, served.config = scope["model"], load_tokenizer(str(folder)), config
+    served.model, served.tok, served.config = scope["model"], tok, config
     ours = generate(
         served.model,
         served.tok,
@@ -205,6 +202,8 @@ def export(version, dest: Path) -> dict:
     not at all. Returns what was written and the checked example's answer."""
     import mlflow
 
+    from tuneline.modeling import load_tokenizer
+
     check_dest(dest)
     label = f"{version.name} v{version.version}"
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -220,9 +219,10 @@ def export(version, dest: Path) -> dict:
         shutil.copytree(source, folder)
         params_file = folder / "tuneline_params.json"
         params = json.loads(params_file.read_text()) if params_file.is_file() else {}
-        _decode_config(folder, config)
-        _chat_template(folder, task)
-        answer = check(folder, task, config, example(task, config, str(folder)))
+        tok = load_tokenizer(str(folder))
+        _decode_config(folder, config, tok)
+        _chat_template(folder, task, tok)
+        answer = check(folder, task, config, example(task, config, str(folder)), tok)
         code = example(task, config, str(dest))  # the README names where the folder ends up
         (folder / "README.md").write_text(readme(version, task, config, params, code))
         if dest.exists():

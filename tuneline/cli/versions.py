@@ -131,7 +131,6 @@ def export(
 
         if hub is not None:
             exporting.check_hub()
-        exporting.check_dest(folder)
         client = mlflow_client()
         name = model_name(name)
         registry.require_model(client, name)
