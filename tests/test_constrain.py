@@ -123,3 +123,30 @@ def test_constrained_beam_search_answers_as_transformers_generate_with_the_logit
     expected = generate_beams(tiny_gpt2, gpt2_tok, _prompts(), _budget(gpt2_tok), num_beams, processor)
     words = WordConstraint(gpt2_tok, SOURCES)
     assert generate(tiny_gpt2, gpt2_tok, _prompts(), _budget(gpt2_tok), 3, num_beams, constraint=words) == expected
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_the_custom_generate_entry_point_answers_as_tuneline_batched(tiny_gpt2, gpt2_tok, num_beams):
+    """`constrain.generate` is what an exported descrambler runs inside transformers'
+    `generate` (custom_generate/generate.py): with `words`, a left-padded batch answers as
+    tuneline's constrained decoding; without, it is plain `generate`."""
+    import torch
+
+    from tuneline import constrain
+
+    gpt2_tok.padding_side = "left"
+    enc = gpt2_tok(_prompts(), return_tensors="pt", padding=True, add_special_tokens=False)
+    width = enc["input_ids"].shape[1]
+    opts = {"max_new_tokens": _budget(gpt2_tok), "num_beams": num_beams, "do_sample": False}
+    opts |= {"pad_token_id": gpt2_tok.eos_token_id, "eos_token_id": gpt2_tok.eos_token_id}
+    with torch.no_grad():
+        out = constrain.generate(tiny_gpt2, words=SOURCES, tokenizer=gpt2_tok, **enc, **opts)
+        free = constrain.generate(tiny_gpt2, **enc, **opts)
+        plain = tiny_gpt2.generate(**enc, **opts)
+    answers = [gpt2_tok.decode(r, skip_special_tokens=True).strip() for r in out[:, width:]]
+    words = WordConstraint(gpt2_tok, SOURCES)
+    assert answers == generate(tiny_gpt2, gpt2_tok, _prompts(), _budget(gpt2_tok), 5, num_beams, constraint=words)
+    assert all(same_words(a, s) for a, s in zip(answers, SOURCES))
+    assert torch.equal(free, plain)
+    with pytest.raises(ValueError, match="one string of words per prompt"):
+        constrain.generate(tiny_gpt2, words=SOURCES[:2], tokenizer=gpt2_tok, **enc, **opts)

@@ -6,12 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from tuneline import export, tasks
+from tuneline import constrain, export, tasks
 from tuneline.errors import TunelineError
 from tuneline.generation import generate
 from tuneline.modeling import load_tokenizer
@@ -34,6 +35,8 @@ def _readme_code(folder) -> str:
 
 
 def test_an_exported_version_answers_with_transformers_alone_as_tuneline_does(version, tiny_gpt2, tmp_path):
+    """The default job's descrambler: the README example keeps the answer to the input's
+    words, with tuneline's constraint shipped as transformers' custom_generate."""
     _, v, params = version
     dest = tmp_path / "out"
     dest.mkdir()  # an empty folder is fine
@@ -47,33 +50,49 @@ def test_an_exported_version_answers_with_transformers_alone_as_tuneline_does(ve
     assert readme.count("# d v1") == 1 and "## Gate decision" in readme  # the card, under one title
     # The README's example, in a fresh interpreter that never imports tuneline
     code = _readme_code(dest)
-    assert "tuneline" not in code.replace("# decoding", "")
+    assert "import tuneline" not in code and "from tuneline" not in code
+    shipped = dest / "custom_generate" / "generate.py"
+    assert shipped.read_text() == Path(constrain.__file__).read_text()  # tuneline's constraint, as it is
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # ... answers as tuneline decodes the registered model freely (fp32), and as export checked.
-    task = tasks.TASKS["descramble"]
+    # ... answers as tuneline decodes the registered model under its constraint (fp32), and as
+    # export checked: the input's words, each as often as there (the random tiny model alone
+    # would not keep them).
+    task, tok = tasks.TASKS["descramble"], load_tokenizer("tiny-gpt2")
     prompt = task.prompt({"source": task.serve_example, "target": ""}, [])
-    ours = generate(tiny_gpt2, load_tokenizer("tiny-gpt2"), [prompt], 24, 1, 1, task.stop, show=False)[0]
+    words = constrain.WordConstraint(tok, [task.serve_example])
+    ours = generate(tiny_gpt2, tok, [prompt], 24, 1, 1, task.stop, constraint=words, show=False)[0]
     assert proc.stdout.rstrip("\n").splitlines()[-1] == ours == done["answer"]
+    assert sorted(ours.split()) == sorted(task.serve_example.split())
+    free = generate(tiny_gpt2, tok, [prompt], 24, 1, 1, task.stop, show=False)[0]
+    assert sorted(free.split()) != sorted(ours.split())
 
 
 def test_every_task_answers_with_transformers_alone_as_tuneline_does(model_cache, tmp_path):
-    """Each task's example (its prompt, chat template, cut) against tuneline's decoding; a
-    chat model that trained on tuneline's default template gets it saved with the folder."""
+    """Each task's example (its prompt, chat template, cut; the word constraint where the
+    task has one) against tuneline's decoding at 2 beams; a chat model that trained on
+    tuneline's default template gets it saved with the folder."""
     folder = tmp_path / "hf"
     shutil.copytree(model_cache / "models" / "tiny-gpt2", folder)
     tok = load_tokenizer(str(folder))
-    chat_seen = False
+    chat_seen = constrained_seen = False
     for name, task in tasks.TASKS.items():
         chat_seen |= task.chat
         labels = {"classify": ["joy", "anger"], "entail": ["entailment", "neutral", "contradiction"]}.get(name, [])
-        config = {"task": name, "labels": labels, "max_new_tokens": 12, "num_beams": 2, "constrain": "none"}
-        config |= {"precision": "auto", "batch_size": 4}
-        export._decode_config(folder, config, tok)
-        export._chat_template(folder, task, tok)
-        assert (folder / "chat_template.jinja").is_file() == chat_seen  # written by the chat task only
-        assert export.check(folder, task, config, export.example(task, config, str(folder)), tok) is not None
-    assert chat_seen and load_tokenizer(str(folder)).chat_template is not None
+        for kept in ("none", "words") if task.words else ("none",):
+            config = {"task": name, "labels": labels, "max_new_tokens": 12, "num_beams": 2, "constrain": kept}
+            config |= {"precision": "auto", "batch_size": 4}
+            shutil.rmtree(folder / "custom_generate", ignore_errors=True)
+            export._decode_config(folder, config, tok)
+            export._chat_template(folder, task, tok)
+            export._custom_generate(folder, task, config)
+            assert (folder / "chat_template.jinja").is_file() == chat_seen  # written by the chat task only
+            assert (folder / "custom_generate").is_dir() == (kept == "words")
+            said = export.check(folder, task, config, export.example(task, config, str(folder)), tok)
+            if kept == "words":
+                constrained_seen = True
+                assert sorted(said.split()) == sorted(task.serve_example.split())
+    assert chat_seen and constrained_seen and load_tokenizer(str(folder)).chat_template is not None
 
 
 def test_an_example_that_answers_otherwise_is_refused_and_nothing_is_written(version, tmp_path, monkeypatch):
@@ -121,6 +140,8 @@ def test_push_sends_the_folder_in_one_commit_to_a_private_repo_whose_example_loa
     readme = f"MODEL = {str(folder)!r}\ntok = AutoTokenizer.from_pretrained(MODEL)\n"
     (folder / "README.md").write_text(readme)
     (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "custom_generate").mkdir()
+    (folder / "custom_generate" / "generate.py").write_text("def generate(model, **kw): ...\n")
     v = type("V", (), {"name": "d", "version": "3", "run_id": "r1"})()
     assert export.push(folder, "me/d", v) == "https://huggingface.co/me/d/commit/abc"
     assert calls[0] == ("create", "me/d", {"private": True, "exist_ok": True})
@@ -128,6 +149,7 @@ def test_push_sends_the_folder_in_one_commit_to_a_private_repo_whose_example_loa
     sent = {op.path_in_repo: op.path_or_fileobj for op in ops}
     assert sent["README.md"] == readme.replace(repr(str(folder)), "'me/d'").encode()
     assert sent["model.safetensors"] == str(folder / "model.safetensors") and "d v3" in kw["commit_message"]
+    assert sent["custom_generate/generate.py"] == str(folder / "custom_generate" / "generate.py")  # subfolders too
     assert (folder / "README.md").read_text() == readme  # the local folder still loads from itself
     with pytest.raises(
         TunelineError, match=r"upload to the hub repository 'me/denied' failed.*403.*hf upload me/denied"

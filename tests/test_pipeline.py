@@ -205,6 +205,7 @@ def test_export_writes_the_champion_as_a_folder_that_transformers_loads(project,
     meta = yaml.safe_load((tmp_path / "hf" / "README.md").read_text().split("---\n")[1])
     assert meta["tags"] == ["tuneline", "descramble", "lora"]
     assert json.loads((tmp_path / "hf" / "tuneline_params.json").read_text())["model"]["name"] == "tiny-gpt2"
+    assert (tmp_path / "hf" / "custom_generate" / "generate.py").is_file()  # a descrambler keeps to the words
 
 
 def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champion(project):

@@ -239,3 +239,25 @@ def allowed_logits(model, head, x, allowed: list[list[int]], step: dict):
     weight, room = head
     logits = F.linear(h, torch.index_select(weight, 0, ids, out=room[:width]))  # (b, width)
     return only(logits, [[col[t] for t in row] for row in allowed])[:, :n], ids[:n]
+
+
+def generate(model, words: list[str] | None = None, tokenizer=None, **kwargs):
+    """transformers' `custom_generate` entry point. `tuneline export` ships this module, as
+    it is, as an exported descrambler's `custom_generate/generate.py`, so that plain
+    transformers keeps the answers to the input's words as `tuneline predict` does:
+    `model.generate(**ids, custom_generate=FOLDER, trust_remote_code=True, tokenizer=tok,
+    words=[text])`. With `words` (one string per prompt) each answer is made of exactly its
+    string's words; without, this is plain `generate`. Every other argument is `generate`'s."""
+    from transformers import GenerationMixin, LogitsProcessorList
+
+    if words is not None:
+        ids = kwargs.get("input_ids")
+        ids = kwargs.get("inputs") if ids is None else ids  # (B, T), left-padded
+        if tokenizer is None or ids is None or len(words) != ids.shape[0]:
+            raise ValueError(
+                "words= needs tokenizer= (the model's) and input_ids=, with one string of words per prompt"
+            )
+        beams = kwargs.get("num_beams") or (kwargs.get("generation_config") or model.generation_config).num_beams
+        keep = WordConstraint(tokenizer, list(words)).processor(list(range(len(words))), ids.shape[1], beams or 1)
+        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *keep])
+    return GenerationMixin.generate(model, tokenizer=tokenizer, **kwargs)

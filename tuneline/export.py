@@ -38,7 +38,7 @@ model = AutoModelForCausalLM.from_pretrained(MODEL)
 def answer(text: str) -> str:
     {prompt_line}
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**ids)  # decoding as evaluated: generation_config.json
+    {generate_line}
     text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return {cut}
 """
@@ -53,11 +53,25 @@ def _prompt_line(task: tasks.Task, labels: list[str]) -> str:
     return f'prompt = {tasks.serving_template(task, labels)!r}.replace("{{prompt}}", text)'
 
 
+def constrained(task: tasks.Task, config: dict) -> bool:
+    """The version keeps its answers to the input's words (`evaluate.constrain: words`)."""
+    return config.get("constrain") == "words" and task.words is not None
+
+
 def example(task: tasks.Task, config: dict, model: str) -> str:
     """The README's transformers example for a model logged with serving `config`: it
     defines `answer`; the README then calls it on the task's example."""
     cut = f"text.split({task.stop!r})[0].strip()" if task.stop else "text"
-    return EXAMPLE.format(model=model, prompt_line=_prompt_line(task, config["labels"]), cut=cut)
+    generate = "out = model.generate(**ids)  # decoding as evaluated: generation_config.json"
+    if constrained(task, config):  # the served field is the words (Task.words)
+        generate = (
+            "# decoding as evaluated (generation_config.json), the answer made of text's words\n"
+            "    # (custom_generate/generate.py: tuneline's constraint; leave these four arguments out to decode freely)\n"
+            "    out = model.generate(**ids, custom_generate=MODEL, trust_remote_code=True, tokenizer=tok, words=[text])"
+        )
+    return EXAMPLE.format(
+        model=model, prompt_line=_prompt_line(task, config["labels"]), generate_line=generate, cut=cut
+    )
 
 
 def check_dest(dest: Path) -> None:
@@ -115,9 +129,11 @@ def readme(version, task: tasks.Task, config: dict, params: dict, code: str) -> 
     beams = "greedy" if config["num_beams"] == 1 else f"{config['num_beams']} beams"
     cut = f", the answer cut at {task.stop!r}" if task.stop else ""
     words = (
-        " `tuneline predict` and the served MLflow model also keep a descrambler's answer to the input's words "
-        "(`evaluate.constrain: words`); this example decodes freely, as `tuneline predict --free` does."
-        if config.get("constrain") == "words"
+        " Like `tuneline predict` and the served MLflow model, it keeps the answer to the input's words "
+        "(`evaluate.constrain: words`): `custom_generate/generate.py` is tuneline's constraint, which `generate` "
+        "runs as its own code, hence `trust_remote_code=True`. Without `custom_generate`, `trust_remote_code`, "
+        "`tokenizer` and `words` it decodes freely, as `tuneline predict --free` does."
+        if constrained(task, config)
         else ""
     )
     card = (version.description or "").lstrip()
@@ -165,11 +181,24 @@ def _chat_template(folder: Path, task: tasks.Task, tok) -> None:
         (folder / "chat_template.jinja").write_text(chat.DEFAULT_TEMPLATE)
 
 
+def _custom_generate(folder: Path, task: tasks.Task, config: dict) -> None:
+    """A version that keeps its answers to the input's words ships the constraint for
+    `generate`: tuneline/constrain.py as it is (torch and transformers alone), whose
+    `generate` is transformers' `custom_generate` entry point."""
+    from tuneline import constrain
+
+    if constrained(task, config):
+        (folder / "custom_generate").mkdir()
+        shutil.copyfile(constrain.__file__, folder / "custom_generate" / "generate.py")
+
+
 def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
     """Run the README's example on `folder` and compare its answer with tuneline's own
-    decoding of the same model and prompt (free, fp32), with tuneline's tokenizer `tok` (a
-    chat model without a template of its own renders with tuneline's default, as the
-    folder's `chat_template.jinja` does). Returns the answer."""
+    decoding of the same model and prompt (fp32; under the version's word constraint
+    where it has one), with tuneline's tokenizer `tok` (a chat model without a template
+    of its own renders with tuneline's default, as the folder's `chat_template.jinja`
+    does). Returns the answer."""
+    from tuneline.constrain import WordConstraint
     from tuneline.generation import generate
     from tuneline.serving import Answerer
 
@@ -186,6 +215,9 @@ def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
         1,
         int(config["num_beams"]),
         task.stop,
+        constraint=WordConstraint(tok, [task.words({task.serve_field: task.serve_example})])
+        if constrained(task, config)
+        else None,
         show=False,
     )[0]
     if theirs != ours:
@@ -222,6 +254,7 @@ def export(version, dest: Path) -> dict:
         tok = load_tokenizer(str(folder))
         _decode_config(folder, config, tok)
         _chat_template(folder, task, tok)
+        _custom_generate(folder, task, config)
         answer = check(folder, task, config, example(task, config, str(folder)), tok)
         code = example(task, config, str(dest))  # the README names where the folder ends up
         (folder / "README.md").write_text(readme(version, task, config, params, code))
@@ -244,9 +277,9 @@ def push(folder: Path, repo: str, version) -> str:
     Returns the commit's URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     readme = (folder / "README.md").read_text().replace(f"MODEL = {str(folder)!r}", f"MODEL = {repo!r}")
-    ops = [CommitOperationAdd(p.name, readme.encode() if p.name == "README.md" else str(p)) for p in files]
+    ops = [CommitOperationAdd(f, readme.encode() if f == "README.md" else str(folder / f)) for f in files]
     api = HfApi()
     try:
         api.create_repo(repo, private=True, exist_ok=True)
