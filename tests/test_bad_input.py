@@ -495,6 +495,12 @@ CASES = [
     Case("cli-export-into-a-full-folder", cli("export", "data"), ("'data' already exists and is not an empty folder",)),
     Case("cli-export-to-the-hub-offline", cli("export", "hf", "--hub", "me/descrambler"), ("the hub is off",)),
     Case(
+        "cli-export-to-a-bad-hub-name",
+        cli("export", "hf", "--hub", "me/my model"),
+        ("--hub 'me/my model' is not a hub repository id",),
+        env={"HF_HUB_OFFLINE": "0"},
+    ),
+    Case(
         "registry-export-unknown-version",
         cli("export", "hf", "--version", "7"),
         ("'7' is not a version or alias of model 'descrambler'",),

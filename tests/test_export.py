@@ -112,9 +112,14 @@ def test_a_destination_must_be_new_or_empty_and_pushing_needs_the_hub(tmp_path, 
         with pytest.raises(TunelineError, match=says):
             export.check_dest(bad)
     export.check_dest(tmp_path / "new")
+    for bad in ("bad repo name", "me/d/x"):  # refused before any work, not after the export
+        with pytest.raises(TunelineError, match=f"--hub '{bad}' is not a hub repository id.*e.g. --hub me/"):
+            export.check_hub(bad)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    export.check_hub("me/descrambler")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TunelineError, match="hub is off"):
-        export.check_hub()
+        export.check_hub("me/descrambler")
 
 
 def test_push_sends_the_folder_in_one_commit_to_a_private_repo_whose_example_loads_from_it(tmp_path, monkeypatch):

@@ -84,8 +84,18 @@ def check_dest(dest: Path) -> None:
         raise TunelineError(f"the folder '{dest.parent}' does not exist", f"create it first: mkdir -p {dest.parent}")
 
 
-def check_hub() -> None:
-    """Before any work: the hub must be reachable to push."""
+def check_hub(repo: str) -> None:
+    """Before any work: `repo` must be a valid hub repository id, and the hub reachable."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise TunelineError(
+            f"--hub '{repo}' is not a hub repository id ({str(e).split(':')[0]})",
+            "give NAME or OWNER/NAME, e.g. --hub me/descrambler",
+        ) from None
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise TunelineError(
             "--hub needs the network, and the hub is off (HF_HUB_OFFLINE=1)",

@@ -130,7 +130,7 @@ def export(
         from tuneline import registry
 
         if hub is not None:
-            exporting.check_hub()
+            exporting.check_hub(hub)
         client = mlflow_client()
         name = model_name(name)
         registry.require_model(client, name)
