@@ -37,6 +37,10 @@ def test_corrupt_weights_are_named(tmp_path, model_cache):
 def test_a_folder_without_config_is_refused(tmp_path):
     with pytest.raises(TunelineError, match="no config.json"):
         resolve(str(tmp_path))
+    with pytest.raises(TunelineError) as err:  # loading it (tuneline evaluate -m FOLDER): the same one line
+        load_model(str(tmp_path))
+    assert str(err.value).startswith(f"model directory '{tmp_path}' has no config.json"), str(err.value)
+    assert str(err.value).count("Fix:") == 1
 
 
 def test_the_built_in_smollm2_answers_like_smollm2(model_cache):

@@ -277,8 +277,9 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None):
     dtype = dtype or torch.float32
     if str(name) in SCRATCH:
         return scratch_model(str(name))
+    folder = resolve(str(name))  # a local folder without config.json: its own line, not wrapped below
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(str(name)), dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise _hub_error(str(name), err) from None
     except Exception as err:  # corrupt weights surface as many types (SafetensorError, RuntimeError)
