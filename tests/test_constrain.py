@@ -1,5 +1,8 @@
 """Constrained decoding keeps the input's words, on any tokenizer split, greedy and beam."""
 
+import ast
+from pathlib import Path
+
 import pytest
 from conftest import generate_beams
 
@@ -150,3 +153,18 @@ def test_the_custom_generate_entry_point_answers_as_tuneline_batched(tiny_gpt2, 
     assert torch.equal(free, plain)
     with pytest.raises(ValueError, match="one string of words per prompt"):
         constrain.generate(tiny_gpt2, words=SOURCES[:2], tokenizer=gpt2_tok, **enc, **opts)
+
+
+def test_the_module_runs_without_tuneline():
+    """`tuneline export` ships constrain.py as an exported model's custom_generate/generate.py,
+    which its users run with transformers alone: it imports nothing else."""
+    from tuneline import constrain
+
+    tree = ast.parse(Path(constrain.__file__).read_text())
+    roots = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert roots <= {"__future__", "bisect", "collections", "functools", "torch", "transformers"}, roots

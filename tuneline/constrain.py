@@ -10,7 +10,10 @@ only takes away what would break the multiset of words.
 Greedy decoding (`generation.decode`) and beam search (`beam.search`) ask it which tokens
 each row may emit (`rule`); for greedy steps `allowed_logits` computes those logits and no
 others (on the CPU in bf16, the output head's columns for them alone). As a transformers
-`LogitsProcessor` (`processor`) it constrains `model.generate` the same way.
+`LogitsProcessor` (`processor`) it constrains `model.generate` the same way, and `generate`
+is transformers' `custom_generate` entry point: `tuneline export` ships this file, as it is,
+with an exported descrambler, so it imports nothing but the standard library, torch and
+transformers.
 """
 
 from __future__ import annotations
