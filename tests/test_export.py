@@ -46,7 +46,8 @@ def test_an_exported_version_answers_with_transformers_alone_as_tuneline_does(ve
     assert (gen["max_new_tokens"], gen["num_beams"], gen["do_sample"], gen["eos_token_id"]) == (24, 1, False, 50256)
     readme = (dest / "README.md").read_text()
     meta = yaml.safe_load(readme.split("---\n")[1])
-    assert meta["library_name"] == "transformers" and "descramble" in meta["tags"] and "base_model" not in meta
+    assert meta["library_name"] == "transformers" and "base_model" not in meta
+    assert {"descramble", "custom_generate"} <= set(meta["tags"])
     assert readme.count("# d v1") == 1 and "## Gate decision" in readme  # the card, under one title
     # The README's example, in a fresh interpreter that never imports tuneline
     code = _readme_code(dest)

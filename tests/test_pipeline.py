@@ -203,7 +203,7 @@ def test_export_writes_the_champion_as_a_folder_that_transformers_loads(project,
     out = project.run(sys.executable, "-m", "tuneline.cli", "export", str(tmp_path / "hf")).stdout
     assert f"descrambler v1 exported to {tmp_path / 'hf'}" in out and "as tuneline does" in out, out
     meta = yaml.safe_load((tmp_path / "hf" / "README.md").read_text().split("---\n")[1])
-    assert meta["tags"] == ["tuneline", "descramble", "lora"]
+    assert meta["tags"] == ["tuneline", "descramble", "lora", "custom_generate"]
     assert json.loads((tmp_path / "hf" / "tuneline_params.json").read_text())["model"]["name"] == "tiny-gpt2"
     assert (tmp_path / "hf" / "custom_generate" / "generate.py").is_file()  # a descrambler keeps to the words
 

@@ -118,7 +118,7 @@ def _served(downloaded: Path, label: str) -> tuple[Path, dict]:
     return downloaded / pyfunc["artifacts"]["model"]["path"], pyfunc["config"]
 
 
-def _front_matter(params: dict, task: tasks.Task) -> str:
+def _front_matter(params: dict, task: tasks.Task, config: dict) -> str:
     import yaml
 
     from tuneline.modeling import BUILTIN
@@ -131,6 +131,8 @@ def _front_matter(params: dict, task: tasks.Task) -> str:
         meta["base_model"] = base  # a hub id
     if method := params.get("train", {}).get("method"):
         meta["tags"].append(method)
+    if constrained(task, config):
+        meta["tags"].append("custom_generate")  # the hub's tag for a repo with its own decoding
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
@@ -150,7 +152,7 @@ def readme(version, task: tasks.Task, config: dict, params: dict, code: str) -> 
     if card.startswith("# "):  # the card's title is this README's
         card = card.split("\n", 1)[1] if "\n" in card else ""
     return (
-        _front_matter(params, task) + f"\n# {version.name} v{version.version}\n\n"
+        _front_matter(params, task, config) + f"\n# {version.name} v{version.version}\n\n"
         f"Exported by `tuneline export` from the MLflow registry (`models:/{version.name}/{version.version}`, "
         f"run `{version.run_id}`). The weights and tokenizer are the merged model as registered"
         + ("; `tuneline_params.json` holds every setting of the run that made it" if params else "")
