@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -244,6 +245,18 @@ class Project:
                 f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
             )
         return proc
+
+    def dvc_json(self, *args: str, limit: int = 120):
+        """`dvc ARGS --json`, parsed. A DVC command that hangs prints every thread's stack and
+        exits after `limit` seconds (faulthandler), so the failure says where: CI once waited
+        900 s on `dvc exp show` after a sweep, once in many runs."""
+        code = (
+            f"import faulthandler, sys; faulthandler.dump_traceback_later({limit}, exit=True); "
+            "from dvc.cli import main; sys.exit(main(sys.argv[1:]))"
+        )
+        proc = self.run(sys.executable, "-c", code, *args, "--json", check=False, timeout=limit + 60)
+        assert proc.returncode == 0, f"dvc {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-12000:]}"
+        return json.loads(proc.stdout)
 
     def set_params(self, over: dict) -> None:
         path = self.root / "params.yaml"

@@ -110,7 +110,7 @@ def test_a_recipe_run_is_a_dvc_experiment_and_an_mlflow_run_with_the_same_params
     written = yaml.safe_load((project.root / "params.yaml").read_text())
     assert written["prepare"]["task"] == "pretrain" and written["train"]["max_steps"] == 3
     assert "Written by `tuneline run --recipe pretrain" in (project.root / "params.yaml").read_text()
-    exps = json.loads(project.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    exps = project.dvc_json("exp", "show")
     recorded = [e for b in exps for e in (b.get("experiments") or [])]
     names = [r["name"] for r in recorded]
     assert any(n.startswith("pretrain-") for n in names), names

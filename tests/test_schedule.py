@@ -38,7 +38,7 @@ def test_a_served_schedule_runs_the_pipeline_and_records_its_parameters_everywhe
     assert tags["tuneline.overrides"] == "train.lr=0.003" and params["train.lr"] == "0.003"
     assert tags["tuneline.champion"] == "descrambler v1"
     # DVC: the run is an experiment whose params have the override and whose message is the command.
-    exps = json.loads(served.proj.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    exps = served.proj.dvc_json("exp", "show")
     revs = [r for e in exps for x in (e.get("experiments") or []) for r in x["revs"]]
     assert [r["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for r in revs] == [0.003]
     log = served.proj.run("git", "log", "--all", "--format=%s").stdout

@@ -319,7 +319,7 @@ def test_only_the_winner_is_evaluated_on_test_and_gated(swept):
 @pytest.mark.slow
 def test_dvc_and_the_mlflow_parent_list_the_same_arms_with_the_same_numbers(swept):
     proj, _, _ = swept
-    shown = json.loads(proj.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    shown = proj.dvc_json("exp", "show")
     revs = [
         e
         for row in shown
