@@ -210,7 +210,6 @@ def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
     where it has one), with tuneline's tokenizer `tok` (a chat model without a template
     of its own renders with tuneline's default, as the folder's `chat_template.jinja`
     does). Returns the answer."""
-    from tuneline.constrain import WordConstraint
     from tuneline.generation import generate
     from tuneline.serving import Answerer
 
@@ -227,9 +226,7 @@ def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
         1,
         int(config["num_beams"]),
         task.stop,
-        constraint=WordConstraint(tok, [task.words({task.serve_field: task.serve_example})])
-        if constrained(task, config)
-        else None,
+        constraint=served.words([task.serve_example]) if constrained(task, config) else None,
         show=False,
     )[0]
     if theirs != ours:

@@ -115,10 +115,17 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 )
         return prompts
 
+    def words(self, texts: list):
+        """The word constraint for a descrambler's inputs `texts`: each answer made of its
+        input's words (tuneline/constrain.py)."""
+        from tuneline.constrain import WordConstraint
+
+        task = tasks.TASKS[self.config["task"]]
+        return WordConstraint(self.tok, [task.words({task.serve_field: str(t)}) for t in texts])
+
     # Annotated as a frame, which MLflow infers no schema from: the logged signature (with
     # its params) stays the one `log_model` gives.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
-        from tuneline.constrain import WordConstraint
         from tuneline.generation import generate
         from tuneline.modeling import autocast
 
@@ -132,9 +139,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
             )
         texts = _inputs(model_input)
         prompts = self.prompts(texts)
-        words = None
-        if opts["constrain"] == "words":
-            words = WordConstraint(self.tok, [task.words({task.serve_field: str(t)}) for t in texts])
+        words = self.words(texts) if opts["constrain"] == "words" else None
         with autocast(cfg["precision"]):
             return generate(
                 self.model,
