@@ -26,7 +26,7 @@ from prefect.states import Failed, State
 from tuneline import ROOT
 from tuneline.config import Params
 from tuneline.data import LINEAGE, TOKENIZED_META
-from tuneline.errors import INTERRUPTED, TunelineError
+from tuneline.errors import INTERRUPTED, TunelineError, dvc_message
 from tuneline.io import read_json
 from tuneline.stages import ERROR_FILE, stage_names
 
@@ -218,8 +218,9 @@ def save_experiment(name: str, command: str) -> str | None:
         timeout=300,
     )
     if proc.returncode != 0:
-        print(
-            f"[tuneline] note: not saved as a DVC experiment ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]})"
-        )
+        why = dvc_message(proc.stderr or proc.stdout)
+        if "Empty git repo" in why:  # `git init` and no commit yet: a run still works, DVC cannot save it
+            why += "; commit the project once (`git add -A && git commit -m start`) to keep each run as one"
+        print(f"[tuneline] note: not saved as a DVC experiment ({why})")
         return None
     return name

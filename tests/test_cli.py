@@ -47,10 +47,20 @@ def test_an_unknown_recipe_is_one_line_with_a_suggestion(tmp_path):
 
 
 def test_recipes_are_listed_with_what_they_do():
-    out = _cli("recipes").stdout
-    for name in ("descramble", "pretrain", "alpaca", "emotion", "mnli"):
-        assert name in out
-    assert "6-class emotion classification" in out
+    import os
+
+    from tuneline import recipes
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneline.cli", "recipes"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"COLUMNS": "400"},  # one row per recipe
+    )
+    rows = [" ".join(line.split()) for line in proc.stdout.splitlines()]
+    assert rows == [f"{name} {recipes.summary(name)}" for name in recipes.names()]
+    assert "emotion 6-class emotion classification as text" in rows[3]
 
 
 def _workdir(tmp_path: Path) -> Path:

@@ -290,3 +290,19 @@ def test_a_half_written_dvc_rwlock_is_removed_and_a_valid_one_kept(tmp_path):
             pass
     lock.write_text('{"read": {}, "write": {}}')
     assert heal_rwlock(tmp_path) is False and lock.read_text() == '{"read": {}, "write": {}}'
+
+
+def test_a_run_dvc_cannot_save_says_why_in_one_line_not_dvcs_support_footer(tmp_path, monkeypatch, capsys):
+    """`git init` with no commit yet: the run works, DVC cannot save it as an experiment; the
+    note read "(['Having any troubles? Hit us up at https://dvc.org/support, ...'])"."""
+    import flows.dvc_tasks as dt
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.setattr(dt, "ROOT", tmp_path)
+    assert dt.save_experiment.fn("run-1", "tuneline run") is None
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if "note:" in line]
+    assert note == (
+        "[tuneline] note: not saved as a DVC experiment (Empty git repo; commit the project once "
+        "(`git add -A && git commit -m start`) to keep each run as one)"
+    )

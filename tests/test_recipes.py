@@ -29,6 +29,24 @@ def test_every_recipe_and_its_smoke_variant_validate(name):
     assert full.primary_metric() in TASKS[full.prepare.task].metrics
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_recipe_says_what_it_does_in_one_whole_sentence(name):
+    # `tuneline recipes` lists it: a first line cut mid-sentence read "... target:"
+    text = recipes.summary(name)
+    assert text.endswith(".") and text.count("`") % 2 == 0, text
+    assert 20 <= len(text) <= 200, text
+    first = (REPO / "recipes" / f"{name}.yaml").read_text().splitlines()[0]
+    assert first.startswith("# ") and text.startswith(first[2:].split(".")[0])
+
+
+def test_a_summary_ends_at_the_first_sentence_not_at_a_dot_inside_a_word(tmp_path, monkeypatch):
+    (tmp_path / "x.yaml").write_text(
+        "# Reads notes.txt (v2.5 rules), e.g. 3.\n# More. Even more.\n#\n# Later.\nseed: 1\n"
+    )
+    monkeypatch.setattr(recipes, "recipes_dir", lambda: tmp_path)
+    assert recipes.summary("x") == "Reads notes.txt (v2.5 rules), e.g. 3."
+
+
 def test_params_yaml_is_the_descramble_recipe_and_the_schema_defaults():
     # Defaults exist once, in the schema: the default job, params.yaml and Params() agree.
     assert load_params(REPO / "params.yaml") == recipes.build("descramble") == Params()

@@ -102,6 +102,7 @@ def test_a_label_flip_is_a_fix_or_a_break_and_each_label_is_a_slice(client):
     text = review.report(review.side(client, "m", va), review.side(client, "m", f"v{vb}"))
     assert "accuracy" in text and "1 fixed and 1 broken" in text
     assert "| label fear | 3 |" in text and "| label joy | 3 |" in text
+    assert "- code: commits unknown (not in git)" in text  # neither version has a git.commit tag
 
 
 def test_versions_scored_on_other_examples_or_unknown_refs_are_one_line(client):
@@ -126,3 +127,16 @@ def test_the_command_compares_the_challenger_with_the_champion_and_saves_markdow
     assert (tmp_path / "review.md").read_text().startswith("# v2 (challenger) against v1 (champion)")
     bad = CliRunner().invoke(app, ["diff", "--name", "m", "champion", "nope"])
     assert bad.exit_code != 0 and "'nope' is not a version, alias or run" in bad.output
+
+
+def test_a_version_against_itself_is_one_line_not_an_empty_report(client):
+    # After the first run v1 is both champion and challenger: `tuneline diff` compared v1 with v1.
+    rows = [{"source": t, "target": t} for t in TARGETS]
+    v = _register(client, rows, TARGETS, {}, alias="champion")
+    client.set_registered_model_alias("m", "challenger", v)
+    result = CliRunner().invoke(app, ["diff", "--name", "m"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: v1 (challenger) and v1 (champion) are the same model, so there is nothing to compare. Fix: a run that "
+        "registers another version makes a challenger; or name two versions, e.g. `tuneline diff 1 2`"
+    ]

@@ -15,6 +15,16 @@ class TunelineError(Exception):
         super().__init__(f"{problem}. Fix: {fix}" if fix else problem)
 
 
+def dvc_message(output: str) -> str:
+    """What a failed DVC command said, in one line: its `ERROR:` lines without DVC's support
+    footer ("Having any troubles? ...", which is the last line of every failure)."""
+    lines = [" ".join(line.split()) for line in output.splitlines()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    if not errors:
+        errors = [line for line in lines if line and not line.startswith("Having any troubles?")][-1:]
+    return "; ".join(e.removeprefix("unexpected error - ") for e in errors) or "no output"
+
+
 def from_os_error(err: BaseException, where: str) -> TunelineError | None:
     """The one-line form of an environment failure (full disk, read-only or forbidden
     path), found also when a library wrapped the OSError in its own message."""

@@ -36,6 +36,24 @@ def names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
+def summary(name: str) -> str:
+    """What recipe `name` does: the first sentence of its header comment (the lines of `#`
+    at the top of recipes/<name>.yaml), which may span several lines."""
+    import re
+
+    header = []
+    for line in (recipes_dir() / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#") or line.strip() == "#":
+            break
+        header.append(line.lstrip("#").strip())
+    text = " ".join(header)
+    # A stop then a space or the end, not inside "chat.py)" or "82.5%", nor after "e.g" or "et al"
+    for end in re.finditer(r"[.!?](?=\s|$)", text):
+        if not re.search(r"(\be\.g|\bi\.e|\bal|\bvs)$", text[: end.start()]):
+            return text[: end.end()]
+    return text
+
+
 def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

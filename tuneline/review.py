@@ -35,6 +35,7 @@ class Side:
     """One model of the comparison, as register logged it."""
 
     label: str  # "v3 (champion)", "run 1a2b3c4d"
+    run_id: str  # the MLflow run that logged the model
     record: dict  # eval/examples.json: examples_key, tuned (the model's per-example record), ...
     rows: list[dict]  # the test rows
     shown: list[dict]  # per row: prompt, target, tuned_output
@@ -83,7 +84,7 @@ def side(client, name: str, ref: str) -> Side:
     rows = [json.loads(line) for line in _download(run_id, ROWS_ARTIFACT, ref).splitlines()]
     shown = [json.loads(line) for line in _download(run_id, PREDICTIONS_ARTIFACT, ref).splitlines()]
     tags = dict(version.tags) if version else {}
-    return Side(label, record, rows, shown, params, tags, _packages(version.source if version else None))
+    return Side(label, run_id, record, rows, shown, params, tags, _packages(version.source if version else None))
 
 
 def _metric(b: Side) -> tuple[tasks.Task, list[str], str]:
@@ -130,6 +131,11 @@ def _sub(s: scoring.Stat, idx: np.ndarray) -> scoring.Stat:
 
 def report(a: Side, b: Side, threshold: float | None = None, show: int = 5, n_boot: int = 1000) -> str:
     """The review of B against A, as Markdown."""
+    if a.run_id == b.run_id:  # `tuneline diff` after the first run: v1 is champion and challenger
+        raise TunelineError(
+            f"{b.label} and {a.label} are the same model, so there is nothing to compare",
+            "a run that registers another version makes a challenger; or name two versions, e.g. `tuneline diff 1 2`",
+        )
     if a.record.get("examples_key") != b.record.get("examples_key"):
         raise TunelineError(
             f"{a.label} and {b.label} were scored on different test examples or settings, so no example pairs up",
@@ -182,7 +188,12 @@ def lineage(a: Side, b: Side) -> list[str]:
         va, vb = a.tags.get(key, "?"), b.tags.get(key, "?")
         lines.append(f"- `{key}`: " + ("the same" if va == vb else f"{va} -> {vb}"))
     ca, cb = a.tags.get("git.commit", "?"), b.tags.get("git.commit", "?")
-    lines.append(f"- code: {'the same commit ' + ca if ca == cb else f'commits {ca}..{cb}'}")
+    if ca == cb:
+        lines.append(
+            f"- code: the same commit {ca}" if ca not in ("?", "unknown") else "- code: commits unknown (not in git)"
+        )
+    else:
+        lines.append(f"- code: commits {ca}..{cb}")
     pkgs = sorted(k for k in {*a.packages, *b.packages} if a.packages.get(k) != b.packages.get(k))
     lines.append(
         "- packages: "

@@ -32,7 +32,7 @@ import yaml
 
 from tuneline import scoring
 from tuneline.config import Params, flatten
-from tuneline.errors import TunelineError
+from tuneline.errors import TunelineError, dvc_message
 
 Arm = dict[str, Any]  # dotted param key -> value
 
@@ -246,7 +246,7 @@ def run_dvc(args: list[str], cwd, dvc, check: bool = True) -> str:
     done = subprocess.run([*dvc, *args], cwd=cwd, capture_output=True, text=True)
     if check and done.returncode:
         raise TunelineError(
-            f"`dvc {' '.join(args[:3])}` failed: {' '.join((done.stderr or done.stdout).split())[-300:]}",
+            f"`dvc {' '.join(args[:3])}` failed: {dvc_message(done.stderr or done.stdout)[-300:]}",
             "see `dvc queue status` and `dvc queue logs NAME`; `dvc queue remove --queued` clears the queue",
         )
     return done.stdout

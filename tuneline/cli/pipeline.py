@@ -220,8 +220,13 @@ def _experiment() -> str:
 @app.command("recipes")
 def list_recipes() -> None:
     """List the shipped recipes (recipes/*.yaml) and what each one does."""
+    from rich.table import Table
+
     from tuneline import recipes
 
+    table = Table(box=None, show_header=False, padding=(0, 1, 0, 0))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
     for name in recipes.names():
-        first = (recipes.recipes_dir() / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        out.print(f"[bold]{name:<11}[/] {first}")
+        table.add_row(name, recipes.summary(name))
+    out.print(table)
