@@ -66,7 +66,8 @@ def smoked(request, tmp_path_factory, model_cache, prefect_api) -> dict:
         project.env["PREFECT_API_URL"] = prefect_api  # one Prefect server for all runs, as `tuneline ui` gives
         before = (project.root / "params.yaml").read_text()
         args = [a for s in ["model.name=tiny-gpt2", *SETS[recipe]] for a in ("--set", s)]
-        return project, before, _cli(project, "run", "--recipe", recipe, "--smoke", *args).stdout
+        proc = _cli(project, "run", "--recipe", recipe, "--smoke", *args)
+        return project, before, proc.stdout, proc.stderr
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {recipe: pool.submit(smoke, recipe) for recipe in chosen}
@@ -77,8 +78,11 @@ def smoked(request, tmp_path_factory, model_cache, prefect_api) -> dict:
 def test_smoke_runs_every_recipe_and_touches_nothing_real(recipe, smoked):
     if recipe in ("alpaca", "chat", "emotion") and not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside the repository")
-    project, before, out = smoked[recipe]
+    project, before, out, err = smoked[recipe]
     assert "smoke run finished" in out
+    # What a user reads is ours: no library's warning, no progress-bar redraws (the output is a pipe)
+    noise = [line for line in (out + err).splitlines() if "Warning" in line or "%|" in line]
+    assert noise == [], noise[:5]
     evals = json.loads((project.root / ".smoke" / recipe / "metrics/eval.json").read_text())
     assert PRIMARY[recipe] in evals["tuned"] and evals["n_examples"] >= 1
     # The real pipeline is untouched: params.yaml, dvc.lock, outputs, the registry.

@@ -299,6 +299,24 @@ def test_lora_layers_adapts_only_the_top_blocks(model_cache):
     )
 
 
+def test_wrapping_a_model_in_lora_prints_no_library_deprecation_warning(model_cache):
+    """peft reads transformers 5's deprecated `is_gradient_checkpointing`: every LoRA train and
+    register printed a FutureWarning a user could do nothing about. `-W error` turns any that
+    is not silenced into a failure."""
+    import subprocess
+    import sys
+
+    code = (
+        "from tuneline.config import parse_params; from tuneline.training import prepare_model; "
+        "prepare_model(parse_params({'model': {'name': 'tiny-gpt2'}, 'train': {'method': 'lora'}}))"
+    )
+    env = os.environ | {"TUNELINE_CACHE": str(model_cache)}
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_gpt2_lora_uses_fan_in_fan_out(model_cache):
     """GPT-2's attention and MLP are Conv1D (weights stored transposed): peft must know."""
     model = _lora_model(model_cache, lora_layers=0)

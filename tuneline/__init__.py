@@ -58,7 +58,20 @@ if not os.isatty(1) or os.environ.get("CI", "").lower() not in ("", "0", "false"
     # Logs and CI get our plain progress lines (tuneline/progress.py), not tqdm's redraws
     # ("Loading weights: 100%|████|") from transformers and the hub client.
     _ENV_DEFAULTS["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    # Raw tqdm bars too: SmolLM2's GGUF conversion, MLflow's "Downloading artifacts: 14%|█▍ |".
+    _ENV_DEFAULTS["TQDM_DISABLE"] = "1"
 for _k, _v in _ENV_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
+
+
+def _quiet_known_warnings() -> None:
+    """Warnings a user can do nothing about, printed by every LoRA train and register: peft
+    reads `model.is_gradient_checkpointing`, which transformers 5 deprecates."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+_quiet_known_warnings()
 
 __version__ = "0.1.0"
