@@ -80,7 +80,7 @@ BAD = [
         "missing column",
         [{"txt": "a", "label": "pos"}] * 5,
         None,
-        r"missing column 'text' for the classify task \(it has: 'label', 'txt'\).*did you mean 'txt'.*prepare.columns.text",
+        r"missing column 'text' for the classify task \(it has: 'label', 'txt'\).*did you mean 'txt'.*--set prepare.columns.text=txt,",
     ),
     (
         "wrong type",

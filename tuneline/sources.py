@@ -387,10 +387,11 @@ def _column_names(rows: list[dict], task: Task, columns: dict[str, str], where: 
                 wanted = columns.get(col, col)
                 have = ", ".join(repr(k) for k in sorted(keys, key=str)[:12])  # repr: invisible characters show
                 close = difflib.get_close_matches(wanted, [str(k) for k in keys], n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                fix = f"rename the column, or map one with --set prepare.columns.{col}=<column>"
+                if close:  # the command to run, with the name filled in
+                    fix = f"did you mean {close[0]!r}? map it with --set prepare.columns.{col}={close[0]}, or rename it"
                 raise TunelineError(
-                    f"{where}: missing column {wanted!r} for the {task.name} task (it has: {have})",
-                    f"{hint}rename the column, or map one with --set prepare.columns.{col}=<column>",
+                    f"{where}: missing column {wanted!r} for the {task.name} task (it has: {have})", fix
                 )
         names[col] = name
     return names
