@@ -53,6 +53,21 @@ def test_a_glob_reads_every_matching_file(tmp_path):
     assert _rows(batches) == ROWS and len(lineage["sha256"]) == 2
 
 
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "ROOT", tmp_path / "proj")
+    with pytest.raises(TunelineError) as e:
+        sources.local_paths("data/x.csv")
+    assert str(e.value).startswith(
+        f"data file 'data/x.csv' ({tmp_path}/proj/data/x.csv) not found. Fix: check the path"
+    )
+    # A shipped recipe's default source, in a clone without the labelled data beside it
+    with pytest.raises(TunelineError, match=r"\(.*/shared/data/emotion/train.jsonl\) not found.*--set prepare.source="):
+        sources.local_paths("../shared/data/emotion/train.jsonl")
+    with pytest.raises(TunelineError) as e:
+        sources.local_paths(str(tmp_path / "abs.csv"))
+    assert f"data file '{tmp_path}/abs.csv' not found" in str(e.value) and "--set" not in str(e.value)
+
+
 def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
     got = _task_rows([{"sentence": "hi", "y": 1}], "classify", {"text": "sentence", "label": "y"}, LABELS)
     assert got == [{"text": "hi", "label": "pos"}]

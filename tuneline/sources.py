@@ -169,9 +169,12 @@ def local_paths(spec: str) -> list[Path]:
         pattern = str(ROOT / pattern)
     paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths or not paths[0].exists():
-        raise TunelineError(
-            f"data file '{spec}' not found", "check the path (relative to the project root) or the glob"
-        )
+        where = os.path.normpath(pattern)  # the path looked at, when the user gave a relative one
+        shown = f"'{spec}'" if where == os.path.normpath(spec) else f"'{spec}' ({where})"
+        fix = "check the path (relative to the project root) or the glob"
+        if "shared/data/" in spec:  # a shipped recipe's default source
+            fix += "; the recipes' labelled data is read from ../shared/data beside the project, or --set prepare.source=<your copy>"
+        raise TunelineError(f"data file {shown} not found", fix)
     return paths
 
 
