@@ -28,3 +28,14 @@ def test_dash_reads_one_input_per_line_from_stdin_in_order():
 def test_an_empty_input_is_refused_naming_which(texts, stdin, says):
     with pytest.raises(TunelineError, match=says):
         inputs(texts, io.StringIO(stdin))
+
+
+def test_a_model_that_is_neither_a_uri_nor_a_folder_is_named_as_such(tmp_path, monkeypatch):
+    from tuneline.predict import load
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TunelineError) as e:
+        load("champion-model")
+    assert str(e.value).startswith(
+        f"--model 'champion-model' is not a model URI, and no folder '{tmp_path}/champion-model' exists. Fix: give models:/"
+    )

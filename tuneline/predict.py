@@ -15,8 +15,16 @@ from tuneline.errors import TunelineError
 
 def load(uri: str):
     """The pyfunc model at `uri`, or one line saying why not."""
+    import os
+
     import mlflow
 
+    if ":" not in uri and not os.path.exists(uri):  # neither a URI nor a folder: MLflow said "No such artifact"
+        raise TunelineError(
+            f"--model '{uri}' is not a model URI, and no folder '{os.path.abspath(uri)}' exists",
+            "give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or an MLflow model folder; "
+            "see `tuneline history`",
+        )
     try:
         return mlflow.pyfunc.load_model(uri)
     except Exception as e:  # MlflowException, missing artifacts
