@@ -170,11 +170,11 @@ def local_paths(spec: str) -> list[Path]:
     paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths or not paths[0].exists():
         where = os.path.normpath(pattern)  # the path looked at, when the user gave a relative one
-        shown = f"'{spec}'" if where == os.path.normpath(spec) else f"'{spec}' ({where})"
+        looked = "" if where == os.path.normpath(spec) else f" (looked for {where})"
         fix = "check the path (relative to the project root) or the glob"
         if "shared/data/" in spec:  # a shipped recipe's default source
             fix += "; the recipes' labelled data is read from ../shared/data beside the project, or --set prepare.source=<your copy>"
-        raise TunelineError(f"data file {shown} not found", fix)
+        raise TunelineError(f"data file '{spec}' not found{looked}", fix)
     return paths
 
 
