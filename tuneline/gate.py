@@ -51,6 +51,9 @@ def artifact_text(run_id: str | None = None, path: str | None = None, uri: str |
         return Path(got).read_text()
 
 
+NO_COMMIT = "unknown"  # the git.commit tag of a run made outside a git checkout
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -73,9 +76,9 @@ def git_commit() -> str:
             text=True,
             timeout=10,
         )
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else NO_COMMIT
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        return NO_COMMIT
 
 
 def data_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:

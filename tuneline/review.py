@@ -27,7 +27,7 @@ import numpy as np
 
 from tuneline import registry, scoring, tasks
 from tuneline.errors import TunelineError
-from tuneline.gate import EVAL_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT, artifact_text
+from tuneline.gate import EVAL_ARTIFACT, NO_COMMIT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT, artifact_text
 
 
 @dataclass
@@ -188,12 +188,12 @@ def lineage(a: Side, b: Side) -> list[str]:
         va, vb = a.tags.get(key, "?"), b.tags.get(key, "?")
         lines.append(f"- `{key}`: " + ("the same" if va == vb else f"{va} -> {vb}"))
     ca, cb = a.tags.get("git.commit", "?"), b.tags.get("git.commit", "?")
-    if ca == cb:
-        lines.append(
-            f"- code: the same commit {ca}" if ca not in ("?", "unknown") else "- code: commits unknown (not in git)"
-        )
-    else:
+    if ca != cb:
         lines.append(f"- code: commits {ca}..{cb}")
+    elif ca in ("?", NO_COMMIT):  # no tag, or a run made outside git
+        lines.append("- code: commits unknown (not in git)")
+    else:
+        lines.append(f"- code: the same commit {ca}")
     pkgs = sorted(k for k in {*a.packages, *b.packages} if a.packages.get(k) != b.packages.get(k))
     lines.append(
         "- packages: "
