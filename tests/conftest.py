@@ -312,11 +312,14 @@ def built(tmp_path_factory, model_cache, prefect_api) -> Project:
         if done:
             proj = Project(path / "proj", model_cache)
             proj.flow_out = (path / "flow_out.txt").read_text()
+            proj.flow_err = (path / "flow_err.txt").read_text()
             return proj
         proj = make_project(path / "proj", model_cache, {"evaluate": {"primary_metric": "perplexity"}})
         env = {"PREFECT_API_URL": prefect_api, "PATH": venv_not_on(proj.env["PATH"])}
-        proj.flow_out = proj.run(sys.executable, "-m", "tuneline.cli", "run", env=env).stdout
+        proc = proj.run(sys.executable, "-m", "tuneline.cli", "run", env=env)
+        proj.flow_out, proj.flow_err = proc.stdout, proc.stderr
         (path / "flow_out.txt").write_text(proj.flow_out)
+        (path / "flow_err.txt").write_text(proj.flow_err)
         return proj
 
 
@@ -341,6 +344,7 @@ def copy_project(src: Project, dst: Path) -> Project:
                 )
     proj = Project(dst, Path(src.env["TUNELINE_CACHE"]))
     proj.flow_out = getattr(src, "flow_out", "")
+    proj.flow_err = getattr(src, "flow_err", "")
     return proj
 
 

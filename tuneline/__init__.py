@@ -45,6 +45,9 @@ _ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow's INFO lines ("Creating initial MLflow database tables...", "Validating input
+    # example against model signature") say nothing a user acts on; warnings still show.
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_HOME": str(ROOT / ".prefect"),
