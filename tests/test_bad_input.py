@@ -214,6 +214,7 @@ class Case:
     env: dict = field(default_factory=dict)  # values may use {closed_port} and {root}
     needs_unshare: bool = False
     outside: bool = False  # run from a folder outside the project
+    alone: bool = False  # refused before any work: the error is all it prints
 
 
 def run(*sets: str) -> Callable:
@@ -492,8 +493,13 @@ CASES = [
     Case("cli-run-outside-project", cli("run"), ("not inside a tuneline project",), outside=True),
     Case("cli-ui-outside-project", cli("ui"), ("not inside a tuneline project",), outside=True),
     Case("cli-predict-empty-input", cli("predict", " "), ("the input is empty",)),
-    Case("cli-export-into-a-full-folder", cli("export", "data"), ("'data' already exists and is not an empty folder",)),
-    Case("cli-export-to-the-hub-offline", cli("export", "hf", "--hub", "me/descrambler"), ("the hub is off",)),
+    Case(
+        "cli-export-into-a-full-folder",
+        cli("export", "data"),
+        ("'data' already exists and is not an empty folder",),
+        alone=True,
+    ),
+    Case("cli-export-to-the-hub-offline", cli("export", "hf", "--hub", "me/descrambler"), ("the hub is off",), alone=True),
     Case(
         "cli-export-to-a-bad-hub-name",
         cli("export", "hf", "--hub", "me/my model"),
@@ -602,6 +608,7 @@ def test_bad_input_is_one_line_a_nonzero_exit_and_changes_nothing(case, outcomes
     assert len(errors) == 1, said[-3000:]
     assert "Fix:" in errors[0] and all(s in errors[0] for s in case.says), errors[0]
     assert "Traceback" not in said, said[-3000:]
+    assert not case.alone or said.strip() == errors[0], said[-3000:]
     changed = sorted(k for k in {*o.before[0], *o.after[0]} if o.before[0].get(k) != o.after[0].get(k))
     assert o.after == o.before, (
         changed,

@@ -129,6 +129,7 @@ def export(
         from tuneline import export as exporting
         from tuneline import registry
 
+        exporting.check_dest(folder)  # before the registry is read and "[export]" is said
         if hub is not None:
             exporting.check_hub(hub)
         client = mlflow_client()
