@@ -30,7 +30,7 @@ from prefect.states import Failed
 
 from flows.dvc_tasks import changed_inputs, reproduce
 from flows.pipeline import pipeline, write_params
-from tuneline import ROOT, preflight, recipes, sweep, sweep_runs
+from tuneline import ROOT, gitcheck, preflight, recipes, sweep, sweep_runs
 from tuneline.config import Params, read_yaml
 from tuneline.data import VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
@@ -60,6 +60,8 @@ def plan(
     arms = sweep.arms(sweep.parse_grid(grid, params), sweep.parse_ranges(ranges, params), sample, params.seed)
     sweep.check_keys(arms)
     arm_params = sweep.validate(lambda sets: recipes.build(recipe, [*overrides, *sets], False, base), arms)
+    gitcheck.check_committed(ROOT)  # the arms are DVC experiments: commits on top of one
+    gitcheck.check_untracked_state(ROOT)
     preflight.check(params)  # the model, the data, the store: after the spec, which fails in a second
     for i, p in enumerate(arm_params, 1):
         if p.model.name != params.model.name or p.train.lora_targets != params.train.lora_targets:

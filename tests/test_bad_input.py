@@ -254,6 +254,13 @@ def disk_full(proj):
     return in_namespace("mount -t tmpfs -o size=64k tmpfs checkpoints", [*TUNELINE, "run", "--set", "train.lr=0.003"])
 
 
+def store_in_git(proj):
+    """A project committed without the shipped .gitignore: `git add -A` took mlflow.db."""
+    proj.run("git", "add", "-f", "mlflow.db", "dvc.yaml")
+    proj.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    return [*TUNELINE, "run", "--set", "train.lr=0.003"]
+
+
 TRAIN_ROWS = sentences(200)
 CASES = [
     # params
@@ -344,6 +351,13 @@ CASES = [
         run("train.lr=0.003"),
         ("does not answer", "MLFLOW_TRACKING_URI"),
         env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed_port}"},
+    ),
+    Case("env-mlflow-store-tracked-by-git", store_in_git, ("git tracks the project's local state (mlflow.db)",)),
+    Case(
+        "env-sweep-with-no-git-commit",
+        cli("sweep", "--grid", "train.lr=1e-3,2e-3"),
+        ("no git commit yet", "git add -A && git commit -m start"),
+        alone=True,
     ),
     Case("env-unknown-stage", lambda p: [sys.executable, "-m", "tuneline.stages", "trian"], ("unknown stage 'trian'",)),
     Case(
@@ -499,7 +513,9 @@ CASES = [
         ("'data' already exists and is not an empty folder",),
         alone=True,
     ),
-    Case("cli-export-to-the-hub-offline", cli("export", "hf", "--hub", "me/descrambler"), ("the hub is off",), alone=True),
+    Case(
+        "cli-export-to-the-hub-offline", cli("export", "hf", "--hub", "me/descrambler"), ("the hub is off",), alone=True
+    ),
     Case(
         "cli-export-to-a-bad-hub-name",
         cli("export", "hf", "--hub", "me/my model"),
