@@ -14,7 +14,7 @@ def _cli(*args, cwd=REPO):
 def test_doctor_finds_every_offline_asset():
     proc = _cli("doctor")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for label in ("GPT-2 tokenizer", "SmolLM2-135M-Instruct", "Wikipedia dump sample", "params.yaml"):
+    for label in ("GPT-2 tokenizer", "SmolLM2-135M-Instruct", "Wikipedia dump sample", "params.yaml", "git"):
         assert f"ok   {label}" in proc.stdout
 
 
@@ -174,6 +174,9 @@ def test_doctor_calls_an_empty_params_file_invalid(tmp_path):
     proc = _cli("doctor", cwd=tmp_path)
     assert proc.returncode == 1
     assert "FAIL params.yaml: params.yaml is empty" in proc.stdout
+    # no repository: a warning (runs work), with the command that makes one
+    assert "warn git: " in proc.stdout and "is not a git repository" in proc.stdout
+    assert "git init && git add -A && git commit -m start" in proc.stdout
 
 
 def _interrupt(proj, sets: list[str], after: list[str], delay: float):

@@ -69,8 +69,24 @@ def preflight(say: Callable[[str], None]) -> bool:
         check_store()
         return f"{redact(tracking_uri())} answers"
 
+    def git():
+        from tuneline import gitcheck
+
+        gitcheck.check_untracked_state(ROOT)
+        return "local state (mlflow.db, .prefect/, .cache/, ...) untracked"
+
     check("preflight", run_preflight)
     check("MLflow store", store)
+    check("git", git)
+    try:  # not a failure: runs work, they are just not kept as DVC experiments
+        from tuneline import gitcheck
+
+        gitcheck.check_committed(ROOT)
+    except TunelineError as e:
+        say(
+            f"[yellow]warn[/] git: {e.problem.split(', and')[0]}: runs are not saved as DVC experiments "
+            f"and `tuneline sweep` is refused. Fix: {e.fix}"
+        )
     try:
         import torch
 
