@@ -13,7 +13,7 @@ from tuneline.errors import TunelineError
 
 def preflight(say: Callable[[str], None]) -> bool:
     """Print one line per check through `say` (rich markup); True when every check passed."""
-    from tuneline import assets
+    from tuneline import assets, gitcheck
     from tuneline.config import load_params
     from tuneline.modeling import BUILTIN, SCRATCH, cache_dir
     from tuneline.tracking import tracking_uri
@@ -70,22 +70,17 @@ def preflight(say: Callable[[str], None]) -> bool:
         return f"{redact(tracking_uri())} answers"
 
     def git():
-        from tuneline import gitcheck
-
         gitcheck.check_untracked_state(ROOT)
-        return "local state (mlflow.db, .prefect/, .cache/, ...) untracked"
+        return f"the project's local state is not tracked ({', '.join(gitcheck.LOCAL_STATE)})"
 
     check("preflight", run_preflight)
     check("MLflow store", store)
     check("git", git)
-    try:  # not a failure: runs work, they are just not kept as DVC experiments
-        from tuneline import gitcheck
-
-        gitcheck.check_committed(ROOT)
-    except TunelineError as e:
+    missing = gitcheck.commit_missing(ROOT)
+    if missing:  # not a failure: runs work, they are just not kept as DVC experiments
         say(
-            f"[yellow]warn[/] git: {e.problem.split(', and')[0]}: runs are not saved as DVC experiments "
-            f"and `tuneline sweep` is refused. Fix: {e.fix}"
+            f"[yellow]warn[/] git: the project {missing[0]}: runs are not saved as DVC experiments "
+            f"and `tuneline sweep` is refused. Fix: `{missing[1]}`"
         )
     try:
         import torch

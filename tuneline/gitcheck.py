@@ -45,15 +45,22 @@ def check_untracked_state(root: Path) -> None:
         )
 
 
-def check_committed(root: Path) -> None:
-    """Refuse a repository with no commit yet: DVC's experiments are commits on top of one."""
+def commit_missing(root: Path) -> tuple[str, str] | None:
+    """(what the project lacks, the command that makes it) when it has no git commit; None
+    when it has one."""
     if _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
-        raise TunelineError(
-            f"{root} is not a git repository, and each arm of a sweep is a DVC experiment (a git commit)",
-            "`git init && git add -A && git commit -m start` in the project, then sweep",
-        )
+        return "is not a git repository", "git init && git add -A && git commit -m start"
     if _git(root, "rev-parse", "--verify", "-q", "HEAD").returncode != 0:
+        return "has no git commit yet", "git add -A && git commit -m start"
+    return None
+
+
+def check_committed(root: Path) -> None:
+    """Refuse a project with no commit: DVC's experiments are commits on top of one."""
+    missing = commit_missing(root)
+    if missing:
+        what, make = missing
         raise TunelineError(
-            "the project has no git commit yet, and each arm of a sweep is a DVC experiment on top of one",
-            "commit the project once (`git add -A && git commit -m start`), then sweep",
+            f"the project {what}, and each arm of a sweep is a DVC experiment (a git commit on top of one)",
+            f"`{make}` in the project, then sweep",
         )
