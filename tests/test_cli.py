@@ -256,3 +256,21 @@ def test_a_missing_data_file_fails_before_a_built_in_model_is_built(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "data file 'nope.csv' not found" in lines[0], proc.stderr
     assert not (tmp_path / "cache" / "models").exists()
     assert "preparing built-in model" not in proc.stdout
+
+
+def test_every_commands_help_shows_each_paragraph_whole_for_the_terminal_to_wrap(monkeypatch):
+    """Not the source's line breaks: at 80 columns they left stubs ("one answer per" / "line
+    in their order"). On a 400-column terminal each paragraph is one line."""
+    import inspect
+
+    import typer.rich_utils
+    from typer.testing import CliRunner
+
+    from tuneline.cli import app
+
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 400)
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__.replace("_", "-")
+        shown = {line.strip() for line in CliRunner().invoke(app, [name, "--help"]).output.splitlines()}
+        for paragraph in inspect.getdoc(command.callback).split("\n\n"):
+            assert " ".join(paragraph.split()) in shown, (name, paragraph)
