@@ -23,7 +23,7 @@ from pathlib import Path
 from prefect import task
 from prefect.states import Failed, State
 
-from tuneline import ROOT
+from tuneline import ROOT, gitcheck
 from tuneline.config import Params
 from tuneline.data import LINEAGE, TOKENIZED_META
 from tuneline.errors import INTERRUPTED, TunelineError, dvc_message
@@ -220,7 +220,7 @@ def save_experiment(name: str, command: str) -> str | None:
     if proc.returncode != 0:
         why = dvc_message(proc.stderr or proc.stdout)
         if "Empty git repo" in why:  # `git init` and no commit yet: a run still works, DVC cannot save it
-            why += "; commit the project once (`git add -A && git commit -m start`) to keep each run as one"
+            why += f"; commit the project once (`{gitcheck.FIRST_COMMIT}`) to keep each run as one"
         print(f"[tuneline] note: not saved as a DVC experiment ({why})")
         return None
     return name

@@ -18,6 +18,7 @@ from tuneline.errors import TunelineError
 # The project's own state, kept out of git by the shipped .gitignore: the MLflow store and
 # artifacts, Prefect's database, caches and locks, resume checkpoints, DVC's site cache.
 LOCAL_STATE = ("mlflow.db", "mlartifacts", "mlruns", ".prefect", ".cache", "checkpoints", ".dvc/site-cache")
+FIRST_COMMIT = "git add -A && git commit -m start"  # what a project with no commit runs once
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -49,9 +50,9 @@ def commit_missing(root: Path) -> tuple[str, str] | None:
     """(what the project lacks, the command that makes it) when it has no git commit; None
     when it has one."""
     if _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
-        return "is not a git repository", "git init && git add -A && git commit -m start"
+        return "is not a git repository", f"git init && {FIRST_COMMIT}"
     if _git(root, "rev-parse", "--verify", "-q", "HEAD").returncode != 0:
-        return "has no git commit yet", "git add -A && git commit -m start"
+        return "has no git commit yet", FIRST_COMMIT
     return None
 
 
