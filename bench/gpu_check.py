@@ -84,7 +84,12 @@ def project(where: Path, recipe: str, sets: list[str]) -> Path:
     (where / "params.yaml").write_text(
         recipes.dump(params, f"gpu_check: recipe {recipe}, {' '.join(sets) or 'as shipped'}")
     )
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+    # A machine without git (a device image may have none) gets a DVC project without SCM:
+    # `tuneline run` works there, only its DVC experiment is not saved.
+    git = shutil.which("git") is not None
+    cmds = [["git", "init", "-q"]] if git else []
+    cmds.append([sys.executable, "-m", "dvc", "init", "-q", *([] if git else ["--no-scm"])])
+    for cmd in cmds:
         subprocess.run(cmd, cwd=where, check=True, capture_output=True)
     return where
 
@@ -93,7 +98,9 @@ def env_for(root: Path) -> dict[str, str]:
     """The environment a user's shell gives a run in `root`: its own MLflow store and Prefect
     home (tuneline defaults them inside the project); the model cache is shared."""
     keep = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "TUNELINE_ROOT")}
-    return keep | {"PYTHONPATH": str(root), "TUNELINE_CACHE": os.environ.get("TUNELINE_CACHE", str(ROOT / ".cache"))}
+    # The project's own code first; then what was on the path (a device kit's packages).
+    path = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return keep | {"PYTHONPATH": path, "TUNELINE_CACHE": os.environ.get("TUNELINE_CACHE", str(ROOT / ".cache"))}
 
 
 def run(cmd: list[str], root: Path, what: str, timeout: int) -> tuple[str, float]:
@@ -150,45 +157,60 @@ def default_job_rows(work: Path, tiny: bool) -> tuple[dict, dict]:
 
 
 def table(res: dict) -> str:
+    """The rows that were run (`--rows` may leave some out)."""
+
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f} %"
 
-    s, t, e = res["scratch"], res["default_train"], res["default_end_to_end"]
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in e["stage_s"].items())
-    rows = [
-        ("what", "tokens/s", "MFU", "wall", "result"),
-        (
-            f"{res['scratch_model']} full, concat T={res['scratch_T']}, {s['precision']}",
-            f"{s['tokens_per_s']:,.0f}",
-            pct(s["mfu"]),
-            f"{s['train_s']:.0f} s train",
-            f"{s['steps']} steps, peak {s['peak_memory_mb']:,.0f} MB",
-        ),
-        (
-            f"default job train ({t['precision']})",
-            f"{t['tokens_per_s']:,.0f}",
-            pct(t["mfu"]),
-            f"{t['train_s']:.0f} s train",
-            f"{t['steps']} steps",
-        ),
-        (
-            "default job end to end",
-            "",
-            "",
-            f"{e['wall_s']:.0f} s",
-            f"{e['metric']} {e['tuned']:.2f} (base {e['base']:.2f}); {stages}",
-        ),
-    ]
+    rows = [("what", "tokens/s", "MFU", "wall", "result")]
+    if s := res.get("scratch"):
+        rows.append(
+            (
+                f"{res['scratch_model']} full, concat T={res['scratch_T']}, {s['precision']}",
+                f"{s['tokens_per_s']:,.0f}",
+                pct(s["mfu"]),
+                f"{s['train_s']:.0f} s train",
+                f"{s['steps']} steps, peak {s['peak_memory_mb']:,.0f} MB",
+            )
+        )
+    if t := res.get("default_train"):
+        e = res["default_end_to_end"]
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in e["stage_s"].items())
+        rows.append(
+            (
+                f"default job train ({t['precision']})",
+                f"{t['tokens_per_s']:,.0f}",
+                pct(t["mfu"]),
+                f"{t['train_s']:.0f} s train",
+                f"{t['steps']} steps",
+            )
+        )
+        rows.append(
+            (
+                "default job end to end",
+                "",
+                "",
+                f"{e['wall_s']:.0f} s",
+                f"{e['metric']} {e['tuned']:.2f} (base {e['base']:.2f}); {stages}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    return f"device: {s['device']}\n" + "\n".join(lines)
+    device = (res.get("scratch") or res["default_train"])["device"]
+    return f"device: {device}\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models and slices (a CPU check of the harness)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
+    ap.add_argument(
+        "--rows",
+        choices=("all", "scratch", "default"),
+        default="all",
+        help="scratch: row 1 only (needs no SmolLM2); default: rows 2 and 3 only",
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -197,8 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
-        res = {"scratch": scratch_row(work, args.tiny)}
-        res["default_train"], res["default_end_to_end"] = default_job_rows(work, args.tiny)
+        res = {"scratch": scratch_row(work, args.tiny) if args.rows != "default" else None}
+        if args.rows != "scratch":
+            res["default_train"], res["default_end_to_end"] = default_job_rows(work, args.tiny)
     sets = dict(s.split("=", 1) for s in (TINY_SCRATCH if args.tiny else SCRATCH))
     res |= {"scratch_model": sets["model.name"], "scratch_T": int(sets["tokenize.max_length"]), "tiny": args.tiny}
     res["total_s"] = time.perf_counter() - t0

@@ -39,3 +39,16 @@ def test_outside_git_nothing_is_tracked_but_a_sweep_needs_a_repository_with_a_co
     git(tmp_path, "add", "-A")
     git(tmp_path, "commit", "-qm", "start")
     gitcheck.check_committed(tmp_path)
+
+
+def test_a_machine_without_git_runs_as_outside_a_repository_and_a_sweep_says_to_install_it(tmp_path, monkeypatch):
+    # Slim containers (a GPU image, say) often have no git: a run must not die on it.
+    git(tmp_path, "init", "-q")
+    (tmp_path / "mlflow.db").write_text("x")
+    git(tmp_path, "add", "mlflow.db")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    assert gitcheck.tracked_state(tmp_path) == []
+    gitcheck.check_untracked_state(tmp_path)
+    with pytest.raises(TunelineError, match="no `git` command") as e:
+        gitcheck.check_committed(tmp_path)
+    assert e.value.fix.startswith("install git, then `git init && git add -A")

@@ -19,6 +19,9 @@ def test_the_scratch_row_trains_through_the_stages_and_reports_throughput_and_mf
     # Run in its own project: nothing of the repository's own is written.
     params = (tmp_path / "scratch" / "params.yaml").read_text()
     assert "gpt2-scratch-tiny" in params and "max_length: 64" in params and "concat" in params
+    # `--rows scratch` (a device call without SmolLM2): the table has that row alone.
+    text = gpu_check.table({"scratch": row, "scratch_model": "gpt2-scratch-tiny", "scratch_T": 64})
+    assert text.count("\n") == 3 and "gpt2-scratch-tiny full, concat T=64" in text and "default job" not in text
 
 
 def test_the_table_reports_the_default_jobs_training_and_end_to_end_figures(built, tmp_path):

@@ -80,7 +80,7 @@ def preflight(say: Callable[[str], None]) -> bool:
     if missing:  # not a failure: runs work, they are just not kept as DVC experiments
         say(
             f"[yellow]warn[/] git: the project {missing[0]}: runs are not saved as DVC experiments "
-            f"and `tuneline sweep` is refused. Fix: `{missing[1]}`"
+            f"and `tuneline sweep` is refused. Fix: {missing[1]}"
         )
     try:
         import torch

