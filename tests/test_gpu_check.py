@@ -33,4 +33,7 @@ def test_the_table_reports_the_default_jobs_training_and_end_to_end_figures(buil
     res = {"scratch": train, "default_train": train, "default_end_to_end": e2e, "scratch_model": "m", "scratch_T": 64}
     text = gpu_check.table(res)
     assert "default job end to end" in text and "123 s" in text and f"{train['tokens_per_s']:,.0f}" in text
+    assert f"best val loss {train['best_val_loss']:.4f}" in text and "QLoRA" not in text
+    res["qlora"] = train | e2e | {"parity": "[register] merge parity ..."}  # what a CUDA run adds
+    assert "default job, QLoRA nf4" in gpu_check.table(res).splitlines()[-1]
     json.dumps(res)  # what --out writes
