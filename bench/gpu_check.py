@@ -180,51 +180,26 @@ def qlora_row(work: Path) -> dict:
 def table(res: dict) -> str:
     """The rows that were run (`--rows` may leave some out)."""
 
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.1f} %"
+    def trained(what: str, f: dict, wall: str, result: str) -> tuple:
+        mfu = "n/a" if f["mfu"] is None else f"{100 * f['mfu']:.1f} %"
+        return (what, f"{f['tokens_per_s']:,.0f}", mfu, wall, result)
 
     rows = [("what", "tokens/s", "MFU", "wall", "result")]
     if s := res.get("scratch"):
+        what = f"{res['scratch_model']} full, concat T={res['scratch_T']}, {s['precision']}"
         rows.append(
-            (
-                f"{res['scratch_model']} full, concat T={res['scratch_T']}, {s['precision']}",
-                f"{s['tokens_per_s']:,.0f}",
-                pct(s["mfu"]),
-                f"{s['train_s']:.0f} s train",
-                f"{s['steps']} steps, peak {s['peak_memory_mb']:,.0f} MB",
-            )
+            trained(what, s, f"{s['train_s']:.0f} s train", f"{s['steps']} steps, peak {s['peak_memory_mb']:,.0f} MB")
         )
     if t := res.get("default_train"):
         e = res["default_end_to_end"]
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in e["stage_s"].items())
-        rows.append(
-            (
-                f"default job train ({t['precision']})",
-                f"{t['tokens_per_s']:,.0f}",
-                pct(t["mfu"]),
-                f"{t['train_s']:.0f} s train",
-                f"{t['steps']} steps, best val loss {t['best_val_loss']:.4f}",
-            )
-        )
-        rows.append(
-            (
-                "default job end to end",
-                "",
-                "",
-                f"{e['wall_s']:.0f} s",
-                f"{e['metric']} {e['tuned']:.2f} (base {e['base']:.2f}); {stages}",
-            )
-        )
-    if q := res.get("qlora"):
-        rows.append(
-            (
-                f"default job, QLoRA nf4 ({q['precision']})",
-                f"{q['tokens_per_s']:,.0f}",
-                pct(q["mfu"]),
-                f"{q['wall_s']:.0f} s",
-                f"{q['metric']} {q['tuned']:.2f}, best val loss {q['best_val_loss']:.4f}, peak {q['peak_memory_mb']:,.0f} MB",
-            )
-        )
+        result = f"{t['steps']} steps, best val loss {t['best_val_loss']:.4f}"
+        rows.append(trained(f"default job train ({t['precision']})", t, f"{t['train_s']:.0f} s train", result))
+        result = f"{e['metric']} {e['tuned']:.2f} (base {e['base']:.2f}); {stages}"
+        rows.append(("default job end to end", "", "", f"{e['wall_s']:.0f} s", result))
+    if q := res.get("qlora"):  # wall: the rerun (train, validate, the tuned model's evaluation, register)
+        result = f"{q['metric']} {q['tuned']:.2f}, best val loss {q['best_val_loss']:.4f}, peak {q['peak_memory_mb']:,.0f} MB"
+        rows.append(trained(f"default job, QLoRA nf4 ({q['precision']})", q, f"{q['wall_s']:.0f} s", result))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
