@@ -8,7 +8,8 @@ the offline assets (the SmolLM2 GGUF, the Wikipedia sample). One call carries at
 
 - `site.tar.xz`: every package of requirements.lock that the image lacks, and ours of those
   it has where ours are pure Python (the image's versions are mostly unknown: see
-  `to_carry`), as cp312 manylinux wheels installed into one folder, without the web UIs, test folders and scripts it does not need. torch, triton
+  `to_carry`), as cp312 manylinux wheels installed into one folder, without the web UIs,
+  test folders and scripts it does not need; bitsandbytes for the QLoRA row. torch, triton
   and CUDA stay the image's. The Wikipedia sample goes in as gensim/test/test_data/... (the
   25 MB gensim wheel carries nothing else we read), found as `assets.wiki_dump` finds it.
 - `smollm2.gguf.N` and `smollm2.gguf.sha256`: SmolLM2's GGUF (94 MiB, more than one call
@@ -18,7 +19,7 @@ the offline assets (the SmolLM2 GGUF, the Wikipedia sample). One call carries at
 It prints the calls to make, in order. bench/device_run.sh is what runs there: it unpacks
 the kit, joins the parts, checks them, then runs the GPU check.
 
-Run here: `.venv/bin/python bench/device_kit.py` (downloads ~100 MB of wheels, ~4 min).
+Run here: `.venv/bin/python bench/device_kit.py` (~230 wheels, ~8 min with the xz packing).
 `--site-only` leaves the GGUF out: one call, enough for the scratch row (`--rows scratch`).
 A rehearsal here, before a session with a GPU spends device time on it: DEVELOPERS.md.
 """
@@ -164,7 +165,7 @@ def split_gguf(gguf: Path, kit: Path, first_room: int, room: int) -> list[Path]:
     """Cut the GGUF into parts: the first travels beside the site (`first_room` left), each
     later one alone (`room`). Writes the whole file's sha256 and the part count beside them."""
     data = gguf.read_bytes()
-    sizes = [min(first_room, len(data))]
+    sizes = [max(0, min(first_room, len(data)))]
     while sum(sizes) < len(data):
         sizes.append(min(room, len(data) - sum(sizes)))
     parts, at = [], 0
@@ -185,6 +186,10 @@ def plan(kit: Path, parts: list[Path]) -> list[tuple[list[str], str]]:
     rel = lambda p: str(p.relative_to(ROOT))  # noqa: E731
     if not parts:
         return [([rel(kit / "site.tar.xz")], "bash bench/device_run.sh --rows scratch")]
+    if len(parts) == 1:  # it all fits one call
+        return [
+            ([rel(kit / "site.tar.xz"), rel(kit / "smollm2.gguf.sha256"), rel(parts[0])], "bash bench/device_run.sh")
+        ]
     calls = [
         (
             [rel(kit / "site.tar.xz"), rel(kit / "smollm2.gguf.sha256"), rel(parts[0])],

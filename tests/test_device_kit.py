@@ -51,6 +51,7 @@ def test_the_first_call_brings_the_site_and_measures_the_scratch_row_the_last_ru
     assert calls[1] == ([".kit-test/smollm2.gguf.2"], "ls -l .kit-test/smollm2.gguf.2")
     assert calls[2] == ([".kit-test/smollm2.gguf.3"], "bash bench/device_run.sh --rows default")
     assert device_kit.plan(kit, []) == [([".kit-test/site.tar.xz"], "bash bench/device_run.sh --rows scratch")]
+    assert device_kit.plan(kit, parts[:1])[0][1] == "bash bench/device_run.sh"  # one call does it all
 
 
 def test_device_run_stops_with_one_line_when_the_machine_lost_what_earlier_calls_carried(tmp_path):
