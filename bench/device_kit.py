@@ -36,6 +36,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -66,7 +68,12 @@ PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 26, 27, 28, 31, 34, 35)
 
 
 def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name.strip().lower())
+    return canonicalize_name(name.strip())
+
+
+def for_python(python: str, platforms: list[str]) -> list[str]:
+    """pip's options that pick wheels for `python` (CPython) on `platforms`, not for this machine."""
+    return ["--python-version", python, "--implementation", "cp", *(a for p in platforms for a in ("--platform", p))]
 
 
 def image_packages(path: Path = ROOT / "bench" / "device_image.txt") -> set[str]:
@@ -108,8 +115,7 @@ def download(reqs: list[str], wheels: Path, python: str, pure_only: bool = False
     """Binary wheels for `python` on manylinux x86_64; a package published only as an sdist
     is built here into a wheel (those are pure Python: antlr4, future, rouge-score). With
     `pure_only`, only py3-none-any wheels, and what has none is skipped. Returns what was got."""
-    target = ["--python-version", python, "--implementation", "cp"]
-    target += [a for p in (["any"] if pure_only else PLATFORMS) for a in ("--platform", p)]
+    target = for_python(python, ["any"] if pure_only else PLATFORMS)
     got = []
     for i, req in enumerate(reqs, 1):
         print(f"\r[device_kit] wheels {i}/{len(reqs)}: {req:<40}", end="", flush=True)
@@ -125,8 +131,7 @@ def download(reqs: list[str], wheels: Path, python: str, pure_only: bool = False
 
 
 def install(wheels: Path, site: Path, python: str) -> None:
-    target = ["--python-version", python, "--implementation", "cp", "--only-binary=:all:"]
-    target += [a for p in PLATFORMS for a in ("--platform", p)]
+    target = [*for_python(python, PLATFORMS), "--only-binary=:all:"]
     pip("install", "--no-deps", "--no-compile", "--disable-pip-version-check", *target, "--target", str(site),
         *map(str, sorted(wheels.glob("*.whl"))))  # fmt: skip
     for rel in PRUNE:

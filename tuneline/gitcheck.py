@@ -19,8 +19,6 @@ from tuneline.errors import TunelineError
 # artifacts, Prefect's database, caches and locks, resume checkpoints, DVC's site cache.
 LOCAL_STATE = ("mlflow.db", "mlartifacts", "mlruns", ".prefect", ".cache", "checkpoints", ".dvc/site-cache")
 FIRST_COMMIT = "git add -A && git commit -m start"  # what a project with no commit runs once
-
-
 NO_GIT = 127  # the shell's code for a command that is not found
 
 
@@ -71,8 +69,8 @@ def check_committed(root: Path) -> None:
     """Refuse a project with no commit: DVC's experiments are commits on top of one."""
     missing = commit_missing(root)
     if missing:
-        what, make = missing
+        what, fix = missing
         raise TunelineError(
             f"the project {what}, and each arm of a sweep is a DVC experiment (a git commit on top of one)",
-            f"{make} in the project, then sweep",
+            f"{fix} in the project, then sweep",
         )
