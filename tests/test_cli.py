@@ -176,6 +176,7 @@ def test_doctor_calls_an_empty_params_file_invalid(tmp_path):
     assert "FAIL params.yaml: params.yaml is empty" in proc.stdout
     # no repository: a warning (runs work), with the command that makes one
     assert "warn git: " in proc.stdout and "is not a git repository" in proc.stdout
+    assert "ok   git" not in proc.stdout  # no "local state is not tracked" where there is no repository
     assert "git init && git add -A && git commit -m start" in proc.stdout
 
 

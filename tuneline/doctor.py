@@ -75,9 +75,10 @@ def preflight(say: Callable[[str], None]) -> bool:
 
     check("preflight", run_preflight)
     check("MLflow store", store)
-    check("git", git)
     missing = gitcheck.commit_missing(ROOT)
-    if missing:  # not a failure: runs work, they are just not kept as DVC experiments
+    if not missing:  # outside a repository nothing is tracked, so "ok" would say nothing
+        check("git", git)
+    else:  # not a failure: runs work, they are just not kept as DVC experiments
         say(
             f"[yellow]warn[/] git: the project {missing[0]}: runs are not saved as DVC experiments "
             f"and `tuneline sweep` is refused. Fix: {missing[1]}"
