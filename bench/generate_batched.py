@@ -90,9 +90,9 @@ def batched(model, tok, prompts, max_new: int, batch_size: int, precision: str, 
     eos = tok.eos_token_id
     prefill = generation.prefill
 
-    def keep_ids(model, ids, mask):
+    def keep_ids(model, ids, mask, *args, **kw):
         state_ids.append(ids)
-        return prefill(model, ids, mask)
+        return prefill(model, ids, mask, *args, **kw)
 
     generation.decode, generation.prefill = recording, keep_ids
     try:

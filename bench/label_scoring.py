@@ -63,7 +63,8 @@ def bench(args) -> dict:
         rows = read_split("test", Path(tmp))
     tok, model = load_tokenizer(args.model), load_model(args.model)  # fp32 weights, CPU
     task, labels = tasks.TASKS[params.prepare.task], params.prepare.labels
-    ids, plens = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
+    ids, spans = encode_batch(tok, [r | {"label": lab} for r in rows for lab in labels], task, labels)
+    plens = [trained[0][0] for trained in spans]  # each pair's prompt: the tokens before its answer
     print(f"[bench] {len(rows)} rows x {len(labels)} labels, {torch.get_num_threads()} torch threads", flush=True)
     prompts, _ = prompts_and_targets(task, rows, labels)
     branches, _ = answer_branches(tok, rows, task, labels)
