@@ -547,6 +547,11 @@ CASES = [
         evaluate_on("t.csv", csv("target", sentences(5)), "--out", "reports"),
         ("--out 'reports' is a folder",),
     ),
+    Case(
+        "cli-evaluate-out-through-a-file",  # found only after the evaluation, before the check
+        evaluate_on("t.csv", csv("target", sentences(5)), "--out", "t.csv/ev.json"),
+        ("--out 't.csv/ev.json' goes through 't.csv', which is a file",),
+    ),
     Case("cli-two-runs-in-one-project", run_locked, ("another tuneline run is in progress", "wait for it")),
     Case(
         "cli-prefect-server-down",

@@ -109,7 +109,11 @@ def test_an_example_that_answers_otherwise_is_refused_and_nothing_is_written(ver
 def test_a_destination_must_be_new_or_empty_and_pushing_needs_the_hub(tmp_path, monkeypatch):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    for bad, says in [(tmp_path / "full", "is not an empty folder"), (tmp_path / "no" / "out", "does not exist")]:
+    for bad, says in [
+        (tmp_path / "full", "is not an empty folder"),
+        (tmp_path / "no" / "out", "does not exist"),
+        (Path("/proc/hf"), "no folder can be made in '/proc'"),  # found only after the export, before
+    ]:
         with pytest.raises(TunelineError, match=says):
             export.check_dest(bad)
     export.check_dest(tmp_path / "new")

@@ -1,6 +1,6 @@
 """Writing the user's own files: params.yaml keeps its permissions, a read-only one is
 refused in one line, and one bind-mounted on its own (Docker's -v file:file) is written
-in place."""
+in place. An --out file that could not be written is refused before the work."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from test_bad_input import in_namespace, unshare_works
 
 from tuneline.errors import TunelineError
-from tuneline.io import rewrite_user_file
+from tuneline.io import check_out_file, rewrite_user_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +44,17 @@ def test_a_file_mounted_on_its_own_is_written_in_place(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert path.read_text() == "a: 2\n"
+
+
+def test_an_out_file_that_cannot_be_written_is_refused_before_the_work(tmp_path):
+    (tmp_path / "data.csv").write_text("x\n")
+    with pytest.raises(TunelineError, match=r"--out '.*' is a folder. Fix: .*--out .*/evaluation.json"):
+        check_out_file(tmp_path, "--out", "evaluation.json")
+    with pytest.raises(TunelineError, match=r"goes through '.*data.csv', which is a file"):
+        check_out_file(tmp_path / "data.csv" / "deeper" / "e.json", "--out", "evaluation.json")
+    with pytest.raises(TunelineError, match=r"no file can be written in '/proc'"):
+        check_out_file(Path("/proc/e.json"), "--out", "evaluation.json")
+    # missing folders are made when it is written; an existing file is replaced
+    check_out_file(tmp_path / "new" / "deeper" / "e.json", "--out", "evaluation.json")
+    check_out_file(tmp_path / "data.csv", "--out", "evaluation.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]  # the check leaves nothing behind

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tuneline import tasks
 from tuneline.errors import TunelineError
+from tuneline.io import unwritable
 
 # Built-in names whose weights are a hub model's (SmolLM2 ships as a GGUF Q4_1 file, dequantised).
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -75,13 +76,17 @@ def example(task: tasks.Task, config: dict, model: str) -> str:
 
 
 def check_dest(dest: Path) -> None:
-    """Refuse a destination that holds anything, or whose parent is missing."""
+    """Refuse a destination that holds anything, or whose parent is missing or unwritable
+    (the folder is made beside it and renamed into place)."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise TunelineError(
             f"'{dest}' already exists and is not an empty folder", "give a new folder, or remove that one first"
         )
     if not dest.parent.is_dir():
         raise TunelineError(f"the folder '{dest.parent}' does not exist", f"create it first: mkdir -p {dest.parent}")
+    why = unwritable(dest.parent)
+    if why:
+        raise TunelineError(f"no folder can be made in '{dest.parent}' ({why})", "give a place you can write to")
 
 
 def check_hub(repo: str) -> None:

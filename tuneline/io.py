@@ -125,6 +125,43 @@ def rewrite_user_file(path: Path, text: str) -> None:
             f.truncate()
 
 
+def check_out_file(path: Path, flag: str, example: str) -> None:
+    """Before any work: refuse an output file the command could not write at its end (a
+    folder; a path through a file; a place where no file can be made, such as /proc or a
+    read-only mount). Missing folders are fine: writing makes them. `example` names a
+    file to suggest inside a folder given by mistake."""
+    from tuneline.errors import TunelineError
+
+    if path.is_dir():
+        raise TunelineError(f"{flag} '{path}' is a folder", f"give a file path, e.g. {flag} {path / example}")
+    folder = path.parent
+    while not folder.exists():  # the nearest folder that exists: the rest is made on write
+        folder = folder.parent
+    if not folder.is_dir():
+        raise TunelineError(
+            f"{flag} '{path}' goes through '{folder}', which is a file",
+            f"give a path inside a folder, e.g. {flag} {example}",
+        )
+    why = unwritable(folder)
+    if why:
+        raise TunelineError(
+            f"{flag} '{path}': no file can be written in '{folder}' ({why})",
+            f"give a path in a folder you can write to, e.g. {flag} {example}",
+        )
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be made in the existing `folder`, or None when one can. It tries:
+    os.access cannot tell (root passes it everywhere; /proc and read-only mounts)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tuneline-probe-"):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -93,17 +93,14 @@ def evaluate(
         import re
 
         from tuneline.evaluation import evaluate_file
-        from tuneline.io import write_json
+        from tuneline.io import check_out_file, write_json
         from tuneline.secrets import redact
         from tuneline.tracking import log_params, setup
 
         if limit < 0:
             raise TunelineError(f"--limit {limit} is negative", "give 0 (every example) or how many to evaluate")
-        if output is not None and output.is_dir():
-            raise TunelineError(
-                f"--out '{output}' is a folder; the evaluation is saved as one JSON file",
-                f"give a file path, e.g. --out {output / 'evaluation.json'}",
-            )
+        if output is not None:  # the evaluation is saved as one JSON file, after all the work
+            check_out_file(output, "--out", "evaluation.json")
         from tuneline import require_project
 
         require_project()

@@ -95,10 +95,10 @@ def diff(
     """What B fixed and broke against A (the challenger against the champion), by slice, and what changed."""
     try:
         from tuneline import registry, review
-        from tuneline.io import write_text
+        from tuneline.io import check_out_file, write_text
 
-        if save is not None and save.is_dir():
-            raise TunelineError(f"--out '{save}' is a folder", f"give a file path, e.g. --out {save / 'review.md'}")
+        if save is not None:
+            check_out_file(save, "--out", "review.md")
         client = mlflow_client()
         name = model_name(name)
         registry.require_model(client, name)
