@@ -23,8 +23,9 @@ def _write(path, rows):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif ext == ".json":
         path.write_text(json.dumps(rows))
-    elif ext == ".csv":
-        path.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    elif ext in (".csv", ".tsv"):
+        sep = "," if ext == ".csv" else "\t"
+        path.write_text(f"text{sep}label\n" + "".join(f"{r['text']}{sep}{r['label']}\n" for r in rows))
     else:
         pq.write_table(pa.Table.from_pylist(rows), path)
     return path
@@ -39,7 +40,7 @@ def _task_rows(rows, task, columns, labels):
     return _rows(sources.task_rows([rows], TASKS[task], columns, labels, "x"))
 
 
-@pytest.mark.parametrize("ext", [".csv", ".json", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
 def test_each_local_format_loads_the_same_rows(tmp_path, ext):
     batches, lineage, prose = sources.load(str(_write(tmp_path / f"d{ext}", ROWS)))
     assert _rows(sources.task_rows(batches, TASKS["classify"], {}, LABELS, "x")) == ROWS and not prose
@@ -228,3 +229,40 @@ def test_a_csv_with_a_byte_order_mark_and_a_long_field_loads(tmp_path):
     (tmp_path / "d.csv").write_text(f"\ufefftext,label\n{long},pos\nshort,neg\n")
     rows = _task_rows(_rows(sources.load(str(tmp_path / "d.csv"))[0]), "classify", {}, LABELS)
     assert rows == [{"text": long, "label": "pos"}, {"text": "short", "label": "neg"}]
+
+
+def test_a_tsv_reads_quotes_as_text_as_glue_writes_them(tmp_path):
+    # MNLI's dev_matched.tsv: unpaired quotes in the sentences, no quoting anywhere
+    (tmp_path / "d.tsv").write_text('text\tlabel\n"Yes," he said\tpos\n5" of rain, then "more\tneg\n')
+    rows = _task_rows(_rows(sources.load(str(tmp_path / "d.tsv"))[0]), "classify", {}, LABELS)
+    assert rows == [{"text": '"Yes," he said', "label": "pos"}, {"text": '5" of rain, then "more', "label": "neg"}]
+
+
+@pytest.mark.parametrize(
+    "name, text, says",
+    [
+        # an unclosed quote swallows the rest of the file into one field
+        (
+            "d.csv",
+            'text,label\nfine,pos\n"unclosed,neg\nmore,pos\n',
+            r"d.csv line 4 has 1 fields, but its header has 2.*close every quote",
+        ),
+        # an unquoted comma in the text pushes the label into a third field
+        (
+            "d.csv",
+            "text,label\nfine,pos\nhello, world,neg\n",
+            r"d.csv line 3 has 3 fields, but its header has 2.*quote a field",
+        ),
+        ("d.tsv", "text\tlabel\nfine\tpos\na\ttab\tneg\n", r"d.tsv line 3 has 3 fields.*cannot hold a tab"),
+        ("d.tsv", "text\tlabel\nno label here\n", r"d.tsv line 2 has 1 fields, but its header has 2"),
+    ],
+)
+def test_a_row_whose_fields_do_not_match_the_header_names_its_line(tmp_path, name, text, says):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(TunelineError, match=says):
+        _rows(sources.load(str(tmp_path / name))[0])
+
+
+def test_trailing_empty_fields_are_harmless(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nfine,pos,,\n")  # a spreadsheet's empty columns
+    assert _rows(sources.load(str(tmp_path / "d.csv"))[0]) == [{"text": "fine", "label": "pos"}]

@@ -50,7 +50,7 @@ class PrepareCfg(_Group):
         "builtin:wikipedia",
         description="Training data: 'builtin:wikipedia' (the dump sample inside the gensim wheel), "
         "'wikidump:<path.xml.bz2>', 'hf:<id>[:config][@revision][#split]' (the hub), or local "
-        "CSV/JSON/JSONL/Parquet files, plain-text .txt corpora (documents separated by blank lines), "
+        "CSV/TSV/JSON/JSONL/Parquet files, plain-text .txt corpora (documents separated by blank lines), "
         "or a glob of them; text formats may be .gz/.bz2/.xz/.zst compressed; 'alpaca-chat:<file>' reads "
         "Alpaca/Dolly records as conversations (the chat task). Train and validation rows "
         "are carved from it.",

@@ -5,11 +5,12 @@ Specs:
 - `wikidump:<path.xml.bz2>`: a MediaWiki XML dump; rows are plain-text paragraphs;
 - `hf:<id>[:config][@revision][#split]`: a hub dataset (split defaults to `train`); the
   resolved commit is recorded;
-- a local CSV / JSON (an array of objects) / JSONL / Parquet file, or a glob of them;
+- a local CSV / TSV / JSON (an array of objects) / JSONL / Parquet file, or a glob of them
+  (TSV as GLUE and spreadsheets write it: tabs between fields, no quoting);
 - a plain-text corpus: `.txt` files (or a glob), documents separated by blank lines;
 - `alpaca-chat:<file>`: Alpaca/Dolly records (any local form above) as conversations
   (`chat.from_alpaca`: one and two turns, with and without a system turn).
-  CSV, JSON, JSONL and text files may be compressed: `.gz`, `.bz2`, `.xz`, `.zst`.
+  CSV, TSV, JSON, JSONL and text files may be compressed: `.gz`, `.bz2`, `.xz`, `.zst`.
 
 `load` streams: it returns an iterator of batches of at most BATCH_ROWS raw rows, so no
 source is ever held whole (a JSON array is the one format parsed in one piece: use JSONL
@@ -40,7 +41,7 @@ from tuneline.errors import TunelineError
 from tuneline.tasks import Task
 from tuneline.wikidump import dump_path, paragraphs
 
-LOCAL_FORMATS = (".csv", ".json", ".jsonl", ".parquet", ".txt")
+LOCAL_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # read as they are (not .parquet: it compresses inside)
 ALPACA_CHAT = "alpaca-chat:"  # `alpaca-chat:<file>`: Alpaca/Dolly records read as conversations
 BATCH_ROWS = 8192  # raw rows per batch: memory is bounded by this, not by the source
@@ -258,11 +259,8 @@ def _read(path: Path) -> Batches:
                     yield b.to_pylist()
         except Exception as e:
             raise TunelineError(f"{path} is not a readable Parquet file ({e})", "re-export the file") from None
-    elif ext == ".csv":
-        csv.field_size_limit(sys.maxsize)  # a long text field is data, not an error
-        reader = csv.DictReader(_lines(path))
-        # line_num after a row is its last line: a row's line in the file, as an editor shows it
-        yield from batched(r | {LINE: f"{path.name} line {reader.line_num}"} for r in reader)
+    elif ext in (".csv", ".tsv"):
+        yield from batched(_delimited(path, ext == ".tsv"))
     elif ext == ".jsonl":
         yield from batched(_jsonl(path))
     elif ext == ".txt":
@@ -290,6 +288,29 @@ def documents(lines: Iterable[str]) -> Iterator[str]:
 
 
 LINE = "\x00line"  # where a row is in its file (CSV, JSONL), for messages; never a column
+
+
+def _delimited(path: Path, tsv: bool) -> Iterator[dict]:
+    """CSV (RFC 4180 quoting) or TSV rows. A TSV field cannot hold a tab or a line break, and
+    a quote is plain text (GLUE's MNLI files have unpaired quotes). A row with fewer or more
+    fields than the header is an error: an unclosed quote or a stray comma would otherwise
+    shift or merge columns without a word."""
+    csv.field_size_limit(sys.maxsize)  # a long text field is data, not an error
+    style = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
+    reader = csv.DictReader(_lines(path), **style)
+    for row in reader:
+        extra = row.pop(None, None)  # the fields past the header's (DictReader's restkey)
+        if None in row.values() or any(x.strip() for x in extra or ()):  # trailing empty fields are harmless
+            fields = sum(v is not None for v in row.values()) + len(extra or ())
+            raise TunelineError(
+                f"{path} line {reader.line_num} has {fields} fields, but its header has {len(reader.fieldnames)}",
+                "a TSV field cannot hold a tab or a line break: fix that row"
+                if tsv
+                else 'quote a field that holds a comma, a quote or a line break ("...", a quote inside doubled: ""), '
+                "and close every quote",
+            )
+        # line_num after a row is its last line: a row's line in the file, as an editor shows it
+        yield row | {LINE: f"{path.name} line {reader.line_num}"}
 
 
 def _jsonl(path: Path) -> Iterator[dict]:

@@ -68,7 +68,7 @@ def evaluate(
         ...,
         "--data",
         "-d",
-        help="A CSV/JSON/JSONL/Parquet file (or any prepare.source form) with the recipe's columns.",
+        help="A CSV/TSV/JSON/JSONL/Parquet file (or any prepare.source form) with the recipe's columns.",
     ),
     recipe: str = typer.Option(
         None,
