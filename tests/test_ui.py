@@ -22,6 +22,9 @@ import psutil
 import pytest
 from conftest import project_env
 
+from tuneline import servers
+from tuneline.errors import TunelineError
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
 
 
@@ -360,6 +363,12 @@ def test_a_taken_port_is_one_line_and_starts_nothing(tmp_path):
         assert not _servers_on(mlflow_port, prefect_port)
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", prefect_port), timeout=5):
             pass
+
+
+def test_a_port_out_of_range_is_refused_before_any_server_starts():
+    for bad in (0, 70000):
+        with pytest.raises(TunelineError, match=f"--prefect-port {bad} is not a port. Fix: give one from 1 to 65535"):
+            servers.check_ports("127.0.0.1", {"MLflow": ("--mlflow-port", 5000), "Prefect": ("--prefect-port", bad)})
 
 
 @pytest.mark.slow

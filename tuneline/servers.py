@@ -126,6 +126,9 @@ def free_near(host: str, port: int, taken: set[int]) -> int:
 
 def check_ports(host: str, ports: dict[str, tuple[str, int]]) -> None:
     """Both ports must be free before anything starts: one line naming each taken port and a free one."""
+    for option, port in ports.values():  # caught here, not as a server's bind() traceback in its log
+        if not 0 < port < 65536:
+            raise TunelineError(f"{option} {port} is not a port", f"give one from 1 to 65535, e.g. {option} 5000")
     taken = {port for _, port in ports.values()}
     if len(taken) < len(ports):
         raise TunelineError(
@@ -142,7 +145,7 @@ def check_ports(host: str, ports: dict[str, tuple[str, int]]) -> None:
         raise TunelineError(
             f"port{'s' if len(busy) > 1 else ''} {what} on {host} {'are' if len(busy) > 1 else 'is'} already in use "
             "(another `tuneline ui`?)",
-            f"stop what listens there, or pick free port{'s' if len(busy) > 1 else ''}, e.g. {' '.join(fix)}",
+            f"stop what listens there, or pick {'free ports' if len(busy) > 1 else 'a free port'}, e.g. {' '.join(fix)}",
         )
 
 
