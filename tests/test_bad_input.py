@@ -352,7 +352,12 @@ CASES = [
         ("does not answer", "MLFLOW_TRACKING_URI"),
         env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed_port}"},
     ),
-    Case("env-mlflow-store-tracked-by-git", store_in_git, ("git tracks the project's local state (mlflow.db)",)),
+    Case(
+        "env-mlflow-store-tracked-by-git",
+        store_in_git,
+        ("git tracks the project's local state (mlflow.db)",),
+        alone=True,  # said before Prefect's temporary server starts
+    ),
     Case(
         "env-sweep-with-no-git-commit",
         cli("sweep", "--grid", "train.lr=1e-3,2e-3"),

@@ -44,6 +44,10 @@ def run(
             # Validate before anything starts (the flow checks again: it can be run alone).
             params = params_of(recipe, sets, smoke)
             preflight.check(params, store=False, model=False)  # a wrong path fails before a model is built
+            if not smoke:  # before Prefect's server starts (~10 s), not from inside the flow
+                from tuneline import gitcheck
+
+                gitcheck.check_untracked_state(ROOT)
             api = os.environ.get("PREFECT_API_URL")
             if not api:  # Ctrl-C must not kill the temporary server with the stage
                 servers.detach_temporary_prefect_server()
