@@ -128,7 +128,10 @@ def check_ports(host: str, ports: dict[str, tuple[str, int]]) -> None:
     """Both ports must be free before anything starts: one line naming each taken port and a free one."""
     for option, port in ports.values():  # caught here, not as a server's bind() traceback in its log
         if not 0 < port < 65536:
-            raise TunelineError(f"{option} {port} is not a port", f"give one from 1 to 65535, e.g. {option} 5000")
+            raise TunelineError(
+                f"{option} {port} is not a port",
+                "give one from 1 to 65535, or leave it out (MLflow 5000, Prefect 4200)",
+            )
     taken = {port for _, port in ports.values()}
     if len(taken) < len(ports):
         raise TunelineError(
