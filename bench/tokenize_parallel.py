@@ -8,6 +8,7 @@ of data), in batches of ENCODE_CHUNK, GPT-2's BPE. Run: `python bench/tokenize_p
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import multiprocessing
@@ -49,7 +50,11 @@ def _worker(chunk: list[str]) -> list[list[int]]:
 def main() -> None:
     from tuneline.tokenization import ENCODE_CHUNK
 
-    texts = _texts(60_000)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--texts", type=int, default=60_000)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/tokenize_parallel.json"))
+    args = ap.parse_args()
+    texts = _texts(args.texts)
     chunks = [texts[i : i + ENCODE_CHUNK] for i in range(0, len(texts), ENCODE_CHUNK)]
     _encode_chunks(chunks[:1], True)  # load the tokenizer once
     results, ids = {}, {}
@@ -70,7 +75,7 @@ def main() -> None:
     for name, s in results.items():
         print(f"| {name} | {s:.1f} | {tokens / s:,.0f} | {results['one thread'] / s:.2f}x |")
     out = {"texts": len(texts), "tokens": tokens, "cpus": os.cpu_count(), "seconds": results}
-    (ROOT / "bench/results/tokenize_parallel.json").write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
