@@ -245,7 +245,7 @@ def test_a_tsv_reads_quotes_as_text_as_glue_writes_them(tmp_path):
         (
             "d.csv",
             'text,label\nfine,pos\n"unclosed,neg\nmore,pos\n',
-            r"d.csv line 4 has 1 fields, but its header has 2.*close every quote",
+            r"d.csv line 4 has 1 field, but its header has 2.*close every quote",
         ),
         # an unquoted comma in the text pushes the label into a third field
         (
@@ -254,7 +254,7 @@ def test_a_tsv_reads_quotes_as_text_as_glue_writes_them(tmp_path):
             r"d.csv line 3 has 3 fields, but its header has 2.*quote a field",
         ),
         ("d.tsv", "text\tlabel\nfine\tpos\na\ttab\tneg\n", r"d.tsv line 3 has 3 fields.*cannot hold a tab"),
-        ("d.tsv", "text\tlabel\nno label here\n", r"d.tsv line 2 has 1 fields, but its header has 2"),
+        ("d.tsv", "text\tlabel\nno label here\n", r"d.tsv line 2 has 1 field, but its header has 2"),
     ],
 )
 def test_a_row_whose_fields_do_not_match_the_header_names_its_line(tmp_path, name, text, says):

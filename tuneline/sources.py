@@ -303,7 +303,8 @@ def _delimited(path: Path, tsv: bool) -> Iterator[dict]:
         if None in row.values() or any(x.strip() for x in extra or ()):  # trailing empty fields are harmless
             fields = sum(v is not None for v in row.values()) + len(extra or ())
             raise TunelineError(
-                f"{path} line {reader.line_num} has {fields} fields, but its header has {len(reader.fieldnames)}",
+                f"{path} line {reader.line_num} has {fields} field{'' if fields == 1 else 's'}, "
+                f"but its header has {len(reader.fieldnames)}",
                 "a TSV field cannot hold a tab or a line break: fix that row"
                 if tsv
                 else 'quote a field that holds a comma, a quote or a line break ("...", a quote inside doubled: ""), '
