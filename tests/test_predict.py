@@ -39,3 +39,14 @@ def test_a_model_that_is_neither_a_uri_nor_a_folder_is_named_as_such(tmp_path, m
     assert str(e.value).startswith(
         f"--model 'champion-model' is not a model URI, and no folder '{tmp_path}/champion-model' exists. Fix: give models:/"
     )
+
+
+def test_a_hugging_face_folder_is_named_as_such_with_the_command_that_takes_it(tmp_path):
+    from tuneline.predict import load
+
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}")  # what models/merged and `tuneline export` write
+    with pytest.raises(
+        TunelineError, match=r"is a Hugging Face model folder, not an MLflow model.*tuneline evaluate --model"
+    ):
+        load(str(tmp_path / "merged"))

@@ -25,6 +25,14 @@ def load(uri: str):
             "give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or an MLflow model folder; "
             "see `tuneline history`",
         )
+    folder = os.path.isdir(uri) and not os.path.isfile(os.path.join(uri, "MLmodel"))
+    if folder and os.path.isfile(os.path.join(uri, "config.json")):  # models/merged, an export
+        raise TunelineError(
+            f"--model '{uri}' is a Hugging Face model folder, not an MLflow model: it holds no task, "
+            "prompt or decoding to answer with",
+            f"evaluate it with `tuneline evaluate --model {uri} --data FILE`, or predict with a registered "
+            "version (models:/NAME@champion; `tuneline history` lists them)",
+        )
     try:
         return mlflow.pyfunc.load_model(uri)
     except Exception as e:  # MlflowException, missing artifacts
