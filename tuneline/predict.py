@@ -25,8 +25,8 @@ def load(uri: str):
             "give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or an MLflow model folder; "
             "see `tuneline history`",
         )
-    folder = os.path.isdir(uri) and not os.path.isfile(os.path.join(uri, "MLmodel"))
-    if folder and os.path.isfile(os.path.join(uri, "config.json")):  # models/merged, an export
+    hf_folder = os.path.isfile(os.path.join(uri, "config.json")) and not os.path.isfile(os.path.join(uri, "MLmodel"))
+    if hf_folder:  # models/merged, an export
         raise TunelineError(
             f"--model '{uri}' is a Hugging Face model folder, not an MLflow model: it holds no task, "
             "prompt or decoding to answer with",

@@ -9,7 +9,7 @@ import time
 
 import typer
 
-from tuneline import ROOT, servers
+from tuneline import ROOT, gitcheck, servers
 from tuneline.cli.app import app, fail, out, params_of
 from tuneline.data import METRICS, PREDICTIONS
 from tuneline.errors import INTERRUPTED, TunelineError, print_error
@@ -45,8 +45,6 @@ def run(
             params = params_of(recipe, sets, smoke)
             preflight.check(params, store=False, model=False)  # a wrong path fails before a model is built
             if not smoke:  # before Prefect's server starts (~10 s), not from inside the flow
-                from tuneline import gitcheck
-
                 gitcheck.check_untracked_state(ROOT)
             api = os.environ.get("PREFECT_API_URL")
             if not api:  # Ctrl-C must not kill the temporary server with the stage
