@@ -103,10 +103,10 @@ def reproduce(name: str, force: bool = False) -> str | State:
     except ReproductionError as e:
         code, _, line = err_file.read_text().partition("\n")
         if not line.strip():  # DVC failed around the stage (e.g. a read-only output), or it was killed
-            from tuneline.errors import from_os_error
+            from tuneline.errors import known as fixable
 
             cause = e.__cause__ or e.__context__
-            known = from_os_error(cause, name) if cause is not None else None
+            known = fixable(cause, name) if cause is not None else None
             code, line = (
                 ("2", str(known))
                 if known

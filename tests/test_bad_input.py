@@ -346,6 +346,16 @@ CASES = [
     # paths, environment, registry
     Case("env-read-only-output-dir", read_only_data, ("cannot write", "writable"), needs_unshare=True),
     Case("env-disk-full", disk_full, ("disk is full", "free space"), needs_unshare=True),
+    # Out of memory, made certain on any host: an adapter rank or a beam count whose tensors
+    # need more than any address space (a user meets it with a batch that does not fit).
+    Case(
+        "env-out-of-memory-in-train", run("train.lora_r=10000000000000"), ("train: out of memory", "train.batch_size")
+    ),
+    Case(
+        "env-out-of-memory-in-validate",
+        run("evaluate.num_beams=10000000000000"),
+        ("validate: out of memory", "evaluate.batch_size or evaluate.num_beams"),
+    ),
     Case(
         "env-unreachable-mlflow",
         run("train.lr=0.003"),

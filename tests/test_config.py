@@ -56,12 +56,25 @@ def test_bad_values_name_the_key(raw, key):
         ),
         ({"prepare": {"task": "clasify"}}, "Fix: did you mean 'classify'?"),
         ({"train": {"grad_checkpointing": "maybe"}}, "'train.grad_checkpointing' must be true or false"),
+        # YAML's yes/on are booleans; taken for 1 they would train at rank 1 without a word
+        (
+            {"train": {"lora_r": True}},
+            "'train.lora_r' must be an integer >= 1 (got True, which YAML reads from true/yes/on)",
+        ),
+        ({"prepare": {"near_dup_threshold": False}}, "'prepare.near_dup_threshold' must be a number, not true/false"),
     ],
 )
 def test_wrong_types_and_ranges_give_the_key_path_and_what_is_allowed(raw, says):
     with pytest.raises(TunelineError) as e:
         parse_params(raw)
     assert says in str(e.value)
+
+
+def test_yes_and_on_still_set_a_boolean_key():
+    from tuneline import recipes
+
+    params = recipes.build(None, ["train.grad_checkpointing=yes", "prepare.hub_streaming=on"])
+    assert params.train.grad_checkpointing is True and params.prepare.hub_streaming is True
 
 
 def test_missing_params_file_says_where_to_run(tmp_path):

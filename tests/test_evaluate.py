@@ -8,8 +8,18 @@ import torch
 from conftest import generate_beams, tiny_llama
 
 from tuneline import recipes, tasks
-from tuneline.evaluation import evaluate_file, evaluate_model, example_nll, metrics_of, score_labels
+from tuneline.errors import TunelineError
+from tuneline.evaluation import (
+    evaluate_file,
+    evaluate_model,
+    example_nll,
+    fit_rows,
+    metrics_of,
+    prompts_and_targets,
+    score_labels,
+)
 from tuneline.generation import generate
+from tuneline.tokenization import answer_start, encode_batch
 
 PROMPTS = [
     "Unscramble: cat the sat\nSentence:",
@@ -277,3 +287,27 @@ def test_base_vs_tuned_figure_has_a_panel_per_metric_and_the_primary_ci(task):
     png = io.BytesIO()
     fig.savefig(png, format="png")
     assert png.getvalue().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_rows_are_fitted_to_the_positions_with_the_real_answer_budget(gpt2_tok):
+    """A row is kept when its prompt plus the answer budget generation will use (the longest
+    reference + 8, capped by evaluate.max_new_tokens) fits, however large the cap; when no
+    row fits, the message says which setting to change."""
+    rows = _rows()
+    task = tasks.TASKS["descramble"]
+    _, spans = encode_batch(gpt2_tok, rows, task, [])
+    prompts = [answer_start(s) for s in spans]
+    budget = max(len(gpt2_tok(t)["input_ids"]) for t in prompts_and_targets(task, rows, [])[1]) + 8
+    params = recipes.build("descramble", ["model.name=tiny-gpt2", "evaluate.max_new_tokens=1000"])
+    assert fit_rows(gpt2_tok, rows, params, max(prompts) + budget) == (rows, 0)  # the cap alone would fit none
+    kept, dropped = fit_rows(gpt2_tok, rows, params, max(prompts) + budget - 1)  # the longest prompt has no room
+    assert dropped == prompts.count(max(prompts)) and len(kept) == len(rows) - dropped
+    # The examples fit, but no prompt leaves room for the budget.
+    with pytest.raises(
+        TunelineError, match=rf"no example leaves room.*Fix: lower evaluate.max_new_tokens to at most {budget - 1}$"
+    ):
+        fit_rows(gpt2_tok, rows, params, min(prompts) + budget - 1)
+    with pytest.raises(
+        TunelineError, match=r"^validate: all 6 examples are longer than the model's 4 positions.*Fix: shorten"
+    ):
+        fit_rows(gpt2_tok, rows, params, 4, "validate")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from tuneline.errors import TunelineError
 from tuneline.scoring import metric_names
@@ -26,6 +27,18 @@ PARAMS_FILE = "params.yaml"
 class _Group(BaseModel):
     # inf/nan pass `gt=0` (`train.epochs: .inf` would loop forever): numbers must be finite.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads true, yes and on as booleans, and pydantic would take them for 1 (and
+        no/off for 0): `--set train.lora_r=on` would train at rank 1, silently."""
+        if isinstance(value, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(ann)) or {ann}
+            if bool not in kinds and kinds & {int, float}:
+                raise PydanticCustomError("number_type", "must be a number, not true/false")
+        return value
 
 
 class ModelCfg(_Group):
@@ -447,6 +460,9 @@ def _explain(err: ValidationError, source: str) -> TunelineError:
         return TunelineError(f"{source}: unknown key '{path}'", hint)
     field = _field(loc) if loc else None
     allowed = _allowed(field) if field is not None else None
+    got = repr(e.get("input"))
+    if e["type"] == "number_type":  # `--set train.lora_r=on`: say where the boolean came from
+        got += f", which YAML reads from {'true/yes/on' if e.get('input') else 'false/no/off'}"
     if e["type"] == "value_error" and not (allowed or "").startswith(
         "one of"
     ):  # a rule across keys (a model validator): its message names them
@@ -456,7 +472,7 @@ def _explain(err: ValidationError, source: str) -> TunelineError:
         )
     if allowed is None:
         return TunelineError(
-            f"{source}: '{path}' {e['msg'].lower()} (got {e.get('input')!r})",
+            f"{source}: '{path}' {e['msg'].lower()} (got {got})",
             f"set a valid value for '{path}' in {source}",
         )
     fix = f"set '{path}' to {allowed}"
@@ -464,9 +480,7 @@ def _explain(err: ValidationError, source: str) -> TunelineError:
         close = difflib.get_close_matches(e["input"], [str(c) for c in _choices(field)], n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"choose {allowed}"
     default = yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("...").strip()
-    return TunelineError(
-        f"{source}: '{path}' must be {allowed} (got {e.get('input')!r})", f"{fix} (default: {default})"
-    )
+    return TunelineError(f"{source}: '{path}' must be {allowed} (got {got})", f"{fix} (default: {default})")
 
 
 def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:

@@ -52,6 +52,56 @@ def from_os_error(err: BaseException, where: str) -> TunelineError | None:
     return None
 
 
+def out_of_memory(err: BaseException, where: str) -> TunelineError | None:
+    """The one-line form of running out of memory: torch's CPU allocator ("can't allocate
+    memory"), CUDA's OutOfMemoryError, Python's MemoryError or an ENOMEM from the OS, also
+    when another error was raised from it. What the user chose (the batch, the beams, the
+    adapter's rank) did not fit; the fix names the knobs of the stage that ran out."""
+    import errno
+    import re
+
+    chain = err
+    while chain is not None and not (
+        isinstance(chain, MemoryError)
+        or type(chain).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError (CUDA), without importing torch
+        or "can't allocate memory" in str(chain)
+        or (isinstance(chain, OSError) and chain.errno == errno.ENOMEM)
+    ):
+        chain = chain.__cause__ or chain.__context__
+    if chain is None:
+        return None
+    text = " ".join(str(chain).split())
+    size = ""
+    if asked := re.search(r"tried to allocate (\d+) bytes", text):  # the CPU allocator
+        n, k = int(asked[1]), 0
+        while n >= 1024 ** (k + 1) and k < 5:
+            k += 1
+        size = f" ({n / 1024**k:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB')[k]} asked for)"
+    elif asked := re.search(r"(?i)tried to allocate ([\d.]+ [KMGTP]iB)", text):  # CUDA
+        size = f" ({asked[1]} asked for)"
+    free = "free the memory other processes hold"
+    if where == "train":
+        fix = (
+            "lower train.batch_size (raise train.grad_accum to keep the same effective batch), "
+            f"tokenize.max_length or train.lora_r, set train.grad_checkpointing: true, or {free}"
+        )
+    elif where in ("validate", "evaluate", "register"):
+        fix = f"lower evaluate.batch_size or evaluate.num_beams, or {free}"
+    elif where in ("prepare", "tokenize"):  # they stream: their memory does not grow with the data
+        fix = f"{free}, or use a machine with more memory"
+    else:  # a command (tuneline evaluate, predict)
+        fix = f"lower evaluate.batch_size or evaluate.num_beams (--set), or {free}"
+    if where != "tuneline":
+        fix += "; then re-run: finished stages and checkpoints are reused"
+    return TunelineError(f"{where}: out of memory{size}", fix)
+
+
+def known(err: BaseException, where: str) -> TunelineError | None:
+    """A failure of the environment that the user can fix (memory, a full disk, permissions)
+    as one line; None for anything unforeseen."""
+    return out_of_memory(err, where) or from_os_error(err, where)
+
+
 def debug() -> bool:
     """`tuneline --debug` (which sets TUNELINE_DEBUG for the stage processes it starts)."""
     import os

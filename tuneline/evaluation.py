@@ -116,24 +116,39 @@ def fit_rows(
 ) -> tuple[list[dict], int]:
     """The rows the model has positions for, under tokenize.overlong (the rule training
     uses), and how many were dropped. A row needs `limit` positions for its whole example
-    (scored by teacher forcing) and for its prompt plus the answer budget (generation);
-    past them the position embedding has no row and generation crashes. 'error' stops,
-    naming the row; 'drop' and 'truncate' drop it (a cut test example cannot be scored
-    against its reference), and the count is reported."""
+    (scored by teacher forcing) and for its prompt plus the answer budget (generation:
+    the longest reference answer + 8, capped by evaluate.max_new_tokens); past them the
+    position embedding has no row and generation crashes. 'error' stops, naming the row;
+    'drop' and 'truncate' drop it (a cut test example cannot be scored against its
+    reference), and the count is reported. When no row fits, it stops and says why."""
+    from tuneline.errors import TunelineError
+
     task = tasks.TASKS[params.prepare.task]
     if limit is None or not rows or not task.generates:  # pretrain: scored in blocks of max_length
         return rows, 0
-    budget = params.evaluate.max_new_tokens
+    budget = answer_budget(
+        tok, prompts_and_targets(task, rows, params.prepare.labels, tok)[1], params.evaluate.max_new_tokens
+    )
     ids, spans = encode_batch(tok, rows, task, params.prepare.labels)
     prompt_lens = [answer_start(s) for s in spans]
     fits = [len(x) <= limit and p + budget <= limit for x, p in zip(ids, prompt_lens)]
     n = fits.count(False)
     if n == 0:
         return rows, 0
+    if n == len(rows):
+        short = [p for x, p in zip(ids, prompt_lens) if len(x) <= limit and p < limit]
+        if short:  # the examples fit; the answer budget after their prompts does not
+            raise TunelineError(
+                f"{where}: no example leaves room for the {budget}-token answer budget in the model's {limit} "
+                f"positions (prompts of {min(short)} tokens and more)",
+                f"lower evaluate.max_new_tokens to at most {limit - min(short)}",
+            )
+        raise TunelineError(
+            f"{where}: all {n} examples are longer than the model's {limit} positions",
+            "shorten the rows (e.g. prepare.max_words), or use a model with more positions",
+        )
     first = fits.index(False)
     if params.tokenize.overlong == "error":
-        from tuneline.errors import TunelineError
-
         raise TunelineError(
             f"{where}: {n} example(s) need more positions than the model has ({limit}); the first is example "
             f"{first + 1} ({len(ids[first])} tokens, prompt {prompt_lens[first]} + answer budget {budget})",
@@ -336,10 +351,6 @@ def evaluate_file(ref: str, params: Params, data: str, limit: int = 0) -> dict:
     from tuneline.modeling import position_limit
 
     rows, dropped = fit_rows(tok, rows, params, position_limit(model.config))
-    if not rows:
-        from tuneline.errors import TunelineError
-
-        raise TunelineError(f"every example of {data} is longer than the model has positions for", "shorten them")
     print(f"[evaluate] {ref} on {len(rows)} examples of {data}", flush=True)
     ev = evaluate_model(model, tok, rows, params)
     prompts, targets = prompts_and_targets(task, rows, params.prepare.labels, tok)

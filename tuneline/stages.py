@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import signal
 
-    from tuneline.errors import debug, from_os_error, report
+    from tuneline.errors import debug, known, report
     from tuneline.signals import interrupt_outside_imports, on_parent_death
 
     try:
@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    except Exception as e:  # a full disk or read-only path is the user's to fix; anything else is unforeseen
-        known = from_os_error(e, argv[0])
-        if known is not None:
-            return _failed(str(known), 2)
+    except Exception as e:  # memory, a full disk or a read-only path is the user's to fix; the rest is unforeseen
+        fixable = known(e, argv[0])
+        if fixable is not None:
+            return _failed(str(fixable), 2)
         if debug():
             raise
         return _failed(report(e, argv[0]), 1)

@@ -75,7 +75,7 @@ def mlflow_client():
 
 def main() -> None:
     """The `tuneline` command: errors are one line (red on a terminal); tracebacks only with --debug."""
-    from tuneline.errors import debug, report
+    from tuneline.errors import debug, out_of_memory, report
     from tuneline.signals import interrupt_outside_imports
 
     interrupt_outside_imports()  # a Ctrl-C during a lazy import waits for it (tuneline/signals.py)
@@ -87,5 +87,9 @@ def main() -> None:
     except Exception as e:  # not a TunelineError: those exit through fail
         if _state["debug"] or debug():
             raise
+        fixable = out_of_memory(e, "tuneline")  # e.g. `tuneline evaluate` with too large a batch
+        if fixable is not None:
+            print_error(str(fixable))
+            sys.exit(2)
         print_error(report(e, "tuneline"))
         sys.exit(1)
