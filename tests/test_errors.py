@@ -37,6 +37,7 @@ def test_running_out_of_memory_is_one_line_naming_the_stages_knobs():
         "train: out of memory (4096.0 PiB asked for). Fix: lower train.batch_size"
     )
     assert "lower evaluate.batch_size or evaluate.num_beams" in str(known(cpu, "evaluate"))
+    assert str(known(cpu, "tuneline predict")).endswith("Fix: lower --beams, or free the memory other processes hold")
     cuda = torch.OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"
     )

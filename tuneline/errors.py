@@ -89,9 +89,11 @@ def out_of_memory(err: BaseException, where: str) -> TunelineError | None:
         fix = f"lower evaluate.batch_size or evaluate.num_beams, or {free}"
     elif where in ("prepare", "tokenize"):  # they stream: their memory does not grow with the data
         fix = f"{free}, or use a machine with more memory"
-    else:  # a command (tuneline evaluate, predict)
+    elif where == "tuneline predict":
+        fix = f"lower --beams, or {free}"
+    else:  # another command (tuneline evaluate)
         fix = f"lower evaluate.batch_size or evaluate.num_beams (--set), or {free}"
-    if where != "tuneline":
+    if not where.startswith("tuneline"):  # a stage
         fix += "; then re-run: finished stages and checkpoints are reused"
     return TunelineError(f"{where}: out of memory{size}", fix)
 

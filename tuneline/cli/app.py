@@ -87,7 +87,8 @@ def main() -> None:
     except Exception as e:  # not a TunelineError: those exit through fail
         if _state["debug"] or debug():
             raise
-        fixable = out_of_memory(e, "tuneline")  # e.g. `tuneline evaluate` with too large a batch
+        command = " ".join(["tuneline", *[a for a in sys.argv[1:] if not a.startswith("-")][:1]])
+        fixable = out_of_memory(e, command)  # e.g. `tuneline evaluate` with too large a batch
         if fixable is not None:
             print_error(str(fixable))
             sys.exit(2)
