@@ -86,7 +86,8 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}], "content must be text"),
         ([{"role": "user", "content": "x"}, SYSTEM, {"role": "assistant", "content": "y"}], "system turn after"),
         ("not json", "not JSON"),
-        ([], "non-empty list"),
+        ([], "the conversation has no turns"),
+        ({"role": "user", "content": "x"}, "must be a list of turns, not dict"),
     ],
 )
 def test_a_bad_conversation_is_one_line_naming_its_row(turns, message):

@@ -106,6 +106,18 @@ BAD = [
         None,
         r"column 'text' must be text, but train.jsonl line 1 holds int",
     ),
+    (  # a JSON row without the key: said so, not "holds NoneType"
+        "row without the column",
+        ROWS[:5] + [{"txt": "odd", "label": "pos"}],
+        None,
+        r"train.jsonl line 6 has no column 'text' \(it has: 'label', 'txt'\)\. Fix: give that row a value",
+    ),
+    (
+        "null value",
+        ROWS[:5] + [{"text": None, "label": "pos"}],
+        None,
+        r"train.jsonl line 6 has no value \(null\) in column 'text'",
+    ),
     ("empty split", [], None, r"has no rows"),
     (
         "label outside the set",

@@ -84,9 +84,11 @@ def parse(value, at: str) -> list[dict]:
             raise TunelineError(
                 f"{at}: the conversation is text but not JSON", "store the turns as a list of {role, content}"
             ) from None
-    if not isinstance(value, list) or not value:
+    if isinstance(value, list) and not value:
+        raise TunelineError(f"{at}: the conversation has no turns", "give every row its turns, or remove the row")
+    if not isinstance(value, list):
         raise TunelineError(
-            f"{at}: a conversation must be a non-empty list of turns, not {type(value).__name__}",
+            f"{at}: a conversation must be a list of turns, not {type(value).__name__}",
             'write [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]',
         )
     turns = []

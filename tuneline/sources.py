@@ -427,12 +427,20 @@ def _at(r: dict, i: int) -> str:
     return r.get(LINE) or f"row {i + 1}"
 
 
+_FILL = "give that row a value in the column, or remove the row"
+
+
 def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[str], where: str, i: int) -> dict:
     row = {}
     for col, name in names.items():
         v = r.get(name) if name else None
         if v is None and (col in task.optional or name is None):
             v = ""
+        elif v is None:  # a JSON row without the key, or with null: say so, not "holds NoneType"
+            if name in r:
+                raise TunelineError(f"{where}: {_at(r, i)} has no value (null) in column '{name}'", _FILL)
+            have = ", ".join(repr(k) for k in sorted((k for k in r if k != LINE), key=str)[:12])
+            raise TunelineError(f"{where}: {_at(r, i)} has no column '{name}' (it has: {have or 'none'})", _FILL)
         if col == "label":
             v = _label(v, labels, where, _at(r, i), name)
         elif task.chat and col == "messages":
