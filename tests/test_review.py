@@ -127,6 +127,12 @@ def test_the_command_compares_the_challenger_with_the_champion_and_saves_markdow
     assert (tmp_path / "review.md").read_text().startswith("# v2 (challenger) against v1 (champion)")
     bad = CliRunner().invoke(app, ["diff", "--name", "m", "champion", "nope"])
     assert bad.exit_code != 0 and "'nope' is not a version, alias or run" in bad.output
+    for threshold in ("0", "-1"):  # every unchanged example would count as fixed and as broken
+        bad = CliRunner().invoke(app, ["diff", "--name", "m", "--threshold", threshold])
+        assert (
+            bad.exit_code == 2
+            and f"error: --threshold {threshold} is not a change. Fix: give a number > 0" in bad.output
+        )
 
 
 def test_a_version_against_itself_is_one_line_not_an_empty_report(client):

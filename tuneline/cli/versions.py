@@ -97,6 +97,10 @@ def diff(
         from tuneline import registry, review
         from tuneline.io import check_out_file, write_text
 
+        if threshold is not None and not threshold > 0:  # at 0 an unchanged example is fixed and broken at once
+            raise TunelineError(
+                f"--threshold {threshold:g} is not a change", "give a number > 0, e.g. --threshold 5 for chrF points"
+            )
         if save is not None:
             check_out_file(save, "--out", "review.md")
         client = mlflow_client()
