@@ -15,6 +15,8 @@ gets `challenger`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import subprocess
@@ -238,7 +240,10 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         write_json(metrics_file("register"), result)
         return result
 
-    version = mlflow.register_model(info.model_uri, name).version
+    # MLflow prints "Successfully registered model ..." / "... already exists. Creating a new
+    # version" to stderr itself; the line below says which version this is and where it went.
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(info.model_uri, name).version
     gate["challenger"] = f"v{version}"
     flat = flatten(params)
     tags = {
