@@ -103,13 +103,13 @@ def reproduce(name: str, force: bool = False) -> str | State:
     except ReproductionError as e:
         code, _, line = err_file.read_text().partition("\n")
         if not line.strip():  # DVC failed around the stage (e.g. a read-only output), or it was killed
-            from tuneline.errors import known as fixable
+            from tuneline.errors import known
 
             cause = e.__cause__ or e.__context__
-            known = fixable(cause, name) if cause is not None else None
+            fixable = known(cause, name) if cause is not None else None
             code, line = (
-                ("2", str(known))
-                if known
+                ("2", str(fixable))
+                if fixable
                 else ("130", f"{name}: {INTERRUPTED}")
                 if re.search(r"exited with (-2|130)$", str(cause))  # SIGINT ended it before it could say so
                 else (

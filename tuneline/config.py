@@ -11,7 +11,8 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -35,7 +36,7 @@ class _Group(BaseModel):
         no/off for 0): `--set train.lora_r=on` would train at rank 1, silently."""
         if isinstance(value, bool):
             ann = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(ann)) or {ann}
+            kinds = set(get_args(ann)) if get_origin(ann) in (Union, UnionType) else {ann}  # int, float | None
             if bool not in kinds and kinds & {int, float}:
                 raise PydanticCustomError("number_type", "must be a number, not true/false")
         return value
