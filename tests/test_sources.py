@@ -267,6 +267,8 @@ def test_a_tsv_reads_quotes_as_text_as_glue_writes_them(tmp_path):
         ),
         ("d.tsv", "text\tlabel\nfine\tpos\na\ttab\tneg\n", r"d.tsv line 3 has 3 fields.*cannot hold a tab"),
         ("d.tsv", "text\tlabel\nno label here\n", r"d.tsv line 2 has 1 field, but its header has 2"),
+        # two columns of one name: DictReader kept the last one's values without a word
+        ("d.csv", "text,label,text\na,pos,b\n", r"d.csv: its header names column 'text' 2 times \(columns 1, 3\)"),
     ],
 )
 def test_a_row_whose_fields_do_not_match_the_header_names_its_line(tmp_path, name, text, says):
@@ -278,3 +280,5 @@ def test_a_row_whose_fields_do_not_match_the_header_names_its_line(tmp_path, nam
 def test_trailing_empty_fields_are_harmless(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\nfine,pos,,\n")  # a spreadsheet's empty columns
     assert _rows(sources.load(str(tmp_path / "d.csv"))[0]) == [{"text": "fine", "label": "pos"}]
+    (tmp_path / "e.csv").write_text("text,label,,\nfine,pos,,\n")  # and their empty names
+    assert [(r["text"], r["label"]) for r in _rows(sources.load(str(tmp_path / "e.csv"))[0])] == [("fine", "pos")]

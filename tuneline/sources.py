@@ -298,6 +298,14 @@ def _delimited(path: Path, tsv: bool) -> Iterator[dict]:
     csv.field_size_limit(sys.maxsize)  # a long text field is data, not an error
     style = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
     reader = csv.DictReader(_lines(path), **style)
+    header = [h.strip() for h in reader.fieldnames or ()]
+    twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
+    if twice is not None:  # DictReader would keep the last one's values without a word
+        at = [i + 1 for i, h in enumerate(header) if h == twice]
+        raise TunelineError(
+            f"{path}: its header names column {twice!r} {len(at)} times (columns {', '.join(map(str, at))})",
+            "rename all but one of them",
+        )
     for row in reader:
         extra = row.pop(None, None)  # the fields past the header's (DictReader's restkey)
         if None in row.values() or any(x.strip() for x in extra or ()):  # trailing empty fields are harmless
