@@ -27,7 +27,7 @@ KILLS = [
     ("tokenize", "[tokenize] train:"),  # the train split is written to the temporary dir
     ("early train", "[train] step 2/6"),  # before the first checkpoint (step 3)
     ("late train", "[train] step 4/6"),  # after it
-    ("register", "Created version"),  # the version exists; its tags and aliases may not
+    ("register", "[register] created"),  # the version exists; its tags and aliases may not
 ]
 
 

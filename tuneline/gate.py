@@ -241,9 +241,10 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         return result
 
     # MLflow prints "Successfully registered model ..." / "... already exists. Creating a new
-    # version" to stderr itself; the line below says which version this is and where it went.
+    # version" to stderr itself; ours says the same in the stage's voice.
     with contextlib.redirect_stderr(io.StringIO()):
         version = mlflow.register_model(info.model_uri, name).version
+    print(f"[register] created {name} v{version}; recording its evidence", flush=True)
     gate["challenger"] = f"v{version}"
     flat = flatten(params)
     tags = {
