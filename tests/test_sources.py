@@ -54,6 +54,20 @@ def test_a_glob_reads_every_matching_file(tmp_path):
     assert _rows(batches) == ROWS and len(lineage["sha256"]) == 2
 
 
+def test_a_folder_as_the_source_gets_the_glob_of_its_own_files(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt.gz", "b.txt.gz", "c.csv", "notes.md"):
+        (corpus / name).write_bytes(b"")
+    with pytest.raises(
+        TunelineError, match=rf"'{corpus}' is a directory. Fix: name the files, e.g. '{corpus}/\*.txt.gz'$"
+    ):
+        sources.load(str(corpus))
+    with pytest.raises(TunelineError, match=r"e.g. '.*/empty/\*.jsonl'$"):  # nothing readable in it: an example
+        (tmp_path / "empty").mkdir()
+        sources.load(str(tmp_path / "empty"))
+
+
 def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "ROOT", tmp_path / "proj")
     with pytest.raises(TunelineError) as e:

@@ -201,12 +201,27 @@ def file_format(path: Path) -> tuple[str, str | None]:
     return ext, comp
 
 
+def _glob_for(folder: Path) -> str:
+    """A glob of a folder's data files, of its most common readable kind (e.g. '<folder>/*.txt.gz')."""
+    from collections import Counter
+
+    kinds = Counter()
+    for p in folder.iterdir():
+        try:
+            ext, comp = file_format(p) if p.is_file() else (None, None)
+        except TunelineError:
+            continue
+        if ext:
+            kinds[ext + (comp or "")] += 1
+    return f"{folder}/*{kinds.most_common(1)[0][0] if kinds else '.jsonl'}"
+
+
 def _local(spec: str, hashes: bool = True) -> tuple[Batches, dict, bool]:
     paths = local_paths(spec)
     kinds = set()
     for path in paths:
         if path.is_dir():
-            raise TunelineError(f"data source '{path}' is a directory", f"name the files, e.g. '{path}/*.jsonl'")
+            raise TunelineError(f"data source '{path}' is a directory", f"name the files, e.g. '{_glob_for(path)}'")
         kinds.add(file_format(path)[0] == ".txt")
     if len(kinds) > 1:
         raise TunelineError(
