@@ -208,11 +208,10 @@ def _glob_for(folder: Path) -> str:
     kinds = Counter()
     for p in folder.iterdir():
         try:
-            ext, comp = file_format(p) if p.is_file() else (None, None)
-        except TunelineError:
+            ext, comp = file_format(p)
+        except TunelineError:  # not a data file (notes.md, a sub-folder)
             continue
-        if ext:
-            kinds[ext + (comp or "")] += 1
+        kinds[ext + (comp or "")] += 1
     return f"{folder}/*{kinds.most_common(1)[0][0] if kinds else '.jsonl'}"
 
 
