@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import torch
 
 from tuneline import chat, checkpoint, deps, distributed
 from tuneline.config import Params
 from tuneline.data import MODELS, TOKENIZED, TOKENIZED_META, TRAIN_CURVE, metrics_file
+from tuneline.errors import TunelineError
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
 from tuneline.io import atomic_dir, read_json, write_json, write_text
 from tuneline.loss import unwrap
@@ -39,14 +41,29 @@ def fingerprint(params: Params) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def check_accumulation(n_rows: int, cfg, world: int) -> None:
+    """Refuse more micro-batches per optimizer step than an epoch holds: the step would wrap
+    into the next epoch's order and see some rows twice (HF's Trainer ends such a step at
+    the epoch's end instead; here a step is always grad_accum micro-batches)."""
+    per_epoch = math.ceil(n_rows / (cfg.batch_size * world))
+    if cfg.grad_accum > per_epoch:
+        procs = f" x {world} processes" if world > 1 else ""
+        raise TunelineError(
+            f"train.grad_accum is {cfg.grad_accum}, but an epoch holds only {per_epoch} micro-batch(es) "
+            f"({n_rows} packed rows / train.batch_size {cfg.batch_size}{procs}): a step would see rows twice",
+            f"set train.grad_accum to at most {per_epoch}, or lower train.batch_size",
+        )
+
+
 def setup(params: Params) -> Run:
     """Tokenizer and model (checked against the token data), rows, optimizer, FLOP counts."""
     cfg, world = params.train, distributed.world()
     tok = load_tokenizer(params.model.name)
     check_pair(params.model.name, tok)
     check_tokenizer(tok)
-    model = prepare_model(params)
     train_rows, val_rows = read_rows("train"), read_rows("val")
+    check_accumulation(len(train_rows), cfg, world)
+    model = prepare_model(params)
     amp = amp_dtype(cfg.precision)
     scaler = torch.amp.GradScaler(device().type, enabled=amp == torch.float16)  # fp16 only: bf16 needs none
     total = total_steps(len(train_rows), cfg, world)

@@ -287,6 +287,12 @@ CASES = [
     Case("params-set-not-key-value", run("train.lr"), ("--set 'train.lr' is not key=value",)),
     Case("params-set-is-not-code", run("train.lr=__import__('os').system('touch pwned')"), ("'train.lr'",)),
     Case("params-metric-not-of-task", run("evaluate.primary_metric=accuracy"), ("'accuracy'", "descramble")),
+    # known only once the data is packed: refused by train before the model loads
+    Case(
+        "params-grad-accum-beyond-an-epoch",
+        run("train.grad_accum=100000"),
+        ("train.grad_accum is 100000, but an epoch holds only", "set train.grad_accum to at most"),
+    ),
     # data
     Case("data-missing-file", run("prepare.source=missing.csv"), ("'missing.csv' not found",)),
     Case(
@@ -342,7 +348,11 @@ CASES = [
     ),
     Case("model-corrupt-safetensors", with_model(corrupt_weights), ("model.safetensors", "re-create or re-download")),
     Case("model-tokenizer-mismatch", with_model(foreign_tokenizer), ("50257 tokens", "1000 rows")),
-    Case("model-folder-without-config", with_model(lambda f: (f / "config.json").unlink()), ("has no config.json",)),
+    Case(
+        "model-folder-without-config",
+        with_model(lambda f: (f / "config.json").unlink()),
+        ("has no config.json", "model.name (or --model)"),
+    ),
     # paths, environment, registry
     Case("env-read-only-output-dir", read_only_data, ("cannot write", "writable"), needs_unshare=True),
     Case("env-disk-full", disk_full, ("disk is full", "free space"), needs_unshare=True),

@@ -33,6 +33,18 @@ def test_data_order_is_a_pure_function_of_the_step():
     assert batch_indices(0, 0, 10, cfg, 1) != batch_indices(0, 0, 10, cfg, 2)
 
 
+def test_a_step_never_holds_more_micro_batches_than_an_epoch():
+    """A step of more micro-batches than an epoch holds would repeat rows: refused with the
+    largest value that works (data-parallel processes share each micro-batch)."""
+    from components.train import check_accumulation
+
+    check_accumulation(10, TrainCfg(batch_size=3, grad_accum=4), world=1)  # 4 micro-batches cover 10 rows
+    with pytest.raises(TunelineError, match="holds only 4 micro-batch.*at most 4"):
+        check_accumulation(10, TrainCfg(batch_size=3, grad_accum=5), world=1)
+    with pytest.raises(TunelineError, match="x 2 processes.*at most 2"):
+        check_accumulation(10, TrainCfg(batch_size=3, grad_accum=4), world=2)
+
+
 def test_accumulation_equals_one_big_batch(model_cache):
     """k micro-batches weighted by trainable tokens give the gradient of one k-times batch."""
     from tuneline.modeling import load_model

@@ -155,7 +155,11 @@ class TrainCfg(_Group):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0: no cap).")
     batch_size: int = Field(2, ge=1, description="Packed sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step (at most the micro-batches of one epoch: train refuses more).",
+    )
     lr: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps for linear warmup.")

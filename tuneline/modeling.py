@@ -80,7 +80,8 @@ def resolve(name: str) -> Path | str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise TunelineError(
-                f"model directory '{name}' has no config.json", "point model.name at a saved Hugging Face model folder"
+                f"model directory '{name}' has no config.json",
+                "point model.name (or --model) at a folder saved with save_pretrained: config.json, weights, tokenizer",
             )
         return path
     return name
