@@ -16,7 +16,7 @@ import math
 import torch
 
 from tuneline import chat, checkpoint, deps, distributed
-from tuneline.config import Params
+from tuneline.config import Params, TrainCfg
 from tuneline.data import MODELS, TOKENIZED, TOKENIZED_META, TRAIN_CURVE, metrics_file
 from tuneline.errors import TunelineError
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
@@ -41,7 +41,7 @@ def fingerprint(params: Params) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def check_accumulation(n_rows: int, cfg, world: int) -> None:
+def check_accumulation(n_rows: int, cfg: TrainCfg, world: int) -> None:
     """Refuse more micro-batches per optimizer step than an epoch holds: the step would wrap
     into the next epoch's order and see some rows twice (HF's Trainer ends such a step at
     the epoch's end instead; here a step is always grad_accum micro-batches)."""
