@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 
 import torch
 
 from tuneline import chat, checkpoint, deps, distributed
-from tuneline.config import Params, TrainCfg
+from tuneline.config import Params
 from tuneline.data import MODELS, TOKENIZED, TOKENIZED_META, TRAIN_CURVE, metrics_file
-from tuneline.errors import TunelineError
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
 from tuneline.io import atomic_dir, read_json, write_json, write_text
 from tuneline.loss import unwrap
 from tuneline.modeling import amp_dtype, check_pair, device, load_tokenizer
 from tuneline.tokendata import read_rows
 from tuneline.tokenization import check_tokenizer
-from tuneline.training import Meter, Run, StepLoss, fit, make_optimizer, prepare_model, resume, total_steps
+from tuneline.training import (
+    Meter,
+    Run,
+    StepLoss,
+    check_accumulation,
+    fit,
+    make_optimizer,
+    prepare_model,
+    resume,
+    total_steps,
+)
 
 PARAMS = ("seed", "model.name", *(f"train.{k}" for k in Params.model_fields["train"].annotation.model_fields))
 INPUTS = (TOKENIZED,)
@@ -39,20 +47,6 @@ def fingerprint(params: Params) -> str:
         [params.seed, params.model.name, params.train.model_dump(), data, deps.code_hash("train")], sort_keys=True
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def check_accumulation(n_rows: int, cfg: TrainCfg, world: int) -> None:
-    """Refuse more micro-batches per optimizer step than an epoch holds: the step would wrap
-    into the next epoch's order and see some rows twice (HF's Trainer ends such a step at
-    the epoch's end instead; here a step is always grad_accum micro-batches)."""
-    per_epoch = math.ceil(n_rows / (cfg.batch_size * world))
-    if cfg.grad_accum > per_epoch:
-        procs = f" x {world} processes" if world > 1 else ""
-        raise TunelineError(
-            f"train.grad_accum is {cfg.grad_accum}, but an epoch holds only {per_epoch} micro-batch(es) "
-            f"({n_rows} packed rows / train.batch_size {cfg.batch_size}{procs}): a step would see rows twice",
-            f"set train.grad_accum to at most {per_epoch}, or lower train.batch_size",
-        )
 
 
 def setup(params: Params) -> Run:

@@ -32,7 +32,7 @@ from flows.dvc_tasks import changed_inputs, reproduce
 from flows.pipeline import pipeline, write_params
 from tuneline import ROOT, gitcheck, preflight, recipes, sweep, sweep_runs
 from tuneline.config import Params, read_yaml
-from tuneline.data import VAL_EXAMPLES, metrics_file
+from tuneline.data import TOKENIZED_META, VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
 from tuneline.io import read_json, write_json
 from tuneline.lock import SLOTS_ENV
@@ -368,6 +368,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
     client = MlflowClient()
     try:
         _shared_stages(params, parent)
+        sweep.check_arms(arms, arm_params, read_json(ROOT / TOKENIZED_META)["splits"]["train"]["rows"])
         # the same arms on the same data and code are the same sweep: its DVC experiments
         name = sweep.name(arm_params, _inputs())
         parent = sweep_runs.named(parent, name)

@@ -48,6 +48,16 @@ def test_an_invalid_value_in_one_arm_names_that_arm_before_anything_runs():
     assert "\n" not in str(e.value)
 
 
+def test_an_arm_whose_steps_the_packed_data_cannot_fill_is_named_before_any_arm_trains():
+    """grad_accum is checked against the packed rows once tokenize has run (10 rows at
+    batch_size 2 make 5 micro-batches an epoch), so the sweep stops before arm 1 trains."""
+    arms = sweep.arms(sweep.parse_grid(["train.grad_accum=5,6"], DEFAULTS))
+    params = sweep.validate(lambda sets: recipes.build("descramble", ["train.batch_size=2", *sets]), arms)
+    sweep.check_arms(arms[:1], params[:1], train_rows=10)
+    with pytest.raises(TunelineError, match=r"sweep arm 2 \(train.grad_accum=6\): .*at most 5"):
+        sweep.check_arms(arms, params, train_rows=10)
+
+
 def test_valid_arms_give_each_arms_params():
     arms = sweep.arms(sweep.parse_grid(["train.lr=1e-3,2e-3"], DEFAULTS))
     params = sweep.validate(lambda sets: recipes.build("descramble", list(sets)), arms)

@@ -13,7 +13,7 @@ from tuneline.config import TrainCfg
 from tuneline.errors import TunelineError
 from tuneline.loss import loss_sum
 from tuneline.packing import Example, collate, pack
-from tuneline.training import batch_indices, lr_at
+from tuneline.training import batch_indices, check_accumulation, lr_at
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
@@ -36,8 +36,6 @@ def test_data_order_is_a_pure_function_of_the_step():
 def test_a_step_never_holds_more_micro_batches_than_an_epoch():
     """A step of more micro-batches than an epoch holds would repeat rows: refused with the
     largest value that works (data-parallel processes share each micro-batch)."""
-    from components.train import check_accumulation
-
     check_accumulation(10, TrainCfg(batch_size=3, grad_accum=4), world=1)  # 4 micro-batches cover 10 rows
     with pytest.raises(TunelineError, match="holds only 4 micro-batch.*at most 4"):
         check_accumulation(10, TrainCfg(batch_size=3, grad_accum=5), world=1)

@@ -192,6 +192,18 @@ def validate(build, arms_: list[Arm]) -> list[Params]:
     return out
 
 
+def check_arms(arms_: list[Arm], arm_params: list[Params], train_rows: int) -> None:
+    """After tokenize, before any arm trains (the packed row count is known only then):
+    refuse an arm that train would refuse (`training.check_accumulation`), naming it."""
+    from tuneline.training import check_accumulation
+
+    for i, (arm, p) in enumerate(zip(arms_, arm_params), 1):
+        try:
+            check_accumulation(train_rows, p.train, p.train.nproc)
+        except TunelineError as e:
+            raise TunelineError(f"sweep arm {i} ({describe(arm)}): {e.problem}", e.fix) from None
+
+
 @dataclass(frozen=True)
 class Selection:
     winner: int  # index of the best arm on the metric

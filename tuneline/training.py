@@ -128,6 +128,20 @@ def batch_indices(step: int, micro: int, n_rows: int, cfg: TrainCfg, seed: int, 
     return perm[k * size : (k + 1) * size]
 
 
+def check_accumulation(n_rows: int, cfg: TrainCfg, world: int = 1) -> None:
+    """Refuse more micro-batches per optimizer step than an epoch holds: the step would wrap
+    into the next epoch's order and see some rows twice (HF's Trainer ends such a step at
+    the epoch's end instead; here a step is always grad_accum micro-batches)."""
+    per_epoch = math.ceil(n_rows / (cfg.batch_size * world))
+    if cfg.grad_accum > per_epoch:
+        procs = f" x {world} processes" if world > 1 else ""
+        raise TunelineError(
+            f"train.grad_accum is {cfg.grad_accum}, but an epoch holds only {per_epoch} micro-batch(es) "
+            f"({n_rows} packed rows / train.batch_size {cfg.batch_size}{procs}): a step would see rows twice",
+            f"set train.grad_accum to at most {per_epoch}, or lower train.batch_size",
+        )
+
+
 def total_steps(n_rows: int, cfg: TrainCfg, world: int = 1) -> int:
     total = math.ceil(cfg.epochs * math.ceil(n_rows / (cfg.batch_size * world)) / cfg.grad_accum)
     return min(total, cfg.max_steps) if cfg.max_steps else total
