@@ -83,15 +83,19 @@ def plan(
     return params, arms, arm_params
 
 
+def _train_rows() -> int | None:
+    """Packed training rows of the project's token data (None before tokenize has run)."""
+    meta = ROOT / TOKENIZED_META
+    return read_json(meta)["splits"]["train"]["rows"] if meta.is_file() else None
+
+
 def _estimate(arm_params: list[Params]) -> float | None:
     train, val = (ROOT / metrics_file(s) for s in ("train", "validate"))
-    meta = ROOT / "data/tokenized/meta.json"
-    rows = read_json(meta)["splits"]["train"]["rows"] if meta.is_file() else None
     return sweep.estimate_s(
         arm_params,
         read_json(train) if train.is_file() else None,
         read_json(val) if val.is_file() else None,
-        rows,
+        _train_rows(),
     )
 
 
@@ -368,7 +372,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
     client = MlflowClient()
     try:
         _shared_stages(params, parent)
-        sweep.check_arms(arms, arm_params, read_json(ROOT / TOKENIZED_META)["splits"]["train"]["rows"])
+        sweep.check_arms(arms, arm_params, _train_rows())
         # the same arms on the same data and code are the same sweep: its DVC experiments
         name = sweep.name(arm_params, _inputs())
         parent = sweep_runs.named(parent, name)

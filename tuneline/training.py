@@ -114,6 +114,11 @@ def lr_at(step: int, total: int, cfg: TrainCfg) -> float:
     return cfg.lr
 
 
+def per_epoch(n_rows: int, cfg: TrainCfg, world: int = 1) -> int:
+    """Global micro-batches in one epoch (the last one may be short)."""
+    return math.ceil(n_rows / (cfg.batch_size * world))
+
+
 def batch_indices(step: int, micro: int, n_rows: int, cfg: TrainCfg, seed: int, world: int = 1) -> list[int]:
     """Rows of global micro-batch `micro` of optimizer step `step` (batch_size x world rows).
 
@@ -121,9 +126,8 @@ def batch_indices(step: int, micro: int, n_rows: int, cfg: TrainCfg, seed: int, 
     see exactly the data order of one uninterrupted process.
     """
     size = cfg.batch_size * world
-    per_epoch = math.ceil(n_rows / size)
     g = step * cfg.grad_accum + micro
-    epoch, k = divmod(g, per_epoch)
+    epoch, k = divmod(g, per_epoch(n_rows, cfg, world))
     perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     return perm[k * size : (k + 1) * size]
 
@@ -132,18 +136,18 @@ def check_accumulation(n_rows: int, cfg: TrainCfg, world: int = 1) -> None:
     """Refuse more micro-batches per optimizer step than an epoch holds: the step would wrap
     into the next epoch's order and see some rows twice (HF's Trainer ends such a step at
     the epoch's end instead; here a step is always grad_accum micro-batches)."""
-    per_epoch = math.ceil(n_rows / (cfg.batch_size * world))
-    if cfg.grad_accum > per_epoch:
+    n = per_epoch(n_rows, cfg, world)
+    if cfg.grad_accum > n:
         procs = f" x {world} processes" if world > 1 else ""
         raise TunelineError(
-            f"train.grad_accum is {cfg.grad_accum}, but an epoch holds only {per_epoch} micro-batch(es) "
+            f"train.grad_accum is {cfg.grad_accum}, but an epoch holds only {n} micro-batch(es) "
             f"({n_rows} packed rows / train.batch_size {cfg.batch_size}{procs}): a step would see rows twice",
-            f"set train.grad_accum to at most {per_epoch}, or lower train.batch_size",
+            f"set train.grad_accum to at most {n}, or lower train.batch_size",
         )
 
 
 def total_steps(n_rows: int, cfg: TrainCfg, world: int = 1) -> int:
-    total = math.ceil(cfg.epochs * math.ceil(n_rows / (cfg.batch_size * world)) / cfg.grad_accum)
+    total = math.ceil(cfg.epochs * per_epoch(n_rows, cfg, world) / cfg.grad_accum)
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
