@@ -275,3 +275,29 @@ def test_every_commands_help_shows_each_paragraph_whole_for_the_terminal_to_wrap
         shown = {line.strip() for line in CliRunner().invoke(app, [name, "--help"]).output.splitlines()}
         for paragraph in inspect.getdoc(command.callback).split("\n\n"):
             assert " ".join(paragraph.split()) in shown, (name, paragraph)
+
+
+def test_history_says_each_gate_decision_once(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from tuneline import cli, registry
+
+    moved = {"when": "2026-01-01T00:00:00+00:00", "action": "gate", "previous": None, "version": "1"}
+    kept = {"when": "2026-01-02T00:00:00+00:00", "action": "gate", "version": "2", "decision": "kept champion"}
+    first = {"when": "2025-12-31T00:00:00+00:00", "action": "gate", "version": "0", "decision": "not promoted"}
+    monkeypatch.setattr(registry, "require_model", lambda client, name: None)
+    monkeypatch.setattr(registry, "history", lambda client, name: [moved | {"who": "ana", "why": "better"}])
+    monkeypatch.setattr(
+        registry, "kept_decisions", lambda client, name: [e | {"who": "ana", "why": "not better"} for e in (kept, first)]
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(sys, "argv", ["tuneline", "history", "--name", "m"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 0
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "v0 not promoted by ana: not better",
+        "none -> v1 by ana: better",
+        "v2 not promoted (kept champion) by ana: not better",
+    ]

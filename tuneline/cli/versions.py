@@ -73,7 +73,9 @@ def history(name: str = typer.Option(None, "--name", help="Registered model (def
         out.print(f"{name}: the champion alias has never moved")
     for e in sorted(events, key=lambda e: e["when"]):
         if "decision" in e:  # a gate decision that moved nothing
-            what = f"v{e['version']} not promoted ({e['decision']})"
+            # against the base model (no champion yet) the decision says nothing more
+            kept = " (kept champion)" if e["decision"] == "kept champion" else ""
+            what = f"v{e['version']} not promoted{kept}"
         else:
             what = f"{'v' + str(e['previous']) if e['previous'] else 'none'} -> v{e['version']}"
         out.print(f"{e['when']}  {e['action']:<8} {what}  by {e['who']}: {e['why']}")
