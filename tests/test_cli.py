@@ -288,7 +288,9 @@ def test_history_says_each_gate_decision_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(registry, "require_model", lambda client, name: None)
     monkeypatch.setattr(registry, "history", lambda client, name: [moved | {"who": "ana", "why": "better"}])
     monkeypatch.setattr(
-        registry, "kept_decisions", lambda client, name: [e | {"who": "ana", "why": "not better"} for e in (kept, first)]
+        registry,
+        "kept_decisions",
+        lambda client, name: [e | {"who": "ana", "why": "not better"} for e in (kept, first)],
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setattr(sys, "argv", ["tuneline", "history", "--name", "m"])
