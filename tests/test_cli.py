@@ -303,3 +303,27 @@ def test_history_says_each_gate_decision_once(tmp_path, monkeypatch, capsys):
         "none -> v1 by ana: better",
         "v2 not promoted (kept champion) by ana: not better",
     ]
+
+
+def test_the_run_ends_with_a_predict_command_for_the_version_it_registered(tmp_path):
+    import json
+
+    from tuneline.cli.pipeline import try_it
+    from tuneline.config import parse_params
+
+    params = parse_params({})
+    (tmp_path / "metrics").mkdir()
+
+    def hint(result: dict) -> str | None:
+        (tmp_path / "metrics" / "register.json").write_text(json.dumps(result))
+        return try_it(params, tmp_path)
+
+    assert hint({"version": 1, "promoted": True}).startswith(
+        "tuneline predict 'cat the on sat mat the'   (descrambler v1"
+    )
+    kept = hint({"version": 2, "promoted": False, "gate": {"decision": "kept champion"}})
+    assert kept.startswith("tuneline predict --model models:/descrambler/2 'cat the on sat mat the'")
+    assert "`tuneline diff`" in kept
+    first = hint({"version": 1, "promoted": False, "gate": {"decision": "not promoted"}})
+    assert "models:/descrambler/1" in first and "tuneline history" in first and "diff" not in first
+    assert hint({"version": 0, "promoted": False, "dry_run": True}) is None  # nothing registered

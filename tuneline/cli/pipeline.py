@@ -95,8 +95,33 @@ def run(
     out.print(
         f"  MLflow:      {redact(tracking_uri())} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`"
     )
-    if not smoke:
-        out.print('  try it:      tuneline predict "<input>" (the champion of register.model_name)')
+    if not smoke and (hint := try_it(params, ROOT)):
+        out.print(f"  try it:      {hint}", markup=False, highlight=False)
+
+
+def try_it(params, root) -> str | None:
+    """The command that answers with the version this run registered (metrics/register.json),
+    on the task's example input: the champion's alias when the gate promoted it, else the
+    version itself, with why it is not champion. None when nothing was registered (dry run)."""
+    import shlex
+
+    from tuneline import tasks
+    from tuneline.data import metrics_file
+    from tuneline.io import read_json
+
+    path = root / metrics_file("register")
+    result = read_json(path) if path.is_file() else {}
+    version, name = result.get("version"), params.register.model_name
+    if not version:
+        return None
+    example = shlex.quote(tasks.TASKS[params.prepare.task].serve_example)
+    if result.get("promoted"):
+        return f"tuneline predict {example}   ({name} v{version}, the champion)"
+    review = (
+        "`tuneline diff` shows what it changed" if result.get("gate", {}).get("decision") == "kept champion" else ""
+    )
+    why = f"the gate did not promote it; `tuneline history` says why{', and ' + review if review else ''}"
+    return f"tuneline predict --model models:/{name}/{version} {example}   (v{version} is not the champion: {why})"
 
 
 @app.command()
