@@ -10,6 +10,7 @@ traceback, and leave the stage outputs, dvc.lock and the registry exactly as the
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -245,6 +246,18 @@ def repro_after(text_from: str, text_to: str) -> Callable:
     return setup
 
 
+def repro_on_a_bare_python(proj):
+    """`dvc repro` from a shell where `python` is not tuneline's environment (`.venv/bin/dvc
+    repro` with the venv not activated): DVC starts the stage on that Python. -S: no
+    site-packages at all, whatever the machine's Python has installed."""
+    bare = proj.root.parent / "bare"
+    bare.mkdir()
+    (bare / "python").write_text(f'#!/bin/sh\nexec {sys._base_executable} -S "$@"\n')
+    (bare / "python").chmod(0o755)
+    edit_params(proj, "n_bootstrap: 1000", "n_bootstrap: 500")  # evaluate has to run
+    return [*DVC, "repro"]
+
+
 def read_only_data(proj):
     return in_namespace("mount -o bind,ro data data", [*TUNELINE, "run", "--set", "prepare.n_train=150"])
 
@@ -383,6 +396,12 @@ CASES = [
         cli("sweep", "--grid", "train.lr=1e-3,2e-3"),
         ("no git commit yet", "git add -A && git commit -m start"),
         alone=True,
+    ),
+    Case(
+        "env-dvc-repro-on-a-python-without-the-stack",
+        repro_on_a_bare_python,
+        ("evaluate: this Python", "has no module 'torch'", "not the environment", "source .venv/bin/activate"),
+        env={"PATH": "{root}/../bare" + os.pathsep + os.environ.get("PATH", "")},
     ),
     Case("env-unknown-stage", lambda p: [sys.executable, "-m", "tuneline.stages", "trian"], ("unknown stage 'trian'",)),
     Case(

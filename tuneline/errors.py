@@ -139,9 +139,14 @@ def report(err: Exception, where: str) -> str:
 
 def print_error(text: str) -> None:
     """`error: <text>` on stderr: red on a terminal, plain in logs and pipes, one line."""
-    from rich.console import Console
-    from rich.text import Text
-
     from tuneline.secrets import redact
 
+    try:
+        from rich.console import Console
+        from rich.text import Text
+    except ImportError:  # a Python without tuneline's stack (a stage DVC started on another one)
+        import sys
+
+        print(f"error: {redact(text)}", file=sys.stderr)
+        return
     Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble(("error: ", "bold red"), redact(text)))

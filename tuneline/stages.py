@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from tuneline import ROOT
 from tuneline.errors import TunelineError
 
 
 def stage_names(dvc_yaml: Path | None = None) -> list[str]:
+    import yaml
+
     path = dvc_yaml or ROOT / "dvc.yaml"
     if not path.is_file():
         raise TunelineError(f"{path} not found", "run tuneline from the project root")
@@ -83,6 +83,18 @@ def run_stage(name: str, params=None) -> dict:
 
 
 ERROR_FILE = "TUNELINE_ERROR_FILE"  # set by the flow: the stage's one-line error goes there
+# Packages every stage imports: one of them missing means DVC started the stage on a Python
+# that is not tuneline's environment (dvc.yaml's `python` is the first on PATH).
+STACK = ("yaml", "torch", "rich", "mlflow", "transformers", "pydantic", "numpy", "pyarrow", "peft")
+
+
+def other_python(missing: str, stage: str) -> TunelineError:
+    return TunelineError(
+        f"{stage}: this Python ({sys.executable}) has no module '{missing}', so it is not the environment "
+        "tuneline is installed in (DVC runs the `python` first on PATH)",
+        "activate that environment before `dvc repro` (source .venv/bin/activate), or run `tuneline run`, "
+        "which finds it",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     except Exception as e:  # memory, a full disk or a read-only path is the user's to fix; the rest is unforeseen
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in STACK:
+            return _failed(str(other_python(e.name, argv[0])), 2)
         fixable = known(e, argv[0])
         if fixable is not None:
             return _failed(str(fixable), 2)
