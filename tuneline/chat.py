@@ -26,8 +26,7 @@ from collections.abc import Iterable, Iterator
 
 from tuneline.errors import TunelineError
 
-# Bump when DEFAULT_TEMPLATE's text changes (tokenized data records it).
-DEFAULT_TEMPLATE_VERSION = 1
+# A change to its text is a template change: bump tasks.TEMPLATE_VERSION (tokenized data records it).
 DEFAULT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
