@@ -324,6 +324,9 @@ def test_only_the_winner_is_evaluated_on_test_and_gated(swept):
     assert evaluated[0]["params"]["train.lr"] == arm["params"]["train.lr"]
     register = json.loads((proj.root / "metrics/register.json").read_text())
     assert register["gate"]["decision"] and register["version"] == 1
+    # and the command that answers with the version it registered
+    model = "" if register["promoted"] else " --model models:/descrambler/1"
+    assert f"try it: tuneline predict{model} 'cat the on sat mat the'" in second
 
 
 @pytest.mark.slow

@@ -193,6 +193,10 @@ def sweep(
         f"test {res['test']:.4g}, gate: {res.get('gate') or 'not registered (register.dry_run)'}"
     )
     out.print("  arms:   `dvc exp show` (params and validation metrics); `tuneline ui` (the sweep's MLflow run)")
+    from tuneline.config import load_params
+
+    if hint := try_it(load_params(ROOT / "params.yaml"), ROOT):  # the winner's, applied to the workspace
+        out.print(f"  try it: {hint}", markup=False, highlight=False)
 
 
 def _exit_unless_completed(state, otherwise: str) -> None:
