@@ -146,3 +146,25 @@ def test_a_version_against_itself_is_one_line_not_an_empty_report(client):
         "error: v1 (challenger) and v1 (champion) are the same model, so there is nothing to compare. Fix: a run that "
         "registers another version makes a challenger; or name two versions, e.g. `tuneline diff 1 2`"
     ]
+
+
+def test_the_whole_comparison_draws_as_the_gate_did(client):
+    """The same seed and bootstrap size as B's gate (its run's params), so B against the
+    champion it faced shows the interval the gate reported, not another draw of it."""
+    from tuneline import scoring, tasks
+
+    rows = [{"source": " ".join(reversed(t.split())), "target": t} for t in TARGETS]
+    a, b = list(TARGETS), list(TARGETS)
+    a[1], a[3] = "founded was university The in 1908.", "She reads a book before bed every night."
+    b[4] = "Old the town flows river the quietly through."
+    gate = {"seed": "7", "evaluate.n_bootstrap": "300"}
+    _register(client, rows, a, gate, alias="champion")
+    _register(client, rows, b, gate, alias="challenger")
+    text = review.report(review.side(client, "m", "champion"), review.side(client, "m", "challenger"))
+
+    task = tasks.TASKS["descramble"]
+    sa, sb = (scoring.stat(task, "chrf", rows, {"outputs": o, "nll": [1.0] * 6, "tokens": [5] * 6}, []) for o in (a, b))
+    as_gate = scoring.compare(sb, sa, "chrf", "bootstrap", 300, 7)
+    other = scoring.compare(sb, sa, "chrf", "bootstrap", 1000, 0)
+    assert (other.ci_low, other.ci_high) != (as_gate.ci_low, as_gate.ci_high)  # the draw shows in the interval
+    assert f"95% CI [{as_gate.ci_low:+.4g}, {as_gate.ci_high:+.4g}] on 6 test examples" in text

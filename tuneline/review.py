@@ -129,8 +129,10 @@ def _sub(s: scoring.Stat, idx: np.ndarray) -> scoring.Stat:
     return scoring.Stat(s.values[idx], s.fn)
 
 
-def report(a: Side, b: Side, threshold: float | None = None, show: int = 5, n_boot: int = 1000) -> str:
-    """The review of B against A, as Markdown."""
+def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> str:
+    """The review of B against A, as Markdown. The bootstrap draws as B's gate did (its
+    `seed` and `evaluate.n_bootstrap`), so B against the champion it faced gives the
+    interval its gate reported."""
     if a.run_id == b.run_id:  # `tuneline diff` after the first run: v1 is champion and challenger
         raise TunelineError(
             f"{b.label} and {a.label} are the same model, so there is nothing to compare",
@@ -146,7 +148,8 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5, n_bo
     if threshold is None:  # a flip for 0/1 metrics; else a tenth of the scale
         threshold = 0.5 if metric in scoring.BINARY else 1.0 if metric in scoring.LOWER_IS_BETTER else 10.0
     fixed, broken = changes(sa, sb, metric, threshold)
-    whole = scoring.compare(sb, sa, metric, "bootstrap", n_boot)
+    n_boot, seed = int(b.params.get("evaluate.n_bootstrap", 1000)), int(b.params.get("seed", 0))
+    whole = scoring.compare(sb, sa, metric, "bootstrap", n_boot, seed)
     lines = [
         f"# {b.label} against {a.label}",
         "",
@@ -168,7 +171,7 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5, n_bo
             ]
     lines += ["", "## By slice", "", f"| slice | n | {a.label} | {b.label} | delta (95% CI) |", "|---|---|---|---|---|"]
     for name, idx in slices(task, b.rows, [r["prompt"] for r in b.shown]).items():
-        c = scoring.compare(_sub(sb, idx), _sub(sa, idx), metric, "bootstrap", n_boot)
+        c = scoring.compare(_sub(sb, idx), _sub(sa, idx), metric, "bootstrap", n_boot, seed)
         lines.append(f"| {name} | {c.n} | {c.b:.4g} | {c.a:.4g} | {c.delta:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}] |")
     return "\n".join(lines + ["", *lineage(a, b)]) + "\n"
 
