@@ -88,3 +88,30 @@ def test_a_shared_prefix_answers_and_scores_as_the_whole_text_alone(tiny_gpt2, g
         o, alone, _ = answer(tiny_gpt2, gpt2_tok, [text], 6, 1, num_beams, branches=[branches[i]])
         assert out[i] == o[0]
         assert lp[i][0] == pytest.approx(alone[0][0], abs=1e-4)
+
+
+def test_evaluate_on_a_file_prompts_as_asked_and_refuses_what_does_not_apply(tmp_path, monkeypatch, model_cache):
+    """`tuneline evaluate --prompting`: the same record as evaluate gives the base model under
+    that prompting; one that does not apply (or shots of another task) is one line."""
+    from tuneline import evaluation
+    from tuneline.modeling import load_model
+
+    data = tmp_path / "t.csv"
+    data.write_text("target\n" + "".join(f"{r['target']}\n" for r in TEST))
+    monkeypatch.setattr(prompting, "train_sample", lambda: TRAIN)
+    params = _params(max_new_tokens=6, base_shots=2)
+    got = evaluation.evaluate_file("tiny-gpt2", params, str(data), kind="few_shot")
+    rows, _ = evaluation.splits.file_rows(str(data), params)
+    task, tok = tasks.TASKS["descramble"], load_tokenizer("tiny-gpt2")
+    how = prompting.few_shot(task, prompting.pick_shots(TRAIN, 2, params.seed, task), [])
+    want = evaluation.evaluate_model(load_model("tiny-gpt2"), tok, rows, params, how)
+    plain = evaluation.evaluate_file("tiny-gpt2", params, str(data))
+    untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("_s")}  # noqa: E731
+    assert got["prompting"] == "few_shot"
+    assert untimed(got["metrics"]) == untimed(evaluation.metrics_of(want, rows, params))
+    assert got["metrics"]["perplexity"] != plain["metrics"]["perplexity"]  # the shots were read
+    with pytest.raises(TunelineError, match="--prompting chat does not apply to tiny-gpt2: .*no chat template"):
+        evaluation.evaluate_file("tiny-gpt2", params, str(data), kind="chat")
+    monkeypatch.setattr(prompting, "train_sample", lambda: [{"text": "i am glad", "label": "joy"}])
+    with pytest.raises(TunelineError, match="few_shot does not apply.*holds no descramble rows"):
+        evaluation.evaluate_file("tiny-gpt2", params, str(data), kind="few_shot")

@@ -342,20 +342,30 @@ def load_any(ref: str):
     return load_model(ref), load_tokenizer(ref)
 
 
-def evaluate_file(ref: str, params: Params, data: str, limit: int = 0) -> dict:
+def evaluate_file(ref: str, params: Params, data: str, limit: int = 0, kind: str = "plain") -> dict:
     """Evaluate model `ref` on a file (or any prepare.source form) of the recipe's data shape:
-    rows are validated, cleaned and templated exactly as prepare does for a test split."""
+    rows are validated, cleaned and templated exactly as prepare does for a test split.
+    `kind`: how the prompts are given (tuneline/prompting.py), as evaluate gives them to the
+    base model; a tuned model is prompted plain."""
+    from tuneline.errors import TunelineError
+    from tuneline.modeling import position_limit
+
     task = tasks.TASKS[params.prepare.task]
     rows, lineage = splits.file_rows(data, params, limit)
     model, tok = load_any(ref)
-    from tuneline.modeling import position_limit
-
-    rows, dropped = fit_rows(tok, rows, params, position_limit(model.config))
-    print(f"[evaluate] {ref} on {len(rows)} examples of {data}", flush=True)
-    ev = evaluate_model(model, tok, rows, params)
+    limit_ = position_limit(model.config)
+    rows, dropped = fit_rows(tok, rows, params, limit_)
     prompts, targets = prompts_and_targets(task, rows, params.prepare.labels, tok)
+    how, why = prompting.one(kind, params, ref, tok, prompting.train_sample, prompts, limit_)
+    if how is None:
+        raise TunelineError(
+            f"--prompting {kind} does not apply to {ref}: {why}", "choose another (plain always applies)"
+        )
+    print(f"[evaluate] {ref} on {len(rows)} examples of {data}, {kind} prompting", flush=True)
+    ev = evaluate_model(model, tok, rows, params, how)
     return {
         "model": ref,
+        "prompting": kind,
         "task": task.name,
         "data": lineage,
         "n_examples": len(rows),

@@ -111,30 +111,14 @@ def candidates(
     training rows (`train()`, read only for few_shot), and whose `prompts` fit the model's
     `limit` positions with the answer budget; for each one left out, why. An explicit
     choice that does not apply is a one-line error."""
-    task, cfg = tasks.TASKS[params.prepare.task], params.evaluate
+    cfg = params.evaluate
     wanted = KINDS if cfg.base_prompting == "auto" else (cfg.base_prompting,)
     out, skipped = [], []
     for kind in wanted:
-        p = None
-        if kind == "plain":
-            p = PLAIN
-        elif not task.generates:
-            skipped.append(f"{kind}: {task.name} is scored on text blocks, with no prompt")
-        elif task.chat:  # plain is already the model's own chat template around the conversation
-            skipped.append(f"{kind}: {task.name} prompts are conversations in the model's chat template already")
-        elif kind == "chat":
-            p = chat(tok)
-            if p is None:
-                skipped.append(f"chat: {params.model.name}'s tokenizer has no chat template")
-        elif cfg.base_shots == 0:
-            skipped.append("few_shot: evaluate.base_shots is 0")
-        elif not (rows := train()):
-            skipped.append("few_shot: the train split is empty")
+        p, why = one(kind, params, params.model.name, tok, train, prompts, limit)
+        if p is None:
+            skipped.append(f"{kind}: {why}")
         else:
-            p = few_shot(task, pick_shots(rows, cfg.base_shots, params.seed, task), params.prepare.labels)
-        if p is not None and prompts and not fits(p, tok, prompts, cfg.max_new_tokens, limit):
-            skipped.append(f"{kind}: with it, prompts need more than the model's {limit} positions")
-        elif p is not None:
             out.append(p)
     if cfg.base_prompting != "auto" and skipped:
         from tuneline.errors import TunelineError
@@ -145,6 +129,34 @@ def candidates(
             + (", or lower evaluate.base_shots" if "positions" in skipped[0] else ""),
         )
     return out, skipped
+
+
+def one(
+    kind: str, params, model: str, tok, train: Callable[[], list[dict]], prompts: list[str] = (), limit=None
+) -> tuple[Prompting | None, str | None]:
+    """Prompting `kind` for `model` (its tokenizer `tok`), or None and why it does not apply."""
+    task, cfg = tasks.TASKS[params.prepare.task], params.evaluate
+    if kind == "plain":
+        return PLAIN, None
+    if not task.generates:
+        return None, f"{task.name} is scored on text blocks, with no prompt"
+    if task.chat:  # plain is already the model's own chat template around the conversation
+        return None, f"{task.name} prompts are conversations in the model's chat template already"
+    if kind == "chat":
+        p = chat(tok)
+        if p is None:
+            return None, f"{model}'s tokenizer has no chat template"
+    elif cfg.base_shots == 0:
+        return None, "evaluate.base_shots is 0"
+    elif not (rows := train()):
+        return None, "the train split is empty"
+    elif not set(task.columns) <= set(rows[0]):  # `tuneline evaluate --recipe` of another task
+        return None, f"the prepared train split holds no {task.name} rows (prepare with this recipe first)"
+    else:
+        p = few_shot(task, pick_shots(rows, cfg.base_shots, params.seed, task), params.prepare.labels)
+    if prompts and not fits(p, tok, prompts, cfg.max_new_tokens, limit):
+        return None, f"with it, prompts need more than the model's {limit} positions"
+    return p, None
 
 
 def fits(prompting: Prompting, tok, prompts: list[str], budget: int, limit: int | None) -> bool:

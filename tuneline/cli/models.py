@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -80,6 +81,14 @@ def evaluate(
     sets: list[str] = typer.Option(
         [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set evaluate.num_beams=4."
     ),
+    how: Literal["plain", "chat", "few_shot"] = typer.Option(
+        "plain",
+        "--prompting",
+        "-p",
+        help="How prompts are given, as evaluate gives them to the base model: plain (the task's "
+        "prompt, as a tuned model is trained), chat (the user turn of the model's chat template) or "
+        "few_shot (evaluate.base_shots solved examples from this project's train split first).",
+    ),
     limit: int = typer.Option(0, help="Evaluate only the first N examples (0: all)."),
     output: Path = typer.Option(
         None, "--out", "-o", help="Where the JSON goes (default: reports/evaluate/<model>-<data>.json)."
@@ -105,16 +114,22 @@ def evaluate(
 
         require_project()
         params = params_of(recipe, sets)
-        result = evaluate_file(model, params, data, limit)
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{Path(data).stem}").strip("_")
+        result = evaluate_file(model, params, data, limit, how)
+        named = f"{model}-{Path(data).stem}" + ("" if how == "plain" else f"-{how}")
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", named).strip("_")
         path = output or ROOT / "reports" / "evaluate" / f"{slug}.json"
         write_json(path, result)
         import mlflow
 
         setup(params.register.experiment)
         with mlflow.start_run(
-            run_name=f"evaluate {model} on {Path(data).name}",
-            tags={"tuneline.kind": "evaluation", "tuneline.model": redact(model), "tuneline.data": redact(data)},
+            run_name=f"evaluate {model} on {Path(data).name}" + ("" if how == "plain" else f", {how} prompting"),
+            tags={
+                "tuneline.kind": "evaluation",
+                "tuneline.model": redact(model),
+                "tuneline.data": redact(data),
+                "tuneline.prompting": how,
+            },
         ) as run:
             log_params(mlflow.MlflowClient(), run.info.run_id, params)
             mlflow.log_metrics({k: float(v) for k, v in result["metrics"].items()})
@@ -122,7 +137,8 @@ def evaluate(
     except TunelineError as e:
         fail(e)
         return
-    out.print(f"[bold]{model}[/] on {result['n_examples']} examples of {data} ({result['task']}):")
+    shown = result["task"] + ("" if how == "plain" else f", {how} prompting")
+    out.print(f"[bold]{model}[/] on {result['n_examples']} examples of {data} ({shown}):")
     for k, v in result["metrics"].items():
         star = " (primary)" if k == result["primary_metric"] else ""
         out.print(f"  {k:<18} {v:.4g}{star}")
