@@ -353,10 +353,10 @@ def evaluate_file(ref: str, params: Params, data: str, limit: int = 0, kind: str
     task = tasks.TASKS[params.prepare.task]
     rows, lineage = splits.file_rows(data, params, limit)
     model, tok = load_any(ref)
-    limit_ = position_limit(model.config)
-    rows, dropped = fit_rows(tok, rows, params, limit_)
+    positions = position_limit(model.config)
+    rows, dropped = fit_rows(tok, rows, params, positions)
     prompts, targets = prompts_and_targets(task, rows, params.prepare.labels, tok)
-    how, why = prompting.one(kind, params, ref, tok, prompting.train_sample, prompts, limit_)
+    how, why = prompting.one(kind, params, ref, tok, prompting.train_sample, prompts, positions)
     if how is None:
         raise TunelineError(
             f"--prompting {kind} does not apply to {ref}: {why}", "choose another (plain always applies)"
