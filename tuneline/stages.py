@@ -88,15 +88,6 @@ ERROR_FILE = "TUNELINE_ERROR_FILE"  # set by the flow: the stage's one-line erro
 STACK = ("yaml", "torch", "rich", "mlflow", "transformers", "pydantic", "numpy", "pyarrow", "peft")
 
 
-def other_python(missing: str, stage: str) -> TunelineError:
-    return TunelineError(
-        f"{stage}: this Python ({sys.executable}) has no module '{missing}', so it is not the environment "
-        "tuneline is installed in (DVC runs the `python` first on PATH)",
-        "activate that environment before `dvc repro` (source .venv/bin/activate), or run `tuneline run`, "
-        "which finds it",
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m tuneline.stages STAGE` (what dvc.yaml runs). Exit 0, or 2 with one line
     for a problem the user can fix, 1 for an unforeseen one (traceback saved to a file)."""
@@ -131,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(code)
     except Exception as e:  # memory, a full disk or a read-only path is the user's to fix; the rest is unforeseen
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in STACK:
-            return _failed(str(other_python(e.name, argv[0])), 2)
+            return _failed(
+                f"{argv[0]}: this Python ({sys.executable}) has no module '{e.name}', so it is not the environment "
+                "tuneline is installed in (DVC runs the `python` first on PATH). Fix: activate that environment "
+                "before `dvc repro` (source .venv/bin/activate), or run `tuneline run`, which finds it",
+                2,
+            )
         fixable = known(e, argv[0])
         if fixable is not None:
             return _failed(str(fixable), 2)

@@ -115,6 +115,7 @@ def evaluate(
         require_project()
         params = params_of(recipe, sets)
         result = evaluate_file(model, params, data, limit, how)
+        said = "" if how == "plain" else f", {how} prompting"  # in the run's name and the printout
         named = f"{model}-{Path(data).stem}" + ("" if how == "plain" else f"-{how}")
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", named).strip("_")
         path = output or ROOT / "reports" / "evaluate" / f"{slug}.json"
@@ -123,7 +124,7 @@ def evaluate(
 
         setup(params.register.experiment)
         with mlflow.start_run(
-            run_name=f"evaluate {model} on {Path(data).name}" + ("" if how == "plain" else f", {how} prompting"),
+            run_name=f"evaluate {model} on {Path(data).name}{said}",
             tags={
                 "tuneline.kind": "evaluation",
                 "tuneline.model": redact(model),
@@ -137,8 +138,7 @@ def evaluate(
     except TunelineError as e:
         fail(e)
         return
-    shown = result["task"] + ("" if how == "plain" else f", {how} prompting")
-    out.print(f"[bold]{model}[/] on {result['n_examples']} examples of {data} ({shown}):")
+    out.print(f"[bold]{model}[/] on {result['n_examples']} examples of {data} ({result['task']}{said}):")
     for k, v in result["metrics"].items():
         star = " (primary)" if k == result["primary_metric"] else ""
         out.print(f"  {k:<18} {v:.4g}{star}")

@@ -117,10 +117,9 @@ def try_it(params, root) -> str | None:
     example = shlex.quote(tasks.TASKS[params.prepare.task].serve_example)
     if result.get("promoted"):
         return f"tuneline predict {example}   ({name} v{version}, the champion)"
-    review = (
-        "`tuneline diff` shows what it changed" if result.get("gate", {}).get("decision") == "kept champion" else ""
-    )
-    why = f"the gate did not promote it; `tuneline history` says why{', and ' + review if review else ''}"
+    why = "the gate did not promote it; `tuneline history` says why"
+    if result.get("gate", {}).get("decision") == "kept champion":  # a champion to compare with
+        why += ", and `tuneline diff` shows what it changed"
     return f"tuneline predict --model models:/{name}/{version} {example}   (v{version} is not the champion: {why})"
 
 
