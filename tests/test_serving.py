@@ -37,6 +37,32 @@ def test_the_served_descrambler_keeps_the_words_and_answers_as_evaluate_decodes(
     assert not all(tasks.same_words(a, t) for a, t in zip(free, INPUTS))
 
 
+# What a user sends to each shipped recipe's model, and the row evaluate scores for it. A
+# request fills the task's `serve_field`; mnli's request is the whole `mnli hypothesis: …
+# premise: … target:` line (README). pretrain continues whatever it is sent; chat is tested
+# in test_chat.py.
+REQUESTS = {
+    "descramble": ({"source": "sat cat the", "target": "the cat sat"}, "sat cat the"),
+    "emotion": ({"text": "i feel great", "label": "joy"}, "i feel great"),
+    "alpaca": ({"instruction": "Name a colour.", "input": "", "output": "Red."}, "Name a colour."),
+    "mnli": ({"premise": "A man walks.", "hypothesis": "A man is outside.", "label": "entailment"}, None),
+}
+
+
+def test_every_recipe_that_answers_a_request_is_checked_below():
+    assert set(recipes.names()) == set(REQUESTS) | {"pretrain", "chat"}
+
+
+@pytest.mark.parametrize("recipe", sorted(REQUESTS))
+def test_a_served_request_is_prompted_as_evaluate_prompts_its_row(recipe, tiny_gpt2, gpt2_tok):
+    params = recipes.build(recipe, ["model.name=tiny-gpt2"], False, None)
+    task, (row, request) = tasks.TASKS[params.prepare.task], REQUESTS[recipe]
+    scored = tasks.render(task, row, list(params.prepare.labels))[0]  # evaluate's prompt for the row
+    answerer = serving.Answerer()
+    answerer.model, answerer.tok, answerer.config = tiny_gpt2, gpt2_tok, serving.settings(params)
+    assert answerer.prompts([request or scored]) == [scored]
+
+
 def test_the_registered_model_is_code_and_safetensors_and_loads_back_for_the_gate(logged, tiny_gpt2):
     uri, _, root = logged
     files = [p for p in (root / "art").rglob("*") if p.is_file()]

@@ -299,6 +299,7 @@ register(
         answer=lambda r: " " + r["label"],
         metrics=CLASS_METRICS,
         score=label_score,
+        serve_field="text",
         serve_example="i feel wonderful today",
         use="Label a short English text with one of the declared labels.",
         limits="Only the declared label set; accuracy on text unlike the training data (domain, length, language) "
