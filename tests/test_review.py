@@ -135,6 +135,19 @@ def test_the_command_compares_the_challenger_with_the_champion_and_saves_markdow
         )
 
 
+def test_without_a_champion_the_default_comparison_says_so_in_one_line(client):
+    # A first run the gate did not promote: v1 is the challenger, and there is no champion.
+    rows = [{"source": t, "target": t} for t in TARGETS]
+    _register(client, rows, TARGETS, {}, alias="challenger")
+    result = CliRunner().invoke(app, ["diff", "--name", "m"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: model 'm' has no champion yet (no version was promoted), so there is nothing to compare with. "
+        "Fix: name two versions, e.g. `tuneline diff 1 2`; `tuneline history` gives each gate decision against "
+        "the base model"
+    ]
+
+
 def test_a_version_against_itself_is_one_line_not_an_empty_report(client):
     # After the first run v1 is both champion and challenger: `tuneline diff` compared v1 with v1.
     rows = [{"source": t, "target": t} for t in TARGETS]

@@ -76,6 +76,12 @@ def side(client, name: str, ref: str) -> Side:
             run_id, label = version.run_id, f"v{version.version}" + ("" if re.fullmatch(r"v?\d+", ref) else f" ({ref})")
         params = dict(client.get_run(run_id).data.params)
     except (MlflowException, TunelineError):
+        if ref == registry.CHAMPION:  # the default A, before any version was promoted
+            raise TunelineError(
+                f"model '{name}' has no champion yet (no version was promoted), so there is nothing to compare with",
+                "name two versions, e.g. `tuneline diff 1 2`; `tuneline history` gives each gate decision "
+                "against the base model",
+            ) from None
         raise TunelineError(
             f"'{ref}' is not a version, alias or run of model '{name}'",
             "name a version (3 or v3), an alias (champion, challenger) or runs:/RUN_ID; see `tuneline history`",
