@@ -170,6 +170,10 @@ def test_a_decision_that_kept_the_champion_is_a_history_event_with_its_evidence(
         ("3", "not promoted", "ana"),
     ]
     assert all("not better (p=0.4, level 0.0076)" in e["why"] and e["when"].endswith("+00:00") for e in kept)
+    # A reason that gives the test's p already is not followed by it a second time.
+    said = "v3: not significant (p=0.4 >= 0.0076, bootstrap)"
+    client.set_model_version_tag("m", v3, "gate.reason", said)
+    assert [e["why"] for e in registry.kept_decisions(client, "m") if e["version"] == "3"] == [said]
 
 
 def test_promote_refuses_a_version_that_does_not_exist(client):

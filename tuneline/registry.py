@@ -119,8 +119,10 @@ def kept_decisions(client, name: str) -> list[dict]:
         tags = v.tags
         if "gate.decision" not in tags or tags["gate.decision"] == "promoted":
             continue
-        level = tags.get("gate.level")
-        evidence = f" (p={float(tags['gate.p_value']):.3g}, level {float(level):.3g})" if level else ""
+        level, reason = tags.get("gate.level"), tags.get("gate.reason", "")
+        # "not better" states no test; "not significant (p=… >= level, …)" already does
+        said = "(p=" in reason
+        evidence = f" (p={float(tags['gate.p_value']):.3g}, level {float(level):.3g})" if level and not said else ""
         events.append(
             {
                 "when": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
@@ -128,7 +130,7 @@ def kept_decisions(client, name: str) -> list[dict]:
                 "version": str(v.version),
                 "decision": tags["gate.decision"],
                 "who": tags.get("registered_by") or v.user_id or "-",
-                "why": tags.get("gate.reason", "") + evidence,
+                "why": reason + evidence,
             }
         )
     return events
