@@ -188,3 +188,42 @@ def test_a_served_chat_model_answers_a_message_or_a_conversation(tiny_gpt2, gpt2
     assert all(isinstance(a, str) for a in served.predict(None, ["Bye", turns]))
     with pytest.raises(TunelineError, match="last turn is not a user turn"):
         served.prompts([turns[:2]])
+
+
+def test_over_http_a_conversation_is_answered_whole_or_refused_never_cut_to_its_first_turn(
+    tmp_path, tiny_gpt2, gpt2_tok, monkeypatch
+):
+    """MLflow's scoring server (what `mlflow models serve` runs): a list of turns in
+    `inputs` reaches the model split into columns, only the first passed on; it answered
+    "Hi" as if it were the whole conversation."""
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc.scoring_server import init
+
+    from tuneline import recipes, serving
+
+    tiny_gpt2.save_pretrained(tmp_path / "merged")
+    gpt2_tok.save_pretrained(tmp_path / "merged")
+    params = recipes.build("chat", ["model.name=tiny-gpt2", "evaluate.max_new_tokens=6"], False, None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("c", artifact_location=(tmp_path / "a").as_uri()))
+    with mlflow.start_run():
+        model = mlflow.pyfunc.load_model(serving.log_model(params, tmp_path / "merged").model_uri)
+    http = TestClient(init(model))
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    whole = model.unwrap_python_model().predict(None, [json.dumps(turns)])
+    assert whole != model.unwrap_python_model().predict(None, ["Hi"])  # the first turn alone answers otherwise
+    for body in ({"inputs": [json.dumps(turns)]}, {"dataframe_records": [{"0": turns}]}):
+        said = http.post("/invocations", json=body)
+        assert said.status_code == 200 and said.json()["predictions"] == whole, said.text
+    for body in ({"inputs": [turns]}, {"instances": [turns]}):
+        said = http.post("/invocations", json=body)
+        assert said.status_code != 200 and "the request is one turn, not a conversation" in said.text, said.text
+    # A message that merely starts with a brace is still a message.
+    assert chat.request("{braces} are fine") == [{"role": "user", "content": "{braces} are fine"}]

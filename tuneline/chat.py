@@ -61,9 +61,32 @@ def conversation(value, at: str) -> str:
     return json.dumps(turns, ensure_ascii=False)
 
 
+def _one_turn(value) -> bool:
+    """Whether a served request is a single turn: what reaches the model when a list of
+    turns is sent in MLflow's `inputs` (or `instances`). MLflow spreads the list over columns
+    and passes on the first, as a dict or as its Python text ("{'role': 'user', ...}")."""
+    import ast
+
+    if isinstance(value, dict):
+        return True
+    if not (isinstance(value, str) and value.lstrip().startswith("{")):
+        return False
+    try:
+        return isinstance(ast.literal_eval(value.strip()), dict)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False  # a user message that starts with a brace
+
+
 def request(value) -> list[dict]:
     """A served request's turns: one user message as text, or a conversation (a list of
     turns, or its JSON text) that ends with a user turn."""
+    if _one_turn(value):  # answering it would answer the conversation's first turn alone
+        raise TunelineError(
+            "the request is one turn, not a conversation: a list of turns sent in `inputs` reaches the model "
+            "split into columns, and only the first is passed on",
+            'send each conversation as its JSON text, e.g. {"inputs": ["[{\\"role\\": \\"user\\", '
+            '\\"content\\": \\"Hi\\"}]"]}, or as {"dataframe_records": [{"0": [turns]}]}',
+        )
     if isinstance(value, str) and not value.lstrip().startswith("["):
         return [{"role": "user", "content": value}]
     if hasattr(value, "tolist"):  # a served frame's cell: a numpy array of turns
