@@ -50,3 +50,14 @@ def test_a_hugging_face_folder_is_named_as_such_with_the_command_that_takes_it(t
         TunelineError, match=r"is a Hugging Face model folder, not an MLflow model.*tuneline evaluate --model"
     ):
         load(str(tmp_path / "merged"))
+
+
+def test_labels_are_scored_not_decoded_so_decoding_options_are_refused():
+    from typer.testing import CliRunner
+
+    from tuneline.cli import app
+
+    for extra in (["--free"], ["--beams", "2"]):
+        result = CliRunner().invoke(app, ["predict", "--labels", *extra, "i feel great"])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == "error: --labels scores the labels; it does not decode. Fix: drop --free and --beams"

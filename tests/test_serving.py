@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tuneline import predict, recipes, serving, tasks
+from tuneline import evaluation, predict, recipes, serving, tasks
 from tuneline.constrain import WordConstraint
 from tuneline.errors import TunelineError
 from tuneline.evaluation import load_any
@@ -96,3 +96,22 @@ def test_a_model_without_words_decodes_freely_and_refuses_the_word_constraint():
     answerer.config = config
     with pytest.raises(TunelineError, match="does not apply to a classify model.*ask for 'none'"):
         answerer.predict(None, ["i feel great"], {"constrain": "words"})
+
+
+def test_a_classifier_asked_for_labels_answers_the_label_evaluate_scores_highest(tiny_gpt2, gpt2_tok, logged):
+    """{"constrain": "labels"} (`tuneline predict --labels`): always a declared label, the one
+    evaluate's constrained label scoring picks (scored_accuracy), even from an untrained
+    model whose free answers are not labels."""
+    params = recipes.build("emotion", ["model.name=tiny-gpt2"], False, None)
+    labels = list(params.prepare.labels)
+    answerer = serving.Answerer()
+    answerer.model, answerer.tok, answerer.config = tiny_gpt2, gpt2_tok, serving.settings(params)
+    texts = ["i feel great", "i am so scared of the dark", "this makes me furious", "what a lovely surprise", "joy"]
+    texts += ["sad sad sad", "anger and fear", "surprise!", "I love it", "meh"]
+    with autocast(params.evaluate.precision):
+        scored = evaluation.score_labels(tiny_gpt2, gpt2_tok, [{"text": t, "label": labels[0]} for t in texts], params)
+    assert answerer.predict(None, texts, {"constrain": "labels"}) == scored
+    assert set(scored) <= set(labels) and len(set(scored)) > 1  # the label depends on the input
+    assert not set(answerer.predict(None, texts)) <= set(labels)  # decoded freely, as evaluate's `accuracy`
+    with pytest.raises(TunelineError, match="constrain 'labels' does not apply to a descramble model.*'none' or 'words'"):
+        mlflow.pyfunc.load_model(logged[0]).predict(INPUTS[:1], params={"constrain": "labels"})

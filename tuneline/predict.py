@@ -4,7 +4,7 @@ to one input, several, or stdin's lines (`-`), in requests of CHUNK inputs.
 A registered model answers as the run's evaluate scored (tuneline/serving.py): the task's
 prompt filled with the input, decoded greedily or by beam search, a descrambler under the
 word constraint (the input's words, each used once, in the model's order). `--free` asks it
-to decode freely. Versions registered by older tuneline (MLflow's transformers flavour)
+to decode freely; `--labels` asks a classifier for its most likely label. Versions registered by older tuneline (MLflow's transformers flavour)
 answer freely either way.
 """
 
@@ -80,7 +80,7 @@ def check(loaded, texts: list[str]) -> None:
         model.prompts(list(texts))
 
 
-def stream(loaded, texts: list[str], free: bool = False, beams: int | None = None):
+def stream(loaded, texts: list[str], constrain: str | None = None, beams: int | None = None):
     """Every input checked, then answered in requests of CHUNK: yields each answer as its
     request ends (one line each when there are several: a line break is written \\n), and
     says how far it got on stderr past one request."""
@@ -88,26 +88,26 @@ def stream(loaded, texts: list[str], free: bool = False, beams: int | None = Non
 
     check(loaded, texts)
     for start in range(0, len(texts), CHUNK):
-        for answer in answers(loaded, texts[start : start + CHUNK], free, beams):
+        for answer in answers(loaded, texts[start : start + CHUNK], constrain, beams):
             yield answer.replace("\n", "\\n") if len(texts) > 1 else answer
         if len(texts) > CHUNK:
             print(f"[predict] {min(start + CHUNK, len(texts))}/{len(texts)} inputs answered", file=sys.stderr)
 
 
-def answers(loaded, texts: list[str], free: bool = False, beams: int | None = None) -> list[str]:
-    """The model's answers to `texts`, in one request (the model batches them): decoded
-    freely with `free`, by beam search over `beams` beams when given; else as the version's
-    evaluate decoded."""
+def answers(loaded, texts: list[str], constrain: str | None = None, beams: int | None = None) -> list[str]:
+    """The model's answers to `texts`, in one request (the model batches them): under
+    `constrain` when given ('none': freely; 'words', 'labels': tuneline/serving.py), by beam
+    search over `beams` beams when given; else as the version's evaluate decoded."""
     if "transformers" in loaded.metadata.flavors:  # a legacy version takes no params
-        if beams is not None:
+        if beams is not None or constrain == "labels":
             raise TunelineError(
                 "this version was registered by an older tuneline (MLflow's transformers flavour), "
                 "which takes no decoding options",
-                "drop --beams, or register a new version with `tuneline run`",
+                "drop --beams and --labels, or register a new version with `tuneline run`",
             )
         params = None
     else:
-        params = ({"constrain": "none"} if free else {}) | ({"num_beams": beams} if beams else {})
+        params = ({"constrain": constrain} if constrain else {}) | ({"num_beams": beams} if beams else {})
     out = loaded.predict(list(texts), params=params or None)
     out = out if isinstance(out, list) else [out] if isinstance(out, str) else list(out)
     return [str(a).strip() for a in out]

@@ -8,7 +8,9 @@ re-evaluating an old champion), `Answerer` fills the task's prompt with each req
 decodes as the run's evaluate did: greedy or beam search, in its precision, under the word
 constraint for a descrambler (tuneline/constrain.py), each answer cut where evaluate cuts
 it (the end of the line, or the next `###` header). A request's params may ask for
-{"constrain": "none"} (decode freely) or {"num_beams": k}.
+{"constrain": "none"} (decode freely), {"num_beams": k}, or, for a classifier,
+{"constrain": "labels"}: the declared label whose answer is most likely after the prompt
+(evaluate's constrained label scoring, `scored_accuracy`), so the answer is always a label.
 
 Serving needs tuneline importable where the model runs (`--env-manager local` in this
 project's environment): the model's code is tuneline's own.
@@ -27,7 +29,7 @@ from tuneline import tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
-CONSTRAINTS = ("words", "none")
+CONSTRAINTS = ("words", "labels", "none")
 
 
 def settings(params: Params) -> dict:
@@ -123,6 +125,21 @@ class Answerer(mlflow.pyfunc.PythonModel):
         task = tasks.TASKS[self.config["task"]]
         return WordConstraint(self.tok, [task.words({task.serve_field: str(t)}) for t in texts])
 
+    def likeliest_labels(self, prompts: list[str]) -> list[str]:
+        """Per prompt, the label whose answer (+ EOS, as trained) is most likely after it:
+        the prompt is read once and every label scored from its cache, as evaluate does."""
+        from tuneline.generation import answer
+        from tuneline.modeling import autocast
+        from tuneline.tokenization import encode
+
+        task, labels = tasks.TASKS[self.config["task"]], self.config["labels"]
+        branch = [a + [self.tok.eos_token_id] for a in encode(self.tok, [task.answer({"label": x}) for x in labels])]
+        with autocast(self.config["precision"]):
+            _, logp, _ = answer(
+                self.model, self.tok, prompts, 0, self.config["batch_size"], branches=[branch] * len(prompts), show=False
+            )
+        return [labels[max(range(len(labels)), key=lp.__getitem__)] for lp in logp]
+
     # Annotated as a frame, which MLflow infers no schema from: the logged signature (with
     # its params) stays the one `log_model` gives.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
@@ -132,13 +149,16 @@ class Answerer(mlflow.pyfunc.PythonModel):
         cfg = self.config
         opts = {"constrain": cfg["constrain"], "num_beams": cfg["num_beams"]} | (params or {})
         task = tasks.TASKS[cfg["task"]]
-        if opts["constrain"] not in CONSTRAINTS or (opts["constrain"] == "words" and task.words is None):
+        applies = ["none"] + ["words"] * bool(task.words) + ["labels"] * bool(task.labelled and cfg["labels"])
+        if opts["constrain"] not in applies:
             raise TunelineError(
                 f"constrain '{opts['constrain']}' does not apply to a {task.name} model",
-                "ask for 'none'" + (" or 'words'" if task.words else ""),
+                "ask for " + " or ".join(f"'{c}'" for c in applies),
             )
         texts = _inputs(model_input)
         prompts = self.prompts(texts)
+        if opts["constrain"] == "labels":
+            return self.likeliest_labels(prompts)
         words = self.words(texts) if opts["constrain"] == "words" else None
         with autocast(cfg["precision"]):
             return generate(

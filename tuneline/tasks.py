@@ -303,7 +303,8 @@ register(
         serve_example="i feel wonderful today",
         use="Label a short English text with one of the declared labels.",
         limits="Only the declared label set; accuracy on text unlike the training data (domain, length, language) "
-        "is unknown. Use scored (constrained) predictions where an answer must be a label.",
+        "is unknown. Where an answer must be a label, ask for the scored label (`tuneline predict --labels`, "
+        'or the request param {"constrain": "labels"}).',
     )
 )
 

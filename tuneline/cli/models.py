@@ -28,6 +28,12 @@ def predict(
     beams: int = typer.Option(
         None, "--beams", min=1, help="Beam search with N beams (default: what the version was evaluated with)."
     ),
+    labels: bool = typer.Option(
+        False,
+        "--labels",
+        help="A classifier answers with its most likely label (constrained label scoring, evaluate's "
+        "scored_accuracy), never with other text.",
+    ),
 ) -> None:
     """Answer with the champion model from the MLflow registry.
 
@@ -39,6 +45,8 @@ def predict(
         from tuneline import predict as pred
         from tuneline import registry
 
+        if labels and (free or beams):
+            raise TunelineError("--labels scores the labels; it does not decode", "drop --free and --beams")
         texts = pred.inputs(texts, sys.stdin)
         client = mlflow_client()
         uri = model
@@ -50,7 +58,8 @@ def predict(
                     f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
                 )
             uri = f"models:/{name}@champion"
-        for answer in pred.stream(pred.load(uri), texts, free, beams):  # printed as each request ends
+        constrain = "labels" if labels else "none" if free else None
+        for answer in pred.stream(pred.load(uri), texts, constrain, beams):  # printed as each request ends
             out.print(answer, markup=False, highlight=False, soft_wrap=True)
     except TunelineError as e:
         fail(e)
