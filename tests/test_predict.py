@@ -60,4 +60,7 @@ def test_labels_are_scored_not_decoded_so_decoding_options_are_refused():
     for extra in (["--free"], ["--beams", "2"]):
         result = CliRunner().invoke(app, ["predict", "--labels", *extra, "i feel great"])
         assert result.exit_code == 2, result.output
-        assert result.output.strip() == "error: --labels scores the labels; it does not decode. Fix: drop --free and --beams"
+        assert (
+            result.output.strip()
+            == "error: --labels scores the labels; it does not decode. Fix: drop --free and --beams"
+        )

@@ -113,5 +113,7 @@ def test_a_classifier_asked_for_labels_answers_the_label_evaluate_scores_highest
     assert answerer.predict(None, texts, {"constrain": "labels"}) == scored
     assert set(scored) <= set(labels) and len(set(scored)) > 1  # the label depends on the input
     assert not set(answerer.predict(None, texts)) <= set(labels)  # decoded freely, as evaluate's `accuracy`
-    with pytest.raises(TunelineError, match="constrain 'labels' does not apply to a descramble model.*'none' or 'words'"):
+    with pytest.raises(
+        TunelineError, match="constrain 'labels' does not apply to a descramble model.*'none' or 'words'"
+    ):
         mlflow.pyfunc.load_model(logged[0]).predict(INPUTS[:1], params={"constrain": "labels"})

@@ -136,7 +136,13 @@ class Answerer(mlflow.pyfunc.PythonModel):
         branch = [a + [self.tok.eos_token_id] for a in encode(self.tok, [task.answer({"label": x}) for x in labels])]
         with autocast(self.config["precision"]):
             _, logp, _ = answer(
-                self.model, self.tok, prompts, 0, self.config["batch_size"], branches=[branch] * len(prompts), show=False
+                self.model,
+                self.tok,
+                prompts,
+                0,
+                self.config["batch_size"],
+                branches=[branch] * len(prompts),
+                show=False,
             )
         return [labels[max(range(len(labels)), key=lp.__getitem__)] for lp in logp]
 
