@@ -16,11 +16,11 @@ import torch
 
 from tuneline import chat, checkpoint, deps, distributed
 from tuneline.config import Params
-from tuneline.data import MODELS, TOKENIZED, TOKENIZED_META, TRAIN_CURVE, metrics_file
+from tuneline.data import BASE_META, MODELS, TOKENIZED, TOKENIZED_META, TRAIN_CURVE, metrics_file
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
 from tuneline.io import atomic_dir, read_json, write_json, write_text
 from tuneline.loss import unwrap
-from tuneline.modeling import amp_dtype, check_pair, device, load_tokenizer
+from tuneline.modeling import amp_dtype, check_pair, device, identity, load_tokenizer
 from tuneline.tokendata import read_rows
 from tuneline.tokenization import check_tokenizer
 from tuneline.training import (
@@ -44,7 +44,8 @@ def fingerprint(params: Params) -> str:
     """What a checkpoint is only valid for: params, the token data, and the training code."""
     data = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(TOKENIZED.iterdir()) if p.is_file()]
     key = json.dumps(
-        [params.seed, params.model.name, params.train.model_dump(), data, deps.code_hash("train")], sort_keys=True
+        [params.seed, identity(params.model.name), params.train.model_dump(), data, deps.code_hash("train")],
+        sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -158,6 +159,7 @@ def _save(model, tok, params: Params) -> None:
             tok.chat_template = chat.template(tok)
         tok.save_pretrained(tmp / "merged")
         write_json(tmp / "merged" / "tuneline_params.json", params.model_dump())
+        write_json(tmp / BASE_META.name, {"model": params.model.name, "identity": identity(params.model.name)})
 
 
 def _log_point(point: dict) -> None:

@@ -25,7 +25,7 @@ from prefect.states import Failed, State
 
 from tuneline import ROOT, gitcheck
 from tuneline.config import Params
-from tuneline.data import LINEAGE, TOKENIZED_META
+from tuneline.data import BASE_META, LINEAGE, TOKENIZED_META
 from tuneline.errors import INTERRUPTED, TunelineError, dvc_message
 from tuneline.io import read_json
 from tuneline.stages import ERROR_FILE, stage_names
@@ -139,6 +139,8 @@ def changed_inputs(params: Params) -> dict[str, str]:
         forced["prepare"] = why
     if _tokenizer_changed(params):
         forced["tokenize"] = "the tokenizer changed since the last tokenize"
+    if why := _base_changed(params):
+        forced["train"] = why
     return forced
 
 
@@ -167,6 +169,20 @@ def _tokenizer_changed(params: Params) -> bool:
     from tuneline.tokenization import tokenizer_hash
 
     return read_json(meta).get("tokenizer_sha256") != tokenizer_hash(load_tokenizer(params.model.name))
+
+
+def _base_changed(params: Params) -> str | None:
+    """Why the trained model is stale though no DVC dep changed, or None: model.name is a
+    local folder whose files changed since train started from it (new weights saved under
+    the same path). DVC sees only the name, a param."""
+    from tuneline.modeling import identity
+
+    made = ROOT / BASE_META
+    if not made.is_file() or read_json(made).get("model") != params.model.name:
+        return None  # no train yet, or another model.name: DVC sees that change itself
+    if read_json(made).get("identity") != identity(params.model.name):
+        return f"the files of model.name '{params.model.name}' changed since the last train"
+    return None
 
 
 def _source_changed() -> str | None:

@@ -164,6 +164,9 @@ def test_lora_saves_adapter_and_merged_model_and_counts_parameters(token_data, t
     metrics, _ = _train(token_data, tmp_path, {"train": {"method": "lora", "lora_r": 4}})
     assert (tmp_path / "models/adapter/adapter_config.json").is_file()
     assert (tmp_path / "models/merged/model.safetensors").is_file()
+    # which base it started from, for `tuneline run` to see new weights under a folder's name
+    base = json.loads((tmp_path / "models/base.json").read_text())  # this test's base is a local folder
+    assert base["identity"].startswith(base["model"] + "@") and len(base["identity"]) == len(base["model"]) + 17
     assert 0 < metrics["trainable_params"] < metrics["frozen_params"]
     assert f"trainable {metrics['trainable_params']:,} | frozen {metrics['frozen_params']:,}" in capsys.readouterr().out
 

@@ -22,6 +22,7 @@ TOKENIZED = Path("data/tokenized")  # per split: a flat token stream or packed A
 TOKENIZED_META = TOKENIZED / "meta.json"
 MODELS = Path("models")  # adapter/ (LoRA) and merged/ (a plain HF model + tokenizer)
 MERGED = MODELS / "merged"
+BASE_META = MODELS / "base.json"  # which base model train started from: {model, identity} (modeling.identity)
 CHECKPOINTS = Path("checkpoints/train")  # resume state (not a DVC output: it outlives a failed run)
 TRAIN_CURVE = Path("plots/train.csv")
 PREDICTIONS = Path("reports/predictions.jsonl")

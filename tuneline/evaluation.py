@@ -21,7 +21,7 @@ from tuneline.constrain import WordConstraint
 from tuneline.generation import answer
 from tuneline.io import read_json, write_json
 from tuneline.loss import example_totals
-from tuneline.modeling import autocast, cache_dir, device, load_model, load_tokenizer
+from tuneline.modeling import autocast, cache_dir, device, identity, load_model, load_tokenizer
 from tuneline.packing import concat, pack_groups
 from tuneline.tokenization import answer_start, encode_batch, encode_rows
 
@@ -270,7 +270,7 @@ def _base_cache_key(rows: list[dict], params: Params, how: prompting.Prompting) 
     prompting and the code of the evaluate stage (the same import closure its DVC deps list)."""
     blob = json.dumps(
         [
-            params.model.name,
+            identity(params.model.name),  # a local folder: its files too, which can change under one name
             examples_key(rows, params),
             params.evaluate.batch_size,
             params.evaluate.prompt_lookup,  # exact in fp32, but bf16 rounds per batch shape

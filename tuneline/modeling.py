@@ -87,6 +87,49 @@ def resolve(name: str) -> Path | str:
     return name
 
 
+def identity(name: str) -> str:
+    """What `name` stands for, as a key for what is made from it (a checkpoint, the trained
+    model, cached base scores). Built-ins ship in pinned packages, so the name is enough, as
+    it is for a hub id (taken as the hub serves it). A local folder's files can be replaced
+    under the same path, so it is the name and a hash of the folder's files (what
+    `from_pretrained` reads: not its subfolders, such as a trainer's checkpoints). Each file's hash is kept in
+    .cache/file-hashes.json by (path, size, mtime, inode), as DVC keeps its own: a folder
+    is read in full only when something in it changed (a 540 MB model: ~1 s)."""
+    import hashlib
+    import json
+
+    from tuneline.io import write_json
+
+    path = ROOT / Path(name).expanduser()  # stages run at the root; an absolute path stays itself
+    if name in BUILTIN or name in SCRATCH or not path.is_dir():
+        return name
+    known_file = cache_dir().parent / "file-hashes.json"
+    try:
+        known = json.loads(known_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    before = dict(known)
+    whole, seen, inside = hashlib.sha256(), set(), f"{path.resolve()}/"
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        if key not in known:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            known[key] = h.hexdigest()
+        seen.add(key)
+        whole.update(f"{f.relative_to(path)}\0{known[key]}\n".encode())
+    kept = {k: v for k, v in known.items() if k in seen or not k.startswith(inside)}  # replaced files forgotten
+    if kept != before:
+        try:
+            write_json(known_file, kept)
+        except OSError:  # a read-only cache: the hash is still right, only not kept
+            pass
+    return f"{name}@{whole.hexdigest()[:16]}"
+
+
 def _hub_error(name: str, err: Exception) -> TunelineError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     fix = (
