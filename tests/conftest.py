@@ -289,6 +289,19 @@ def project(tmp_path, model_cache) -> Project:
 
 
 @pytest.fixture
+def local_model(tmp_path, monkeypatch) -> Path:
+    """A local model folder as model.name may name one (config.json and weights, here a few
+    bytes), with a cache of its own: write other bytes to its model.safetensors to stand for
+    new weights saved under the same path."""
+    monkeypatch.setenv("TUNELINE_CACHE", str(tmp_path / ".cache"))
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"old weights")
+    return folder
+
+
+@pytest.fixture
 def client(tmp_path, monkeypatch):
     """A real (sqlite) tracking server and registry in tmp_path, with one registered model "m"."""
     import mlflow

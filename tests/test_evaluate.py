@@ -313,15 +313,11 @@ def test_rows_are_fitted_to_the_positions_with_the_real_answer_budget(gpt2_tok):
         fit_rows(gpt2_tok, rows, params, 4, "validate")
 
 
-def test_cached_base_scores_are_not_reused_for_new_weights_under_the_same_folder(tmp_path, monkeypatch):
+def test_cached_base_scores_are_not_reused_for_new_weights_under_the_same_folder(local_model):
     from tuneline import evaluation, recipes
     from tuneline.prompting import Prompting
 
-    monkeypatch.setenv("TUNELINE_CACHE", str(tmp_path / ".cache"))
-    folder = tmp_path / "base"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"old weights")
+    folder = local_model
     params = recipes.build(None, [f"model.name={folder}"], False, None)
     rows = [{"source": "cat the sat", "target": "the cat sat"}]
     old = evaluation._base_cache_key(rows, params, Prompting("plain"))

@@ -57,7 +57,7 @@ def test_the_built_in_smollm2_answers_like_smollm2(model_cache):
     assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).startswith("The capital of France is Paris")
 
 
-def test_a_local_folder_is_known_by_its_files_not_only_its_name(tmp_path, monkeypatch):
+def test_a_local_folder_is_known_by_its_files_not_only_its_name(tmp_path, local_model):
     """New weights saved under the same path are another model (a checkpoint, cached base
     scores and the trained model must not be taken for the old one's); the same bytes
     written again are the same model, and built-in names stand for themselves."""
@@ -65,11 +65,7 @@ def test_a_local_folder_is_known_by_its_files_not_only_its_name(tmp_path, monkey
 
     from tuneline.modeling import identity
 
-    monkeypatch.setenv("TUNELINE_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "base"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"old weights")
+    folder = local_model
     first = identity(str(folder))
     assert first.startswith(f"{folder}@") and identity(str(folder)) == first
     (folder / "model.safetensors").write_bytes(b"new weights")
@@ -83,6 +79,6 @@ def test_a_local_folder_is_known_by_its_files_not_only_its_name(tmp_path, monkey
     assert identity(str(folder)) == first
     # Hashes are kept by (path, size, mtime, inode): unchanged files are not read again,
     # and the hashes of replaced files are forgotten.
-    kept = json.loads((tmp_path / "cache" / "file-hashes.json").read_text())
+    kept = json.loads((tmp_path / ".cache" / "file-hashes.json").read_text())
     assert len(kept) == 2 and all(k.startswith(str(folder.resolve())) for k in kept)
     assert identity("tiny-gpt2") == "tiny-gpt2" and identity("nobody/hub-model") == "nobody/hub-model"

@@ -201,7 +201,7 @@ def test_params_yaml_is_left_alone_when_a_recipe_run_changes_no_value(tmp_path, 
     assert os.path.exists(tmp_path / "params.yaml")
 
 
-def test_new_weights_under_the_same_model_folder_train_again(tmp_path, monkeypatch):
+def test_new_weights_under_the_same_model_folder_train_again(tmp_path, monkeypatch, local_model):
     """model.name is a param, so DVC sees a local folder's name, not its files: new weights
     saved there left every stage 'up to date' (and the old base's scores cached)."""
     import flows.dvc_tasks as fp
@@ -210,17 +210,13 @@ def test_new_weights_under_the_same_model_folder_train_again(tmp_path, monkeypat
     from tuneline.modeling import identity
 
     monkeypatch.setattr(fp, "ROOT", tmp_path)
-    monkeypatch.setenv("TUNELINE_CACHE", str(tmp_path / ".cache"))
-    folder = tmp_path / "my-base"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"weights trained on")
+    folder = local_model
     params = recipes.build(None, [f"model.name={folder}"], False, None)
     assert fp._base_changed(params) is None  # no train yet
     (tmp_path / BASE_META).parent.mkdir()
     (tmp_path / BASE_META).write_text(json.dumps({"model": str(folder), "identity": identity(str(folder))}))
     assert fp.changed_inputs.fn(params) == {}
-    (folder / "model.safetensors").write_bytes(b"weights saved since")
+    (folder / "model.safetensors").write_bytes(b"new weights")
     assert fp.changed_inputs.fn(params) == {"train": f"the files of model.name '{folder}' changed since the last train"}
     other = recipes.build(None, ["model.name=tiny-gpt2"], False, None)
     assert fp._base_changed(other) is None  # another name: a param change, which DVC sees itself
