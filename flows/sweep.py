@@ -119,16 +119,20 @@ def _shared_stages(params: Params, parent: str) -> None:
         os.environ.pop(PARENT_ENV, None)
 
 
-def _inputs() -> str:
+def _inputs(arm_params: list[Params]) -> str:
     """What the arms train on besides their params: the prepared and tokenized data (their
-    hashes in dvc.lock) and the code of train and validate."""
+    hashes in dvc.lock), the code of train and validate, and the files of a base model that
+    is a local folder (new weights under the same model.name are a new sweep)."""
     import yaml
 
     from tuneline import deps
+    from tuneline.modeling import identity
 
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     data = {s: [o.get("md5") for o in lock[s].get("outs", [])] for s in ("prepare", "tokenize")}
-    return json.dumps([data, [deps.code_hash(s) for s in ("train", TARGET)]], sort_keys=True)
+    found = [data, [deps.code_hash(s) for s in ("train", TARGET)]]
+    folders = sorted({identity(p.model.name) for p in arm_params} - {p.model.name for p in arm_params})
+    return json.dumps(found + [folders] * bool(folders), sort_keys=True)  # built-in and hub names: as before
 
 
 def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list[str]:
@@ -374,7 +378,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
         _shared_stages(params, parent)
         sweep.check_arms(arms, arm_params, _train_rows())
         # the same arms on the same data and code are the same sweep: its DVC experiments
-        name = sweep.name(arm_params, _inputs())
+        name = sweep.name(arm_params, _inputs(arm_params))
         parent = sweep_runs.named(parent, name)
         names = [f"{name}-{i}" for i in range(1, len(arms) + 1)]
         print(f"[sweep] {name}: the arms are the DVC experiments {names[0]} to {names[-1]}")

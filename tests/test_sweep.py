@@ -144,6 +144,22 @@ def test_the_same_arms_are_the_same_sweep_whatever_the_base():
     assert a == b != c
 
 
+def test_new_weights_under_a_local_base_folder_are_a_new_sweep(tmp_path, monkeypatch, local_model):
+    """Else the same command would find the arms trained on the old weights and rerun none."""
+    import flows.sweep as fs
+
+    monkeypatch.setattr(fs, "ROOT", tmp_path)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"stages": {"prepare": {}, "tokenize": {}}}))
+    arms = sweep.arms(sweep.parse_grid(["train.lr=1e-3,2e-3"], DEFAULTS))
+    local = sweep.validate(lambda sets: recipes.build(None, [f"model.name={local_model}", *sets]), arms)
+    built_in = sweep.validate(lambda sets: recipes.build(None, list(sets)), arms)
+    before = sweep.name(local, fs._inputs(local))
+    assert sweep.name(local, fs._inputs(local)) == before
+    (local_model / "model.safetensors").write_bytes(b"new weights")
+    assert sweep.name(local, fs._inputs(local)) != before
+    assert json.loads(fs._inputs(built_in))[2:] == []  # a built-in's sweeps keep the names they had
+
+
 def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatch):
     table = (
         "Task     Name      Created    Status\n"
