@@ -91,10 +91,10 @@ def identity(name: str) -> str:
     """What `name` stands for, as a key for what is made from it (a checkpoint, the trained
     model, cached base scores). Built-ins ship in pinned packages, so the name is enough, as
     it is for a hub id (taken as the hub serves it). A local folder's files can be replaced
-    under the same path, so it is the name and a hash of the folder's files (what
-    `from_pretrained` reads: not its subfolders, such as a trainer's checkpoints). Each file's hash is kept in
-    .cache/file-hashes.json by (path, size, mtime, inode), as DVC keeps its own: a folder
-    is read in full only when something in it changed (a 540 MB model: ~1 s)."""
+    under the same path, so it is the name and a hash of the folder's files (those
+    `from_pretrained` reads: not its subfolders, such as a trainer's checkpoints). Each
+    file's hash is kept in .cache/file-hashes.json by (path, size, mtime, inode), as DVC
+    keeps its own: a file is read again only when it changed (a 540 MB model: ~1 s)."""
     import hashlib
     import json
 

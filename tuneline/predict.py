@@ -4,8 +4,8 @@ to one input, several, or stdin's lines (`-`), in requests of CHUNK inputs.
 A registered model answers as the run's evaluate scored (tuneline/serving.py): the task's
 prompt filled with the input, decoded greedily or by beam search, a descrambler under the
 word constraint (the input's words, each used once, in the model's order). `--free` asks it
-to decode freely; `--labels` asks a classifier for its most likely label. Versions registered by older tuneline (MLflow's transformers flavour)
-answer freely either way.
+to decode freely; `--labels` asks a classifier for its most likely label. Versions
+registered by older tuneline (MLflow's transformers flavour) answer freely either way.
 """
 
 from __future__ import annotations

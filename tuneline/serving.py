@@ -29,8 +29,6 @@ from tuneline import tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
-CONSTRAINTS = ("words", "labels", "none")
-
 
 def settings(params: Params) -> dict:
     """What the served model needs from the run's params (its `model_config`)."""
