@@ -82,3 +82,14 @@ def test_a_local_folder_is_known_by_its_files_not_only_its_name(tmp_path, local_
     kept = json.loads((tmp_path / ".cache" / "file-hashes.json").read_text())
     assert len(kept) == 2 and all(k.startswith(str(folder.resolve())) for k in kept)
     assert identity("tiny-gpt2") == "tiny-gpt2" and identity("nobody/hub-model") == "nobody/hub-model"
+
+
+def test_a_model_folder_file_it_cannot_read_is_one_line(local_model, monkeypatch):
+    from tuneline import modeling
+
+    def unreadable(path, mode="r"):  # what chmod 0 gives a user other than root
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(modeling, "open", unreadable, raising=False)
+    with pytest.raises(TunelineError, match=f"model.name '{local_model}': cannot read config.json .Permission denied"):
+        modeling.identity(str(local_model))

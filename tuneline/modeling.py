@@ -115,9 +115,15 @@ def identity(name: str) -> str:
         key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
         if key not in known:
             h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            try:
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            except OSError as e:
+                raise TunelineError(
+                    f"model.name '{name}': cannot read {f.name} ({e.strerror or type(e).__name__})",
+                    "make the folder's files readable by this user",
+                ) from None
             known[key] = h.hexdigest()
         seen.add(key)
         whole.update(f"{f.relative_to(path)}\0{known[key]}\n".encode())
