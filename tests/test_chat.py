@@ -225,5 +225,6 @@ def test_over_http_a_conversation_is_answered_whole_or_refused_never_cut_to_its_
     for body in ({"inputs": [turns]}, {"instances": [turns]}):
         said = http.post("/invocations", json=body)
         assert said.status_code != 200 and "the request is one turn, not a conversation" in said.text, said.text
-    # A message that merely starts with a brace is still a message.
-    assert chat.request("{braces} are fine") == [{"role": "user", "content": "{braces} are fine"}]
+    # A message that merely starts with a brace, or is a dict but no turn, is still a message.
+    for text in ("{braces} are fine", "{'question': 'why?'}"):
+        assert chat.request(text) == [{"role": "user", "content": text}]

@@ -67,14 +67,12 @@ def _one_turn(value) -> bool:
     and passes on the first, as a dict or as its Python text ("{'role': 'user', ...}")."""
     import ast
 
-    if isinstance(value, dict):
-        return True
-    if not (isinstance(value, str) and value.lstrip().startswith("{")):
-        return False
-    try:
-        return isinstance(ast.literal_eval(value.strip()), dict)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return False  # a user message that starts with a brace
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return False  # a user message that starts with a brace
+    return isinstance(value, dict) and bool({"role", "from"} & set(value))  # a turn in either shape
 
 
 def request(value) -> list[dict]:
