@@ -85,11 +85,12 @@ def test_a_local_folder_is_known_by_its_files_not_only_its_name(tmp_path, local_
 
 
 def test_a_model_folder_file_it_cannot_read_is_one_line(local_model, monkeypatch):
+    import tuneline.io
     from tuneline import modeling
 
     def unreadable(path, mode="r"):  # what chmod 0 gives a user other than root
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(modeling, "open", unreadable, raising=False)
+    monkeypatch.setattr(tuneline.io, "open", unreadable, raising=False)
     with pytest.raises(TunelineError, match=f"model.name '{local_model}': cannot read config.json .Permission denied"):
         modeling.identity(str(local_model))

@@ -175,6 +175,39 @@ def torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
+def sha256(path: Path) -> str:
+    """Content hash of one file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def kept_sha256(paths: list[Path], known_file: Path) -> list[str]:
+    """sha256 of each file, kept in `known_file` by (path, size, mtime, inode), as DVC keeps
+    its own: a file is read again only when it changed, and the hashes of its earlier
+    versions are forgotten. A cache that cannot be written costs only the re-reading."""
+    try:
+        known = json.loads(known_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    before, out = dict(known), []
+    for f in paths:
+        st, where = f.stat(), str(f.resolve())
+        key = f"{where}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        if key not in known:
+            known = {k: v for k, v in known.items() if k.rsplit(":", 3)[0] != where}
+            known[key] = sha256(f)
+        out.append(known[key])
+    if known != before:
+        with contextlib.suppress(OSError):
+            write_json(known_file, known)
+    return out
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -92,48 +92,25 @@ def identity(name: str) -> str:
     model, cached base scores). Built-ins ship in pinned packages, so the name is enough, as
     it is for a hub id (taken as the hub serves it). A local folder's files can be replaced
     under the same path, so it is the name and a hash of the folder's files (those
-    `from_pretrained` reads: not its subfolders, such as a trainer's checkpoints). Each
-    file's hash is kept in .cache/file-hashes.json by (path, size, mtime, inode), as DVC
-    keeps its own: a file is read again only when it changed (a 540 MB model: ~1 s)."""
+    `from_pretrained` reads: not its subfolders, such as a trainer's checkpoints), each kept
+    in .cache/file-hashes.json until it changes (a 540 MB model: ~1 s the first time)."""
     import hashlib
-    import json
 
-    from tuneline.io import write_json
+    from tuneline.io import kept_sha256
 
     path = ROOT / Path(name).expanduser()  # stages run at the root; an absolute path stays itself
     if name in BUILTIN or name in SCRATCH or not path.is_dir():
         return name
-    known_file = cache_dir().parent / "file-hashes.json"
+    files = sorted(p for p in path.iterdir() if p.is_file())
     try:
-        known = json.loads(known_file.read_text())
-    except (OSError, ValueError):
-        known = {}
-    before = dict(known)
-    whole, seen, inside = hashlib.sha256(), set(), f"{path.resolve()}/"
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        st = f.stat()
-        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-        if key not in known:
-            h = hashlib.sha256()
-            try:
-                with open(f, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
-            except OSError as e:
-                raise TunelineError(
-                    f"model.name '{name}': cannot read {f.name} ({e.strerror or type(e).__name__})",
-                    "make the folder's files readable by this user",
-                ) from None
-            known[key] = h.hexdigest()
-        seen.add(key)
-        whole.update(f"{f.relative_to(path)}\0{known[key]}\n".encode())
-    kept = {k: v for k, v in known.items() if k in seen or not k.startswith(inside)}  # replaced files forgotten
-    if kept != before:
-        try:
-            write_json(known_file, kept)
-        except OSError:  # a read-only cache: the hash is still right, only not kept
-            pass
-    return f"{name}@{whole.hexdigest()[:16]}"
+        hashes = kept_sha256(files, cache_dir().parent / "file-hashes.json")
+    except OSError as e:
+        raise TunelineError(
+            f"model.name '{name}': cannot read {Path(e.filename or '?').name} ({e.strerror or type(e).__name__})",
+            "make the folder's files readable by this user",
+        ) from None
+    listing = "".join(f"{f.name}\0{h}\n" for f, h in zip(files, hashes))
+    return f"{name}@{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
 
 
 def _hub_error(name: str, err: Exception) -> TunelineError:

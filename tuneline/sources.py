@@ -25,7 +25,6 @@ import csv
 import difflib
 import glob
 import gzip
-import hashlib
 import io
 import json
 import lzma
@@ -38,6 +37,7 @@ from typing import IO
 
 from tuneline import ROOT
 from tuneline.errors import TunelineError
+from tuneline.io import sha256
 from tuneline.tasks import Task
 from tuneline.wikidump import dump_path, paragraphs
 
@@ -154,14 +154,6 @@ def hub_revision(spec: str) -> str | None:
 
 
 # --- local files -----------------------------------------------------------------------
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def local_paths(spec: str) -> list[Path]:
