@@ -38,14 +38,17 @@ def test_the_served_descrambler_keeps_the_words_and_answers_as_evaluate_decodes(
 
 
 # What a user sends to each shipped recipe's model, and the row evaluate scores for it. A
-# request fills the task's `serve_field`; mnli's request is the whole `mnli hypothesis: …
-# premise: … target:` line (README). pretrain continues whatever it is sent; chat is tested
-# in test_chat.py.
+# request fills the task's `serve_field`; mnli's is the pair in the `mnli hypothesis: …
+# premise: … target:` line (README), read by tasks.mnli_pair. pretrain continues whatever
+# it is sent; chat is tested in test_chat.py.
 REQUESTS = {
     "descramble": ({"source": "sat cat the", "target": "the cat sat"}, "sat cat the"),
     "emotion": ({"text": "i feel great", "label": "joy"}, "i feel great"),
     "alpaca": ({"instruction": "Name a colour.", "input": "", "output": "Red."}, "Name a colour."),
-    "mnli": ({"premise": "A man walks.", "hypothesis": "A man is outside.", "label": "entailment"}, None),
+    "mnli": (
+        {"premise": "A man walks.", "hypothesis": "A man is outside.", "label": "entailment"},
+        "mnli hypothesis: A man is outside. premise: A man walks. target:",
+    ),
 }
 
 
@@ -60,7 +63,23 @@ def test_a_served_request_is_prompted_as_evaluate_prompts_its_row(recipe, tiny_g
     scored = tasks.render(task, row, list(params.prepare.labels))[0]  # evaluate's prompt for the row
     answerer = serving.Answerer()
     answerer.model, answerer.tok, answerer.config = tiny_gpt2, gpt2_tok, serving.settings(params)
-    assert answerer.prompts([request or scored]) == [scored]
+    assert answerer.prompts([request]) == [scored]
+
+
+def test_a_served_entailment_pair_is_read_in_any_order_and_anything_else_is_refused(tiny_gpt2, gpt2_tok):
+    """An mnli request is a premise and a hypothesis: `mnli` and `target:` may be left out and
+    the premise may come first; a bare sentence is refused in one line with the form, not
+    answered after a prompt the model never saw."""
+    params = recipes.build("mnli", ["model.name=tiny-gpt2"], False, None)
+    answerer = serving.Answerer()
+    answerer.model, answerer.tok, answerer.config = tiny_gpt2, gpt2_tok, serving.settings(params)
+    scored = "mnli hypothesis: A man is outside. premise: A man walks. target:"
+    same = ["hypothesis: A man is outside. premise: A man walks.", "premise: A man walks.\nhypothesis: A man is outside."]
+    assert answerer.prompts(same) == [scored] * 2
+    with pytest.raises(
+        TunelineError, match=r"input 2 of 2 'A man walks.' is not a hypothesis and a premise.*Fix: write it as 'mnli"
+    ):
+        answerer.prompts([scored, "A man walks."])
 
 
 def test_the_registered_model_is_code_and_safetensors_and_loads_back_for_the_gate(logged, tiny_gpt2):

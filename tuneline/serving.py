@@ -99,9 +99,13 @@ class Answerer(mlflow.pyfunc.PythonModel):
             prompts = [chat.render(self.tok, chat.request(t), True) for t in texts]
             texts = [json.dumps(t) if not isinstance(t, str) else t for t in texts]
         else:
-            texts = [str(t) for t in texts]
-            template = tasks.serving_template(task, self.config["labels"])
-            prompts = [template.replace("{prompt}", t) for t in texts]
+            texts, prompts = [str(t) for t in texts], []
+            for i, text in enumerate(texts, 1):
+                try:
+                    prompts.append(tasks.request_prompt(task, text, self.config["labels"]))
+                except ValueError as e:
+                    which = f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
+                    raise TunelineError(f"{which} {text[:60]!r} {e}", f"write it as {task.serve_example!r}") from None
         limit, budget = position_limit(self.model.config), self.config["max_new_tokens"]
         for i, (text, prompt) in enumerate(zip(texts, prompts), 1):
             n = len(self.tok(prompt)["input_ids"])

@@ -51,6 +51,8 @@ class Task:
     chat: bool = False  # rows are conversations (column `messages`), rendered by tuneline/chat.py
     stop: str | None = "\n"  # an answer ends here (and at EOS): one-line answers at the newline
     serve_field: str | None = None  # the column a served request fills ({prompt} in MLflow)
+    # request text -> the row it stands for, or ValueError naming the form (entail: a pair)
+    serve_row: Callable[[str], dict] | None = None
     serve_example: str = ""  # a served request, logged with the model as its input example
     use: str = ""  # model card: what the model is for
     limits: str = ""  # model card: what it is not for
@@ -83,12 +85,20 @@ def render(task: Task, row: dict, labels: list[str], tok=None) -> tuple[str, str
 
 
 def serving_template(task: Task, labels: list[str]) -> str:
-    """The prompt with MLflow's `{prompt}` placeholder where a served request goes (entail
-    takes the whole `mnli hypothesis: … premise: … target:` line as the request)."""
+    """The prompt with MLflow's `{prompt}` placeholder where a served request goes (entail's
+    is the whole `mnli hypothesis: … premise: … target:` line; served, `mnli_pair` reads it)."""
     if task.serve_field is None:
         return "{prompt}"
     row = {c: "" for c in task.columns} | {task.serve_field: "{prompt}"}
     return task.prompt(row, labels)
+
+
+def request_prompt(task: Task, text: str, labels: list[str]) -> str:
+    """The prompt a served request `text` is answered after: the task's prompt for the row
+    the request stands for. ValueError (its form) where the task cannot read it as one."""
+    if task.serve_row is not None:
+        return task.prompt(task.serve_row(text), labels)
+    return serving_template(task, labels).replace("{prompt}", text)
 
 
 def normalise(text: str) -> str:
@@ -308,6 +318,21 @@ register(
     )
 )
 
+# A served entail request: the MNLI line, its `mnli` and `target:` optional, either part first.
+_PAIR = re.compile(
+    r"\s*(?:mnli\s+)?(?:hypothesis:\s*(?P<h>.+?)\s+premise:\s*(?P<p>.+?)"
+    r"|premise:\s*(?P<p2>.+?)\s+hypothesis:\s*(?P<h2>.+?))(?:\s+target:)?\s*",
+    re.S | re.I,
+)
+
+
+def mnli_pair(text: str) -> dict:
+    """The (premise, hypothesis) row of a served request `mnli hypothesis: … premise: …`."""
+    if not (m := _PAIR.fullmatch(text)):
+        raise ValueError("is not a hypothesis and a premise in the MNLI form")
+    return {"premise": m["p"] or m["p2"], "hypothesis": m["h"] or m["h2"], "label": ""}
+
+
 register(
     Task(
         "entail",
@@ -319,6 +344,7 @@ register(
         answer=lambda r: " " + r["label"],
         metrics=CLASS_METRICS,
         score=label_score,
+        serve_row=mnli_pair,
         serve_example="mnli hypothesis: A man is outside. premise: A man walks in the park. target:",
         use="Decide whether a premise entails, contradicts or is neutral to a hypothesis (MNLI format).",
         limits="Genre and length shifts from MNLI lower accuracy; not a fact checker.",
