@@ -302,6 +302,33 @@ def local_model(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def scoring_app(tmp_path, monkeypatch, tiny_gpt2, gpt2_tok):
+    """`scoring_app(recipe)`: tiny-gpt2 logged as `recipe`'s model (tuneline/serving.py) and
+    loaded in MLflow's own scoring app, what `mlflow models serve` runs: (the loaded pyfunc
+    model, an HTTP client to it)."""
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc.scoring_server import init
+
+    from tuneline import recipes, serving
+
+    tiny_gpt2.save_pretrained(tmp_path / "merged")
+    gpt2_tok.save_pretrained(tmp_path / "merged")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("s", artifact_location=(tmp_path / "a").as_uri()))
+
+    def serve(recipe: str):
+        params = recipes.build(recipe, ["model.name=tiny-gpt2", "evaluate.max_new_tokens=6"], False, None)
+        with mlflow.start_run():
+            model = mlflow.pyfunc.load_model(serving.log_model(params, tmp_path / "merged").model_uri)
+        return model, TestClient(init(model))
+
+    return serve
+
+
+@pytest.fixture
 def client(tmp_path, monkeypatch):
     """A real (sqlite) tracking server and registry in tmp_path, with one registered model "m"."""
     import mlflow

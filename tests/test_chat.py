@@ -190,28 +190,11 @@ def test_a_served_chat_model_answers_a_message_or_a_conversation(tiny_gpt2, gpt2
         served.prompts([turns[:2]])
 
 
-def test_over_http_a_conversation_is_answered_whole_or_refused_never_cut_to_its_first_turn(
-    tmp_path, tiny_gpt2, gpt2_tok, monkeypatch
-):
+def test_over_http_a_conversation_is_answered_whole_or_refused_never_cut_to_its_first_turn(scoring_app):
     """MLflow's scoring server (what `mlflow models serve` runs): a list of turns in
     `inputs` reaches the model split into columns, only the first passed on; it answered
     "Hi" as if it were the whole conversation."""
-    import mlflow
-    from fastapi.testclient import TestClient
-    from mlflow.pyfunc.scoring_server import init
-
-    from tuneline import recipes, serving
-
-    tiny_gpt2.save_pretrained(tmp_path / "merged")
-    gpt2_tok.save_pretrained(tmp_path / "merged")
-    params = recipes.build("chat", ["model.name=tiny-gpt2", "evaluate.max_new_tokens=6"], False, None)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("c", artifact_location=(tmp_path / "a").as_uri()))
-    with mlflow.start_run():
-        model = mlflow.pyfunc.load_model(serving.log_model(params, tmp_path / "merged").model_uri)
-    http = TestClient(init(model))
+    model, http = scoring_app("chat")
     turns = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello."},

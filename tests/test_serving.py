@@ -1,6 +1,8 @@
 """The registered model (tuneline/serving.py): logged as MLflow code with safetensors, it
 answers every way a user reaches it exactly as evaluate decodes."""
 
+import json
+
 import mlflow
 import pandas as pd
 import pytest
@@ -74,7 +76,10 @@ def test_a_served_entailment_pair_is_read_in_any_order_and_anything_else_is_refu
     answerer = serving.Answerer()
     answerer.model, answerer.tok, answerer.config = tiny_gpt2, gpt2_tok, serving.settings(params)
     scored = "mnli hypothesis: A man is outside. premise: A man walks. target:"
-    same = ["hypothesis: A man is outside. premise: A man walks.", "premise: A man walks.\nhypothesis: A man is outside."]
+    same = [
+        "hypothesis: A man is outside. premise: A man walks.",
+        "premise: A man walks.\nhypothesis: A man is outside.",
+    ]
     assert answerer.prompts(same) == [scored] * 2
     with pytest.raises(
         TunelineError, match=r"input 2 of 2 'A man walks.' is not a hypothesis and a premise.*Fix: write it as 'mnli"
@@ -136,3 +141,48 @@ def test_a_classifier_asked_for_labels_answers_the_label_evaluate_scores_highest
         TunelineError, match="constrain 'labels' does not apply to a descramble model.*'none' or 'words'"
     ):
         mlflow.pyfunc.load_model(logged[0]).predict(INPUTS[:1], params={"constrain": "labels"})
+
+
+def test_over_http_an_instruction_arrives_with_its_input_in_every_form_mlflow_takes(scoring_app):
+    """An Alpaca request's `input` (its context) is part of the trained prompt. MLflow cut a
+    frame to its first column, so an instruction sent with its input was answered without
+    it, silently; now every form MLflow takes reaches the prompt whole, or is refused."""
+    model, http = scoring_app("alpaca")
+    answerer = model.unwrap_python_model()
+    seen = []
+    answerer.prompts = lambda texts, own=answerer.prompts: seen.append(own(texts)) or seen[-1]
+    whole = "### Instruction:\nSummarise.\n\n### Context:\nThe cat sat.\n\n### Response:\n"
+    bodies = [
+        {"dataframe_records": [{"instruction": "Summarise.", "input": "The cat sat."}]},
+        {"dataframe_split": {"columns": ["instruction", "context"], "data": [["Summarise.", "The cat sat."]]}},
+        {"inputs": {"instruction": ["Summarise."], "input": ["The cat sat."]}},
+        {"inputs": {"instruction": "Summarise.", "input": "The cat sat."}},
+        {"instances": [{"instruction": "Summarise.", "input": "The cat sat."}]},
+        {"inputs": [json.dumps({"instruction": "Summarise.", "input": "The cat sat."})]},  # `tuneline predict`'s form
+    ]
+    for body in bodies:
+        said = http.post("/invocations", json=body)
+        assert said.status_code == 200 and seen[-1] == [whole], (body, said.text)
+    said = http.post("/invocations", json={"inputs": ["Summarise."]})  # a bare instruction, as before
+    assert said.status_code == 200 and seen[-1] == ["### Instruction:\nSummarise.\n\n### Response:\n"]
+    # A field it would not read, or none to answer, is refused with the line, not "unexpected".
+    refused = {
+        "names 'id', which the instruct task does not read": {"dataframe_records": [{"instruction": "x", "id": 3}]},
+        "has no 'instruction'": {"dataframe_records": [{"input": "The cat sat."}]},
+        "fields have different lengths": {"inputs": {"instruction": ["a", "b"], "input": ["c"]}},
+    }
+    for line, body in refused.items():
+        said = http.post("/invocations", json=body)
+        assert said.status_code == 400 and line in said.json()["message"], said.text
+        assert 'name the fields "instruction", "input"' in said.json()["message"] or "lengths" in line
+
+
+def test_over_http_an_entailment_pair_is_read_from_named_fields_and_a_bare_sentence_refused(scoring_app):
+    model, http = scoring_app("mnli")
+    pair = {"premise": "A man walks.", "hypothesis": "A man is outside."}
+    expected = model.predict(["mnli hypothesis: A man is outside. premise: A man walks. target:"])
+    for body in ({"dataframe_records": [pair]}, {"inputs": [json.dumps(pair)]}):
+        said = http.post("/invocations", json=body)
+        assert said.status_code == 200 and said.json()["predictions"] == expected, said.text
+    said = http.post("/invocations", json={"inputs": ["A man walks."]})
+    assert said.status_code == 400 and "is not a hypothesis and a premise" in said.json()["message"], said.text

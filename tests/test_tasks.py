@@ -29,7 +29,7 @@ UPPER = tasks.Task(
         [tasks.normalise(o) == tasks.normalise(r["target"]) for o, r in zip(ev["outputs"], rows)]
     ),
     fill=lambda r, rng: r | {"target": r["target"] or r["text"].upper()},
-    serve_field="text",
+    serve_fields=("text",),
     serve_example="hello world",
     use="Upper-case a short text.",
     limits="A toy for tests.",

@@ -23,7 +23,10 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from tuneline import tasks
 from tuneline.config import Params
@@ -45,19 +48,25 @@ def settings(params: Params) -> dict:
 
 def log_model(params: Params, merged: Path):
     """Log the model in `merged` (a saved HF model and tokenizer) to the active run."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     import tuneline.served_model as code  # the file MLflow stores as the model's code
 
-    config = settings(params)
-    example = [tasks.TASKS[params.prepare.task].serve_example]
+    config, task = settings(params), tasks.TASKS[params.prepare.task]
+    example = [task.serve_example]
     options = {"constrain": config["constrain"], "num_beams": config["num_beams"]}  # a request may override
+    signature = infer_signature(example, ["an answer"], params=options)
+    if len(task.serve_fields) > 1:
+        # A request may be a text or named fields (an instruction and its input). MLflow
+        # would cut a frame down to the one string column inferred from the example, so
+        # dropping the input's context unread: no input schema, and `_inputs` reads both.
+        signature = ModelSignature(inputs=None, outputs=signature.outputs, params=signature.params)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=code.__file__,
         artifacts={"model": str(merged)},
         model_config=config,
-        signature=infer_signature(example, ["an answer"], params=options),
+        signature=signature,
         input_example=example,
         # Explicit: MLflow's inference would also pin torchvision, which has no CPU wheel here.
         pip_requirements=[
@@ -66,12 +75,49 @@ def log_model(params: Params, merged: Path):
     )
 
 
-def _inputs(model_input: pd.DataFrame | list) -> list:
-    """A request's inputs. MLflow hands over a one-column frame, whatever the caller sent
-    (a list, one string, a served JSON list)."""
+class Refused(TunelineError, MlflowException):
+    """A request refused in one line. tuneline's CLI prints it as any TunelineError; MLflow's
+    scoring server answers HTTP 400 with its line (any other exception it reports as "an
+    unexpected error while evaluating the model", the line buried in a stack trace)."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        TunelineError.__init__(self, problem, fix)
+        MlflowException.__init__(self, str(self), error_code=INVALID_PARAMETER_VALUE)
+
+
+def _inputs(model_input, task: tasks.Task) -> list:
+    """A request's inputs: texts, or named fields (dicts) so that no field is dropped unread.
+    MLflow hands over a one-column frame for a model with a string schema, whatever the
+    caller sent; without one (tasks with several `serve_fields`), an array of texts, a dict
+    of columns (`inputs` as {"instruction": [...], "input": [...]}), or the frame of
+    `dataframe_records` / `dataframe_split`, whose rows are the inputs. (A chat conversation
+    sent as a list spreads over columns: the first is what chat.request refuses.)"""
+    if isinstance(model_input, dict):
+        columns = {k: np.atleast_1d(np.asarray(v, dtype=object)).tolist() for k, v in model_input.items()}
+        if len({len(v) for v in columns.values()}) > 1:
+            raise TunelineError(
+                "the request's fields have different lengths: "
+                + ", ".join(f"{k!r} {len(v)}" for k, v in columns.items()),
+                "give every field one value per input",
+            )
+        model_input = pd.DataFrame(columns)
     if isinstance(model_input, pd.DataFrame):
+        named = model_input.shape[1] > 1 or set(map(str, model_input.columns)) <= set(task.serve_fields)
+        if named and not task.chat:
+            return model_input.to_dict("records")
         return list(model_input.iloc[:, 0])
-    return list(model_input)
+    if isinstance(model_input, str):
+        return [model_input]
+    return model_input.tolist() if hasattr(model_input, "tolist") else list(model_input)
+
+
+def _form(task: tasks.Task) -> str:
+    """How to write a request to a `task` model (the fix of a refused one)."""
+    fields = ", ".join(f'"{f}"' for f in task.serve_fields)
+    named = (
+        f"; or name the fields {fields} (JSON text, or a served frame's columns)" if len(task.serve_fields) > 1 else ""
+    )
+    return f"write it as {task.serve_example!r}{named}"
 
 
 class Answerer(mlflow.pyfunc.PythonModel):
@@ -99,13 +145,15 @@ class Answerer(mlflow.pyfunc.PythonModel):
             prompts = [chat.render(self.tok, chat.request(t), True) for t in texts]
             texts = [json.dumps(t) if not isinstance(t, str) else t for t in texts]
         else:
-            texts, prompts = [str(t) for t in texts], []
+            texts = [t if isinstance(t, dict) else str(t) for t in texts]
+            prompts = []
             for i, text in enumerate(texts, 1):
                 try:
                     prompts.append(tasks.request_prompt(task, text, self.config["labels"]))
                 except ValueError as e:
                     which = f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
-                    raise TunelineError(f"{which} {text[:60]!r} {e}", f"write it as {task.serve_example!r}") from None
+                    raise TunelineError(f"{which} {str(text)[:80]!r} {e}", _form(task)) from None
+            texts = [json.dumps(t) if isinstance(t, dict) else t for t in texts]
         limit, budget = position_limit(self.model.config), self.config["max_new_tokens"]
         for i, (text, prompt) in enumerate(zip(texts, prompts), 1):
             n = len(self.tok(prompt)["input_ids"])
@@ -125,7 +173,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
         from tuneline.constrain import WordConstraint
 
         task = tasks.TASKS[self.config["task"]]
-        return WordConstraint(self.tok, [task.words({task.serve_field: str(t)}) for t in texts])
+        return WordConstraint(self.tok, [task.words(tasks.request_row(task, t)) for t in texts])
 
     def likeliest_labels(self, prompts: list[str]) -> list[str]:
         """Per prompt, the label whose answer (+ EOS, as trained) is most likely after it:
@@ -151,6 +199,13 @@ class Answerer(mlflow.pyfunc.PythonModel):
     # Annotated as a frame, which MLflow infers no schema from: the logged signature (with
     # its params) stays the one `log_model` gives.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
+        try:
+            return self.answer(model_input, params)
+        except TunelineError as e:
+            raise Refused(e.problem, e.fix) from None
+
+    def answer(self, model_input, params: dict | None) -> list[str]:
+        """The answers to a request (`predict`'s, before a refusal is made MLflow's)."""
         from tuneline.generation import generate
         from tuneline.modeling import autocast
 
@@ -163,7 +218,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 f"constrain '{opts['constrain']}' does not apply to a {task.name} model",
                 "ask for " + " or ".join(f"'{c}'" for c in applies),
             )
-        texts = _inputs(model_input)
+        texts = _inputs(model_input, task)
         prompts = self.prompts(texts)
         if opts["constrain"] == "labels":
             return self.likeliest_labels(prompts)

@@ -14,6 +14,8 @@ disagree.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
 import re
@@ -50,7 +52,9 @@ class Task:
     generates: bool = True  # scored by generation (pretrain: perplexity only)
     chat: bool = False  # rows are conversations (column `messages`), rendered by tuneline/chat.py
     stop: str | None = "\n"  # an answer ends here (and at EOS): one-line answers at the newline
-    serve_field: str | None = None  # the column a served request fills ({prompt} in MLflow)
+    # The columns a served request fills: a bare text fills the first ({prompt} in MLflow); a
+    # request with named fields (a JSON object, a served frame's columns) may fill any of them.
+    serve_fields: tuple[str, ...] = ()
     # request text -> the row it stands for, or ValueError naming the form (entail: a pair)
     serve_row: Callable[[str], dict] | None = None
     serve_example: str = ""  # a served request, logged with the model as its input example
@@ -87,18 +91,40 @@ def render(task: Task, row: dict, labels: list[str], tok=None) -> tuple[str, str
 def serving_template(task: Task, labels: list[str]) -> str:
     """The prompt with MLflow's `{prompt}` placeholder where a served request goes (entail's
     is the whole `mnli hypothesis: … premise: … target:` line; served, `mnli_pair` reads it)."""
-    if task.serve_field is None:
+    if not task.serve_fields or task.serve_row is not None:
         return "{prompt}"
-    row = {c: "" for c in task.columns} | {task.serve_field: "{prompt}"}
+    row = {c: "" for c in task.columns} | {task.serve_fields[0]: "{prompt}"}
     return task.prompt(row, labels)
 
 
-def request_prompt(task: Task, text: str, labels: list[str]) -> str:
-    """The prompt a served request `text` is answered after: the task's prompt for the row
-    the request stands for. ValueError (its form) where the task cannot read it as one."""
+def request_row(task: Task, request: str | dict) -> dict:
+    """The row a served request stands for: a bare text fills the first of the task's
+    `serve_fields` (or is read by its `serve_row`); named fields, as a dict or its JSON text,
+    fill theirs. ValueError saying what is wrong with it."""
+    if isinstance(request, str) and len(task.serve_fields) > 1 and request.lstrip().startswith("{"):
+        with contextlib.suppress(json.JSONDecodeError):  # else a text that starts with a brace
+            request = json.loads(request)
+    row = {c: "" for c in task.columns}
+    if isinstance(request, dict):
+        other = {alias: column for column, alias in task.aliases}  # Dolly's `context` is Alpaca's `input`
+        # None or NaN: a field this request left out of a served frame that others named
+        named = {other.get(k, k): "" if v is None or v != v else str(v) for k, v in request.items()}
+        if unknown := [k for k in named if k not in task.serve_fields]:
+            raise ValueError(f"names {', '.join(map(repr, unknown))}, which the {task.name} task does not read")
+        if missing := [f for f in task.serve_fields if f not in task.optional and not named.get(f, "").strip()]:
+            raise ValueError(f"has no {' and no '.join(map(repr, missing))}")
+        return row | named
     if task.serve_row is not None:
-        return task.prompt(task.serve_row(text), labels)
-    return serving_template(task, labels).replace("{prompt}", text)
+        return row | task.serve_row(str(request))
+    return row | {task.serve_fields[0]: str(request)}
+
+
+def request_prompt(task: Task, request: str | dict, labels: list[str]) -> str:
+    """The prompt a served request is answered after: the task's prompt for the row it
+    stands for (a task that reads no fields, pretrain, continues the text itself)."""
+    if not task.serve_fields and not isinstance(request, dict):
+        return str(request)
+    return task.prompt(request_row(task, request), labels)
 
 
 def normalise(text: str) -> str:
@@ -168,7 +194,7 @@ register(
         prose=lambda texts, lo, hi: [{"target": s} for s in clean_sentences(texts, lo, hi)],
         fill=lambda r, rng: r | {"source": r["source"] or scramble(r["target"], rng)},
         words=lambda r: r["source"],
-        serve_field="source",
+        serve_fields=("source",),
         serve_example="cat the on sat mat the",
         use="Reorder the words of a shuffled English sentence into the original sentence.",
         limits="Trained on short (6-30 word) encyclopedic Wikipedia sentences; longer, informal or non-English "
@@ -230,7 +256,7 @@ register(
         score=rouge_l(lambda r: r["output"]),
         aliases=(("input", "context"), ("output", "response")),
         stop="\n###",  # the next header: the model starting another instruction
-        serve_field="instruction",
+        serve_fields=("instruction", "input"),
         serve_example="Name three primary colors.",
         use="Follow short single-turn instructions in the Alpaca/Dolly format.",
         limits="A small model tuned on a few thousand examples: answers can be wrong or made up; no safety tuning.",
@@ -309,7 +335,7 @@ register(
         answer=lambda r: " " + r["label"],
         metrics=CLASS_METRICS,
         score=label_score,
-        serve_field="text",
+        serve_fields=("text",),
         serve_example="i feel wonderful today",
         use="Label a short English text with one of the declared labels.",
         limits="Only the declared label set; accuracy on text unlike the training data (domain, length, language) "
@@ -344,6 +370,7 @@ register(
         answer=lambda r: " " + r["label"],
         metrics=CLASS_METRICS,
         score=label_score,
+        serve_fields=("premise", "hypothesis"),
         serve_row=mnli_pair,
         serve_example="mnli hypothesis: A man is outside. premise: A man walks in the park. target:",
         use="Decide whether a premise entails, contradicts or is neutral to a hypothesis (MNLI format).",

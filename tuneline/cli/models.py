@@ -19,7 +19,8 @@ def predict(
     texts: list[str] = typer.Argument(
         ...,
         metavar="TEXT...",
-        help="The inputs, e.g. scrambled words for the descrambler; '-' reads one input per line from stdin.",
+        help="The inputs, e.g. scrambled words for the descrambler, or named fields as JSON "
+        """('{"instruction": "...", "input": "..."}'); '-' reads one input per line from stdin.""",
     ),
     model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion)."),
     free: bool = typer.Option(
