@@ -37,6 +37,15 @@ def require_project() -> Path:
     return ROOT
 
 
+def origin() -> Path:
+    """The project the user works in: ROOT, except in a sweep arm, which DVC's queue runs in
+    a temporary copy of it (.dvc/tmp/exps/…) holding only what git tracks. There it is the
+    project the arm was queued from (DVC sets DVC_ROOT to it), where a relative data path
+    or local model folder in the params is found."""
+    queued = os.environ.get("DVC_ROOT") if os.environ.get("DVC_EXP_NAME") else None
+    return Path(queued) if queued else ROOT
+
+
 _ENV_DEFAULTS = {
     # Without this MLflow/transformers retry the unreachable hub for ~47 s.
     "HF_HUB_OFFLINE": "1",

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from tuneline import ROOT
+from tuneline import origin
 from tuneline.errors import TunelineError
 from tuneline.io import sha256
 from tuneline.tasks import Task
@@ -158,8 +158,8 @@ def hub_revision(spec: str) -> str | None:
 
 def local_paths(spec: str) -> list[Path]:
     pattern = os.path.expanduser(spec)
-    if not os.path.isabs(pattern):  # relative to the project root, wherever a stage runs
-        pattern = str(ROOT / pattern)
+    if not os.path.isabs(pattern):  # relative to the project root, wherever a stage runs (a sweep arm too)
+        pattern = str(origin() / pattern)
     paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths or not paths[0].exists():
         where = os.path.normpath(pattern)  # the path looked at, when the user gave a relative one

@@ -19,14 +19,14 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tuneline import ROOT, assets
+from tuneline import assets, origin
 from tuneline.errors import TunelineError
 
 
 def dump_path(spec: str) -> Path:
     if spec == "builtin:wikipedia":
         return assets.wiki_dump()
-    path = ROOT / Path(spec.removeprefix("wikidump:")).expanduser()
+    path = origin() / Path(spec.removeprefix("wikidump:")).expanduser()  # a sweep arm too
     if not path.is_file():
         raise TunelineError(f"dump file '{path}' not found", "give an existing MediaWiki XML .bz2 path")
     return path
