@@ -84,6 +84,21 @@ def test_a_local_folder_is_known_by_its_files_not_only_its_name(tmp_path, local_
     assert identity("tiny-gpt2") == "tiny-gpt2" and identity("nobody/hub-model") == "nobody/hub-model"
 
 
+def test_a_sweep_arm_finds_a_relative_model_folder_in_the_project_it_was_queued_from(
+    tmp_path, local_model, monkeypatch
+):
+    """An untracked model folder is not in the copy of the project DVC's queue runs an arm
+    in: `model.name=my-base` would be taken for a hub id there."""
+    from tuneline.modeling import identity, resolve
+
+    monkeypatch.setenv("DVC_EXP_NAME", "sweep-abc123-1")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # local_model is tmp_path/my-base
+    assert (
+        resolve("my-base") == local_model
+        and identity("my-base") == f"my-base@{identity(str(local_model)).split('@')[1]}"
+    )
+
+
 def test_a_model_folder_file_it_cannot_read_is_one_line(local_model, monkeypatch):
     import tuneline.io
     from tuneline import modeling

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import tuneline
 from components import prepare
 from tuneline import sources
 from tuneline.config import parse_params
@@ -69,7 +70,7 @@ def test_a_folder_as_the_source_gets_the_glob_of_its_own_files(tmp_path):
 
 
 def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "ROOT", tmp_path / "proj")
+    monkeypatch.setattr(tuneline, "ROOT", tmp_path / "proj")
     with pytest.raises(TunelineError) as e:
         sources.local_paths("data/x.csv")
     assert str(e.value).startswith(
@@ -83,6 +84,21 @@ def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypa
     with pytest.raises(TunelineError) as e:
         sources.local_paths(str(tmp_path / "abs.csv"))
     assert str(e.value).startswith(f"data file '{tmp_path}/abs.csv' not found. Fix:") and "--set" not in str(e.value)
+
+
+def test_a_sweep_arm_reads_a_relative_source_from_the_project_it_was_queued_from(tmp_path, monkeypatch):
+    """DVC's queue runs each arm in a copy of the project (.dvc/tmp/exps/…) holding only what
+    git tracks: the recipes' `../shared/data/…`, or an untracked data file, is not there.
+    Every arm failed at its first stage with "data file … not found"."""
+    copy = tmp_path / "proj/.dvc/tmp/exps/tmp1234"
+    copy.mkdir(parents=True)
+    monkeypatch.setattr(tuneline, "ROOT", copy)
+    (tmp_path / "data.csv").write_text("text,label\nhi,pos\n")
+    with pytest.raises(TunelineError, match="not found"):  # a stage in the copy, not a queued arm
+        sources.local_paths("../data.csv")
+    monkeypatch.setenv("DVC_EXP_NAME", "sweep-abc123-1")  # what DVC sets for a queued experiment
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "proj"))
+    assert [p.resolve() for p in sources.local_paths("../data.csv")] == [(tmp_path / "data.csv").resolve()]
 
 
 def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():

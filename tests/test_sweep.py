@@ -265,7 +265,10 @@ def _arms(proj) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, model_cache, prefect_api):
     """A tiny project swept over two learning rates: Ctrl-C while the second arm runs, then
-    the same command again. Returns (project, first output, second output)."""
+    the same command again. Its data is a file beside the project (as the recipes read
+    ../shared/data), named by a relative path: DVC's queue runs each arm in a copy of the
+    project under .dvc/tmp/exps/, where that path would lead nowhere. Returns (project,
+    first output, second output)."""
     import shutil
     import signal
     import subprocess
@@ -274,7 +277,14 @@ def swept(tmp_path_factory, model_cache, prefect_api):
 
     from conftest import REPO, make_project, venv_not_on
 
-    proj = make_project(tmp_path_factory.mktemp("sweep") / "proj", model_cache)
+    from tuneline import sources, tasks
+
+    home = tmp_path_factory.mktemp("sweep")
+    batches, _, _ = sources.load("builtin:wikipedia")  # the default job's articles, as a user's own text
+    docs = [r["text"] for r in next(iter(batches))]
+    keep = next(n for n in range(50, len(docs), 50) if len(tasks.clean_sentences(docs[:n], 6, 30)) > 400)
+    (home / "articles.txt").write_text("\n\n".join(docs[:keep]))
+    proj = make_project(home / "proj", model_cache, {"prepare": {"source": "../articles.txt"}})
     shutil.copy(REPO / ".gitignore", proj.root / ".gitignore")
     proj.run("git", "add", "-A")
     proj.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
