@@ -277,9 +277,7 @@ def _arm_results(names: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
     done, ok, failed = sweep.experiments(ROOT), {}, {}
     for n in names:
         if n not in done:
-            logs = sweep.run_dvc(["queue", "logs", n], ROOT, DVC, check=False).strip().splitlines()
-            errors = [line for line in logs if "Fix:" in line or "ERROR" in line]
-            failed[n] = (errors or logs or ["no log"])[-1][:300]
+            failed[n] = sweep.failure(sweep.run_dvc(["queue", "logs", n], ROOT, DVC, check=False))
             continue
         metrics, examples = (sweep.read_at(done[n], str(p), ROOT) for p in (metrics_file("validate"), VAL_EXAMPLES))
         if metrics is None or examples is None:

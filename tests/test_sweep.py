@@ -160,6 +160,17 @@ def test_new_weights_under_a_local_base_folder_are_a_new_sweep(tmp_path, monkeyp
     assert json.loads(fs._inputs(built_in))[2:] == []  # a built-in's sweeps keep the names they had
 
 
+def test_a_failed_arm_is_reported_with_its_stages_own_line_not_dvcs():
+    log = (
+        "Running stage 'train':\n> python -m tuneline.stages train\n"
+        "error: data file 'x.csv' not found. Fix: check the path\n"
+        "ERROR: failed to reproduce 'train': failed to run: python -m tuneline.stages train, exited with 2\n"
+    )
+    assert sweep.failure(log) == "error: data file 'x.csv' not found. Fix: check the path"
+    assert sweep.failure(log.replace(". Fix: check the path", "")).startswith("ERROR: failed to reproduce 'train'")
+    assert sweep.failure("") == "no log"
+
+
 def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatch):
     table = (
         "Task     Name      Created    Status\n"

@@ -400,6 +400,14 @@ def read_at(commit: str, path: str, cwd=None) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def failure(log: str) -> str:
+    """Why an arm failed, from its queue log: the stage's own line (`error: … Fix: …`), not
+    DVC's "failed to reproduce 'train'" after it, which says only that the stage exited."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    ours = [line for line in lines if "Fix:" in line]
+    return (ours or [line for line in lines if "ERROR" in line] or lines or ["no log"])[-1][:400]
+
+
 def last_progress(name: str, cwd=None) -> str | None:
     """The newest line a running arm printed (`[train] 41/102 steps (40%) 182 tok/s, ETA
     5m40s`), read from the log file DVC's queue writes for it: no DVC process, so it can be
