@@ -105,6 +105,18 @@ def test_a_label_flip_is_a_fix_or_a_break_and_each_label_is_a_slice(client):
     assert "- code: commits unknown (not in git)" in text  # neither version has a git.commit tag
 
 
+def test_an_instruction_answer_counts_as_fixed_or_broken_by_a_tenth_of_its_rouge_l(client):
+    """ROUGE-L runs from 0 to 1: the default threshold of chrF's 0-100 scale (10) counted
+    nothing, so every Alpaca or chat review said "0 fixed and 0 broken"."""
+    refs = ["Red, blue and yellow.", "Paris is the capital.", "Drink water and sleep.", "It is 4."]
+    rows = [{"instruction": f"q{i}", "input": "", "output": r} for i, r in enumerate(refs)]
+    a = ["Red, blue and yellow.", "I do not know.", "Drink water and sleep well.", "It is 4."]  # 1 wrong
+    b = ["Red, blue and yellow.", "Paris is the capital.", "Drink water and sleep well.", "Five."]  # 1 fixed, 3 broken
+    va, vb = (_register(client, rows, o, {}, task="instruct") for o in (a, b))
+    text = review.report(review.side(client, "m", va), review.side(client, "m", vb))
+    assert "rouge_l" in text and "1 fixed and 1 broken (a change of at least 0.1 on one example)" in text
+
+
 def test_versions_scored_on_other_examples_or_unknown_refs_are_one_line(client):
     rows = [{"source": t, "target": t} for t in TARGETS]
     _register(client, rows, TARGETS, {}, key="k1")

@@ -152,7 +152,8 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
     task, labels, metric = _metric(b)
     sa, sb = (scoring.stat(task, metric, s.rows, s.record["tuned"], labels) for s in (a, b))
     if threshold is None:  # a flip for 0/1 metrics; else a tenth of the scale
-        threshold = 0.5 if metric in scoring.BINARY else 1.0 if metric in scoring.LOWER_IS_BETTER else 10.0
+        scale = 100.0 if metric in scoring.PERCENT else 1.0
+        threshold = 0.5 if metric in scoring.BINARY else 1.0 if metric in scoring.LOWER_IS_BETTER else scale / 10
     fixed, broken = changes(sa, sb, metric, threshold)
     n_boot, seed = int(b.params.get("evaluate.n_bootstrap", 1000)), int(b.params.get("seed", 0))
     whole = scoring.compare(sb, sa, metric, "bootstrap", n_boot, seed)

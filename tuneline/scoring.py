@@ -23,6 +23,9 @@ import numpy as np
 
 # Metrics that are a mean of a 0/1 per-example outcome: McNemar's test applies.
 BINARY = {"exact_match", "multiset_rate", "accuracy", "scored_accuracy", "unparseable_rate", "unterminated_rate"}
+# Metrics on a 0-100 scale (sacrebleu's); the others that are neither 0/1 nor perplexity
+# (rouge_l, macro_f1) run from 0 to 1.
+PERCENT = {"chrf", "bleu"}
 # Metrics where lower is better (the gate and the deltas need to know).
 LOWER_IS_BETTER = {"perplexity", "unparseable_rate", "unterminated_rate"}
 # The share of answers cut at evaluate.max_new_tokens, never ending by themselves (EOS or

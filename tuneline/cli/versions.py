@@ -89,7 +89,7 @@ def diff(
     threshold: float = typer.Option(
         None,
         help="The smallest change on one example that counts as fixed or broken (default: a flip for 0/1 "
-        "metrics, 10 points for chrF/BLEU, 1 for perplexity).",
+        "metrics, 10 points for chrF/BLEU, 0.1 for ROUGE-L, 1 for perplexity).",
     ),
     show: int = typer.Option(5, min=0, help="Examples shown of each list."),
     save: Path = typer.Option(None, "--out", help="Also write the report (Markdown) to this file."),
