@@ -64,3 +64,23 @@ def test_labels_are_scored_not_decoded_so_decoding_options_are_refused():
             result.output.strip()
             == "error: --labels scores the labels; it does not decode. Fix: drop --free and --beams"
         )
+
+
+def test_ctrl_c_says_how_many_answers_were_printed_and_how_to_answer_the_rest(monkeypatch, client):
+    """Answers are printed as each request ends: stopped halfway through a long file, the
+    user learns where to pick up instead of a silent exit."""
+    from typer.testing import CliRunner
+
+    from tuneline import predict
+    from tuneline.cli import app
+
+    def stream(loaded, texts, constrain, beams):
+        yield from ("one", "two")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "load", lambda uri: None)
+    monkeypatch.setattr(predict, "stream", stream)
+    result = CliRunner().invoke(app, ["predict", "--model", "runs:/x/model", "-"], input="a\nb\nc\nd\n")
+    assert result.exit_code == 130
+    assert result.output.splitlines()[:2] == ["one", "two"]
+    assert "error: interrupted after 2 of 4 answers" in result.output and "tail -n +3 inputs.txt" in result.output

@@ -65,6 +65,18 @@ def inputs(texts: list[str], stdin) -> list[str]:
     return [text for _, text in found]
 
 
+def interrupted(answered: int, total: int) -> str:
+    """What Ctrl-C during `tuneline predict` says: how many answers were printed (in order),
+    and how to answer only the rest."""
+    if not answered:
+        return "interrupted before the first answer. Fix: run the same command again"
+    return (
+        f"interrupted after {answered} of {total} answers (printed, in the order of the inputs). "
+        f"Fix: answer the rest by leaving out the first {answered} inputs, e.g. "
+        f"`tail -n +{answered + 1} inputs.txt | tuneline predict -`"
+    )
+
+
 def check(loaded, texts: list[str]) -> None:
     """Refuse, before any is answered, an input the model has no room to answer (one line
     naming which of them); a model not logged by tuneline checks its own."""

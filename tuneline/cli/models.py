@@ -11,7 +11,7 @@ import typer
 
 from tuneline import ROOT
 from tuneline.cli.app import app, fail, mlflow_client, model_name, out, params_of
-from tuneline.errors import TunelineError
+from tuneline.errors import TunelineError, print_error
 
 
 @app.command()
@@ -60,8 +60,14 @@ def predict(
                 )
             uri = f"models:/{name}@champion"
         constrain = "labels" if labels else "none" if free else None
-        for answer in pred.stream(pred.load(uri), texts, constrain, beams):  # printed as each request ends
-            out.print(answer, markup=False, highlight=False, soft_wrap=True)
+        loaded, answered = pred.load(uri), 0
+        try:
+            for answer in pred.stream(loaded, texts, constrain, beams):  # printed as each request ends
+                out.print(answer, markup=False, highlight=False, soft_wrap=True)
+                answered += 1
+        except KeyboardInterrupt:  # typer would exit 130 without a word
+            print_error(pred.interrupted(answered, len(texts)))
+            raise typer.Exit(130) from None
     except TunelineError as e:
         fail(e)
 
