@@ -73,15 +73,19 @@ def _workdir(tmp_path: Path) -> Path:
 
 
 def test_evaluate_any_model_on_a_new_file_prints_saves_and_logs(tmp_path, model_cache):
+    """Typed in a subfolder of the project, --data is a path from there (as any shell path
+    is), not from the project root, where another file of the same name may sit."""
     import json
     import os
 
     work = _workdir(tmp_path)
-    data = work / "sentences.csv"
+    (work / "data").mkdir()
+    data = work / "data" / "sentences.csv"
     data.write_text(
         "sentence\nThe old mill stood by the river for a century.\nShe painted the door a bright green.\n"
         "Rain fell on the quiet town all night long.\n"
     )
+    (work / "sentences.csv").write_text("sentence\nAnother file at the root of the project.\n")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TUNELINE_CACHE": str(model_cache)}
     proc = subprocess.run(
         [
@@ -94,13 +98,13 @@ def test_evaluate_any_model_on_a_new_file_prints_saves_and_logs(tmp_path, model_
             "--recipe",
             "descramble",
             "--data",
-            str(data),
+            "sentences.csv",
             "--set",
             "prepare.columns.target=sentence",
             "--set",
             "evaluate.max_new_tokens=8",
         ],
-        cwd=work,
+        cwd=work / "data",
         env=env,
         capture_output=True,
         text=True,

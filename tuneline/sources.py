@@ -55,6 +55,17 @@ def is_wiki(spec: str) -> bool:
     return spec == "builtin:wikipedia" or spec.startswith("wikidump:")
 
 
+def from_cwd(spec: str) -> str:
+    """`spec` as given on a command line: its relative local path (after an `alpaca-chat:`
+    or `wikidump:` prefix) made absolute from the working directory. In params a path is
+    relative to the project root; an argument, to where the user typed it."""
+    prefix = next((p for p in (ALPACA_CHAT, "wikidump:") if spec.startswith(p)), "")
+    path = os.path.expanduser(spec.removeprefix(prefix))
+    if not prefix and re.match(r"^[a-z][a-z0-9+]*:", spec) and not os.path.exists(spec):  # hf:, builtin:
+        return spec
+    return spec if os.path.isabs(path) else prefix + os.path.join(os.getcwd(), path)
+
+
 def load(spec: str, streaming: bool = False, hashes: bool = True) -> tuple[Batches, dict, bool]:
     """(batches of raw rows, lineage {'source', 'revision' or 'sha256'}, is_prose). CSV and
     JSONL rows also carry their file and line under the key LINE (for messages). Prose
@@ -164,7 +175,8 @@ def local_paths(spec: str) -> list[Path]:
     if not paths or not paths[0].exists():
         where = os.path.normpath(pattern)  # the path looked at, when the user gave a relative one
         looked = "" if where == os.path.normpath(spec) else f" (looked for {where})"
-        fix = "check the path (relative to the project root) or the glob"
+        fix = "check the path" + ("" if os.path.isabs(os.path.expanduser(spec)) else " (relative to the project root)")
+        fix += " or the glob"
         if "shared/data/" in spec:  # a shipped recipe's default source
             fix += "; the recipes' labelled data is read from ../shared/data beside the project, or --set prepare.source=<your copy>"
         raise TunelineError(f"data file '{spec}' not found{looked}", fix)

@@ -117,6 +117,7 @@ def evaluate(
         import json
         import re
 
+        from tuneline import sources
         from tuneline.evaluation import evaluate_file
         from tuneline.io import check_out_file, write_json
         from tuneline.secrets import redact
@@ -130,7 +131,7 @@ def evaluate(
 
         require_project()
         params = params_of(recipe, sets)
-        result = evaluate_file(model, params, data, limit, how)
+        result = evaluate_file(model, params, sources.from_cwd(data), limit, how)
         said = "" if how == "plain" else f", {how} prompting"  # in the run's name and the printout
         named = f"{model}-{Path(data).stem}" + ("" if how == "plain" else f"-{how}")
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", named).strip("_")
