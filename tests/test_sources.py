@@ -118,6 +118,17 @@ def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
     assert _task_rows(dolly, "instruct", {}, []) == [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
 
 
+def test_glue_and_multinli_files_are_read_as_they_come(tmp_path):
+    """The mnli recipe reads "local GLUE-format files": GLUE's dev_matched.tsv (and
+    MultiNLI's own jsonl) name the pair sentence1/sentence2 and the label gold_label."""
+    tsv = tmp_path / "dev_matched.tsv"
+    head = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tlabel1\tgold_label\n"
+    tsv.write_text(head + '0\t1\t1n\tgov\tHe said "yes.\tHe agreed.\tentailment\tentailment\n')
+    batches, _, _ = sources.load(str(tsv))
+    got = _rows(sources.task_rows(batches, TASKS["entail"], {}, ["entailment", "neutral", "contradiction"], "x"))
+    assert got == [{"premise": 'He said "yes.', "hypothesis": "He agreed.", "label": "entailment"}]
+
+
 def test_hub_source_offline_says_how_to_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TunelineError, match=r"cannot load hub dataset 'hf:dair-ai/emotion#train'.*HF_HUB_OFFLINE"):

@@ -370,6 +370,8 @@ register(
         answer=lambda r: " " + r["label"],
         metrics=CLASS_METRICS,
         score=label_score,
+        # GLUE's and MultiNLI's own files (dev_matched.tsv, multinli_1.0_*.jsonl) name them so
+        aliases=(("premise", "sentence1"), ("hypothesis", "sentence2"), ("label", "gold_label")),
         serve_fields=("premise", "hypothesis"),
         serve_row=mnli_pair,
         serve_example="mnli hypothesis: A man is outside. premise: A man walks in the park. target:",
