@@ -110,6 +110,8 @@ def test_a_bad_request_is_refused_in_one_line(logged):
     predict.check(served, INPUTS)  # nothing to refuse
     with pytest.raises(TunelineError, match="constrain 'maybe' does not apply.*ask for 'none' or 'words'"):
         served.predict(INPUTS[:1], params={"constrain": "maybe"})
+    with pytest.raises(TunelineError, match=r"num_beams 0 is not a number of beams. Fix: ask for 1 \(greedy\) or more"):
+        served.predict(INPUTS[:1], params={"num_beams": 0})  # `--beams` refuses it; a served request did not
 
 
 def test_a_model_without_words_decodes_freely_and_refuses_the_word_constraint():

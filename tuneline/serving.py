@@ -218,6 +218,8 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 f"constrain '{opts['constrain']}' does not apply to a {task.name} model",
                 "ask for " + " or ".join(f"'{c}'" for c in applies),
             )
+        if int(opts["num_beams"]) < 1:  # generate would fail deep inside on it
+            raise TunelineError(f"num_beams {opts['num_beams']} is not a number of beams", "ask for 1 (greedy) or more")
         texts = _inputs(model_input, task)
         prompts = self.prompts(texts)
         if opts["constrain"] == "labels":
