@@ -112,6 +112,9 @@ def test_a_bad_request_is_refused_in_one_line(logged):
         served.predict(INPUTS[:1], params={"constrain": "maybe"})
     with pytest.raises(TunelineError, match=r"num_beams 0 is not a number of beams. Fix: ask for 1 \(greedy\) or more"):
         served.predict(INPUTS[:1], params={"num_beams": 0})  # `--beams` refuses it; a served request did not
+    for empty in ("", "  ", None):  # `tuneline predict` refuses them; served, they were answered
+        with pytest.raises(TunelineError, match="input 2 of 2 is empty, so there is nothing to answer. Fix: give"):
+            served.predict([INPUTS[0], empty])
 
 
 def test_a_model_without_words_decodes_freely_and_refuses_the_word_constraint():

@@ -141,6 +141,19 @@ class Answerer(mlflow.pyfunc.PythonModel):
         from tuneline.modeling import position_limit
 
         task = tasks.TASKS[self.config["task"]]
+
+        def which(i: int) -> str:
+            return f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
+
+        for i, text in enumerate(texts, 1):  # as `tuneline predict` refuses one (predict.inputs)
+            if (
+                text is None
+                or (isinstance(text, float) and text != text)
+                or (isinstance(text, str) and not text.strip())
+            ):
+                raise TunelineError(
+                    f"{which(i)} is empty, so there is nothing to answer", f"give the text, e.g. {task.serve_example!r}"
+                )
         if task.chat:
             prompts = [chat.render(self.tok, chat.request(t), True) for t in texts]
             texts = [json.dumps(t) if not isinstance(t, str) else t for t in texts]
@@ -151,17 +164,15 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 try:
                     prompts.append(tasks.request_prompt(task, text, self.config["labels"]))
                 except ValueError as e:
-                    which = f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
-                    raise TunelineError(f"{which} {str(text)[:80]!r} {e}", _form(task)) from None
+                    raise TunelineError(f"{which(i)} {str(text)[:80]!r} {e}", _form(task)) from None
             texts = [json.dumps(t) if isinstance(t, dict) else t for t in texts]
         limit, budget = position_limit(self.model.config), self.config["max_new_tokens"]
         for i, (text, prompt) in enumerate(zip(texts, prompts), 1):
             n = len(self.tok(prompt)["input_ids"])
             if limit is not None and n + budget > limit:
                 own = len(self.tok(text)["input_ids"])
-                which = f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
                 raise TunelineError(
-                    f"{which} is {n} tokens with its template; with {budget} tokens for the answer the model has "
+                    f"{which(i)} is {n} tokens with its template; with {budget} tokens for the answer the model has "
                     f"positions for {limit}",
                     f"shorten it to under {limit - budget - (n - own)} tokens",
                 )
