@@ -163,13 +163,15 @@ def test_over_http_an_instruction_arrives_with_its_input_in_every_form_mlflow_ta
         {"inputs": {"instruction": ["Summarise."], "input": ["The cat sat."]}},
         {"inputs": {"instruction": "Summarise.", "input": "The cat sat."}},
         {"instances": [{"instruction": "Summarise.", "input": "The cat sat."}]},
+        {"inputs": [{"instruction": "Summarise.", "input": "The cat sat."}]},  # its values arrive as arrays
         {"inputs": [json.dumps({"instruction": "Summarise.", "input": "The cat sat."})]},  # `tuneline predict`'s form
     ]
     for body in bodies:
         said = http.post("/invocations", json=body)
         assert said.status_code == 200 and seen[-1] == [whole], (body, said.text)
-    said = http.post("/invocations", json={"inputs": ["Summarise."]})  # a bare instruction, as before
-    assert said.status_code == 200 and seen[-1] == ["### Instruction:\nSummarise.\n\n### Response:\n"]
+    for bare in (["Summarise."], "Summarise."):  # a bare instruction, as before; one string: one input
+        said = http.post("/invocations", json={"inputs": bare})
+        assert said.status_code == 200 and seen[-1] == ["### Instruction:\nSummarise.\n\n### Response:\n"]
     # A field it would not read, or none to answer, is refused with the line, not "unexpected".
     refused = {
         "names 'id', which the instruct task does not read": {"dataframe_records": [{"instruction": "x", "id": 3}]},
