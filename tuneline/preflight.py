@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import re
 
 from tuneline.config import Params
 from tuneline.errors import TunelineError
@@ -79,7 +78,7 @@ def check_sources(params: Params) -> None:
             continue
         if sources.is_wiki(spec):
             sources.dump_path(spec)
-        elif not re.match(r"^[a-z][a-z0-9+]*:", spec):  # hub and other schemes: prepare reads (or refuses) them
+        elif not sources.SCHEME.match(spec):  # hub and other schemes: prepare reads (or refuses) them
             rows, _ = sources.task_source(spec, params.prepare, where, hashes=False)
             try:  # its notes ("reading column 'target ' as 'target'") are prepare's to print, once
                 with contextlib.redirect_stdout(io.StringIO()):

@@ -110,8 +110,7 @@ def _inputs(model_input, task: tasks.Task) -> list:
         return [model_input]
     # An array: 0-d for one JSON string; a JSON object's values arrive as (0-d) arrays too
     items = np.atleast_1d(model_input).tolist() if isinstance(model_input, np.ndarray) else list(model_input)
-    plain = lambda v: v.tolist() if isinstance(v, np.ndarray) else v  # noqa: E731
-    return [{k: plain(v) for k, v in x.items()} if isinstance(x, dict) else x for x in items]
+    return [{k: np.asarray(v).tolist() for k, v in x.items()} if isinstance(x, dict) else x for x in items]
 
 
 def _form(task: tasks.Task) -> str:

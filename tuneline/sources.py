@@ -48,6 +48,7 @@ BATCH_ROWS = 8192  # raw rows per batch: memory is bounded by this, not by the s
 MAX_DOC_BYTES = 1 << 20  # a text-file block longer than this is cut at a line end
 
 Batches = Iterator[list[dict]]
+SCHEME = re.compile(r"^[a-z][a-z0-9+]*:")  # hf:, builtin:, alpaca-chat:, …: a source that is no plain path
 _HF = re.compile(r"hf:(?P<id>[^:@#]+)(?::(?P<config>[^@#]+))?(?:@(?P<rev>[^#]+))?(?:#(?P<split>.+))?")
 
 
@@ -61,7 +62,7 @@ def from_cwd(spec: str) -> str:
     relative to the project root; an argument, to where the user typed it."""
     prefix = next((p for p in (ALPACA_CHAT, "wikidump:") if spec.startswith(p)), "")
     path = os.path.expanduser(spec.removeprefix(prefix))
-    if not prefix and re.match(r"^[a-z][a-z0-9+]*:", spec) and not os.path.exists(spec):  # hf:, builtin:
+    if not prefix and SCHEME.match(spec) and not os.path.exists(spec):  # hf:, builtin:
         return spec
     return spec if os.path.isabs(path) else prefix + os.path.join(os.getcwd(), path)
 
@@ -83,7 +84,7 @@ def load(spec: str, streaming: bool = False, hashes: bool = True) -> tuple[Batch
 
         batches, lineage, _ = _local(spec.removeprefix(ALPACA_CHAT), hashes)
         return batched(from_alpaca(r for b in batches for r in b)), lineage | {"source": spec}, False
-    if re.match(r"^[a-z][a-z0-9+]*:", spec) and not os.path.exists(spec):
+    if SCHEME.match(spec) and not os.path.exists(spec):
         raise TunelineError(
             f"data source '{spec}' is not supported",
             "use builtin:wikipedia, wikidump:<path>, hf:<id>[:config][@rev][#split] or a local file/glob",
@@ -169,14 +170,14 @@ def hub_revision(spec: str) -> str | None:
 
 def local_paths(spec: str) -> list[Path]:
     pattern = os.path.expanduser(spec)
-    if not os.path.isabs(pattern):  # relative to the project root, wherever a stage runs (a sweep arm too)
+    relative = not os.path.isabs(pattern)
+    if relative:  # to the project root, wherever a stage runs (a sweep arm too)
         pattern = str(origin() / pattern)
     paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths or not paths[0].exists():
         where = os.path.normpath(pattern)  # the path looked at, when the user gave a relative one
         looked = "" if where == os.path.normpath(spec) else f" (looked for {where})"
-        fix = "check the path" + ("" if os.path.isabs(os.path.expanduser(spec)) else " (relative to the project root)")
-        fix += " or the glob"
+        fix = f"check the path{' (relative to the project root)' if relative else ''} or the glob"
         if "shared/data/" in spec:  # a shipped recipe's default source
             fix += "; the recipes' labelled data is read from ../shared/data beside the project, or --set prepare.source=<your copy>"
         raise TunelineError(f"data file '{spec}' not found{looked}", fix)
