@@ -1,6 +1,7 @@
 """`tuneline export` (tuneline/export.py): a registered version as a Hugging Face folder
 that transformers alone loads and answers with as tuneline does."""
 
+import itertools
 import json
 import re
 import shutil
@@ -94,6 +95,46 @@ def test_every_task_answers_with_transformers_alone_as_tuneline_does(model_cache
                 constrained_seen = True
                 assert sorted(said.split()) == sorted(task.serve_example.split())
     assert chat_seen and constrained_seen and load_tokenizer(str(folder)).chat_template is not None
+
+
+def test_the_examples_prompt_is_the_served_one_for_every_field_a_request_may_leave_out(monkeypatch):
+    """`answer`'s arguments are the fields a served request names (instruct's input may be
+    left out, and its Context block goes with it), and its prompt is the one tuneline
+    serves for them, for each shipped task and a task of one's own with two optional fields."""
+    own = tasks.Task(
+        "own",
+        ("question", "context", "hint", "answer"),
+        ("context", "hint"),
+        ("question",),
+        prompt=lambda r, _: (
+            f"Q: {r['question']} {{braces}}\n"
+            + (f"C: {r['context']}\n" if r["context"] else "")
+            + (f"H: {r['hint']}\n" if r["hint"] else "")
+            + "A:"
+        ),
+        answer=lambda r: r["answer"],
+        metrics=("perplexity",),
+        serve_fields=("question", "context", "hint"),
+    )
+    monkeypatch.setitem(tasks.TASKS, "own", own)
+    seen = 0
+    for name, task in tasks.TASKS.items():
+        if task.chat:
+            continue  # a chat template renders it (checked against tuneline's in the test above)
+        labels = {"classify": ["joy", "anger"], "entail": ["entailment", "neutral", "contradiction"]}.get(name, [])
+        code = export.example(task, {"labels": labels, "constrain": "none"}, "m").split("\n\n\n")[1]
+        head, body = code.split("\n", 1)
+        scope: dict = {}
+        exec(head + "\n" + body.split("    ids = ")[0] + "    return prompt\n", scope)  # noqa: S102
+        fields = export.fields(task)
+        optional = export.optional(task)
+        for k in range(len(optional) + 1):
+            for left in itertools.combinations(optional, k):
+                request = {f: f"<{f}>" for f in fields if f not in left}
+                served = tasks.request_prompt(task, request if task.serve_fields else request["text"], labels)
+                assert scope["answer"](**request) == served, (name, request)
+                seen += 1
+    assert seen >= 9
 
 
 def test_an_example_that_answers_otherwise_is_refused_and_nothing_is_written(version, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ not at all; `push` uploads it to a hub repository.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -36,8 +37,8 @@ tok = AutoTokenizer.from_pretrained(MODEL)
 model = AutoModelForCausalLM.from_pretrained(MODEL)
 
 
-def answer(text: str) -> str:
-    {prompt_line}
+def answer({signature}) -> str:
+    {prompt_lines}
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     {generate_line}
     text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -45,13 +46,53 @@ def answer(text: str) -> str:
 """
 
 
-def _prompt_line(task: tasks.Task, labels: list[str]) -> str:
+def fields(task: tasks.Task) -> tuple[str, ...]:
+    """The example's arguments: the fields a served request names (`text` for a task that
+    reads none: pretrain continues it, chat takes it as the user's message)."""
+    return task.serve_fields or ("text",)
+
+
+def optional(task: tasks.Task) -> list[str]:
+    """The example's arguments a request may leave out (instruct's input); the first, which
+    a bare text fills, never."""
+    return [f for f in task.serve_fields[1:] if f in task.optional]
+
+
+def requests(task: tasks.Task) -> list[dict]:
+    """What the README's example is called on, as its arguments: the task's served example
+    (entail's `mnli …` line read into its pair), and a request that fills every field."""
+    first = task.serve_row(task.serve_example) if task.serve_row else {fields(task)[0]: task.serve_example}
+    return [{f: first[f] for f in fields(task) if f in first}] + ([task.serve_filled] if task.serve_filled else [])
+
+
+def _prompt_lines(task: tasks.Task, labels: list[str]) -> str:
+    """`answer`'s lines that build `prompt` from its arguments, as tuneline fills the task's."""
     if task.chat:
         return (
             'prompt = tok.apply_chat_template([{"role": "user", "content": text}], '
             "add_generation_prompt=True, tokenize=False)"
         )
-    return f'prompt = {tasks.serving_template(task, labels)!r}.replace("{{prompt}}", text)'
+    if not task.serve_fields:
+        return "prompt = text"
+    fill = ", ".join(f"{f}={f}" for f in task.serve_fields)
+    left_out = optional(task)
+    if not left_out:
+        return f"prompt = {tasks.prompt_format(task, labels, task.serve_fields)!r}.format({fill})"
+    # a template for each set of optional fields given (instruct: with or without an input)
+    templates = {}
+    for key in itertools.product((True, False), repeat=len(left_out)):
+        given = dict(zip(left_out, key))
+        templates[key] = tasks.prompt_format(task, labels, tuple(f for f in task.serve_fields if given.get(f, True)))
+    if len(left_out) == 1:
+        return (
+            f"template = {templates[(True,)]!r} if {left_out[0]} else {templates[(False,)]!r}\n"
+            f"    prompt = template.format({fill})"
+        )
+    which = ", ".join(f"bool({f})" for f in left_out)
+    return (
+        f"templates = {templates!r}  # by which of {', '.join(left_out)} are given\n"
+        f"    prompt = templates[({which})].format({fill})"
+    )
 
 
 def constrained(task: tasks.Task, config: dict) -> bool:
@@ -61,18 +102,31 @@ def constrained(task: tasks.Task, config: dict) -> bool:
 
 def example(task: tasks.Task, config: dict, model: str) -> str:
     """The README's transformers example for a model logged with serving `config`: it
-    defines `answer`; the README then calls it on the task's example."""
+    defines `answer`; the README then calls it on `requests(task)`."""
     cut = f"text.split({task.stop!r})[0].strip()" if task.stop else "text"
     generate = "out = model.generate(**ids)  # decoding as evaluated: generation_config.json"
-    if constrained(task, config):  # the served field is the words (Task.words)
+    if constrained(task, config):  # the words are those of the served field (Task.words)
+        words = fields(task)[0]
         generate = (
-            "# decoding as evaluated (generation_config.json), the answer made of text's words\n"
+            f"# decoding as evaluated (generation_config.json), the answer made of {words}'s words\n"
             "    # (custom_generate/generate.py: tuneline's constraint; leave these four arguments out to decode freely)\n"
-            "    out = model.generate(**ids, custom_generate=MODEL, trust_remote_code=True, tokenizer=tok, words=[text])"
+            f"    out = model.generate(**ids, custom_generate=MODEL, trust_remote_code=True, tokenizer=tok, words=[{words}])"
         )
+    signature = ", ".join(f"{f}: str" + (' = ""' if f in optional(task) else "") for f in fields(task))
     return EXAMPLE.format(
-        model=model, prompt_line=_prompt_line(task, config["labels"]), generate_line=generate, cut=cut
+        model=model,
+        signature=signature,
+        prompt_lines=_prompt_lines(task, config["labels"]),
+        generate_line=generate,
+        cut=cut,
     )
+
+
+def call(request: dict) -> str:
+    """How the README calls `answer` on `request`: one argument by position, several by name."""
+    if len(request) == 1:
+        return f"answer({next(iter(request.values()))!r})"
+    return "answer(" + ", ".join(f"{k}={v!r}" for k, v in request.items()) + ")"
 
 
 def check_dest(dest: Path) -> None:
@@ -163,9 +217,9 @@ def readme(version, task: tasks.Task, config: dict, params: dict, code: str) -> 
         + ("; `tuneline_params.json` holds every setting of the run that made it" if params else "")
         + ".\n\n"
         "## Use it with transformers\n\n"
-        f"```python\n{code}\n\nprint(answer({task.serve_example!r}))\n```\n\n"
+        f"```python\n{code}\n\n" + "".join(f"print({call(r)})\n" for r in requests(task)) + "```\n\n"
         f"It decodes as the version was evaluated ({beams}, at most {config['max_new_tokens']} new tokens: "
-        f"`generation_config.json`){cut}. In fp32 it answers as tuneline does (checked on this example at "
+        f"`generation_config.json`){cut}. In fp32 it answers as tuneline does (checked on these examples at "
         "export); tuneline decodes under bf16 autocast where the hardware has it (`evaluate.precision`), "
         f"which can flip a near tie.{words}\n\n" + card
     )
@@ -210,37 +264,41 @@ def _custom_generate(folder: Path, task: tasks.Task, config: dict) -> None:
 
 
 def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
-    """Run the README's example on `folder` and compare its answer with tuneline's own
-    decoding of the same model and prompt (fp32; under the version's word constraint
-    where it has one), with tuneline's tokenizer `tok` (a chat model without a template
-    of its own renders with tuneline's default, as the folder's `chat_template.jinja`
-    does). Returns the answer."""
+    """Run the README's example on `folder` for each of `requests(task)` and compare its
+    answers with tuneline's own decoding of the same model and requests (fp32; under the
+    version's word constraint where it has one), with tuneline's tokenizer `tok` (a chat
+    model without a template of its own renders with tuneline's default, as the folder's
+    `chat_template.jinja` does). Returns the answer to the first."""
     from tuneline.generation import generate
     from tuneline.serving import Answerer
 
     scope: dict = {}  # the example's globals: it loads `tok` and `model` from `folder`
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own example, as the README shows it)
-    theirs = scope["answer"](task.serve_example)
     served = Answerer()  # its `prompts` is how the registered model fills the task's prompt
     served.model, served.tok, served.config = scope["model"], tok, config
-    ours = generate(
-        served.model,
-        served.tok,
-        served.prompts([task.serve_example]),
-        config["max_new_tokens"],
-        1,
-        int(config["num_beams"]),
-        task.stop,
-        constraint=served.words([task.serve_example]) if constrained(task, config) else None,
-        show=False,
-    )[0]
-    if theirs != ours:
-        raise TunelineError(
-            f"the exported folder answers {theirs!r} with plain transformers where tuneline answers {ours!r}; "
-            "nothing was exported",
-            "report it with both answers (tuneline export --debug shows where it happened)",
-        )
-    return theirs
+    said = []
+    for request in requests(task):
+        theirs = scope["answer"](**request)
+        served_as = request if task.serve_fields else request["text"]  # pretrain and chat are sent a text
+        ours = generate(
+            served.model,
+            served.tok,
+            served.prompts([served_as]),
+            config["max_new_tokens"],
+            1,
+            int(config["num_beams"]),
+            task.stop,
+            constraint=served.words([served_as]) if constrained(task, config) else None,
+            show=False,
+        )[0]
+        if theirs != ours:
+            raise TunelineError(
+                f"the exported folder answers {call(request)} with {theirs!r} with plain transformers where "
+                f"tuneline answers {ours!r}; nothing was exported",
+                "report it with both answers (tuneline export --debug shows where it happened)",
+            )
+        said.append(theirs)
+    return said[0]
 
 
 def export(version, dest: Path) -> dict:

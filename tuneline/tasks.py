@@ -58,6 +58,8 @@ class Task:
     # request text -> the row it stands for, or ValueError naming the form (entail: a pair)
     serve_row: Callable[[str], dict] | None = None
     serve_example: str = ""  # a served request, logged with the model as its input example
+    # a served request that fills every field (export checks its README example on it too)
+    serve_filled: dict | None = None
     use: str = ""  # model card: what the model is for
     limits: str = ""  # model card: what it is not for
 
@@ -88,13 +90,16 @@ def render(task: Task, row: dict, labels: list[str], tok=None) -> tuple[str, str
     return task.prompt(row, labels), task.answer(row)
 
 
-def serving_template(task: Task, labels: list[str]) -> str:
-    """The prompt with MLflow's `{prompt}` placeholder where a served request goes (entail's
-    is the whole `mnli hypothesis: … premise: … target:` line; served, `mnli_pair` reads it)."""
-    if not task.serve_fields or task.serve_row is not None:
-        return "{prompt}"
-    row = {c: "" for c in task.columns} | {task.serve_fields[0]: "{prompt}"}
-    return task.prompt(row, labels)
+def prompt_format(task: Task, labels: list[str], given: tuple[str, ...]) -> str:
+    """The task's prompt as a `str.format` template over its `serve_fields`, for a request
+    that gives the fields in `given` (the others empty: instruct's Context block is there
+    only with an input). The export's transformers example fills it."""
+    marks = {f: f"\x00{f}\x00" for f in task.serve_fields}  # no prompt holds these
+    row = {c: "" for c in task.columns} | {f: marks[f] for f in given}
+    text = task.prompt(row, labels).replace("{", "{{").replace("}", "}}")
+    for field, mark in marks.items():
+        text = text.replace(mark, "{" + field + "}")
+    return text
 
 
 def request_row(task: Task, request: str | dict) -> dict:
@@ -258,6 +263,7 @@ register(
         stop="\n###",  # the next header: the model starting another instruction
         serve_fields=("instruction", "input"),
         serve_example="Name three primary colors.",
+        serve_filled={"instruction": "Translate the sentence into French.", "input": "The cat is sleeping."},
         use="Follow short single-turn instructions in the Alpaca/Dolly format.",
         limits="A small model tuned on a few thousand examples: answers can be wrong or made up; no safety tuning.",
     )
