@@ -550,7 +550,7 @@ CASES = [
     # the command line
     Case("cli-run-outside-project", cli("run"), ("not inside a tuneline project",), outside=True),
     Case("cli-ui-outside-project", cli("ui"), ("not inside a tuneline project",), outside=True),
-    Case("cli-predict-empty-input", cli("predict", " "), ("the input is empty",)),
+    Case("cli-predict-empty-input", cli("predict", " "), ("the input is empty", "tuneline predict 'cat the on sat")),
     Case(
         "cli-export-into-a-full-folder",
         cli("export", "data"),

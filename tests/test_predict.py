@@ -30,6 +30,15 @@ def test_an_empty_input_is_refused_naming_which(texts, stdin, says):
         inputs(texts, io.StringIO(stdin))
 
 
+def test_an_empty_inputs_fix_shows_the_models_task_example_where_it_is_known():
+    """A pretrained model's user is not told to send scrambled words (the fix named a
+    descrambler's input whatever the task was)."""
+    with pytest.raises(TunelineError, match=r"Fix: give the text, e\.g\. tuneline predict 'The history of the city'$"):
+        inputs([" "], io.StringIO(), "The history of the city")
+    with pytest.raises(TunelineError, match=r"Fix: give the text to answer$"):  # --model: not known before it loads
+        inputs([" "], io.StringIO())
+
+
 def test_a_model_that_is_neither_a_uri_nor_a_folder_is_named_as_such(tmp_path, monkeypatch):
     from tuneline.predict import load
 

@@ -10,6 +10,8 @@ registered by older tuneline (MLflow's transformers flavour) answer freely eithe
 
 from __future__ import annotations
 
+import shlex
+
 from tuneline.errors import TunelineError
 
 
@@ -45,9 +47,10 @@ def load(uri: str):
 CHUNK = 256  # inputs per request to the model (it batches them): answers are printed as each ends
 
 
-def inputs(texts: list[str], stdin) -> list[str]:
+def inputs(texts: list[str], stdin, example: str = "") -> list[str]:
     """The inputs to answer: the command's arguments, where '-' stands for stdin's lines
-    (one input per line). An empty one is refused, naming which."""
+    (one input per line). An empty one is refused, naming which (and showing `example`, the
+    task's served example, where the model's task is known before it loads)."""
     found: list[tuple[str, str]] = []  # (where it came from, the input)
     for i, text in enumerate(texts, 1):
         if text == "-":
@@ -60,7 +63,9 @@ def inputs(texts: list[str], stdin) -> list[str]:
         if not text.strip():
             raise TunelineError(
                 f"{where} is empty, so there is nothing to answer",
-                'give the text, e.g. tuneline predict "sat the cat mat. on the"',
+                f"give the text, e.g. tuneline predict {shlex.quote(example)}"
+                if example
+                else "give the text to answer",
             )
     return [text for _, text in found]
 

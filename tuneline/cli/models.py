@@ -10,7 +10,7 @@ from typing import Literal
 import typer
 
 from tuneline import ROOT
-from tuneline.cli.app import app, fail, mlflow_client, model_name, out, params_of
+from tuneline.cli.app import app, fail, mlflow_client, out, params_of
 from tuneline.errors import TunelineError, print_error
 
 
@@ -48,11 +48,16 @@ def predict(
 
         if labels and (free or beams):
             raise TunelineError("--labels scores the labels; it does not decode", "drop --free and --beams")
-        texts = pred.inputs(texts, sys.stdin)
+        uri, task = model, None
+        if uri is None:  # the project's champion, whose task params.yaml names
+            from tuneline import require_project, tasks
+            from tuneline.config import load_params
+
+            params = load_params(require_project() / "params.yaml")
+            name, task = params.register.model_name, tasks.TASKS[params.prepare.task]
+        texts = pred.inputs(texts, sys.stdin, task.serve_example if task else "")
         client = mlflow_client()
-        uri = model
         if uri is None:
-            name = model_name(None)
             registry.require_model(client, name)
             if registry.champion(client, name) is None:
                 raise TunelineError(
