@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import copy_project, make_project
 
 from tuneline.recipes import merge
@@ -256,3 +257,47 @@ def test_a_worse_challenger_is_never_promoted_and_rollback_restores_the_champion
     blob = text + worse.stdout + worse.stderr + "".join(p.read_text(errors="ignore") for p in files)
     for name, value in secrets.items():
         assert value not in blob, f"{name} leaked"
+
+
+def test_a_registration_that_fails_half_way_leaves_the_registry_as_it_was(built, tmp_path):
+    """A version is created before its evidence (tags, review, card) is recorded; an error
+    there withdrew nothing, so the registry kept a version with no gate decision (a second
+    pretrained version's review crashed so). Now it is deleted, and a registered model that
+    this registration created goes with it."""
+    proj = copy_project(built, tmp_path / "proj")
+    db = proj.root / "mlflow.db"
+
+    def registry() -> tuple:
+        with sqlite3.connect(db) as c:
+            return tuple(  # what a reader sees (a model's last-updated time moves with any change)
+                sorted(c.execute(query))
+                for query in (
+                    "SELECT name, description FROM registered_models",
+                    # MLflow keeps a deleted version's row, marked, so that its number is never reused
+                    "SELECT name, version, current_stage, run_id, status, description FROM model_versions "
+                    "WHERE current_stage != 'Deleted_Internal'",
+                    "SELECT * FROM registered_model_aliases",
+                    "SELECT t.* FROM model_version_tags t JOIN model_versions v USING (name, version) "
+                    "WHERE v.current_stage != 'Deleted_Internal'",
+                    "SELECT * FROM registered_model_tags",
+                )
+            )
+
+    failing_card = (
+        "import sys\nfrom tuneline import card\n"
+        "def boom(**facts): raise OSError(28, 'No space left on device')\n"
+        "card.description = boom\n"
+        "from tuneline.stages import main\nsys.exit(main(['register']))\n"
+    )
+    for model_name in ("descrambler", "fresh"):  # a new version of v1's model; a model's first version
+        params = yaml.safe_load((proj.root / "params.yaml").read_text())
+        params["register"]["model_name"] = model_name
+        (proj.root / "params.yaml").write_text(yaml.safe_dump(params))
+        before = registry()
+        proc = subprocess.run(
+            [sys.executable, "-c", failing_card], cwd=proj.root, env=proj.env, capture_output=True, text=True
+        )
+        said = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "No space left on device" in said, said[-3000:]
+        assert f"{model_name} v{2 if model_name == 'descrambler' else 1} withdrawn" in said, said[-3000:]
+        assert registry() == before

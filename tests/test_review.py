@@ -22,14 +22,13 @@ TARGETS = [
 ]
 
 
-def _register(client, rows, outputs, params, tags=None, key="k1", alias=None, task="descramble") -> str:
-    """A version as register leaves it: params on its run, the three eval artifacts, tags."""
+def _register(client, rows, outputs, params, tags=None, key="k1", alias=None, task="descramble", nll=None) -> str:
+    """A version as register leaves it: params on its run, the three eval artifacts, tags.
+    `nll`: each scored unit's loss over 5 tokens (default: 1.0 for each row)."""
+    nll = [1.0] * len(rows) if nll is None else nll
     with mlflow.start_run() as run:
         mlflow.log_params({"prepare.task": task, "evaluate.primary_metric": "None", **params})
-        record = {
-            "examples_key": key,
-            "tuned": {"outputs": outputs, "nll": [1.0] * len(rows), "tokens": [5] * len(rows)},
-        }
+        record = {"examples_key": key, "tuned": {"outputs": outputs, "nll": nll, "tokens": [5] * len(nll)}}
         record["tuned"]["scored"] = None
         mlflow.log_text(json.dumps(record), EVAL_ARTIFACT)
         mlflow.log_text("".join(json.dumps(r) + "\n" for r in rows), ROWS_ARTIFACT)
@@ -115,6 +114,19 @@ def test_an_instruction_answer_counts_as_fixed_or_broken_by_a_tenth_of_its_rouge
     va, vb = (_register(client, rows, o, {}, task="instruct") for o in (a, b))
     text = review.report(review.side(client, "m", va), review.side(client, "m", vb))
     assert "rouge_l" in text and "1 fixed and 1 broken (a change of at least 0.1 on one example)" in text
+
+
+def test_a_pretrained_models_blocks_are_counted_and_no_row_is_shown_for_one(client):
+    """Pretraining scores perplexity on blocks of the concatenated test text, which are not
+    its rows: the review of a second pretrained version (every register after the first)
+    crashed on an IndexError, and the version stayed registered without its evidence."""
+    rows = [{"text": "The history of the city."}, {"text": "It rained all day."}]
+    params = {"tokenize.packing": "concat", "tokenize.max_length": "128"}
+    va = _register(client, rows, ["", ""], params, task="pretrain", nll=[10.0] * 5)
+    vb = _register(client, rows, ["", ""], params, task="pretrain", nll=[5.0, 5.0, 20.0, 5.0, 5.0])
+    text = review.report(review.side(client, "m", va), review.side(client, "m", vb))
+    assert "on 5 blocks of the test text (128 tokens). 4 fixed and 1 broken" in text
+    assert "## Fixed" not in text and "## By slice" not in text and "## What changed" in text
 
 
 def test_versions_scored_on_other_examples_or_unknown_refs_are_one_line(client):

@@ -242,49 +242,54 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
 
     # MLflow prints "Successfully registered model ..." / "... already exists. Creating a new
     # version" to stderr itself; ours says the same in the stage's voice.
+    new_model = not client.search_model_versions(f"name = '{name}'", max_results=1)
     with contextlib.redirect_stderr(io.StringIO()):
         version = mlflow.register_model(info.model_uri, name).version
     print(f"[register] created {name} v{version}; recording its evidence", flush=True)
-    gate["challenger"] = f"v{version}"
-    flat = flatten(params)
-    tags = {
-        "git.commit": git_commit(),
-        **data_hashes(),
-        "params": redact(json.dumps(flat, sort_keys=True))[:5000],
-        "base_model": params.model.name,
-        "method": params.train.method,
-        "primary_metric": primary,
-        "run_id": mlflow.active_run().info.run_id,
-        "registered_by": registry.user(),  # who ran the gate: `tuneline history` shows it
-        "eval.examples_key": record["examples_key"],
-        **(parity or {}),
-    }
-    tags |= {f"metric.{k}": str(v) for k, v in evals["tuned"].items()}
-    tags |= {f"gate.{k}": str(v) for k, v in gate.items()}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
-    samples = [json.loads(line) for line in PREDICTIONS.read_text().splitlines()[:5]]
-    lineage = read_json(LINEAGE) if LINEAGE.is_file() else {}
-    facts = dict(
-        name=name,
-        version=version,
-        params=params,
-        flat=flat,
-        evals=evals,
-        gate=gate,
-        samples=samples,
-        lineage=lineage,
-        data_hashes=data_hashes(),
-        commit=tags["git.commit"],
-        train=read_json(metrics_file("train")) if metrics_file("train").is_file() else {},
-        prepared=read_json(metrics_file("prepare")) if metrics_file("prepare").is_file() else None,
-    )
-    if against_version is not None:  # what it fixed and broke against the champion, for the reviewer
-        from tuneline import review
+    try:  # its evidence: tags, the review against the champion it faced, the model card
+        gate["challenger"] = f"v{version}"
+        flat = flatten(params)
+        tags = {
+            "git.commit": git_commit(),
+            **data_hashes(),
+            "params": redact(json.dumps(flat, sort_keys=True))[:5000],
+            "base_model": params.model.name,
+            "method": params.train.method,
+            "primary_metric": primary,
+            "run_id": mlflow.active_run().info.run_id,
+            "registered_by": registry.user(),  # who ran the gate: `tuneline history` shows it
+            "eval.examples_key": record["examples_key"],
+            **(parity or {}),
+        }
+        tags |= {f"metric.{k}": str(v) for k, v in evals["tuned"].items()}
+        tags |= {f"gate.{k}": str(v) for k, v in gate.items()}
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        samples = [json.loads(line) for line in PREDICTIONS.read_text().splitlines()[:5]]
+        lineage = read_json(LINEAGE) if LINEAGE.is_file() else {}
+        facts = dict(
+            name=name,
+            version=version,
+            params=params,
+            flat=flat,
+            evals=evals,
+            gate=gate,
+            samples=samples,
+            lineage=lineage,
+            data_hashes=data_hashes(),
+            commit=tags["git.commit"],
+            train=read_json(metrics_file("train")) if metrics_file("train").is_file() else {},
+            prepared=read_json(metrics_file("prepare")) if metrics_file("prepare").is_file() else None,
+        )
+        if against_version is not None:  # what it fixed and broke against the champion, for the reviewer
+            from tuneline import review
 
-        facts["review"] = review.log_for_version(client, name, against_version, str(version))
-    client.update_model_version(name, version, description=card.description(**facts))
-    mlflow.log_text(card.render(**facts), "model_card.md")
+            facts["review"] = review.log_for_version(client, name, against_version, str(version))
+        client.update_model_version(name, version, description=card.description(**facts))
+        mlflow.log_text(card.render(**facts), "model_card.md")
+    except BaseException:  # an error or Ctrl-C: no version is left without its evidence
+        registry.withdraw(client, name, version, new_model)
+        raise
     client.set_registered_model_alias(name, CHALLENGER, version)
     if promote:
         registry.move_champion(client, name, version, "gate", why)

@@ -159,6 +159,16 @@ def move_champion(client, name: str, version: str, action: str, why: str) -> dic
     return event
 
 
+def withdraw(client, name: str, version: str, new_model: bool) -> None:
+    """Delete a version whose registration failed half-way (and its registered model, where
+    this registration created it), so the registry is as it was before."""
+    if new_model:
+        client.delete_registered_model(name)
+    else:
+        client.delete_model_version(name, str(version))
+    print(f"[register] {name} v{version} withdrawn: its registration did not finish", flush=True)
+
+
 def _existing(client, name: str, version: str):
     from mlflow.exceptions import MlflowException
 

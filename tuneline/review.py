@@ -157,13 +157,20 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
     fixed, broken = changes(sa, sb, metric, threshold)
     n_boot, seed = int(b.params.get("evaluate.n_bootstrap", 1000)), int(b.params.get("seed", 0))
     whole = scoring.compare(sb, sa, metric, "bootstrap", n_boot, seed)
+    # Pretraining scores blocks of the concatenated test text, not rows: no row to show, no length to slice by.
+    per_row = b.params.get("tokenize.packing") != "concat" and len(b.shown) == len(sb.values) == len(a.shown)
+    unit = "test examples" if per_row else f"blocks of the test text ({b.params.get('tokenize.max_length')} tokens)"
     lines = [
         f"# {b.label} against {a.label}",
         "",
         f"{metric} {whole.a:.4g} against {whole.b:.4g}: delta {whole.delta:+.4g}, 95% CI "
-        f"[{whole.ci_low:+.4g}, {whole.ci_high:+.4g}] on {whole.n} test examples. "
-        f"{len(fixed)} fixed and {len(broken)} broken (a change of at least {threshold:g} on one example).",
+        f"[{whole.ci_low:+.4g}, {whole.ci_high:+.4g}] on {whole.n} {unit}. "
+        f"{len(fixed)} fixed and {len(broken)} broken (a change of at least {threshold:g} on one "
+        f"{'example' if per_row else 'block'}).",
     ]
+    if not per_row:
+        lines += ["", "A block is not a test row, so none is listed, and there are no slices by label or input length."]
+        return "\n".join(lines + ["", *lineage(a, b)]) + "\n"
     for title, found in (("Fixed", fixed), ("Broken", broken)):
         lines += ["", f"## {title} ({len(found)})"]
         for i, va, vb in found[:show]:
