@@ -99,6 +99,27 @@ def test_a_sweep_arm_finds_a_relative_model_folder_in_the_project_it_was_queued_
     )
 
 
+def test_a_sweep_arm_loads_the_model_it_trained_not_the_projects(tmp_path, monkeypatch):
+    """validate loads models/merged: in an arm, the one its own train stage just made in its
+    copy. Each arm validated the project's models/merged (its last run's) instead, so every
+    arm of a sweep scored alike and the winner was picked on nothing."""
+    import tuneline
+    from tuneline.modeling import resolve
+
+    project = tmp_path / "proj"
+    copy = project / ".dvc/tmp/exps/tmp1234"
+    for root in (project, copy):
+        (root / "models/merged").mkdir(parents=True)
+        (root / "models/merged/config.json").write_text("{}")
+    monkeypatch.setattr(tuneline, "ROOT", copy)
+    monkeypatch.setenv("DVC_EXP_NAME", "sweep-abc123-1")
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    assert resolve("models/merged") == copy / "models/merged"
+    (project / "my-base").mkdir()  # untracked: only in the project
+    (project / "my-base/config.json").write_text("{}")
+    assert resolve("my-base") == project / "my-base"
+
+
 def test_a_model_folder_file_it_cannot_read_is_one_line(local_model, monkeypatch):
     import tuneline.io
     from tuneline import modeling

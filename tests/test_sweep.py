@@ -278,8 +278,9 @@ def swept(tmp_path_factory, model_cache, prefect_api):
     """A tiny project swept over two learning rates: Ctrl-C while the second arm runs, then
     the same command again. Its data is a file beside the project (as the recipes read
     ../shared/data), named by a relative path: DVC's queue runs each arm in a copy of the
-    project under .dvc/tmp/exps/, where that path would lead nowhere. Returns (project,
-    first output, second output)."""
+    project under .dvc/tmp/exps/, where that path would lead nowhere. The project's own
+    models/merged holds no weights: an arm that loaded it rather than its own would fail.
+    Returns (project, first output, second output)."""
     import shutil
     import signal
     import subprocess
@@ -296,6 +297,10 @@ def swept(tmp_path_factory, model_cache, prefect_api):
     keep = next(n for n in range(50, len(docs), 50) if len(tasks.clean_sentences(docs[:n], 6, 30)) > 400)
     (home / "articles.txt").write_text("\n\n".join(docs[:keep]))
     proj = make_project(home / "proj", model_cache, {"prepare": {"source": "../articles.txt"}})
+    # The project's own trained model, as a run before the sweep leaves it (untracked, so
+    # not in an arm's copy): an arm must validate the model it trained, never this one.
+    (proj.root / "models" / "merged").mkdir(parents=True)
+    (proj.root / "models" / "merged" / "config.json").write_text('{"model_type": "gpt2"}')
     shutil.copy(REPO / ".gitignore", proj.root / ".gitignore")
     proj.run("git", "add", "-A")
     proj.run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")

@@ -40,10 +40,26 @@ def require_project() -> Path:
 def origin() -> Path:
     """The project the user works in: ROOT, except in a sweep arm, which DVC's queue runs in
     a temporary copy of it (.dvc/tmp/exps/…) holding only what git tracks. There it is the
-    project the arm was queued from (DVC sets DVC_ROOT to it), where a relative data path
-    or local model folder in the params is found."""
+    project the arm was queued from (DVC sets DVC_ROOT to it)."""
     queued = os.environ.get("DVC_ROOT") if os.environ.get("DVC_EXP_NAME") else None
     return Path(queued) if queued else ROOT
+
+
+def located(path: str | Path) -> Path:
+    """Where a path from the params (a data file or glob, a local model folder) or a
+    stage's output is: relative ones in the project. A sweep arm's copy holds what git
+    tracks and what its own stages made (its models/merged, not the project's), so a path
+    is taken there when the copy has it, else in the project the arm was queued from (an
+    untracked data file beside it, a local model folder)."""
+    import glob
+
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    here = ROOT / path
+    if origin() == ROOT or here.exists() or (glob.has_magic(str(path)) and glob.glob(str(here))):
+        return here
+    return origin() / path
 
 
 _ENV_DEFAULTS = {

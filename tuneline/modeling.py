@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneline import ROOT, assets, origin
+from tuneline import ROOT, assets, located
 from tuneline.errors import TunelineError
 
 if TYPE_CHECKING:  # torch is imported where it is used: the preflight reads configs without it
@@ -76,9 +76,7 @@ def resolve(name: str) -> Path | str:
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
         return out
-    path = Path(name).expanduser()
-    if not path.is_absolute() and origin() != ROOT:  # a sweep arm's copy: the folder is in the project
-        path = origin() / path
+    path = located(name)
     if path.exists():
         if not (path / "config.json").is_file():
             raise TunelineError(
@@ -100,7 +98,7 @@ def identity(name: str) -> str:
 
     from tuneline.io import kept_sha256
 
-    path = origin() / Path(name).expanduser()  # stages run at the root; an absolute path stays itself
+    path = located(name)
     if name in BUILTIN or name in SCRATCH or not path.is_dir():
         return name
     files = sorted(p for p in path.iterdir() if p.is_file())

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from tuneline import origin
+from tuneline import located
 from tuneline.errors import TunelineError
 from tuneline.io import sha256
 from tuneline.tasks import Task
@@ -172,7 +172,7 @@ def local_paths(spec: str) -> list[Path]:
     pattern = os.path.expanduser(spec)
     relative = not os.path.isabs(pattern)
     if relative:  # to the project root, wherever a stage runs (a sweep arm too)
-        pattern = str(origin() / pattern)
+        pattern = str(located(pattern))
     paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths or not paths[0].exists():
         where = os.path.normpath(pattern)  # the path looked at, when the user gave a relative one

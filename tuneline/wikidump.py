@@ -19,14 +19,14 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tuneline import assets, origin
+from tuneline import assets, located
 from tuneline.errors import TunelineError
 
 
 def dump_path(spec: str) -> Path:
     if spec == "builtin:wikipedia":
         return assets.wiki_dump()
-    path = origin() / Path(spec.removeprefix("wikidump:")).expanduser()  # a sweep arm too
+    path = located(spec.removeprefix("wikidump:"))
     if not path.is_file():
         raise TunelineError(f"dump file '{path}' not found", "give an existing MediaWiki XML .bz2 path")
     return path

@@ -136,7 +136,9 @@ def evaluate(
 
         require_project()
         params = params_of(recipe, sets)
-        result = evaluate_file(model, params, sources.from_cwd(data), limit, how)
+        # an argument's path is from where it was typed (in params, from the project root)
+        folder = os.path.abspath(os.path.expanduser(model)) if os.path.exists(os.path.expanduser(model)) else model
+        result = evaluate_file(folder, params, sources.from_cwd(data), limit, how)
         said = "" if how == "plain" else f", {how} prompting"  # in the run's name and the printout
         named = f"{model}-{Path(data).stem}" + ("" if how == "plain" else f"-{how}")
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", named).strip("_")
