@@ -162,10 +162,18 @@ def move_champion(client, name: str, version: str, action: str, why: str) -> dic
 def withdraw(client, name: str, version: str, new_model: bool) -> None:
     """Delete a version whose registration failed half-way (and its registered model, where
     this registration created it), so the registry is as it was before."""
-    if new_model:
-        client.delete_registered_model(name)
-    else:
-        client.delete_model_version(name, str(version))
+    try:
+        if new_model:
+            client.delete_registered_model(name)
+        else:
+            client.delete_model_version(name, str(version))
+    except Exception as e:  # the store failing too: say so, and let the first error be the one reported
+        print(
+            f"[register] {name} v{version} could not be withdrawn ({type(e).__name__}); it has no gate "
+            "decision: delete it in the MLflow UI",
+            flush=True,
+        )
+        return
     print(f"[register] {name} v{version} withdrawn: its registration did not finish", flush=True)
 
 
