@@ -242,7 +242,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
 
     # MLflow prints "Successfully registered model ..." / "... already exists. Creating a new
     # version" to stderr itself; ours says the same in the stage's voice.
-    new_model = not client.search_model_versions(f"name = '{name}'", max_results=1)
+    new_model = not registry.exists(client, name)
     with contextlib.redirect_stderr(io.StringIO()):
         version = mlflow.register_model(info.model_uri, name).version
     print(f"[register] created {name} v{version}; recording its evidence", flush=True)

@@ -31,17 +31,23 @@ def gate_lock(name: str):
     return machine_lock(f"gate-{hashlib.sha256(f'{tracking_uri()}|{name}'.encode()).hexdigest()[:12]}")
 
 
-def require_model(client, name: str) -> None:
-    """One line for a name the registry does not hold, with the nearest one it does."""
-    import difflib
-
+def exists(client, name: str) -> bool:
+    """Whether the registry holds a model `name` (with or without versions)."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
-        return
+        return True
     except MlflowException:
-        pass
+        return False
+
+
+def require_model(client, name: str) -> None:
+    """One line for a name the registry does not hold, with the nearest one it does."""
+    import difflib
+
+    if exists(client, name):
+        return
     known = sorted(m.name for m in client.search_registered_models(max_results=1000))
     close = difflib.get_close_matches(name, known, n=1)
     raise TunelineError(
@@ -161,7 +167,7 @@ def move_champion(client, name: str, version: str, action: str, why: str) -> dic
 
 def withdraw(client, name: str, version: str, new_model: bool) -> None:
     """Delete a version whose registration failed half-way (and its registered model, where
-    this registration created it), so the registry is as it was before."""
+    this registration created it: `new_model`), so the registry is as it was before."""
     try:
         if new_model:
             client.delete_registered_model(name)
