@@ -172,6 +172,27 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_is_saved(tmp_path, mo
         cli.main()
 
 
+def test_ctrl_c_in_any_command_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """typer turns a KeyboardInterrupt inside a command into a silent exit 130: `tuneline
+    export` or `tuneline evaluate` stopped by Ctrl-C said nothing at all."""
+    import pytest
+
+    from tuneline import cli, registry
+
+    def interrupted(client, name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "history", interrupted)
+    monkeypatch.setattr(registry, "require_model", lambda client, name: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(sys, "argv", ["tuneline", "history", "--name", "m"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert lines == ["error: interrupted. Fix: run the same command again"]
+
+
 def test_doctor_calls_an_empty_params_file_invalid(tmp_path):
     (tmp_path / "params.yaml").write_text("# nothing but a comment\n")
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())

@@ -84,6 +84,12 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C outside a stage (a stage reports its own and exits 130)
         print_error(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as e:
+        # typer ends a command that Ctrl-C interrupted with a silent exit 130 (`raise Exit(130)
+        # from` the KeyboardInterrupt); a command that said why itself exits with no cause
+        if e.code == 130 and isinstance(getattr(e.__context__, "__cause__", None), KeyboardInterrupt):
+            print_error("interrupted. Fix: run the same command again")
+        raise
     except Exception as e:  # not a TunelineError: those exit through fail
         if _state["debug"] or debug():
             raise
