@@ -142,7 +142,10 @@ def test_an_example_that_answers_otherwise_is_refused_and_nothing_is_written(ver
     right = export.example
     monkeypatch.setattr(export, "example", lambda *a: right(*a).replace("'Unscramble: ", "'Sort: "))
     dest = tmp_path / "out"
-    with pytest.raises(TunelineError, match="with plain transformers where tuneline answers"):
+    with pytest.raises(
+        TunelineError,
+        match=r"run with plain transformers, answers '.*' to answer\('cat the on sat mat the'\) where tuneline answers",
+    ):
         export.export(v, dest)
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary one
 

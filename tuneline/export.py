@@ -293,7 +293,7 @@ def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
         )[0]
         if theirs != ours:
             raise TunelineError(
-                f"the exported folder answers {call(request)} with {theirs!r} with plain transformers where "
+                f"the exported folder, run with plain transformers, answers {theirs!r} to {call(request)} where "
                 f"tuneline answers {ours!r}; nothing was exported",
                 "report it with both answers (tuneline export --debug shows where it happened)",
             )
