@@ -137,8 +137,10 @@ def evaluate(
         require_project()
         params = params_of(recipe, sets)
         # an argument's path is from where it was typed (in params, from the project root)
-        folder = os.path.abspath(os.path.expanduser(model)) if os.path.exists(os.path.expanduser(model)) else model
-        result = evaluate_file(folder, params, sources.from_cwd(data), limit, how)
+        path = os.path.expanduser(model)
+        result = evaluate_file(
+            os.path.abspath(path) if os.path.exists(path) else model, params, sources.from_cwd(data), limit, how
+        )
         said = "" if how == "plain" else f", {how} prompting"  # in the run's name and the printout
         named = f"{model}-{Path(data).stem}" + ("" if how == "plain" else f"-{how}")
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", named).strip("_")
