@@ -13,7 +13,7 @@ In order:
    Holm-corrected over them), and the MLflow parent run gets the summary table and a plot
    of the metric against each swept param; each arm is a child run with its params, its
    training curves and its validation metrics;
-5. the winner's params, dvc.lock and outputs are put in the workspace (`sweep.apply`:
+5. the winner's params, dvc.lock and outputs are put in the workspace (`sweep_queue.apply`:
    the code stays as it is now), and the pipeline flow runs what is left of it: evaluate
    (the test split, read for this arm only) and register (the gate).
 """
@@ -30,7 +30,7 @@ from prefect.states import Failed
 
 from flows.dvc_tasks import changed_inputs, reproduce
 from flows.pipeline import pipeline, write_params
-from tuneline import ROOT, gitcheck, preflight, recipes, sweep, sweep_runs
+from tuneline import ROOT, gitcheck, preflight, recipes, sweep, sweep_queue, sweep_runs
 from tuneline.config import Params, read_yaml
 from tuneline.data import TOKENIZED_META, VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
@@ -137,8 +137,8 @@ def _inputs(arm_params: list[Params]) -> str:
 
 def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list[str]:
     """Queue the arms not already run or queued; returns their names."""
-    done, status = sweep.experiments(ROOT), sweep.queue_status(ROOT, DVC)
-    alive = status[sweep.WORKERS] != "0"  # "Running" with no worker: its sweep's worker died with it
+    done, status = sweep_queue.experiments(ROOT), sweep_queue.queue_status(ROOT, DVC)
+    alive = status[sweep_queue.WORKERS] != "0"  # "Running" with no worker: its sweep's worker died with it
     (ROOT / ARMS).mkdir(parents=True, exist_ok=True)
     todo = []
     for arm, name in zip(arms, names):
@@ -159,10 +159,10 @@ def _requeue(todo: list[tuple[sweep.Arm, str]], status: dict[str, str], parent: 
     names = [n for _, n in todo]
     running = [n for n in names if status.get(n) == "Running"]
     if running:
-        sweep.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
+        sweep_queue.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
     listed = [n for n in names if status.get(n) in ("Running", "Failed")]
     if listed:
-        sweep.run_dvc(["queue", "remove", *listed], ROOT, DVC, check=False)
+        sweep_queue.run_dvc(["queue", "remove", *listed], ROOT, DVC, check=False)
     sweep_runs.abandon(parent, names)
     _queue(todo)
 
@@ -171,7 +171,9 @@ def _queue(todo: list[tuple[sweep.Arm, str]]) -> None:
     # What the arms start from besides git's view: the shared stages' record and metrics.
     # (Untracked, e.g. in a new project, every arm would run prepare and tokenize again.)
     shared = ["dvc.lock", *(str(metrics_file(s)) for s in ("prepare", "tokenize"))]
-    sweep.queue([a for a, _ in todo], [n for _, n in todo], TARGET, ROOT, DVC, sweep.untracked(shared, ROOT))
+    sweep_queue.queue(
+        [a for a, _ in todo], [n for _, n in todo], TARGET, ROOT, DVC, sweep_queue.untracked(shared, ROOT)
+    )
 
 
 def _worker_env(jobs: int) -> dict[str, str]:
@@ -197,9 +199,9 @@ PROGRESS_EVERY_S = 60  # how often a running arm's newest progress line is shown
 def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, parent: str) -> dict[str, str]:
     """Start DVC's worker and wait for this sweep's arms, saying when each one ends."""
     t0, idle, restarts = time.time(), 0.0, 0
-    before = set(sweep.experiments(ROOT))
+    before = set(sweep_queue.experiments(ROOT))
     seen = {n: "Success" for n in names if n in before}  # run before (a sweep run again): not reported
-    sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
+    sweep_queue.start(jobs, ROOT, DVC, _worker_env(jobs))
     status: dict[str, str] = {}
     asked, done = 0.0, dict.fromkeys(before, "")
     shown, progress = time.time(), {}
@@ -209,12 +211,12 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
             # asked every 5 s, it halved the training speed of the arm beside it on 2 cores.
             # Git's refs are cheap: the queue is asked when an arm has finished, while no arm
             # runs (one is about to start), and every STATUS_EVERY_S seconds otherwise.
-            finished_now = sweep.experiments(ROOT)
+            finished_now = sweep_queue.experiments(ROOT)
             waiting = not any(status.get(n) == "Running" for n in names)
             if finished_now.keys() != done.keys() or waiting or time.time() - asked >= STATUS_EVERY_S:
-                status, asked = sweep.queue_status(ROOT, DVC), time.time()
+                status, asked = sweep_queue.queue_status(ROOT, DVC), time.time()
             done = finished_now
-            idle = 0.0 if status[sweep.WORKERS] != "0" else idle or time.time()
+            idle = 0.0 if status[sweep_queue.WORKERS] != "0" else idle or time.time()
             if idle and time.time() - idle > 30:  # no worker, arms unfinished: it stopped (or never started)
                 restarts += 1
                 if restarts > 3:
@@ -226,7 +228,7 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
                 stale = [(a, n) for a, n in zip(arms, names) if status.get(n) == "Running"]
                 if stale:
                     _requeue(stale, status, parent)
-                sweep.start(jobs, ROOT, DVC, _worker_env(jobs))
+                sweep_queue.start(jobs, ROOT, DVC, _worker_env(jobs))
                 idle, asked = 0.0, 0.0  # the queue asked again at once
             for n in names:
                 now = "Success" if n in done else status.get(n, "Queued")
@@ -240,7 +242,7 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
                         left = f"; about {_minutes(each * (len(names) - finished) / jobs)} left"
                     score = ""
                     if now == "Success":
-                        got = sweep.read_at(done[n], str(metrics_file("validate")), ROOT)
+                        got = sweep_queue.read_at(done[n], str(metrics_file("validate")), ROOT)
                         score = f", validation {metric} {json.loads(got)[metric]:.4g}" if got else ""
                     print(
                         f"[sweep] {n}: {now.lower()}{score} ({finished}/{len(names)} arms finished{left})", flush=True
@@ -249,7 +251,7 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
             if time.time() - shown >= PROGRESS_EVERY_S:  # long arms show progress (a file read, no DVC call)
                 shown = time.time()
                 for n in (n for n in names if seen.get(n) == "Running"):
-                    line = sweep.last_progress(n, ROOT)
+                    line = sweep_queue.last_progress(n, ROOT)
                     if line and line != progress.get(n):
                         progress[n] = line
                         print(f"[sweep] {n}: {line}", flush=True)
@@ -259,14 +261,14 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
     except KeyboardInterrupt:
         # Off the queue first (a worker told to stop still takes the next task), then the
         # running arm stopped (DVC sends it SIGINT). The same command queues them again.
-        status = sweep.queue_status(ROOT, DVC)
+        status = sweep_queue.queue_status(ROOT, DVC)
         queued = [n for n in names if status.get(n) == "Queued"]
         if queued:
-            sweep.run_dvc(["queue", "remove", *queued], ROOT, DVC, check=False)
+            sweep_queue.run_dvc(["queue", "remove", *queued], ROOT, DVC, check=False)
         running = [n for n in names if status.get(n) == "Running"]
         if running:
-            sweep.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
-        sweep.run_dvc(["queue", "stop"], ROOT, DVC, check=False)
+            sweep_queue.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
+        sweep_queue.run_dvc(["queue", "stop"], ROOT, DVC, check=False)
         sweep_runs.abandon(parent, running)  # stopped between two stages, its run says FINISHED
         raise
 
@@ -274,12 +276,14 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
 def _arm_results(names: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
     """{name: {"commit", "metrics", "examples"}} of the arms that finished, and
     {name: why} of those that did not."""
-    done, ok, failed = sweep.experiments(ROOT), {}, {}
+    done, ok, failed = sweep_queue.experiments(ROOT), {}, {}
     for n in names:
         if n not in done:
-            failed[n] = sweep.failure(sweep.run_dvc(["queue", "logs", n], ROOT, DVC, check=False))
+            failed[n] = sweep_queue.failure(sweep_queue.run_dvc(["queue", "logs", n], ROOT, DVC, check=False))
             continue
-        metrics, examples = (sweep.read_at(done[n], str(p), ROOT) for p in (metrics_file("validate"), VAL_EXAMPLES))
+        metrics, examples = (
+            sweep_queue.read_at(done[n], str(p), ROOT) for p in (metrics_file("validate"), VAL_EXAMPLES)
+        )
         if metrics is None or examples is None:
             failed[n] = "the experiment has no validation metrics"
             continue
@@ -308,7 +312,7 @@ def _winner_through_the_gate(name: str, parent: str) -> dict:
     """The winner in the workspace (params.yaml, dvc.lock and its model from DVC's cache),
     then the pipeline flow runs what it lacks: evaluate on the test split, and register."""
     names = stage_names()
-    sweep.apply(name, ROOT, DVC, keep=names[names.index(TARGET) + 1 :])  # evaluate, register: no arm runs them
+    sweep_queue.apply(name, ROOT, DVC, keep=names[names.index(TARGET) + 1 :])  # evaluate, register: no arm runs them
     os.environ[SWEEP_ENV] = parent  # the winner's pipeline run nests under the sweep's
     try:
         state = pipeline(return_state=True)
@@ -381,7 +385,9 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
         names = [f"{name}-{i}" for i in range(1, len(arms) + 1)]
         print(f"[sweep] {name}: the arms are the DVC experiments {names[0]} to {names[-1]}")
         queued = _queue_missing(arms, names, parent)
-        if queued or any(s in ("Queued", "Running") for n, s in sweep.queue_status(ROOT, DVC).items() if n in names):
+        if queued or any(
+            s in ("Queued", "Running") for n, s in sweep_queue.queue_status(ROOT, DVC).items() if n in names
+        ):
             run_arms(names, arms, jobs, params.primary_metric(), parent)
         results, failed = _arm_results(names)
         for n, why in failed.items():

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from test_pipeline import _runs
 
-from tuneline import recipes, scoring, sweep
+from tuneline import recipes, scoring, sweep, sweep_queue
 from tuneline.config import parse_params
 from tuneline.errors import TunelineError
 
@@ -166,9 +166,11 @@ def test_a_failed_arm_is_reported_with_its_stages_own_line_not_dvcs():
         "error: data file 'x.csv' not found. Fix: check the path\n"
         "ERROR: failed to reproduce 'train': failed to run: python -m tuneline.stages train, exited with 2\n"
     )
-    assert sweep.failure(log) == "error: data file 'x.csv' not found. Fix: check the path"
-    assert sweep.failure(log.replace(". Fix: check the path", "")).startswith("ERROR: failed to reproduce 'train'")
-    assert sweep.failure("") == "no log"
+    assert sweep_queue.failure(log) == "error: data file 'x.csv' not found. Fix: check the path"
+    assert sweep_queue.failure(log.replace(". Fix: check the path", "")).startswith(
+        "ERROR: failed to reproduce 'train'"
+    )
+    assert sweep_queue.failure("") == "no log"
 
 
 def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatch):
@@ -180,8 +182,8 @@ def test_queue_status_prefers_an_arm_queued_again_over_its_failed_row(monkeypatc
         "2b61b8f  s-1  12:38 PM   Success\n\n"
         "Worker status: 1 active, 0 idle\n"
     )
-    monkeypatch.setattr(sweep, "run_dvc", lambda *a, **k: table)
-    assert sweep.queue_status() == {"s-2": "Running", "s-3": "Queued", "s-1": "Success", sweep.WORKERS: "1"}
+    monkeypatch.setattr(sweep_queue, "run_dvc", lambda *a, **k: table)
+    assert sweep_queue.queue_status() == {"s-2": "Running", "s-3": "Queued", "s-1": "Success", sweep_queue.WORKERS: "1"}
 
 
 def _repo(tmp_path):
@@ -218,13 +220,13 @@ def test_the_winner_is_applied_over_the_code_as_it_is_now(tmp_path):
     git("reset", "-q", "--hard", baseline)
     head = commit({"code.py": "v = 2\n", "NOTES.md": "a fix\n"}, "a fix, committed mid-sweep")
 
-    changed = sweep.apply("sweep-t-1", tmp_path, (sys.executable, "-m", "dvc"))
+    changed = sweep_queue.apply("sweep-t-1", tmp_path, (sys.executable, "-m", "dvc"))
     assert sorted(changed) == ["metrics/validate.json", "params.yaml"]
     assert (tmp_path / "params.yaml").read_text() == "lr: 2\n"  # the winner's
     assert (tmp_path / "code.py").read_text() == "v = 2\n" and (tmp_path / "NOTES.md").is_file()  # today's
     assert git("rev-parse", "HEAD").strip() == head
     with pytest.raises(TunelineError, match="experiment 'sweep-t-9' not found"):
-        sweep.apply("sweep-t-9", tmp_path, (sys.executable, "-m", "dvc"))
+        sweep_queue.apply("sweep-t-9", tmp_path, (sys.executable, "-m", "dvc"))
 
 
 def test_applying_the_winner_keeps_the_workspaces_record_of_the_stages_no_arm_runs(tmp_path):
@@ -256,7 +258,7 @@ def test_applying_the_winner_keeps_the_workspaces_record_of_the_stages_no_arm_ru
         }
     )
 
-    changed = sweep.apply("sweep-t-1", tmp_path, (sys.executable, "-m", "dvc"), keep=["evaluate", "register"])
+    changed = sweep_queue.apply("sweep-t-1", tmp_path, (sys.executable, "-m", "dvc"), keep=["evaluate", "register"])
     assert sorted(changed) == ["dvc.lock", "params.yaml"]
     stages = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
     assert stages["train"]["outs"][0]["md5"] == "m2"  # the arm's
@@ -270,7 +272,7 @@ def test_applying_the_winner_keeps_the_workspaces_record_of_the_stages_no_arm_ru
 
 def _arms(proj) -> dict[str, str]:
     """The sweep's DVC experiments (the winner's gated run is saved as one too)."""
-    return {n: c for n, c in sweep.experiments(proj.root).items() if n.startswith("sweep-")}
+    return {n: c for n, c in sweep_queue.experiments(proj.root).items() if n.startswith("sweep-")}
 
 
 @pytest.fixture(scope="module")
@@ -344,21 +346,21 @@ def test_an_arms_progress_is_its_newest_line_in_dvcs_queue_log(swept):
     for n in _arms(proj):
         logs = proj.run(sys.executable, "-m", "dvc", "queue", "logs", n).stdout.splitlines()
         ours = [line.strip() for line in logs if line.strip().startswith("[")]
-        assert ours and sweep.last_progress(n, proj.root) == ours[-1], (n, logs[-5:])
-    assert sweep.last_progress("sweep-nosuch-1", proj.root) is None
+        assert ours and sweep_queue.last_progress(n, proj.root) == ours[-1], (n, logs[-5:])
+    assert sweep_queue.last_progress("sweep-nosuch-1", proj.root) is None
 
 
 @pytest.mark.slow
 def test_only_the_winner_is_evaluated_on_test_and_gated(swept):
     proj, _, second = swept
     found = _arms(proj)
-    val = {n: json.loads(sweep.read_at(c, "metrics/validate.json", proj.root))["chrf"] for n, c in found.items()}
+    val = {n: json.loads(sweep_queue.read_at(c, "metrics/validate.json", proj.root))["chrf"] for n, c in found.items()}
     winner = max(val, key=val.get)
     assert f"winner {winner}" in second and "sweep sweep-" in second and "finished" in second
     for n, c in found.items():
         logs = proj.run(sys.executable, "-m", "dvc", "queue", "logs", n).stdout
         assert "Running stage 'evaluate'" not in logs  # no arm reads the test split
-        assert sweep.read_at(c, "metrics/eval.json", proj.root) is None
+        assert sweep_queue.read_at(c, "metrics/eval.json", proj.root) is None
     runs = _runs(proj)
     evaluated = [r for r in runs if r["tags"].get("tuneline.stage") == "evaluate" and r["params"]]
     assert len(evaluated) == 1  # once, for the winner
@@ -527,10 +529,10 @@ def test_an_arm_that_ends_between_two_reads_of_the_queue_is_reported_once_its_re
     import flows.sweep as fs
 
     refs = iter([{}, {}, {"s-1": "abc123"}])  # before the sweep, round 1, round 2
-    monkeypatch.setattr(sweep, "experiments", lambda root: next(refs))
-    monkeypatch.setattr(sweep, "queue_status", lambda root, dvc: {"s-1": "Success", sweep.WORKERS: "1"})
-    monkeypatch.setattr(sweep, "start", lambda *a: None)
-    monkeypatch.setattr(sweep, "read_at", lambda sha, path, root: '{"chrf": 70.5}' if sha == "abc123" else None)
+    monkeypatch.setattr(sweep_queue, "experiments", lambda root: next(refs))
+    monkeypatch.setattr(sweep_queue, "queue_status", lambda root, dvc: {"s-1": "Success", sweep_queue.WORKERS: "1"})
+    monkeypatch.setattr(sweep_queue, "start", lambda *a: None)
+    monkeypatch.setattr(sweep_queue, "read_at", lambda sha, path, root: '{"chrf": 70.5}' if sha == "abc123" else None)
     monkeypatch.setattr(fs, "time", types.SimpleNamespace(time=fs.time.time, sleep=lambda s: None))
     assert fs.run_arms.fn(["s-1"], [{}], 1, "chrf", "parent") == {"s-1": "Success"}
     assert "[sweep] s-1: success, validation chrf 70.5 (1/1 arms finished)" in capsys.readouterr().out
@@ -547,13 +549,13 @@ def test_a_running_arm_shows_its_progress_about_once_a_minute(monkeypatch, capsy
     monkeypatch.setattr(
         fs, "time", types.SimpleNamespace(time=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
     )
-    monkeypatch.setattr(sweep, "experiments", lambda root: {"s-1": "abc123"} if clock[0] >= 200 else {})
+    monkeypatch.setattr(sweep_queue, "experiments", lambda root: {"s-1": "abc123"} if clock[0] >= 200 else {})
     state = lambda: "Success" if clock[0] >= 200 else "Running"  # noqa: E731
-    monkeypatch.setattr(sweep, "queue_status", lambda root, dvc: {"s-1": state(), sweep.WORKERS: "1"})
-    monkeypatch.setattr(sweep, "start", lambda *a: None)
-    monkeypatch.setattr(sweep, "read_at", lambda sha, path, root: '{"chrf": 70.5}')
+    monkeypatch.setattr(sweep_queue, "queue_status", lambda root, dvc: {"s-1": state(), sweep_queue.WORKERS: "1"})
+    monkeypatch.setattr(sweep_queue, "start", lambda *a: None)
+    monkeypatch.setattr(sweep_queue, "read_at", lambda sha, path, root: '{"chrf": 70.5}')
     lines = {60: "[train] 10/40 steps (25%)", 120: "[train] 10/40 steps (25%)", 180: "[train] 30/40 steps (75%)"}
-    monkeypatch.setattr(sweep, "last_progress", lambda name, root: lines.get(int(clock[0])))
+    monkeypatch.setattr(sweep_queue, "last_progress", lambda name, root: lines.get(int(clock[0])))
     assert fs.run_arms.fn(["s-1"], [{}], 1, "chrf", "parent") == {"s-1": "Success"}
     out = capsys.readouterr().out.splitlines()
     shown = [line for line in out if "steps" in line]
