@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -24,6 +25,16 @@ def test_unknown_hub_model_offline_fails_fast_with_a_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TunelineError, match="cannot load model 'nobody/no-such-model'.*built-in model"):
         load_tokenizer("nobody/no-such-model")
+
+
+@pytest.mark.parametrize("name", ["./my-model", "../models/merged", "/nowhere/model", "runs/3/merged"])
+def test_a_missing_model_folder_is_named_as_a_folder_not_a_hub_id(name, tmp_path, monkeypatch):
+    """A path that cannot be a hub id ('org/name' at most) is a folder the user meant: the
+    line says where it looked, not that the hub is off."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TunelineError, match=rf"model folder '{re.escape(name)}' not found \(looked for /") as e:
+        load_tokenizer(name)
+    assert "HF_HUB_OFFLINE" not in str(e.value)
 
 
 def test_corrupt_weights_are_named(tmp_path, model_cache):

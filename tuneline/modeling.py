@@ -84,7 +84,25 @@ def resolve(name: str) -> Path | str:
                 "point model.name (or --model) at a folder saved with save_pretrained: config.json, weights, tokenizer",
             )
         return path
+    if not _is_hub_id(name):
+        raise TunelineError(
+            f"model folder '{name}' not found (looked for {path})",
+            f"check the path (relative to the project root), or use a built-in model ({', '.join(BUILTIN)}) or a hub id",
+        )
     return name
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` could be a hub repo id ('gpt2', 'org/name'); './x', '/abs/x' and 'a/b/c'
+    can only be folders."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def identity(name: str) -> str:
@@ -120,7 +138,8 @@ def _hub_error(name: str, err: Exception) -> TunelineError:
         if offline
         else "check the model id and your network/HF_TOKEN"
     )
-    return TunelineError(f"cannot load model '{name}' ({type(err).__name__})", fix)
+    where = "" if located(name).exists() else "no such local folder; "
+    return TunelineError(f"cannot load model '{name}' ({where}the hub: {type(err).__name__})", fix)
 
 
 def load_config(name: str):
