@@ -35,10 +35,11 @@ def corpus(path: Path, n: int, inject: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tuneline import recipes, sources
+    from tuneline import recipes
+    from tuneline.rows import task_source
 
     params = recipes.build("descramble")
-    rows, _ = sources.task_source("builtin:wikipedia", params.prepare, "bench")
+    rows, _ = task_source("builtin:wikipedia", params.prepare, "bench")
     words = Counter(w for b in rows for r in b for w in re.findall(r"[a-z]+", r["target"].lower()))
     vocab, weights = zip(*words.items())
     cum = list(itertools.accumulate(weights))  # once: choices() would sum the weights per call

@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from tuneline import chat, sources, tasks, tokendata
+from tuneline import chat, tasks, tokendata
 from tuneline.config import TokenizeCfg
 from tuneline.errors import TunelineError
 from tuneline.evaluation import answer_branches, prompts_and_targets
 from tuneline.modeling import load_tokenizer
 from tuneline.packing import IGNORE
+from tuneline.rows import task_rows
 from tuneline.tokendata import read_rows
 from tuneline.tokenization import encode_batch, encode_rows, label_ids
 
@@ -69,7 +70,7 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
     openai = [{"messages": c} for c in CONVERSATIONS]
     as_text = [{"dialog": json.dumps(c)} for c in CONVERSATIONS]  # a CSV/Parquet column of JSON text
     read = [
-        next(sources.task_rows([rows], TASK, columns, [], "data"))
+        next(task_rows([rows], TASK, columns, [], "data"))
         for rows, columns in ((sharegpt, {}), (openai, {}), (as_text, {"messages": "dialog"}))
     ]
     assert read[0] == read[1] == read[2] == _rows(CONVERSATIONS)
@@ -92,7 +93,7 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
 )
 def test_a_bad_conversation_is_one_line_naming_its_row(turns, message):
     with pytest.raises(TunelineError, match=message) as e:
-        next(sources.task_rows([[{"messages": turns}]], TASK, {}, [], "data.jsonl"))
+        next(task_rows([[{"messages": turns}]], TASK, {}, [], "data.jsonl"))
     assert "data.jsonl: row 1" in str(e.value) and "\n" not in str(e.value)
 
 

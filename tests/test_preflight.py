@@ -49,7 +49,7 @@ def test_full_fine_tuning_does_not_check_lora_targets(model_cache):
 def test_a_source_whose_first_rows_prepare_would_refuse_is_refused_up_front(tmp_path):
     """Columns, types and labels of a local file's first batch, by prepare's own checks; the
     file's later rows are prepare's to read (it names the line)."""
-    from tuneline import sources
+    from tuneline.rows import task_source
     from tuneline.sources import BATCH_ROWS
 
     def params(name: str, text: str, **prepare):
@@ -63,7 +63,7 @@ def test_a_source_whose_first_rows_prepare_would_refuse_is_refused_up_front(tmp_
     late = params("c.jsonl", '{"target": "a sentence of words here."}\n' * BATCH_ROWS + "{not json\n")
     preflight.check(late, store=False, model=False)  # a valid first batch passes; prepare finds the line
     with pytest.raises(TunelineError, match=f"line {BATCH_ROWS + 1}"):
-        for _ in sources.task_source(late.prepare.source, late.prepare, "prepare.source")[0]:
+        for _ in task_source(late.prepare.source, late.prepare, "prepare.source")[0]:
             pass
 
 

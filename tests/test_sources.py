@@ -12,6 +12,7 @@ from tuneline import sources
 from tuneline.config import parse_params
 from tuneline.data import read_split
 from tuneline.errors import TunelineError
+from tuneline.rows import task_rows
 from tuneline.tasks import TASKS
 
 LABELS = ["neg", "pos"]
@@ -38,13 +39,13 @@ def _rows(batches):
 
 
 def _task_rows(rows, task, columns, labels):
-    return _rows(sources.task_rows([rows], TASKS[task], columns, labels, "x"))
+    return _rows(task_rows([rows], TASKS[task], columns, labels, "x"))
 
 
 @pytest.mark.parametrize("ext", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
 def test_each_local_format_loads_the_same_rows(tmp_path, ext):
     batches, lineage, prose = sources.load(str(_write(tmp_path / f"d{ext}", ROWS)))
-    assert _rows(sources.task_rows(batches, TASKS["classify"], {}, LABELS, "x")) == ROWS and not prose
+    assert _rows(task_rows(batches, TASKS["classify"], {}, LABELS, "x")) == ROWS and not prose
     assert len(next(iter(lineage["sha256"].values()))) == 64  # file hash recorded for lineage
 
 
@@ -109,24 +110,6 @@ def test_a_command_lines_data_path_is_taken_from_the_working_directory(tmp_path,
     assert sources.from_cwd("wikidump:dump.xml.bz2") == f"wikidump:{tmp_path}/dump.xml.bz2"
     for spec in ("/abs/my.csv", "hf:dair-ai/emotion#train", "builtin:wikipedia", "alpaca-chat:/abs/a.json"):
         assert sources.from_cwd(spec) == spec
-
-
-def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
-    got = _task_rows([{"sentence": "hi", "y": 1}], "classify", {"text": "sentence", "label": "y"}, LABELS)
-    assert got == [{"text": "hi", "label": "pos"}]
-    dolly = [{"instruction": "Say hi.", "context": "", "response": "Hi!", "category": "open_qa"}]
-    assert _task_rows(dolly, "instruct", {}, []) == [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
-
-
-def test_glue_and_multinli_files_are_read_as_they_come(tmp_path):
-    """The mnli recipe reads "local GLUE-format files": GLUE's dev_matched.tsv (and
-    MultiNLI's own jsonl) name the pair sentence1/sentence2 and the label gold_label."""
-    tsv = tmp_path / "dev_matched.tsv"
-    head = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tlabel1\tgold_label\n"
-    tsv.write_text(head + '0\t1\t1n\tgov\tHe said "yes.\tHe agreed.\tentailment\tentailment\n')
-    batches, _, _ = sources.load(str(tsv))
-    got = _rows(sources.task_rows(batches, TASKS["entail"], {}, ["entailment", "neutral", "contradiction"], "x"))
-    assert got == [{"premise": 'He said "yes.', "hypothesis": "He agreed.", "label": "entailment"}]
 
 
 def test_hub_source_offline_says_how_to_fix(monkeypatch):

@@ -72,6 +72,7 @@ def check_sources(params: Params) -> None:
     prepare's own validation (columns, text, labels, encoding, format): a misspelled path
     or a wrong column fails before the flow starts. Later rows are prepare's to check."""
     from tuneline import sources
+    from tuneline.rows import task_source
 
     for where, spec in (("prepare.source", params.prepare.source), ("prepare.test_source", params.prepare.test_source)):
         if not spec:
@@ -79,7 +80,7 @@ def check_sources(params: Params) -> None:
         if sources.is_wiki(spec):
             sources.dump_path(spec)
         elif not sources.SCHEME.match(spec):  # hub and other schemes: prepare reads (or refuses) them
-            rows, _ = sources.task_source(spec, params.prepare, where, hashes=False)
+            rows, _ = task_source(spec, params.prepare, where, hashes=False)
             try:  # its notes ("reading column 'target ' as 'target'") are prepare's to print, once
                 with contextlib.redirect_stdout(io.StringIO()):
                     next(iter(rows))

@@ -14,15 +14,13 @@ Specs:
 
 `load` streams: it returns an iterator of batches of at most BATCH_ROWS raw rows, so no
 source is ever held whole (a JSON array is the one format parsed in one piece: use JSONL
-for large data). `task_rows` maps columns, checks types and labels, and fails on the first
-bad row with one line naming the file, the row and the fix.
+for large data). tuneline/rows.py turns the raw rows into a task's rows.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
-import difflib
 import glob
 import gzip
 import io
@@ -38,7 +36,6 @@ from typing import IO
 from tuneline import located
 from tuneline.errors import TunelineError
 from tuneline.io import sha256
-from tuneline.tasks import Task
 from tuneline.wikidump import dump_path, paragraphs
 
 LOCAL_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
@@ -374,131 +371,3 @@ def _json_array(path: Path) -> list[dict]:
             "write a list of objects, or one object per line (.jsonl)",
         )
     return rows
-
-
-# --- validation ------------------------------------------------------------------------
-
-
-def task_source(spec: str, prepare, where: str, hashes: bool = True) -> tuple[Batches, dict]:
-    """Batches of validated task rows of one source under the `prepare` params, plus its
-    lineage (`hashes`: with the local files' sha256, which reads them whole)."""
-    from tuneline.tasks import TASKS
-
-    task = TASKS[prepare.task]
-    raw, lineage, prose = load(spec, streaming=prepare.hub_streaming, hashes=hashes)
-    if prose:  # sentences for descramble, paragraphs for pretraining
-        if task.prose is None:
-            raise TunelineError(
-                f"{where} '{spec}' is prose, but task '{task.name}' needs labelled rows",
-                "use a file or hub dataset with the task's columns",
-            )
-        raw = (task.prose([r["text"] for r in batch], prepare.min_words, prepare.max_words) for batch in raw)
-    return task_rows(raw, task, prepare.columns, prepare.labels, f"{where} '{spec}'"), lineage
-
-
-def task_rows(
-    batches: Iterable[list[dict]], task: Task, columns: dict[str, str], labels: list[str], where: str
-) -> Batches:
-    """Batches of rows with exactly the task's columns, all text, labels checked against
-    `labels`; the column mapping is settled on the first batch."""
-    names: dict[str, str | None] | None = None
-    start = 0
-    for rows in batches:
-        if not rows:
-            continue
-        if names is None:
-            names = _column_names(rows, task, columns, where)
-        yield [_task_row(r, names, task, labels, where, start + i) for i, r in enumerate(rows)]
-        start += len(rows)
-    if names is None:
-        raise TunelineError(f"{where} has no rows", "point it at a file or split with data")
-
-
-def _plain_name(name: str) -> str:
-    """A column name as it reads: Unicode-normalised, without invisible characters
-    (zero-width spaces, a byte-order mark) or surrounding spaces, as spreadsheets leave them."""
-    import unicodedata
-
-    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
-    return visible.strip()
-
-
-def _column_names(rows: list[dict], task: Task, columns: dict[str, str], where: str) -> dict[str, str | None]:
-    keys: set[str] = set().union(*(r.keys() for r in rows[:1000])) - {LINE}
-    plain = {_plain_name(k): k for k in keys if isinstance(k, str)}
-    names: dict[str, str | None] = {}
-    for col in task.columns:
-        name = columns.get(col, col)
-        if name not in keys and name in plain:  # 'target ' or 'target\u200b' is the column meant
-            print(f"[prepare] {where}: reading column {plain[name]!r} as '{name}'", flush=True)
-            name = plain[name]
-        if name not in keys:
-            alias = dict(task.aliases).get(col)
-            name = alias if alias in keys and col not in columns else None
-            if name is None and col not in task.optional:
-                wanted = columns.get(col, col)
-                have = ", ".join(repr(k) for k in sorted(keys, key=str)[:12])  # repr: invisible characters show
-                close = difflib.get_close_matches(wanted, [str(k) for k in keys], n=1)
-                fix = f"rename the column, or map one with --set prepare.columns.{col}=<column>"
-                if close:  # the command to run, with the name filled in
-                    fix = f"did you mean {close[0]!r}? map it with --set prepare.columns.{col}={close[0]}, or rename it"
-                raise TunelineError(
-                    f"{where}: missing column {wanted!r} for the {task.name} task (it has: {have})", fix
-                )
-        names[col] = name
-    return names
-
-
-def _at(r: dict, i: int) -> str:
-    """Where row i is: its file line (CSV, JSONL), else its 1-based row number."""
-    return r.get(LINE) or f"row {i + 1}"
-
-
-_FILL = "give that row a value in the column, or remove the row"
-
-
-def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[str], where: str, i: int) -> dict:
-    row = {}
-    for col, name in names.items():
-        v = r.get(name) if name else None
-        if v is None and (col in task.optional or name is None):
-            v = ""
-        elif v is None:  # a JSON row without the key, or with null: say so, not "holds NoneType"
-            if name in r:
-                raise TunelineError(f"{where}: {_at(r, i)} has no value (null) in column '{name}'", _FILL)
-            have = ", ".join(repr(k) for k in sorted((k for k in r if k != LINE), key=str)[:12])
-            raise TunelineError(f"{where}: {_at(r, i)} has no column '{name}' (it has: {have or 'none'})", _FILL)
-        if col == "label":
-            v = _label(v, labels, where, _at(r, i), name)
-        elif task.chat and col == "messages":
-            from tuneline.chat import conversation
-
-            v = conversation(v, f"{where}: {_at(r, i)}")
-        elif not isinstance(v, str):
-            raise TunelineError(
-                f"{where}: column '{name}' must be text, but {_at(r, i)} holds {type(v).__name__} {str(v)[:40]!r}",
-                "convert that column to strings, or map another column in prepare.columns",
-            )
-        row[col] = v
-    return row
-
-
-def _label(v, labels: list[str], where: str, at: str, name: str | None) -> str:
-    if isinstance(v, str) and v in labels:
-        return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        v = int(v)
-    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(labels):
-        return labels[v]
-    if not isinstance(v, (str, int)) or isinstance(v, bool):
-        raise TunelineError(
-            f"{where}: column '{name}' must be a label name or id, but {at} holds {type(v).__name__} {v!r}",
-            "convert labels to strings or integer ids",
-        )
-    near = [lab for lab in labels if isinstance(v, str) and _plain_name(v).casefold() == lab.casefold()]
-    near = near or difflib.get_close_matches(str(v), labels, n=1, cutoff=0.75)
-    if near:
-        fix = f"did you mean {near[0]!r}? Correct that value in the file"
-    else:
-        fix = "add it to prepare.labels, or drop such rows (e.g. -1 marks unlabelled GLUE test rows)"
-    raise TunelineError(f"{where}: {at} has label {v!r}, outside the declared set {labels}", fix)

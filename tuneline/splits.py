@@ -30,6 +30,7 @@ import numpy as np
 from tuneline import neardup, sources, tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
+from tuneline.rows import task_source
 
 SPLIT_IDS = {"train": 1, "val": 2, "test": 3}  # 0: not used (a duplicate, an overlap, beyond n_train)
 # A Parquet row group ends at ROW_GROUP rows or ROW_GROUP_CHARS characters of text, whichever
@@ -247,11 +248,11 @@ def write_splits(params: Params, out: Path) -> dict:
     """Stream the sources into out/{train,val,test}.parquet; returns prepare's metrics (with
     'lineage'). Temporary spools live in `out` and are removed."""
     cfg, task = params.prepare, tasks.TASKS[params.prepare.task]
-    rows, lineage = sources.task_source(cfg.source, cfg, "prepare.source")
+    rows, lineage = task_source(cfg.source, cfg, "prepare.source")
     spool = Spool(out / ".source.arrow", task).fill(rows)
     lineages, test = {"source": lineage}, None
     if cfg.test_source:
-        rows, lineages["test_source"] = sources.task_source(cfg.test_source, cfg, "prepare.test_source")
+        rows, lineages["test_source"] = task_source(cfg.test_source, cfg, "prepare.test_source")
         test = Spool(out / ".test_source.arrow", task).fill(rows)
     metrics: dict = {}
     ids, test_ids = assign(params, spool, test, metrics)
@@ -321,7 +322,7 @@ def file_rows(data: str, params: Params, limit: int = 0) -> tuple[list[dict], di
     prepare does for a test split (what `tuneline evaluate --data` scores: the first
     `limit` examples, or all; only those are held)."""
     task = tasks.TASKS[params.prepare.task]
-    batches, lineage = sources.task_source(data, params.prepare, "--data")
+    batches, lineage = task_source(data, params.prepare, "--data")
     seen: set[int] = set()
     rows: list[dict] = []
     for batch in batches:
