@@ -189,6 +189,17 @@ def test_a_served_chat_model_answers_a_message_or_a_conversation(tiny_gpt2, gpt2
     assert all(isinstance(a, str) for a in served.predict(None, ["Bye", turns]))
     with pytest.raises(TunelineError, match="last turn is not a user turn"):
         served.prompts([turns[:2]])
+    # An OpenAI chat request's body (or a training row), as a dict or its JSON text, is its turns
+    sharegpt = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Bye"}]
+    bodies = [{"messages": turns}, json.dumps({"messages": turns}), json.dumps({"conversations": sharegpt})]
+    assert served.prompts(bodies) == [prompts[1]] * 3
+    with pytest.raises(TunelineError, match=r"^input 2 of 2: the request's last turn is not a user turn"):
+        served.prompts(["Bye", {"messages": turns[:2]}])
+    with pytest.raises(TunelineError, match=r"names 'model', 'temperature' beside its turns.*Fix: send"):
+        served.prompts([{"messages": turns, "model": "x", "temperature": 0.7}])
+    with pytest.raises(TunelineError, match=r"the request's messages: the conversation is text but not JSON"):
+        served.prompts(['{"messages": "Bye"}'])
+    assert served.prompts(['{"text": "Bye"}'])[0].startswith('<|user|>\n{"text": "Bye"}')  # any other object: a message
 
 
 def test_over_http_a_conversation_is_answered_whole_or_refused_never_cut_to_its_first_turn(scoring_app):
@@ -203,9 +214,23 @@ def test_over_http_a_conversation_is_answered_whole_or_refused_never_cut_to_its_
     ]
     whole = model.unwrap_python_model().predict(None, [json.dumps(turns)])
     assert whole != model.unwrap_python_model().predict(None, ["Hi"])  # the first turn alone answers otherwise
-    for body in ({"inputs": [json.dumps(turns)]}, {"dataframe_records": [{"0": turns}]}):
+    bodies = (
+        {"inputs": [json.dumps(turns)]},
+        {"dataframe_records": [{"0": turns}]},
+        {"inputs": [json.dumps({"messages": turns})]},
+        {"dataframe_records": [{"messages": turns}]},
+        {"inputs": [{"messages": turns}]},
+        {
+            "instances": [
+                {"conversations": [{"from": t["role"].replace("user", "human"), "value": t["content"]} for t in turns]}
+            ]
+        },
+    )
+    for body in bodies:
         said = http.post("/invocations", json=body)
         assert said.status_code == 200 and said.json()["predictions"] == whole, said.text
+    said = http.post("/invocations", json={"inputs": [json.dumps({"messages": turns, "temperature": 0.7})]})
+    assert said.status_code == 400 and "names 'temperature' beside its turns" in said.text, said.text
     for body in ({"inputs": [turns]}, {"instances": [turns]}):
         said = http.post("/invocations", json=body)
         assert said.status_code != 200 and "the request is one turn, not a conversation" in said.text, said.text

@@ -75,21 +75,46 @@ def _one_turn(value) -> bool:
     return isinstance(value, dict) and bool({"role", "from"} & set(value))  # a turn in either shape
 
 
-def request(value) -> list[dict]:
-    """A served request's turns: one user message as text, or a conversation (a list of
-    turns, or its JSON text) that ends with a user turn."""
-    if _one_turn(value):  # answering it would answer the conversation's first turn alone
+REQUEST_KEYS = ("messages", "conversations")  # an OpenAI chat request's body, a ShareGPT row
+
+
+def _request_body(value):
+    """The turns of a request in the shape of an OpenAI chat request's body (or a training
+    row), `{"messages": [...]}` (or ShareGPT's `"conversations"`), as a dict or its JSON
+    text; None for anything else (a text that is not such an object is a user message)."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(value, dict) or not set(REQUEST_KEYS) & set(value):
+        return None
+    if other := sorted(set(value) - set(REQUEST_KEYS)):
         raise TunelineError(
-            "the request is one turn, not a conversation: a list of turns sent in `inputs` reaches the model "
-            "split into columns, and only the first is passed on",
-            'send each conversation as its JSON text, e.g. {"inputs": ["[{\\"role\\": \\"user\\", '
-            '\\"content\\": \\"Hi\\"}]"]}, or as {"dataframe_records": [{"0": [turns]}]}',
+            f"the request names {', '.join(map(repr, other))} beside its turns, which a served chat model does not read",
+            'send {"messages": [turns]} alone; decoding settings are the served params (num_beams)',
         )
-    if isinstance(value, str) and not value.lstrip().startswith("["):
-        return [{"role": "user", "content": value}]
-    if hasattr(value, "tolist"):  # a served frame's cell: a numpy array of turns
-        value = value.tolist()
-    turns = parse(value, "the request")
+    if len(value) > 1:
+        raise TunelineError('the request has both "messages" and "conversations"', "send the turns once")
+    return next(iter(value.values()))
+
+
+def request(value) -> list[dict]:
+    """A served request's turns: one user message as text, or a conversation that ends with
+    a user turn: a list of turns, `{"messages": [turns]}`, or the JSON text of either."""
+    if (body := _request_body(value)) is not None:
+        turns = parse(body.tolist() if hasattr(body, "tolist") else body, "the request's messages")
+    else:
+        if _one_turn(value):  # answering it would answer the conversation's first turn alone
+            raise TunelineError(
+                "the request is one turn, not a conversation: a list of turns sent in `inputs` reaches the model "
+                "split into columns, and only the first is passed on",
+                'send each conversation as its JSON text, e.g. {"inputs": ["[{\\"role\\": \\"user\\", '
+                '\\"content\\": \\"Hi\\"}]"]}, or as {"dataframe_records": [{"0": [turns]}]}',
+            )
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [{"role": "user", "content": value}]
+        turns = parse(value.tolist() if hasattr(value, "tolist") else value, "the request")  # a frame's cell: numpy
     if turns[-1]["role"] != "user":
         raise TunelineError("the request's last turn is not a user turn", "end the conversation with the user's turn")
     return turns

@@ -91,7 +91,9 @@ def _inputs(model_input, task: tasks.Task) -> list:
     caller sent; without one (tasks with several `serve_fields`), an array of texts, a dict
     of columns (`inputs` as {"instruction": [...], "input": [...]}), or the frame of
     `dataframe_records` / `dataframe_split`, whose rows are the inputs. (A chat conversation
-    sent as a list spreads over columns: the first is what chat.request refuses.)"""
+    sent as a list spreads over columns: the first is what chat.request refuses. A chat
+    request's body, {"messages": [turns]}, arrives as the frame of that column: MLflow's
+    string schema keeps the first column only, so a key beside it is dropped before this.)"""
     if isinstance(model_input, dict):
         columns = {k: np.atleast_1d(np.asarray(v, dtype=object)).tolist() for k, v in model_input.items()}
         if len({len(v) for v in columns.values()}) > 1:
@@ -157,8 +159,14 @@ class Answerer(mlflow.pyfunc.PythonModel):
                     f"{which(i)} is empty, so there is nothing to answer", f"give the text, e.g. {task.serve_example!r}"
                 )
         if task.chat:
-            prompts = [chat.render(self.tok, chat.request(t), True) for t in texts]
-            texts = [json.dumps(t) if not isinstance(t, str) else t for t in texts]
+            prompts = []
+            for i, text in enumerate(texts, 1):
+                try:
+                    prompts.append(chat.render(self.tok, chat.request(text), True))
+                except TunelineError as e:  # which of several requests it is
+                    raise TunelineError(f"{which(i)}: {e.problem}" if len(texts) > 1 else e.problem, e.fix) from None
+            # (a served frame's cells arrive as numpy arrays)
+            texts = [t if isinstance(t, str) else json.dumps(t, default=lambda a: a.tolist()) for t in texts]
         else:
             texts = [t if isinstance(t, dict) else str(t) for t in texts]
             prompts = []

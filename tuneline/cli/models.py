@@ -20,7 +20,8 @@ def predict(
         ...,
         metavar="TEXT...",
         help="The inputs, e.g. scrambled words for the descrambler, or named fields as JSON "
-        """('{"instruction": "...", "input": "..."}'); '-' reads one input per line from stdin.""",
+        """('{"instruction": "...", "input": "..."}'), or for a chat model a conversation ending with a user """
+        """turn ('{"messages": [{"role": "user", "content": "..."}, ...]}'); '-' reads one input per line from stdin.""",
     ),
     model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion)."),
     free: bool = typer.Option(
