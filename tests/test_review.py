@@ -22,7 +22,9 @@ TARGETS = [
 ]
 
 
-def _register(client, rows, outputs, params, tags=None, key="k1", alias=None, task="descramble", nll=None) -> str:
+def _register(
+    client, rows, outputs, params, tags=None, key="k1", alias=None, task="descramble", nll=None, prompts=None
+) -> str:
     """A version as register leaves it: params on its run, the three eval artifacts, tags.
     `nll`: each scored unit's loss over 5 tokens (default: 1.0 for each row)."""
     nll = [1.0] * len(rows) if nll is None else nll
@@ -34,11 +36,13 @@ def _register(client, rows, outputs, params, tags=None, key="k1", alias=None, ta
         mlflow.log_text("".join(json.dumps(r) + "\n" for r in rows), ROWS_ARTIFACT)
         shown = [
             {
-                "prompt": f"Unscramble: {r.get('source', r.get('text'))}\nSentence:",
-                "target": r.get("target", r.get("label")),
+                "prompt": p or f"Unscramble: {r.get('source', r.get('text'))}\nSentence:",
+                "target": json.loads(r["messages"])[-1]["content"]
+                if task == "chat"
+                else r.get("target", r.get("label")),
                 "tuned_output": o,
             }
-            for r, o in zip(rows, outputs)
+            for r, o, p in zip(rows, outputs, prompts or [None] * len(rows))
         ]
         mlflow.log_text("".join(json.dumps(s) + "\n" for s in shown), PREDICTIONS_ARTIFACT)
     v = str(client.create_model_version("m", source="file:///nowhere", run_id=run.info.run_id).version)
@@ -114,6 +118,28 @@ def test_an_instruction_answer_counts_as_fixed_or_broken_by_a_tenth_of_its_rouge
     va, vb = (_register(client, rows, o, {}, task="instruct") for o in (a, b))
     text = review.report(review.side(client, "m", va), review.side(client, "m", vb))
     assert "rouge_l" in text and "1 fixed and 1 broken (a change of at least 0.1 on one example)" in text
+
+
+def test_a_conversation_is_shown_by_its_last_user_turn_not_the_start_of_its_prompt(client):
+    """The rendered prompt starts with the system turn and the earlier turns: a one-line
+    excerpt of it showed the first question beside the answers to the last."""
+
+    def conv(*turns):
+        roles = ["system", *["user", "assistant"] * len(turns)]
+        return [{"role": r, "content": c} for r, c in zip(roles, ["Be brief.", *turns])]
+
+    convs = [
+        conv("Find synonyms of 'tenacious'.", "Persistent.", "Suggest a restaurant in Los Angeles.", "Rossoblu."),
+        conv("Name a primary colour.", "Red."),
+    ]
+    rows = [{"messages": json.dumps(c)} for c in convs]
+    prompts = ["".join(f"<|{t['role']}|>\n{t['content']}\n" for t in c[:-1]) + "<|assistant|>\n" for c in convs]
+    va = _register(client, rows, ["Try Rossoblu.", "Blue."], {}, task="chat", prompts=prompts)
+    vb = _register(client, rows, ["I cannot say.", "Red."], {}, task="chat", prompts=prompts)
+    text = review.report(review.side(client, "m", va), review.side(client, "m", vb))
+    assert "  - input: Suggest a restaurant in Los Angeles. (after 2 earlier turns)\n  - reference: Rossoblu." in text
+    assert "  - input: Name a primary colour.\n  - reference: Red." in text
+    assert "synonyms" not in text
 
 
 def test_a_pretrained_models_blocks_are_counted_and_no_row_is_shown_for_one(client):

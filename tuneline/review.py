@@ -178,7 +178,7 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
             lines += [
                 "",
                 f"- {metric} {va:.4g} -> {vb:.4g}",
-                f"  - input: {_one_line(row['prompt'])}",
+                f"  - input: {_one_line(_input(task, b.rows[i], row['prompt']))}",
                 f"  - reference: {_one_line(row['target'])}",
                 f"  - {a.label}: {_one_line(a.shown[i]['tuned_output'])}",
                 f"  - {b.label}: {_one_line(row['tuned_output'])}",
@@ -188,6 +188,20 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
         c = scoring.compare(_sub(sb, idx), _sub(sa, idx), metric, "bootstrap", n_boot, seed)
         lines.append(f"| {name} | {c.n} | {c.b:.4g} | {c.a:.4g} | {c.delta:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}] |")
     return "\n".join(lines + ["", *lineage(a, b)]) + "\n"
+
+
+def _input(task: tasks.Task, row: dict, prompt: str) -> str:
+    """What an example asked, as a reviewer reads it: the prompt, or for a conversation its
+    last user turn (the rendered prompt starts with the system turn and earlier turns,
+    which is all a one-line excerpt would show)."""
+    if not task.chat:
+        return prompt
+    from tuneline import chat
+
+    context, _ = chat.last_turn(row)
+    asked = context[-1]["content"] if context and context[-1]["role"] == "user" else prompt
+    earlier = sum(t["role"] != "system" for t in context) - 1
+    return asked + (f" (after {earlier} earlier turn{'s' * (earlier != 1)})" if earlier > 0 else "")
 
 
 def _one_line(text: str, width: int = 160) -> str:
