@@ -16,7 +16,7 @@ import yaml
 from tuneline import constrain, export, tasks
 from tuneline.errors import TunelineError
 from tuneline.generation import generate
-from tuneline.modeling import load_tokenizer
+from tuneline.modeling import load_tokenizer, resolve
 
 CARD = "# d v1\n\n**Task** descramble\n\n## Gate decision\n\npromoted"
 
@@ -75,7 +75,7 @@ def test_every_task_answers_with_transformers_alone_as_tuneline_does(model_cache
     task has one) against tuneline's decoding at 2 beams; a chat model that trained on
     tuneline's default template gets it saved with the folder."""
     folder = tmp_path / "hf"
-    shutil.copytree(model_cache / "models" / "tiny-gpt2", folder)
+    shutil.copytree(resolve("tiny-gpt2"), folder)  # built into model_cache's folder if no test built it yet
     tok = load_tokenizer(str(folder))
     chat_seen = constrained_seen = False
     for name, task in tasks.TASKS.items():

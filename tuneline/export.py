@@ -47,9 +47,9 @@ def answer({signature}) -> str:
 
 
 def fields(task: tasks.Task) -> tuple[str, ...]:
-    """The example's arguments: the fields a served request names (`text` for a task that
-    reads none: pretrain continues it, chat takes it as the user's message)."""
-    return task.serve_fields or ("text",)
+    """The example's arguments: the fields a served request names (`text` for pretrain,
+    which continues it; `messages` for chat: a user message, or a conversation's turns)."""
+    return task.serve_fields or (("messages",) if task.chat else ("text",))
 
 
 def optional(task: tasks.Task) -> list[str]:
@@ -69,8 +69,9 @@ def _prompt_lines(task: tasks.Task, labels: list[str]) -> str:
     """`answer`'s lines that build `prompt` from its arguments, as tuneline fills the task's."""
     if task.chat:
         return (
-            'prompt = tok.apply_chat_template([{"role": "user", "content": text}], '
-            "add_generation_prompt=True, tokenize=False)"
+            "# a user message, or the turns of a conversation that ends with the user's\n"
+            '    turns = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages\n'
+            "    prompt = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)"
         )
     if not task.serve_fields:
         return "prompt = text"
@@ -113,6 +114,8 @@ def example(task: tasks.Task, config: dict, model: str) -> str:
             f"    out = model.generate(**ids, custom_generate=MODEL, trust_remote_code=True, tokenizer=tok, words=[{words}])"
         )
     signature = ", ".join(f"{f}: str" + (' = ""' if f in optional(task) else "") for f in fields(task))
+    if task.chat:
+        signature = "messages: str | list[dict]"
     return EXAMPLE.format(
         model=model,
         signature=signature,
@@ -279,7 +282,7 @@ def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
     said = []
     for request in requests(task):
         theirs = scope["answer"](**request)
-        served_as = request if task.serve_fields else request["text"]  # pretrain and chat are sent a text
+        served_as = request if task.serve_fields else request[fields(task)[0]]  # pretrain's text, chat's turns
         ours = generate(
             served.model,
             served.tok,

@@ -58,7 +58,8 @@ class Task:
     # request text -> the row it stands for, or ValueError naming the form (entail: a pair)
     serve_row: Callable[[str], dict] | None = None
     serve_example: str = ""  # a served request, logged with the model as its input example
-    # a served request that fills every field (export checks its README example on it too)
+    # a served request that fills every field (export checks its README example on it too;
+    # chat's is a conversation)
     serve_filled: dict | None = None
     use: str = ""  # model card: what the model is for
     limits: str = ""  # model card: what it is not for
@@ -292,6 +293,13 @@ register(
         stop=None,  # the end-of-turn token (EOS) ends an answer; markdown headers may be in it
         chat=True,  # served: a user message, or a conversation ending with one (tuneline/chat.py `request`)
         serve_example="Name three primary colors.",
+        serve_filled={
+            "messages": [
+                {"role": "user", "content": "Name a primary colour."},
+                {"role": "assistant", "content": "Red."},
+                {"role": "user", "content": "Name another one."},
+            ]
+        },
         use="Answer in conversations (system, user and assistant turns) in the model's chat template.",
         limits="A small model tuned on a few thousand conversations: answers can be wrong or made up; no tool "
         "use, no safety tuning.",
