@@ -93,3 +93,26 @@ def test_ctrl_c_says_how_many_answers_were_printed_and_how_to_answer_the_rest(mo
     assert result.exit_code == 130
     assert result.output.splitlines()[:2] == ["one", "two"]
     assert "error: interrupted after 2 of 4 answers" in result.output and "tail -n +3 inputs.txt" in result.output
+
+
+def test_labels_for_a_model_that_has_none_is_refused_in_the_commands_words():
+    """A chat or descramble model asked for --labels said "constrain 'labels' does not apply
+    ... Fix: ask for 'none'", the served param's words rather than the option's."""
+    from types import SimpleNamespace
+
+    from tuneline import predict as pred
+    from tuneline.serving import Answerer
+
+    served = Answerer()
+    served.prompts = lambda texts: texts  # (no model needed: the options are checked first)
+    loaded = SimpleNamespace(unwrap_python_model=lambda: served)
+    for task, labels in (("chat", []), ("descramble", []), ("classify", [])):
+        served.config = {"task": task, "labels": labels}
+        with pytest.raises(
+            TunelineError, match=rf"^--labels picks one of a classifier's labels, and this is a {task} model"
+        ):
+            pred.check(loaded, ["hi"], "labels")
+    served.config = {"task": "classify", "labels": ["joy", "anger"]}
+    pred.check(loaded, ["hi"], "labels")  # a classifier's labels: accepted
+    served.config = {"task": "chat", "labels": []}
+    pred.check(loaded, ["hi"], "none")

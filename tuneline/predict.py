@@ -82,11 +82,13 @@ def interrupted(answered: int, total: int) -> str:
     )
 
 
-def check(loaded, texts: list[str]) -> None:
-    """Refuse, before any is answered, an input the model has no room to answer (one line
-    naming which of them); a model not logged by tuneline checks its own."""
+def check(loaded, texts: list[str], constrain: str | None = None) -> None:
+    """Refuse, before any is answered, `--labels` for a model without labels, and an input
+    the model has no room to answer (one line naming which of them); a model not logged by
+    tuneline checks its own."""
     from mlflow.exceptions import MlflowException
 
+    from tuneline import tasks
     from tuneline.serving import Answerer
 
     try:
@@ -94,6 +96,11 @@ def check(loaded, texts: list[str]) -> None:
     except MlflowException:  # not a python model (a legacy or foreign flavour)
         return
     if isinstance(model, Answerer):
+        task = tasks.TASKS[model.config["task"]]
+        if constrain == "labels" and not (task.labelled and model.config["labels"]):
+            raise TunelineError(
+                f"--labels picks one of a classifier's labels, and this is a {task.name} model", "leave out --labels"
+            )
         model.prompts(list(texts))
 
 
@@ -103,7 +110,7 @@ def stream(loaded, texts: list[str], constrain: str | None = None, beams: int | 
     says how far it got on stderr past one request."""
     import sys
 
-    check(loaded, texts)
+    check(loaded, texts, constrain)
     for start in range(0, len(texts), CHUNK):
         for answer in answers(loaded, texts[start : start + CHUNK], constrain, beams):
             yield answer.replace("\n", "\\n") if len(texts) > 1 else answer
