@@ -103,7 +103,7 @@ def request(value) -> list[dict]:
     """A served request's turns: one user message as text, or a conversation that ends with
     a user turn: a list of turns, `{"messages": [turns]}`, or the JSON text of either."""
     if (body := _request_body(value)) is not None:
-        turns = parse(body.tolist() if hasattr(body, "tolist") else body, "the request's messages")
+        turns = parse(body, "the request's messages")
     else:
         if _one_turn(value):  # answering it would answer the conversation's first turn alone
             raise TunelineError(
@@ -114,7 +114,7 @@ def request(value) -> list[dict]:
             )
         if isinstance(value, str) and not value.lstrip().startswith("["):
             return [{"role": "user", "content": value}]
-        turns = parse(value.tolist() if hasattr(value, "tolist") else value, "the request")  # a frame's cell: numpy
+        turns = parse(value, "the request")
     if turns[-1]["role"] != "user":
         raise TunelineError("the request's last turn is not a user turn", "end the conversation with the user's turn")
     return turns
@@ -122,6 +122,8 @@ def request(value) -> list[dict]:
 
 def parse(value, at: str) -> list[dict]:
     """Turns in either shape as [{role, content}] (OpenAI roles), or a one-line error."""
+    if hasattr(value, "tolist"):  # a served frame's cell: a numpy array of turns
+        value = value.tolist()
     if isinstance(value, str):
         try:
             value = json.loads(value)
