@@ -107,6 +107,23 @@ def test_too_few_sentences_is_one_clear_error(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "data/prepared")  # nothing half-written
 
 
+def test_a_short_train_split_names_the_setting_that_takes_all_that_remain(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = (
+        "Aardvarks dig long burrows in the dry grasslands of Africa. "
+        "The river floods every spring after heavy mountain rains. "
+        "Our town library opened a second reading room last winter. "
+        "Seven violins played an old tune at the harbour festival."
+    )
+    dump = _dump(tmp_path / "d.xml.bz2", [{"title": "A", "ns": 0, "text": text}])
+    raw = {"prepare": {"source": f"wikidump:{dump}", "n_train": 5, "n_val": 1, "n_test": 1}}
+    with pytest.raises(TunelineError, match="train split has 2 rows.*set prepare.n_train=0 to train on the 2"):
+        prepare.run(parse_params(raw))
+    raw["prepare"]["n_train"] = 0  # the fix it names works
+    prepare.run(parse_params(raw))
+    assert pq.read_metadata(tmp_path / "data/prepared/train.parquet").num_rows == 2
+
+
 @pytest.mark.parametrize("source, msg", [("wikidump:/no/such.bz2", "not found"), ("s3://bucket/x", "not supported")])
 def test_bad_sources_are_named(source, msg):
     with pytest.raises(TunelineError, match=msg):

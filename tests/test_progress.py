@@ -49,6 +49,24 @@ def test_plain_lines_every_30_seconds_when_a_tenth_takes_longer(capsys):
     assert len(lines) == 20 and lines[0] == "[train] 5/100 steps (5%) 71 tok/s, ETA 11m05s"
 
 
+def test_the_rate_keeps_one_unit_for_the_whole_loop(capsys):
+    # A loop that counts tokens stays in tok/s through items of 0 tokens (it once flipped to
+    # "prompts/s" and back); a loop that counts none gives items/s.
+    clock = Clock(1.0)
+    with progress.bar("evaluate", 100, "prompts", clock=clock) as b:
+        for i in range(100):
+            clock.t += clock.step
+            b.advance(1, tokens=0 if i < 50 else 4)
+    with progress.bar("evaluate", 100, "prompts", clock=clock) as b:
+        for _ in range(100):
+            clock.t += clock.step
+            b.advance(1)
+    first, second = capsys.readouterr().out.split("took")[:2]
+    assert first.count("tok/s") == 10 and "prompts/s" not in first
+    assert "[evaluate] 10/100 prompts (10%) 0.0 tok/s" in first
+    assert second.count("prompts/s") == 10 and "tok/s" not in second
+
+
 def test_a_loop_under_two_seconds_prints_nothing(capsys):
     _loop(Clock(0.0001), 1000)
     assert capsys.readouterr().out == ""

@@ -475,6 +475,17 @@ def _explain(err: ValidationError, source: str) -> TunelineError:
             f"{source}: {e['msg'].removeprefix('Value error, ')}" + (f" (in '{path}')" if path else ""),
             f"change the keys it names in {source}",
         )
+    if e["type"] == "list_type":  # `--set prepare.labels=neg,pos`: YAML reads a list only in brackets
+        items = e["input"] if isinstance(e.get("input"), str) and e["input"].strip() else "a, b"
+        return TunelineError(
+            f"{source}: '{path}' must be a list (got {got})",
+            f"write it in brackets, e.g. {path}=[{items}] with --set, or `{loc[-1]}: [{items}]` in a YAML file",
+        )
+    if e["type"] == "dict_type":  # `--set prepare.columns=text`: a mapping is set one key at a time
+        return TunelineError(
+            f"{source}: '{path}' must be a mapping (got {got})",
+            f"set one key at a time, e.g. --set {path}.<key>=<value>, or `{loc[-1]}: {{key: value}}` in a YAML file",
+        )
     if allowed is None:
         return TunelineError(
             f"{source}: '{path}' {e['msg'].lower()} (got {got})",

@@ -301,8 +301,8 @@ def answer(
                     or bool(stop and stop in text)
                     or len(real) < max_new_tokens
                 )
-            # the rate counts generated tokens (padding after a row's end is not work done)
-            bar.advance(len(idx), tokens=sum(len([t for t in row if t != tok.pad_token_id]) for row in new))
+            # prompts/s: a short answer's cost is its prompt's prefill, which a generated-tokens rate leaves out
+            bar.advance(len(idx))
     return (
         [outs[i] for i in range(len(prompts))],
         None if branches is None else [logps[i] for i in range(len(prompts))],

@@ -56,11 +56,12 @@ class Bar:
         self.head = f"[{label}]" + (f" {what}:" if what else "")  # '[tokenize] train:'
         self.total, self.unit, self.clock = total, unit, clock
         self.start = self.done = start  # a resumed loop: rates and ETA count this run's items only
-        self.tokens, self.t0, self.t_end = 0, clock(), None
+        self.tokens, self.t0, self.t_end = None, clock(), None  # None: no tokens counted, the rate is items/s
 
-    def advance(self, n: int = 1, tokens: int = 0) -> None:
+    def advance(self, n: int = 1, tokens: int | None = None) -> None:
         self.done += n
-        self.tokens += tokens
+        if tokens is not None:  # once counted, the rate stays tok/s (a stretch of 0 tokens must not flip it)
+            self.tokens = (self.tokens or 0) + tokens
         if self.done >= self.total and self.t_end is None:
             self.t_end = self.clock()  # the loop's own time: work after it (saving) is not in it
         self._show()
@@ -70,9 +71,9 @@ class Bar:
         elapsed, ran = self.elapsed(), self.done - self.start
         text = f"{self.done}/{self.total} {self.unit} ({self.pct():.0f}%)"
         if ran > 0 and elapsed > 0:
-            rate = (self.tokens or ran) / elapsed
+            rate = (ran if self.tokens is None else self.tokens) / elapsed
             text += f" {rate:.0f}" if rate >= 10 else f" {rate:.1f}"
-            text += " tok/s" if self.tokens else f" {self.unit}/s"
+            text += f" {self.unit}/s" if self.tokens is None else " tok/s"
         if self.done >= self.total:
             return f"{text}, took {duration(elapsed)}"
         return f"{text}, ETA {duration(elapsed / ran * (self.total - self.done))}" if ran > 0 else f"{text}, ETA ?"

@@ -154,7 +154,9 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
             raise TunelineError(
                 f"prepare: the {name} split has {got[name]} rows, but {need[name]} are needed "
                 f"({len(kept)} usable rows in the source)",
-                "lower prepare.n_train/n_val/n_test, or use more data",
+                f"set prepare.n_train=0 to train on the {got[name]} that remain, or use more data"
+                if name == "train" and got[name]
+                else "lower prepare.n_train/n_val/n_test, or use more data",
             )
     return out, test_out
 
