@@ -269,6 +269,17 @@ def test_the_model_card_has_every_section_and_fits_the_description_column():
         assert part in text, part
 
 
+def test_the_card_lists_a_sources_files_with_their_hashes():
+    # a local file's lineage is {path: hash}; the card once printed that dict's repr
+    one = card._lineage("source", {"source": "../d/train.jsonl", "sha256": {"/r/main/../d/train.jsonl": "0fd"}})
+    assert one == ["- source: `../d/train.jsonl`, sha256 `0fd`"]
+    many = {f"/r/main/../d/part-{i}.txt": f"h{i}" for i in range(7)}
+    text = "\n".join(card._lineage("source", {"source": "../d/*.txt", "sha256": many}))
+    assert text.startswith("- source: `../d/*.txt`, 7 files, sha256 of each:")
+    assert "  - `/r/d/part-0.txt`: `h0`" in text and "part-5" not in text and "and 2 more" in text
+    assert "{" not in text
+
+
 def test_data_hashes_come_from_dvc_lock(tmp_path):
     lock = tmp_path / "dvc.lock"
     lock.write_text(

@@ -5,9 +5,12 @@ its base model, why the gate decided what it did, and what it is (not) for."""
 from __future__ import annotations
 
 import math
+import os
 
 from tuneline import tasks
 from tuneline.config import Params
+
+LINEAGE_FILES = 5  # a glob source's files listed with their hashes; the rest are counted
 
 # The params a reader needs to reproduce or judge the run (the rest are tagged on the version).
 KEY_PARAMS = (
@@ -48,6 +51,27 @@ def _cell(text: str, width: int = 90) -> str:
 
 # MLflow stores a version description in a 5000-character column (enforced by Postgres).
 MAX_CHARS = 5000
+
+
+def _lineage(which: str, rec: dict) -> list[str]:
+    """A source's line: its revision or hash; a source of several files (a glob) lists each
+    file's hash below it, up to LINEAGE_FILES of them."""
+    head = f"- {which}: `{rec.get('source', '?')}`"
+    digest = rec.get("sha256")
+    if rec.get("revision"):
+        return [f"{head}, revision `{rec['revision']}`"]
+    if not digest:
+        return [f"{head}, no recorded hash"]
+    if isinstance(digest, str):
+        return [f"{head}, sha256 `{digest}`"]
+    if len(digest) == 1:  # one local file: {path: hash}
+        return [f"{head}, sha256 `{next(iter(digest.values()))}`"]
+    files = sorted(digest.items())
+    out = [f"{head}, {len(files)} files, sha256 of each:"]
+    out += [f"  - `{os.path.normpath(path)}`: `{h}`" for path, h in files[:LINEAGE_FILES]]
+    if len(files) > LINEAGE_FILES:
+        out.append(f"  - and {len(files) - LINEAGE_FILES} more (every file's hash: `data/prepared/lineage.json`, versioned by DVC)")
+    return out
 
 
 def description(**kw) -> str:
@@ -201,12 +225,7 @@ def render(
         "",
     ]
     for which, rec in lineage.items():
-        ident = (
-            f"revision `{rec['revision']}`"
-            if rec.get("revision")
-            else (f"sha256 `{rec['sha256']}`" if rec.get("sha256") else "no recorded hash")
-        )
-        lines.append(f"- {which}: `{rec.get('source', '?')}`, {ident}")
+        lines += _lineage(which, rec)
     for key, md5 in data_hashes.items():
         lines.append(f"- {key.removeprefix('data.').replace('.md5', '')} data (dvc.lock md5): `{md5}`")
     if prepared is not None:
