@@ -182,6 +182,18 @@ def test_promote_refuses_a_version_that_does_not_exist(client):
         registry.promote(client, "m", "7", "why not")
 
 
+def test_an_unknown_model_name_says_how_to_ask_for_the_registered_ones(client):
+    client.create_registered_model("emotion-classifier")
+    # params.yaml names the descrambler, but this store holds other models: say how to pick one
+    with pytest.raises(TunelineError, match=r"no registered model 'descrambler'.*--name emotion-classifier, --name m$"):
+        registry.require_model(client, "descrambler")
+    with pytest.raises(TunelineError, match=r"--model models:/emotion-classifier@champion"):
+        registry.require_model(client, "descrambler", "--model models:/{}@champion")  # predict's option
+    with pytest.raises(TunelineError, match=r"did you mean 'emotion-classifier'\? \(--name emotion-classifier\)"):
+        registry.require_model(client, "emotion-clasifier")
+    registry.require_model(client, "m")
+
+
 def test_the_model_card_has_every_section_and_fits_the_description_column():
     params = recipes.build("descramble")
     metrics = {m: 0.5 for m in ("chrf", "exact_match", "bleu", "multiset_rate", "perplexity")}

@@ -59,7 +59,7 @@ def predict(
         texts = pred.inputs(texts, sys.stdin, task.serve_example if task else "")
         client = mlflow_client()
         if uri is None:
-            registry.require_model(client, name)
+            registry.require_model(client, name, "--model models:/{}@champion")
             if registry.champion(client, name) is None:
                 raise TunelineError(
                     f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
