@@ -22,6 +22,7 @@ PARAMS = (
     "prepare.columns",
     "prepare.labels",
     "prepare.hub_streaming",
+    "prepare.bad_rows",
     "prepare.on_overlap",
     "prepare.near_dup_threshold",
     "prepare.min_words",

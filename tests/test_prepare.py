@@ -164,6 +164,31 @@ def test_splits_do_not_depend_on_how_the_input_is_cut(tmp_path, monkeypatch):
     assert not (texts["train"] & texts["val"] or texts["train"] & texts["test"] or texts["val"] & texts["test"])
 
 
+def test_bad_rows_skip_prepares_the_rest_and_records_what_it_left_out(tmp_path, monkeypatch):
+    import json
+
+    from tuneline import card
+    from tuneline.io import read_json
+
+    monkeypatch.chdir(tmp_path)
+    lines = [json.dumps({"text": f"tweet number {i}", "label": ("neg", "pos")[i % 2]}) for i in range(60)]
+    lines[7] = json.dumps({"text": "so so", "label": "meh"})
+    lines[30] = json.dumps({"label": "pos"})
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    src = str(tmp_path / "d.jsonl")
+    cfg = {"task": "classify", "labels": ["neg", "pos"], "source": src, "n_train": 0, "n_val": 5, "n_test": 5}
+    with pytest.raises(TunelineError, match="d.jsonl line 8 has label 'meh'"):
+        prepare.run(parse_params({"prepare": cfg}))
+    params = parse_params({"prepare": cfg | {"bad_rows": "skip"}})
+    m = prepare.run(params)
+    assert m["train_rows"] + m["val_rows"] + m["test_rows"] == 58 and m["bad_rows"] == 2
+    saved = read_json(tmp_path / "metrics/prepare.json")
+    assert saved["bad_rows_source"]["rows"] == 2 and saved["bad_rows_source"]["of"] == 60
+    assert "d.jsonl line 31 has no column 'text'" in saved["bad_rows_source"]["examples"][1]
+    text = "\n".join(card._audit(saved, params))  # the model card says so
+    assert "bad rows left out of source (prepare.bad_rows=skip): 2 of 60" in text and "line 8 has label 'meh'" in text
+
+
 def test_another_seed_draws_other_splits(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = {"prepare": {"source": "tests/data/none.jsonl"}}  # replaced below

@@ -59,3 +59,45 @@ def test_a_column_name_with_invisible_characters_or_spaces_is_the_column_meant(c
 def test_a_bad_row_is_one_line_that_names_the_row_and_the_fix(row, says):
     with pytest.raises(TunelineError, match=says):
         _task_rows([row], "classify", {}, LABELS)
+
+
+def _mixed(n_good: int, bad: list[dict]) -> list[dict]:
+    rows = [{"text": f"tweet {i}", "label": LABELS[i % 2]} for i in range(n_good)]
+    for k, r in enumerate(bad):
+        rows.insert(3 * k + 1, r)
+    return rows
+
+
+BAD = [{"text": "x", "label": "meh"}, {"text": None, "label": "pos"}, {"text": 7, "label": "neg"}]
+
+
+def test_skip_leaves_the_bad_rows_out_and_counts_them(capsys):
+    rows = _mixed(20, BAD)
+    with pytest.raises(TunelineError, match="row 2 has label 'meh'"):  # the default stops at the first
+        list(task_rows([rows], TASKS["classify"], {}, LABELS, "x"))
+    skipped: dict = {}
+    kept = _plain(task_rows([rows[:12], rows[12:]], TASKS["classify"], {}, LABELS, "x", "skip", skipped))
+    assert kept == [r for r in rows if r not in BAD] and len(kept) == 20  # the good rows, in order
+    assert skipped["rows"] == 3 and skipped["of"] == 23
+    assert skipped["examples"] == [
+        "row 2 has label 'meh', outside the declared set ['neg', 'pos']",
+        "row 5 has no value (null) in column 'text'",
+        "column 'text' must be text, but row 8 holds int '7'",
+    ]
+    assert "x: left out 3 bad rows of 23 (prepare.bad_rows=skip), e.g. row 2 has label 'meh'" in capsys.readouterr().out
+
+
+def test_skip_still_stops_when_most_rows_are_bad_or_a_column_is_missing():
+    # Every label outside the set is a forgotten prepare.labels, not a few bad rows.
+    rows = [{"text": f"t{i}", "label": "happy" if i % 4 else "pos"} for i in range(40)]
+    with pytest.raises(TunelineError, match=r"30 of the first 40 rows are bad.*points to a setting"):
+        list(task_rows([rows], TASKS["classify"], {}, LABELS, "x", "skip"))
+    # ... and on a large source it stops once the first 1000 rows show it, before reading the rest
+    def endless():
+        while True:
+            yield [{"text": "t", "label": "happy"}] * 500
+
+    with pytest.raises(TunelineError, match="1000 of the first 1000 rows are bad"):
+        list(task_rows(endless(), TASKS["classify"], {}, LABELS, "x", "skip"))
+    with pytest.raises(TunelineError, match="missing column 'text'"):
+        list(task_rows([[{"txt": "hi", "label": "pos"}]], TASKS["classify"], {}, LABELS, "x", "skip"))

@@ -115,6 +115,11 @@ def _audit(prepared: dict, params: Params) -> list[str]:
     ]
     for p in prepared.get("near_duplicate_pairs", [])[:3]:
         lines.append(f"  - {p['similarity']:.2f}: `{_cell(p['train'], 70)}` ~ {p['split']} `{_cell(p['other'], 70)}`")
+    for which in ("source", "test_source"):  # prepare.bad_rows=skip
+        bad = prepared.get(f"bad_rows_{which}")
+        if bad:
+            lines.append(f"- bad rows left out of {which} (prepare.bad_rows=skip): {bad['rows']} of {bad['of']}")
+            lines += [f"  - {_cell(reason, 140)}" for reason in bad["examples"]]
     if "overlap_dropped_from_train" in prepared or "overlap_kept_in_train" in prepared:
         dropped = prepared.get("overlap_dropped_from_train")
         lines.append(

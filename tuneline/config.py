@@ -96,6 +96,14 @@ class PrepareCfg(_Group):
         "from unused rows when n_train > 0), 'report' keeps it. The counts and the top pairs go to "
         "metrics/prepare.json, the MLflow run and the model card.",
     )
+    bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="A row that breaks the task's rules (a missing or null value, a label outside "
+        "prepare.labels, a conversation with no assistant turn, a value that is not text): 'error' "
+        "stops at the first, naming its line; 'skip' leaves such rows out, counted in "
+        "metrics/prepare.json and the model card with the first reasons, and still stops when more "
+        "than half of a source's rows are bad (then a setting is wrong, not a few rows).",
+    )
     near_dup_threshold: float | None = Field(
         0.5,
         gt=0,

@@ -1,8 +1,9 @@
 """A source's raw rows as a task's rows: the task's columns found (mapped by
 `prepare.columns`, or read under a name that differs only by invisible characters), every
 value text, labels checked against the declared set, conversations parsed. The first bad
-row stops with one line naming the file, the row and the fix (tuneline/sources.py reads
-the rows; this gives them meaning)."""
+row stops with one line naming the file, the row and the fix, or (`prepare.bad_rows:
+skip`) is left out and counted (tuneline/sources.py reads the rows; this gives them
+meaning)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from tuneline.sources import Batches
 from tuneline.tasks import Task
 
 
-def task_source(spec: str, prepare, where: str, hashes: bool = True) -> tuple[Batches, dict]:
+def task_source(
+    spec: str, prepare, where: str, hashes: bool = True, skipped: dict | None = None
+) -> tuple[Batches, dict]:
     """Batches of validated task rows of one source under the `prepare` params, plus its
-    lineage (`hashes`: with the local files' sha256, which reads them whole)."""
+    lineage (`hashes`: with the local files' sha256, which reads them whole). Under
+    `prepare.bad_rows: skip`, `skipped` (if given) receives the count of rows left out and
+    the first reasons once the batches are read."""
     from tuneline.tasks import TASKS
 
     task = TASKS[prepare.task]
@@ -29,25 +34,64 @@ def task_source(spec: str, prepare, where: str, hashes: bool = True) -> tuple[Ba
                 "use a file or hub dataset with the task's columns",
             )
         raw = (task.prose([r["text"] for r in batch], prepare.min_words, prepare.max_words) for batch in raw)
-    return task_rows(raw, task, prepare.columns, prepare.labels, f"{where} '{spec}'"), lineage
+    where = f"{where} '{spec}'"
+    return task_rows(raw, task, prepare.columns, prepare.labels, where, prepare.bad_rows, skipped), lineage
+
+
+SKIP_EXAMPLES = 3  # reasons kept for the log, metrics/prepare.json and the model card
+SKIP_CHECK_AFTER = 1000  # rows read before "more than half are bad" may stop a source early
 
 
 def task_rows(
-    batches: Iterable[list[dict]], task: Task, columns: dict[str, str], labels: list[str], where: str
+    batches: Iterable[list[dict]],
+    task: Task,
+    columns: dict[str, str],
+    labels: list[str],
+    where: str,
+    bad_rows: str = "error",
+    skipped: dict | None = None,
 ) -> Batches:
     """Batches of rows with exactly the task's columns, all text, labels checked against
-    `labels`; the column mapping is settled on the first batch."""
+    `labels`; the column mapping is settled on the first batch. A bad row raises, or with
+    `bad_rows="skip"` is left out and counted into `skipped` ({"rows", "of", "examples"})."""
     names: dict[str, str | None] | None = None
-    start = 0
+    start, bad, reasons = 0, 0, []
     for rows in batches:
         if not rows:
             continue
-        if names is None:
+        if names is None:  # a missing column is a setting, never a bad row: it always stops
             names = _column_names(rows, task, columns, where)
-        yield [_task_row(r, names, task, labels, where, start + i) for i, r in enumerate(rows)]
+        kept = []
+        for i, r in enumerate(rows):
+            try:
+                kept.append(_task_row(r, names, task, labels, where, start + i))
+            except TunelineError as e:
+                if bad_rows != "skip":
+                    raise
+                bad += 1
+                if len(reasons) < SKIP_EXAMPLES:
+                    reasons.append(e.problem.removeprefix(f"{where}: "))
         start += len(rows)
+        if bad and start >= SKIP_CHECK_AFTER:
+            _too_many_bad(bad, start, reasons, where)
+        if kept:
+            yield kept
     if names is None:
         raise TunelineError(f"{where} has no rows", "point it at a file or split with data")
+    if bad:
+        _too_many_bad(bad, start, reasons, where)
+        print(f"[prepare] {where}: left out {bad} bad rows of {start} (prepare.bad_rows=skip), e.g. {reasons[0]}")
+        if skipped is not None:
+            skipped.update(rows=bad, of=start, examples=reasons)
+
+
+def _too_many_bad(bad: int, seen: int, reasons: list[str], where: str) -> None:
+    if 2 * bad > seen:
+        raise TunelineError(
+            f"{where}: {bad} of the first {seen} rows are bad, e.g. {reasons[0]}",
+            "that many points to a setting (prepare.columns, prepare.labels, prepare.task), not to a few bad rows; "
+            "fix it (prepare.bad_rows=skip leaves out only a minority)",
+        )
 
 
 def _plain_name(name: str) -> str:

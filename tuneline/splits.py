@@ -250,13 +250,18 @@ def write_splits(params: Params, out: Path) -> dict:
     """Stream the sources into out/{train,val,test}.parquet; returns prepare's metrics (with
     'lineage'). Temporary spools live in `out` and are removed."""
     cfg, task = params.prepare, tasks.TASKS[params.prepare.task]
-    rows, lineage = task_source(cfg.source, cfg, "prepare.source")
+    skipped: dict[str, dict] = {"source": {}, "test_source": {}}  # prepare.bad_rows=skip: what each left out
+    rows, lineage = task_source(cfg.source, cfg, "prepare.source", skipped=skipped["source"])
     spool = Spool(out / ".source.arrow", task).fill(rows)
     lineages, test = {"source": lineage}, None
     if cfg.test_source:
-        rows, lineages["test_source"] = task_source(cfg.test_source, cfg, "prepare.test_source")
+        rows, lineages["test_source"] = task_source(
+            cfg.test_source, cfg, "prepare.test_source", skipped=skipped["test_source"]
+        )
         test = Spool(out / ".test_source.arrow", task).fill(rows)
-    metrics: dict = {}
+    metrics: dict = {f"bad_rows_{which}": v for which, v in skipped.items() if v}
+    if cfg.bad_rows == "skip":  # a number for MLflow and `dvc metrics diff`, 0 when none was bad
+        metrics["bad_rows"] = sum(v.get("rows", 0) for v in skipped.values())
     ids, test_ids = assign(params, spool, test, metrics)
     writers = {name: _Writer(out / f"{name}.parquet", spool.schema) for name in SPLIT_IDS}
     rngs = {name: random.Random(f"{params.seed}-{name}") for name in SPLIT_IDS}
