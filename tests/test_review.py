@@ -155,12 +155,15 @@ def test_a_pretrained_models_blocks_are_counted_and_no_row_is_shown_for_one(clie
     assert "## Fixed" not in text and "## By slice" not in text and "## What changed" in text
 
 
-def test_versions_scored_on_other_examples_or_unknown_refs_are_one_line(client):
+def test_versions_scored_on_other_examples_show_what_changed_and_unknown_refs_are_one_line(client):
     rows = [{"source": t, "target": t} for t in TARGETS]
     _register(client, rows, TARGETS, {}, key="k1")
     _register(client, rows, TARGETS, {}, key="k2")
-    with pytest.raises(TunelineError, match="scored on different test examples"):
-        review.report(review.side(client, "m", "1"), review.side(client, "m", "2"))
+    # No example pairs up: each side's metric on its own examples, no paired comparison, and what changed
+    text = review.report(review.side(client, "m", "1"), review.side(client, "m", "2"))
+    assert text.startswith("# v2 against v1\n\nNo example pairs up: the two were scored on different test examples")
+    assert f"chrf: v1 100 on its {len(rows)}, v2 100 on its {len(rows)} examples, each on its own" in text
+    assert "## What changed" in text and "## By slice" not in text and "delta" not in text
     with pytest.raises(TunelineError, match="'v9' is not a version, alias or run of model 'm'"):
         review.side(client, "m", "v9")
     old = client.create_model_version("m", source="file:///nowhere", run_id=mlflow.start_run().info.run_id).version

@@ -144,12 +144,9 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
             f"{b.label} and {a.label} are the same model, so there is nothing to compare",
             "a run that registers another version makes a challenger; or name two versions, e.g. `tuneline diff 1 2`",
         )
-    if a.record.get("examples_key") != b.record.get("examples_key"):
-        raise TunelineError(
-            f"{a.label} and {b.label} were scored on different test examples or settings, so no example pairs up",
-            "compare versions evaluated on the same test split (the same prepare and evaluate params)",
-        )
     task, labels, metric = _metric(b)
+    if a.record.get("examples_key") != b.record.get("examples_key"):
+        return _unpaired(a, b, task, labels, metric)
     sa, sb = (scoring.stat(task, metric, s.rows, s.record["tuned"], labels) for s in (a, b))
     if threshold is None:  # a flip for 0/1 metrics; else a tenth of the scale
         scale = 100.0 if metric in scoring.PERCENT else 1.0
@@ -187,6 +184,25 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
     for name, idx in slices(task, b.rows, [r["prompt"] for r in b.shown]).items():
         c = scoring.compare(_sub(sb, idx), _sub(sa, idx), metric, "bootstrap", n_boot, seed)
         lines.append(f"| {name} | {c.n} | {c.b:.4g} | {c.a:.4g} | {c.delta:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}] |")
+    return "\n".join(lines + ["", *lineage(a, b)]) + "\n"
+
+
+def _unpaired(a: Side, b: Side, task: tasks.Task, labels: list[str], metric: str) -> str:
+    """The review of two versions scored on different test examples or settings: each one's
+    metric on its own examples (not a comparison), how to get one, and what changed."""
+    own = []
+    for s in (a, b):
+        stat = scoring.stat(task, metric, s.rows, s.record["tuned"], labels)
+        own.append(f"{stat.value():.4g} on its {len(stat.values)}")
+    lines = [
+        f"# {b.label} against {a.label}",
+        "",
+        f"No example pairs up: the two were scored on different test examples or settings (prepare "
+        f"or evaluate params, or the data; see below), so there is no paired comparison, and no "
+        f"fixed, broken or slices. {metric}: {a.label} {own[0]}, {b.label} {own[1]} examples, "
+        f"each on its own. To compare them on one set, run `tuneline evaluate --model URI --data FILE` "
+        f"for each (e.g. models:/NAME/VERSION) on the same file.",
+    ]
     return "\n".join(lines + ["", *lineage(a, b)]) + "\n"
 
 
