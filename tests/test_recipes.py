@@ -89,7 +89,10 @@ def test_set_values_are_yaml_data_never_code():
         (("emotion", ["prepare.labels=[joy]"]), r"needs at least two labels"),
         # a comma list without brackets is one string to YAML: the fix writes it the way that works
         (("emotion", ["prepare.labels=neg,pos"]), r"'prepare.labels' must be a list .*e.g. prepare.labels=\[neg,pos\]"),
-        (("emotion", ["prepare.columns=review"]), r"'prepare.columns' must be a mapping .*prepare.columns.<key>=<value>"),
+        (
+            ("emotion", ["prepare.columns=review"]),
+            r"'prepare.columns' must be a mapping .*prepare.columns.<key>=<value>",
+        ),
     ],
 )
 def test_bad_recipe_input_is_one_clear_line(args, message):

@@ -92,6 +92,7 @@ def test_skip_still_stops_when_most_rows_are_bad_or_a_column_is_missing():
     rows = [{"text": f"t{i}", "label": "happy" if i % 4 else "pos"} for i in range(40)]
     with pytest.raises(TunelineError, match=r"30 of the first 40 rows are bad.*points to a setting"):
         list(task_rows([rows], TASKS["classify"], {}, LABELS, "x", "skip"))
+
     # ... and on a large source it stops once the first 1000 rows show it, before reading the rest
     def endless():
         while True:

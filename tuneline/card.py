@@ -70,7 +70,9 @@ def _lineage(which: str, rec: dict) -> list[str]:
     out = [f"{head}, {len(files)} files, sha256 of each:"]
     out += [f"  - `{os.path.normpath(path)}`: `{h}`" for path, h in files[:LINEAGE_FILES]]
     if len(files) > LINEAGE_FILES:
-        out.append(f"  - and {len(files) - LINEAGE_FILES} more (every file's hash: `data/prepared/lineage.json`, versioned by DVC)")
+        out.append(
+            f"  - and {len(files) - LINEAGE_FILES} more (every file's hash: `data/prepared/lineage.json`, versioned by DVC)"
+        )
     return out
 
 

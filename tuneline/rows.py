@@ -135,7 +135,7 @@ def _at(r: dict, i: int) -> str:
     return r.get(sources.LINE) or f"row {i + 1}"
 
 
-_FILL = "give that row a value in the column, or remove the row"
+_FILL = "give that row a value in the column, or remove the row (prepare.bad_rows=skip leaves out such rows)"
 
 
 def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[str], where: str, i: int) -> dict:
@@ -181,5 +181,5 @@ def _label(v, labels: list[str], where: str, at: str, name: str | None) -> str:
     if near:
         fix = f"did you mean {near[0]!r}? Correct that value in the file"
     else:
-        fix = "add it to prepare.labels, or drop such rows (e.g. -1 marks unlabelled GLUE test rows)"
+        fix = "add it to prepare.labels, or leave such rows out with prepare.bad_rows=skip (e.g. -1 marks unlabelled GLUE test rows)"
     raise TunelineError(f"{where}: {at} has label {v!r}, outside the declared set {labels}", fix)
