@@ -106,6 +106,8 @@ def test_a_label_flip_is_a_fix_or_a_break_and_each_label_is_a_slice(client):
     assert "accuracy" in text and "1 fixed and 1 broken" in text
     assert "| label fear | 3 |" in text and "| label joy | 3 |" in text
     assert "- code: commits unknown (not in git)" in text  # neither version has a git.commit tag
+    # the input is the tweet, not the prompt around it (instructions and the label list)
+    assert "  - input: t1\n  - reference: joy" in text and "Unscramble" not in text
 
 
 def test_an_instruction_answer_counts_as_fixed_or_broken_by_a_tenth_of_its_rouge_l(client):
@@ -115,9 +117,11 @@ def test_an_instruction_answer_counts_as_fixed_or_broken_by_a_tenth_of_its_rouge
     rows = [{"instruction": f"q{i}", "input": "", "output": r} for i, r in enumerate(refs)]
     a = ["Red, blue and yellow.", "I do not know.", "Drink water and sleep well.", "It is 4."]  # 1 wrong
     b = ["Red, blue and yellow.", "Paris is the capital.", "Drink water and sleep well.", "Five."]  # 1 fixed, 3 broken
+    rows[1]["input"] = "France"  # a second field: both shown by name
     va, vb = (_register(client, rows, o, {}, task="instruct") for o in (a, b))
     text = review.report(review.side(client, "m", va), review.side(client, "m", vb))
     assert "rouge_l" in text and "1 fixed and 1 broken (a change of at least 0.1 on one example)" in text
+    assert "  - input: instruction: q1 · input: France\n" in text and "  - input: q3\n" in text
 
 
 def test_a_conversation_is_shown_by_its_last_user_turn_not_the_start_of_its_prompt(client):

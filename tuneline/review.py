@@ -207,11 +207,15 @@ def _unpaired(a: Side, b: Side, task: tasks.Task, labels: list[str], metric: str
 
 
 def _input(task: tasks.Task, row: dict, prompt: str) -> str:
-    """What an example asked, as a reviewer reads it: the prompt, or for a conversation its
-    last user turn (the rendered prompt starts with the system turn and earlier turns,
-    which is all a one-line excerpt would show)."""
+    """What an example asked, as a reviewer reads it: the fields a request fills (a tweet,
+    not the tweet inside the prompt's instructions and label list, which a one-line excerpt
+    would cut), or for a conversation its last user turn (the rendered prompt starts with
+    the system turn and earlier turns)."""
     if not task.chat:
-        return prompt
+        given = [f for f in task.serve_fields if str(row.get(f, "")).strip()]
+        if len(given) == 1:
+            return str(row[given[0]])
+        return " · ".join(f"{f}: {row[f]}" for f in given) if given else prompt
     from tuneline import chat
 
     context, _ = chat.last_turn(row)
