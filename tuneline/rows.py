@@ -80,8 +80,8 @@ def task_rows(
         raise TunelineError(f"{where} has no rows", "point it at a file or split with data")
     if bad:
         _too_many_bad(bad, start, reasons, where)
-        rows = "row" if bad == 1 else "rows"
-        print(f"[prepare] {where}: left out {bad} bad {rows} of {start} (prepare.bad_rows=skip), e.g. {reasons[0]}")
+        noun = "row" if bad == 1 else "rows"
+        print(f"[prepare] {where}: left out {bad} bad {noun} of {start} (prepare.bad_rows=skip), e.g. {reasons[0]}")
         if skipped is not None:
             skipped.update(rows=bad, of=start, examples=reasons)
 
