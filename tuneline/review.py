@@ -4,7 +4,10 @@ A and B are registered versions (`3`, `v3`), aliases (`champion`, `challenger`) 
 (`runs:/ID`, or a run id). register logs with every version what a review needs: the
 per-example records (eval/examples.json), the test rows they were scored on
 (eval/rows.jsonl), and each example's prompt, reference and outputs
-(eval/predictions.jsonl). Both must have been scored on the same test examples. The report:
+(eval/predictions.jsonl). The comparison pairs examples: when the two were scored on
+different test examples (a grown source draws a partly new test split), it pairs the
+examples both were scored on, and says so; when none is shared, it gives each one's metric
+alone. The report:
 - the examples B fixed and broke on the primary metric, largest change first, with the
   input, the reference and both answers. Each example's value is the metric computed on
   it alone (sentence chrF for chrF; right or wrong for accuracy, so a label flip is a
@@ -21,7 +24,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -145,8 +148,18 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
             "a run that registers another version makes a challenger; or name two versions, e.g. `tuneline diff 1 2`",
         )
     task, labels, metric = _metric(b)
+    note = []
     if a.record.get("examples_key") != b.record.get("examples_key"):
-        return _unpaired(a, b, task, labels, metric)
+        common = _common(a, b)
+        if common is None:
+            return _unpaired(a, b, task, labels, metric)
+        note = [
+            "",
+            f"The two were scored on different test examples or settings; this pairs the {len(common[1].rows)} "
+            f"examples both were scored on ({a.label} had {len(a.rows)}, {b.label} {len(b.rows)}), with the "
+            f"outputs each logged, so it can differ from a gate that scored both on one set.",
+        ]
+        a, b = common
     sa, sb = (scoring.stat(task, metric, s.rows, s.record["tuned"], labels) for s in (a, b))
     if threshold is None:  # a flip for 0/1 metrics; else a tenth of the scale
         scale = 100.0 if metric in scoring.PERCENT else 1.0
@@ -164,6 +177,7 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
         f"[{whole.ci_low:+.4g}, {whole.ci_high:+.4g}] on {whole.n} {unit}. "
         f"{len(fixed)} fixed and {len(broken)} broken (a change of at least {threshold:g} on one "
         f"{'example' if per_row else 'block'}).",
+        *note,
     ]
     if not per_row:
         lines += ["", "A block is not a test row, so none is listed, and there are no slices by label or input length."]
@@ -185,6 +199,29 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
         c = scoring.compare(_sub(sb, idx), _sub(sa, idx), metric, "bootstrap", n_boot, seed)
         lines.append(f"| {name} | {c.n} | {c.b:.4g} | {c.a:.4g} | {c.delta:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}] |")
     return "\n".join(lines + ["", *lineage(a, b)]) + "\n"
+
+
+def _common(a: Side, b: Side) -> tuple[Side, Side] | None:
+    """A and B cut to the test rows both were scored on (the same row, every column), in
+    B's order; None when they share none, or when either scored blocks of concatenated text
+    (pretraining), which are not rows."""
+    if "concat" in (a.params.get("tokenize.packing"), b.params.get("tokenize.packing")):
+        return None
+    where = {json.dumps(r, sort_keys=True): i for i, r in enumerate(a.rows)}
+    pairs = [(where[k], j) for j, r in enumerate(b.rows) if (k := json.dumps(r, sort_keys=True)) in where]
+    if not pairs:
+        return None
+    ia, ib = zip(*pairs)
+    return _cut(a, ia), _cut(b, ib)
+
+
+def _cut(s: Side, idx: tuple[int, ...]) -> Side:
+    """Side `s` on its rows `idx` only: the rows, what it showed, and every per-row list of
+    its record (outputs, losses, labels scored, ended)."""
+    n = len(s.rows)
+    tuned = {k: [v[i] for i in idx] if isinstance(v, list) and len(v) == n else v for k, v in s.record["tuned"].items()}
+    rows, shown = [s.rows[i] for i in idx], [s.shown[i] for i in idx]
+    return replace(s, record=s.record | {"tuned": tuned}, rows=rows, shown=shown)
 
 
 def _unpaired(a: Side, b: Side, task: tasks.Task, labels: list[str], metric: str) -> str:
