@@ -160,22 +160,27 @@ def test_a_pretrained_models_blocks_are_counted_and_no_row_is_shown_for_one(clie
 
 
 def test_versions_scored_on_other_examples_show_what_changed_and_unknown_refs_are_one_line(client):
-    rows = [{"source": t, "target": t} for t in TARGETS]
-    _register(client, rows[:4], TARGETS[:4], {}, key="k1")
-    out = list(TARGETS[2:])
-    out[0], out[2] = "market the to went I yesterday.", "flows The river quietly old through the town."  # rows 2, 4
-    _register(client, rows[2:], out, {}, key="k2")  # a partly new test split: rows 2 and 3 shared
+    targets = [f"{t.rstrip('.')} in year {i}." for i in range(4) for t in TARGETS]  # 24 distinct sentences
+    rows = [{"source": t, "target": t} for t in targets]
+    _register(client, rows[:16], targets[:16], {}, key="k1")
+    out = list(targets[4:])
+    out[0], out[14] = "quietly flows The river.", "zzz an answer only v2 has."
+    _register(client, rows[4:], out, {}, key="k2")  # a partly new test split: rows 4-15 shared
     text = review.report(review.side(client, "m", "1"), review.side(client, "m", "2"))
-    assert "on 2 test examples. 0 fixed and 1 broken" in text  # row 4's answer is not v1's to compare
-    assert "pairs the 2 examples both were scored on (v1 had 4, v2 4)" in text
-    assert "- reference: I went to the market yesterday." in text and "river" not in text.split("## What")[0]
+    assert "on 12 test examples. 0 fixed and 1 broken" in text  # row 18's answer is not v1's to compare
+    assert "pairs the 12 examples both were scored on (v1 had 16, v2 20)" in text
+    assert f"- reference: {targets[4]}\n  - v1: {targets[4]}\n  - v2: quietly flows The river." in text
+    assert "zzz" not in text
     assert "## By slice" in text and "## What changed" in text
-    # None shared: each side's metric on its own examples, no paired comparison, and what changed
-    _register(client, rows[4:], TARGETS[4:], {}, key="k3")
+    # Too few shared (or none): each side's metric on its own examples, no paired comparison, and what changed
+    _register(client, rows[14:], targets[14:], {}, key="k3")
     text = review.report(review.side(client, "m", "1"), review.side(client, "m", "3"))
-    assert text.startswith("# v3 against v1\n\nNo example pairs up: the two were scored on different test examples")
-    assert "chrf: v1 100 on its 4, v3 100 on its 2 examples, each on its own" in text
+    assert text.startswith("# v3 against v1\n\nOnly 2 examples pair up (fewer than 10): the two were scored on")
+    assert "chrf: v1 100 on its 16, v3 100 on its 10 examples, each on its own" in text
     assert "## What changed" in text and "## By slice" not in text and "delta" not in text
+    _register(client, rows[16:], targets[16:], {}, key="k4")
+    text = review.report(review.side(client, "m", "1"), review.side(client, "m", "4"))
+    assert text.startswith("# v4 against v1\n\nNo example pairs up: the two were scored on different test examples")
     with pytest.raises(TunelineError, match="'v9' is not a version, alias or run of model 'm'"):
         review.side(client, "m", "v9")
     old = client.create_model_version("m", source="file:///nowhere", run_id=mlflow.start_run().info.run_id).version

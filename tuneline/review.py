@@ -151,8 +151,8 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
     note = []
     if a.record.get("examples_key") != b.record.get("examples_key"):
         common = _common(a, b)
-        if common is None:
-            return _unpaired(a, b, task, labels, metric)
+        if common is None or len(common[1].rows) < MIN_PAIRED:
+            return _unpaired(a, b, task, labels, metric, 0 if common is None else len(common[1].rows))
         note = [
             "",
             f"The two were scored on different test examples or settings; this pairs the {len(common[1].rows)} "
@@ -201,6 +201,9 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
     return "\n".join(lines + ["", *lineage(a, b)]) + "\n"
 
 
+MIN_PAIRED = 10  # fewer shared examples than this are too few to compare
+
+
 def _common(a: Side, b: Side) -> tuple[Side, Side] | None:
     """A and B cut to the test rows both were scored on (the same row, every column), in
     B's order; None when they share none, or when either scored blocks of concatenated text
@@ -224,9 +227,10 @@ def _cut(s: Side, idx: tuple[int, ...]) -> Side:
     return replace(s, record=s.record | {"tuned": tuned}, rows=rows, shown=shown)
 
 
-def _unpaired(a: Side, b: Side, task: tasks.Task, labels: list[str], metric: str) -> str:
-    """The review of two versions scored on different test examples or settings: each one's
-    metric on its own examples (not a comparison), how to get one, and what changed."""
+def _unpaired(a: Side, b: Side, task: tasks.Task, labels: list[str], metric: str, shared: int) -> str:
+    """The review of two versions scored on different test examples or settings, with
+    `shared` (< MIN_PAIRED) examples in common: each one's metric on its own examples (not
+    a comparison), how to get one, and what changed."""
     own = []
     for s in (a, b):
         stat = scoring.stat(task, metric, s.rows, s.record["tuned"], labels)
@@ -234,8 +238,13 @@ def _unpaired(a: Side, b: Side, task: tasks.Task, labels: list[str], metric: str
     lines = [
         f"# {b.label} against {a.label}",
         "",
-        f"No example pairs up: the two were scored on different test examples or settings (prepare "
-        f"or evaluate params, or the data; see below), so there is no paired comparison, and no "
+        (
+            f"Only {shared} example{'s' * (shared != 1)} pair up (fewer than {MIN_PAIRED})"
+            if shared
+            else "No example pairs up"
+        )
+        + ": the two were scored on different test examples or settings (prepare or evaluate params, or the data; "
+        "see below), so there is no paired comparison, and no "
         f"fixed, broken or slices. {metric}: {a.label} {own[0]}, {b.label} {own[1]} examples, "
         f"each on its own. To compare them on one set, run `tuneline evaluate --model URI --data FILE` "
         f"for each (e.g. models:/NAME/VERSION) on the same file.",
