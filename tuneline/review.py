@@ -239,7 +239,7 @@ def _unpaired(a: Side, b: Side, task: tasks.Task, labels: list[str], metric: str
         f"# {b.label} against {a.label}",
         "",
         (
-            f"Only {shared} example{'s' * (shared != 1)} pair up (fewer than {MIN_PAIRED})"
+            f"Only {shared} {'example pairs' if shared == 1 else 'examples pair'} up (fewer than {MIN_PAIRED})"
             if shared
             else "No example pairs up"
         )
