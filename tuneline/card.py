@@ -62,10 +62,10 @@ def _lineage(which: str, rec: dict) -> list[str]:
         return [f"{head}, revision `{rec['revision']}`"]
     if not digest:
         return [f"{head}, no recorded hash"]
+    if isinstance(digest, dict) and len(digest) == 1:  # one local file: {path: hash}
+        digest = next(iter(digest.values()))
     if isinstance(digest, str):
         return [f"{head}, sha256 `{digest}`"]
-    if len(digest) == 1:  # one local file: {path: hash}
-        return [f"{head}, sha256 `{next(iter(digest.values()))}`"]
     files = sorted(digest.items())
     out = [f"{head}, {len(files)} files, sha256 of each:"]
     out += [f"  - `{os.path.normpath(path)}`: `{h}`" for path, h in files[:LINEAGE_FILES]]
@@ -105,7 +105,8 @@ def _repeated(gate: dict, alpha: float) -> list[str]:
 
 
 def _audit(prepared: dict, params: Params) -> list[str]:
-    """The near-duplicate audit of train against val/test (prepare's metrics)."""
+    """What prepare's metrics say about the data: the near-duplicate audit of train against
+    val/test, the rows left out as bad (prepare.bad_rows=skip), the exact test_source overlaps."""
     cfg = params.prepare
     if "near_duplicates" not in prepared:
         return [f"- near-duplicate audit: off (prepare.near_dup_threshold: {cfg.near_dup_threshold})"]
