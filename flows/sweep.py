@@ -89,7 +89,7 @@ def _train_rows() -> int | None:
     return read_json(meta)["splits"]["train"]["rows"] if meta.is_file() else None
 
 
-def _estimate(arm_params: list[Params]) -> float | None:
+def _estimate(arm_params: list[Params]) -> list[float] | None:
     train, val = (ROOT / metrics_file(s) for s in ("train", "validate"))
     return sweep.estimate_s(
         arm_params,
@@ -196,9 +196,20 @@ PROGRESS_EVERY_S = 60  # how often a running arm's newest progress line is shown
 
 
 @task(name="run-arms", task_run_name="run the arms (DVC queue)")
-def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, parent: str) -> dict[str, str]:
-    """Start DVC's worker and wait for this sweep's arms, saying when each one ends."""
-    t0, idle, restarts = time.time(), 0.0, 0
+def run_arms(
+    names: list[str],
+    arms: list[sweep.Arm],
+    jobs: int,
+    metric: str,
+    parent: str,
+    estimates: list[float] | None = None,
+) -> dict[str, str]:
+    """Start DVC's worker and wait for this sweep's arms, saying when each one ends and
+    about how long the rest will take (`estimates`: each arm's seconds, from the plan)."""
+    idle, restarts = 0.0, 0
+    started: dict[str, float] = {}  # arm -> when it was first seen running
+    took: dict[int, float] = {}  # arm index -> seconds, for the arms that ran in this sweep
+    last_end = time.time()
     before = set(sweep_queue.experiments(ROOT))
     seen = {n: "Success" for n in names if n in before}  # run before (a sweep run again): not reported
     sweep_queue.start(jobs, ROOT, DVC, _worker_env(jobs))
@@ -237,9 +248,15 @@ def run_arms(names: list[str], arms: list[sweep.Arm], jobs: int, metric: str, pa
                 if now != seen.get(n) and now in ("Running", "Success", "Failed"):
                     finished = sum(1 for m in names if m in done or status.get(m) == "Failed")
                     left = ""
-                    if now != "Running" and finished < len(names):
-                        each = (time.time() - t0) / max(finished - len(before & set(names)), 1)
-                        left = f"; about {_minutes(each * (len(names) - finished) / jobs)} left"
+                    if now == "Running":
+                        started[n] = time.time()
+                    else:
+                        if now == "Success":  # a failed arm's time says nothing about the others
+                            took[names.index(n)] = time.time() - started.get(n, last_end)
+                        last_end = time.time()
+                        unfinished = [i for i, m in enumerate(names) if m not in done and status.get(m) != "Failed"]
+                        secs = sweep.time_left(unfinished, took, estimates, jobs) if unfinished else None
+                        left = f"; about {_minutes(secs)} left" if secs is not None else ""
                     score = ""
                     if now == "Success":
                         got = sweep_queue.read_at(done[n], str(metrics_file("validate")), ROOT)
@@ -354,7 +371,8 @@ def sweep_flow(
 def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
     t0 = time.time()
     params, arms, arm_params = plan(recipe, overrides, grid, ranges, sample, jobs)
-    est = _estimate(arm_params)
+    estimates = _estimate(arm_params)
+    est = sum(estimates) if estimates else None
     print(
         f"[sweep] {len(arms)} arms ({_spec(grid, ranges, sample)}), each trained and scored on the validation "
         "split; "
@@ -388,7 +406,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
         if queued or any(
             s in ("Queued", "Running") for n, s in sweep_queue.queue_status(ROOT, DVC).items() if n in names
         ):
-            run_arms(names, arms, jobs, params.primary_metric(), parent)
+            run_arms(names, arms, jobs, params.primary_metric(), parent, estimates)
         results, failed = _arm_results(names)
         for n, why in failed.items():
             print(f"[sweep] {n} failed: {why}")

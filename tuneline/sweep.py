@@ -237,8 +237,8 @@ def select(stats: list[scoring.Stat], metric: str, alpha: float = 0.05, n_boot: 
 
 def estimate_s(
     arm_params: list[Params], last_train: dict | None, last_val: dict | None, n_rows: int | None
-) -> float | None:
-    """Seconds the arms will take, from this project's last training (seconds per optimizer
+) -> list[float] | None:
+    """Seconds each arm will take, from this project's last training (seconds per optimizer
     step of the same model) and validation; None when nothing has trained here yet."""
     from tuneline.training import total_steps
 
@@ -246,4 +246,15 @@ def estimate_s(
         return None
     per_step = last_train["train_s"] / last_train["steps"]
     val_s = (last_val or {}).get("generation_s", 0.0)
-    return sum(per_step * total_steps(n_rows, p.train) + val_s + 30 for p in arm_params)
+    return [per_step * total_steps(n_rows, p.train) + val_s + 30 for p in arm_params]
+
+
+def time_left(left: list[int], took: dict[int, float], estimates: list[float] | None, jobs: int) -> float | None:
+    """Seconds the arms `left` (indices) will take: what the arms that trained in this sweep
+    took on average (`took`: index -> seconds), else the estimates. An arm done in under a
+    third of its estimate was restored from DVC's run cache (the same params and data ran
+    before, e.g. the pipeline's own run), not trained: it says nothing about the others."""
+    trained = [t for i, t in took.items() if not estimates or t >= estimates[i] / 3]
+    if trained:
+        return sum(trained) / len(trained) * len(left) / jobs
+    return sum(estimates[i] for i in left) / jobs if estimates else None
