@@ -55,7 +55,10 @@ def shingles(text: str) -> set[str]:
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a or b else 0.0
+    if not (a or b):
+        return 0.0
+    shared = len(a & b)  # |a | b| from the sizes: no union set built
+    return shared / (len(a) + len(b) - shared)
 
 
 def banding(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
