@@ -62,7 +62,7 @@ def run(params: Params) -> dict:
     # The tuned model faces the base at its best: the prompting best on the primary metric.
     won = prompting.best(by_prompting, params.primary_metric())
     print(f"[evaluate] tuned model on the same {len(rows)} examples", flush=True)
-    tuned = str(MERGED)
+    tuned = str(MERGED.absolute())  # this stage's own output (see data.MERGED)
     evs = {"base": bases[won], "tuned": evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params)}
     results = {"base": by_prompting[won], "tuned": metrics_of(evs["tuned"], rows, params)}
     print("[evaluate] tuned: " + ", ".join(f"{k}={v:.4g}" for k, v in results["tuned"].items()), flush=True)

@@ -78,7 +78,7 @@ def run(params: Params) -> dict:
     import mlflow
 
     evals, record, rows = _inputs(params)
-    checked = parity.check(params, rows, MERGED)  # a broken merge stops here: nothing logged or registered
+    checked = parity.check(params, rows, MERGED.absolute())  # a broken merge stops here: nothing logged or registered
     info = gate.log_model(params)  # the slow upload happens outside the gate's lock
     # The per-example records and each example's input, reference and outputs: what the
     # next gate compares with (instead of evaluating this model again), and what

@@ -27,7 +27,7 @@ def run(params: Params) -> dict:
 
     rows, dropped = test_rows(params, "val")  # refuses when none fits
     print(f"[validate] tuned model on {len(rows)} validation examples", flush=True)
-    tuned = str(MERGED)
+    tuned = str(MERGED.absolute())  # this stage's own output (see data.MERGED)
     ev = evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params, stage="validate")
     results = metrics_of(ev, rows, params) | {
         "primary_metric": params.primary_metric(),

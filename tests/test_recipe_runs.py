@@ -130,3 +130,31 @@ def test_a_recipe_run_is_a_dvc_experiment_and_an_mlflow_run_with_the_same_params
     assert mlflow_params[1] in names
     # The recipe's metric: perplexity over all test tokens, lower is better for the gate.
     assert json.loads((project.root / "metrics/eval.json").read_text())["primary_metric"] == "perplexity"
+
+
+def test_a_smoke_run_in_a_trained_project_scores_and_logs_its_own_model(built, tmp_path, prefect_api):
+    """The smoke's stages run in .smoke/<recipe>/ and read its models/merged, not the
+    project's: a user who had trained once got the project's model evaluated and logged as
+    the smoke's, and its LoRA merge parity failed (logit difference 22.6)."""
+    from conftest import copy_project
+
+    project = copy_project(built, tmp_path / "proj")
+    project.env["PREFECT_API_URL"] = prefect_api
+    main_model = (project.root / "models/merged/model.safetensors").read_bytes()
+    proc = _cli(project, "run", "--smoke")
+    assert "smoke run finished" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "8/8 greedy answers the same" in proc.stdout + proc.stderr  # its merge is its adapter's
+    own = project.root / ".smoke/params/models/merged/model.safetensors"
+    assert own.read_bytes() != main_model  # it trained a model of its own...
+    logged = _mlflow(
+        project,
+        "exp = c.get_experiment_by_name('smoke')\n"
+        "r = c.search_runs([exp.experiment_id], filter_string=\"tags.`tuneline.stage` = 'register'\")[0]\n"
+        "import glob, hashlib\n"
+        "p = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path='model')\n"
+        "f = glob.glob(p + '/**/model.safetensors', recursive=True)[0]\n"
+        "print(json.dumps(hashlib.sha256(open(f, 'rb').read()).hexdigest()))",
+    )
+    import hashlib
+
+    assert logged == hashlib.sha256(own.read_bytes()).hexdigest()  # ...and logged that one
