@@ -1,11 +1,12 @@
 """`tuneline run --recipe R --smoke` for every recipe, and a real recipe run recorded in DVC and MLflow."""
 
+import hashlib
 import json
 import sys
 
 import pytest
 import yaml
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -136,8 +137,6 @@ def test_a_smoke_run_in_a_trained_project_scores_and_logs_its_own_model(built, t
     """The smoke's stages run in .smoke/<recipe>/ and read its models/merged, not the
     project's: a user who had trained once got the project's model evaluated and logged as
     the smoke's, and its LoRA merge parity failed (logit difference 22.6)."""
-    from conftest import copy_project
-
     project = copy_project(built, tmp_path / "proj")
     project.env["PREFECT_API_URL"] = prefect_api
     main_model = (project.root / "models/merged/model.safetensors").read_bytes()
@@ -155,6 +154,4 @@ def test_a_smoke_run_in_a_trained_project_scores_and_logs_its_own_model(built, t
         "f = glob.glob(p + '/**/model.safetensors', recursive=True)[0]\n"
         "print(json.dumps(hashlib.sha256(open(f, 'rb').read()).hexdigest()))",
     )
-    import hashlib
-
     assert logged == hashlib.sha256(own.read_bytes()).hexdigest()  # ...and logged that one
