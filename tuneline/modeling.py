@@ -84,7 +84,7 @@ def resolve(name: str) -> Path | str:
                 "point model.name (or --model) at a folder saved with save_pretrained: config.json, weights, tokenizer",
             )
         return path
-    if not _is_hub_id(str(name)) and not Path(name).exists():  # (a smoke run's stages load from its folder)
+    if not _is_hub_id(str(name)) and not Path(name).exists():  # (or relative to the working directory)
         raise TunelineError(
             f"model folder '{name}' not found (looked for {path})",
             f"check the path (relative to the project root), or use a built-in model ({', '.join(BUILTIN)}) or a hub id",
