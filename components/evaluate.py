@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 from tuneline import prompting, scoring, tasks
 from tuneline.config import Params
-from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
+from tuneline.data import EVAL_EXAMPLES, MODELS, PREDICTIONS, PREPARED, metrics_file, trained_model
 from tuneline.evaluation import (
     SCORING_PARAMS,
     compare,
@@ -62,7 +62,7 @@ def run(params: Params) -> dict:
     # The tuned model faces the base at its best: the prompting best on the primary metric.
     won = prompting.best(by_prompting, params.primary_metric())
     print(f"[evaluate] tuned model on the same {len(rows)} examples", flush=True)
-    tuned = str(MERGED.absolute())  # this stage's own output (see data.MERGED)
+    tuned = trained_model()
     evs = {"base": bases[won], "tuned": evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params)}
     results = {"base": by_prompting[won], "tuned": metrics_of(evs["tuned"], rows, params)}
     print("[evaluate] tuned: " + ", ".join(f"{k}={v:.4g}" for k, v in results["tuned"].items()), flush=True)

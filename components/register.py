@@ -11,7 +11,7 @@ import json
 
 from tuneline import gate, parity, registry
 from tuneline.config import Params
-from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file
+from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file, trained_model
 from tuneline.errors import TunelineError
 from tuneline.evaluation import examples_key, test_rows
 from tuneline.io import read_json
@@ -78,7 +78,7 @@ def run(params: Params) -> dict:
     import mlflow
 
     evals, record, rows = _inputs(params)
-    checked = parity.check(params, rows, MERGED.absolute())  # a broken merge stops here: nothing logged or registered
+    checked = parity.check(params, rows, trained_model())  # a broken merge stops here: nothing logged or registered
     info = gate.log_model(params)  # the slow upload happens outside the gate's lock
     # The per-example records and each example's input, reference and outputs: what the
     # next gate compares with (instead of evaluating this model again), and what

@@ -12,7 +12,7 @@ reports/val_examples.json (the per-example records a sweep compares its arms on)
 from __future__ import annotations
 
 from tuneline.config import Params
-from tuneline.data import MERGED, MODELS, PREPARED, VAL_EXAMPLES, metrics_file
+from tuneline.data import MODELS, PREPARED, VAL_EXAMPLES, metrics_file, trained_model
 from tuneline.evaluation import SCORING_PARAMS, evaluate_model, examples_key, metrics_of, test_rows
 from tuneline.io import write_json
 from tuneline.modeling import load_model, load_tokenizer
@@ -27,7 +27,7 @@ def run(params: Params) -> dict:
 
     rows, dropped = test_rows(params, "val")  # refuses when none fits
     print(f"[validate] tuned model on {len(rows)} validation examples", flush=True)
-    tuned = str(MERGED.absolute())  # this stage's own output (see data.MERGED)
+    tuned = trained_model()
     ev = evaluate_model(load_model(tuned), load_tokenizer(tuned), rows, params, stage="validate")
     results = metrics_of(ev, rows, params) | {
         "primary_metric": params.primary_metric(),

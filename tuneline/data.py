@@ -21,11 +21,6 @@ LINEAGE = PREPARED / "lineage.json"
 TOKENIZED = Path("data/tokenized")  # per split: a flat token stream or packed Arrow rows, meta.json (tokendata.py)
 TOKENIZED_META = TOKENIZED / "meta.json"
 MODELS = Path("models")  # adapter/ (LoRA) and merged/ (a plain HF model + tokenizer)
-# A stage reads the model its pipeline trained where the stage runs (the project, a smoke
-# run's .smoke/<recipe>/, a sweep arm's copy): pass it to a loader as MERGED.absolute(), since
-# the loaders look a relative name up in the project first (tuneline.located), as they must
-# for a user's model folder. Given "models/merged", a smoke run in a project that had
-# trained read the project's model, not its own.
 MERGED = MODELS / "merged"
 BASE_META = MODELS / "base.json"  # which base model train started from: {model, identity} (modeling.identity)
 CHECKPOINTS = Path("checkpoints/train")  # resume state (not a DVC output: it outlives a failed run)
@@ -72,3 +67,12 @@ def iter_split(split: str, batch_rows: int, root: Path = PREPARED) -> tuple[int,
         b.to_pylist() for g in range(f.num_row_groups) for b in f.read_row_group(g).to_batches(max_chunksize=batch_rows)
     )
     return f.metadata.num_rows, batches
+
+
+def trained_model() -> str:
+    """The model this pipeline trained, where the stage runs (the project, a smoke run's
+    .smoke/<recipe>/, a sweep arm's copy), as the loaders should be given it: absolute,
+    since they look a relative name up in the project first (tuneline.located), as they
+    must for a user's model folder. Given "models/merged", a smoke run in a project that
+    had trained scored and logged the project's model, not its own."""
+    return str(MERGED.absolute())

@@ -70,7 +70,7 @@ def check(params: Params, rows: list[dict], merged) -> dict[str, str]:
         raise TunelineError(f"register: the LoRA adapter is missing from {ADAPTER}", fix)
     tok = load_tokenizer(merged)
     prompts, targets = prompts_and_targets(task, rows[: cfg.parity_prompts], params.prepare.labels, tok)
-    adapted = PeftModel.from_pretrained(load_model(params.model.name), ADAPTER.absolute()).eval()
+    adapted = PeftModel.from_pretrained(load_model(params.model.name), ADAPTER).eval()
     budget = answer_budget(tok, targets, params.evaluate.max_new_tokens)
     diff, agree = compare(adapted, load_model(merged).eval(), tok, prompts, budget, task.stop)
     print(
