@@ -205,13 +205,16 @@ def test_doctor_calls_an_empty_params_file_invalid(tmp_path):
     assert "git init && git add -A && git commit -m start" in proc.stdout
 
 
-def _interrupt(proj, sets: list[str], after: list[str], delay: float):
+def _interrupt(proj, sets: list[str], after: list[str], delay: float, sig=None, group: bool = True):
     """`tuneline run` in a process group of its own, as a terminal runs it; `delay` s after
-    its output has shown each marker of `after` in turn, SIGINT goes to the whole group
-    (Ctrl-C). Returns (exit code, seconds from SIGINT to exit, all output)."""
+    its output has shown each marker of `after` in turn, `sig` (SIGINT) goes to the whole
+    group (Ctrl-C), or only to the tuneline process (`kill PID`, `docker stop`). Returns
+    (exit code, seconds from the signal to exit, all output)."""
     import os
     import signal
     import time
+
+    sig = sig or signal.SIGINT
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "tuneline.cli", "run", *(a for s in sets for a in ("--set", s))],
@@ -232,7 +235,7 @@ def _interrupt(proj, sets: list[str], after: list[str], delay: float):
                     break
         assert not waiting, "".join(seen[-40:])
         time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGINT)
+        (os.killpg if group else os.kill)(proc.pid, sig)
         t = time.time()
         rest, _ = proc.communicate(timeout=120)
         return proc.returncode, time.time() - t, "".join(seen) + rest
@@ -267,6 +270,34 @@ def test_ctrl_c_during_tokenize_or_train_ends_the_run_in_seconds_and_a_rerun_res
     assert states and ("RUNNING",) not in states
     done = proj.run(sys.executable, "-m", "dvc", "repro", "train")  # the interrupted stage, run again
     assert "resuming from checkpoint at step" in done.stdout, done.stdout[-3000:]
+
+
+def test_sigterm_to_the_run_alone_stops_it_like_ctrl_c_and_exits_143(built, tmp_path):
+    """`kill PID`, `docker stop` and a cancelled scheduler send SIGTERM to tuneline only: it
+    used to end on Prefect's "Crash detected!" lines, with no line of ours; now it stops as
+    Ctrl-C does, with the one line, and exits 143 (128 + SIGTERM). The stage under it stops
+    too (it follows its parent), and nothing is left running."""
+    import signal
+    import sqlite3
+
+    import psutil
+    from conftest import copy_project
+
+    proj = copy_project(built, tmp_path / "proj")
+    code, took, said = _interrupt(
+        proj, ["train.max_steps=30"], ["val_loss", "[train] step"], 0, sig=signal.SIGTERM, group=False
+    )
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert code == 143 and took < 15, (code, took, said[-3000:])
+    assert len(errors) == 1 and "interrupted" in errors[0], said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    # the stages run in the project (their command line does not name it)
+    left = [
+        p for p in psutil.process_iter(["cmdline", "cwd"]) if str(proj.root) in f"{p.info['cwd']} {p.info['cmdline']}"
+    ]
+    assert not left, [p.info["cmdline"] for p in left]
+    with sqlite3.connect(proj.root / ".prefect" / "prefect.db") as db:
+        assert ("RUNNING",) not in db.execute("SELECT state_type FROM flow_run").fetchall()
 
 
 def test_a_missing_data_file_fails_before_a_built_in_model_is_built(tmp_path):

@@ -53,3 +53,22 @@ def test_ctrl_c_outside_an_import_interrupts_at_once():
     env = os.environ | {"PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "interrupted after 0 s", out.stderr
+
+
+def test_sigterm_stops_a_process_as_ctrl_c_does_and_its_exit_code_is_143():
+    script = textwrap.dedent(
+        """
+        import os, signal, time
+        from tuneline.signals import Terminated, exit_code, interrupt_outside_imports
+        interrupt_outside_imports()
+        print("before:", exit_code())
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        except KeyboardInterrupt as e:  # every Ctrl-C clean-up catches it
+            print("stopped:", type(e) is Terminated, exit_code())
+        """
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["before:", "130", "stopped:", "True", "143"], out.stderr

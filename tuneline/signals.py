@@ -15,9 +15,28 @@ def on_parent_death(sig: int) -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: `kill PID`, `timeout`, `docker stop`, a cancelled CI job or scheduler. It
+    stops the process the way Ctrl-C does (a KeyboardInterrupt, so every clean-up that
+    Ctrl-C gets runs: the one "interrupted" line, MLflow runs ended, DVC's queue emptied),
+    and the process then exits 143 (128 + SIGTERM), as one killed by it would."""
+
+
+TERMINATED: list[int] = []  # holds SIGTERM once it has arrived: exit_code() gives 143, not 130
+
+
+def exit_code() -> int:
+    """The exit status of a process that was interrupted: 143 after SIGTERM, else 130 (Ctrl-C)."""
+    return 143 if TERMINATED else 130
+
+
 def interrupt_outside_imports() -> None:
-    """Ctrl-C (SIGINT) raises KeyboardInterrupt as usual, except while a module is being
-    imported: then it waits until the import is done, and raises at the next Python call.
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt as usual, and SIGTERM raises `Terminated`
+    (one), except while a module is being imported: then it waits until the import is done,
+    and raises at the next Python call. (Python's default for SIGTERM is to die at once:
+    no line, no clean-up, the stage's MLflow run left RUNNING. Prefect's flow engine puts
+    its own handler in while a flow runs, marks the run Crashed, then puts this one back and
+    sends the signal again, so the flow ends as it would on Ctrl-C.)
 
     A KeyboardInterrupt inside an import leaves that module half-initialised, and libraries
     that catch BaseException around their optional imports carry on with it. Seen in a
@@ -40,18 +59,24 @@ def interrupt_outside_imports() -> None:
         return False
 
     before = []  # the trace function a deferred interrupt replaced (a debugger's, coverage's)
+    pending: list[type[KeyboardInterrupt]] = []  # what the deferred interrupt raises
 
     def raise_once_out(frame, event, arg):
         if event == "call" and not in_import(frame):
             sys.settrace(before.pop())
-            raise KeyboardInterrupt
+            raise pending.pop()
         return None
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
+        kind = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if kind is Terminated and not TERMINATED:
+            TERMINATED.append(signum)
         if not in_import(frame):
-            raise KeyboardInterrupt
-        if not before:  # a second Ctrl-C during the same import changes nothing
+            raise kind
+        if not before:  # a second signal during the same import changes nothing
             before.append(sys.gettrace())
+            pending.append(kind)
             sys.settrace(raise_once_out)  # this thread's next call outside an import raises
 
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)

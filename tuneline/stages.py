@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     from tuneline.errors import debug, known, report
-    from tuneline.signals import interrupt_outside_imports, on_parent_death
+    from tuneline.signals import exit_code, interrupt_outside_imports, on_parent_death
 
     try:
         # A Ctrl-C that reached the flow just before DVC started us never reaches us: we stop
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except TunelineError as e:
         return _failed(str(e), 2)
     except KeyboardInterrupt:
-        code = _failed(f"{argv[0]}: interrupted. Fix: re-run it; finished stages and checkpoints are reused", 130)
+        code = _failed(
+            f"{argv[0]}: interrupted. Fix: re-run it; finished stages and checkpoints are reused", exit_code()
+        )
         # Exit now: MLflow's exit hook would end the active run with a write that a lock the
         # interrupt left held makes wait for ~20 s (tracking.stage_run has recorded what it could).
         sys.stdout.flush()

@@ -76,19 +76,21 @@ def mlflow_client():
 def main() -> None:
     """The `tuneline` command: errors are one line (red on a terminal); tracebacks only with --debug."""
     from tuneline.errors import debug, out_of_memory, report
-    from tuneline.signals import interrupt_outside_imports
+    from tuneline.signals import exit_code, interrupt_outside_imports
 
     interrupt_outside_imports()  # a Ctrl-C during a lazy import waits for it (tuneline/signals.py)
     try:
         app()
-    except KeyboardInterrupt:  # Ctrl-C outside a stage (a stage reports its own and exits 130)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a stage (a stage reports its own)
         print_error(INTERRUPTED)
-        sys.exit(130)
+        sys.exit(exit_code())
     except SystemExit as e:
         # typer ends a command that Ctrl-C interrupted with a silent exit 130 (`raise Exit(130)
         # from` the KeyboardInterrupt); a command that said why itself exits with no cause
         if e.code == 130 and isinstance(getattr(e.__context__, "__cause__", None), KeyboardInterrupt):
             print_error("interrupted. Fix: run the same command again")
+        if e.code == 130:  # the commands say 130 for any interrupt: 143 after SIGTERM
+            sys.exit(exit_code())
         raise
     except Exception as e:  # not a TunelineError: those exit through fail
         if _state["debug"] or debug():
