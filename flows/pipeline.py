@@ -137,7 +137,9 @@ def pipeline(recipe: str | None = None, overrides: list[str] | None = None, smok
     one that fails in the state Failed with the error's one line as its message.
     """
     from tuneline.errors import from_os_error
+    from tuneline.signals import stacks_on_request
 
+    stacks_on_request()  # also in a scheduled run's own process (the Prefect runner's child)
     try:
         return _pipeline(recipe, list(overrides or []), smoke)
     except TunelineError as e:

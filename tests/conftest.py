@@ -463,6 +463,36 @@ def wait_for(what: str, fn, timeout: float, proc: subprocess.Popen | None = None
         time.sleep(every)
 
 
+def process_stacks(procs: list[subprocess.Popen], log: Path) -> str:
+    """Where every tuneline process under `procs` (commands, stages, flow runs) waits: each
+    in turn prints its threads' stacks into `log`, its output (`kill -USR1`:
+    tuneline/signals.stacks_on_request). Only those: SIGUSR1 ends any other process."""
+    import signal
+    import time
+
+    import psutil
+
+    def ours(cmd: list[str]) -> bool:  # a flow run is a multiprocessing child of the Prefect runner
+        return bool({"tuneline.cli", "tuneline.stages", "prefect.engine"} & set(cmd)) or "spawn_main" in " ".join(cmd)
+
+    said = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(proc.pid)
+            for p in [top, *top.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    if ours(p.cmdline()):
+                        size = log.stat().st_size
+                        p.send_signal(signal.SIGUSR1)
+                        time.sleep(1)  # for it to write them
+                        with open(log, "rb") as f:
+                            f.seek(size)
+                            said.append(
+                                f"pid {p.pid} ({' '.join(p.cmdline())[:150]}):\n{f.read().decode(errors='replace')}"
+                            )
+    return "\n".join(said)
+
+
 class Served:
     """A tiny project with `tuneline ui` up (MLflow + Prefect on 127.0.0.1) and its pipeline
     served by `tuneline schedule --cron`, as a user runs them in two terminals."""
@@ -508,15 +538,22 @@ class Served:
         )
         return proc
 
-    def wait(self, run_id: str, timeout: float = 900) -> dict:
+    def wait(self, run_id: str, timeout: float = 600) -> dict:
+        """The flow run's final state. One takes ~1.5 min here (3 under a loaded CI); on a
+        hang, the failure shows where each of its processes waits (tuneline's kill -USR1)."""
         final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-        return wait_for(
-            f"flow run {run_id}",
-            lambda: (r := self.api(f"flow_runs/{run_id}"))["state_type"] in final and r,
-            timeout,
-            self.procs[-1],
-            every=2,
-        )
+        try:
+            return wait_for(
+                f"flow run {run_id}",
+                lambda: (r := self.api(f"flow_runs/{run_id}"))["state_type"] in final and r,
+                timeout,
+                self.procs[-1],
+                every=2,
+            )
+        except AssertionError as e:
+            end = self.log("serve.log")[-6000:]
+            stacks = process_stacks(self.procs[-1:], self.root.parent / "serve.log")  # `tuneline schedule` and below
+            raise AssertionError(f"{e}. The end of serve.log:\n{end}\nWhere its processes are:\n{stacks}") from None
 
     def task_runs(self, run_id: str) -> dict[str, str]:
         runs = self.api("task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})

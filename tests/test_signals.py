@@ -72,3 +72,25 @@ def test_sigterm_stops_a_process_as_ctrl_c_does_and_its_exit_code_is_143():
     env = os.environ | {"PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["before:", "130", "stopped:", "True", "143"], out.stderr
+
+
+def test_sigusr1_prints_where_every_thread_is_and_the_process_carries_on():
+    """For a run that seems stuck: `kill -USR1 PID` shows where each thread waits."""
+    script = textwrap.dedent(
+        """
+        import os, signal, threading, time
+        from tuneline.signals import stacks_on_request
+        stacks_on_request()
+        def waiting_in_a_worker_thread():
+            time.sleep(30)
+        threading.Thread(target=waiting_in_a_worker_thread, daemon=True).start()
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.2)
+        print("still running")
+        """
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "still running", out.stderr
+    assert "waiting_in_a_worker_thread" in out.stderr and "Current thread" in out.stderr, out.stderr

@@ -15,6 +15,24 @@ def on_parent_death(sig: int) -> None:
         pass
 
 
+def stacks_on_request() -> None:
+    """`kill -USR1 PID` of a tuneline process (a command, a stage, a flow run) prints where
+    each of its threads is, to its stderr, and the process carries on: for a run that
+    seems stuck (what py-spy's dump gives, with nothing to install). Python's default for
+    SIGUSR1 is to end the process. Any thread may call it (faulthandler works in C)."""
+    import faulthandler
+    import signal
+    import sys
+
+    usr1 = getattr(signal, "SIGUSR1", None)  # not on Windows
+    if usr1 is None:
+        return
+    try:
+        faulthandler.register(usr1, file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # a stderr with no file descriptor (captured)
+        pass
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM: `kill PID`, `timeout`, `docker stop`, a cancelled CI job or scheduler. It
     stops the process the way Ctrl-C does (a KeyboardInterrupt, so every clean-up that

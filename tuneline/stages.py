@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     from tuneline.errors import debug, known, report
-    from tuneline.signals import exit_code, interrupt_outside_imports, on_parent_death
+    from tuneline.signals import exit_code, interrupt_outside_imports, on_parent_death, stacks_on_request
 
+    stacks_on_request()  # kill -USR1 PID: where each thread is
     try:
         # A Ctrl-C that reached the flow just before DVC started us never reaches us: we stop
         # when it exits, rather than run on unseen.

@@ -76,9 +76,10 @@ def mlflow_client():
 def main() -> None:
     """The `tuneline` command: errors are one line (red on a terminal); tracebacks only with --debug."""
     from tuneline.errors import debug, out_of_memory, report
-    from tuneline.signals import exit_code, interrupt_outside_imports
+    from tuneline.signals import exit_code, interrupt_outside_imports, stacks_on_request
 
     interrupt_outside_imports()  # a Ctrl-C during a lazy import waits for it (tuneline/signals.py)
+    stacks_on_request()  # kill -USR1 PID: where each thread is
     try:
         app()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a stage (a stage reports its own)
