@@ -26,6 +26,7 @@ import sys
 import time
 
 from prefect import flow, task
+from prefect.exceptions import TerminationSignal
 from prefect.states import Failed
 
 from flows.dvc_tasks import changed_inputs, reproduce
@@ -191,6 +192,10 @@ def _worker_env(jobs: int) -> dict[str, str]:
     return env
 
 
+# Ctrl-C, or SIGTERM (`kill PID`, a cancelled deployment run): inside a flow Prefect turns
+# SIGTERM into its TerminationSignal, which is no KeyboardInterrupt. The arms run under DVC's
+# queue worker, in a session of their own: a sweep stopped either way must stop them itself.
+STOPPED = (KeyboardInterrupt, TerminationSignal)
 STATUS_EVERY_S = 30  # how often the queue is asked while an arm runs (run_arms)
 PROGRESS_EVERY_S = 60  # how often a running arm's newest progress line is shown
 
@@ -275,7 +280,7 @@ def run_arms(
             if all(seen.get(n) in ("Success", "Failed") for n in names):
                 return seen
             time.sleep(5)
-    except KeyboardInterrupt:
+    except STOPPED:
         # Off the queue first (a worker told to stop still takes the next task), then the
         # running arm stopped (DVC sends it SIGINT). The same command queues them again.
         status = sweep_queue.queue_status(ROOT, DVC)
@@ -461,5 +466,5 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
         client.set_terminated(parent, "FINISHED")
         return out
     except BaseException as e:
-        client.set_terminated(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        client.set_terminated(parent, "KILLED" if isinstance(e, STOPPED) else "FAILED")
         raise

@@ -144,6 +144,39 @@ def test_time_left_ignores_an_arm_restored_from_the_run_cache():
     assert sweep.time_left([1], {}, None, jobs=1) is None
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, "TerminationSignal"])
+def test_a_stopped_sweep_stops_its_running_arm_and_empties_the_queue(stop, monkeypatch):
+    """Ctrl-C, or SIGTERM (`kill PID`, a cancelled deployment run), which Prefect raises inside a
+    flow as its TerminationSignal. The arms run under DVC's queue worker, in a session of their
+    own: a sweep stopped by SIGTERM used to say its arm was stopped and leave it training."""
+    from prefect.exceptions import TerminationSignal
+
+    import flows.sweep as flow
+
+    stop = TerminationSignal(signal=15) if stop == "TerminationSignal" else stop()
+    polls = iter([{}, stop])  # `experiments` before the loop, then the signal in its first poll
+
+    def experiments(root):
+        got = next(polls)
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    asked = []
+    monkeypatch.setattr(flow.sweep_queue, "experiments", experiments)
+    monkeypatch.setattr(flow.sweep_queue, "start", lambda *a: None)
+    monkeypatch.setattr(
+        flow.sweep_queue,
+        "queue_status",
+        lambda root, dvc: {"s-1": "Running", "s-2": "Queued", sweep_queue.WORKERS: "1"},
+    )
+    monkeypatch.setattr(flow.sweep_queue, "run_dvc", lambda args, root, dvc, check: asked.append(args))
+    monkeypatch.setattr(flow.sweep_runs, "abandon", lambda parent, names: asked.append(["abandon", *names]))
+    with pytest.raises(type(stop)):
+        flow.run_arms.fn(["s-1", "s-2"], [{}, {}], 1, "chrf", "parent-run")
+    assert asked == [["queue", "remove", "s-2"], ["queue", "kill", "s-1"], ["queue", "stop"], ["abandon", "s-1"]]
+
+
 def test_the_same_arms_are_the_same_sweep_whatever_the_base():
     """What lets a sweep run again find its arms, even after its winner was applied."""
     build = lambda base, sets: recipes.build("descramble", [*base, *sets])  # noqa: E731
@@ -192,7 +225,7 @@ def swept(tmp_path_factory, model_cache, prefect_api):
     import sys
     import time
 
-    from conftest import REPO, make_project, venv_not_on
+    from conftest import REPO, make_project, venv_not_on, wait_for
 
     from tuneline import sources, tasks
 
@@ -222,6 +255,9 @@ def swept(tmp_path_factory, model_cache, prefect_api):
         time.sleep(1)
     os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in the terminal
     assert first.wait(timeout=120) == 130, log.read_text()[-3000:]
+    # its running arm stopped too (it trains under DVC's queue worker, in a session of its own)
+    queue = lambda: proj.run(sys.executable, "-m", "dvc", "queue", "status").stdout  # noqa: E731
+    wait_for("the stopped arm to end", lambda: "Running" not in queue(), 60)
     second = proj.run(*cmd, env=env, timeout=900)
     return proj, log.read_text(), second.stdout + second.stderr
 
