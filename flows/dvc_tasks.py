@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from prefect import task
+from prefect.exceptions import TerminationSignal
 from prefect.states import Failed, State
 
 from tuneline import ROOT, gitcheck
@@ -123,10 +124,30 @@ def reproduce(name: str, force: bool = False) -> str | State:
         raise TunelineError(
             f"dvc: {' '.join(str(e).split())[:300]}", "fix dvc.yaml / params.yaml as the message says"
         ) from None
+    except TerminationSignal:
+        _stop_stages()
+        raise
     finally:
         os.environ.pop(ERROR_FILE, None)
         err_file.unlink(missing_ok=True)
     return "ran" if ran else "skipped"
+
+
+def _stop_stages(grace: float = 15.0) -> None:
+    """SIGTERM to this process alone (`kill PID`, a cancelled deployment run): inside a flow
+    Prefect raises it as TerminationSignal while DVC waits on the stage. A terminal's Ctrl-C
+    reaches the stage through the process group; this does not, and the stage trained on
+    until this process had exited (its parent-death signal), printing steps after the
+    command's "interrupted" line. Interrupt it as Ctrl-C would, and let it say so first."""
+    import psutil
+
+    stages = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "tuneline.stages" in p.cmdline():
+                p.send_signal(signal.SIGINT)
+                stages.append(p)
+    psutil.wait_procs(stages, timeout=grace)
 
 
 @task(name="check-sources", task_run_name="check sources", retries=3, retry_delay_seconds=10)

@@ -287,9 +287,13 @@ def test_sigterm_to_the_run_alone_stops_it_like_ctrl_c_and_exits_143(built, tmp_
     code, took, said = _interrupt(
         proj, ["train.max_steps=30"], ["val_loss", "[train] step"], 0, sig=signal.SIGTERM, group=False
     )
-    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    lines = said.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
     assert code == 143 and took < 15, (code, took, said[-3000:])
     assert len(errors) == 1 and "interrupted" in errors[0], said[-3000:]
+    # the stage stopped before the command said so (it used to train on until tuneline exited)
+    after = lines[lines.index(errors[0]) :]
+    assert not [line for line in after if line.startswith("[train]")], said[-3000:]
     assert "Traceback" not in said, said[-3000:]
     # the stages run in the project (their command line does not name it)
     left = [
