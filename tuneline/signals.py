@@ -52,9 +52,11 @@ def interrupt_outside_imports() -> None:
     """Ctrl-C (SIGINT) raises KeyboardInterrupt as usual, and SIGTERM raises `Terminated`
     (one), except while a module is being imported: then it waits until the import is done,
     and raises at the next Python call. (Python's default for SIGTERM is to die at once:
-    no line, no clean-up, the stage's MLflow run left RUNNING. Prefect's flow engine puts
-    its own handler in while a flow runs, marks the run Crashed, then puts this one back and
-    sends the signal again, so the flow ends as it would on Ctrl-C.)
+    no line, no clean-up, the stage's MLflow run left RUNNING. While a flow runs, Prefect's
+    engine puts its own handler in, which raises its TerminationSignal, no KeyboardInterrupt:
+    the flows' clean-ups catch it too (flows/sweep.STOPPED, dvc_tasks.reproduce). It marks
+    the flow run Crashed, puts this handler back and sends the signal again, so the command
+    still ends on the one line.)
 
     A KeyboardInterrupt inside an import leaves that module half-initialised, and libraries
     that catch BaseException around their optional imports carry on with it. Seen in a
