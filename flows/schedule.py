@@ -87,11 +87,42 @@ def schedule(
                 description=f"tuneline {what} ({recipe or 'params.yaml'}"
                 f"{''.join(f', --set {o}' for o in overrides)}) on '{cron}'",
             )
-    except KeyboardInterrupt:  # Ctrl-C is how a user stops serving
+    except KeyboardInterrupt:  # Ctrl-C is how a user stops serving (the terminal sends it to the runs too)
         say("stopped serving")
+    except SystemExit:  # SIGTERM (`kill PID`, `docker stop`): Prefect's runner turns it into exit 0
+        stop_runs()
+        say("stopped serving")
+        raise
     finally:
         if server is not None:
             servers.stop_all([server], [])
+
+
+def stop_runs(grace: float = 60.0) -> None:
+    """Interrupt the flow runs this process serves, as a terminal's Ctrl-C would: SIGINT to
+    each (a multiprocessing child of Prefect's runner) and to its stage, then wait for them
+    to end. On SIGTERM to this process alone they ran on, and the server this process had
+    started was stopped under them: a run's final state then retried against it for
+    minutes, and the command waited for the run before it could exit."""
+    import multiprocessing
+    import signal
+
+    import psutil
+
+    runs = multiprocessing.active_children()
+    for run in runs:
+        try:
+            tree = [psutil.Process(run.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.Error:
+            continue
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGINT)
+            except psutil.Error:
+                pass
+    for run in runs:
+        run.join(grace)
 
 
 def _params_yaml() -> dict:

@@ -220,3 +220,30 @@ def test_new_weights_under_the_same_model_folder_train_again(tmp_path, monkeypat
     assert fp.changed_inputs.fn(params) == {"train": f"the files of model.name '{folder}' changed since the last train"}
     other = recipes.build(None, ["model.name=tiny-gpt2"], False, None)
     assert fp._base_changed(other) is None  # another name: a param change, which DVC sees itself
+
+
+def test_sigterm_to_schedule_interrupts_the_runs_it_serves_and_their_stages(tmp_path):
+    """`kill PID` / `docker stop` of `tuneline schedule` (Prefect's runner turns SIGTERM into
+    an exit): its flow runs (multiprocessing children) and their stages are interrupted as by
+    Ctrl-C. They used to run on while the server was stopped under them."""
+    import multiprocessing
+
+    from flows.schedule import stop_runs
+
+    # A stage that says it was interrupted; its run waits for it and ignores SIGINT meanwhile
+    # (os.system does), so the run ends only if the stage itself was interrupted.
+    stage = tmp_path / "stage.py"
+    said = tmp_path / "said"
+    stage.write_text(
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGINT, lambda *_: (open({str(said)!r}, 'w').write('interrupted'), sys.exit(130)))\n"
+        f"open({str(said)!r} + '.up', 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    run = multiprocessing.get_context("spawn").Process(target=os.system, args=(f"{sys.executable} {stage}",))
+    run.start()
+    t = time.time()
+    wait_for("the run's stage", lambda: (tmp_path / "said.up").exists(), 60)
+    stop_runs(grace=30)
+    assert not run.is_alive() and time.time() - t < 30
+    assert said.read_text() == "interrupted"
