@@ -141,12 +141,14 @@ def _stop_stages(grace: float = 15.0) -> None:
     command's "interrupted" line. Interrupt it as Ctrl-C would, and let it say so first."""
     import psutil
 
-    stages = []
-    for p in psutil.Process().children(recursive=True):
+    from tuneline.signals import interrupt
+
+    def is_stage(p) -> bool:
         with contextlib.suppress(psutil.Error):
-            if "tuneline.stages" in p.cmdline():
-                p.send_signal(signal.SIGINT)
-                stages.append(p)
+            return "tuneline.stages" in p.cmdline()
+        return False
+
+    stages = interrupt(p for p in psutil.Process().children(recursive=True) if is_stage(p))
     psutil.wait_procs(stages, timeout=grace)
 
 

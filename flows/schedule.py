@@ -105,22 +105,18 @@ def stop_runs(grace: float = 60.0) -> None:
     started was stopped under them: a run's final state then retried against it for
     minutes, and the command waited for the run before it could exit."""
     import multiprocessing
-    import signal
 
     import psutil
+
+    from tuneline.signals import interrupt
 
     runs = multiprocessing.active_children()
     for run in runs:
         try:
-            tree = [psutil.Process(run.pid)]
-            tree += tree[0].children(recursive=True)
-        except psutil.Error:
+            top = psutil.Process(run.pid)
+            interrupt([top, *top.children(recursive=True)])
+        except psutil.Error:  # it has just ended
             continue
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGINT)
-            except psutil.Error:
-                pass
     for run in runs:
         run.join(grace)
 

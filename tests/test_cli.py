@@ -275,8 +275,8 @@ def test_ctrl_c_during_tokenize_or_train_ends_the_run_in_seconds_and_a_rerun_res
 def test_sigterm_to_the_run_alone_stops_it_like_ctrl_c_and_exits_143(built, tmp_path):
     """`kill PID`, `docker stop` and a cancelled scheduler send SIGTERM to tuneline only: it
     used to end on Prefect's "Crash detected!" lines, with no line of ours; now it stops as
-    Ctrl-C does, with the one line, and exits 143 (128 + SIGTERM). The stage under it stops
-    too (it follows its parent), and nothing is left running."""
+    Ctrl-C does, with the one line, and exits 143 (128 + SIGTERM). The stage under it is
+    interrupted first (dvc_tasks.reproduce), and nothing is left running."""
     import signal
     import sqlite3
 

@@ -15,6 +15,24 @@ def on_parent_death(sig: int) -> None:
         pass
 
 
+def interrupt(processes) -> list:
+    """SIGINT to each of `processes` (psutil.Process), as a terminal's Ctrl-C reaches every
+    process of its group; for what SIGTERM to one process must stop too. Returns those that
+    were still there to signal."""
+    import signal
+
+    import psutil
+
+    reached = []
+    for p in processes:
+        try:
+            p.send_signal(signal.SIGINT)
+            reached.append(p)
+        except psutil.Error:
+            pass
+    return reached
+
+
 def stacks_on_request() -> None:
     """`kill -USR1 PID` of a tuneline process (a command, a stage, a flow run) prints where
     each of its threads is, to its stderr, and the process carries on: for a run that
