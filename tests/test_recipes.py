@@ -87,6 +87,11 @@ def test_set_values_are_yaml_data_never_code():
         (("emotion", ["evaluate.primary_metric=bleu"]), r"'bleu' is not a classify metric.*accuracy"),
         (("descramble", ["tokenize.packing=concat"]), r"use 'bfd' for the supervised task"),
         (("emotion", ["prepare.labels=[joy]"]), r"needs at least two labels"),
+        # a key the task does not read would be ignored, and the column meant reported missing
+        (
+            ("descramble", ["prepare.columns.text=sentence"]),
+            r"columns maps 'text', which the descramble task does not read \(its columns: source, target\)",
+        ),
         # a comma list without brackets is one string to YAML: the fix writes it the way that works
         (("emotion", ["prepare.labels=neg,pos"]), r"'prepare.labels' must be a list .*e.g. prepare.labels=\[neg,pos\]"),
         (

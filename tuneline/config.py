@@ -138,8 +138,17 @@ class PrepareCfg(_Group):
             raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
         if self.n_test == 0 and not self.test_source:
             raise ValueError("n_test is 0 (all of test_source) but no test_source is set")
-        if TASKS[self.task].labelled and len(self.labels) < 2:
+        task = TASKS[self.task]
+        if task.labelled and len(self.labels) < 2:
             raise ValueError(f"task '{self.task}' needs at least two labels in prepare.labels")
+        # A key that is no column of the task maps nothing: the column meant would be
+        # reported missing, with this mapping silently ignored.
+        if unknown := [k for k in self.columns if k not in task.columns]:
+            raise ValueError(
+                f"columns maps {', '.join(map(repr, unknown))}, which the {self.task} task does not read "
+                f"(its columns: {', '.join(task.columns)}): map one of those, e.g. "
+                f"prepare.columns.{task.columns[-1]}=<your column>"
+            )
         return self
 
 
