@@ -155,6 +155,7 @@ def test_a_destination_must_be_new_or_empty_and_pushing_needs_the_hub(tmp_path, 
     (tmp_path / "full" / "x").write_text("x")
     for bad, says in [
         (tmp_path / "full", "is not an empty folder"),
+        (tmp_path / "full" / "x", "is a file, and the export is a folder"),
         (tmp_path / "no" / "out", "does not exist"),
         (Path("/proc/hf"), "no folder can be made in '/proc'"),  # found only after the export, before
     ]:

@@ -135,7 +135,9 @@ def call(request: dict) -> str:
 def check_dest(dest: Path) -> None:
     """Refuse a destination that holds anything, or whose parent is missing or unwritable
     (the folder is made beside it and renamed into place)."""
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.exists() and not dest.is_dir():
+        raise TunelineError(f"'{dest}' is a file, and the export is a folder", "give a new folder's path")
+    if dest.exists() and any(dest.iterdir()):
         raise TunelineError(
             f"'{dest}' already exists and is not an empty folder", "give a new folder, or remove that one first"
         )
