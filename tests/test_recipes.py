@@ -73,6 +73,7 @@ def test_set_values_are_yaml_data_never_code():
         "prepare": {"labels": ["a", "b"], "columns": {"text": "sentence"}},
         "model": {"name": "__import__('os').system('x')"},
     }
+    assert recipes.build("pretrain", ["prepare.source='hf:'"]).prepare.source == "hf:"  # as the fix below says
     assert recipes.build("emotion", ["train.lr=1e-3"]).train.lr == 0.001  # YAML reads 1e-3 as text; the schema converts
     p = recipes.build("emotion", ["prepare.columns.text=sentence"])
     assert p.prepare.columns == {"text": "sentence"} and p.prepare.labels  # merged into the recipe, not replacing it
@@ -94,6 +95,11 @@ def test_set_values_are_yaml_data_never_code():
         ),
         # a comma list without brackets is one string to YAML: the fix writes it the way that works
         (("emotion", ["prepare.labels=neg,pos"]), r"'prepare.labels' must be a list .*e.g. prepare.labels=\[neg,pos\]"),
+        # YAML reads `hf:` as the mapping {hf: None}: the fix quotes it, which works
+        (
+            ("pretrain", ["prepare.source=hf:"]),
+            r"'prepare.source' must be text \(got \{'hf': None\}\).*Fix: quote the value, e.g. --set \"prepare.source='...'\"",
+        ),
         (
             ("emotion", ["prepare.columns=review"]),
             r"'prepare.columns' must be a mapping .*prepare.columns.<key>=<value>",

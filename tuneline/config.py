@@ -503,6 +503,12 @@ def _explain(err: ValidationError, source: str) -> TunelineError:
             f"{source}: '{path}' must be a mapping (got {got})",
             f"set one key at a time, e.g. --set {path}.<key>=<value>, or `{loc[-1]}: {{key: value}}` in a YAML file",
         )
+    if e["type"] == "string_type" and isinstance(e.get("input"), dict):  # `--set prepare.source=hf:`
+        return TunelineError(
+            f"{source}: '{path}' must be text (got {got}): YAML reads a value that ends in ':', "
+            "or holds ': ', as a mapping",
+            f"quote the value, e.g. --set \"{path}='...'\"",
+        )
     if allowed is None:
         return TunelineError(
             f"{source}: '{path}' {e['msg'].lower()} (got {got})",
