@@ -32,6 +32,16 @@ def check_cron(cron: str) -> str:
     return cron
 
 
+def check_name(name: str | None) -> None:
+    from prefect.types.names import BANNED_CHARACTERS
+
+    if name and (bad := [c for c in BANNED_CHARACTERS if c in name]):
+        raise TunelineError(
+            f"--name {name!r} holds {' and '.join(map(repr, bad))}, which Prefect refuses in a deployment's name",
+            "choose a name without / % & < >, e.g. nightly-emotion",
+        )
+
+
 def schedule(
     cron: str,
     recipe: str | None = None,
@@ -44,6 +54,7 @@ def schedule(
     `sweep`: {"grid", "ranges", "sample", "jobs"} serves `tuneline sweep` instead of a run."""
     overrides = list(overrides or [])
     check_cron(cron)
+    check_name(name)
     recipes.build(recipe, overrides, False, None if recipe else _params_yaml())  # fail before serving
     if sweep:
         from flows.sweep import plan

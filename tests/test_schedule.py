@@ -179,6 +179,10 @@ def test_schedule_validates_params_and_the_server_before_serving(project):
         sys.executable, "-m", "tuneline.cli", "schedule", "--cron", "0 3 * * *", "--set", "train.lrr=1", check=False
     )
     assert proc.returncode == 2 and "did you mean 'train.lr'" in proc.stderr
+    proc = project.run(
+        sys.executable, "-m", "tuneline.cli", "schedule", "--cron", "0 3 * * *", "--name", "a/b", check=False
+    )  # Prefect's runner refuses it only once serving starts
+    assert proc.returncode == 2 and "--name 'a/b' holds '/'" in proc.stderr and len(proc.stderr.splitlines()) == 1
     project.env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # nothing listens on port 9
     t = time.time()
     proc = project.run(sys.executable, "-m", "tuneline.cli", "schedule", "--cron", "0 3 * * *", check=False)
