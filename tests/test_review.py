@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from tuneline import review
 from tuneline.cli import app
 from tuneline.errors import TunelineError
-from tuneline.gate import EVAL_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT
+from tuneline.gate import EVAL_ARTIFACT, FACED_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT
 
 TARGETS = [
     "The cat sat on the mat.",
@@ -23,16 +23,31 @@ TARGETS = [
 
 
 def _register(
-    client, rows, outputs, params, tags=None, key="k1", alias=None, task="descramble", nll=None, prompts=None
+    client,
+    rows,
+    outputs,
+    params,
+    tags=None,
+    key="k1",
+    alias=None,
+    task="descramble",
+    nll=None,
+    prompts=None,
+    faced=None,
 ) -> str:
     """A version as register leaves it: params on its run, the three eval artifacts, tags.
-    `nll`: each scored unit's loss over 5 tokens (default: 1.0 for each row)."""
+    `nll`: each scored unit's loss over 5 tokens (default: 1.0 for each row). `faced`:
+    (version, its outputs on these rows) of the champion its gate faced."""
     nll = [1.0] * len(rows) if nll is None else nll
     with mlflow.start_run() as run:
         mlflow.log_params({"prepare.task": task, "evaluate.primary_metric": "None", **params})
         record = {"examples_key": key, "tuned": {"outputs": outputs, "nll": nll, "tokens": [5] * len(nll)}}
         record["tuned"]["scored"] = None
         mlflow.log_text(json.dumps(record), EVAL_ARTIFACT)
+        if faced:
+            champion = {"run_id": client.get_model_version("m", faced[0]).run_id, "version": faced[0]}
+            tuned = {"outputs": faced[1], "nll": nll, "tokens": [5] * len(nll), "scored": None}
+            mlflow.log_text(json.dumps(champion | {"tuned": tuned}), FACED_ARTIFACT)
         mlflow.log_text("".join(json.dumps(r) + "\n" for r in rows), ROWS_ARTIFACT)
         shown = [
             {
@@ -187,6 +202,25 @@ def test_versions_scored_on_other_examples_show_what_changed_and_unknown_refs_ar
     mlflow.end_run()
     with pytest.raises(TunelineError, match=r"has no eval/examples.json \(it was registered before"):
         review.side(client, "m", str(old))
+
+
+def test_a_champion_its_gate_evaluated_again_on_new_rows_is_compared_on_every_one_of_them(client):
+    """A changed prepare param draws other test rows: the gate scores the champion on the
+    challenger's rows, and the review pairs those answers, not the none the two share."""
+    targets = [f"{t.rstrip('.')} in year {i}." for i in range(4) for t in TARGETS]  # 24 distinct sentences
+    rows = [{"source": t, "target": t} for t in targets]
+    v1 = _register(client, rows[:12], targets[:12], {}, key="k1")
+    again = list(targets[12:])
+    again[3] = "year in 2 flows quietly The river."  # v1's answer on v2's row 3, as v2's gate scored it
+    v2 = _register(client, rows[12:], targets[12:], {}, key="k2", faced=(v1, again))
+    text = review.report(review.side(client, "m", v1), review.side(client, "m", v2))
+    assert "No example pairs up" not in text
+    assert "v1 had been scored on other test examples or settings, so the gate scored it again on the 12 of v2" in text
+    assert "on 12 test examples. 1 fixed and 0 broken" in text
+    assert f"- v1: year in 2 flows quietly The river.\n  - v2: {targets[15]}" in text
+    # Against a version its gate did not face, the review pairs what the two logged, as before
+    v3 = _register(client, rows[12:], targets[12:], {}, key="k3")
+    assert "No example pairs up" in review.report(review.side(client, "m", v1), review.side(client, "m", v3))
 
 
 def test_the_command_compares_the_challenger_with_the_champion_and_saves_markdown(client, tmp_path):

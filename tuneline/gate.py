@@ -34,6 +34,10 @@ from tuneline.registry import CHALLENGER
 from tuneline.secrets import redact
 
 EVAL_ARTIFACT = "eval/examples.json"  # the run's per-example records, for the next comparison
+# The champion's per-example record on this run's test rows, as its gate compared them (its
+# own records when it was scored on these; else the re-evaluation), so that the review
+# pairs every example the gate paired.
+FACED_ARTIFACT = "eval/faced.json"
 PREDICTIONS_ARTIFACT = "eval/predictions.jsonl"  # each test example's input, reference and outputs
 ROWS_ARTIFACT = "eval/rows.jsonl"  # the test examples those records were scored on
 
@@ -284,6 +288,8 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         if against_version is not None:  # what it fixed and broke against the champion, for the reviewer
             from tuneline import review
 
+            faced = {"version": against_version, "run_id": client.get_model_version(name, against_version).run_id}
+            mlflow.log_text(json.dumps(faced | {"tuned": ref}, default=str), FACED_ARTIFACT)
             facts["review"] = review.log_for_version(client, name, against_version, str(version))
         client.update_model_version(name, version, description=card.description(**facts))
         mlflow.log_text(card.render(**facts), "model_card.md")

@@ -4,10 +4,12 @@ A and B are registered versions (`3`, `v3`), aliases (`champion`, `challenger`) 
 (`runs:/ID`, or a run id). register logs with every version what a review needs: the
 per-example records (eval/examples.json), the test rows they were scored on
 (eval/rows.jsonl), and each example's prompt, reference and outputs
-(eval/predictions.jsonl). The comparison pairs examples: when the two were scored on
-different test examples (a grown source draws a partly new test split), it pairs the
-examples both were scored on, and says so; when none is shared, it gives each one's metric
-alone. The report:
+(eval/predictions.jsonl), and the champion it faced, as its gate scored that on these rows
+(eval/faced.json). The comparison pairs examples: B against the champion it faced, on every
+test example its gate compared, even when the champion's own evaluation was on others.
+Otherwise, when the two were scored on different test examples (a grown source draws a
+partly new test split), it pairs the examples both were scored on, and says so; when none
+is shared, it gives each one's metric alone. The report:
 - the examples B fixed and broke on the primary metric, largest change first, with the
   input, the reference and both answers. Each example's value is the metric computed on
   it alone (sentence chrF for chrF; right or wrong for accuracy, so a label flip is a
@@ -22,6 +24,7 @@ alone. The report:
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import re
 from dataclasses import dataclass, replace
@@ -30,7 +33,7 @@ import numpy as np
 
 from tuneline import registry, scoring, tasks
 from tuneline.errors import TunelineError
-from tuneline.gate import EVAL_ARTIFACT, NO_COMMIT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT, artifact_text
+from tuneline.gate import EVAL_ARTIFACT, FACED_ARTIFACT, NO_COMMIT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT, artifact_text
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Side:
     params: dict[str, str]  # the run's flattened params
     tags: dict[str, str]  # the version's tags ({} for a bare run)
     packages: dict[str, str]  # what the model pins (requirements.txt)
+    faced: dict | None = None  # eval/faced.json: the champion its gate faced, on its rows (run_id, tuned)
 
 
 def _download(run_id: str, path: str, ref: str) -> str:
@@ -93,7 +97,11 @@ def side(client, name: str, ref: str) -> Side:
     rows = [json.loads(line) for line in _download(run_id, ROWS_ARTIFACT, ref).splitlines()]
     shown = [json.loads(line) for line in _download(run_id, PREDICTIONS_ARTIFACT, ref).splitlines()]
     tags = dict(version.tags) if version else {}
-    return Side(label, run_id, record, rows, shown, params, tags, _packages(version.source if version else None))
+    faced = None
+    with contextlib.suppress(Exception):  # none: the gate faced the base model, or an older tuneline registered it
+        faced = json.loads(artifact_text(run_id, FACED_ARTIFACT))
+    packages = _packages(version.source if version else None)
+    return Side(label, run_id, record, rows, shown, params, tags, packages, faced)
 
 
 def _metric(b: Side) -> tuple[tasks.Task, list[str], str]:
@@ -149,6 +157,13 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
         )
     task, labels, metric = _metric(b)
     note = []
+    if a.record.get("examples_key") != b.record.get("examples_key") and (b.faced or {}).get("run_id") == a.run_id:
+        note = [
+            "",
+            f"{a.label} had been scored on other test examples or settings, so the gate scored it again on "
+            f"the {len(b.rows)} of {b.label}; these are the answers compared.",
+        ]
+        a = _as_faced(a, b)
     if a.record.get("examples_key") != b.record.get("examples_key"):
         common = _common(a, b)
         if common is None or len(common[1].rows) < MIN_PAIRED:
@@ -216,6 +231,15 @@ def _common(a: Side, b: Side) -> tuple[Side, Side] | None:
         return None
     ia, ib = zip(*pairs)
     return _cut(a, ia), _cut(b, ib)
+
+
+def _as_faced(a: Side, b: Side) -> Side:
+    """A as B's gate scored it: on B's test rows, with the answers of that evaluation."""
+    tuned = b.faced["tuned"]
+    shown = [s | {"tuned_output": o} for s, o in zip(b.shown, tuned.get("outputs") or [])]
+    return replace(
+        a, record=a.record | {"examples_key": b.record.get("examples_key"), "tuned": tuned}, rows=b.rows, shown=shown
+    )
 
 
 def _cut(s: Side, idx: tuple[int, ...]) -> Side:
