@@ -108,6 +108,14 @@ def test_a_bad_request_is_refused_in_one_line(logged):
     with pytest.raises(TunelineError, match=r"input 2 of 3 is \d+ tokens"):
         predict.check(served, [INPUTS[0], "word " * 1100, INPUTS[0]])
     predict.check(served, INPUTS)  # nothing to refuse
+    # Kept to its words, an answer longer than the budget (24 tokens here) would leave words out
+    long = " ".join(f"w{i}" for i in range(30))
+    with pytest.raises(TunelineError, match=r"the input is \d+ tokens of words.*at most 24 tokens.*leave words out"):
+        served.predict([long])
+    with pytest.raises(TunelineError, match=r"input 2 of 2 is \d+ tokens of words"):
+        predict.check(served, [INPUTS[0], long])
+    assert len(served.predict([long], params={"constrain": "none"})) == 1  # free decoding promises no words
+    predict.check(served, [long], "none")
     with pytest.raises(TunelineError, match="constrain 'maybe' does not apply.*ask for 'none' or 'words'"):
         served.predict(INPUTS[:1], params={"constrain": "maybe"})
     with pytest.raises(TunelineError, match=r"num_beams 0 is not a number of beams. Fix: ask for 1 \(greedy\) or more"):

@@ -102,6 +102,8 @@ def check(loaded, texts: list[str], constrain: str | None = None) -> None:
                 f"--labels picks one of a classifier's labels, and this is a {task.name} model", "leave out --labels"
             )
         model.prompts(list(texts))
+        if (constrain or model.config["constrain"]) == "words":
+            model.fits_words(list(texts))
 
 
 def stream(loaded, texts: list[str], constrain: str | None = None, beams: int | None = None):

@@ -196,6 +196,20 @@ class Answerer(mlflow.pyfunc.PythonModel):
         task = tasks.TASKS[self.config["task"]]
         return WordConstraint(self.tok, [task.words(tasks.request_row(task, t)) for t in texts])
 
+    def fits_words(self, texts: list) -> None:
+        """Refuse, in one line, an input whose words take more tokens than the model's answer
+        budget: kept to them, its answer would be cut with words left out."""
+        task, budget = tasks.TASKS[self.config["task"]], int(self.config["max_new_tokens"])
+        for i, text in enumerate(texts, 1):
+            n = len(self.tok(task.words(tasks.request_row(task, text)))["input_ids"])
+            if n > budget:
+                which = f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
+                raise TunelineError(
+                    f"{which} is {n} tokens of words to put in order, but this model answers in at most {budget} "
+                    "tokens (evaluate.max_new_tokens), so its answer would leave words out",
+                    f"split it into shorter inputs (under {budget} tokens each), e.g. one sentence each",
+                )
+
     def likeliest_labels(self, prompts: list[str]) -> list[str]:
         """Per prompt, the label whose answer (+ EOS, as trained) is most likely after it:
         the prompt is read once and every label scored from its cache, as evaluate does."""
@@ -245,7 +259,10 @@ class Answerer(mlflow.pyfunc.PythonModel):
         prompts = self.prompts(texts)
         if opts["constrain"] == "labels":
             return self.likeliest_labels(prompts)
-        words = self.words(texts) if opts["constrain"] == "words" else None
+        words = None
+        if opts["constrain"] == "words":
+            self.fits_words(texts)
+            words = self.words(texts)
         with autocast(cfg["precision"]):
             return generate(
                 self.model,
