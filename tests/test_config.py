@@ -55,13 +55,22 @@ def test_bad_values_name_the_key(raw, key):
             "'train.method' must be one of 'lora', 'full' (got 'lorra'). Fix: did you mean 'lora'?",
         ),
         ({"prepare": {"task": "clasify"}}, "Fix: did you mean 'classify'?"),
+        ({"model": {"name": " "}}, "model.name is empty: name a built-in model, a local folder or a hub id"),
+        (  # a key that may also be null says so
+            {"prepare": {"near_dup_threshold": 0}},
+            "'prepare.near_dup_threshold' must be a finite number > 0 and <= 1, or null (got 0)",
+        ),
         ({"train": {"grad_checkpointing": "maybe"}}, "'train.grad_checkpointing' must be true or false"),
         # YAML's yes/on are booleans; taken for 1 they would train at rank 1 without a word
         (
             {"train": {"lora_r": True}},
             "'train.lora_r' must be an integer >= 1 (got True, which YAML reads from true/yes/on)",
         ),
-        ({"prepare": {"near_dup_threshold": False}}, "'prepare.near_dup_threshold' must be a number, not true/false"),
+        (
+            {"prepare": {"near_dup_threshold": False}},
+            "'prepare.near_dup_threshold' must be a finite number > 0 and <= 1, or null (got False, which YAML reads "
+            "from false/no/off)",
+        ),
     ],
 )
 def test_wrong_types_and_ranges_give_the_key_path_and_what_is_allowed(raw, says):

@@ -50,6 +50,13 @@ class ModelCfg(_Group):
         "a local directory, or a hub id such as 'gpt2' (needs the network).",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():  # `--set model.name=`: read as the folder '' it said has no config.json
+            raise ValueError("model.name is empty: name a built-in model, a local folder or a hub id")
+        return name
+
 
 class PrepareCfg(_Group):
     task: str = Field(
@@ -459,12 +466,15 @@ def _allowed(field) -> str | None:
     choices = _choices(field)
     if choices:
         return "one of " + ", ".join(repr(c) for c in choices)
-    kind = {int: "an integer", float: "a finite number", bool: "true or false"}.get(field.annotation)
-    if kind is None:
+    ann = field.annotation
+    kinds = set(get_args(ann)) if get_origin(ann) in (Union, UnionType) else {ann}  # float | None
+    optional = type(None) in kinds
+    kind = {int: "an integer", float: "a finite number", bool: "true or false"}.get(next(iter(kinds - {type(None)})))
+    if kind is None or len(kinds - {type(None)}) != 1:
         return None
     ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
     bounds = [f"{sign} {getattr(m, op)}" for m in field.metadata for op, sign in ops.items() if hasattr(m, op)]
-    return " ".join([kind, " and ".join(bounds)]).strip()
+    return " ".join([kind, " and ".join(bounds)]).strip() + (", or null" if optional else "")
 
 
 def _explain(err: ValidationError, source: str) -> TunelineError:
