@@ -42,6 +42,23 @@ def test_qlora_without_a_cuda_gpu_is_refused_up_front_saying_what_to_use(model_c
         parse_params({"train": {"quantize": "nf4", "method": "full"}})
 
 
+def test_more_data_parallel_processes_than_gpus_or_cores_are_refused_up_front(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(preflight.os, "sched_getaffinity", lambda pid: {0, 1})
+    preflight.check_nproc(2)
+    with pytest.raises(
+        TunelineError, match=r"train.nproc=64 .* this machine has 2 CPU core\(s\) and no GPU.*at most 2"
+    ):
+        preflight.check(parse_params({"train": {"nproc": 64}}), store=False, model=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    preflight.check_nproc(4)
+    with pytest.raises(TunelineError, match=r"train.nproc=8 .* has 4 GPU\(s\). Fix: set train.nproc to at most 4"):
+        preflight.check_nproc(8)
+
+
 def test_full_fine_tuning_does_not_check_lora_targets(model_cache):
     preflight.check(parse_params({"model": {"name": "tiny-gpt2"}, "train": {"method": "full", "lora_targets": ["x"]}}))
 

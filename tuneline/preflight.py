@@ -3,7 +3,8 @@
 Schema checks (types, ranges, choices) live in tuneline/config.py. This adds the checks
 that need the files, the model or the store: local data files exist, the model's config
 loads, `tokenize.max_length` fits its positions, LoRA targets name modules it has, the
-registered name is one MLflow accepts, and the store answers. `tuneline run` runs it before the flow writes params.yaml,
+registered name is one MLflow accepts, `train.nproc` has a GPU or core per process, and
+the store answers. `tuneline run` runs it before the flow writes params.yaml,
 the flow before its first stage, and every stage process (so `dvc repro` too) before its
 work: a run that is going to fail on its params fails here, with nothing replaced.
 """
@@ -97,12 +98,31 @@ def passed(params: Params) -> bool:
     return os.environ.get(PASSED_ENV) == key(params)
 
 
+def check_nproc(nproc: int) -> None:
+    """Data-parallel processes the machine can run: one per GPU; on a CPU, at most one per
+    core (each holds a whole copy of the model, so more only multiplies the memory)."""
+    import torch
+
+    if nproc == 1:
+        return
+    if torch.cuda.is_available():
+        have, what = torch.cuda.device_count(), "GPU(s)"
+    else:
+        have, what = len(os.sched_getaffinity(0)), "CPU core(s) and no GPU"
+    if nproc > have:
+        raise TunelineError(
+            f"train.nproc={nproc} data-parallel processes, but this machine has {have} {what}",
+            f"set train.nproc to at most {have}",
+        )
+
+
 def check(params: Params, store: bool = True, model: bool = True) -> None:
     """Raise the first problem as one line, or return when the run can start. `model`:
     also check the model (which materialises a built-in model on first use)."""
     from tuneline.modeling import check_vocab, config_dict, position_limit, tokenizer_size
 
     check_model_name(params.register.model_name)
+    check_nproc(params.train.nproc)
     check_sources(params)
     if not model:
         if store:
