@@ -48,6 +48,8 @@ def test_a_model_that_is_neither_a_uri_nor_a_folder_is_named_as_such(tmp_path, m
     assert str(e.value).startswith(
         f"--model 'champion-model' is not a model URI, and no folder '{tmp_path}/champion-model' exists. Fix: give models:/"
     )
+    with pytest.raises(TunelineError, match="^--model is empty. Fix: give models:/"):  # not "no folder '<cwd>'"
+        load("")
 
 
 def test_a_hugging_face_folder_is_named_as_such_with_the_command_that_takes_it(tmp_path):

@@ -21,9 +21,11 @@ def load(uri: str):
 
     import mlflow
 
-    if ":" not in uri and not os.path.exists(uri):  # neither a URI nor a folder: MLflow said "No such artifact"
+    if ":" not in uri and not (uri.strip() and os.path.exists(uri)):  # MLflow said "No such artifact"
         raise TunelineError(
-            f"--model '{uri}' is not a model URI, and no folder '{os.path.abspath(uri)}' exists",
+            f"--model '{uri}' is not a model URI, and no folder '{os.path.abspath(uri)}' exists"
+            if uri.strip()
+            else "--model is empty",  # '' is the working directory to os.path
             "give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or an MLflow model folder; "
             "see `tuneline history`",
         )
