@@ -586,6 +586,11 @@ CASES = [
         evaluate_on("t.csv", csv("target", sentences(5)), "--limit", "-1"),
         ("--limit -1 is negative",),
     ),
+    Case(  # the last --model counts: '' was read as the working directory, "has no config.json"
+        "cli-evaluate-empty-model",
+        evaluate_on("t.csv", csv("target", sentences(5)), "--model", ""),
+        ("--model is empty",),
+    ),
     Case(
         "cli-evaluate-out-is-a-folder",
         evaluate_on("t.csv", csv("target", sentences(5)), "--out", "reports"),

@@ -131,6 +131,10 @@ def evaluate(
 
         if limit < 0:
             raise TunelineError(f"--limit {limit} is negative", "give 0 (every example) or how many to evaluate")
+        if not model.strip():  # else read as the folder '' (the working directory)
+            raise TunelineError(
+                "--model is empty", "give models:/NAME@ALIAS, models:/NAME/VERSION, a model folder or a model name"
+            )
         if output is not None:  # the evaluation is saved as one JSON file, after all the work
             check_out_file(output, "--out", "evaluation.json")
         from tuneline import require_project
