@@ -88,6 +88,7 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
         ([{"role": "user", "content": "x"}, SYSTEM, {"role": "assistant", "content": "y"}], "system turn after"),
         ("not json", "not JSON"),
         ([], "the conversation has no turns"),
+        ([{"role": "user"}, {"role": "assistant", "content": "y"}], r"turn 1 has no content. Fix: give each turn"),
         ({"role": "user", "content": "x"}, "must be a list of turns, not dict"),
     ],
 )
@@ -199,6 +200,8 @@ def test_a_served_chat_model_answers_a_message_or_a_conversation(tiny_gpt2, gpt2
         served.prompts([{"messages": turns, "model": "x", "temperature": 0.7}])
     with pytest.raises(TunelineError, match=r"the request's messages: the conversation is text but not JSON"):
         served.prompts(['{"messages": "Bye"}'])
+    with pytest.raises(TunelineError, match=r"messages: the conversation has no turns. Fix: send the conversation,"):
+        served.prompts(['{"messages": []}'])  # not "give every row its turns": a request is no row
     assert served.prompts(['{"text": "Bye"}'])[0].startswith('<|user|>\n{"text": "Bye"}')  # any other object: a message
 
 

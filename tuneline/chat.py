@@ -132,7 +132,13 @@ def parse(value, at: str) -> list[dict]:
                 f"{at}: the conversation is text but not JSON", "store the turns as a list of {role, content}"
             ) from None
     if isinstance(value, list) and not value:
-        raise TunelineError(f"{at}: the conversation has no turns", "give every row its turns, or remove the row")
+        served = at.startswith("the request")
+        fix = (
+            "send the conversation, ending with a user turn"
+            if served
+            else "give every row its turns, or remove the row"
+        )
+        raise TunelineError(f"{at}: the conversation has no turns", fix)
     if not isinstance(value, list):
         raise TunelineError(
             f"{at}: a conversation must be a list of turns, not {type(value).__name__}",
@@ -156,7 +162,12 @@ def parse(value, at: str) -> list[dict]:
         role = ROLES[role.lower()]
         if role == "system" and k:
             raise TunelineError(f"{at}: turn {k + 1} is a system turn after the first", "keep one system turn, first")
-        turns.append({"role": role, "content": _content(t.get("content", t.get("value")), at)})
+        content = t.get("content", t.get("value"))
+        if content is None:
+            raise TunelineError(
+                f"{at}: turn {k + 1} has no content", "give each turn its text as 'content' (ShareGPT: 'value')"
+            )
+        turns.append({"role": role, "content": _content(content, at)})
     return turns
 
 
