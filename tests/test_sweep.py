@@ -81,6 +81,8 @@ def test_a_bad_range_is_one_clear_line(item):
 def test_nothing_to_sweep_and_both_kinds_at_once_are_refused():
     with pytest.raises(TunelineError, match="nothing to sweep"):
         sweep.arms({})
+    with pytest.raises(TunelineError, match=r"--range needs --sample N.*Fix: add e.g. --sample 4"):
+        sweep.arms({}, sweep.parse_ranges(["train.lora_r=8,16"], DEFAULTS))
     with pytest.raises(TunelineError, match="not both"):
         sweep.arms({"train.lr": [1]}, sweep.parse_ranges(["train.lora_r=8,16"], DEFAULTS), 2)
 
