@@ -72,6 +72,20 @@ def _workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_an_evaluation_is_saved_under_a_name_made_of_the_model_and_the_data():
+    from tuneline.cli.models import default_out
+
+    named = {
+        ("tiny-gpt2", "data/sentences.csv", "plain"): "tiny-gpt2-sentences.json",
+        ("models:/descrambler@champion", "../x/test.parquet", "chat"): "models_descrambler_champion-test-chat.json",
+        ("tiny-gpt2", "/data/*.csv", "plain"): "tiny-gpt2-all.json",  # was 'tiny-gpt2-.json'
+        ("tiny-gpt2", "shards/part-*.jsonl.gz", "plain"): "tiny-gpt2-part-all.jsonl.json",
+        ("tiny-gpt2", "hf:dair-ai/emotion#validation", "plain"): "tiny-gpt2-emotion_validation.json",
+    }
+    for args, name in named.items():
+        assert default_out(*args) == REPO / "reports" / "evaluate" / name
+
+
 def test_evaluate_any_model_on_a_new_file_prints_saves_and_logs(tmp_path, model_cache):
     """Typed in a subfolder of the project, --data is a path from there (as any shell path
     is), not from the project root, where another file of the same name may sit."""

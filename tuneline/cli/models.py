@@ -14,6 +14,15 @@ from tuneline.cli.app import app, fail, mlflow_client, out, params_of
 from tuneline.errors import TunelineError, print_error
 
 
+def default_out(model: str, data: str, how: str) -> Path:
+    """reports/evaluate/<model>-<data>[-<prompting>].json, in file-name characters. A glob's
+    '*' reads as 'all' ('part-*.jsonl': part-all), so a glob names its file too."""
+    import re
+
+    named = f"{model}-{Path(data).stem.replace('*', 'all')}" + ("" if how == "plain" else f"-{how}")
+    return ROOT / "reports" / "evaluate" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', named).strip('_')}.json"
+
+
 @app.command()
 def predict(
     texts: list[str] = typer.Argument(
@@ -121,7 +130,6 @@ def evaluate(
     Prints the metrics, saves them as JSON and logs them to MLflow."""
     try:
         import json
-        import re
 
         from tuneline import sources
         from tuneline.evaluation import evaluate_file
@@ -147,9 +155,7 @@ def evaluate(
             os.path.abspath(path) if os.path.exists(path) else model, params, sources.from_cwd(data), limit, how
         )
         said = "" if how == "plain" else f", {how} prompting"  # in the run's name and the printout
-        named = f"{model}-{Path(data).stem}" + ("" if how == "plain" else f"-{how}")
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", named).strip("_")
-        path = output or ROOT / "reports" / "evaluate" / f"{slug}.json"
+        path = output or default_out(model, data, how)
         write_json(path, result)
         import mlflow
 
