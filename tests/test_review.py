@@ -218,6 +218,8 @@ def test_a_champion_its_gate_evaluated_again_on_new_rows_is_compared_on_every_on
     assert "v1 had been scored on other test examples or settings, so the gate scored it again on the 12 of v2" in text
     assert "on 12 test examples. 1 fixed and 0 broken" in text
     assert f"- v1: year in 2 flows quietly The river.\n  - v2: {targets[15]}" in text
+    back = review.report(review.side(client, "m", v2), review.side(client, "m", v1))  # `tuneline diff 2 1`
+    assert "v1 had been scored on other test examples" in back and "on 12 test examples. 0 fixed and 1 broken" in back
     # Against a version its gate did not face, the review pairs what the two logged, as before
     v3 = _register(client, rows[12:], targets[12:], {}, key="k3")
     assert "No example pairs up" in review.report(review.side(client, "m", v1), review.side(client, "m", v3))

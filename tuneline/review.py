@@ -157,13 +157,16 @@ def report(a: Side, b: Side, threshold: float | None = None, show: int = 5) -> s
         )
     task, labels, metric = _metric(b)
     note = []
-    if a.record.get("examples_key") != b.record.get("examples_key") and (b.faced or {}).get("run_id") == a.run_id:
-        note = [
-            "",
-            f"{a.label} had been scored on other test examples or settings, so the gate scored it again on "
-            f"the {len(b.rows)} of {b.label}; these are the answers compared.",
-        ]
-        a = _as_faced(a, b)
+    if a.record.get("examples_key") != b.record.get("examples_key"):  # did either one's gate face the other?
+        for old, new in ((a, b), (b, a)):
+            if (new.faced or {}).get("run_id") == old.run_id:
+                note = [
+                    "",
+                    f"{old.label} had been scored on other test examples or settings, so the gate scored it again "
+                    f"on the {len(new.rows)} of {new.label}; these are the answers compared.",
+                ]
+                a, b = (_as_faced(a, b), b) if old is a else (a, _as_faced(b, a))
+                break
     if a.record.get("examples_key") != b.record.get("examples_key"):
         common = _common(a, b)
         if common is None or len(common[1].rows) < MIN_PAIRED:
@@ -233,13 +236,12 @@ def _common(a: Side, b: Side) -> tuple[Side, Side] | None:
     return _cut(a, ia), _cut(b, ib)
 
 
-def _as_faced(a: Side, b: Side) -> Side:
-    """A as B's gate scored it: on B's test rows, with the answers of that evaluation."""
-    tuned = b.faced["tuned"]
-    shown = [s | {"tuned_output": o} for s, o in zip(b.shown, tuned.get("outputs") or [])]
-    return replace(
-        a, record=a.record | {"examples_key": b.record.get("examples_key"), "tuned": tuned}, rows=b.rows, shown=shown
-    )
+def _as_faced(old: Side, new: Side) -> Side:
+    """`old` as `new`'s gate scored it: on new's test rows, with the answers of that evaluation."""
+    tuned = new.faced["tuned"]
+    shown = [s | {"tuned_output": o} for s, o in zip(new.shown, tuned.get("outputs") or [])]
+    record = old.record | {"examples_key": new.record.get("examples_key"), "tuned": tuned}
+    return replace(old, record=record, rows=new.rows, shown=shown)
 
 
 def _cut(s: Side, idx: tuple[int, ...]) -> Side:
