@@ -46,6 +46,20 @@ def test_a_column_name_with_invisible_characters_or_spaces_is_the_column_meant(c
     assert r"reading column 'text\u200b' as 'text'" in out and "reading column ' label ' as 'label'" in out
 
 
+def test_a_mapping_that_one_source_needs_leaves_a_source_with_the_tasks_own_column_alone(capsys):
+    """One prepare.columns maps every source: the emotion tweets (`text`) as a descrambler's
+    test_source need target=text, and the Wikipedia source already says `target`."""
+    mapped = {"target": "text"}
+
+    def targets(rows):
+        return [r["target"] for r in _task_rows(rows, "descramble", mapped, [])]
+
+    assert targets([{"text": "The cat sat."}]) == ["The cat sat."]
+    assert targets([{"target": "A dog ran."}]) == ["A dog ran."]
+    assert "x: no column 'text' (prepare.columns.target); reading its 'target'" in capsys.readouterr().out
+    assert targets([{"target": "kept", "text": "mapped"}]) == ["mapped"]  # where both are, the mapping decides
+
+
 @pytest.mark.parametrize(
     "row, says",
     [

@@ -113,6 +113,11 @@ def _column_names(rows: list[dict], task: Task, columns: dict[str, str], where: 
         if name not in keys and name in plain:  # 'target ' or 'target\u200b' is the column meant
             print(f"[prepare] {where}: reading column {plain[name]!r} as '{name}'", flush=True)
             name = plain[name]
+        if name not in keys and name != col and col in keys:
+            # prepare.columns maps for every source: a test_source named `text` while the
+            # source already says `target` would otherwise have no mapping that fits both
+            print(f"[prepare] {where}: no column {name!r} (prepare.columns.{col}); reading its '{col}'", flush=True)
+            name = col
         if name not in keys:
             alias = dict(task.aliases).get(col)
             name = alias if alias in keys and col not in columns else None
