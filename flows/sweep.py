@@ -90,14 +90,19 @@ def _train_rows() -> int | None:
     return read_json(meta)["splits"]["train"]["rows"] if meta.is_file() else None
 
 
-def _estimate(arm_params: list[Params]) -> list[float] | None:
+def _estimate(params: Params, arm_params: list[Params]) -> tuple[list[float] | None, str]:
+    """(each arm's seconds, or None; why there is no estimate)."""
+    lock = ROOT / "dvc.lock"
+    stages = (read_yaml(lock, "dvc.lock") or {}).get("stages", {}) if lock.is_file() else {}
+    if stages and (key := sweep.unlike_last(params, stages)):  # another task or model trained here last
+        return None, f"no time estimate (this project last trained with another {key})"
     train, val = (ROOT / metrics_file(s) for s in ("train", "validate"))
     return sweep.estimate_s(
         arm_params,
         read_json(train) if train.is_file() else None,
         read_json(val) if val.is_file() else None,
         _train_rows(),
-    )
+    ), "no time estimate yet (nothing has trained in this project)"
 
 
 @task(name="sweep-run", task_run_name="MLflow parent run")
@@ -376,16 +381,11 @@ def sweep_flow(
 def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
     t0 = time.time()
     params, arms, arm_params = plan(recipe, overrides, grid, ranges, sample, jobs)
-    estimates = _estimate(arm_params)
+    estimates, why_not = _estimate(params, arm_params)
     est = sum(estimates) if estimates else None
     print(
         f"[sweep] {len(arms)} arms ({_spec(grid, ranges, sample)}), each trained and scored on the validation "
-        "split; "
-        + (
-            f"about {_minutes(est)} (from this project's last training)"
-            if est
-            else "no time estimate yet (nothing has trained in this project)"
-        )
+        "split; " + (f"about {_minutes(est)} (from this project's last training)" if est else why_not)
     )
     for i, arm in enumerate(arms, 1):
         print(f"[sweep]   arm {i}: {sweep.describe(arm)}")

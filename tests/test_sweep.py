@@ -146,6 +146,28 @@ def test_time_left_ignores_an_arm_restored_from_the_run_cache():
     assert sweep.time_left([1], {}, None, jobs=1) is None
 
 
+def test_the_time_estimate_comes_only_from_a_last_run_on_the_same_data_and_model():
+    """A pretraining run's step time and packed rows said 'about 143 min' for a sweep of the
+    default descrambling job (~10 min) in the same project."""
+    from tuneline.config import flatten
+
+    params = recipes.build("descramble", [])
+    flat = flatten(params)
+
+    def lock(**over):
+        recorded = {"prepare": [k for k in flat if k.startswith("prepare.")] + ["seed"]}
+        recorded |= {"tokenize": [k for k in flat if k.startswith("tokenize.")], "train": ["model.name", "train.lr"]}
+        return {s: {"params": {"params.yaml": {k: over.get(k, flat[k]) for k in keys}}} for s, keys in recorded.items()}
+
+    assert sweep.unlike_last(params, lock()) is None
+    assert sweep.unlike_last(params, lock(**{"train.lr": 0.1})) is None  # what the arms sweep may differ
+    assert sweep.unlike_last(params, lock(**{"model.name": "gpt2-scratch-tiny"})) == "model.name"
+    assert sweep.unlike_last(params, lock(**{"prepare.task": "pretrain"})) == "prepare.task"
+    assert sweep.unlike_last(params, lock(**{"tokenize.max_length": 128})) == "tokenize.max_length"
+    pretrained = lock(**{"prepare.task": "pretrain", "prepare.min_words": 20, "model.name": "gpt2-scratch-tiny"})
+    assert sweep.unlike_last(params, pretrained) == "prepare.task"  # the one a user recognises, of three
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, "TerminationSignal"])
 def test_a_stopped_sweep_stops_its_running_arm_and_empties_the_queue(stop, monkeypatch):
     """Ctrl-C, or SIGTERM (`kill PID`, a cancelled deployment run), which Prefect raises inside a

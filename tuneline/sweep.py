@@ -237,6 +237,18 @@ def select(stats: list[scoring.Stat], metric: str, alpha: float = 0.05, n_boot: 
     return Selection(winner, values, comps, beaten)
 
 
+def unlike_last(params: Params, lock_stages: dict) -> str | None:
+    """The first param by which the sweep's data or model differ from what this project last
+    prepared, tokenized and trained (dvc.lock's stages), or None: only then do its step time
+    and packed rows say how long the sweep's arms take."""
+    flat, differ = flatten(params), []
+    for stage in ("prepare", "tokenize", "train"):
+        recorded = (lock_stages.get(stage) or {}).get("params", {}).get("params.yaml", {})
+        differ += [k for k, v in recorded.items() if (stage != "train" or k == "model.name") and flat.get(k) != v]
+    telling = ("prepare.task", "model.name", "prepare.source")  # named first: what a user recognises
+    return min(differ, key=lambda k: telling.index(k) if k in telling else len(telling), default=None)
+
+
 def estimate_s(
     arm_params: list[Params], last_train: dict | None, last_val: dict | None, n_rows: int | None
 ) -> list[float] | None:
