@@ -14,6 +14,8 @@ def test_dash_reads_one_input_per_line_from_stdin_in_order():
     stdin = io.StringIO("sat cat the\r\nran dog the\n")
     assert inputs(["first one", "-", "last"], stdin) == ["first one", "sat cat the", "ran dog the", "last"]
     assert inputs(["only"], io.StringIO("unread\n")) == ["only"]
+    # A file saved with a byte-order mark: the first input was '\ufeffsat', and a descrambler wrote it back
+    assert inputs(["-"], io.StringIO("\ufeffsat cat the\r\nran dog the\r\n")) == ["sat cat the", "ran dog the"]
 
 
 @pytest.mark.parametrize(

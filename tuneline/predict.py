@@ -56,7 +56,10 @@ def inputs(texts: list[str], stdin, example: str = "") -> list[str]:
     found: list[tuple[str, str]] = []  # (where it came from, the input)
     for i, text in enumerate(texts, 1):
         if text == "-":
-            found += [(f"line {n} of stdin", line.rstrip("\r\n")) for n, line in enumerate(stdin, 1)]
+            lines = [line.rstrip("\r\n") for line in stdin]
+            if lines:  # a file saved with a byte-order mark (Windows Notepad): not part of the first input
+                lines[0] = lines[0].removeprefix("\ufeff")
+            found += [(f"line {n} of stdin", line) for n, line in enumerate(lines, 1)]
         else:
             found.append((f"input {i}" if len(texts) > 1 else "the input", text))
     if not found:
