@@ -108,7 +108,9 @@ def check_nproc(nproc: int) -> None:
     if torch.cuda.is_available():
         have, what = torch.cuda.device_count(), "GPU(s)"
     else:
-        have, what = len(os.sched_getaffinity(0)), "CPU core(s) and no GPU"
+        # the cores this process may use (a container's share); macOS has no sched_getaffinity
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        have, what = len(cores), "CPU core(s) and no GPU"
     if nproc > have:
         raise TunelineError(
             f"train.nproc={nproc} data-parallel processes, but this machine has {have} {what}",
