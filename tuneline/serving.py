@@ -124,6 +124,11 @@ def _form(task: tasks.Task) -> str:
     return f"write it as {task.serve_example!r}{named}"
 
 
+def _which(i: int, n: int) -> str:
+    """Request i of n, as a refusal names it."""
+    return f"input {i} of {n}" if n > 1 else "the input"
+
+
 class Answerer(mlflow.pyfunc.PythonModel):
     """The served model: a tokenizer, the merged model and the run's `settings`."""
 
@@ -146,9 +151,6 @@ class Answerer(mlflow.pyfunc.PythonModel):
 
         task = tasks.TASKS[self.config["task"]]
 
-        def which(i: int) -> str:
-            return f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
-
         for i, text in enumerate(texts, 1):  # as `tuneline predict` refuses one (predict.inputs)
             if (
                 text is None
@@ -156,7 +158,8 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 or (isinstance(text, str) and not text.strip())
             ):
                 raise TunelineError(
-                    f"{which(i)} is empty, so there is nothing to answer", f"give the text, e.g. {task.serve_example!r}"
+                    f"{_which(i, len(texts))} is empty, so there is nothing to answer",
+                    f"give the text, e.g. {task.serve_example!r}",
                 )
         if task.chat:
             prompts = []
@@ -164,7 +167,9 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 try:
                     prompts.append(chat.render(self.tok, chat.request(text), True))
                 except TunelineError as e:  # which of several requests it is
-                    raise TunelineError(f"{which(i)}: {e.problem}" if len(texts) > 1 else e.problem, e.fix) from None
+                    raise TunelineError(
+                        f"{_which(i, len(texts))}: {e.problem}" if len(texts) > 1 else e.problem, e.fix
+                    ) from None
             # (a served frame's cells arrive as numpy arrays)
             texts = [t if isinstance(t, str) else json.dumps(t, default=lambda a: a.tolist()) for t in texts]
         else:
@@ -174,7 +179,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
                 try:
                     prompts.append(tasks.request_prompt(task, text, self.config["labels"]))
                 except ValueError as e:
-                    raise TunelineError(f"{which(i)} {str(text)[:80]!r} {e}", _form(task)) from None
+                    raise TunelineError(f"{_which(i, len(texts))} {str(text)[:80]!r} {e}", _form(task)) from None
             texts = [json.dumps(t) if isinstance(t, dict) else t for t in texts]
         limit, budget = position_limit(self.model.config), self.config["max_new_tokens"]
         for i, (text, prompt) in enumerate(zip(texts, prompts), 1):
@@ -182,7 +187,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
             if limit is not None and n + budget > limit:
                 own = len(self.tok(text)["input_ids"])
                 raise TunelineError(
-                    f"{which(i)} is {n} tokens with its template; with {budget} tokens for the answer the model has "
+                    f"{_which(i, len(texts))} is {n} tokens with its template; with {budget} tokens for the answer the model has "
                     f"positions for {limit}",
                     f"shorten it to under {limit - budget - (n - own)} tokens",
                 )
@@ -203,9 +208,8 @@ class Answerer(mlflow.pyfunc.PythonModel):
         for i, text in enumerate(texts, 1):
             n = len(self.tok(task.words(tasks.request_row(task, text)))["input_ids"])
             if n > budget:
-                which = f"input {i} of {len(texts)}" if len(texts) > 1 else "the input"
                 raise TunelineError(
-                    f"{which} is {n} tokens of words to put in order, but this model answers in at most {budget} "
+                    f"{_which(i, len(texts))} is {n} tokens of words to put in order, but this model answers in at most {budget} "
                     "tokens (evaluate.max_new_tokens), so its answer would leave words out",
                     f"split it into shorter inputs (under {budget} tokens each), e.g. one sentence each",
                 )
