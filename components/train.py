@@ -20,7 +20,7 @@ from tuneline.data import BASE_META, MODELS, TOKENIZED, TOKENIZED_META, TRAIN_CU
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
 from tuneline.io import atomic_dir, read_json, write_json, write_text
 from tuneline.loss import unwrap
-from tuneline.modeling import amp_dtype, check_pair, device, identity, load_tokenizer
+from tuneline.modeling import TRAINED_PARAMS, amp_dtype, check_pair, device, identity, load_tokenizer
 from tuneline.tokendata import read_rows
 from tuneline.tokenization import check_tokenizer
 from tuneline.training import (
@@ -158,7 +158,7 @@ def _save(model, tok, params: Params) -> None:
         if "chat_template_sha256" in read_json(TOKENIZED_META):  # conversations: their template travels with it
             tok.chat_template = chat.template(tok)
         tok.save_pretrained(tmp / "merged")
-        write_json(tmp / "merged" / "tuneline_params.json", params.model_dump())
+        write_json(tmp / "merged" / TRAINED_PARAMS, params.model_dump())
         write_json(tmp / BASE_META.name, {"model": params.model.name, "identity": identity(params.model.name)})
 
 

@@ -157,6 +157,44 @@ def test_a_missing_data_file_or_version_is_one_line(tmp_path):
     ]
 
 
+def test_a_tuned_model_is_evaluated_only_as_the_task_and_labels_it_was_tuned_for(tmp_path):
+    """With params.yaml on the emotion recipe, `tuneline evaluate -m models:/descrambler@champion`
+    scored the descrambler's answers to a classify prompt: accuracy 0, and no word of why."""
+    import json
+
+    import pytest
+
+    from tuneline import recipes
+    from tuneline.cli.models import check_tuned_for
+    from tuneline.errors import TunelineError
+    from tuneline.modeling import TRAINED_PARAMS
+
+    work = _workdir(tmp_path / "project")
+    emotion = recipes.build("emotion", [], False, None)
+    folder = tmp_path / "exported"  # `tuneline export`'s folder (its weights are not read first)
+    folder.mkdir()
+    (folder / TRAINED_PARAMS).write_text(json.dumps(emotion.model_dump()))
+    (work / "tweets.jsonl").write_text('{"text": "i feel great", "label": "joy"}\n')
+    proc = _cli("evaluate", "--model", str(folder), "--data", "tweets.jsonl", cwd=work)  # params.yaml: descramble
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [
+        f"error: {folder} was tuned for the classify task, and params.yaml reads the data as descramble rows. "
+        "Fix: pass --recipe emotion"
+    ]  # not the data's "missing column 'target'" with a fix that maps it
+    with pytest.raises(TunelineError, match="and the recipe mnli reads the data as entail rows"):
+        check_tuned_for(str(folder), recipes.build("mnli", [], False, None), "the recipe mnli")
+    with pytest.raises(
+        TunelineError,
+        match=r"answers with the labels \['sadness', .*declares \['joy', 'sad'\]. "
+        r"Fix: .*--set prepare.labels=\[sadness,joy,love,anger,fear,surprise\]",
+    ):
+        check_tuned_for(str(folder), recipes.build("emotion", ["prepare.labels=[joy,sad]"], False, None), "params.yaml")
+    reordered = recipes.build("emotion", ["prepare.labels=[joy,sadness,love,anger,fear,surprise]"], False, None)
+    for fits in (emotion, reordered):  # a file's label ids may come in another order
+        check_tuned_for(str(folder), fits, "params.yaml")
+    check_tuned_for("tiny-gpt2", emotion, "params.yaml")  # a base model: any task
+
+
 def test_an_unforeseen_error_is_one_line_and_its_traceback_is_saved(tmp_path, monkeypatch, capsys):
     import pytest
 

@@ -311,7 +311,7 @@ def export(version, dest: Path) -> dict:
     not at all. Returns what was written and the checked example's answer."""
     import mlflow
 
-    from tuneline.modeling import load_tokenizer
+    from tuneline.modeling import TRAINED_PARAMS, load_tokenizer
 
     check_dest(dest)
     label = f"{version.name} v{version.version}"
@@ -326,7 +326,7 @@ def export(version, dest: Path) -> dict:
         task = tasks.TASKS[config["task"]]
         folder = work / "hf"
         shutil.copytree(source, folder)
-        params_file = folder / "tuneline_params.json"
+        params_file = folder / TRAINED_PARAMS
         params = json.loads(params_file.read_text()) if params_file.is_file() else {}
         tok = load_tokenizer(str(folder))
         _decode_config(folder, config, tok)

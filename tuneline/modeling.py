@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # torch is imported where it is used: the preflight reads con
 # Pretraining from scratch: GPT-2 shapes (n_layer, n_head, n_embd) with GPT-2's 1024 positions.
 SCRATCH = {"gpt2-scratch-tiny": (4, 4, 256), "gpt2-scratch-small": (12, 12, 768), "gpt2-scratch-medium": (24, 16, 1024)}
 BUILTIN = ("smollm2-135m-instruct", "tiny-gpt2", *SCRATCH)
+# In a model folder tuneline trained (merged, registered, exported): every param of its run
+TRAINED_PARAMS = "tuneline_params.json"
 
 
 def cache_dir() -> Path:

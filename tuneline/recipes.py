@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from tuneline import ROOT
-from tuneline.config import Params, parse_params, read_yaml
+from tuneline.config import Params, PrepareCfg, parse_params, read_yaml
 from tuneline.errors import TunelineError
 
 # A tiny slice of any recipe: a few dozen rows, a few steps, nothing registered.
@@ -34,6 +34,12 @@ def recipes_dir() -> Path:
 
 def names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def for_task(task: str) -> list[str]:
+    """The recipes whose prepare.task is `task` (a recipe that sets none has the schema's)."""
+    default = PrepareCfg.model_fields["task"].default
+    return [n for n in names() if ((load_recipe(n) or {}).get("prepare") or {}).get("task", default) == task]
 
 
 def summary(name: str) -> str:

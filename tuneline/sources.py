@@ -61,7 +61,9 @@ def from_cwd(spec: str) -> str:
     path = os.path.expanduser(spec.removeprefix(prefix))
     if not prefix and SCHEME.match(spec) and not os.path.exists(spec):  # hf:, builtin:
         return spec
-    return spec if os.path.isabs(path) else prefix + os.path.join(os.getcwd(), path)
+    # normpath: '../d/x.csv' is printed and recorded as the file it names (getcwd is physical,
+    # so dropping '..' textually names the same file the kernel opens)
+    return spec if os.path.isabs(path) else prefix + os.path.normpath(os.path.join(os.getcwd(), path))
 
 
 def load(spec: str, streaming: bool = False, hashes: bool = True) -> tuple[Batches, dict, bool]:

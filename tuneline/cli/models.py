@@ -23,6 +23,32 @@ def default_out(model: str, data: str, how: str) -> Path:
     return ROOT / "reports" / "evaluate" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', named).strip('_')}.json"
 
 
+def check_tuned_for(ref: str, params, where: str) -> None:
+    """Refuse to score a model tuneline tuned for another task (or other labels) than
+    `params` read the data as: its answers to a prompt it never saw would be scored as if
+    they meant something (a descrambler scored 0 on emotion tweets, with no word of why).
+    `where`: what set params' task (params.yaml or a recipe), for the message."""
+    from tuneline import recipes, tasks
+    from tuneline.evaluation import tuned_for
+
+    found = tuned_for(ref)
+    if found is None:  # a base model: any task
+        return
+    task, labels = found
+    if task != params.prepare.task:
+        fits = recipes.for_task(task)
+        raise TunelineError(
+            f"{ref} was tuned for the {task} task, and {where} reads the data as {params.prepare.task} rows",
+            f"pass --recipe {' or --recipe '.join(fits)}" if fits else f"pass --set prepare.task={task}",
+        )
+    # as sets: the model answers with the labels' text; their order maps a file's label ids
+    if tasks.TASKS[task].labelled and labels and set(labels) != set(params.prepare.labels):
+        raise TunelineError(
+            f"{ref} answers with the labels {labels}, and {where} declares {list(params.prepare.labels)}",
+            f"pass the recipe it was trained with, or --set prepare.labels=[{','.join(labels)}]",
+        )
+
+
 @app.command()
 def predict(
     texts: list[str] = typer.Argument(
@@ -151,9 +177,9 @@ def evaluate(
         params = params_of(recipe, sets)
         # an argument's path is from where it was typed (in params, from the project root)
         path = os.path.expanduser(model)
-        result = evaluate_file(
-            os.path.abspath(path) if os.path.exists(path) else model, params, sources.from_cwd(data), limit, how
-        )
+        ref = os.path.abspath(path) if os.path.exists(path) else model
+        check_tuned_for(ref, params, f"the recipe {recipe}" if recipe else "params.yaml")
+        result = evaluate_file(ref, params, sources.from_cwd(data), limit, how)
         said = "" if how == "plain" else f", {how} prompting"  # in the run's name and the printout
         path = output or default_out(model, data, how)
         write_json(path, result)
