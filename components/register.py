@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tuneline import gate, parity, registry
+from tuneline import gate, parity, registry, serving
 from tuneline.config import Params
 from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file, trained_model
 from tuneline.errors import TunelineError
@@ -77,6 +77,7 @@ def _inputs(params: Params) -> tuple[dict, dict, list[dict]]:
 def run(params: Params) -> dict:
     import mlflow
 
+    serving.check_champion_task(params)  # `dvc repro` too: the champion it would face answers this task
     evals, record, rows = _inputs(params)
     checked = parity.check(params, rows, trained_model())  # a broken merge stops here: nothing logged or registered
     info = gate.log_model(params)  # the slow upload happens outside the gate's lock

@@ -30,7 +30,7 @@ from prefect import flow, runtime, task
 from prefect.states import Completed, Failed, State
 
 from flows.dvc_tasks import changed_inputs, outdated_stages, reproduce, save_experiment
-from tuneline import ROOT, gitcheck, preflight, recipes
+from tuneline import ROOT, gitcheck, preflight, recipes, serving
 from tuneline.config import Params, read_yaml
 from tuneline.errors import INTERRUPTED, TunelineError
 from tuneline.io import rewrite_user_file
@@ -162,6 +162,7 @@ def _pipeline(recipe: str | None, overrides: list[str], smoke: bool):
         base = read_yaml(path, "params.yaml")
     params = recipes.build(recipe, overrides, smoke, base)  # validate before any work
     preflight.check(params)  # the model, LoRA targets, the registered name, the store: before params.yaml is written
+    serving.check_champion_task(params)  # register.model_name's champion is a model for this task
     if not smoke:  # the run ends as a DVC experiment, which stashes what git tracks
         gitcheck.check_untracked_state(ROOT)
     forced: dict[str, str] = {}

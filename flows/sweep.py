@@ -31,7 +31,7 @@ from prefect.states import Failed
 
 from flows.dvc_tasks import changed_inputs, reproduce
 from flows.pipeline import pipeline, write_params
-from tuneline import ROOT, gitcheck, preflight, recipes, sweep, sweep_queue, sweep_runs
+from tuneline import ROOT, gitcheck, preflight, recipes, serving, sweep, sweep_queue, sweep_runs
 from tuneline.config import Params, read_yaml
 from tuneline.data import TOKENIZED_META, VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
@@ -64,6 +64,7 @@ def plan(
     gitcheck.check_committed(ROOT)  # the arms are DVC experiments: commits on top of one
     gitcheck.check_untracked_state(ROOT)
     preflight.check(params)  # the model, the data, the store: after the spec, which fails in a second
+    serving.check_champion_task(params)  # the best arm faces register.model_name's champion
     for i, p in enumerate(arm_params, 1):
         if p.model.name != params.model.name or p.train.lora_targets != params.train.lora_targets:
             try:

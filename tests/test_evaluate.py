@@ -17,10 +17,8 @@ from tuneline.evaluation import (
     metrics_of,
     prompts_and_targets,
     score_labels,
-    tuned_for,
 )
 from tuneline.generation import generate
-from tuneline.modeling import TRAINED_PARAMS
 from tuneline.tokenization import answer_start, encode_batch
 
 PROMPTS = [
@@ -257,17 +255,6 @@ def test_any_model_on_a_file_it_has_never_seen(tmp_path, model_cache):
     assert sorted(result["predictions"][0]["prompt"].split()[1:-1]) == sorted(
         result["predictions"][0]["target"].split()
     )
-
-
-def test_a_tuned_models_task_and_labels_are_read_without_loading_it(tmp_path, logged):
-    """What `tuneline evaluate` checks a --recipe against (tests/test_cli.py)."""
-    assert tuned_for(logged[0]) == ("descramble", [])  # a registered version's served settings
-    folder = tmp_path / "exported"  # a merged, registered or exported folder carries its run's params
-    folder.mkdir()
-    params = recipes.build("emotion", ["model.name=tiny-gpt2"], False, None)
-    (folder / TRAINED_PARAMS).write_text(json.dumps(params.model_dump()))
-    assert tuned_for(str(folder)) == ("classify", ["sadness", "joy", "love", "anger", "fear", "surprise"])
-    assert tuned_for("tiny-gpt2") is None and tuned_for(str(tmp_path)) is None  # base models: any task
 
 
 @pytest.mark.parametrize("task", ["descramble", "classify"])

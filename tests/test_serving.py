@@ -201,3 +201,36 @@ def test_over_http_an_entailment_pair_is_read_from_named_fields_and_a_bare_sente
         assert said.status_code == 200 and said.json()["predictions"] == expected, said.text
     said = http.post("/invocations", json={"inputs": ["A man walks."]})
     assert said.status_code == 400 and "is not a hypothesis and a premise" in said.json()["message"], said.text
+
+
+def test_a_tuned_models_task_and_labels_are_read_without_loading_it(tmp_path, logged):
+    """What `tuneline evaluate` checks a --recipe against, and a run its registered name."""
+    from tuneline.modeling import TRAINED_PARAMS
+
+    assert serving.tuned_for(logged[0]) == ("descramble", [])  # a registered version's settings
+    folder = tmp_path / "exported"  # a merged, registered or exported folder carries its run's params
+    folder.mkdir()
+    params = recipes.build("emotion", ["model.name=tiny-gpt2"], False, None)
+    (folder / TRAINED_PARAMS).write_text(json.dumps(params.model_dump()))
+    assert serving.tuned_for(str(folder)) == ("classify", ["sadness", "joy", "love", "anger", "fear", "surprise"])
+    assert serving.tuned_for("tiny-gpt2") is None and serving.tuned_for(str(tmp_path)) is None  # base: any task
+
+
+def test_a_run_for_another_task_is_refused_before_it_would_face_the_champion(logged):
+    """An emotion run registered as 'descrambler' (the schema's default name) had its gate
+    score the descrambler on tweets (accuracy 0), promote the classifier, and `tuneline
+    predict 'sat cat the'` answer 'joy'."""
+    name = "held-by-a-descrambler"
+    version = mlflow.register_model(logged[0], name).version
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", version)
+    emotion = recipes.build("emotion", [f"register.model_name={name}"], False, None)
+    with pytest.raises(
+        TunelineError,
+        match=rf"register.model_name '{name}' holds a model for the descramble task \(champion v{version}\), and "
+        rf"this run trains one for the classify task. Fix: give it a name of its own, e.g. --set "
+        rf"register.model_name={name}-classify",
+    ):
+        serving.check_champion_task(emotion)
+    serving.check_champion_task(recipes.build(None, [f"register.model_name={name}"], False, None))  # its own task
+    serving.check_champion_task(recipes.build("emotion", [f"register.model_name={name}"], True, None))  # a smoke run
+    serving.check_champion_task(recipes.build("emotion", [], False, None))  # a name with no champion yet

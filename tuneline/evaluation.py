@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from pathlib import Path
 
 from tuneline import deps, progress, prompting, scoring, splits, tasks
 from tuneline.config import Params
@@ -23,7 +21,7 @@ from tuneline.constrain import WordConstraint
 from tuneline.generation import answer
 from tuneline.io import read_json, write_json
 from tuneline.loss import example_totals
-from tuneline.modeling import TRAINED_PARAMS, autocast, cache_dir, device, identity, load_model, load_tokenizer
+from tuneline.modeling import autocast, cache_dir, device, identity, load_model, load_tokenizer
 from tuneline.packing import concat, pack_groups
 from tuneline.tokenization import answer_start, encode_batch, encode_rows
 
@@ -342,27 +340,6 @@ def load_any(ref: str):
             tok.pad_token = tok.eos_token
         return model, tok
     return load_model(ref), load_tokenizer(ref)
-
-
-def tuned_for(ref: str) -> tuple[str, list[str]] | None:
-    """(task, labels) of a model tuneline tuned, read without loading it: a registered
-    version's served settings, or a model folder's TRAINED_PARAMS. None for any other model
-    (a base model, a hub id, a version registered by older tuneline)."""
-    if ref.split(":", 1)[0] in ("models", "runs", "mlflow-artifacts"):
-        import mlflow
-
-        from tuneline.tracking import check_store, tracking_uri
-
-        check_store()
-        mlflow.set_tracking_uri(tracking_uri())
-        try:
-            config = mlflow.models.get_model_info(ref).flavors.get("python_function", {}).get("config") or {}
-        except Exception:  # not found: load_any says so, with its fix
-            return None
-        return (config["task"], list(config.get("labels") or [])) if "task" in config else None
-    trained = Path(os.path.expanduser(ref)) / TRAINED_PARAMS
-    prep = read_json(trained).get("prepare") if trained.is_file() else None
-    return (prep["task"], list(prep.get("labels") or [])) if isinstance(prep, dict) and "task" in prep else None
 
 
 def evaluate_file(ref: str, params: Params, data: str, limit: int = 0, kind: str = "plain") -> dict:

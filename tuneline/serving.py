@@ -46,6 +46,65 @@ def settings(params: Params) -> dict:
     }
 
 
+def tuned_for(ref: str) -> tuple[str, list[str]] | None:
+    """(task, labels) of a model tuneline tuned, read without loading it: a registered
+    version's settings (above), or a model folder's TRAINED_PARAMS (merged, exported). None
+    for any other model (a base model, a hub id, a version registered by older tuneline)."""
+    import os
+
+    from tuneline.modeling import TRAINED_PARAMS
+
+    if ref.split(":", 1)[0] in ("models", "runs", "mlflow-artifacts"):
+        from tuneline.tracking import check_store, tracking_uri
+
+        check_store()
+        mlflow.set_tracking_uri(tracking_uri())  # as evaluation.load_any reads it
+        try:
+            config = mlflow.models.get_model_info(ref).flavors.get("python_function", {}).get("config") or {}
+        except Exception:  # not found: loading it says so, with its fix
+            return None
+        return (config["task"], list(config.get("labels") or [])) if "task" in config else None
+    trained = Path(os.path.expanduser(ref)) / TRAINED_PARAMS
+    prep = json.loads(trained.read_text()).get("prepare") if trained.is_file() else None
+    return (prep["task"], list(prep.get("labels") or [])) if isinstance(prep, dict) and "task" in prep else None
+
+
+def differs(found: tuple[str, list[str]] | None, params: Params) -> str | None:
+    """'task' or 'labels' when a model tuned for `found` (tuned_for) cannot answer what
+    `params` ask (labels as sets: a model answers with their text; their order only maps a
+    file's label ids), else None."""
+    if found is None:  # not tuned by tuneline: any task
+        return None
+    task, labels = found
+    if task != params.prepare.task:
+        return "task"
+    return "labels" if tasks.TASKS[task].labelled and labels and set(labels) != set(params.prepare.labels) else None
+
+
+def check_champion_task(params: Params) -> None:
+    """register.model_name holds one task: a run that would register a model of another
+    task (or label set) under it is refused before it trains. Else its gate would score the
+    champion on prompts it never saw, promote the newcomer, and `tuneline predict` would
+    answer a descrambler's input with an emotion label."""
+    from tuneline import registry
+    from tuneline.tracking import tracking_uri
+
+    name = params.register.model_name
+    if params.register.dry_run:  # a smoke run registers nothing
+        return
+    champ = registry.champion(mlflow.MlflowClient(tracking_uri()), name)
+    found = champ and tuned_for(f"models:/{name}/{champ.version}")
+    what = differs(found, params)
+    if what:
+        held = f"the {found[0]} task" if what == "task" else f"the labels {found[1]}"
+        ours = f"the {params.prepare.task} task" if what == "task" else f"the labels {list(params.prepare.labels)}"
+        raise TunelineError(
+            f"register.model_name '{name}' holds a model for {held} (champion v{champ.version}), "
+            f"and this run trains one for {ours}",
+            f"give it a name of its own, e.g. --set register.model_name={name}-{params.prepare.task}",
+        )
+
+
 def log_model(params: Params, merged: Path):
     """Log the model in `merged` (a saved HF model and tokenizer) to the active run."""
     from mlflow.models import ModelSignature, infer_signature

@@ -28,24 +28,21 @@ def check_tuned_for(ref: str, params, where: str) -> None:
     `params` read the data as: its answers to a prompt it never saw would be scored as if
     they meant something (a descrambler scored 0 on emotion tweets, with no word of why).
     `where`: what set params' task (params.yaml or a recipe), for the message."""
-    from tuneline import recipes, tasks
-    from tuneline.evaluation import tuned_for
+    from tuneline import recipes
+    from tuneline.serving import differs, tuned_for
 
     found = tuned_for(ref)
-    if found is None:  # a base model: any task
-        return
-    task, labels = found
-    if task != params.prepare.task:
-        fits = recipes.for_task(task)
+    what = differs(found, params)
+    if what == "task":
+        fits = recipes.for_task(found[0])
         raise TunelineError(
-            f"{ref} was tuned for the {task} task, and {where} reads the data as {params.prepare.task} rows",
-            f"pass --recipe {' or --recipe '.join(fits)}" if fits else f"pass --set prepare.task={task}",
+            f"{ref} was tuned for the {found[0]} task, and {where} reads the data as {params.prepare.task} rows",
+            f"pass --recipe {' or --recipe '.join(fits)}" if fits else f"pass --set prepare.task={found[0]}",
         )
-    # as sets: the model answers with the labels' text; their order maps a file's label ids
-    if tasks.TASKS[task].labelled and labels and set(labels) != set(params.prepare.labels):
+    if what == "labels":
         raise TunelineError(
-            f"{ref} answers with the labels {labels}, and {where} declares {list(params.prepare.labels)}",
-            f"pass the recipe it was trained with, or --set prepare.labels=[{','.join(labels)}]",
+            f"{ref} answers with the labels {found[1]}, and {where} declares {list(params.prepare.labels)}",
+            f"pass the recipe it was trained with, or --set prepare.labels=[{','.join(found[1])}]",
         )
 
 
