@@ -113,7 +113,7 @@ def test_labels_for_a_model_that_has_none_is_refused_in_the_commands_words():
     for task, labels in (("chat", []), ("descramble", []), ("classify", [])):
         served.config = {"task": task, "labels": labels}
         with pytest.raises(
-            TunelineError, match=rf"^--labels picks one of a classifier's labels, and this is a {task} model"
+            TunelineError, match=rf"^--labels picks one of a classifier's labels, and this model is for the {task} task"
         ):
             pred.check(loaded, ["hi"], "labels")
     served.config = {"task": "classify", "labels": ["joy", "anger"]}

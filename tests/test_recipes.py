@@ -85,7 +85,7 @@ def test_set_values_are_yaml_data_never_code():
         (("emotoin", []), r"unknown recipe 'emotoin'.*did you mean 'emotion'"),
         (("emotion", ["train.lrr=1"]), r"unknown key 'train.lrr'.*did you mean 'train.lr'"),
         (("emotion", ["train.lr"]), r"--set 'train.lr' is not key=value"),
-        (("emotion", ["evaluate.primary_metric=bleu"]), r"'bleu' is not a classify metric.*accuracy"),
+        (("emotion", ["evaluate.primary_metric=bleu"]), r"'bleu' is not a metric of the classify task.*accuracy"),
         (("descramble", ["tokenize.packing=concat"]), r"use 'bfd' for the supervised task"),
         (("emotion", ["prepare.labels=[joy]"]), r"needs at least two labels"),
         # a key the task does not read would be ignored, and the column meant reported missing

@@ -131,7 +131,7 @@ def test_a_model_without_words_decodes_freely_and_refuses_the_word_constraint():
     assert config["constrain"] == "none" and config["labels"] == list(params.prepare.labels)
     answerer = serving.Answerer()
     answerer.config = config
-    with pytest.raises(TunelineError, match="does not apply to a classify model.*ask for 'none'"):
+    with pytest.raises(TunelineError, match="does not apply to a model of the classify task.*ask for 'none'"):
         answerer.predict(None, ["i feel great"], {"constrain": "words"})
 
 
@@ -151,7 +151,7 @@ def test_a_classifier_asked_for_labels_answers_the_label_evaluate_scores_highest
     assert set(scored) <= set(labels) and len(set(scored)) > 1  # the label depends on the input
     assert not set(answerer.predict(None, texts)) <= set(labels)  # decoded freely, as evaluate's `accuracy`
     with pytest.raises(
-        TunelineError, match="constrain 'labels' does not apply to a descramble model.*'none' or 'words'"
+        TunelineError, match="constrain 'labels' does not apply to a model of the descramble task.*'none' or 'words'"
     ):
         mlflow.pyfunc.load_model(logged[0]).predict(INPUTS[:1], params={"constrain": "labels"})
 

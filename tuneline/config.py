@@ -365,7 +365,7 @@ with warnings.catch_warnings():
                 known = metric_names(task)
                 if base not in known or (label and (not task.labelled or label.rstrip("]") not in self.prepare.labels)):
                     raise ValueError(
-                        f"register.guardrails: '{name}' is not a {task.name} metric (use "
+                        f"register.guardrails: '{name}' is not a metric of the {task.name} task (use "
                         f"{', '.join(known)}" + (", or accuracy[<label>]" if task.labelled else "") + ")"
                     )
                 if not (math.isfinite(margin) and margin >= 0):
@@ -373,7 +373,7 @@ with warnings.catch_warnings():
             metric = self.evaluate.primary_metric
             if metric is not None and metric not in task.metrics:
                 raise ValueError(
-                    f"evaluate.primary_metric '{metric}' is not a {task.name} metric "
+                    f"evaluate.primary_metric '{metric}' is not a metric of the {task.name} task "
                     f"(choose one of: {', '.join(task.metrics)})"
                 )
             from tuneline.scoring import BINARY

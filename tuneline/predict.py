@@ -104,7 +104,8 @@ def check(loaded, texts: list[str], constrain: str | None = None) -> None:
         task = tasks.TASKS[model.config["task"]]
         if constrain == "labels" and not (task.labelled and model.config["labels"]):
             raise TunelineError(
-                f"--labels picks one of a classifier's labels, and this is a {task.name} model", "leave out --labels"
+                f"--labels picks one of a classifier's labels, and this model is for the {task.name} task",
+                "leave out --labels",
             )
         model.prompts(list(texts))
         if (constrain or model.config["constrain"]) == "words":

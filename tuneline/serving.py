@@ -313,7 +313,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
         applies = ["none"] + ["words"] * bool(task.words) + ["labels"] * bool(task.labelled and cfg["labels"])
         if opts["constrain"] not in applies:
             raise TunelineError(
-                f"constrain '{opts['constrain']}' does not apply to a {task.name} model",
+                f"constrain '{opts['constrain']}' does not apply to a model of the {task.name} task",
                 "ask for " + " or ".join(f"'{c}'" for c in applies),
             )
         if int(opts["num_beams"]) < 1:  # generate would fail deep inside on it
