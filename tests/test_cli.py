@@ -438,4 +438,8 @@ def test_the_run_ends_with_a_predict_command_for_the_version_it_registered(tmp_p
     assert "`tuneline diff`" in kept
     first = hint({"version": 1, "promoted": False, "gate": {"decision": "not promoted"}})
     assert "models:/descrambler/1" in first and "tuneline history" in first and "diff" not in first
-    assert hint({"version": 0, "promoted": False, "dry_run": True}) is None  # nothing registered
+    smoke = {"version": 0, "promoted": False, "dry_run": True}  # nothing registered: the model logged to the run
+    assert hint(smoke) is None  # (a smoke run of older tuneline did not say where)
+    assert hint(smoke | {"model_uri": "models:/m-1a2b"}) == (
+        "tuneline predict --model models:/m-1a2b 'cat the on sat mat the'   (this smoke run's model: logged, not registered)"
+    )

@@ -241,6 +241,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
             flush=True,
         )
         result = {"version": 0, "promoted": False, "dry_run": True, "gate": gate, "parity": parity or {}, primary: c.a}
+        result["model_uri"] = info.model_uri  # what `tuneline predict --model` answers with (the run's summary)
         write_json(metrics_file("register"), result)
         return result
 

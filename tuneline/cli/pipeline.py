@@ -81,28 +81,32 @@ def run(
         )
         return
     where = ROOT / ".smoke" / (recipe or "params") if smoke else ROOT
-    rel = os.path.relpath(where)
+
+    def shown(path) -> str:  # 'metrics/eval.json' (not './metrics/eval.json'), or '.smoke/…/metrics/eval.json'
+        return os.path.normpath(os.path.join(os.path.relpath(where), path))
+
     out.print(
         f"\n[bold green]{'smoke run' if smoke else 'pipeline'} finished[/] in {time.time() - t:.0f}s: "
         + ", ".join(f"{k} {v}" for k, v in status.items())
     )
     out.print(
-        f"  metrics:     {os.path.join(rel, METRICS['evaluate'])} (base vs tuned, test split), "
-        f"{os.path.join(rel, METRICS['validate'])} (tuned, validation split), "
-        f"{os.path.join(rel, METRICS['tokenize'])} (packing)"
+        f"  metrics:     {shown(METRICS['evaluate'])} (base vs tuned, test split), "
+        f"{shown(METRICS['validate'])} (tuned, validation split), "
+        f"{shown(METRICS['tokenize'])} (packing)"
     )
-    out.print(f"  predictions: {os.path.join(rel, PREDICTIONS)}")
+    out.print(f"  predictions: {shown(PREDICTIONS)}")
     out.print(
         f"  MLflow:      {redact(tracking_uri())} (experiment '{'smoke' if smoke else _experiment()}'); browse with `tuneline ui`"
     )
-    if not smoke and (hint := try_it(params, ROOT)):
+    if hint := try_it(params, where):
         out.print(f"  try it:      {hint}", markup=False, highlight=False)
 
 
 def try_it(params, root) -> str | None:
     """The command that answers with the version this run registered (metrics/register.json),
     on the task's example input: the champion's alias when the gate promoted it, else the
-    version itself, with why it is not champion. None when nothing was registered (dry run)."""
+    version itself, with why it is not champion; a smoke run's model as it logged it (a dry
+    run registers nothing). None when nothing was logged."""
     import shlex
 
     from tuneline import tasks
@@ -112,9 +116,11 @@ def try_it(params, root) -> str | None:
     path = root / metrics_file("register")
     result = read_json(path) if path.is_file() else {}
     version, name = result.get("version"), params.register.model_name
+    example = shlex.quote(tasks.TASKS[params.prepare.task].serve_example)
+    if result.get("dry_run") and result.get("model_uri"):
+        return f"tuneline predict --model {result['model_uri']} {example}   (this smoke run's model: logged, not registered)"
     if not version:
         return None
-    example = shlex.quote(tasks.TASKS[params.prepare.task].serve_example)
     if result.get("promoted"):
         return f"tuneline predict {example}   ({name} v{version}, the champion)"
     why = "the gate did not promote it; `tuneline history` says why"
