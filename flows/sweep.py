@@ -455,6 +455,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
             "winner": winner,
             "clear": sel.clear(),
             "test": evaluated["tuned"][metric],
+            "metric": metric,
             "stages": stages,
             "total_s": time.time() - t0,
         }

@@ -320,6 +320,7 @@ def test_only_the_winner_is_evaluated_on_test_and_gated(swept):
     val = {n: json.loads(sweep_queue.read_at(c, "metrics/validate.json", proj.root))["chrf"] for n, c in found.items()}
     winner = max(val, key=val.get)
     assert f"winner {winner}" in second and "sweep sweep-" in second and "finished" in second
+    assert ", test chrf " in second  # the test figure is named
     for n, c in found.items():
         logs = proj.run(sys.executable, "-m", "dvc", "queue", "logs", n).stdout
         assert "Running stage 'evaluate'" not in logs  # no arm reads the test split

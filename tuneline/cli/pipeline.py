@@ -195,7 +195,7 @@ def sweep(
         return
     out.print(
         f"\n[bold green]sweep {res['sweep']} finished[/] in {res['total_s'] / 60:.1f} min: winner {res['winner']}, "
-        f"test {res['test']:.4g}, gate: {res.get('gate') or 'not registered (register.dry_run)'}"
+        f"test {res['metric']} {res['test']:.4g}, gate: {res.get('gate') or 'not registered (register.dry_run)'}"
     )
     out.print("  arms:   `dvc exp show` (params and validation metrics); `tuneline ui` (the sweep's MLflow run)")
     from tuneline.config import load_params
