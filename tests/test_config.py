@@ -89,3 +89,28 @@ def test_yes_and_on_still_set_a_boolean_key():
 def test_missing_params_file_says_where_to_run(tmp_path):
     with pytest.raises(TunelineError, match="project root"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "train:\n\tlr: 0.1\n",
+            r"params.yaml line 2 \('\\tlr: 0.1'\).*Fix: indent with spaces \(YAML does not allow tabs\)",
+        ),
+        ("train:\n  lr: '0.1\n  epochs: 1\n", r"""line 2 \("  lr: '0.1"\).*Fix: close the quote opened on line 2"""),
+        (
+            "prepare:\n  labels: [neg, pos\n",
+            r"line 2 \('  labels: \[neg, pos'\).*Fix: close the bracket opened on line 2",
+        ),
+        ("train:\n  lr: 0.1\n    epochs: 1\n", r"line 3 \('    epochs: 1'\).*line a key up under the other keys"),
+    ],
+)
+def test_a_yaml_mistake_names_its_line_and_the_usual_fix(tmp_path, text, message):
+    """A tab in params.yaml said only 'not valid YAML (while scanning for the next token).
+    Fix: fix the YAML syntax'."""
+    from tuneline.config import read_yaml
+
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(TunelineError, match=message):
+        read_yaml(tmp_path / "params.yaml", "params.yaml")

@@ -569,6 +569,30 @@ def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool =
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
+def _yaml_error(e: yaml.YAMLError, shown: str, text: str) -> TunelineError:
+    """Where the YAML breaks, the line as written, and the usual cause's fix (it said only
+    'not valid YAML (while scanning for the next token)' for a tab in params.yaml)."""
+    mark, opened = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    problem, context = getattr(e, "problem", None) or str(e).splitlines()[0], str(getattr(e, "context", ""))
+    if mark is None:
+        return TunelineError(f"{shown} is not valid YAML ({problem})", "correct the YAML syntax")
+    lines, since = text.splitlines(), opened.line + 1 if opened is not None and opened.line != mark.line else None
+    # the line it broke on; at the end of the file (an unclosed quote), the line that opened it
+    at = mark.line if mark.line < len(lines) and lines[mark.line].strip() else (since or 0) - 1
+    where = f"{shown} line {at + 1} ({lines[at].rstrip()!r})" if 0 <= at < len(lines) else shown
+    if "'\\t'" in problem:  # a tab, as PyYAML writes it
+        fix = "indent with spaces (YAML does not allow tabs)"
+    elif "quoted scalar" in context and since:
+        fix = f"close the quote opened on line {since}"
+    elif "flow sequence" in context and since:
+        fix = f"close the bracket opened on line {since}"
+    elif "mapping values are not allowed" in problem:
+        fix = "quote a value that holds ': ', and line a key up under the other keys of its group"
+    else:
+        fix = "indent each key two spaces under its group (train:, prepare:, ...), its siblings in line"
+    return TunelineError(f"{where} is not valid YAML: {problem}", fix)
+
+
 def read_yaml(path: Path, shown: str, allow_empty: bool = False) -> dict:
     """A params-style YAML file as a mapping, or one line naming what is wrong with it.
     `allow_empty`: a file of comments only means "all defaults" (a recipe may be one)."""
@@ -581,7 +605,7 @@ def read_yaml(path: Path, shown: str, allow_empty: bool = False) -> dict:
     except TunelineError as e:
         raise TunelineError(f"{shown}: {e.problem}", e.fix) from None
     except yaml.YAMLError as e:
-        raise TunelineError(f"{shown} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") from None
+        raise _yaml_error(e, shown, text) from None
     if raw is None and allow_empty:
         return {}
     if raw is None:
