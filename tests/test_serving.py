@@ -133,6 +133,9 @@ def test_a_model_without_words_decodes_freely_and_refuses_the_word_constraint():
     answerer.config = config
     with pytest.raises(TunelineError, match="does not apply to a model of the classify task.*ask for 'none'"):
         answerer.predict(None, ["i feel great"], {"constrain": "words"})
+    # beams with labels: served, they were ignored (`tuneline predict --labels --beams 3` refuses)
+    with pytest.raises(TunelineError, match="num_beams 3 does not apply to constrain 'labels'.*Fix: leave out"):
+        answerer.predict(None, ["i feel great"], {"constrain": "labels", "num_beams": 3})
 
 
 def test_a_classifier_asked_for_labels_answers_the_label_evaluate_scores_highest(tiny_gpt2, gpt2_tok, logged):

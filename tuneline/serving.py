@@ -318,6 +318,14 @@ class Answerer(mlflow.pyfunc.PythonModel):
             )
         if int(opts["num_beams"]) < 1:  # generate would fail deep inside on it
             raise TunelineError(f"num_beams {opts['num_beams']} is not a number of beams", "ask for 1 (greedy) or more")
+        # (MLflow fills a param the request left out with the model's default: only another
+        # number of beams is one the request asked for)
+        if opts["constrain"] == "labels" and int(opts["num_beams"]) != int(cfg["num_beams"]):
+            raise TunelineError(
+                f"num_beams {opts['num_beams']} does not apply to constrain 'labels': it scores the labels, it does "
+                "not decode",
+                "leave out num_beams (as `tuneline predict --labels` refuses --beams)",
+            )
         texts = _inputs(model_input, task)
         prompts = self.prompts(texts)
         if opts["constrain"] == "labels":
