@@ -65,6 +65,9 @@ def test_a_folder_as_the_source_gets_the_glob_of_its_own_files(tmp_path):
         TunelineError, match=rf"'{corpus}' is a directory. Fix: name the files, e.g. '{corpus}/\*.txt.gz'$"
     ):
         sources.load(str(corpus))
+    with pytest.raises(TunelineError, match=rf"^data source '{corpus}' is a directory"):  # not '…/project/../corpus'
+        (tmp_path / "project").mkdir()  # a params path from the project root: '../corpus'
+        sources.load(str(tmp_path / "project" / ".." / "corpus"))
     with pytest.raises(TunelineError, match=r"e.g. '.*/empty/\*.jsonl'$"):  # nothing readable in it: an example
         (tmp_path / "empty").mkdir()
         sources.load(str(tmp_path / "empty"))

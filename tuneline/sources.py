@@ -223,8 +223,9 @@ def _local(spec: str, hashes: bool = True) -> tuple[Batches, dict, bool]:
     paths = local_paths(spec)
     kinds = set()
     for path in paths:
-        if path.is_dir():
-            raise TunelineError(f"data source '{path}' is a directory", f"name the files, e.g. '{_glob_for(path)}'")
+        if path.is_dir():  # (shown without '..': the folder the user named)
+            shown = Path(os.path.normpath(path))
+            raise TunelineError(f"data source '{shown}' is a directory", f"name the files, e.g. '{_glob_for(shown)}'")
         kinds.add(file_format(path)[0] == ".txt")
     if len(kinds) > 1:
         raise TunelineError(
