@@ -182,6 +182,24 @@ def test_promote_refuses_a_version_that_does_not_exist(client):
         registry.promote(client, "m", "7", "why not")
 
 
+def test_a_model_without_a_champion_names_the_version_there_is(client):
+    """`tuneline predict` under params.yaml's model said only "has no champion yet. Fix:
+    promote a version", and `tuneline export` "'champion' is not a version or alias ... Fix:
+    name ... an alias (champion, ...)"; the newest version can answer or be exported."""
+    with pytest.raises(TunelineError, match=r"'m' has no version yet. Fix: run the pipeline first"):
+        registry.require_champion(client, "m", "--model models:/{name}/{version}")
+    for _ in range(2):
+        client.create_model_version("m", source="file:///nowhere")
+    with pytest.raises(
+        TunelineError,
+        match=r"^model 'm' has no champion yet \(the gate promoted none of its 2 version\(s\)\). "
+        r"Fix: --model models:/m/2, or promote it: tuneline promote 2 --reason '...'$",
+    ):
+        registry.require_champion(client, "m", "--model models:/{name}/{version}")
+    registry.promote(client, "m", "1", "v2 truncates answers")
+    registry.require_champion(client, "m", "--model models:/{name}/{version}")  # there is one now
+
+
 def test_an_unknown_model_name_says_how_to_ask_for_the_registered_ones(client):
     client.create_registered_model("emotion-classifier")
     # params.yaml names the descrambler, but this store holds other models: say how to pick one

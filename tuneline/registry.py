@@ -82,6 +82,21 @@ def champion(client, name: str):
         return None
 
 
+def require_champion(client, name: str, what: str) -> None:
+    """One line when `name` has versions but none was promoted, naming the newest (which
+    `tuneline predict --model` can answer with) and how to promote it. `what`: the fix's use."""
+    if champion(client, name) is not None:
+        return
+    versions = [int(v.version) for v in client.search_model_versions(f"name = '{name}'")]
+    if not versions:
+        raise TunelineError(f"model '{name}' has no version yet", "run the pipeline first (`tuneline run`)")
+    newest = max(versions)
+    raise TunelineError(
+        f"model '{name}' has no champion yet (the gate promoted none of its {len(versions)} version(s))",
+        what.format(name=name, version=newest) + f", or promote it: tuneline promote {newest} --reason '...'",
+    )
+
+
 def version(client, name: str, ref: str):
     """A version of `name` by number (3 or v3) or by alias (champion, challenger)."""
     import re

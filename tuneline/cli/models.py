@@ -92,10 +92,12 @@ def predict(
         client = mlflow_client()
         if uri is None:
             registry.require_model(client, name, "--model models:/{}@champion")
-            if registry.champion(client, name) is None:
-                raise TunelineError(
-                    f"model '{name}' has no champion yet", "promote a version: tuneline promote VERSION --reason ..."
-                )
+            registry.require_champion(
+                client,
+                name,
+                "answer with v{version} (`tuneline history` says why the gate kept it out): "
+                "--model models:/{name}/{version}",
+            )
             uri = f"models:/{name}@champion"
         constrain = "labels" if labels else "none" if free else None
         loaded, answered = pred.load(uri), 0

@@ -141,6 +141,8 @@ def export(
         client = mlflow_client()
         name = model_name(name)
         registry.require_model(client, name)
+        if version.strip() == registry.CHAMPION:  # the default: say which version there is instead
+            registry.require_champion(client, name, "export it by number: --version {version}")
         chosen = registry.version(client, name, version)
         out.print(f"[export] {name} v{chosen.version} -> {folder}", markup=False, highlight=False)
         done = exporting.export(chosen, folder)
