@@ -32,6 +32,7 @@ from tuneline.training import (
     make_optimizer,
     prepare_model,
     resume,
+    short_of_max_steps,
     total_steps,
 )
 
@@ -103,6 +104,8 @@ def run(params: Params) -> dict:
         f"TFLOP/s ({device_name})",
         flush=True,
     )
+    if note := short_of_max_steps(len(r.train_rows), cfg, world):
+        say(f"[train] {note}", flush=True)
 
     ck, meter, stopped = fit(r, ck, params, on_point=_log_point)
 

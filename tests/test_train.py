@@ -398,3 +398,19 @@ def test_lora_shapes_are_refused_with_full_fine_tuning():
 
     with pytest.raises(TunelineError, match="train.method is 'full'"):
         parse_params({"train": {"method": "full", "lora_variant": "dora"}})
+
+
+def test_a_max_steps_the_epochs_do_not_reach_is_said():
+    """train.max_steps caps the steps train.epochs gives: `--set train.max_steps=20` on 20
+    packed rows at batch 2 trained 10 steps, and nothing said why."""
+    from tuneline.training import short_of_max_steps, total_steps
+
+    cfg = TrainCfg(batch_size=2, epochs=1, max_steps=20)
+    assert total_steps(20, cfg) == 10
+    assert short_of_max_steps(20, cfg) == (
+        "train.max_steps=20 is not reached: train.epochs=1 over 20 packed rows gives 10 steps "
+        "(max_steps caps the steps; raise train.epochs to train longer)"
+    )
+    assert short_of_max_steps(20, TrainCfg(batch_size=2, epochs=2, max_steps=20)) == ""  # reached
+    assert short_of_max_steps(20, TrainCfg(batch_size=2, epochs=3, max_steps=20)) == ""  # it caps: nothing to say
+    assert short_of_max_steps(20, TrainCfg(batch_size=2, epochs=1)) == ""  # no cap

@@ -177,7 +177,11 @@ class TokenizeCfg(_Group):
 class TrainCfg(_Group):
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters or full fine-tuning.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
-    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0: no cap).")
+    max_steps: int = Field(
+        0,
+        ge=0,
+        description="At most this many optimizer steps of the ones train.epochs gives (0: no cap); unlike HF Trainer's max_steps, it never trains past the epochs.",
+    )
     batch_size: int = Field(2, ge=1, description="Packed sequences per micro-batch.")
     grad_accum: int = Field(
         1,

@@ -151,6 +151,19 @@ def total_steps(n_rows: int, cfg: TrainCfg, world: int = 1) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
+def short_of_max_steps(n_rows: int, cfg: TrainCfg, world: int = 1) -> str:
+    """Why a run trains fewer steps than train.max_steps, or '': max_steps caps the steps
+    that train.epochs gives (as litgpt's does), where HF Trainer's would replace epochs, so
+    `--set train.max_steps=20` on 120 rows trained 10 steps without a word."""
+    total = total_steps(n_rows, cfg, world)
+    if not cfg.max_steps or total >= cfg.max_steps:
+        return ""
+    return (
+        f"train.max_steps={cfg.max_steps} is not reached: train.epochs={cfg.epochs:g} over {n_rows} packed rows "
+        f"gives {total} steps (max_steps caps the steps; raise train.epochs to train longer)"
+    )
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
 
