@@ -65,6 +65,32 @@ def test_a_hugging_face_folder_is_named_as_such_with_the_command_that_takes_it(t
         load(str(tmp_path / "merged"))
 
 
+def test_a_folder_tuneline_trained_answers_as_the_version_registered_from_it(tmp_path, logged):
+    """models/merged and `tuneline export`'s folder hold their run's params: `tuneline predict
+    --model ./exported` said it "holds no task, prompt or decoding to answer with"."""
+    import json
+    import shutil
+
+    import mlflow
+
+    from tuneline import predict as pred
+    from tuneline.modeling import TRAINED_PARAMS
+
+    uri, params, root = logged  # tiny-gpt2 registered as a descrambler from root/merged
+    folder = tmp_path / "exported"
+    shutil.copytree(root / "merged", folder)
+    (folder / TRAINED_PARAMS).write_text(json.dumps(params.model_dump()))
+    texts = ["sat cat the mat on the", "went I home", "the was founded university in 1908."]
+    registered = mlflow.pyfunc.load_model(uri)
+    for constrain in (None, "none"):  # kept to the input's words, as the version; and freely
+        assert list(pred.stream(pred.load(str(folder)), texts, constrain)) == list(
+            pred.stream(registered, texts, constrain)
+        )
+    (folder / TRAINED_PARAMS).write_text(json.dumps({"train": {"lrr": 1}}))  # another tuneline's params
+    with pytest.raises(TunelineError, match="is a Hugging Face model folder"):
+        pred.load(str(folder))
+
+
 def test_labels_are_scored_not_decoded_so_decoding_options_are_refused():
     from typer.testing import CliRunner
 

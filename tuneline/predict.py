@@ -1,5 +1,5 @@
-"""`tuneline predict`: answers from a model in the MLflow registry (or any MLflow model URI),
-to one input, several, or stdin's lines (`-`), in requests of CHUNK inputs.
+"""`tuneline predict`: answers from a model in the MLflow registry (or any MLflow model URI,
+or a folder tuneline trained), to one input, several, or stdin's lines (`-`), in requests of CHUNK inputs.
 
 A registered model answers as the run's evaluate scored (tuneline/serving.py): the task's
 prompt filled with the input, decoded greedily or by beam search, a descrambler under the
@@ -16,7 +16,7 @@ from tuneline.errors import TunelineError
 
 
 def load(uri: str):
-    """The pyfunc model at `uri`, or one line saying why not."""
+    """The pyfunc model at `uri` (or a folder tuneline trained: `Folder`), or one line saying why not."""
     import os
 
     import mlflow
@@ -30,7 +30,10 @@ def load(uri: str):
             "see `tuneline history`",
         )
     hf_folder = os.path.isfile(os.path.join(uri, "config.json")) and not os.path.isfile(os.path.join(uri, "MLmodel"))
-    if hf_folder:  # models/merged, an export
+    if hf_folder:  # models/merged, an export: with its run's params, it answers as registered
+        trained = Folder.of(uri)
+        if trained is not None:
+            return trained
         raise TunelineError(
             f"--model '{uri}' is a Hugging Face model folder, not an MLflow model: it holds no task, "
             "prompt or decoding to answer with",
@@ -44,6 +47,40 @@ def load(uri: str):
             f"cannot load '{uri}' ({str(e).splitlines()[0][:120]})",
             "check the URI with `tuneline history` or the MLflow UI",
         ) from None
+
+
+class Folder:
+    """A folder tuneline trained (models/merged, `tuneline export`'s), which holds its run's
+    params (TRAINED_PARAMS): it answers as the version registered from it does, through the
+    same `Answerer` and settings, with the three parts of a pyfunc model `predict` uses."""
+
+    def __init__(self, answerer) -> None:
+        from types import SimpleNamespace
+
+        self.answerer, self.metadata = answerer, SimpleNamespace(flavors={})
+
+    @classmethod
+    def of(cls, path: str) -> Folder | None:
+        """The folder's model, or None when it holds no params this tuneline reads."""
+        import json
+        from pathlib import Path
+
+        from tuneline.config import parse_params
+        from tuneline.modeling import TRAINED_PARAMS
+        from tuneline.serving import Answerer, settings
+
+        trained = Path(path) / TRAINED_PARAMS
+        try:
+            params = parse_params(json.loads(trained.read_text()), str(trained))
+        except (OSError, ValueError, TunelineError):  # none, or another tuneline's schema
+            return None
+        return cls(Answerer().load(path, settings(params)))
+
+    def unwrap_python_model(self):
+        return self.answerer
+
+    def predict(self, texts: list[str], params: dict | None = None) -> list[str]:
+        return self.answerer.predict(None, texts, params)
 
 
 CHUNK = 256  # inputs per request to the model (it batches them): answers are printed as each ends

@@ -55,7 +55,11 @@ def predict(
         """('{"instruction": "...", "input": "..."}'), or for a chat model a conversation ending with a user """
         """turn ('{"messages": [{"role": "user", "content": "..."}, ...]}'); '-' reads one input per line from stdin.""",
     ),
-    model: str = typer.Option(None, help="Model URI (default: models:/<register.model_name>@champion)."),
+    model: str = typer.Option(
+        None,
+        help="Model URI (default: models:/<register.model_name>@champion), or a folder tuneline trained "
+        "(models/merged, `tuneline export`'s).",
+    ),
     free: bool = typer.Option(
         False, "--free", help="Decode freely (else a descrambler keeps the input's words, as evaluate scored it)."
     ),
