@@ -132,26 +132,35 @@ def check_store(uri: str | None = None, to_serve: bool = False) -> None:
                 ) from None
 
 
-def setup(experiment: str) -> str:
-    """Point MLflow at the store and return the experiment id (created on first use)."""
+def open_store() -> str:
+    """Point MLflow at the store and return its URI. The first use of a new SQLite store
+    creates its tables: one process does while the others wait (two pipelines started
+    together would otherwise both run the schema migrations, and one fail on "duplicate
+    column name: step"). The lock is taken every time: a store being created already has a
+    non-empty file. Whatever reads or writes the store first goes through here."""
     import logging
 
     import mlflow
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # a new store's migrations, line by line
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     db = _sqlite_path(uri)
     if db is not None:
-        # A new SQLite store: one process creates its tables while the others wait (two
-        # pipelines started together would otherwise both run the schema migrations). The
-        # lock is taken every time: a store being created already has a non-empty file.
         import hashlib
 
         from tuneline.lock import machine_lock
 
         with machine_lock(f"store-{hashlib.sha256(str(db).encode()).hexdigest()[:12]}"):
             mlflow.MlflowClient().search_experiments(max_results=1)
+    return uri
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and return the experiment id (created on first use)."""
+    import mlflow
+
+    db = _sqlite_path(open_store())
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         # An SQLite store keeps artifacts beside it (mlflow.db -> mlartifacts/), so every
