@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from tuneline import recipes, servers
+from tuneline import recipes, servers, serving
 from tuneline.errors import TunelineError
 
 LOCAL_API = "http://127.0.0.1:4200/api"
@@ -55,7 +55,8 @@ def schedule(
     overrides = list(overrides or [])
     check_cron(cron)
     check_name(name)
-    recipes.build(recipe, overrides, False, None if recipe else _params_yaml())  # fail before serving
+    params = recipes.build(recipe, overrides, False, None if recipe else _params_yaml())  # fail before serving
+    serving.check_champion_task(params)  # not at 03:00, run after run: the registered name's task (each run checks too)
     if sweep:
         from flows.sweep import plan
 

@@ -190,6 +190,26 @@ def test_schedule_validates_params_and_the_server_before_serving(project):
     assert time.time() - t < 60
 
 
+def test_schedule_refuses_a_run_its_registered_name_holds_no_model_for_before_serving(monkeypatch):
+    """A nightly `--recipe emotion --set register.model_name=descrambler` was served, and
+    every night's run failed on it: the schedule says so once, before it serves."""
+    from flows import schedule as sched
+    from tuneline import serving
+    from tuneline.errors import TunelineError
+
+    asked = []
+
+    def other_task(params):
+        asked.append(params.register.model_name)
+        raise TunelineError("register.model_name 'descrambler' holds a model for the descramble task", "rename")
+
+    monkeypatch.setattr(serving, "check_champion_task", other_task)
+    monkeypatch.setattr(sched.servers, "answers", lambda *a, **k: pytest.fail("asked for a server"))
+    with pytest.raises(TunelineError, match="holds a model for the descramble task"):
+        sched.schedule("0 3 * * *", "emotion", ["register.model_name=descrambler"])
+    assert asked == ["descrambler"]
+
+
 def test_params_yaml_is_left_alone_when_a_recipe_run_changes_no_value(tmp_path, monkeypatch):
     """A nightly `--recipe` run rewrites params.yaml only if a value changed: git stays clean."""
     import flows.pipeline as fp

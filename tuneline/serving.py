@@ -87,11 +87,12 @@ def check_champion_task(params: Params) -> None:
     champion on prompts it never saw, promote the newcomer, and `tuneline predict` would
     answer a descrambler's input with an emotion label."""
     from tuneline import registry
-    from tuneline.tracking import open_store
+    from tuneline.tracking import check_store, open_store
 
     name = params.register.model_name
     if params.register.dry_run:  # a smoke run registers nothing
         return
+    check_store()  # in seconds, where MLflow would retry an unreachable server for minutes
     champ = registry.champion(mlflow.MlflowClient(open_store()), name)  # (may be the store's first use)
     found = champ and tuned_for(f"models:/{name}/{champ.version}")
     what = differs(found, params)
