@@ -56,7 +56,7 @@ def schedule(
     check_cron(cron)
     check_name(name)
     params = recipes.build(recipe, overrides, False, None if recipe else _params_yaml())  # fail before serving
-    serving.check_champion_task(params)  # not at 03:00, run after run: the registered name's task (each run checks too)
+    serving.check_champion_task(params)  # refused now, not in every scheduled run (each run checks again)
     if sweep:
         from flows.sweep import plan
 
