@@ -311,7 +311,8 @@ def export(version, dest: Path) -> dict:
     not at all. Returns what was written and the checked example's answer."""
     import mlflow
 
-    from tuneline.modeling import TRAINED_PARAMS, load_tokenizer
+    from tuneline.modeling import load_tokenizer
+    from tuneline.serving import trained_params
 
     check_dest(dest)
     label = f"{version.name} v{version.version}"
@@ -326,8 +327,7 @@ def export(version, dest: Path) -> dict:
         task = tasks.TASKS[config["task"]]
         folder = work / "hf"
         shutil.copytree(source, folder)
-        params_file = folder / TRAINED_PARAMS
-        params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+        params = trained_params(folder) or {}
         tok = load_tokenizer(str(folder))
         _decode_config(folder, config, tok)
         _chat_template(folder, task, tok)

@@ -62,19 +62,16 @@ class Folder:
     @classmethod
     def of(cls, path: str) -> Folder | None:
         """The folder's model, or None when it holds no params this tuneline reads."""
-        import json
-        from pathlib import Path
-
         from tuneline.config import parse_params
         from tuneline.modeling import TRAINED_PARAMS
-        from tuneline.serving import Answerer, settings
+        from tuneline.serving import Answerer, settings, trained_params
 
-        trained = Path(path) / TRAINED_PARAMS
         try:
-            params = parse_params(json.loads(trained.read_text()), str(trained))
-        except (OSError, ValueError, TunelineError):  # none, or another tuneline's schema
+            raw = trained_params(path)
+            params = parse_params(raw, f"{path}/{TRAINED_PARAMS}") if raw is not None else None
+        except (OSError, ValueError, TunelineError):  # unreadable, or another tuneline's schema
             return None
-        return cls(Answerer().load(path, settings(params)))
+        return None if params is None else cls(Answerer().load(path, settings(params)))
 
     def unwrap_python_model(self):
         return self.answerer

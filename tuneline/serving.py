@@ -46,14 +46,21 @@ def settings(params: Params) -> dict:
     }
 
 
-def tuned_for(ref: str) -> tuple[str, list[str]] | None:
-    """(task, labels) of a model tuneline tuned, read without loading it: a registered
-    version's settings (above), or a model folder's TRAINED_PARAMS (merged, exported). None
-    for any other model (a base model, a hub id, a version registered by older tuneline)."""
+def trained_params(folder: str | Path) -> dict | None:
+    """The params of the run that made a folder tuneline trained (models/merged, a registered
+    version's files, an export), as train wrote them; None when it holds none."""
     import os
 
     from tuneline.modeling import TRAINED_PARAMS
 
+    path = Path(os.path.expanduser(folder)) / TRAINED_PARAMS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def tuned_for(ref: str) -> tuple[str, list[str]] | None:
+    """(task, labels) of a model tuneline tuned, read without loading it: a registered
+    version's settings (above), or a model folder's TRAINED_PARAMS (merged, exported). None
+    for any other model (a base model, a hub id, a version registered by older tuneline)."""
     if ref.split(":", 1)[0] in ("models", "runs", "mlflow-artifacts"):
         from tuneline.tracking import check_store, tracking_uri
 
@@ -64,8 +71,7 @@ def tuned_for(ref: str) -> tuple[str, list[str]] | None:
         except Exception:  # not found: loading it says so, with its fix
             return None
         return (config["task"], list(config.get("labels") or [])) if "task" in config else None
-    trained = Path(os.path.expanduser(ref)) / TRAINED_PARAMS
-    prep = json.loads(trained.read_text()).get("prepare") if trained.is_file() else None
+    prep = (trained_params(ref) or {}).get("prepare")
     return (prep["task"], list(prep.get("labels") or [])) if isinstance(prep, dict) and "task" in prep else None
 
 
