@@ -41,12 +41,12 @@ sys.path.insert(0, str(HERE))
 from train_vs_seed import machine  # noqa: E402
 
 from tuneline import ROOT, tasks  # noqa: E402
-from tuneline.config import load_params  # noqa: E402
 from tuneline.constrain import WordConstraint  # noqa: E402
 from tuneline.data import MERGED  # noqa: E402
 from tuneline.evaluation import answer_budget, evaluate_model, metrics_of, prompts_and_targets, test_rows  # noqa: E402
 from tuneline.generation import generate  # noqa: E402
 from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
+from tuneline.params_file import load_params  # noqa: E402
 
 
 def side_by_side(model, tok, rows: list[dict], params, k: int) -> dict:

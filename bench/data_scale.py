@@ -73,7 +73,7 @@ def run_stage(stage: str, params: dict, cwd: Path) -> dict:
     """One stage in its own process: wall seconds and peak RSS (GB) of that process."""
     code = (
         "import json, sys\n"
-        "from tuneline.config import parse_params\n"
+        "from tuneline.params_file import parse_params\n"
         f"from components import {stage} as stage\n"
         "stage.run(parse_params(json.loads(sys.argv[1])))\n"
     )

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from train_vs_seed import machine  # noqa: E402
 
 from tuneline import recipes  # noqa: E402
-from tuneline.config import load_params, parse_params  # noqa: E402
+from tuneline.params_file import load_params, parse_params  # noqa: E402
 
 
 def variants(lr: float) -> dict[str, list[str]]:

@@ -67,7 +67,7 @@ def corpus(path: Path, n: int, inject: int, seed: int = 0) -> None:
 def one(data: Path, audit: bool, inject: int) -> dict:
     """prepare in this process (a child of main): its time, the audit's line, peak RSS."""
     from tuneline import splits
-    from tuneline.config import parse_params
+    from tuneline.params_file import parse_params
 
     cfg = {
         "source": str(data),

@@ -31,9 +31,10 @@ from prefect.states import Completed, Failed, State
 
 from flows.dvc_tasks import changed_inputs, outdated_stages, reproduce, save_experiment
 from tuneline import ROOT, gitcheck, preflight, recipes, serving
-from tuneline.config import Params, read_yaml
+from tuneline.config import Params
 from tuneline.errors import INTERRUPTED, TunelineError
 from tuneline.io import rewrite_user_file
+from tuneline.params_file import read_yaml
 from tuneline.stages import stage_names
 from tuneline.tracking import PARENT_ENV, start_parent
 

@@ -135,6 +135,6 @@ def stop_runs(grace: float = 60.0) -> None:
 
 def _params_yaml() -> dict:
     from tuneline import ROOT
-    from tuneline.config import load_params
+    from tuneline.params_file import load_params
 
     return load_params(ROOT / "params.yaml").model_dump()

@@ -32,11 +32,12 @@ from prefect.states import Failed
 from flows.dvc_tasks import changed_inputs, reproduce
 from flows.pipeline import pipeline, write_params
 from tuneline import ROOT, gitcheck, preflight, recipes, serving, sweep, sweep_queue, sweep_runs
-from tuneline.config import Params, read_yaml
+from tuneline.config import Params
 from tuneline.data import TOKENIZED_META, VAL_EXAMPLES, metrics_file
 from tuneline.errors import TunelineError
 from tuneline.io import read_json, write_json
 from tuneline.lock import SLOTS_ENV
+from tuneline.params_file import read_yaml
 from tuneline.stages import stage_names
 from tuneline.tracking import ARMS, PARENT_ENV, SWEEP_ENV, tracking_uri
 

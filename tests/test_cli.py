@@ -421,7 +421,7 @@ def test_the_run_ends_with_a_predict_command_for_the_version_it_registered(tmp_p
     import json
 
     from tuneline.cli.pipeline import try_it
-    from tuneline.config import parse_params
+    from tuneline.params_file import parse_params
 
     params = parse_params({})
     (tmp_path / "metrics").mkdir()

@@ -9,9 +9,10 @@ import pytest
 
 from components import prepare
 from tuneline import neardup
-from tuneline.config import PrepareCfg, parse_params
+from tuneline.config import PrepareCfg
 from tuneline.data import read_split
 from tuneline.errors import TunelineError
+from tuneline.params_file import parse_params
 
 THRESHOLD = PrepareCfg().near_dup_threshold  # the default
 # Real sentences (the Wikipedia sample's kind), none a near duplicate of another.

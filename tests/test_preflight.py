@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tuneline import preflight
-from tuneline.config import Params, parse_params
+from tuneline.config import Params
 from tuneline.errors import TunelineError
+from tuneline.params_file import parse_params
 
 
 def test_the_default_params_pass(model_cache):

@@ -10,9 +10,9 @@ import pytest
 
 from components import prepare
 from tuneline import sources, splits, tasks, wikidump
-from tuneline.config import parse_params
 from tuneline.data import SPLITS, read_split
 from tuneline.errors import TunelineError
+from tuneline.params_file import parse_params
 
 PAGE = (
     """<page><title>{title}</title><ns>{ns}</ns><revision><text xml:space="preserve">{text}</text></revision></page>"""

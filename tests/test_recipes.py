@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from tuneline import recipes
-from tuneline.config import Params, flatten, load_params, parse_params
+from tuneline.config import Params, flatten
 from tuneline.errors import TunelineError
+from tuneline.params_file import load_params, parse_params
 from tuneline.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import pytest
 import tuneline
 from components import prepare
 from tuneline import sources
-from tuneline.config import parse_params
 from tuneline.data import read_split
 from tuneline.errors import TunelineError
+from tuneline.params_file import parse_params
 from tuneline.rows import task_rows
 from tuneline.tasks import TASKS
 

@@ -12,8 +12,8 @@ import yaml
 from test_pipeline import _runs
 
 from tuneline import recipes, scoring, sweep, sweep_queue
-from tuneline.config import parse_params
 from tuneline.errors import TunelineError
+from tuneline.params_file import parse_params
 
 DEFAULTS = parse_params({})
 

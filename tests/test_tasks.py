@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from tuneline import deps, scoring, tasks
-from tuneline.config import Params, _Group, parse_params
+from tuneline.config import Params, _Group
+from tuneline.params_file import parse_params
 
 pytestmark = pytest.mark.slow
 

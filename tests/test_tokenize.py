@@ -102,7 +102,7 @@ def test_tokenize_stage_writes_stats_and_its_key(tmp_path, monkeypatch, model_ca
     from conftest import TINY
 
     from components import prepare
-    from tuneline.config import parse_params
+    from tuneline.params_file import parse_params
 
     monkeypatch.chdir(tmp_path)
     params = parse_params({**TINY, "prepare": {"n_train": 60, "n_val": 8, "n_test": 8}})

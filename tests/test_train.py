@@ -109,7 +109,7 @@ def token_data(tmp_path_factory, model_cache):
 
 
 def _params(model_dir, over: dict):
-    from tuneline.config import parse_params
+    from tuneline.params_file import parse_params
     from tuneline.recipes import merge
 
     return parse_params(merge(merge(BASE, {"model": {"name": str(model_dir)}}), over))
@@ -291,7 +291,7 @@ def test_golden_losses_of_the_first_steps(token_data, tmp_path):
 
 
 def _lora_model(model_cache, **over):
-    from tuneline.config import parse_params
+    from tuneline.params_file import parse_params
     from tuneline.training import prepare_model
 
     torch.manual_seed(0)
@@ -320,7 +320,7 @@ def test_wrapping_a_model_in_lora_prints_no_library_deprecation_warning(model_ca
     import sys
 
     code = (
-        "from tuneline.config import parse_params; from tuneline.training import prepare_model; "
+        "from tuneline.params_file import parse_params; from tuneline.training import prepare_model; "
         "prepare_model(parse_params({'model': {'name': 'tiny-gpt2'}, 'train': {'method': 'lora'}}))"
     )
     env = os.environ | {"TUNELINE_CACHE": str(model_cache)}
@@ -375,7 +375,7 @@ def test_lora_variants_are_peft_switches(model_cache):
 
 
 def test_loraplus_gives_the_b_matrices_a_higher_learning_rate_all_along_the_schedule(model_cache):
-    from tuneline.config import parse_params
+    from tuneline.params_file import parse_params
     from tuneline.training import lr_at, make_optimizer
 
     params = parse_params({"model": {"name": "tiny-gpt2"}, "train": {"loraplus_lr_ratio": 16}})
@@ -393,8 +393,8 @@ def test_loraplus_gives_the_b_matrices_a_higher_learning_rate_all_along_the_sche
 
 
 def test_lora_shapes_are_refused_with_full_fine_tuning():
-    from tuneline.config import parse_params
     from tuneline.errors import TunelineError
+    from tuneline.params_file import parse_params
 
     with pytest.raises(TunelineError, match="train.method is 'full'"):
         parse_params({"train": {"method": "full", "lora_variant": "dora"}})

@@ -14,8 +14,8 @@ from tuneline.errors import TunelineError
 def preflight(say: Callable[[str], None]) -> bool:
     """Print one line per check through `say` (rich markup); True when every check passed."""
     from tuneline import assets, gitcheck
-    from tuneline.config import load_params
     from tuneline.modeling import BUILTIN, SCRATCH, cache_dir
+    from tuneline.params_file import load_params
     from tuneline.tracking import tracking_uri
 
     ok = True

@@ -62,8 +62,8 @@ class Folder:
     @classmethod
     def of(cls, path: str) -> Folder | None:
         """The folder's model, or None when it holds no params this tuneline reads."""
-        from tuneline.config import parse_params
         from tuneline.modeling import TRAINED_PARAMS
+        from tuneline.params_file import parse_params
         from tuneline.serving import Answerer, settings, trained_params
 
         try:

@@ -16,8 +16,9 @@ import yaml
 from pydantic import BaseModel
 
 from tuneline import ROOT
-from tuneline.config import Params, PrepareCfg, parse_params, read_yaml
+from tuneline.config import Params, PrepareCfg
 from tuneline.errors import TunelineError
+from tuneline.params_file import parse_params, read_yaml
 
 # A tiny slice of any recipe: a few dozen rows, a few steps, nothing registered.
 SMOKE: dict[str, Any] = {

@@ -32,8 +32,8 @@ def run_stage(name: str, params=None) -> dict:
     import torch
 
     from tuneline import distributed
-    from tuneline.config import load_params
     from tuneline.lock import SLOTS_ENV, train_slot
+    from tuneline.params_file import load_params
     from tuneline.tracking import stage_run
 
     if name not in stage_names():

@@ -45,7 +45,7 @@ def fail(e: Exception) -> None:
 def params_of(recipe: str | None, sets: list[str], smoke: bool = False):
     """The recipe's params (params.yaml's without one) with the --set overrides, validated."""
     from tuneline import recipes
-    from tuneline.config import load_params
+    from tuneline.params_file import load_params
 
     return recipes.build(recipe, list(sets), smoke, None if recipe else load_params(ROOT / "params.yaml").model_dump())
 
@@ -53,7 +53,7 @@ def params_of(recipe: str | None, sets: list[str], smoke: bool = False):
 def model_name(name: str | None) -> str:
     """`name`, or the project's register.model_name."""
     from tuneline import require_project
-    from tuneline.config import load_params
+    from tuneline.params_file import load_params
 
     return name or load_params(require_project() / "params.yaml").register.model_name
 

@@ -88,7 +88,7 @@ def predict(
         uri, task = model, None
         if uri is None:  # the project's champion, whose task params.yaml names
             from tuneline import require_project, tasks
-            from tuneline.config import load_params
+            from tuneline.params_file import load_params
 
             params = load_params(require_project() / "params.yaml")
             name, task = params.register.model_name, tasks.TASKS[params.prepare.task]

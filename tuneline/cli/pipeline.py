@@ -198,7 +198,7 @@ def sweep(
         f"test {res['metric']} {res['test']:.4g}, gate: {res.get('gate') or 'not registered (register.dry_run)'}"
     )
     out.print("  arms:   `dvc exp show` (params and validation metrics); `tuneline ui` (the sweep's MLflow run)")
-    from tuneline.config import load_params
+    from tuneline.params_file import load_params
 
     if hint := try_it(load_params(ROOT / "params.yaml"), ROOT):  # the winner's, applied to the workspace
         out.print(f"  try it: {hint}", markup=False, highlight=False)
@@ -245,7 +245,7 @@ def _build_apart(name: str, start_server: bool = False) -> None:
 
 
 def _experiment() -> str:
-    from tuneline.config import load_params
+    from tuneline.params_file import load_params
 
     try:
         return load_params(ROOT / "params.yaml").register.experiment
