@@ -316,14 +316,14 @@ def evaluate_base(rows: list[dict], params: Params) -> dict[str, dict]:
 def load_any(ref: str):
     """(model, tokenizer) from a registry/run URI (models:/name@alias, models:/name/3,
     runs:/id/model) or anything model.name accepts (built-in name, local folder, hub id)."""
-    if ref.split(":", 1)[0] in ("models", "runs", "mlflow-artifacts"):
+    from tuneline.tracking import in_store, use_store
+
+    if in_store(ref):
         import mlflow
 
         from tuneline.errors import TunelineError
-        from tuneline.tracking import check_store, tracking_uri
 
-        check_store()
-        mlflow.set_tracking_uri(tracking_uri())
+        use_store()
         try:
             if "transformers" in mlflow.models.get_model_info(ref).flavors:  # registered by older tuneline
                 parts = mlflow.transformers.load_model(ref, return_type="components")

@@ -61,11 +61,10 @@ def tuned_for(ref: str) -> tuple[str, list[str]] | None:
     """(task, labels) of a model tuneline tuned, read without loading it: a registered
     version's settings (above), or a model folder's TRAINED_PARAMS (merged, exported). None
     for any other model (a base model, a hub id, a version registered by older tuneline)."""
-    if ref.split(":", 1)[0] in ("models", "runs", "mlflow-artifacts"):
-        from tuneline.tracking import check_store, tracking_uri
+    from tuneline.tracking import in_store, use_store
 
-        check_store()
-        mlflow.set_tracking_uri(tracking_uri())  # as evaluation.load_any reads it
+    if in_store(ref):
+        use_store()  # as evaluation.load_any reads it
         try:
             config = mlflow.models.get_model_info(ref).flavors.get("python_function", {}).get("config") or {}
         except Exception:  # not found: loading it says so, with its fix

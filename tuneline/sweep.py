@@ -136,7 +136,7 @@ def arms(grid: dict[str, list], ranges: list[Range] = (), n_sample: int = 0, see
         return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
     if ranges and n_sample < 1:  # `--range` alone: how many arms to draw is not said
         raise TunelineError("--range needs --sample N, the number of arms to draw from it", "add e.g. --sample 4")
-    if not ranges or n_sample < 1:
+    if not ranges:
         raise TunelineError("nothing to sweep", "give --grid KEY=V1,V2, or --sample N with --range KEY=LOW:HIGH")
     rng, out, seen = random.Random(f"sweep-{seed}"), [], set()
     for _ in range(n_sample * 20):

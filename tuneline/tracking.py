@@ -41,6 +41,21 @@ def tracking_uri() -> str:
     return (arm or {}).get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
+def in_store(ref: str) -> bool:
+    """Whether `ref` names a model in the MLflow store (models:/NAME@ALIAS, models:/NAME/3,
+    runs:/ID/model), rather than anything model.name accepts."""
+    return ref.split(":", 1)[0] in ("models", "runs", "mlflow-artifacts")
+
+
+def use_store() -> None:
+    """Point MLflow at the store, once it is checked to answer (in seconds, where MLflow
+    would retry an unreachable server for minutes)."""
+    import mlflow
+
+    check_store()
+    mlflow.set_tracking_uri(tracking_uri())
+
+
 def arm_record() -> dict | None:
     """In a sweep arm run by DVC's queue: {"name", "sweep_run_id", "tracking_uri"} as the
     sweep wrote them before queueing it; else None. DVC sets DVC_EXP_NAME for a queued

@@ -64,12 +64,11 @@ def mlflow_client():
     import mlflow
 
     from tuneline import require_project
-    from tuneline.tracking import check_store, tracking_uri
+    from tuneline.tracking import use_store
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         require_project()
-    check_store()
-    mlflow.set_tracking_uri(tracking_uri())
+    use_store()
     return mlflow.MlflowClient()
 
 
