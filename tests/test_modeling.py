@@ -27,6 +27,24 @@ def test_unknown_hub_model_offline_fails_fast_with_a_fix(monkeypatch):
         load_tokenizer("nobody/no-such-model")
 
 
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("smollm2-135m", "did you mean the built-in 'smollm2-135m-instruct'?"),
+        ("tiny-gpt", "did you mean the built-in 'tiny-gpt2'?"),
+        ("gpt2", None),
+    ],
+)
+def test_a_name_near_one_built_in_model_offline_names_it(name, says, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TunelineError, match=f"cannot load model '{name}'") as e:
+        load_tokenizer(name)
+    if says:
+        assert says in str(e.value)
+    else:  # 'gpt2' starts three built-ins' names: it is the hub's gpt2 the user means
+        assert "did you mean" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["./my-model", "../models/merged", "/nowhere/model", "runs/3/merged"])
 def test_a_missing_model_folder_is_named_as_a_folder_not_a_hub_id(name, tmp_path, monkeypatch):
     """A path that cannot be a hub id ('org/name' at most) is a folder the user meant: the

@@ -68,6 +68,11 @@ def test_a_mapping_that_one_source_needs_leaves_a_source_with_the_tasks_own_colu
         ({"text": 3, "label": "pos"}, r"column 'text' must be text, but row 1 holds int '3'"),
         ({"text": None, "label": "pos"}, r"row 1 has no value \(null\) in column 'text'"),
         ({"txt": "hi", "label": "pos"}, r"missing column 'text'.*did you mean 'txt'\?"),
+        # no name like 'label', but the one column nothing else reads: the command to map it
+        (
+            {"text": "hi", "emotion": "pos"},
+            r"missing column 'label'.*did you mean 'emotion'\? map it with --set prepare.columns.label=emotion",
+        ),
     ],
 )
 def test_a_bad_row_is_one_line_that_names_the_row_and_the_fix(row, says):

@@ -134,12 +134,20 @@ def identity(name: str) -> str:
 
 
 def _hub_error(name: str, err: Exception) -> TunelineError:
+    import difflib
+
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     fix = (
         f"use a built-in model ({', '.join(BUILTIN)}) or a local folder, or set HF_HUB_OFFLINE=0 with network access"
         if offline
         else "check the model id and your network/HF_TOKEN"
     )
+    # 'smollm2-135m' for the built-in 'smollm2-135m-instruct'; 'gpt2' starts three of them: none
+    close = [b for b in BUILTIN if b.startswith(str(name))] or difflib.get_close_matches(
+        str(name), list(BUILTIN), 1, 0.8
+    )
+    if len(close) == 1:
+        fix = f"did you mean the built-in '{close[0]}'? otherwise {fix}"
     where = "" if located(name).exists() else "no such local folder; "
     return TunelineError(f"cannot load model '{name}' ({where}the hub: {type(err).__name__})", fix)
 

@@ -125,6 +125,10 @@ def _column_names(rows: list[dict], task: Task, columns: dict[str, str], where: 
                 wanted = columns.get(col, col)
                 have = ", ".join(repr(k) for k in sorted(keys, key=str)[:12])  # repr: invisible characters show
                 close = difflib.get_close_matches(wanted, [str(k) for k in keys], n=1)
+                taken = {columns.get(c, c) for c in task.columns if c != col} | set(names.values())
+                left = [str(k) for k in keys if k not in taken]
+                if not close and len(left) == 1:  # `emotion` for 'label': the one column no other reads
+                    close = left
                 fix = f"rename the column, or map one with --set prepare.columns.{col}=<column>"
                 if close:  # the command to run, with the name filled in
                     fix = f"did you mean {close[0]!r}? map it with --set prepare.columns.{col}={close[0]}, or rename it"
