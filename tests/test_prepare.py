@@ -84,6 +84,36 @@ print(json.dumps([pools, texts]))
         assert json.loads(out.stdout) == [["spawn"], want], how
 
 
+def test_ctrl_c_while_workers_parse_leaves_one_line_and_no_worker_behind(tmp_path):
+    """Ctrl-C reaches the parse workers too (one process group). They printed tracebacks, and
+    after the stage's immediate exit the resource tracker warned of leaked semaphores."""
+    heavy = " ".join(f"[[Link {j}|word {j}]] {{{{t|{j}}}}} text." for j in range(300))
+    dump = _dump(tmp_path / "d.xml.bz2", [{"title": f"A{i}", "ns": 0, "text": heavy} for i in range(400)])
+    # As a stage answers Ctrl-C: its one line, then os._exit (no exit hooks). The signal is
+    # sent to the whole group once the workers are parsing.
+    code = f"""
+import os, signal, threading
+from tuneline import wikidump
+try:
+    for i, _ in enumerate(wikidump.article_texts(__import__("pathlib").Path({str(dump)!r}), workers=2)):
+        if i == 0:
+            threading.Timer(0.5, os.killpg, (os.getpgid(0), signal.SIGINT)).start()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    os._exit(130)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+        start_new_session=True,  # its own process group, to interrupt
+    )
+    assert (out.returncode, out.stdout) == (130, "interrupted\n"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "leaked" not in out.stderr, out.stderr[-2000:]
+
+
 def test_real_dump_splits_never_share_a_sentence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = parse_params({"prepare": {"n_train": 300, "n_val": 50, "n_test": 50}})
