@@ -39,7 +39,8 @@ from tuneline.io import read_json, write_json
 from tuneline.lock import SLOTS_ENV
 from tuneline.params_file import read_yaml
 from tuneline.stages import stage_names
-from tuneline.tracking import ARMS, PARENT_ENV, SWEEP_ENV, tracking_uri
+from tuneline.store import ARMS, tracking_uri
+from tuneline.tracking import PARENT_ENV, SWEEP_ENV
 
 DVC = (sys.executable, "-m", "dvc")
 TARGET = "validate"  # an arm runs the pipeline up to here: never evaluate, which reads test
@@ -150,7 +151,7 @@ def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list
     (ROOT / ARMS).mkdir(parents=True, exist_ok=True)
     todo = []
     for arm, name in zip(arms, names):
-        # what the arm's stages read: the sweep's run and store (tracking.arm_record)
+        # what the arm's stages read: the sweep's run and store (store.arm_record)
         write_json(ROOT / ARMS / f"{name}.json", {"sweep_run_id": parent, "tracking_uri": tracking_uri()})
         if name in done or status.get(name) == "Queued" or (status.get(name) == "Running" and alive):
             continue

@@ -16,7 +16,7 @@ def preflight(say: Callable[[str], None]) -> bool:
     from tuneline import assets, gitcheck
     from tuneline.modeling import BUILTIN, SCRATCH, cache_dir
     from tuneline.params_file import load_params
-    from tuneline.tracking import tracking_uri
+    from tuneline.store import tracking_uri
 
     ok = True
 
@@ -64,7 +64,7 @@ def preflight(say: Callable[[str], None]) -> bool:
 
     def store():
         from tuneline.secrets import redact
-        from tuneline.tracking import check_store
+        from tuneline.store import check_store
 
         check_store()
         return f"{redact(tracking_uri())} answers"

@@ -316,7 +316,7 @@ def evaluate_base(rows: list[dict], params: Params) -> dict[str, dict]:
 def load_any(ref: str):
     """(model, tokenizer) from a registry/run URI (models:/name@alias, models:/name/3,
     runs:/id/model) or anything model.name accepts (built-in name, local folder, hub id)."""
-    from tuneline.tracking import in_store, use_store
+    from tuneline.store import in_store, use_store
 
     if in_store(ref):
         import mlflow

@@ -128,7 +128,7 @@ def check(params: Params, store: bool = True, model: bool = True) -> None:
     check_sources(params)
     if not model:
         if store:
-            from tuneline.tracking import check_store
+            from tuneline.store import check_store
 
             check_store()
         return
@@ -147,6 +147,6 @@ def check(params: Params, store: bool = True, model: bool = True) -> None:
         check_lora_targets(params, cfg["model_type"])
         check_quantize(params.train)
     if store:
-        from tuneline.tracking import check_store
+        from tuneline.store import check_store
 
         check_store()

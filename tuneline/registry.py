@@ -26,7 +26,7 @@ def gate_lock(name: str):
     import hashlib
 
     from tuneline.lock import machine_lock
-    from tuneline.tracking import tracking_uri
+    from tuneline.store import tracking_uri
 
     return machine_lock(f"gate-{hashlib.sha256(f'{tracking_uri()}|{name}'.encode()).hexdigest()[:12]}")
 

@@ -61,7 +61,7 @@ def tuned_for(ref: str) -> tuple[str, list[str]] | None:
     """(task, labels) of a model tuneline tuned, read without loading it: a registered
     version's settings (above), or a model folder's TRAINED_PARAMS (merged, exported). None
     for any other model (a base model, a hub id, a version registered by older tuneline)."""
-    from tuneline.tracking import in_store, use_store
+    from tuneline.store import in_store, use_store
 
     if in_store(ref):
         use_store()  # as evaluation.load_any reads it
@@ -92,7 +92,7 @@ def check_champion_task(params: Params) -> None:
     champion on prompts it never saw, promote the newcomer, and `tuneline predict` would
     answer a descrambler's input with an emotion label."""
     from tuneline import registry
-    from tuneline.tracking import check_store, open_store
+    from tuneline.store import check_store, open_store
 
     name = params.register.model_name
     if params.register.dry_run:  # a smoke run registers nothing

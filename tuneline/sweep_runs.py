@@ -1,6 +1,6 @@
 """A sweep in MLflow: one parent run per sweep, holding the summary table and the plot of the
 metric against the swept params; each arm is a child run (its stages open it: see
-tracking.arm_record). The flow that puts a sweep in order is flows/sweep.py."""
+store.arm_record). The flow that puts a sweep in order is flows/sweep.py."""
 
 from __future__ import annotations
 

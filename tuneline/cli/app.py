@@ -64,7 +64,7 @@ def mlflow_client():
     import mlflow
 
     from tuneline import require_project
-    from tuneline.tracking import use_store
+    from tuneline.store import use_store
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         require_project()

@@ -68,7 +68,7 @@ def ui(
     Prefect serves the flow runs in .prefect/. Server logs go to .cache/ui/.
     """
     from tuneline.secrets import redact
-    from tuneline.tracking import check_store, tracking_uri
+    from tuneline.store import check_store, tracking_uri
 
     store = tracking_uri()
     try:

@@ -59,7 +59,7 @@ def run(
                 )
             from flows.pipeline import pipeline
             from tuneline.secrets import redact
-            from tuneline.tracking import tracking_uri
+            from tuneline.store import tracking_uri
 
             t = time.time()
             state = pipeline(recipe=recipe, overrides=list(sets), smoke=smoke, return_state=True)
