@@ -18,6 +18,34 @@ def test_the_default_params_pass(model_cache):
 
 
 @pytest.mark.parametrize(
+    "name, refused",
+    [
+        ("models/merged", True),
+        ("models/merged/", True),
+        ("{root}/models/merged", True),  # the same folder, named absolutely
+        ("checkpoints/train/step-3", True),
+        ("my-base", False),  # a copy of it, as the fix says
+        ("smollm2-135m-instruct", False),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", False),
+    ],
+)
+def test_the_base_model_may_not_be_a_folder_the_pipeline_writes(name, refused):
+    """`model.name=models/merged` (train on from the last run) made train replace its own
+    base: evaluate then scored the new model as the base too (delta 0) and the merge parity
+    check failed at register, after the whole run."""
+    from tuneline import ROOT
+
+    name = name.format(root=ROOT)
+    if refused:
+        with pytest.raises(
+            TunelineError, match=r"is in (models|checkpoints/train)/, where this pipeline writes.*cp -r"
+        ):
+            preflight.check_base_is_not_an_output(name)
+    else:
+        preflight.check_base_is_not_an_output(name)
+
+
+@pytest.mark.parametrize(
     "over, says",
     [
         ({"train": {"lora_targets": ["c_atn"]}}, "has no module named 'c_atn'. Fix: did you mean 'c_attn'?"),

@@ -39,6 +39,24 @@ def check_model_name(name: str) -> None:
         ) from None
 
 
+def check_base_is_not_an_output(name: str) -> None:
+    """model.name may not be a folder the pipeline writes (models/, checkpoints/): train
+    would replace its own base model while reading it, and evaluate would then score the
+    new model as the base too (delta 0), and the merge parity check fail."""
+    from tuneline import ROOT, located
+    from tuneline.data import CHECKPOINTS, MODELS
+
+    path = located(name).resolve()
+    for d in (MODELS, CHECKPOINTS):
+        if any(path == out or out in path.parents for out in ((ROOT / d).resolve(), d.resolve())):
+            raise TunelineError(
+                f"model.name '{name}' is in {d}/, where this pipeline writes: training would replace the base "
+                "model it starts from, and evaluate would compare the new model with itself",
+                f"train from a copy (cp -r {name.rstrip('/')} my-base, then --set model.name=my-base), or from a "
+                "registered version: tuneline export my-base --version N",
+            )
+
+
 def check_lora_targets(params: Params, model_type: str) -> None:
     """Each LoRA target must name modules of the model (peft matches a module whose name
     is the target or ends in '.target'). The names come from the weight files' headers;
@@ -124,6 +142,7 @@ def check(params: Params, store: bool = True, model: bool = True) -> None:
     from tuneline.modeling import check_vocab, config_dict, position_limit, tokenizer_size
 
     check_model_name(params.register.model_name)
+    check_base_is_not_an_output(params.model.name)
     check_nproc(params.train.nproc)
     check_sources(params)
     if not model:
