@@ -46,6 +46,27 @@ def test_the_base_model_may_not_be_a_folder_the_pipeline_writes(name, refused):
 
 
 @pytest.mark.parametrize(
+    "spec, fix",
+    [
+        ("data/prepared/train.parquet", "cp data/prepared/train.parquet my-data.parquet, then --set prepare.source="),
+        ("data/prepared/*.parquet", 'cp -r data/prepared my-data, then --set "prepare.source=my-data/*.parquet"'),
+    ],
+)
+def test_a_source_in_a_folder_the_pipeline_writes_is_refused(spec, fix, tmp_path, monkeypatch):
+    """prepare.source=data/prepared/train.parquet ran, and each run then drew its splits
+    from the last run's train split."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    (tmp_path / "data" / "prepared" / "train.parquet").write_bytes(b"rows")
+    (tmp_path / "my-data.parquet").write_bytes(b"rows")
+    params = parse_params({"prepare": {"source": str(tmp_path / spec)}})
+    with pytest.raises(TunelineError, match="is in data/prepared/, which this pipeline rewrites") as e:
+        preflight.check_sources(params)
+    assert fix in str(e.value)
+    assert preflight.written_folder(tmp_path / "my-data.parquet") is None  # the copy is not
+
+
+@pytest.mark.parametrize(
     "over, says",
     [
         ({"train": {"lora_targets": ["c_atn"]}}, "has no module named 'c_atn'. Fix: did you mean 'c_attn'?"),

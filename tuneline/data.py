@@ -24,6 +24,7 @@ MODELS = Path("models")  # adapter/ (LoRA) and merged/ (a plain HF model + token
 MERGED = MODELS / "merged"
 BASE_META = MODELS / "base.json"  # which base model train started from: {model, identity} (modeling.identity)
 CHECKPOINTS = Path("checkpoints/train")  # resume state (not a DVC output: it outlives a failed run)
+WRITTEN = (PREPARED, TOKENIZED, MODELS, CHECKPOINTS)  # folders the stages replace: never a run's input
 TRAIN_CURVE = Path("plots/train.csv")
 PREDICTIONS = Path("reports/predictions.jsonl")
 EVAL_EXAMPLES = Path("reports/eval_examples.json")

@@ -1,7 +1,8 @@
 """What can be known before the first stage writes, checked before it writes.
 
 Schema checks (types, ranges, choices) live in tuneline/config.py. This adds the checks
-that need the files, the model or the store: local data files exist, the model's config
+that need the files, the model or the store: local data files exist (and are not the
+pipeline's own outputs, nor is the base model), the model's config
 loads, `tokenize.max_length` fits its positions, LoRA targets name modules it has, the
 registered name is one MLflow accepts, `train.nproc` has a GPU or core per process, and
 the store answers. `tuneline run` runs it before the flow writes params.yaml,
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import glob
 import hashlib
 import io
 import json
 import os
+from pathlib import Path
 
 from tuneline.config import Params
 from tuneline.errors import TunelineError
@@ -39,22 +42,33 @@ def check_model_name(name: str) -> None:
         ) from None
 
 
-def check_base_is_not_an_output(name: str) -> None:
-    """model.name may not be a folder the pipeline writes (models/, checkpoints/): train
-    would replace its own base model while reading it, and evaluate would then score the
-    new model as the base too (delta 0), and the merge parity check fail."""
-    from tuneline import ROOT, located
-    from tuneline.data import CHECKPOINTS, MODELS
+def written_folder(path: Path) -> Path | None:
+    """The folder of the pipeline's own outputs that holds `path` (data/prepared, models,
+    ...: tuneline.data.WRITTEN), or None. A run that reads one replaces what it reads."""
+    from tuneline import ROOT
+    from tuneline.data import WRITTEN
 
-    path = located(name).resolve()
-    for d in (MODELS, CHECKPOINTS):
+    path = path.resolve()
+    for d in WRITTEN:
         if any(path == out or out in path.parents for out in ((ROOT / d).resolve(), d.resolve())):
-            raise TunelineError(
-                f"model.name '{name}' is in {d}/, where this pipeline writes: training would replace the base "
-                "model it starts from, and evaluate would compare the new model with itself",
-                f"train from a copy (cp -r {name.rstrip('/')} my-base, then --set model.name=my-base), or from a "
-                "registered version: tuneline export my-base --version N",
-            )
+            return d
+    return None
+
+
+def check_base_is_not_an_output(name: str) -> None:
+    """model.name may not be a folder the pipeline writes: train would replace its own base
+    model while reading it, evaluate would then score the new model as the base too (delta
+    0), and the merge parity check would fail at register."""
+    from tuneline import located
+
+    d = written_folder(located(name))
+    if d is not None:
+        raise TunelineError(
+            f"model.name '{name}' is in {d}/, where this pipeline writes: training would replace the base "
+            "model it starts from, and evaluate would compare the new model with itself",
+            f"train from a copy (cp -r {name.rstrip('/')} my-base, then --set model.name=my-base), or from a "
+            "registered version: tuneline export my-base --version N",
+        )
 
 
 def check_lora_targets(params: Params, model_type: str) -> None:
@@ -99,6 +113,19 @@ def check_sources(params: Params) -> None:
         if sources.is_wiki(spec):
             sources.dump_path(spec)
         elif not sources.SCHEME.match(spec):  # hub and other schemes: prepare reads (or refuses) them
+            for path in sources.local_paths(spec.removeprefix(sources.ALPACA_CHAT)):
+                d = written_folder(path)
+                if d is None:
+                    continue
+                if glob.has_magic(spec):
+                    fix = f'copy them out first (cp -r {d} my-data, then --set "{where}=my-data/{Path(spec).name}")'
+                else:
+                    fix = f"copy it out first (cp {os.path.relpath(path)} my-data{path.suffix}, then --set {where}=my-data{path.suffix})"
+                raise TunelineError(
+                    f"{where} '{spec}' is in {d}/, which this pipeline rewrites: each run would draw its splits "
+                    "from the last run's output",
+                    fix,
+                )
             rows, _ = task_source(spec, params.prepare, where, hashes=False)
             try:  # its notes ("reading column 'target ' as 'target'") are prepare's to print, once
                 with contextlib.redirect_stdout(io.StringIO()):
