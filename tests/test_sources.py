@@ -194,6 +194,14 @@ def test_overlap_can_be_dropped_from_train_and_test_is_never_trained_on(tmp_path
     assert m["train_rows"] + m["val_rows"] == 27
 
 
+def test_a_test_source_that_is_the_source_itself_is_named_as_the_cause(tmp_path, monkeypatch):
+    """It said only "the train split has 0 rows ... (0 usable rows in the source)"."""
+    with pytest.raises(TunelineError) as e:
+        _prepare(tmp_path, monkeypatch, ROWS, ROWS, on_overlap="drop")
+    assert "after dropping the 30 that prepare.test_source also holds" in str(e.value)
+    assert "Fix: point prepare.test_source at other examples, or set prepare.test_source=null" in str(e.value)
+
+
 def test_duplicates_are_removed_before_the_split(tmp_path, monkeypatch):
     m = _prepare(tmp_path, monkeypatch, ROWS + ROWS[:5])
     assert m["duplicates_removed"] == 5 and m["train_rows"] + m["val_rows"] + m["test_rows"] == 30

@@ -149,14 +149,21 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
     out[candidates[: cfg.n_train or None]] = SPLIT_IDS["train"]
     got = {"train": int((out == 1).sum()), "val": int((out == 2).sum()), "test": n_test}
     need = {"train": cfg.n_train or 1, "val": cfg.n_val, "test": cfg.n_test or 1}
+    dropped = metrics.get("overlap_dropped_from_train", 0)
     for name in ("train", "val", "test"):
         if got[name] < need[name]:
-            raise TunelineError(
-                f"prepare: the {name} split has {got[name]} rows, but {need[name]} are needed "
-                f"({len(kept)} usable rows in the source)",
+            fix = (
                 f"set prepare.n_train=0 to train on the {got[name]} that remain, or use more data"
                 if name == "train" and got[name]
-                else "lower prepare.n_train/n_val/n_test, or use more data",
+                else "lower prepare.n_train/n_val/n_test, or use more data"
+            )
+            if dropped >= len(kept):  # the test source is (mostly) the source itself
+                fix = "point prepare.test_source at other examples, or set prepare.test_source=null to draw test from the source"
+            raise TunelineError(
+                f"prepare: the {name} split has {got[name]} rows, but {need[name]} are needed "
+                f"({len(kept)} usable rows in the source"
+                + (f", after dropping the {dropped} that prepare.test_source also holds)" if dropped else ")"),
+                fix,
             )
     return out, test_out
 
