@@ -124,7 +124,7 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
         shared = kept[np.isin(digests[kept], test_keys)]
         if len(shared) and cfg.on_overlap == "error":
             raise TunelineError(
-                f"{len(shared)} examples are in both prepare.source and prepare.test_source "
+                f"prepare: {len(shared)} examples are in both prepare.source and prepare.test_source "
                 f"(e.g. {str(spool.row(int(shared[0])))[:80]})",
                 "de-duplicate the files, or set prepare.on_overlap=drop (or report)",
             )
@@ -233,7 +233,7 @@ def _near_duplicates(
     if hits and cfg.on_overlap == "error":
         p = pairs[0]
         raise TunelineError(
-            f"{len(hits)} training rows are near duplicates of val/test rows (Jaccard >= "
+            f"prepare: {len(hits)} training rows are near duplicates of val/test rows (Jaccard >= "
             f"{cfg.near_dup_threshold}; e.g. train {p['train'][:60]!r} ~ {p['split']} {p['other'][:60]!r}, "
             f"{p['similarity']:.2f})",
             "set prepare.on_overlap=drop to remove them from train (or report to keep them), "
