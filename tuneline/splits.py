@@ -157,7 +157,7 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
                 if name == "train" and got[name]
                 else "lower prepare.n_train/n_val/n_test, or use more data"
             )
-            if dropped >= len(kept):  # the test source is (mostly) the source itself
+            if dropped and dropped >= len(kept):  # the test source is (mostly) the source itself
                 fix = "point prepare.test_source at other examples, or set prepare.test_source=null to draw test from the source"
             raise TunelineError(
                 f"prepare: the {name} split has {got[name]} rows, but {need[name]} are needed "
