@@ -85,10 +85,11 @@ def article_texts(
     copies the locks other threads hold at that instant, and a stage process always has
     threads that `threading` does not list (torch's, pyarrow's jemalloc background thread).
     Forking hung CI twice: from a smoke run's Prefect task thread, and once, with no Python
-    thread but those, in the SIGKILL fault test. Spawned workers also started faster here
-    (prepare 9.1 s against 10.4 s on the Wikipedia sample, identical splits). As with any
-    spawn, a script that calls this must guard its top level with `if __name__ == "__main__":`
-    (the stages run as `python -m tuneline.stages`, which is)."""
+    thread but those, in the SIGKILL fault test (not reproduced since: those threads are the
+    likely cause, and spawning removes the whole class). Spawned workers also started
+    faster here (prepare 9.1 s against 10.4 s on the Wikipedia sample, identical splits).
+    As with any spawn, a script that calls this must guard its top level with
+    `if __name__ == "__main__":` (the stages run as `python -m tuneline.stages`, which is)."""
     import gc
     import itertools
     import multiprocessing
