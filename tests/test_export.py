@@ -43,6 +43,9 @@ def test_an_exported_version_answers_with_transformers_alone_as_tuneline_does(ve
     dest.mkdir()  # an empty folder is fine
     done = export.export(v, dest)
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(done["files"])
+    # Readable by whoever may read the rest (a container's user, a model server): the weights
+    # were 0600 as safetensors wrote them and MLflow copied them.
+    assert (dest / "model.safetensors").stat().st_mode & 0o777 == (dest / "config.json").stat().st_mode & 0o777
     gen = json.loads((dest / "generation_config.json").read_text())
     assert (gen["max_new_tokens"], gen["num_beams"], gen["do_sample"], gen["eos_token_id"]) == (24, 1, False, 50256)
     readme = (dest / "README.md").read_text()

@@ -4,6 +4,7 @@ in place. An --out file that could not be written is refused before the work."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from test_bad_input import in_namespace, unshare_works
 
 from tuneline.errors import TunelineError
-from tuneline.io import check_out_file, rewrite_user_file
+from tuneline.io import atomic_dir, check_out_file, rewrite_user_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,6 +24,24 @@ def test_rewriting_keeps_the_files_permissions(tmp_path):
     path.chmod(0o640)
     rewrite_user_file(path, "a: 2\n")
     assert path.read_text() == "a: 2\n" and path.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_weights_in_a_written_folder_get_the_umasks_mode_like_its_other_files(tmp_path, umask):
+    """safetensors >= 0.8 writes its files 0600 whatever the umask (safetensors#782), so a
+    model folder's weights alone would be unreadable to a container's or a server's user."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "merged") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "merged").iterdir()}
+    assert modes == {"model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
 
 
 def test_a_read_only_file_is_refused_and_left_alone(tmp_path):

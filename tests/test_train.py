@@ -164,6 +164,9 @@ def test_lora_saves_adapter_and_merged_model_and_counts_parameters(token_data, t
     metrics, _ = _train(token_data, tmp_path, {"train": {"method": "lora", "lora_r": 4}})
     assert (tmp_path / "models/adapter/adapter_config.json").is_file()
     assert (tmp_path / "models/merged/model.safetensors").is_file()
+    for folder in ("adapter", "merged"):  # the weights as readable as the rest (safetensors alone writes 0600)
+        modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "models" / folder).iterdir()}
+        assert len(set(modes.values())) == 1, modes
     # which base it started from, for `tuneline run` to see new weights under a folder's name
     base = json.loads((tmp_path / "models/base.json").read_text())  # this test's base is a local folder
     assert base["identity"].startswith(base["model"] + "@") and len(base["identity"]) == len(base["model"]) + 17

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tuneline import tasks
 from tuneline.errors import TunelineError
-from tuneline.io import unwritable
+from tuneline.io import share_modes, unwritable
 
 # Built-in names whose weights are a hub model's (SmolLM2 ships as a GGUF Q4_1 file, dequantised).
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -335,6 +335,7 @@ def export(version, dest: Path) -> dict:
         answer = check(folder, task, config, example(task, config, str(folder)), tok)
         code = example(task, config, str(dest))  # the README names where the folder ends up
         (folder / "README.md").write_text(readme(version, task, config, params, code))
+        share_modes(folder)  # MLflow's copy keeps safetensors' 0600
         if dest.exists():
             dest.rmdir()  # empty (check_dest)
         os.replace(folder, dest)

@@ -58,6 +58,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -68,6 +69,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def share_modes(folder: Path) -> None:
+    """Give the *.safetensors under `folder` the mode the umask gives any new file.
+
+    safetensors >= 0.8 writes through a temp file and renames it, so its files are 0600
+    whatever the umask (safetensors#782): the model folder's other files are 0644, and
+    another user, a container's non-root user or a model server then reads "No such file"
+    for the weights alone."""
+    mask = os.umask(0)  # the only portable way to read it: set, then restore at once
+    os.umask(mask)
+    for f in folder.rglob("*.safetensors"):
+        f.chmod(0o666 & ~mask)
 
 
 @contextlib.contextmanager

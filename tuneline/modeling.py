@@ -12,12 +12,12 @@ pretraining from scratch; small and medium are GPT-2 124M and 350M). Anything el
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneline import ROOT, assets, located
 from tuneline.errors import TunelineError
+from tuneline.io import atomic_dir
 
 if TYPE_CHECKING:  # torch is imported where it is used: the preflight reads configs without it
     import torch
@@ -70,13 +70,9 @@ def resolve(name: str) -> Path | str:
     if name in BUILTIN:
         out = cache_dir() / name
         if not (out / "config.json").is_file():
-            tmp = out.with_name(f".{name}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
             print(f"[tuneline] preparing built-in model '{name}' once into {out}", flush=True)
-            (assets.build_smollm2 if name.startswith("smollm2") else assets.build_tiny_gpt2)(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
+            with atomic_dir(out) as tmp:
+                (assets.build_smollm2 if name.startswith("smollm2") else assets.build_tiny_gpt2)(tmp)
         return out
     path = located(name)
     if path.exists():
