@@ -186,6 +186,17 @@ def test_invalid_utf8_names_the_line(tmp_path, monkeypatch):
         _rows(sources.load(str(path))[0])
 
 
+def test_a_utf16_file_is_named_as_utf16_with_the_iconv_that_fixes_it(tmp_path):
+    """Excel's "Unicode Text" and Notepad's "Unicode" save UTF-16 with a byte-order mark:
+    the latin1 re-encoding the UTF-8 error suggests would garble it."""
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nfine,pos\n", encoding="utf-16")
+    with pytest.raises(
+        TunelineError, match=r"train.csv is UTF-16 .*iconv -f utf-16 -t utf-8 .*train.csv > train.utf8.csv"
+    ):
+        _rows(sources.load(str(path))[0])
+
+
 def test_overlap_can_be_dropped_from_train_and_test_is_never_trained_on(tmp_path, monkeypatch):
     m = _prepare(tmp_path, monkeypatch, ROWS, ROWS[:3], on_overlap="drop")
     assert m["overlap_dropped_from_train"] == 3 and m["test_rows"] == 3
@@ -320,6 +331,22 @@ def test_a_row_whose_fields_do_not_match_the_header_names_its_line(tmp_path, nam
     (tmp_path / name).write_text(text)
     with pytest.raises(TunelineError, match=says):
         _rows(sources.load(str(tmp_path / name))[0])
+
+
+@pytest.mark.parametrize("sep", [";", "\t", "|"], ids=["semicolon", "tab", "pipe"])
+def test_a_csv_separated_otherwise_than_by_commas_is_read_by_its_headers_separator(tmp_path, sep):
+    """European Excel saves ';'-separated .csv files; a tab-separated file is often named
+    .csv. Read as comma-separated, each would be one column named 'text;label'."""
+    text = f'text{sep}label\nhello, world{sep}pos\n"quoted{sep} and, so on"{sep}neg\n'
+    (tmp_path / "d.csv").write_text(text)
+    rows = _task_rows(_rows(sources.load(str(tmp_path / "d.csv"))[0]), "classify", {}, LABELS)
+    assert rows == [{"text": "hello, world", "label": "pos"}, {"text": f"quoted{sep} and, so on", "label": "neg"}]
+
+
+def test_a_row_that_breaks_the_headers_separator_names_it(tmp_path):
+    (tmp_path / "d.csv").write_text("text;label\nfine;pos\nsemi; colon;neg\n")
+    with pytest.raises(TunelineError, match=r"d.csv line 3 has 3 fields, but its header has 2.*holds a semicolon"):
+        _rows(sources.load(str(tmp_path / "d.csv"))[0])
 
 
 def test_trailing_empty_fields_are_harmless(tmp_path):

@@ -24,6 +24,7 @@ import csv
 import glob
 import gzip
 import io
+import itertools
 import json
 import lzma
 import os
@@ -247,15 +248,22 @@ def _open(path: Path) -> IO[bytes]:
 def _lines(path: Path) -> Iterator[str]:
     """Decoded lines (ends kept), one at a time; bad UTF-8 names its line and byte, and an
     Excel byte-order mark is dropped."""
+    utf8 = f"{path.stem}.utf8{path.suffix}"  # where the fix's re-encoded copy goes
     try:
         with _open(path) as f:
             for i, raw in enumerate(f, start=1):
+                if i == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode Text", Notepad's "Unicode"
+                    raise TunelineError(
+                        f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8",
+                        f"re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8 {path} > {utf8}",
+                    )
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise TunelineError(
                         f"{path} line {i} is not valid UTF-8 (byte 0x{raw[e.start]:02x})",
-                        "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8",
+                        f"re-encode the file as UTF-8, e.g. iconv -f cp1252 -t utf-8 {path} > {utf8} "
+                        "(cp1252: Windows' Western encoding; name the one it was saved in)",
                     ) from None
                 yield line.removeprefix("\ufeff") if i == 1 else line
     except (OSError, EOFError, lzma.LZMAError) as e:
@@ -310,13 +318,15 @@ LINE = "\x00line"  # where a row is in its file (CSV, JSONL), for messages; neve
 
 
 def _delimited(path: Path, tsv: bool) -> Iterator[dict]:
-    """CSV (RFC 4180 quoting) or TSV rows. A TSV field cannot hold a tab or a line break, and
+    """CSV (RFC 4180 quoting, the separator read from the header: `_delimiter`) or TSV rows. A TSV field cannot hold a tab or a line break, and
     a quote is plain text (GLUE's MNLI files have unpaired quotes). A row with fewer or more
     fields than the header is an error: an unclosed quote or a stray comma would otherwise
     shift or merge columns without a word."""
     csv.field_size_limit(sys.maxsize)  # a long text field is data, not an error
-    style = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-    reader = csv.DictReader(_lines(path), **style)
+    lines = _lines(path)
+    first = next(lines, "")
+    style = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": _delimiter(first)}
+    reader = csv.DictReader(itertools.chain([first] if first else [], lines), **style)
     header = [h.strip() for h in reader.fieldnames or ()]
     twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
     if twice is not None:  # DictReader would keep the last one's values without a word
@@ -334,11 +344,26 @@ def _delimited(path: Path, tsv: bool) -> Iterator[dict]:
                 f"but its header has {len(reader.fieldnames)}",
                 "a TSV field cannot hold a tab or a line break: fix that row"
                 if tsv
-                else 'quote a field that holds a comma, a quote or a line break ("...", a quote inside doubled: ""), '
-                "and close every quote",
+                else f"quote a field that holds a {SEPARATORS[style['delimiter']]}, a quote or a line break "
+                '("...", a quote inside doubled: ""), and close every quote',
             )
         # line_num after a row is its last line: a row's line in the file, as an editor shows it
         yield row | {LINE: f"{path.name} line {reader.line_num}"}
+
+
+SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "'|'"}
+
+
+def _delimiter(header: str) -> str:
+    """The separator of a .csv file, read from its header: a comma, or the ';' a European
+    Excel saves, the tab of a tab-separated file named .csv, or '|', when the header is one
+    field under commas and two or more under that separator. Every row must then have the
+    header's number of fields, so a wrong guess is an error, never columns shifted."""
+    if len(next(csv.reader([header]), [])) == 1:
+        for sep in (";", "\t", "|"):
+            if len(next(csv.reader([header], delimiter=sep), [])) > 1:
+                return sep
+    return ","
 
 
 def _jsonl(path: Path) -> Iterator[dict]:
