@@ -116,8 +116,8 @@ def test_full_fine_tuning_does_not_check_lora_targets(model_cache):
 def test_a_source_whose_first_rows_prepare_would_refuse_is_refused_up_front(tmp_path):
     """Columns, types and labels of a local file's first batch, by prepare's own checks; the
     file's later rows are prepare's to read (it names the line)."""
+    from tuneline.readers import BATCH_ROWS
     from tuneline.rows import task_source
-    from tuneline.sources import BATCH_ROWS
 
     def params(name: str, text: str, **prepare):
         (tmp_path / name).write_text(text)

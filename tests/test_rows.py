@@ -3,7 +3,7 @@ under the names other datasets use, labels named, and a bad row named with its f
 
 import pytest
 
-from tuneline import sources
+from tuneline import readers, sources
 from tuneline.errors import TunelineError
 from tuneline.rows import task_rows
 from tuneline.tasks import TASKS
@@ -13,7 +13,7 @@ LABELS = ["neg", "pos"]
 
 def _plain(batches):
     """The rows' columns (without the file line each CSV/JSONL row carries for messages)."""
-    return [{k: v for k, v in r.items() if k != sources.LINE} for batch in batches for r in batch]
+    return [{k: v for k, v in r.items() if k != readers.LINE} for batch in batches for r in batch]
 
 
 def _task_rows(rows, task, columns, labels):

@@ -8,7 +8,7 @@ import pytest
 
 import tuneline
 from components import prepare
-from tuneline import sources
+from tuneline import readers, sources
 from tuneline.data import read_split
 from tuneline.errors import TunelineError
 from tuneline.params_file import parse_params
@@ -28,6 +28,9 @@ def _write(path, rows):
     elif ext in (".csv", ".tsv"):
         sep = "," if ext == ".csv" else "\t"
         path.write_text(f"text{sep}label\n" + "".join(f"{r['text']}{sep}{r['label']}\n" for r in rows))
+    elif ext == ".arrow":
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, pa.Table.from_pylist(rows).schema) as w:
+            w.write_table(pa.Table.from_pylist(rows))
     else:
         pq.write_table(pa.Table.from_pylist(rows), path)
     return path
@@ -35,14 +38,14 @@ def _write(path, rows):
 
 def _rows(batches):
     """The rows' columns (without the file line each CSV/JSONL row carries for messages)."""
-    return [{k: v for k, v in r.items() if k != sources.LINE} for batch in batches for r in batch]
+    return [{k: v for k, v in r.items() if k != readers.LINE} for batch in batches for r in batch]
 
 
 def _task_rows(rows, task, columns, labels):
     return _rows(task_rows([rows], TASKS[task], columns, labels, "x"))
 
 
-@pytest.mark.parametrize("ext", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow"])
 def test_each_local_format_loads_the_same_rows(tmp_path, ext):
     batches, lineage, prose = sources.load(str(_write(tmp_path / f"d{ext}", ROWS)))
     assert _rows(task_rows(batches, TASKS["classify"], {}, LABELS, "x")) == ROWS and not prose
@@ -54,6 +57,38 @@ def test_a_glob_reads_every_matching_file(tmp_path):
     _write(tmp_path / "b.jsonl", ROWS[10:])
     batches, lineage, _ = sources.load(str(tmp_path / "*.jsonl"))
     assert _rows(batches) == ROWS and len(lineage["sha256"]) == 2
+
+
+def test_a_text_file_is_prose(tmp_path):
+    (tmp_path / "a.txt").write_text("One document.\n\nAnother.")
+    assert sources.load(str(tmp_path / "a.txt"))[2]  # `Task.prose` makes the examples
+
+
+def test_a_dataset_saved_by_datasets_save_to_disk_is_a_source(tmp_path):
+    """What a Hugging Face user has at hand after `ds.save_to_disk(...)`: its Arrow files are
+    read in order, and ClassLabel ids as their names (whatever order prepare.labels lists)."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=LABELS)})
+    ids = [{"text": r["text"], "label": LABELS.index(r["label"])} for r in ROWS]
+    datasets.Dataset.from_list(ids, features=features).save_to_disk(tmp_path / "ds", num_shards=3)
+    batches, lineage, prose = sources.load(str(tmp_path / "ds"))
+    assert _task_rows(_rows(batches), "classify", {}, LABELS[::-1]) == ROWS and not prose
+    assert len(lineage["sha256"]) == 3  # each shard's hash: re-saving the dataset re-runs prepare
+    # A DatasetDict holds one folder per split: the user names one.
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:4])}
+    ).save_to_disk(tmp_path / "dd")
+    with pytest.raises(
+        TunelineError,
+        match=r"is a DatasetDict saved by save_to_disk \(splits: test, train\).*dd/train'.*dd/test' as prepare.test_source",
+    ):
+        sources.load(str(tmp_path / "dd"))
+    assert _rows(sources.load(str(tmp_path / "dd" / "test"))[0]) == ROWS[:4]
+    # A folder copied without one of its shards is named, not read in part.
+    next((tmp_path / "ds").glob("data-00001-*.arrow")).unlink()
+    with pytest.raises(TunelineError, match=r"ds' lacks data-00001-of-00003.arrow \(listed in its state.json\)"):
+        sources.load(str(tmp_path / "ds"))
 
 
 def test_a_folder_as_the_source_gets_the_glob_of_its_own_files(tmp_path):
@@ -179,24 +214,6 @@ def test_bad_data_is_one_clear_line_and_nothing_is_written(tmp_path, monkeypatch
     assert not (tmp_path / "data/prepared").exists()
 
 
-def test_invalid_utf8_names_the_line(tmp_path, monkeypatch):
-    path = tmp_path / "train.jsonl"
-    path.write_bytes(b'{"text": "fine", "label": "pos"}\n{"text": "caf\xe9", "label": "neg"}\n')
-    with pytest.raises(TunelineError, match=r"train.jsonl line 2 is not valid UTF-8 \(byte 0xe9\).*iconv"):
-        _rows(sources.load(str(path))[0])
-
-
-def test_a_utf16_file_is_named_as_utf16_with_the_iconv_that_fixes_it(tmp_path):
-    """Excel's "Unicode Text" and Notepad's "Unicode" save UTF-16 with a byte-order mark:
-    the latin1 re-encoding the UTF-8 error suggests would garble it."""
-    path = tmp_path / "train.csv"
-    path.write_text("text,label\nfine,pos\n", encoding="utf-16")
-    with pytest.raises(
-        TunelineError, match=r"train.csv is UTF-16 .*iconv -f utf-16 -t utf-8 .*train.csv > train.utf8.csv"
-    ):
-        _rows(sources.load(str(path))[0])
-
-
 def test_overlap_can_be_dropped_from_train_and_test_is_never_trained_on(tmp_path, monkeypatch):
     m = _prepare(tmp_path, monkeypatch, ROWS, ROWS[:3], on_overlap="drop")
     assert m["overlap_dropped_from_train"] == 3 and m["test_rows"] == 3
@@ -245,32 +262,6 @@ def _compress(path, ext):
     return out
 
 
-def test_a_text_corpus_is_one_document_per_blank_line_separated_block(tmp_path):
-    # hard-wrapped lines join into one document; runs of blank lines separate documents
-    (tmp_path / "a.txt").write_text("\ufeffFirst document,\nwrapped here.\n\n\n  Second one.\nStill second.\n\nThird")
-    batches, _, prose = sources.load(str(tmp_path / "a.txt"))
-    assert prose and _rows(batches) == [
-        {"text": "First document, wrapped here."},
-        {"text": "Second one. Still second."},
-        {"text": "Third"},
-    ]
-
-
-@pytest.mark.parametrize("ext", [".gz", ".bz2", ".xz", ".zst"])
-def test_compressed_files_are_read_as_they_are(tmp_path, ext):
-    plain = _write(tmp_path / "d.jsonl", ROWS)
-    assert _rows(sources.load(str(_compress(plain, ext)))[0]) == ROWS
-    (tmp_path / "c.txt").write_text("\n\n".join(CORPUS))
-    assert [r["text"] for r in _rows(sources.load(str(_compress(tmp_path / "c.txt", ext)))[0])] == CORPUS
-
-
-def test_a_truncated_compressed_file_is_one_clear_line(tmp_path):
-    gz = _compress(_write(tmp_path / "d.jsonl", ROWS * 50), ".gz")
-    gz.write_bytes(gz.read_bytes()[:200])
-    with pytest.raises(TunelineError, match=r"cannot read .*d.jsonl.gz.*not corrupt"):
-        _rows(sources.load(str(gz))[0])
-
-
 def test_a_glob_of_text_files_pretrains_on_every_paragraph(tmp_path, monkeypatch):
     for k in range(4):  # four "books", ten paragraphs each, one of them compressed
         (tmp_path / f"book{k}.txt").write_text("\n\n".join(CORPUS[10 * k : 10 * k + 10]))
@@ -290,67 +281,3 @@ def test_text_and_table_files_do_not_mix(tmp_path):
     _write(tmp_path / "b.jsonl", ROWS)
     with pytest.raises(TunelineError, match="mixes plain-text"):
         sources.load(str(tmp_path / "*"))
-
-
-def test_a_csv_with_a_byte_order_mark_and_a_long_field_loads(tmp_path):
-    long = "word " * 40_000  # 200k characters: over the csv module's default field limit
-    (tmp_path / "d.csv").write_text(f"\ufefftext,label\n{long},pos\nshort,neg\n")
-    rows = _task_rows(_rows(sources.load(str(tmp_path / "d.csv"))[0]), "classify", {}, LABELS)
-    assert rows == [{"text": long, "label": "pos"}, {"text": "short", "label": "neg"}]
-
-
-def test_a_tsv_reads_quotes_as_text_as_glue_writes_them(tmp_path):
-    # MNLI's dev_matched.tsv: unpaired quotes in the sentences, no quoting anywhere
-    (tmp_path / "d.tsv").write_text('text\tlabel\n"Yes," he said\tpos\n5" of rain, then "more\tneg\n')
-    rows = _task_rows(_rows(sources.load(str(tmp_path / "d.tsv"))[0]), "classify", {}, LABELS)
-    assert rows == [{"text": '"Yes," he said', "label": "pos"}, {"text": '5" of rain, then "more', "label": "neg"}]
-
-
-@pytest.mark.parametrize(
-    "name, text, says",
-    [
-        # an unclosed quote swallows the rest of the file into one field
-        (
-            "d.csv",
-            'text,label\nfine,pos\n"unclosed,neg\nmore,pos\n',
-            r"d.csv line 4 has 1 field, but its header has 2.*close every quote",
-        ),
-        # an unquoted comma in the text pushes the label into a third field
-        (
-            "d.csv",
-            "text,label\nfine,pos\nhello, world,neg\n",
-            r"d.csv line 3 has 3 fields, but its header has 2.*quote a field",
-        ),
-        ("d.tsv", "text\tlabel\nfine\tpos\na\ttab\tneg\n", r"d.tsv line 3 has 3 fields.*cannot hold a tab"),
-        ("d.tsv", "text\tlabel\nno label here\n", r"d.tsv line 2 has 1 field, but its header has 2"),
-        # two columns of one name: DictReader kept the last one's values without a word
-        ("d.csv", "text,label,text\na,pos,b\n", r"d.csv: its header names column 'text' 2 times \(columns 1, 3\)"),
-    ],
-)
-def test_a_row_whose_fields_do_not_match_the_header_names_its_line(tmp_path, name, text, says):
-    (tmp_path / name).write_text(text)
-    with pytest.raises(TunelineError, match=says):
-        _rows(sources.load(str(tmp_path / name))[0])
-
-
-@pytest.mark.parametrize("sep", [";", "\t", "|"], ids=["semicolon", "tab", "pipe"])
-def test_a_csv_separated_otherwise_than_by_commas_is_read_by_its_headers_separator(tmp_path, sep):
-    """European Excel saves ';'-separated .csv files; a tab-separated file is often named
-    .csv. Read as comma-separated, each would be one column named 'text;label'."""
-    text = f'text{sep}label\nhello, world{sep}pos\n"quoted{sep} and, so on"{sep}neg\n'
-    (tmp_path / "d.csv").write_text(text)
-    rows = _task_rows(_rows(sources.load(str(tmp_path / "d.csv"))[0]), "classify", {}, LABELS)
-    assert rows == [{"text": "hello, world", "label": "pos"}, {"text": f"quoted{sep} and, so on", "label": "neg"}]
-
-
-def test_a_row_that_breaks_the_headers_separator_names_it(tmp_path):
-    (tmp_path / "d.csv").write_text("text;label\nfine;pos\nsemi; colon;neg\n")
-    with pytest.raises(TunelineError, match=r"d.csv line 3 has 3 fields, but its header has 2.*holds a semicolon"):
-        _rows(sources.load(str(tmp_path / "d.csv"))[0])
-
-
-def test_trailing_empty_fields_are_harmless(tmp_path):
-    (tmp_path / "d.csv").write_text("text,label\nfine,pos,,\n")  # a spreadsheet's empty columns
-    assert _rows(sources.load(str(tmp_path / "d.csv"))[0]) == [{"text": "fine", "label": "pos"}]
-    (tmp_path / "e.csv").write_text("text,label,,\nfine,pos,,\n")  # and their empty names
-    assert [(r["text"], r["label"]) for r in _rows(sources.load(str(tmp_path / "e.csv"))[0])] == [("fine", "pos")]

@@ -240,7 +240,7 @@ def from_alpaca(records: Iterable[dict]) -> Iterator[dict]:
     `messages` rows: the shapes of SHAPES in turn, a two-turn row chaining two records (the
     second instruction asked after the first answer). For data with no conversations: the
     chat recipe's smoke and test data."""
-    from tuneline.sources import LINE
+    from tuneline.readers import LINE
 
     pending: list[dict] = []
     k = 0

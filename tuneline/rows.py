@@ -10,9 +10,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from tuneline import sources
+from tuneline import readers, sources
 from tuneline.errors import TunelineError
-from tuneline.sources import Batches
+from tuneline.readers import Batches
 from tuneline.tasks import Task
 
 
@@ -105,7 +105,7 @@ def _plain_name(name: str) -> str:
 
 
 def _column_names(rows: list[dict], task: Task, columns: dict[str, str], where: str) -> dict[str, str | None]:
-    keys: set[str] = set().union(*(r.keys() for r in rows[:1000])) - {sources.LINE}
+    keys: set[str] = set().union(*(r.keys() for r in rows[:1000])) - {readers.LINE}
     plain = {_plain_name(k): k for k in keys if isinstance(k, str)}
     names: dict[str, str | None] = {}
     for col in task.columns:
@@ -141,7 +141,7 @@ def _column_names(rows: list[dict], task: Task, columns: dict[str, str], where: 
 
 def _at(r: dict, i: int) -> str:
     """Where row i is: its file line (CSV, JSONL), else its 1-based row number."""
-    return r.get(sources.LINE) or f"row {i + 1}"
+    return r.get(readers.LINE) or f"row {i + 1}"
 
 
 _FILL = "give that row a value in the column, or remove the row (prepare.bad_rows=skip leaves out such rows)"
@@ -156,7 +156,7 @@ def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[st
         elif v is None:  # a JSON row without the key, or with null: say so, not "holds NoneType"
             if name in r:
                 raise TunelineError(f"{where}: {_at(r, i)} has no value (null) in column '{name}'", _FILL)
-            have = ", ".join(repr(k) for k in sorted((k for k in r if k != sources.LINE), key=str)[:12])
+            have = ", ".join(repr(k) for k in sorted((k for k in r if k != readers.LINE), key=str)[:12])
             raise TunelineError(f"{where}: {_at(r, i)} has no column '{name}' (it has: {have or 'none'})", _FILL)
         if col == "label":
             v = _label(v, labels, where, _at(r, i), name)

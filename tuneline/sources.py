@@ -5,12 +5,12 @@ Specs:
 - `wikidump:<path.xml.bz2>`: a MediaWiki XML dump; rows are plain-text paragraphs;
 - `hf:<id>[:config][@revision][#split]`: a hub dataset (split defaults to `train`); the
   resolved commit is recorded;
-- a local CSV / TSV / JSON (an array of objects) / JSONL / Parquet file, or a glob of them
-  (TSV as GLUE and spreadsheets write it: tabs between fields, no quoting);
-- a plain-text corpus: `.txt` files (or a glob), documents separated by blank lines;
+- a local CSV / TSV / JSON / JSONL / Parquet / Arrow / text file, or a glob of them (each
+  format is read by tuneline/readers.py);
+- a folder `datasets` wrote with `save_to_disk` (one split: a DatasetDict's split folder):
+  its Arrow files, in order; ClassLabel ids are read as their names, as from the hub;
 - `alpaca-chat:<file>`: Alpaca/Dolly records (any local form above) as conversations
   (`chat.from_alpaca`: one and two turns, with and without a system turn).
-  CSV, TSV, JSON, JSONL and text files may be compressed: `.gz`, `.bz2`, `.xz`, `.zst`.
 
 `load` streams: it returns an iterator of batches of at most BATCH_ROWS raw rows, so no
 source is ever held whole (a JSON array is the one format parsed in one piece: use JSONL
@@ -19,33 +19,20 @@ for large data). tuneline/rows.py turns the raw rows into a task's rows.
 
 from __future__ import annotations
 
-import bz2
-import csv
 import glob
-import gzip
-import io
-import itertools
 import json
-import lzma
 import os
 import re
-import sys
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
 
 from tuneline import located
 from tuneline.errors import TunelineError
 from tuneline.io import sha256
+from tuneline.readers import BATCH_ROWS, Batches, batched, file_format, label_names, read
 from tuneline.wikidump import dump_path, paragraphs
 
-LOCAL_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # read as they are (not .parquet: it compresses inside)
 ALPACA_CHAT = "alpaca-chat:"  # `alpaca-chat:<file>`: Alpaca/Dolly records read as conversations
-BATCH_ROWS = 8192  # raw rows per batch: memory is bounded by this, not by the source
-MAX_DOC_BYTES = 1 << 20  # a text-file block longer than this is cut at a line end
 
-Batches = Iterator[list[dict]]
 SCHEME = re.compile(r"^[a-z][a-z0-9+]*:")  # hf:, builtin:, alpaca-chat:, …: a source that is no plain path
 _HF = re.compile(r"hf:(?P<id>[^:@#]+)(?::(?P<config>[^@#]+))?(?:@(?P<rev>[^#]+))?(?:#(?P<split>.+))?")
 
@@ -92,18 +79,6 @@ def load(spec: str, streaming: bool = False, hashes: bool = True) -> tuple[Batch
     return _local(spec, hashes)
 
 
-def batched(rows: Iterable[dict], size: int | None = None) -> Batches:
-    size = size or BATCH_ROWS
-    batch: list[dict] = []
-    for r in rows:
-        batch.append(r)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _wiki_batches(spec: str, path: Path, digest: str) -> Batches:
     from tuneline import progress
 
@@ -148,7 +123,10 @@ def _hub(spec: str, streaming: bool) -> tuple[Batches, dict]:
         resolved = hub_revision(spec) or rev
     except Exception:  # the data loaded; a missing commit id only weakens lineage
         pass
-    batches = ([dict(zip(b, vals)) for vals in zip(*b.values())] for b in ds.iter(batch_size=BATCH_ROWS))
+    names = {k: f.names for k, f in (ds.features or {}).items() if type(f).__name__ == "ClassLabel"}
+    batches = (
+        [label_names(dict(zip(b, vals)), names) for vals in zip(*b.values())] for b in ds.iter(batch_size=BATCH_ROWS)
+    )
     return batches, {"source": spec, "revision": resolved or "unknown"}
 
 
@@ -181,7 +159,43 @@ def local_paths(spec: str) -> list[Path]:
         if "shared/data/" in spec:  # a shipped recipe's default source
             fix += "; the recipes' labelled data is read from ../shared/data beside the project, or --set prepare.source=<your copy>"
         raise TunelineError(f"data file '{spec}' not found{looked}", fix)
-    return paths
+    return [f for p in paths for f in (_saved_dataset(p) if p.is_dir() else None) or [p]]
+
+
+def _saved_dataset(folder: Path) -> list[Path] | None:
+    """The Arrow files of a folder `datasets` wrote with `save_to_disk` (its state.json lists
+    them, in order), or None for any other folder. A DatasetDict's folder holds one folder
+    per split: the user names the split."""
+    shown = Path(os.path.normpath(folder))
+    if (folder / "dataset_dict.json").is_file():
+        splits = [d.name for d in sorted(folder.iterdir()) if (d / "state.json").is_file()]
+        first = "train" if "train" in splits or not splits else splits[0]
+        fix = f"name one split's folder, e.g. '{shown / first}'"
+        if "test" in splits:
+            fix += f", and '{shown / 'test'}' as prepare.test_source"
+        raise TunelineError(
+            f"data source '{shown}' is a DatasetDict saved by save_to_disk (splits: {', '.join(splits) or 'none'})", fix
+        )
+    state = folder / "state.json"
+    if not state.is_file() or not (folder / "dataset_info.json").is_file():
+        return None
+    try:
+        files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TunelineError(
+            f"data source '{shown}': its state.json does not list the data files ({type(e).__name__})",
+            "save the dataset again with save_to_disk",
+        ) from None
+    if missing := [f.name for f in files if not f.is_file()]:
+        raise TunelineError(
+            f"data source '{shown}' lacks {', '.join(missing)} (listed in its state.json)",
+            "copy the whole folder, or save the dataset again with save_to_disk",
+        )
+    if not files:
+        raise TunelineError(
+            f"data source '{shown}' holds no rows (state.json lists no files)", "save a non-empty dataset"
+        )
+    return files
 
 
 def file_hashes(spec: str) -> str | dict[str, str] | None:
@@ -191,19 +205,6 @@ def file_hashes(spec: str) -> str | dict[str, str] | None:
     if is_wiki(spec):
         return sha256(dump_path(spec))
     return {str(p): sha256(p) for p in local_paths(spec.removeprefix(ALPACA_CHAT))}
-
-
-def file_format(path: Path) -> tuple[str, str | None]:
-    """(format suffix, compression suffix or None) of a local data file, or a clear error."""
-    suffixes = [x.lower() for x in path.suffixes[-2:]]
-    comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSED else None
-    ext = (suffixes[-2] if comp and len(suffixes) == 2 else "") if comp else (suffixes[-1] if suffixes else "")
-    if ext not in LOCAL_FORMATS or (comp and ext == ".parquet"):
-        raise TunelineError(
-            f"data file '{path}' has an unsupported format",
-            f"use one of: {', '.join(LOCAL_FORMATS)} (text formats may end in {', '.join(COMPRESSED)})",
-        )
-    return ext, comp
 
 
 def _glob_for(folder: Path) -> str:
@@ -233,169 +234,4 @@ def _local(spec: str, hashes: bool = True) -> tuple[Batches, dict, bool]:
             f"data source '{spec}' mixes plain-text (.txt) and table files", "point it at one kind of file"
         )
     lineage = {"source": spec, "sha256": {str(p): sha256(p) for p in paths}} if hashes else {"source": spec}
-    return (batch for path in paths for batch in _read(path)), lineage, kinds == {True}
-
-
-def _open(path: Path) -> IO[bytes]:
-    comp = file_format(path)[1]
-    if comp == ".zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader has no readline of its own
-    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(comp, open)(path, "rb")
-
-
-def _lines(path: Path) -> Iterator[str]:
-    """Decoded lines (ends kept), one at a time; bad UTF-8 names its line and byte, and an
-    Excel byte-order mark is dropped."""
-    utf8 = f"{path.stem}.utf8{path.suffix}"  # where the fix's re-encoded copy goes
-    try:
-        with _open(path) as f:
-            for i, raw in enumerate(f, start=1):
-                if i == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode Text", Notepad's "Unicode"
-                    raise TunelineError(
-                        f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8",
-                        f"re-encode it as UTF-8, e.g. iconv -f utf-16 -t utf-8 {path} > {utf8}",
-                    )
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise TunelineError(
-                        f"{path} line {i} is not valid UTF-8 (byte 0x{raw[e.start]:02x})",
-                        f"re-encode the file as UTF-8, e.g. iconv -f cp1252 -t utf-8 {path} > {utf8} "
-                        "(cp1252: Windows' Western encoding; name the one it was saved in)",
-                    ) from None
-                yield line.removeprefix("\ufeff") if i == 1 else line
-    except (OSError, EOFError, lzma.LZMAError) as e:
-        raise TunelineError(f"cannot read {path} ({e})", "check that the file is complete and not corrupt") from None
-    except Exception as e:  # zstandard raises its own ZstdError
-        if type(e).__name__ != "ZstdError":
-            raise
-        raise TunelineError(f"cannot read {path} ({e})", "check that the file is complete and not corrupt") from None
-
-
-def _read(path: Path) -> Batches:
-    ext = file_format(path)[0]
-    if ext == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:  # a row group at a time: iter_batches keeps what it decoded in Arrow's pool
-            f = pq.ParquetFile(path)
-            for g in range(f.num_row_groups):
-                for b in f.read_row_group(g).to_batches(max_chunksize=BATCH_ROWS):
-                    yield b.to_pylist()
-        except Exception as e:
-            raise TunelineError(f"{path} is not a readable Parquet file ({e})", "re-export the file") from None
-    elif ext in (".csv", ".tsv"):
-        yield from batched(_delimited(path, ext == ".tsv"))
-    elif ext == ".jsonl":
-        yield from batched(_jsonl(path))
-    elif ext == ".txt":
-        yield from batched({"text": doc} for doc in documents(_lines(path)))
-    else:
-        yield from batched(_json_array(path))
-
-
-def documents(lines: Iterable[str]) -> Iterator[str]:
-    """A text file's documents: blocks separated by one or more blank lines, each block's
-    lines joined by single spaces (hard-wrapped prose reads as one paragraph). A file with
-    no blank line is one document; a block over MAX_DOC_BYTES is cut at a line end."""
-    block: list[str] = []
-    size = 0
-    for line in lines:
-        line = line.strip()
-        if line:
-            block.append(line)
-            size += len(line) + 1
-        if block and (not line or size > MAX_DOC_BYTES):
-            yield " ".join(block)
-            block, size = [], 0
-    if block:
-        yield " ".join(block)
-
-
-LINE = "\x00line"  # where a row is in its file (CSV, JSONL), for messages; never a column
-
-
-def _delimited(path: Path, tsv: bool) -> Iterator[dict]:
-    """CSV (RFC 4180 quoting, the separator read from the header: `_delimiter`) or TSV rows. A TSV field cannot hold a tab or a line break, and
-    a quote is plain text (GLUE's MNLI files have unpaired quotes). A row with fewer or more
-    fields than the header is an error: an unclosed quote or a stray comma would otherwise
-    shift or merge columns without a word."""
-    csv.field_size_limit(sys.maxsize)  # a long text field is data, not an error
-    lines = _lines(path)
-    first = next(lines, "")
-    style = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": _delimiter(first)}
-    reader = csv.DictReader(itertools.chain([first] if first else [], lines), **style)
-    header = [h.strip() for h in reader.fieldnames or ()]
-    twice = next((h for i, h in enumerate(header) if h and h in header[:i]), None)
-    if twice is not None:  # DictReader would keep the last one's values without a word
-        at = [i + 1 for i, h in enumerate(header) if h == twice]
-        raise TunelineError(
-            f"{path}: its header names column {twice!r} {len(at)} times (columns {', '.join(map(str, at))})",
-            "rename all but one of them",
-        )
-    for row in reader:
-        extra = row.pop(None, None)  # the fields past the header's (DictReader's restkey)
-        if None in row.values() or any(x.strip() for x in extra or ()):  # trailing empty fields are harmless
-            fields = sum(v is not None for v in row.values()) + len(extra or ())
-            raise TunelineError(
-                f"{path} line {reader.line_num} has {fields} field{'' if fields == 1 else 's'}, "
-                f"but its header has {len(reader.fieldnames)}",
-                "a TSV field cannot hold a tab or a line break: fix that row"
-                if tsv
-                else f"quote a field that holds a {SEPARATORS[style['delimiter']]}, a quote or a line break "
-                '("...", a quote inside doubled: ""), and close every quote',
-            )
-        # line_num after a row is its last line: a row's line in the file, as an editor shows it
-        yield row | {LINE: f"{path.name} line {reader.line_num}"}
-
-
-SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "'|'"}
-
-
-def _delimiter(header: str) -> str:
-    """The separator of a .csv file, read from its header: a comma, or the ';' a European
-    Excel saves, the tab of a tab-separated file named .csv, or '|', when the header is one
-    field under commas and two or more under that separator. Every row must then have the
-    header's number of fields, so a wrong guess is an error, never columns shifted."""
-    if len(next(csv.reader([header]), [])) == 1:
-        for sep in (";", "\t", "|"):
-            if len(next(csv.reader([header], delimiter=sep), [])) > 1:
-                return sep
-    return ","
-
-
-def _jsonl(path: Path) -> Iterator[dict]:
-    for i, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TunelineError(f"{path} line {i} is not valid JSON ({e.msg})", "fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise TunelineError(
-                f"{path} does not hold JSON objects (one row each)",
-                "write a list of objects, or one object per line (.jsonl)",
-            )
-        row[LINE] = f"{path.name} line {i}"
-        yield row
-
-
-def _json_array(path: Path) -> list[dict]:
-    """A JSON array is parsed whole (the one non-streaming format): use JSONL for large data."""
-    text = "".join(_lines(path))
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TunelineError(
-            f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
-            "fix the file; for one object per line name it .jsonl",
-        ) from None
-    if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
-        raise TunelineError(
-            f"{path} does not hold JSON objects (one row each)",
-            "write a list of objects, or one object per line (.jsonl)",
-        )
-    return rows
+    return (batch for path in paths for batch in read(path)), lineage, kinds == {True}
