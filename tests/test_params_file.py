@@ -40,7 +40,11 @@ def test_bad_values_name_the_key(raw, key):
             "'train.method' must be one of 'lora', 'full' (got 'lorra'). Fix: did you mean 'lora'?",
         ),
         ({"prepare": {"task": "clasify"}}, "Fix: did you mean 'classify'?"),
-        ({"model": {"name": " "}}, "model.name is empty: name a built-in model, a local folder or a hub id"),
+        (
+            {"model": {"name": " "}},
+            "model.name is empty (in 'model.name'). Fix: name a built-in model (e.g. smollm2-135m-instruct), a local "
+            "folder or a hub id",
+        ),
         (  # a key that may also be null says so
             {"prepare": {"near_dup_threshold": 0}},
             "'prepare.near_dup_threshold' must be a finite number > 0 and <= 1, or null (got 0)",
@@ -62,6 +66,31 @@ def test_wrong_types_and_ranges_give_the_key_path_and_what_is_allowed(raw, says)
     with pytest.raises(TunelineError) as e:
         parse_params(raw)
     assert says in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        # labels on a task that reads none: most likely a forgotten prepare.task, which would
+        # train a descrambler on the labelled rows' text without a word
+        (
+            {"prepare": {"labels": ["neg", "pos"]}},
+            "prepare.labels is set, but the descramble task reads no labels (in 'prepare'). Fix: set prepare.task "
+            "to classify or entail for labelled data, or prepare.labels=[]",
+        ),
+        ({"prepare": {"task": "classify", "labels": ["pos"]}}, "Fix: list them in the data's id order"),
+        ({"prepare": {"min_words": 9, "max_words": 5}}, "Fix: lower prepare.min_words or raise prepare.max_words"),
+        ({"prepare": {"n_test": 0}}, "Fix: set prepare.n_test above 0, or a prepare.test_source"),
+        ({"evaluate": {"primary_metric": "accuracy"}}, "Fix: choose one of: chrf, exact_match"),
+        ({"register": {"test": "mcnemar"}}, "Fix: use register.test: bootstrap"),
+        ({"train": {"method": "full", "quantize": "nf4"}}, "Fix: set train.method: lora, or train.quantize: none"),
+        ({"tokenize": {"packing": "concat"}}, "Fix: use 'bfd' for the supervised task 'descramble'"),
+    ],
+)
+def test_a_rule_across_keys_says_its_own_fix(raw, says):
+    with pytest.raises(TunelineError) as e:
+        parse_params(raw)
+    assert says in str(e.value) and str(e.value).count("Fix:") == 1
 
 
 def test_missing_params_file_says_where_to_run(tmp_path):

@@ -50,7 +50,9 @@ class ModelCfg(_Group):
     @classmethod
     def _named(cls, name: str) -> str:
         if not name.strip():  # `--set model.name=`: read as the folder '' it said has no config.json
-            raise ValueError("model.name is empty: name a built-in model, a local folder or a hub id")
+            raise ValueError(
+                "model.name is empty. Fix: name a built-in model (e.g. smollm2-135m-instruct), a local folder or a hub id"
+            )
         return name
 
 
@@ -138,18 +140,32 @@ class PrepareCfg(_Group):
     @model_validator(mode="after")
     def _check(self):
         if self.min_words > self.max_words:
-            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+            raise ValueError(
+                f"min_words ({self.min_words}) must be <= max_words ({self.max_words}). "
+                "Fix: lower prepare.min_words or raise prepare.max_words"
+            )
         if self.n_test == 0 and not self.test_source:
-            raise ValueError("n_test is 0 (all of test_source) but no test_source is set")
+            raise ValueError(
+                "n_test is 0 (all of test_source) but no test_source is set. "
+                "Fix: set prepare.n_test above 0, or a prepare.test_source to test on whole"
+            )
         task = TASKS[self.task]
         if task.labelled and len(self.labels) < 2:
-            raise ValueError(f"task '{self.task}' needs at least two labels in prepare.labels")
+            raise ValueError(
+                f"task '{self.task}' needs at least two labels in prepare.labels. "
+                "Fix: list them in the data's id order, e.g. prepare.labels=[neg,pos]"
+            )
+        if self.labels and not task.labelled:  # a forgotten prepare.task: the data would train another task
+            raise ValueError(
+                f"prepare.labels is set, but the {self.task} task reads no labels. "
+                "Fix: set prepare.task to classify or entail for labelled data, or prepare.labels=[]"
+            )
         # A key that is no column of the task maps nothing: the column meant would be
         # reported missing, with this mapping silently ignored.
         if unknown := [k for k in self.columns if k not in task.columns]:
             raise ValueError(
                 f"columns maps {', '.join(map(repr, unknown))}, which the {self.task} task does not read "
-                f"(its columns: {', '.join(task.columns)}): map one of those, e.g. "
+                f"(its columns: {', '.join(task.columns)}). Fix: map one of those, e.g. "
                 f"prepare.columns.{task.columns[-1]}=<your column>"
             )
         return self
@@ -365,53 +381,55 @@ with warnings.catch_warnings():
                 known = metric_names(task)
                 if base not in known or (label and (not task.labelled or label.rstrip("]") not in self.prepare.labels)):
                     raise ValueError(
-                        f"register.guardrails: '{name}' is not a metric of the {task.name} task (use "
-                        f"{', '.join(known)}" + (", or accuracy[<label>]" if task.labelled else "") + ")"
+                        f"register.guardrails: '{name}' is not a metric of the {task.name} task. Fix: use "
+                        f"{', '.join(known)}" + (", or accuracy[<label>]" if task.labelled else "")
                     )
                 if not (math.isfinite(margin) and margin >= 0):
-                    raise ValueError(f"register.guardrails: the margin of '{name}' must be a number >= 0")
+                    raise ValueError(
+                        f"register.guardrails: the margin of '{name}' must be a number >= 0. Fix: give it one, e.g. 0.01"
+                    )
             metric = self.evaluate.primary_metric
             if metric is not None and metric not in task.metrics:
                 raise ValueError(
-                    f"evaluate.primary_metric '{metric}' is not a metric of the {task.name} task "
-                    f"(choose one of: {', '.join(task.metrics)})"
+                    f"evaluate.primary_metric '{metric}' is not a metric of the {task.name} task. "
+                    f"Fix: choose one of: {', '.join(task.metrics)}"
                 )
             from tuneline.scoring import BINARY
 
             if self.register.test == "mcnemar" and self.primary_metric() not in BINARY:
                 raise ValueError(
-                    f"register.test 'mcnemar' needs a 0/1 primary metric, not '{self.primary_metric()}' "
-                    "(use register.test: bootstrap)"
+                    f"register.test 'mcnemar' needs a 0/1 primary metric, not '{self.primary_metric()}'. "
+                    "Fix: use register.test: bootstrap"
                 )
             if self.evaluate.constrain == "words" and task.words is None:
                 raise ValueError(
-                    f"evaluate.constrain 'words' needs a task whose input holds the answer's words, not '{task.name}' "
-                    "(use evaluate.constrain: auto or none)"
+                    f"evaluate.constrain 'words' needs a task whose input holds the answer's words, not '{task.name}'. "
+                    "Fix: use evaluate.constrain: auto or none"
                 )
             if self.constrained() and self.evaluate.prompt_lookup:
                 raise ValueError(
-                    "evaluate.prompt_lookup guesses tokens the word constraint has not checked "
-                    "(set evaluate.prompt_lookup: 0, or evaluate.constrain: none)"
+                    "evaluate.prompt_lookup guesses tokens the word constraint has not checked. "
+                    "Fix: set evaluate.prompt_lookup: 0, or evaluate.constrain: none"
                 )
             if self.train.method == "full" and (self.train.lora_variant != "lora" or self.train.loraplus_lr_ratio != 1):
                 raise ValueError(
-                    "train.lora_variant and train.loraplus_lr_ratio shape LoRA adapters, and train.method is 'full' "
-                    "(set train.method: lora, or leave them at 'lora' and 1)"
+                    "train.lora_variant and train.loraplus_lr_ratio shape LoRA adapters, and train.method is 'full'. "
+                    "Fix: set train.method: lora, or leave them at 'lora' and 1"
                 )
             if self.train.quantize != "none" and self.train.method != "lora":
                 raise ValueError(
                     f"train.quantize '{self.train.quantize}' (QLoRA) trains LoRA adapters over a frozen 4-bit base, "
-                    "and train.method is 'full' (set train.method: lora, or train.quantize: none)"
+                    "and train.method is 'full'. Fix: set train.method: lora, or train.quantize: none"
                 )
             if self.evaluate.base_prompting == "few_shot" and self.evaluate.base_shots == 0:
                 raise ValueError(
-                    "evaluate.base_prompting 'few_shot' needs evaluate.base_shots >= 1 "
-                    "(set base_shots, or base_prompting: auto)"
+                    "evaluate.base_prompting 'few_shot' needs evaluate.base_shots >= 1. "
+                    "Fix: set evaluate.base_shots, or evaluate.base_prompting: auto"
                 )
             if self.tokenize.packing == "concat" and task.name != "pretrain":
                 raise ValueError(
-                    "tokenize.packing 'concat' lets examples attend to each other; "
-                    f"use 'bfd' for the supervised task '{task.name}'"
+                    "tokenize.packing 'concat' lets examples attend to each other. "
+                    f"Fix: use 'bfd' for the supervised task '{task.name}'"
                 )
             return self
 

@@ -81,9 +81,10 @@ def _explain(err: ValidationError, source: str) -> TunelineError:
     if e["type"] == "value_error" and not (allowed or "").startswith(
         "one of"
     ):  # a rule across keys (a model validator): its message names them
+        # Its message says what to change after ". Fix: " (tuneline/config.py's rules do).
+        problem, _, fix = e["msg"].removeprefix("Value error, ").partition(". Fix: ")
         return TunelineError(
-            f"{source}: {e['msg'].removeprefix('Value error, ')}" + (f" (in '{path}')" if path else ""),
-            f"change the keys it names in {source}",
+            f"{source}: {problem}" + (f" (in '{path}')" if path else ""), fix or f"change the keys it names in {source}"
         )
     if e["type"] == "list_type":  # `--set prepare.labels=neg,pos`: YAML reads a list only in brackets
         items = e["input"] if isinstance(e.get("input"), str) and e["input"].strip() else "a, b"
