@@ -227,7 +227,16 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     assert all(f"'{s}' didn't change" in out for s in STAGES), out
     assert "up to date" in project.run(sys.executable, "-m", "dvc", "status").stdout
 
+    # The gate run again (another register.alpha) on the champion's own model registers no
+    # copy of it: register runs, and says the model is v1.
+    project.set_params({"register": {"alpha": 0.1}})
+    out = project.run(sys.executable, "-m", "dvc", "repro").stdout
+    assert "Running stage 'register'" in out and "Running stage 'train'" not in out, out
+    assert "the trained model is descrambler v1, the champion" in out and "created descrambler" not in out, out
+    assert json.loads((project.root / "metrics/register.json").read_text())["same_as_champion"]
+
     # A train.* change re-runs only train, validate, evaluate and register.
+    before = {r["id"] for r in _runs(project)}
     project.set_params({"train": {"lr": 0.001}})
     status = json.loads(project.run(sys.executable, "-m", "dvc", "status", "--json").stdout)
     assert set(status) == {"train"}  # what DVC sees as changed
@@ -240,7 +249,7 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     assert lock["stages"]["train"]["params"]["params.yaml"]["train.lr"] == 0.001
     # DVC-started runs also get one parent with a child per stage that ran
     runs = _runs(project)
-    dvc_parent = [r for r in runs if r["tags"].get("tuneline.source") == "dvc"]
+    dvc_parent = [r for r in runs if r["tags"].get("tuneline.source") == "dvc" and r["id"] not in before]
     assert len(dvc_parent) == 1
     kids = [r["tags"]["tuneline.stage"] for r in runs if r["tags"].get("mlflow.parentRunId") == dvc_parent[0]["id"]]
     assert sorted(kids) == ["evaluate", "register", "train", "validate"]

@@ -7,7 +7,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tuneline import card, gate, recipes, registry
+from tuneline import card, gate, recipes, registry, serving
 from tuneline.config import RegisterCfg, flatten
 from tuneline.errors import TunelineError
 from tuneline.gate import data_hashes, decide, reference
@@ -126,6 +126,38 @@ def test_a_champion_evaluated_on_other_examples_is_re_evaluated_on_these(client,
     monkeypatch.setattr(gate, "evaluate_model", lambda model, tok, rows, params: {"re-evaluated on": rows})
     _, version, ev = reference(client, "m", [{"target": "a"}], recipes.build("descramble"), _record(key="new"))
     assert loaded == [f"models:/m/{version}"] and version == "1" and ev == {"re-evaluated on": [{"target": "a"}]}
+
+
+def test_the_champions_own_model_trained_again_is_not_registered_again(client, tmp_path, monkeypatch):
+    """A re-run with the same seed and data, or the gate run again with another
+    register.alpha, trains what the champion is: the gate would compare it with itself, so
+    no copy is registered (or uploaded). New weights, or new served settings, are a
+    challenger."""
+    monkeypatch.chdir(tmp_path)
+    merged = tmp_path / "models/merged"
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"weights v1")
+    (merged / "tuneline_params.json").write_text('{"register": {"alpha": 0.05}}')  # the run's record: not the model
+    params = recipes.build("descramble", ["register.model_name=m"])
+    v = client.create_model_version("m", source="file:///nowhere").version
+    client.set_model_version_tag("m", v, serving.IDENTITY_TAG, serving.identity(params, merged))
+    registry.move_champion(client, "m", v, "gate", "test")
+    evals = {"tuned": {"chrf": 61.5}}
+
+    (merged / "tuneline_params.json").write_text('{"register": {"alpha": 0.1}}')
+    again = recipes.build("descramble", ["register.model_name=m", "register.alpha=0.1"])
+    same = gate.same_as_champion(again, evals)
+    assert same == json.loads((tmp_path / "metrics/register.json").read_text())
+    assert same["version"] == int(v) and same["same_as_champion"] and not same["promoted"] and same["chrf"] == 61.5
+    assert len(client.search_model_versions("name='m'")) == 1
+    # served with beams, the same weights answer otherwise: a challenger
+    assert (
+        gate.same_as_champion(recipes.build("descramble", ["register.model_name=m", "evaluate.num_beams=4"]), evals)
+        is None
+    )
+    (merged / "model.safetensors").write_bytes(b"weights v2")
+    assert gate.same_as_champion(params, evals) is None
 
 
 def test_promote_and_rollback_record_who_when_why_and_walk_back(client):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from tuneline import card, registry, scoring
+from tuneline import card, registry, scoring, serving
 from tuneline.config import Params, RegisterCfg, flatten
 from tuneline.data import LINEAGE, MERGED, PREDICTIONS, metrics_file
 from tuneline.evaluation import compare, evaluate_model, load_any
@@ -202,9 +202,33 @@ def reference(client, name: str, rows: list[dict], params: Params, record: dict)
 def log_model(params: Params):
     """Log models/merged to the active run, as the model that answers as evaluate scored
     (tuneline/serving.py)."""
+    return serving.log_model(params, MERGED)
+
+
+def same_as_champion(params: Params, evals: dict) -> dict | None:
+    """register's result when the trained model is the champion itself (the same weights and
+    served settings: `serving.identity`), else None. The gate would compare it with itself
+    (delta 0, never promoted), so no version is registered, and nothing is uploaded."""
+    import mlflow
+
     from tuneline import serving
 
-    return serving.log_model(params, MERGED)
+    name = params.register.model_name
+    champ = None if params.register.dry_run else registry.champion(mlflow.MlflowClient(), name)
+    if champ is None or champ.tags.get(serving.IDENTITY_TAG) != serving.identity(params, MERGED):
+        return None
+    why = f"the trained model is {name} v{champ.version}, the champion: the same weights and served settings"
+    print(f"[register] {why}; nothing registered", flush=True)
+    primary = params.primary_metric()
+    result = {
+        "version": int(champ.version),
+        "promoted": False,
+        "same_as_champion": True,
+        primary: evals["tuned"][primary],
+    }
+    result["gate"] = {"decision": "same as champion", "reason": why}
+    write_json(metrics_file("register"), result)
+    return result
 
 
 def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], parity: dict | None = None) -> dict:
@@ -264,6 +288,9 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
             "run_id": mlflow.active_run().info.run_id,
             "registered_by": registry.user(),  # who ran the gate: `tuneline history` shows it
             "eval.examples_key": record["examples_key"],
+            serving.IDENTITY_TAG: serving.identity(
+                params, MERGED
+            ),  # a re-run that trains it again is not registered again
             **(parity or {}),
         }
         tags |= {f"metric.{k}": str(v) for k, v in evals["tuned"].items()}

@@ -46,6 +46,25 @@ def settings(params: Params) -> dict:
     }
 
 
+IDENTITY_TAG = "model.sha256"  # a registered version's `identity`
+
+
+def identity(params: Params, merged: Path) -> str:
+    """What a version serves, as one hash: the merged folder's files (weights, tokenizer,
+    config; not the record of the run's params, which holds register.* too) and the
+    settings it answers with. A re-run that trains the same weights (the same seed and
+    data), or the gate run again with another register.alpha, gives the same identity."""
+    import hashlib
+
+    from tuneline.io import kept_sha256
+    from tuneline.modeling import TRAINED_PARAMS, cache_dir
+
+    files = sorted(f for f in merged.iterdir() if f.is_file() and f.name != TRAINED_PARAMS)
+    hashes = kept_sha256(files, cache_dir().parent / "file-hashes.json")
+    listing = "".join(f"{f.name}\0{h}\n" for f, h in zip(files, hashes))
+    return hashlib.sha256((listing + json.dumps(settings(params), sort_keys=True)).encode()).hexdigest()
+
+
 def trained_params(folder: str | Path) -> dict | None:
     """The params of the run that made a folder tuneline trained (models/merged, a registered
     version's files, an export), as train wrote them; None when it holds none."""

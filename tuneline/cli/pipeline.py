@@ -123,6 +123,8 @@ def try_it(params, root) -> str | None:
         return None
     if result.get("promoted"):
         return f"tuneline predict {example}   ({name} v{version}, the champion)"
+    if result.get("same_as_champion"):
+        return f"tuneline predict {example}   ({name} v{version}, the champion, which this run trained again)"
     why = "the gate did not promote it; `tuneline history` says why"
     if result.get("gate", {}).get("decision") == "kept champion":  # a champion to compare with
         why += ", and `tuneline diff` shows what it changed"
