@@ -211,8 +211,6 @@ def same_as_champion(params: Params, evals: dict) -> dict | None:
     (delta 0, never promoted), so no version is registered, and nothing is uploaded."""
     import mlflow
 
-    from tuneline import serving
-
     name = params.register.model_name
     champ = None if params.register.dry_run else registry.champion(mlflow.MlflowClient(), name)
     if champ is None or champ.tags.get(serving.IDENTITY_TAG) != serving.identity(params, MERGED):
@@ -278,6 +276,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
     try:  # its evidence: tags, the review against the champion it faced, the model card
         gate["challenger"] = f"v{version}"
         flat = flatten(params)
+        identity = serving.identity(params, MERGED)
         tags = {
             "git.commit": git_commit(),
             **data_hashes(),
@@ -288,9 +287,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
             "run_id": mlflow.active_run().info.run_id,
             "registered_by": registry.user(),  # who ran the gate: `tuneline history` shows it
             "eval.examples_key": record["examples_key"],
-            serving.IDENTITY_TAG: serving.identity(
-                params, MERGED
-            ),  # a re-run that trains it again is not registered again
+            serving.IDENTITY_TAG: identity,  # the champion trained again is not registered again
             **(parity or {}),
         }
         tags |= {f"metric.{k}": str(v) for k, v in evals["tuned"].items()}

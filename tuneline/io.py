@@ -81,7 +81,8 @@ def share_modes(folder: Path) -> None:
     mask = os.umask(0)  # the only portable way to read it: set, then restore at once
     os.umask(mask)
     for f in folder.rglob("*.safetensors"):
-        f.chmod(0o666 & ~mask)
+        with contextlib.suppress(OSError):  # a mount without modes (FAT, some network shares)
+            f.chmod(0o666 & ~mask)
 
 
 @contextlib.contextmanager
