@@ -110,23 +110,30 @@ def identity(name: str) -> str:
     under the same path, so it is the name and a hash of the folder's files (those
     `from_pretrained` reads: not its subfolders, such as a trainer's checkpoints), each kept
     in .cache/file-hashes.json until it changes (a 540 MB model: ~1 s the first time)."""
-    import hashlib
-
-    from tuneline.io import kept_sha256
-
     path = located(name)
     if name in BUILTIN or name in SCRATCH or not path.is_dir():
         return name
-    files = sorted(p for p in path.iterdir() if p.is_file())
     try:
-        hashes = kept_sha256(files, cache_dir().parent / "file-hashes.json")
+        return f"{name}@{folder_hash(path)[:16]}"
     except OSError as e:
         raise TunelineError(
             f"model.name '{name}': cannot read {Path(e.filename or '?').name} ({e.strerror or type(e).__name__})",
             "make the folder's files readable by this user",
         ) from None
+
+
+def folder_hash(folder: Path, leave_out: tuple[str, ...] = ()) -> str:
+    """sha256 over the names and contents of a model folder's own files (not its
+    subfolders), less `leave_out`; each file's hash is kept in .cache/file-hashes.json until
+    the file changes."""
+    import hashlib
+
+    from tuneline.io import kept_sha256
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in leave_out)
+    hashes = kept_sha256(files, cache_dir().parent / "file-hashes.json")
     listing = "".join(f"{f.name}\0{h}\n" for f, h in zip(files, hashes))
-    return f"{name}@{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _hub_error(name: str, err: Exception) -> TunelineError:

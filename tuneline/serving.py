@@ -56,13 +56,10 @@ def identity(params: Params, merged: Path) -> str:
     data), or the gate run again with another register.alpha, gives the same identity."""
     import hashlib
 
-    from tuneline.io import kept_sha256
-    from tuneline.modeling import TRAINED_PARAMS, cache_dir
+    from tuneline.modeling import TRAINED_PARAMS, folder_hash
 
-    files = sorted(f for f in merged.iterdir() if f.is_file() and f.name != TRAINED_PARAMS)
-    hashes = kept_sha256(files, cache_dir().parent / "file-hashes.json")
-    listing = "".join(f"{f.name}\0{h}\n" for f, h in zip(files, hashes))
-    return hashlib.sha256((listing + json.dumps(settings(params), sort_keys=True)).encode()).hexdigest()
+    files = folder_hash(merged, leave_out=(TRAINED_PARAMS,))
+    return hashlib.sha256((files + json.dumps(settings(params), sort_keys=True)).encode()).hexdigest()
 
 
 def trained_params(folder: str | Path) -> dict | None:
