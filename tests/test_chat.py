@@ -74,6 +74,8 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
         for rows, columns in ((sharegpt, {}), (openai, {}), (as_text, {"messages": "dialog"}))
     ]
     assert read[0] == read[1] == read[2] == _rows(CONVERSATIONS)
+    # A file joining the two datasets: each row is read in its own shape
+    assert next(task_rows([[sharegpt[0], openai[1]]], TASK, {}, [], "data")) == _rows(CONVERSATIONS[:2])
 
 
 @pytest.mark.parametrize(
@@ -90,6 +92,9 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
         ([], "the conversation has no turns"),
         ([{"role": "user"}, {"role": "assistant", "content": "y"}], r"turn 1 has no content. Fix: give each turn"),
         ({"role": "user", "content": "x"}, "must be a list of turns, not dict"),
+        # an empty answer would teach the model to answer nothing
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}], r"turn 2 \(assistant\) is empty"),
+        ([{"from": "human", "value": ""}, {"from": "gpt", "value": "y"}], r"turn 1 \(user\) is empty.*bad_rows=skip"),
     ],
 )
 def test_a_bad_conversation_is_one_line_naming_its_row(turns, message):

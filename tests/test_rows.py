@@ -25,6 +25,10 @@ def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
     assert got == [{"text": "hi", "label": "pos"}]
     dolly = [{"instruction": "Say hi.", "context": "", "response": "Hi!", "category": "open_qa"}]
     assert _task_rows(dolly, "instruct", {}, []) == [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    # A file that joins Alpaca and Dolly records: each row is read under its own names
+    alpaca = {"instruction": "Say bye.", "input": "", "output": "Bye!"}
+    assert _task_rows(dolly + [alpaca], "instruct", {}, [])[1] == alpaca
+    assert _task_rows([alpaca] + dolly, "instruct", {}, [])[1] == dict(alpaca, instruction="Say hi.", output="Hi!")
 
 
 def test_glue_and_multinli_files_are_read_as_they_come(tmp_path):
@@ -67,6 +71,7 @@ def test_a_mapping_that_one_source_needs_leaves_a_source_with_the_tasks_own_colu
         ({"text": "hi", "label": "Pos"}, r"row 1 has label 'Pos'.*did you mean 'pos'\?"),
         ({"text": 3, "label": "pos"}, r"column 'text' must be text, but row 1 holds int '3'"),
         ({"text": None, "label": "pos"}, r"row 1 has no value \(null\) in column 'text'"),
+        ({"text": " \n", "label": "pos"}, r"row 1 has an empty 'text'. Fix: give that row a value"),
         ({"txt": "hi", "label": "pos"}, r"missing column 'text'.*did you mean 'txt'\?"),
         # no name like 'label', but the one column nothing else reads: the command to map it
         (

@@ -167,7 +167,13 @@ def parse(value, at: str) -> list[dict]:
             raise TunelineError(
                 f"{at}: turn {k + 1} has no content", "give each turn its text as 'content' (ShareGPT: 'value')"
             )
-        turns.append({"role": role, "content": _content(content, at)})
+        text = _content(content, at)
+        if not text.strip() and role != "system":  # an empty answer teaches the model to say nothing
+            fix = "give every user and assistant turn its text"
+            if not at.startswith("the request"):
+                fix += ", or remove the row (prepare.bad_rows=skip leaves out such rows)"
+            raise TunelineError(f"{at}: turn {k + 1} ({role}) is empty", fix)
+        turns.append({"role": role, "content": text})
     return turns
 
 

@@ -103,7 +103,7 @@ class PrepareCfg(_Group):
     )
     bad_rows: Literal["error", "skip"] = Field(
         "error",
-        description="A row that breaks the task's rules (a missing or null value, a label outside "
+        description="A row that breaks the task's rules (a missing, null or empty value, a label outside "
         "prepare.labels, a conversation with no assistant turn, a value that is not text): 'error' "
         "stops at the first, naming its line; 'skip' leaves such rows out, counted in "
         "metrics/prepare.json and the model card with the first reasons, and still stops when more "

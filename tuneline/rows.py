@@ -150,6 +150,8 @@ _FILL = "give that row a value in the column, or remove the row (prepare.bad_row
 def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[str], where: str, i: int) -> dict:
     row = {}
     for col, name in names.items():
+        if name and name not in r:  # a file that joins two datasets: this row says `response`, others `output`
+            name = next((n for n in (col, dict(task.aliases).get(col)) if n and n in r), name)
         v = r.get(name) if name else None
         if v is None and (col in task.optional or name is None):
             v = ""
@@ -169,6 +171,8 @@ def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[st
                 f"{where}: column '{name}' must be text, but {_at(r, i)} holds {type(v).__name__} {str(v)[:40]!r}",
                 "convert that column to strings, or map another column in prepare.columns",
             )
+        elif not v.strip() and col not in task.optional:  # an empty answer teaches the model to say nothing
+            raise TunelineError(f"{where}: {_at(r, i)} has an empty '{name}'", _FILL)
         row[col] = v
     return row
 
