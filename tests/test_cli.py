@@ -371,6 +371,40 @@ def test_a_missing_data_file_fails_before_a_built_in_model_is_built(tmp_path):
     assert "preparing built-in model" not in proc.stdout
 
 
+def test_a_path_set_in_a_subfolder_names_the_file_there(tmp_path, monkeypatch, capsys):
+    """Params paths are read from the project root; a `--set` path typed in a subfolder means
+    the file beside the user (as `evaluate --data` does), so it is recorded from the root."""
+    import importlib
+
+    cli = importlib.import_module("tuneline.cli.app")  # the module (the package's `app` is the Typer app)
+    root = tmp_path.resolve()
+    (root / "corpus").mkdir()
+    for name in ("a.txt", "b.txt", "chat.json"):
+        (root / "corpus" / name).write_text("x")
+    (root / "top.csv").write_text("x")
+    monkeypatch.setattr(cli, "ROOT", root)
+    sets = [
+        "prepare.source=*.txt",
+        "prepare.test_source=alpaca-chat:chat.json",
+        "prepare.source=../top.csv",
+        "prepare.source=top.csv",  # not here: meant from the root, as params are
+        "model.name=gpt2",  # a hub id
+        "prepare.n_train=5",
+    ]
+    monkeypatch.chdir(root)
+    assert cli.typed_here(sets) == sets
+    monkeypatch.chdir(root / "corpus")
+    assert cli.typed_here(sets) == [
+        "prepare.source=corpus/*.txt",
+        "prepare.test_source=alpaca-chat:corpus/chat.json",
+        "prepare.source=top.csv",
+        *sets[3:],
+    ]
+    assert (
+        "prepare.source: '*.txt' (typed in corpus/) is 'corpus/*.txt' from the project root" in capsys.readouterr().out
+    )
+
+
 def test_every_commands_help_shows_each_paragraph_whole_for_the_terminal_to_wrap(monkeypatch):
     """Not the source's line breaks: at 80 columns they left stubs ("one answer per" / "line
     in their order"). On a 400-column terminal each paragraph is one line."""

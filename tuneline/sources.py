@@ -41,12 +41,17 @@ def is_wiki(spec: str) -> bool:
     return spec == "builtin:wikipedia" or spec.startswith("wikidump:")
 
 
+def local_part(spec: str) -> tuple[str, str]:
+    """(the `alpaca-chat:` or `wikidump:` prefix or '', the path after it, with ~ expanded)."""
+    prefix = next((p for p in (ALPACA_CHAT, "wikidump:") if spec.startswith(p)), "")
+    return prefix, os.path.expanduser(spec.removeprefix(prefix))
+
+
 def from_cwd(spec: str) -> str:
     """`spec` as given on a command line: its relative local path (after an `alpaca-chat:`
     or `wikidump:` prefix) made absolute from the working directory. In params a path is
     relative to the project root; an argument, to where the user typed it."""
-    prefix = next((p for p in (ALPACA_CHAT, "wikidump:") if spec.startswith(p)), "")
-    path = os.path.expanduser(spec.removeprefix(prefix))
+    prefix, path = local_part(spec)
     if not prefix and SCHEME.match(spec) and not os.path.exists(spec):  # hf:, builtin:
         return spec
     # normpath: '../d/x.csv' is printed and recorded as the file it names (getcwd is physical,

@@ -42,6 +42,37 @@ def fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+PATH_PARAMS = ("prepare.source", "prepare.test_source", "model.name")  # params that may name a local path
+
+
+def typed_here(sets: list[str]) -> list[str]:
+    """The --set overrides, with a path typed in a subfolder of the project made relative
+    to the project root, where params paths are read: `prepare.source=*.txt` typed in
+    corpus/ becomes `corpus/*.txt` (said once). A path the working directory does not hold
+    (a hub id, a path meant from the root) is left as it is."""
+    import glob
+
+    from tuneline import sources
+
+    here = os.getcwd()
+    if here == str(ROOT):
+        return list(sets)
+    typed = []
+    for item in sets:
+        key, _, value = item.partition("=")
+        spec = value.strip().strip("'\"")
+        prefix, path = sources.local_part(spec)
+        held = glob.glob(path) if glob.has_magic(path) else os.path.exists(path)
+        if key.strip() in PATH_PARAMS and path and not os.path.isabs(path) and held:
+            rooted = prefix + os.path.relpath(sources.from_cwd(spec).removeprefix(prefix), ROOT)
+            out.print(
+                f"{key.strip()}: '{spec}' (typed in {os.path.relpath(here, ROOT)}/) is '{rooted}' from the project root"
+            )
+            item = f"{key}={rooted}"
+        typed.append(item)
+    return typed
+
+
 def params_of(recipe: str | None, sets: list[str], smoke: bool = False):
     """The recipe's params (params.yaml's without one) with the --set overrides, validated."""
     from tuneline import recipes

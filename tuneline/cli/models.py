@@ -10,7 +10,7 @@ from typing import Literal
 import typer
 
 from tuneline import ROOT
-from tuneline.cli.app import app, fail, mlflow_client, out, params_of
+from tuneline.cli.app import app, fail, mlflow_client, out, params_of, typed_here
 from tuneline.errors import TunelineError, print_error
 
 
@@ -177,7 +177,7 @@ def evaluate(
         from tuneline import require_project
 
         require_project()
-        params = params_of(recipe, sets)
+        params = params_of(recipe, typed_here(sets))
         # an argument's path is from where it was typed (in params, from the project root)
         path = os.path.expanduser(model)
         ref = os.path.abspath(path) if os.path.exists(path) else model

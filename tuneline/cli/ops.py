@@ -9,7 +9,7 @@ import sys
 import typer
 
 from tuneline import ROOT, servers
-from tuneline.cli.app import app, fail, out
+from tuneline.cli.app import app, fail, out, typed_here
 from tuneline.errors import TunelineError, print_error
 
 
@@ -41,7 +41,9 @@ def schedule(
     spec = {"grid": list(grid), "ranges": list(ranges), "sample": sample, "jobs": jobs}
     try:
         require_project()
-        schedule_flow(cron, recipe, list(sets), name, say=out.print, sweep=spec if grid or ranges or sample else None)
+        schedule_flow(
+            cron, recipe, typed_here(sets), name, say=out.print, sweep=spec if grid or ranges or sample else None
+        )
     except TunelineError as e:
         fail(e)
 

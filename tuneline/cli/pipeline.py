@@ -10,7 +10,7 @@ import time
 import typer
 
 from tuneline import ROOT, gitcheck, servers
-from tuneline.cli.app import app, fail, out, params_of
+from tuneline.cli.app import app, fail, out, params_of, typed_here
 from tuneline.data import METRICS, PREDICTIONS
 from tuneline.errors import INTERRUPTED, TunelineError, print_error
 
@@ -41,6 +41,7 @@ def run(
         from tuneline.lock import project_lock
 
         with project_lock(require_project()):
+            sets = typed_here(sets)
             # Validate before anything starts (the flow checks again: it can be run alone).
             params = params_of(recipe, sets, smoke)
             preflight.check(params, store=False, model=False)  # a wrong path fails before a model is built
@@ -169,6 +170,7 @@ def sweep(
         with project_lock(require_project()):
             from flows.sweep import plan, sweep_flow
 
+            sets = typed_here(sets)
             plan.fn(recipe, list(sets), list(grid), list(ranges), sample, jobs)  # a bad spec fails in seconds
             if not os.environ.get("PREFECT_API_URL"):  # Ctrl-C must not kill the temporary server with an arm
                 servers.detach_temporary_prefect_server()
