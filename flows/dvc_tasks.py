@@ -100,7 +100,9 @@ def reproduce(name: str, force: bool = False) -> str | State:
     try:
         with sigint_held_for_stages(), Repo(str(ROOT)) as repo:
             repo.scm_context.quiet = True  # not "To track the changes with git, run: ..." after every stage
-            ran = repo.reproduce(name, single_item=True, force=force)
+            # dvc.yaml by its full path: DVC reads a bare stage name in the working directory's
+            # dvc.yaml, and `tuneline run` may be typed in a subfolder of the project
+            ran = repo.reproduce(f"{ROOT / 'dvc.yaml'}:{name}", single_item=True, force=force)
     except ReproductionError as e:
         code, _, line = err_file.read_text().partition("\n")
         if not line.strip():  # DVC failed around the stage (e.g. a read-only output), or it was killed

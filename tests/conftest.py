@@ -229,11 +229,17 @@ class Project:
         self.root, self.env = root, project_env(root, cache)
 
     def run(
-        self, *cmd: str, check: bool = True, timeout: int = 900, env: dict | None = None, stdin: str | None = None
+        self,
+        *cmd: str,
+        check: bool = True,
+        timeout: int = 900,
+        env: dict | None = None,
+        stdin: str | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
             list(cmd),
-            cwd=self.root,
+            cwd=cwd or self.root,
             env=self.env | (env or {}),
             input=stdin,
             capture_output=True,

@@ -111,7 +111,10 @@ def test_a_recipe_run_is_a_dvc_experiment_and_an_mlflow_run_with_the_same_params
         "train.eval_every=3",
         "tokenize.max_length=128",
     ]
-    _cli(project, "run", "--recipe", "pretrain", *[a for s in sets for a in ("--set", s)])
+    # typed in a subfolder of the project, as git and dvc allow: the run is the project's
+    (project.root / "notes").mkdir()
+    args = ["run", "--recipe", "pretrain", *[a for s in sets for a in ("--set", s)]]
+    project.run(sys.executable, "-m", "tuneline.cli", *args, timeout=600, cwd=project.root / "notes")
     written = yaml.safe_load((project.root / "params.yaml").read_text())
     assert written["prepare"]["task"] == "pretrain" and written["train"]["max_steps"] == 3
     assert "Written by `tuneline run --recipe pretrain" in (project.root / "params.yaml").read_text()
