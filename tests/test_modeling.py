@@ -65,6 +65,17 @@ def test_corrupt_weights_are_named(tmp_path, model_cache):
         load_model(str(bad))
 
 
+def test_a_model_folder_saved_without_its_tokenizer_is_named_as_such(tmp_path, model_cache):
+    """model.save_pretrained alone: transformers then makes an empty GPT-2 tokenizer (one
+    token), which the end-of-text check used to call "not the model's tokenizer"."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(resolve("tiny-gpt2"), bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*"))
+    with pytest.raises(TunelineError, match=r"holds no tokenizer .* Fix: save the tokenizer with the model"):
+        load_tokenizer(str(bare))
+
+
 def test_a_folder_without_config_is_refused(tmp_path):
     with pytest.raises(TunelineError, match="no config.json"):
         resolve(str(tmp_path))

@@ -251,6 +251,9 @@ def position_limit(cfg) -> int | None:
     return None
 
 
+SAVE_TOKENIZER = "save the tokenizer with the model (tokenizer.save_pretrained into the same folder)"
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
@@ -263,8 +266,13 @@ def load_tokenizer(name: str):
         load_config(name)  # a folder whose config transformers cannot read: say that
         raise TunelineError(
             f"model '{name}': cannot read a tokenizer from {folder} ({str(err).splitlines()[0][:120]})",
-            "save the tokenizer with the model (tokenizer.save_pretrained into the same folder)",
+            SAVE_TOKENIZER,
         ) from None
+    if len(tok) <= 1:  # transformers makes an empty GPT-2 tokenizer for a folder with no tokenizer files
+        raise TunelineError(
+            f"model '{name}': {folder} holds no tokenizer (no tokenizer.json or vocabulary files)",
+            SAVE_TOKENIZER,
+        )
     if tok.pad_token is None:  # GPT-2 style: EOS doubles as pad; labels mask pad, not EOS
         tok.pad_token = tok.eos_token
     return tok
