@@ -133,3 +133,43 @@ def test_a_file_that_is_not_arrow_is_one_clear_line(tmp_path):
     (tmp_path / "d.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(TunelineError, match=r"d.arrow is not a readable Arrow file.*Fix: re-export"):
         _rows(readers.read(tmp_path / "d.arrow"))
+
+
+def test_a_json_array_is_read_a_row_at_a_time_whatever_its_layout(tmp_path, monkeypatch):
+    """ShareGPT and OpenHermes ship one JSON array of a gigabyte or more: it is decoded as
+    it is read, with rows cut anywhere by the read-ahead, and the same rows as json.loads."""
+    import json
+
+    rows = [{"text": f'row {i} {"é" * (i % 7)} "quoted"\n', "n": [i, {"deep": i}]} for i in range(200)]
+    monkeypatch.setattr(readers, "JSON_READ_AHEAD", 5)  # every row straddles many reads
+    for name, text in [("indented", json.dumps(rows, indent=2)), ("one-line", json.dumps(rows, separators=(",", ":")))]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        assert _rows(readers.read(path)) == rows, name
+    (tmp_path / "empty.json").write_text(" [ ]\n")
+    assert _rows(readers.read(tmp_path / "empty.json")) == []
+    # a row is handed on before the rest of the file is read: the file is never held whole
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"text": "first"},\n{"text": "second"},\n{"text": oops}]')
+    got = readers._json_array(broken)
+    assert next(got) == {"text": "first"} and next(got) == {"text": "second"}
+    with pytest.raises(TunelineError, match=r"broken.json is not valid JSON \(Expecting value, line 3\)"):
+        next(got)
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ('{"text": "a"}\n{"text": "b"}\n', r"holds a JSON object, not a list.*name the file .jsonl"),
+        ('[{"text": "a"}, "b"]', r"does not hold JSON objects \(one row each\)"),
+        ('[{"text": "a"}\n{"text": "b"}]', r"not valid JSON \(Expecting ',' delimiter, line 2\)"),
+        ('[{"text": "a"}', r"not valid JSON \(Expecting '\]', line 1\)"),
+        ('[{"text": "a"}]\n[]', r"not valid JSON \(Extra data, line 2\)"),
+        ("", r"not valid JSON \(Expecting value, line 1\)"),
+    ],
+)
+def test_a_json_file_that_is_not_a_list_of_rows_is_one_line(tmp_path, text, says):
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    with pytest.raises(TunelineError, match=says):
+        _rows(readers.read(path))

@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import lzma
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -247,19 +248,79 @@ def _jsonl(path: Path) -> Iterator[dict]:
         yield row
 
 
-def _json_array(path: Path) -> list[dict]:
-    """A JSON array is parsed whole (the one non-streaming format): use JSONL for large data."""
-    text = "".join(_lines(path))
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TunelineError(
-            f"{path} is not valid JSON ({e.msg}, line {e.lineno})",
-            "fix the file; for one object per line name it .jsonl",
-        ) from None
-    if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
-        raise TunelineError(
-            f"{path} does not hold JSON objects (one row each)",
-            "write a list of objects, or one object per line (.jsonl)",
+JSON_READ_AHEAD = 1 << 20  # characters read before each try at decoding the next row
+JSON_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _json_array(path: Path) -> Iterator[dict]:
+    """A JSON array of objects, decoded one object at a time as the file's lines arrive
+    (`raw_decode` over a buffer): memory holds the rows being read, not the file. ShareGPT
+    and OpenHermes ship one JSON array of a gigabyte or more."""
+    lines, decoder = _lines(path), json.JSONDecoder()
+    buf, pos, line0, eof = "", 0, 1, False  # buf[pos:] is unread; buf starts on line line0
+
+    def fill(n: int = JSON_READ_AHEAD) -> None:  # drop what was read, then read n more characters (or to the end)
+        nonlocal buf, pos, line0, eof
+        line0 += buf.count("\n", 0, pos)
+        parts, size = [buf[pos:]], 0
+        while size < n and not eof:
+            line = next(lines, None)
+            eof = line is None
+            if line is not None:
+                parts.append(line)
+                size += len(line)
+        buf, pos = "".join(parts), 0
+
+    def token() -> str:  # the next non-space character ('' at the end), read up to it
+        nonlocal pos
+        while True:
+            pos = JSON_SPACE.match(buf, pos).end()
+            if pos < len(buf) or eof:
+                return buf[pos : pos + 1]
+            fill()
+
+    def invalid(msg: str, at: int) -> TunelineError:
+        line = line0 + buf.count("\n", 0, at)
+        return TunelineError(
+            f"{path} is not valid JSON ({msg}, line {line})", "fix the file; for one object per line name it .jsonl"
         )
-    return rows
+
+    not_rows = TunelineError(
+        f"{path} does not hold JSON objects (one row each)", "write a list of objects, or one object per line (.jsonl)"
+    )
+    first = token()
+    if first == "{":  # one object, or one per line (JSONL named .json)
+        raise TunelineError(
+            f"{path} holds a JSON object, not a list of objects (one row each)",
+            "for one object per line name the file .jsonl; else write the rows as a list, [{...}, {...}]",
+        )
+    if first != "[":
+        raise not_rows if first else invalid("Expecting value", pos)
+    pos += 1
+    if token() == "]":
+        pos += 1
+    else:
+        while True:
+            more = JSON_READ_AHEAD
+            while True:  # decode the next row, reading on (twice as far each time) while the buffer cuts it off
+                try:
+                    row, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise invalid(e.msg, e.pos) from None
+                    fill(more)
+                    more *= 2
+            if not isinstance(row, dict):
+                raise not_rows
+            pos = end
+            yield row
+            if (after := token()) == "]":
+                pos += 1
+                break
+            if after != ",":
+                raise invalid("Expecting ',' delimiter" if after else "Expecting ']'", pos)
+            pos += 1
+            token()
+    if token():
+        raise invalid("Extra data", pos)
