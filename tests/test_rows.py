@@ -126,3 +126,13 @@ def test_skip_still_stops_when_most_rows_are_bad_or_a_column_is_missing():
         list(task_rows(endless(), TASKS["classify"], {}, LABELS, "x", "skip"))
     with pytest.raises(TunelineError, match="missing column 'text'"):
         list(task_rows([[{"txt": "hi", "label": "pos"}]], TASKS["classify"], {}, LABELS, "x", "skip"))
+
+
+def test_blank_rows_of_a_pretraining_corpus_are_left_out_and_counted(capsys):
+    """wikitext and other line-per-row corpora keep blank lines between paragraphs: they hold
+    nothing to learn, so pretraining leaves them out (an empty answer elsewhere is a bad row)."""
+    rows = [{"text": "A paragraph."}, {"text": ""}, {"text": " \n"}, {"text": "Another one."}]
+    assert _task_rows(rows, "pretrain", {}, []) == [{"text": "A paragraph."}, {"text": "Another one."}]
+    assert "x: left out 2 blank rows of 4 (nothing to learn)" in capsys.readouterr().out
+    with pytest.raises(TunelineError, match="row 2 has an empty 'output'"):
+        _task_rows([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}], "instruct", {}, [])

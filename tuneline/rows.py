@@ -55,7 +55,7 @@ def task_rows(
     `labels`; the column mapping is settled on the first batch. A bad row raises, or with
     `bad_rows="skip"` is left out and counted into `skipped` ({"rows", "of", "examples"})."""
     names: dict[str, str | None] | None = None
-    start, bad, reasons = 0, 0, []
+    start, bad, blank, reasons = 0, 0, 0, []
     for rows in batches:
         if not rows:
             continue
@@ -64,13 +64,18 @@ def task_rows(
         kept = []
         for i, r in enumerate(rows):
             try:
-                kept.append(_task_row(r, names, task, labels, where, start + i))
+                row = _task_row(r, names, task, labels, where, start + i)
             except TunelineError as e:
                 if bad_rows != "skip":
                     raise
                 bad += 1
                 if len(reasons) < SKIP_EXAMPLES:
                     reasons.append(e.problem.removeprefix(f"{where}: "))
+                continue
+            if row is None:
+                blank += 1
+            else:
+                kept.append(row)
         start += len(rows)
         if bad and start >= SKIP_CHECK_AFTER:
             _too_many_bad(bad, start, reasons, where)
@@ -78,6 +83,10 @@ def task_rows(
             yield kept
     if names is None:
         raise TunelineError(f"{where} has no rows", "point it at a file or split with data")
+    if blank:
+        print(
+            f"[prepare] {where}: left out {blank} blank {'row' if blank == 1 else 'rows'} of {start} (nothing to learn)"
+        )
     if bad:
         _too_many_bad(bad, start, reasons, where)
         noun = "row" if bad == 1 else "rows"
@@ -147,7 +156,8 @@ def _at(r: dict, i: int) -> str:
 _FILL = "give that row a value in the column, or remove the row (prepare.bad_rows=skip leaves out such rows)"
 
 
-def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[str], where: str, i: int) -> dict:
+def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[str], where: str, i: int) -> dict | None:
+    """The task's row, or None for a blank row of a task that drops them (Task.drops_blank)."""
     row = {}
     for col, name in names.items():
         if name and name not in r:  # a file that joins two datasets: this row says `response`, others `output`
@@ -172,6 +182,8 @@ def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[st
                 "convert that column to strings, or map another column in prepare.columns",
             )
         elif not v.strip() and col not in task.optional:  # an empty answer teaches the model to say nothing
+            if task.drops_blank:
+                return None
             raise TunelineError(f"{where}: {_at(r, i)} has an empty '{name}'", _FILL)
         row[col] = v
     return row

@@ -50,6 +50,7 @@ class Task:
     words: Callable[[dict], str] | None = None
     aliases: tuple[tuple[str, str], ...] = ()  # (column, accepted other name): Dolly's names
     generates: bool = True  # scored by generation (pretrain: perplexity only)
+    drops_blank: bool = False  # a blank row is left out, counted, not a bad row (corpora keep blank lines)
     chat: bool = False  # rows are conversations (column `messages`), rendered by tuneline/chat.py
     stop: str | None = "\n"  # an answer ends here (and at EOS): one-line answers at the newline
     # The columns a served request fills: a bare text fills the first ({prompt} in MLflow); a
@@ -221,6 +222,7 @@ register(
         metrics=("perplexity",),
         prose=lambda texts, lo, hi: [{"text": t} for t in texts if len(t.split()) >= lo],
         generates=False,
+        drops_blank=True,  # wikitext and other line-per-row corpora hold blank lines between paragraphs
         stop=None,
         serve_example="The history of the city",
         use="A small causal language model of encyclopedic English prose, for research and as a starting point.",
