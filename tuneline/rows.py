@@ -53,7 +53,8 @@ def task_rows(
 ) -> Batches:
     """Batches of rows with exactly the task's columns, all text, labels checked against
     `labels`; the column mapping is settled on the first batch. A bad row raises, or with
-    `bad_rows="skip"` is left out and counted into `skipped` ({"rows", "of", "examples"})."""
+    `bad_rows="skip"` is left out and counted into `skipped` ({"rows", "of", "examples"}).
+    A blank row of a task that drops them (`Task.drops_blank`) is left out and counted."""
     names: dict[str, str | None] | None = None
     start, bad, blank, reasons = 0, 0, 0, []
     for rows in batches:
