@@ -148,6 +148,9 @@ def test_a_json_array_is_read_a_row_at_a_time_whatever_its_layout(tmp_path, monk
         assert _rows(readers.read(path)) == rows, name
     (tmp_path / "empty.json").write_text(" [ ]\n")
     assert _rows(readers.read(tmp_path / "empty.json")) == []
+    # JSON Lines in a .json file, as `datasets`' Dataset.to_json writes them (load_dataset reads both)
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _rows(readers.read(tmp_path / "lines.json")) == rows
     # a row is handed on before the rest of the file is read: the file is never held whole
     broken = tmp_path / "broken.json"
     broken.write_text('[{"text": "first"},\n{"text": "second"},\n{"text": oops}]')
@@ -160,8 +163,9 @@ def test_a_json_array_is_read_a_row_at_a_time_whatever_its_layout(tmp_path, monk
 @pytest.mark.parametrize(
     "text, says",
     [
-        ('{"text": "a"}\n{"text": "b"}\n', r"holds a JSON object, not a list.*name the file .jsonl"),
         ('[{"text": "a"}, "b"]', r"does not hold JSON objects \(one row each\)"),
+        ('{"text": "a"}\n["b"]\n', r"does not hold JSON objects \(one row each\)"),
+        ('{"text": "a"}\n{"text": oops}\n', r"not valid JSON \(Expecting value, line 2\)"),
         ('[{"text": "a"}\n{"text": "b"}]', r"not valid JSON \(Expecting ',' delimiter, line 2\)"),
         ('[{"text": "a"}', r"not valid JSON \(Expecting '\]', line 1\)"),
         ('[{"text": "a"}]\n[]', r"not valid JSON \(Extra data, line 2\)"),

@@ -89,8 +89,6 @@ def out_of_memory(err: BaseException, where: str) -> TunelineError | None:
         fix = f"lower evaluate.batch_size or evaluate.num_beams, or {free}"
     elif where in ("prepare", "tokenize"):  # they stream: their memory does not grow with the data
         fix = f"{free}, or use a machine with more memory"
-        if where == "prepare":  # but for the one format that is parsed whole
-            fix += " (a .json array is read whole; as .jsonl, one object per line, it streams)"
     elif where == "tuneline predict":
         fix = f"lower --beams, or {free}"
     else:  # another command (tuneline evaluate)

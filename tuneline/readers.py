@@ -253,9 +253,10 @@ JSON_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
 def _json_array(path: Path) -> Iterator[dict]:
-    """A JSON array of objects, decoded one object at a time as the file's lines arrive
-    (`raw_decode` over a buffer): memory holds the rows being read, not the file. ShareGPT
-    and OpenHermes ship one JSON array of a gigabyte or more."""
+    """A JSON array of objects (or objects one after another: JSON Lines in a `.json` file,
+    as `datasets`' `to_json` writes them), decoded one object at a time as the file's lines
+    arrive (`raw_decode` over a buffer): memory holds the rows being read, not the file.
+    ShareGPT and OpenHermes ship one JSON array of a gigabyte or more."""
     lines, decoder = _lines(path), json.JSONDecoder()
     buf, pos, line0, eof = "", 0, 1, False  # buf[pos:] is unread; buf starts on line line0
 
@@ -282,45 +283,41 @@ def _json_array(path: Path) -> Iterator[dict]:
     def invalid(msg: str, at: int) -> TunelineError:
         line = line0 + buf.count("\n", 0, at)
         return TunelineError(
-            f"{path} is not valid JSON ({msg}, line {line})", "fix the file; for one object per line name it .jsonl"
+            f"{path} is not valid JSON ({msg}, line {line})",
+            "fix the file: a .json file holds a list of objects, or one object per line",
         )
 
     not_rows = TunelineError(
         f"{path} does not hold JSON objects (one row each)", "write a list of objects, or one object per line (.jsonl)"
     )
     first = token()
-    if first == "{":  # one object, or one per line (JSONL named .json)
-        raise TunelineError(
-            f"{path} holds a JSON object, not a list of objects (one row each)",
-            "for one object per line name the file .jsonl; else write the rows as a list, [{...}, {...}]",
-        )
-    if first != "[":
+    if first not in ("[", "{"):
         raise not_rows if first else invalid("Expecting value", pos)
-    pos += 1
-    if token() == "]":
+    jsonl = first == "{"  # one object after another: JSON Lines named .json, as `Dataset.to_json` writes them
+    if not jsonl:
         pos += 1
-    else:
-        while True:
-            more = JSON_READ_AHEAD
-            while True:  # decode the next row, reading on (twice as far each time) while the buffer cuts it off
-                try:
-                    row, end = decoder.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as e:
-                    if eof:
-                        raise invalid(e.msg, e.pos) from None
-                    fill(more)
-                    more *= 2
-            if not isinstance(row, dict):
-                raise not_rows
-            pos = end
-            yield row
-            if (after := token()) == "]":
-                pos += 1
+    while jsonl or token() != "]":
+        more = JSON_READ_AHEAD
+        while True:  # decode the next row, reading on (twice as far each time) while the buffer cuts it off
+            try:
+                row, end = decoder.raw_decode(buf, pos)
                 break
+            except json.JSONDecodeError as e:
+                if eof:
+                    raise invalid(e.msg, e.pos) from None
+                fill(more)
+                more *= 2
+        if not isinstance(row, dict):
+            raise not_rows
+        pos = end
+        yield row
+        after = token()
+        if jsonl and not after:
+            return
+        if not jsonl and after != "]":
             if after != ",":
                 raise invalid("Expecting ',' delimiter" if after else "Expecting ']'", pos)
             pos += 1
-            token()
+    pos += 1  # the closing ]
     if token():
         raise invalid("Extra data", pos)
