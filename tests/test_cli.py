@@ -81,6 +81,9 @@ def test_an_evaluation_is_saved_under_a_name_made_of_the_model_and_the_data():
         ("tiny-gpt2", "/data/*.csv", "plain"): "tiny-gpt2-all.json",  # was 'tiny-gpt2-.json'
         ("tiny-gpt2", "shards/part-*.jsonl.gz", "plain"): "tiny-gpt2-part-all.jsonl.json",
         ("tiny-gpt2", "hf:dair-ai/emotion#validation", "plain"): "tiny-gpt2-emotion_validation.json",
+        # a relative folder: the file is not hidden (it was '.._models_merged-test.json')
+        ("../models/merged", "test.jsonl", "plain"): "models_merged-test.json",
+        ("./models/merged", "test.jsonl", "plain"): "models_merged-test.json",
     }
     for args, name in named.items():
         assert default_out(*args) == REPO / "reports" / "evaluate" / name

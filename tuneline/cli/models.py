@@ -20,7 +20,8 @@ def default_out(model: str, data: str, how: str) -> Path:
     import re
 
     named = f"{model}-{Path(data).stem.replace('*', 'all')}" + ("" if how == "plain" else f"-{how}")
-    return ROOT / "reports" / "evaluate" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', named).strip('_')}.json"
+    # strip('._'): '../models/merged' typed in a subfolder is 'models_merged', not a hidden '.._models_merged'
+    return ROOT / "reports" / "evaluate" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', named).strip('._')}.json"
 
 
 def check_tuned_for(ref: str, params, where: str) -> None:
