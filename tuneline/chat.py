@@ -122,6 +122,7 @@ def request(value) -> list[dict]:
 
 def parse(value, at: str) -> list[dict]:
     """Turns in either shape as [{role, content}] (OpenAI roles), or a one-line error."""
+    served = at.startswith("the request")  # a served request, not a training row: no row to leave out
     if hasattr(value, "tolist"):  # a served frame's cell: a numpy array of turns
         value = value.tolist()
     if isinstance(value, str):
@@ -132,7 +133,6 @@ def parse(value, at: str) -> list[dict]:
                 f"{at}: the conversation is text but not JSON", "store the turns as a list of {role, content}"
             ) from None
     if isinstance(value, list) and not value:
-        served = at.startswith("the request")
         fix = (
             "send the conversation, ending with a user turn"
             if served
@@ -170,7 +170,7 @@ def parse(value, at: str) -> list[dict]:
         text = _content(content, at)
         if not text.strip() and role != "system":  # an empty answer teaches the model to say nothing
             fix = "give every user and assistant turn its text"
-            if not at.startswith("the request"):
+            if not served:
                 fix += ", or remove the row (prepare.bad_rows=skip leaves out such rows)"
             raise TunelineError(f"{at}: turn {k + 1} ({role}) is empty", fix)
         turns.append({"role": role, "content": text})
