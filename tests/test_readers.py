@@ -135,7 +135,7 @@ def test_a_file_that_is_not_arrow_is_one_clear_line(tmp_path):
         _rows(readers.read(tmp_path / "d.arrow"))
 
 
-def test_a_json_array_is_read_a_row_at_a_time_whatever_its_layout(tmp_path, monkeypatch):
+def test_a_json_objects_is_read_a_row_at_a_time_whatever_its_layout(tmp_path, monkeypatch):
     """ShareGPT and OpenHermes ship one JSON array of a gigabyte or more: it is decoded as
     it is read, with rows cut anywhere by the read-ahead, and the same rows as json.loads."""
     import json
@@ -154,7 +154,7 @@ def test_a_json_array_is_read_a_row_at_a_time_whatever_its_layout(tmp_path, monk
     # a row is handed on before the rest of the file is read: the file is never held whole
     broken = tmp_path / "broken.json"
     broken.write_text('[{"text": "first"},\n{"text": "second"},\n{"text": oops}]')
-    got = readers._json_array(broken)
+    got = readers._json_objects(broken)
     assert next(got) == {"text": "first"} and next(got) == {"text": "second"}
     with pytest.raises(TunelineError, match=r"broken.json is not valid JSON \(Expecting value, line 3\)"):
         next(got)

@@ -129,7 +129,7 @@ def read(path: Path) -> Batches:
     elif ext == ".txt":
         yield from batched({"text": doc} for doc in documents(_lines(path)))
     else:
-        yield from batched(_json_array(path))
+        yield from batched(_json_objects(path))
 
 
 def documents(lines: Iterable[str]) -> Iterator[str]:
@@ -252,7 +252,7 @@ JSON_READ_AHEAD = 1 << 20  # characters read before each try at decoding the nex
 JSON_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
-def _json_array(path: Path) -> Iterator[dict]:
+def _json_objects(path: Path) -> Iterator[dict]:
     """A JSON array of objects (or objects one after another: JSON Lines in a `.json` file,
     as `datasets`' `to_json` writes them), decoded one object at a time as the file's lines
     arrive (`raw_decode` over a buffer): memory holds the rows being read, not the file.

@@ -13,8 +13,8 @@ Specs:
   (`chat.from_alpaca`: one and two turns, with and without a system turn).
 
 `load` streams: it returns an iterator of batches of at most BATCH_ROWS raw rows, so no
-source is ever held whole (a JSON array is the one format parsed in one piece: use JSONL
-for large data). tuneline/rows.py turns the raw rows into a task's rows.
+source is ever held whole (a JSON array too is decoded object by object, readers._json_objects).
+tuneline/rows.py turns the raw rows into a task's rows.
 """
 
 from __future__ import annotations
