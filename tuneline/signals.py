@@ -72,7 +72,7 @@ def interrupt_outside_imports() -> None:
     and raises at the next Python call. (Python's default for SIGTERM is to die at once:
     no line, no clean-up, the stage's MLflow run left RUNNING. While a flow runs, Prefect's
     engine puts its own handler in, which raises its TerminationSignal, no KeyboardInterrupt:
-    the flows' clean-ups catch it too (flows/sweep.STOPPED, dvc_tasks.reproduce). It marks
+    the flows' clean-ups catch it too (flows/sweep_arms.STOPPED, dvc_tasks.reproduce). It marks
     the flow run Crashed, puts this handler back and sends the signal again, so the command
     still ends on the one line.)
 

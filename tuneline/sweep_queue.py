@@ -1,6 +1,7 @@
 """A sweep's arms as DVC experiments (#22): queued and run by DVC's own queue worker, watched
 through its status and logs, and the winner's changes put back in the workspace. What the
-arms are and which one wins is tuneline/sweep.py; the flow is flows/sweep.py."""
+arms are and which one wins is tuneline/sweep.py; the flow is flows/sweep.py, which
+watches the arms through flows/sweep_arms.py."""
 
 from __future__ import annotations
 
