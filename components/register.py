@@ -79,7 +79,7 @@ def run(params: Params) -> dict:
 
     serving.check_champion_task(params)  # `dvc repro` too: the champion it would face answers this task
     evals, record, rows = _inputs(params)
-    if (same := gate.same_as_champion(params, evals)) is not None:
+    if (same := gate.already_registered(params, evals, record)) is not None:
         return same
     checked = parity.check(params, rows, trained_model())  # a broken merge stops here: nothing logged or registered
     info = gate.log_model(params)  # the slow upload happens outside the gate's lock

@@ -290,7 +290,7 @@ def test_a_registration_that_fails_half_way_leaves_the_registry_as_it_was(built,
         "from tuneline.stages import main\nsys.exit(main(['register']))\n"
     )
     # This project's trained model is champion v1 itself, which register would not register
-    # again (tuneline/gate.py `same_as_champion`): drop v1's identity tag, as a version that
+    # again (tuneline/gate.py `already_registered`): drop v1's identity tag, as a version that
     # older tuneline registered lacks it, so that a second version is attempted.
     with sqlite3.connect(db) as c:
         c.execute("DELETE FROM model_version_tags WHERE key = 'model.sha256'")

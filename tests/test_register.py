@@ -147,17 +147,74 @@ def test_the_champions_own_model_trained_again_is_not_registered_again(client, t
 
     (merged / "tuneline_params.json").write_text('{"register": {"alpha": 0.1}}')
     again = recipes.build("descramble", ["register.model_name=m", "register.alpha=0.1"])
-    same = gate.same_as_champion(again, evals)
+    same = gate.already_registered(again, evals, {"examples_key": "k"})
     assert same == json.loads((tmp_path / "metrics/register.json").read_text())
     assert same["version"] == int(v) and same["same_as_champion"] and not same["promoted"] and same["chrf"] == 61.5
     assert len(client.search_model_versions("name='m'")) == 1
     # served with beams, the same weights answer otherwise: a challenger
     assert (
-        gate.same_as_champion(recipes.build("descramble", ["register.model_name=m", "evaluate.num_beams=4"]), evals)
+        gate.already_registered(
+            recipes.build("descramble", ["register.model_name=m", "evaluate.num_beams=4"]), evals, {"examples_key": "k"}
+        )
         is None
     )
     (merged / "model.safetensors").write_bytes(b"weights v2")
-    assert gate.same_as_champion(params, evals) is None
+    assert gate.already_registered(params, evals, {"examples_key": "k"}) is None
+
+
+def test_a_version_the_gate_kept_out_trained_again_is_not_registered_again(client, tmp_path, monkeypatch):
+    """A re-run that trains nothing new (train.max_steps past what the epochs give, an
+    evaluate.* change that re-runs evaluate and register alone) used to register a copy of
+    the challenger the gate had kept out: it lost again, and spent one of the gate's
+    decisions on these examples, holding every later challenger to a lower level. Judged
+    against another champion, on other examples or with other gate settings, it is a
+    challenger as usual."""
+    monkeypatch.chdir(tmp_path)
+    merged = tmp_path / "models/merged"
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"weights v2")
+    params = recipes.build("descramble", ["register.model_name=m"])
+    champ, kept = (client.create_model_version("m", source="file:///nowhere").version for _ in range(2))
+    registry.move_champion(client, "m", champ, "gate", "test")
+    tags = {
+        serving.IDENTITY_TAG: serving.identity(params, merged),
+        "eval.examples_key": "k",
+        "params": json.dumps(flatten(params), sort_keys=True),
+        "gate.decision": "kept champion",
+        "gate.compared_with": f"champion v{champ}",
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag("m", kept, k, v)
+    evals = {"tuned": {"chrf": 58.5}}
+
+    same = gate.already_registered(params, evals, {"examples_key": "k"})
+    assert same == json.loads((tmp_path / "metrics/register.json").read_text())
+    assert same["version"] == int(kept) and same["same_as_version"] and not same["promoted"]
+    assert same["gate"]["decision"] == f"same as v{kept}" and same["chrf"] == 58.5
+    assert len(client.search_model_versions("name='m'")) == 2
+    # other gate settings, or other test examples: a decision of its own
+    alpha = recipes.build("descramble", ["register.model_name=m", "register.alpha=0.1"])
+    assert gate.already_registered(alpha, evals, {"examples_key": "k"}) is None
+    assert gate.already_registered(params, evals, {"examples_key": "other"}) is None
+    # a version the gate promoted once (since rolled back) may fare otherwise now
+    client.set_model_version_tag("m", kept, "gate.decision", "promoted")
+    assert gate.already_registered(params, evals, {"examples_key": "k"}) is None
+    client.set_model_version_tag("m", kept, "gate.decision", "kept champion")
+    # another champion since: the same model faces it
+    newer = client.create_model_version("m", source="file:///nowhere").version
+    registry.move_champion(client, "m", newer, "promote", "test")
+    assert gate.already_registered(params, evals, {"examples_key": "k"}) is None
+
+    # no champion yet: kept out against the base model at its best prompting, as it faces now
+    first = recipes.build("descramble", ["register.model_name=first"])
+    client.create_registered_model("first")
+    v = client.create_model_version("first", source="file:///nowhere").version
+    base = f"base model {first.model.name} (chat prompting)"
+    for k, val in (tags | {"gate.decision": "not promoted", "gate.compared_with": base}).items():
+        client.set_model_version_tag("first", v, k, val)
+    assert gate.already_registered(first, evals, {"examples_key": "k", "base_prompting": "chat"})["version"] == int(v)
+    assert gate.already_registered(first, evals, {"examples_key": "k", "base_prompting": "plain"}) is None
 
 
 def test_promote_and_rollback_record_who_when_why_and_walk_back(client):

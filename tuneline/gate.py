@@ -205,26 +205,82 @@ def log_model(params: Params):
     return serving.log_model(params, MERGED)
 
 
-def same_as_champion(params: Params, evals: dict) -> dict | None:
-    """register's result when the trained model is the champion itself (the same weights and
-    served settings: `serving.identity`), else None. The gate would compare it with itself
-    (delta 0, never promoted), so no version is registered, and nothing is uploaded."""
-    import mlflow
+# What decides a gate's outcome besides the model, the examples and what it faces (flatten's keys).
+GATE_SETTINGS = (
+    "register.min_delta",
+    "register.alpha",
+    "register.test",
+    "register.guardrails",
+    "evaluate.n_bootstrap",
+    "seed",
+)
 
-    name = params.register.model_name
-    champ = None if params.register.dry_run else registry.champion(mlflow.MlflowClient(), name)
-    if champ is None or champ.tags.get(serving.IDENTITY_TAG) != serving.identity(params, MERGED):
+
+def _judged_alike(version, params: Params, record: dict, facing: str) -> bool:
+    """Whether the gate kept `version` out against `facing` on these test examples, with
+    these settings: then it would keep the same model out again (a later decision is held
+    to a lower level, never a higher one)."""
+    tags = version.tags
+    if tags.get("gate.decision") in (None, "promoted") or tags.get("gate.compared_with") != facing:
+        return False
+    if tags.get("eval.examples_key") != record["examples_key"]:
+        return False
+    try:
+        then = json.loads(tags.get("params", ""))
+    except ValueError:  # cut at the tag's length, or not recorded: judged anew
+        return False
+    now = json.loads(json.dumps(flatten(params)))  # as the tag holds it (tuples as lists)
+    return all(k in then and then[k] == now.get(k) for k in GATE_SETTINGS)
+
+
+def already_registered(params: Params, evals: dict, record: dict) -> dict | None:
+    """register's result when the trained model is already a registered version (the same
+    weights and served settings: `serving.identity`) that the gate would judge as before,
+    else None. That is the champion itself (the gate would compare it with itself: delta
+    0, never promoted), or a version the gate kept out against the same champion (or base
+    model) on these examples with these settings: a re-run that trains nothing new (the
+    same seed and data, a train.max_steps past what train.epochs gives, an evaluate.* or
+    register.* change that re-runs evaluate and register alone). Registered again, the copy
+    would lose again and spend one of the gate's decisions on these examples (each later
+    one is held to a lower level). Nothing is registered or uploaded."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if params.register.dry_run:
         return None
-    why = f"the trained model is {name} v{champ.version}, the champion: the same weights and served settings"
-    print(f"[register] {why}; nothing registered", flush=True)
+    client, name = mlflow.MlflowClient(), params.register.model_name
+    champ = registry.champion(client, name)
+    identity = serving.identity(params, MERGED)
     primary = params.primary_metric()
-    result = {
-        "version": int(champ.version),
-        "promoted": False,
-        "same_as_champion": True,
-        primary: evals["tuned"][primary],
+    if champ is not None and champ.tags.get(serving.IDENTITY_TAG) == identity:
+        found, flag = champ, "same_as_champion"
+        why = f"the trained model is {name} v{champ.version}, the champion: the same weights and served settings"
+    else:
+        facing = (
+            f"champion v{champ.version}"
+            if champ is not None
+            else f"base model {params.model.name} ({record.get('base_prompting', 'plain')} prompting)"
+        )
+        try:
+            versions = client.search_model_versions(f"name='{name}'")
+        except MlflowException:  # no such model yet
+            versions = []
+        same = [v for v in versions if v.tags.get(serving.IDENTITY_TAG) == identity]
+        found = next((v for v in same if _judged_alike(v, params, record, facing)), None)
+        if found is None:
+            return None
+        flag = "same_as_version"
+        why = (
+            f"the trained model is {name} v{found.version}, which the gate already kept out against {facing} "
+            f"on these test examples with these settings: the same weights and served settings "
+            f"(`tuneline history` says why; `tuneline promote {found.version}` promotes it by hand)"
+        )
+    print(f"[register] {why}; nothing registered", flush=True)
+    result = {"version": int(found.version), "promoted": False, flag: True, primary: evals["tuned"][primary]}
+    result["gate"] = {
+        "decision": "same as champion" if flag == "same_as_champion" else f"same as v{found.version}",
+        "reason": why,
     }
-    result["gate"] = {"decision": "same as champion", "reason": why}
     write_json(metrics_file("register"), result)
     return result
 

@@ -126,6 +126,11 @@ def try_it(params, root) -> str | None:
         return f"tuneline predict {example}   ({name} v{version}, the champion)"
     if result.get("same_as_champion"):
         return f"tuneline predict {example}   ({name} v{version}, the champion, which this run trained again)"
+    if result.get("same_as_version"):
+        return (
+            f"tuneline predict --model models:/{name}/{version} {example}   (v{version}, which this run trained again; "
+            "the gate kept it out before: `tuneline history` says why)"
+        )
     why = "the gate did not promote it; `tuneline history` says why"
     if result.get("gate", {}).get("decision") == "kept champion":  # a champion to compare with
         why += ", and `tuneline diff` shows what it changed"
