@@ -265,7 +265,9 @@ def already_registered(params: Params, evals: dict, record: dict) -> dict | None
             versions = client.search_model_versions(f"name='{name}'")
         except MlflowException:  # no such model yet
             versions = []
-        same = [v for v in versions if v.tags.get(serving.IDENTITY_TAG) == identity]
+        same = sorted(
+            (v for v in versions if v.tags.get(serving.IDENTITY_TAG) == identity), key=lambda v: int(v.version)
+        )
         found = next((v for v in same if _judged_alike(v, params, record, facing)), None)
         if found is None:
             return None
