@@ -273,9 +273,9 @@ def already_registered(params: Params, evals: dict, record: dict) -> dict | None
             return None
         flag = "same_as_version"
         why = (
-            f"the trained model is {name} v{found.version}, which the gate already kept out against {facing} "
-            f"on these test examples with these settings: the same weights and served settings "
-            f"(`tuneline history` says why; `tuneline promote {found.version}` promotes it by hand)"
+            f"the trained model is {name} v{found.version} (the same weights and served settings), which the gate "
+            f"kept out against {facing} on these test examples with these settings (`tuneline history` says why; "
+            f"`tuneline promote {found.version}` promotes it by hand)"
         )
     print(f"[register] {why}; nothing registered", flush=True)
     result = {"version": int(found.version), "promoted": False, flag: True, primary: evals["tuned"][primary]}
