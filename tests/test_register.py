@@ -194,8 +194,9 @@ def test_a_version_the_gate_kept_out_trained_again_is_not_registered_again(clien
     assert same["gate"]["decision"] == f"same as v{kept}" and same["chrf"] == 58.5
     assert len(client.search_model_versions("name='m'")) == 2
     # other gate settings, or other test examples: a decision of its own
-    alpha = recipes.build("descramble", ["register.model_name=m", "register.alpha=0.1"])
-    assert gate.already_registered(alpha, evals, {"examples_key": "k"}) is None
+    for other in ("register.alpha=0.1", "evaluate.primary_metric=bleu"):
+        changed = recipes.build("descramble", ["register.model_name=m", other])
+        assert gate.already_registered(changed, evals, {"examples_key": "k"}) is None, other
     assert gate.already_registered(params, evals, {"examples_key": "other"}) is None
     # a version the gate promoted once (since rolled back) may fare otherwise now
     client.set_model_version_tag("m", kept, "gate.decision", "promoted")

@@ -211,6 +211,7 @@ GATE_SETTINGS = (
     "register.alpha",
     "register.test",
     "register.guardrails",
+    "evaluate.primary_metric",
     "evaluate.n_bootstrap",
     "seed",
 )
