@@ -89,6 +89,26 @@ def test_an_evaluation_is_saved_under_a_name_made_of_the_model_and_the_data():
         assert default_out(*args) == REPO / "reports" / "evaluate" / name
 
 
+def test_a_default_report_is_replaced_only_by_the_same_model_on_the_same_data(tmp_path):
+    """`emotion/validation.jsonl` and `sst2/validation.jsonl` share a default report name:
+    the second evaluation used to overwrite the first without a word."""
+    import json
+
+    from tuneline.cli.models import free_out
+
+    report = tmp_path / "tiny-gpt2-validation.json"
+    assert free_out(report, "/d/emotion/validation.jsonl") == report  # nothing there yet
+    report.write_text(json.dumps({"data": {"source": "/d/emotion/validation.jsonl"}}))
+    assert free_out(report, "/d/emotion/validation.jsonl") == report  # the same data again: the newer replaces it
+    second = tmp_path / "tiny-gpt2-validation-2.json"
+    assert free_out(report, "/d/sst2/validation.jsonl") == second
+    second.write_text(json.dumps({"data": {"source": "/d/sst2/validation.jsonl"}}))
+    assert free_out(report, "/d/sst2/validation.jsonl") == second
+    assert free_out(report, "/d/mnli/validation.jsonl") == tmp_path / "tiny-gpt2-validation-3.json"
+    report.write_text("not a report")  # a file of the user's under that name is left alone
+    assert free_out(report, "/d/emotion/validation.jsonl") == tmp_path / "tiny-gpt2-validation-3.json"
+
+
 def test_evaluate_any_model_on_a_new_file_prints_saves_and_logs(tmp_path, model_cache):
     """Typed in a subfolder of the project, --data is a path from there (as any shell path
     is), not from the project root, where another file of the same name may sit."""

@@ -24,6 +24,25 @@ def default_out(model: str, data: str, how: str) -> Path:
     return ROOT / "reports" / "evaluate" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', named).strip('._')}.json"
 
 
+def free_out(path: Path, source: str) -> Path:
+    """`path`, or when it holds the evaluation of another data source (two folders' `test.jsonl`
+    share a name), the first of `<name>-2.json`, `<name>-3.json`, … that is free or holds this
+    source's: a default report is replaced only by the same model on the same data."""
+    import json
+
+    def other(p: Path) -> bool:
+        try:
+            return json.loads(p.read_text()).get("data", {}).get("source") != source
+        except (OSError, ValueError, AttributeError):  # not one of ours: left as it is
+            return True
+
+    candidate, n = path, 1
+    while candidate.exists() and other(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def check_tuned_for(ref: str, params, where: str) -> None:
     """Refuse to score a model tuneline tuned for another task (or other labels) than
     `params` read the data as: its answers to a prompt it never saw would be scored as if
@@ -152,7 +171,10 @@ def evaluate(
     ),
     limit: int = typer.Option(0, help="Evaluate only the first N examples (0: all)."),
     output: Path = typer.Option(
-        None, "--out", "-o", help="Where the JSON goes (default: reports/evaluate/<model>-<data>.json)."
+        None,
+        "--out",
+        "-o",
+        help="Where the JSON goes (default: reports/evaluate/<model>-<data>.json, or -2, -3, … when that holds another file's).",
     ),
 ) -> None:
     """Evaluate any model on any file with a recipe's columns.
@@ -185,7 +207,7 @@ def evaluate(
         check_tuned_for(ref, params, f"the recipe {recipe}" if recipe else "params.yaml")
         result = evaluate_file(ref, params, sources.from_cwd(data), limit, how)
         said = "" if how == "plain" else f", {how} prompting"  # in the run's name and the printout
-        path = output or default_out(model, data, how)
+        path = output or free_out(default_out(model, data, how), result["data"].get("source"))
         write_json(path, result)
         import mlflow
 
