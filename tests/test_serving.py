@@ -123,6 +123,10 @@ def test_a_bad_request_is_refused_in_one_line(logged):
     for empty in ("", "  ", None):  # `tuneline predict` refuses them; served, they were answered
         with pytest.raises(TunelineError, match="input 2 of 2 is empty, so there is nothing to answer. Fix: give"):
             served.predict([INPUTS[0], empty])
+        # named, as a served frame's column (`dataframe_records`): it was answered with ''
+        # (descramble's `source` may be missing from data, where prepare makes it; not here)
+        with pytest.raises(TunelineError, match="input 2 of 2 .* has no 'source'"):
+            served.predict(pd.DataFrame({"source": [INPUTS[0], empty]}))
 
 
 def test_a_model_without_words_decodes_freely_and_refuses_the_word_constraint():

@@ -118,7 +118,10 @@ def request_row(task: Task, request: str | dict) -> dict:
         named = {other.get(k, k): "" if v is None or v != v else str(v) for k, v in request.items()}
         if unknown := [k for k in named if k not in task.serve_fields]:
             raise ValueError(f"names {', '.join(map(repr, unknown))}, which the {task.name} task does not read")
-        if missing := [f for f in task.serve_fields if f not in task.optional and not named.get(f, "").strip()]:
+        # the first field is what a request is about (descramble's `source` is optional in
+        # data, where prepare makes it from the sentence, never in a request)
+        needed = [f for i, f in enumerate(task.serve_fields) if i == 0 or f not in task.optional]
+        if missing := [f for f in needed if not named.get(f, "").strip()]:
             raise ValueError(f"has no {' and no '.join(map(repr, missing))}")
         return row | named
     if task.serve_row is not None:
