@@ -136,6 +136,18 @@ def test_the_flow_runs_every_stage_and_registers_a_champion(project):
     hist = project.run(sys.executable, "-m", "tuneline.cli", "history").stdout
     assert re.search(r"gate +none -> v1 +by \S+: perplexity", hist), hist
 
+    # Every value DVC tables (`dvc metrics show` / `diff`, `dvc exp show`) fits a column: the
+    # gate's reason, a sentence in metrics/register.json, made each line of `dvc metrics diff`
+    # 472 characters wide. It is said where sentences are read (above: history, the card).
+    def leaves(d):
+        for v in d.values():
+            yield from leaves(v) if isinstance(v, dict) else [v]
+
+    metrics = {p.name: json.loads(p.read_text()) for p in (project.root / "metrics").glob("*.json")}
+    assert "register.json" in metrics
+    long = [(n, v) for n, m in metrics.items() for v in leaves(m) if isinstance(v, str) and len(v) > 64]
+    assert long == [], long
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -148,7 +148,8 @@ def test_the_champions_own_model_trained_again_is_not_registered_again(client, t
     (merged / "tuneline_params.json").write_text('{"register": {"alpha": 0.1}}')
     again = recipes.build("descramble", ["register.model_name=m", "register.alpha=0.1"])
     same = gate.already_registered(again, evals, {"examples_key": "k"})
-    assert same == json.loads((tmp_path / "metrics/register.json").read_text())
+    saved = json.loads((tmp_path / "metrics/register.json").read_text())
+    assert saved == same | {"gate": {"decision": "same as champion"}}  # the reason is said, not tabled by DVC
     assert same["version"] == int(v) and same["same_as_champion"] and not same["promoted"] and same["chrf"] == 61.5
     assert len(client.search_model_versions("name='m'")) == 1
     # served with beams, the same weights answer otherwise: a challenger
@@ -189,7 +190,8 @@ def test_a_version_the_gate_kept_out_trained_again_is_not_registered_again(clien
     evals = {"tuned": {"chrf": 58.5}}
 
     same = gate.already_registered(params, evals, {"examples_key": "k"})
-    assert same == json.loads((tmp_path / "metrics/register.json").read_text())
+    saved = json.loads((tmp_path / "metrics/register.json").read_text())
+    assert saved == same | {"gate": {"decision": f"same as v{kept}"}} and "kept out" in same["gate"]["reason"]
     assert same["version"] == int(kept) and same["same_as_version"] and not same["promoted"]
     assert same["gate"]["decision"] == f"same as v{kept}" and same["chrf"] == 58.5
     assert len(client.search_model_versions("name='m'")) == 2

@@ -205,6 +205,16 @@ def log_model(params: Params):
     return serving.log_model(params, MERGED)
 
 
+def write_result(result: dict) -> None:
+    """metrics/register.json: the decision and its numbers. The gate's reason, a sentence,
+    is left out: DVC tables every value of a metrics file, and that one column made each
+    line of `dvc metrics diff` (and a column of `dvc exp show`) hundreds of characters
+    wide. It is in the stage's output, the version's `gate.reason` tag, `tuneline history`
+    and the model card."""
+    gate = {k: v for k, v in result.get("gate", {}).items() if k != "reason"}
+    write_json(metrics_file("register"), result | {"gate": gate})
+
+
 # What decides a gate's outcome besides the model, the examples and what it faces (flatten's keys).
 GATE_SETTINGS = (
     "register.min_delta",
@@ -284,7 +294,7 @@ def already_registered(params: Params, evals: dict, record: dict) -> dict | None
         "decision": "same as champion" if flag == "same_as_champion" else f"same as v{found.version}",
         "reason": why,
     }
-    write_json(metrics_file("register"), result)
+    write_result(result)
     return result
 
 
@@ -323,7 +333,7 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         )
         result = {"version": 0, "promoted": False, "dry_run": True, "gate": gate, "parity": parity or {}, primary: c.a}
         result["model_uri"] = info.model_uri  # what `tuneline predict --model` answers with (the run's summary)
-        write_json(metrics_file("register"), result)
+        write_result(result)
         return result
 
     # MLflow prints "Successfully registered model ..." / "... already exists. Creating a new
@@ -385,5 +395,5 @@ def gate(params: Params, info, evals: dict, record: dict, rows: list[dict], pari
         registry.move_champion(client, name, version, "gate", why)
     print(f"[register] {name} v{version} -> {'champion' if promote else 'challenger only'} ({why})", flush=True)
     result = {"version": int(version), "promoted": promote, "gate": gate, "parity": parity or {}, primary: c.a}
-    write_json(metrics_file("register"), result)
+    write_result(result)
     return result
