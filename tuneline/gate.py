@@ -177,15 +177,22 @@ def guardrail_tests(params: Params, rows: list[dict], ev: dict, ref: dict) -> li
     return out
 
 
+def facing(champ, params: Params, record: dict) -> str:
+    """What the gate compares a challenger with, as its `gate.compared_with` tag names it:
+    the champion version `champ`, or (None) the base model at the prompting evaluate found best."""
+    if champ is None:
+        return f"base model {params.model.name} ({record.get('base_prompting', 'plain')} prompting)"
+    return f"champion v{champ.version}"
+
+
 def reference(client, name: str, rows: list[dict], params: Params, record: dict) -> tuple[str, str | None, dict]:
     """(what the challenger is compared with, its version or None, its evaluation record)."""
     # A dry run (--smoke) faces the base model: it must not spend minutes re-evaluating a
     # real champion on a toy slice.
     champ = None if params.register.dry_run else registry.champion(client, name)
+    label = facing(champ, params, record)
     if champ is None:
-        how = record.get("base_prompting", "plain")  # evaluate faced the tuned model with the best prompting
-        return f"base model {params.model.name} ({how} prompting)", None, record["base"]
-    label = f"champion v{champ.version}"
+        return label, None, record["base"]
     if champ.tags.get("eval.examples_key") == record["examples_key"] and champ.run_id:
         try:
             return label, str(champ.version), json.loads(artifact_text(champ.run_id, EVAL_ARTIFACT))["tuned"]
@@ -227,12 +234,12 @@ GATE_SETTINGS = (
 )
 
 
-def _judged_alike(version, params: Params, record: dict, facing: str) -> bool:
-    """Whether the gate kept `version` out against `facing` on these test examples, with
-    these settings: then it would keep the same model out again (a later decision is held
-    to a lower level, never a higher one)."""
+def _judged_alike(version, settings: dict, record: dict, against: str) -> bool:
+    """Whether the gate kept `version` out against `against` on these test examples, with
+    these `settings` (flattened params): then it would keep the same model out again (a
+    later decision is held to a lower level, never a higher one)."""
     tags = version.tags
-    if tags.get("gate.decision") in (None, "promoted") or tags.get("gate.compared_with") != facing:
+    if tags.get("gate.decision") in (None, "promoted") or tags.get("gate.compared_with") != against:
         return False
     if tags.get("eval.examples_key") != record["examples_key"]:
         return False
@@ -240,8 +247,7 @@ def _judged_alike(version, params: Params, record: dict, facing: str) -> bool:
         then = json.loads(tags.get("params", ""))
     except ValueError:  # cut at the tag's length, or not recorded: judged anew
         return False
-    now = json.loads(json.dumps(flatten(params)))  # as the tag holds it (tuples as lists)
-    return all(k in then and then[k] == now.get(k) for k in GATE_SETTINGS)
+    return all(k in then and then[k] == settings.get(k) for k in GATE_SETTINGS)
 
 
 def already_registered(params: Params, evals: dict, record: dict) -> dict | None:
@@ -267,11 +273,7 @@ def already_registered(params: Params, evals: dict, record: dict) -> dict | None
         found, flag = champ, "same_as_champion"
         why = f"the trained model is {name} v{champ.version}, the champion: the same weights and served settings"
     else:
-        facing = (
-            f"champion v{champ.version}"
-            if champ is not None
-            else f"base model {params.model.name} ({record.get('base_prompting', 'plain')} prompting)"
-        )
+        against = facing(champ, params, record)
         try:
             versions = client.search_model_versions(f"name='{name}'")
         except MlflowException:  # no such model yet
@@ -279,13 +281,14 @@ def already_registered(params: Params, evals: dict, record: dict) -> dict | None
         same = sorted(
             (v for v in versions if v.tags.get(serving.IDENTITY_TAG) == identity), key=lambda v: int(v.version)
         )
-        found = next((v for v in same if _judged_alike(v, params, record, facing)), None)
+        settings = json.loads(json.dumps(flatten(params)))  # as a version's `params` tag holds them
+        found = next((v for v in same if _judged_alike(v, settings, record, against)), None)
         if found is None:
             return None
         flag = "same_as_version"
         why = (
             f"the trained model is {name} v{found.version} (the same weights and served settings), which the gate "
-            f"kept out against {facing} on these test examples with these settings (`tuneline history` says why; "
+            f"kept out against {against} on these test examples with these settings (`tuneline history` says why; "
             f"`tuneline promote {found.version}` promotes it by hand)"
         )
     print(f"[register] {why}; nothing registered", flush=True)
