@@ -45,7 +45,8 @@ from tuneline.constrain import WordConstraint  # noqa: E402
 from tuneline.data import MERGED  # noqa: E402
 from tuneline.evaluation import answer_budget, evaluate_model, metrics_of, prompts_and_targets, test_rows  # noqa: E402
 from tuneline.generation import generate  # noqa: E402
-from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
+from tuneline.hardware import autocast  # noqa: E402
+from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
 from tuneline.params_file import load_params  # noqa: E402
 
 

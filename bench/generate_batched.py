@@ -49,7 +49,8 @@ from train_vs_seed import machine  # noqa: E402
 from tuneline import generation, recipes, tasks  # noqa: E402
 from tuneline.data import read_split  # noqa: E402
 from tuneline.generation import generate  # noqa: E402
-from tuneline.modeling import autocast, load_model, load_tokenizer  # noqa: E402
+from tuneline.hardware import autocast  # noqa: E402
+from tuneline.modeling import load_model, load_tokenizer  # noqa: E402
 from tuneline.splits import write_splits  # noqa: E402
 
 

@@ -37,8 +37,9 @@ import torch  # noqa: E402
 from train_vs_seed import machine  # noqa: E402
 
 from tuneline.evaluation import SCORE_BATCH  # noqa: E402
+from tuneline.hardware import amp_dtype, autocast  # noqa: E402
 from tuneline.loss import example_totals, loss_sum  # noqa: E402
-from tuneline.modeling import amp_dtype, autocast, load_model  # noqa: E402
+from tuneline.modeling import load_model  # noqa: E402
 from tuneline.packing import IGNORE, Example, collate, pack  # noqa: E402
 
 

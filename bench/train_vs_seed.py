@@ -15,7 +15,7 @@ values: peak lr, weight decay (both on matrices only, not on biases and norms), 
 share, max_grad_norm, AdamW betas (0.9, 0.95), the same model preparation and LoRA adapters
 (`components.train.prepare_model`: the trained parameters
 are identical and initialised from the same torch seed), the same autocast dtype
-(`tuneline.modeling.amp_dtype(train.precision)`: bf16 -> `bf16=True`, fp16 -> `fp16=True`),
+(`tuneline.hardware.amp_dtype(train.precision)`: bf16 -> `bf16=True`, fp16 -> `fp16=True`),
 the same device (CUDA when there is one, else the CPU) and the same seed. Our cosine decays to 10%
 of the peak (nanoGPT's min_lr); the seed gets HF's `cosine_with_min_lr` with
 `min_lr_rate=0.1`, so the schedules match (`linear` -> `linear`, `constant` ->
@@ -87,9 +87,9 @@ from prepare_tokenize import SEED_LEN, seed_recipe  # noqa: E402
 
 from components import prepare, tokenize  # noqa: E402
 from components import train as train_stage  # noqa: E402
-from tuneline import (  # noqa: E402  # noqa: E402
+from tuneline import (  # noqa: E402
     data,
-    modeling,  # noqa: E402
+    hardware,
     recipes,
     tasks,
     tokendata,
@@ -163,7 +163,7 @@ def run_seed(params, seed_ds, b_seed: int, val_rows, pad_id: int, workdir: Path)
 
     cfg = params.train
     model = seed_model(params)
-    dtype = modeling.amp_dtype(cfg.precision)
+    dtype = hardware.amp_dtype(cfg.precision)
     steps = math.ceil(cfg.epochs * math.ceil(len(seed_ds) / b_seed))
     schedule = HF_SCHEDULE[cfg.schedule]
     args = TrainingArguments(

@@ -18,9 +18,10 @@ from tuneline import chat, checkpoint, deps, distributed
 from tuneline.config import Params
 from tuneline.data import BASE_META, MODELS, TOKENIZED, TOKENIZED_META, TRAIN_CURVE, metrics_file
 from tuneline.flops import peak_flops, peak_memory_mb, train_flops
+from tuneline.hardware import amp_dtype, device
 from tuneline.io import atomic_dir, read_json, write_json, write_text
 from tuneline.loss import unwrap
-from tuneline.modeling import TRAINED_PARAMS, amp_dtype, check_pair, device, identity, load_tokenizer
+from tuneline.modeling import TRAINED_PARAMS, check_pair, identity, load_tokenizer
 from tuneline.tokendata import read_rows
 from tuneline.tokenization import check_tokenizer
 from tuneline.training import (

@@ -63,7 +63,7 @@ def test_projecting_only_the_allowed_tokens_picks_what_the_whole_head_picks(
     import torch
 
     from tuneline import constrain
-    from tuneline.modeling import autocast
+    from tuneline.hardware import autocast
 
     words = WordConstraint(gpt2_tok, SOURCES)
     budget = _budget(gpt2_tok)

@@ -13,7 +13,7 @@ from tuneline.constrain import WordConstraint
 from tuneline.errors import TunelineError
 from tuneline.evaluation import load_any
 from tuneline.generation import generate
-from tuneline.modeling import autocast
+from tuneline.hardware import autocast
 
 INPUTS = ["sat cat the mat on the", "went I home", "the was founded university in 1908."]
 

@@ -19,9 +19,10 @@ from tuneline import deps, progress, prompting, scoring, splits, tasks
 from tuneline.config import Params
 from tuneline.constrain import WordConstraint
 from tuneline.generation import answer
+from tuneline.hardware import autocast, device
 from tuneline.io import read_json, write_json
 from tuneline.loss import example_totals
-from tuneline.modeling import autocast, cache_dir, device, identity, load_model, load_tokenizer
+from tuneline.modeling import cache_dir, identity, load_model, load_tokenizer
 from tuneline.packing import concat, pack_groups
 from tuneline.tokenization import answer_start, encode_batch, encode_rows
 

@@ -217,7 +217,8 @@ class Answerer(mlflow.pyfunc.PythonModel):
         self.load(context.artifacts["model"], context.model_config)
 
     def load(self, path: str, config: dict) -> Answerer:
-        from tuneline.modeling import device, load_model, load_tokenizer
+        from tuneline.hardware import device
+        from tuneline.modeling import load_model, load_tokenizer
 
         self.model, self.tok, self.config = load_model(path).to(device()).eval(), load_tokenizer(path), config
         return self
@@ -299,7 +300,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
         """Per prompt, the label whose answer (+ EOS, as trained) is most likely after it:
         the prompt is read once and every label scored from its cache, as evaluate does."""
         from tuneline.generation import answer
-        from tuneline.modeling import autocast
+        from tuneline.hardware import autocast
         from tuneline.tokenization import encode
 
         task, labels = tasks.TASKS[self.config["task"]], self.config["labels"]
@@ -327,7 +328,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
     def answer(self, model_input, params: dict | None) -> list[str]:
         """The answers to a request (`predict`'s, before a refusal is made MLflow's)."""
         from tuneline.generation import generate
-        from tuneline.modeling import autocast
+        from tuneline.hardware import autocast
 
         cfg = self.config
         opts = {"constrain": cfg["constrain"], "num_beams": cfg["num_beams"]} | (params or {})

@@ -53,7 +53,7 @@ def run_stage(name: str, params=None) -> dict:
     slotted = name == "train" or (name == "validate" and slots > 1)  # an arm scores on its own GPU too
     with train_slot(slots) if slotted and single else contextlib.nullcontext() as slot:
         if slot is not None:
-            torch.cuda.set_device(slot)  # this arm's GPU: modeling.device() is the current device
+            torch.cuda.set_device(slot)  # this arm's GPU: hardware.device() is the current device
         if name == "train" and params.train.nproc > 1 and single:
             if not from_file:
                 raise TunelineError(

@@ -21,9 +21,10 @@ from tuneline import checkpoint, distributed, progress
 from tuneline.checkpoint import Checkpoint
 from tuneline.config import Params, TrainCfg
 from tuneline.errors import TunelineError
+from tuneline.hardware import autocast, device
 from tuneline.lora import check_quantize, lora_targets
 from tuneline.loss import loss_sum, loss_totals
-from tuneline.modeling import autocast, device, load_4bit, load_model
+from tuneline.modeling import load_4bit, load_model
 from tuneline.packing import IGNORE, collate
 
 
