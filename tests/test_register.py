@@ -270,8 +270,23 @@ def test_a_decision_that_kept_the_champion_is_a_history_event_with_its_evidence(
 
 def test_promote_refuses_a_version_that_does_not_exist(client):
     client.create_model_version("m", source="file:///nowhere")
-    with pytest.raises(TunelineError, match="has no version 7.*choose one of: 1"):
-        registry.promote(client, "m", "7", "why not")
+    for ref in ("7", "v7"):
+        with pytest.raises(TunelineError, match="has no version 7.*choose one of: 1"):
+            registry.promote(client, "m", ref, "why not")
+
+
+def test_promote_takes_a_version_as_history_writes_it_or_an_alias(client):
+    """`tuneline promote v2` said "model 'm' has no version v2" while `history` writes v2
+    and `export --version` takes it."""
+    for _ in range(3):
+        client.create_model_version("m", source="file:///nowhere")
+    registry.promote(client, "m", "v2", "as history writes it")
+    assert str(registry.champion(client, "m").version) == "2"
+    client.set_registered_model_alias("m", "challenger", "3")
+    registry.promote(client, "m", " challenger ", "the challenger holds up")
+    assert [(e["previous"], e["version"]) for e in registry.history(client, "m")] == [(None, "2"), ("2", "3")]
+    with pytest.raises(TunelineError, match="m v3 is already the champion"):
+        registry.promote(client, "m", "3", "again")
 
 
 def test_a_model_without_a_champion_names_the_version_there_is(client):

@@ -97,16 +97,17 @@ def require_champion(client, name: str, what: str) -> None:
     )
 
 
-def version(client, name: str, ref: str):
+def version(client, name: str, ref: str | int):
     """A version of `name` by number (3 or v3) or by alias (champion, challenger)."""
     import re
 
     from mlflow.exceptions import MlflowException
 
-    ref = ref.strip()
-    num = re.fullmatch(r"v?(\d+)", ref)
+    ref = str(ref).strip()
+    if num := re.fullmatch(r"v?(\d+)", ref):
+        return _existing(client, name, num.group(1))
     try:
-        return client.get_model_version(name, num.group(1)) if num else client.get_model_version_by_alias(name, ref)
+        return client.get_model_version_by_alias(name, ref)
     except MlflowException:
         raise TunelineError(
             f"'{ref}' is not a version or alias of model '{name}'",
@@ -216,13 +217,13 @@ def _existing(client, name: str, version: str):
         ) from None
 
 
-def promote(client, name: str, version: str, why: str) -> dict:
-    """Make `version` the champion by hand."""
-    _existing(client, name, version)
+def promote(client, name: str, ref: str | int, why: str) -> dict:
+    """Make the version `ref` names (3, v3 or an alias) the champion by hand."""
+    chosen = str(version(client, name, ref).version)
     current = champion(client, name)
-    if current is not None and str(current.version) == str(version):
-        raise TunelineError(f"{name} v{version} is already the champion", "nothing to do")
-    return move_champion(client, name, version, "promote", why)
+    if current is not None and str(current.version) == chosen:
+        raise TunelineError(f"{name} v{chosen} is already the champion", "nothing to do")
+    return move_champion(client, name, chosen, "promote", why)
 
 
 def rollback_target(client, name: str) -> str:

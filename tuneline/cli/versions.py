@@ -14,7 +14,9 @@ from tuneline.errors import TunelineError
 
 @app.command()
 def promote(
-    version: str = typer.Argument(..., help="The version to make champion."),
+    version: str = typer.Argument(
+        ..., help="The version to make champion: 3, v3 (as `history` writes it) or an alias."
+    ),
     reason: str = typer.Option(..., "--reason", help="Why (kept in the alias history)."),
     name: str = typer.Option(None, "--name", help="Registered model (default: register.model_name)."),
 ) -> None:
