@@ -16,6 +16,9 @@ def test_dash_reads_one_input_per_line_from_stdin_in_order():
     assert inputs(["only"], io.StringIO("unread\n")) == ["only"]
     # A file saved with a byte-order mark: the first input was '\ufeffsat', and a descrambler wrote it back
     assert inputs(["-"], io.StringIO("\ufeffsat cat the\r\nran dog the\r\n")) == ["sat cat the", "ran dog the"]
+    # Blank lines an editor leaves at the end are not inputs ("line 3 of stdin is empty"); one
+    # between two inputs is still refused (below): skipping it would shift every later answer.
+    assert inputs(["-", "last"], io.StringIO("sat cat the\n\n \r\n")) == ["sat cat the", "last"]
 
 
 @pytest.mark.parametrize(
@@ -24,7 +27,8 @@ def test_dash_reads_one_input_per_line_from_stdin_in_order():
         ([" "], "", "the input is empty"),
         (["a b", ""], "", "input 2 is empty"),
         (["-"], "a b\n\nc d\n", "line 2 of stdin is empty"),
-        (["-"], "", "stdin had no lines"),
+        (["-"], "", "stdin had no lines but blank ones"),
+        (["-"], "\n\n", "stdin had no lines but blank ones"),
     ],
 )
 def test_an_empty_input_is_refused_naming_which(texts, stdin, says):

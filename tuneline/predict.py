@@ -85,19 +85,24 @@ CHUNK = 256  # inputs per request to the model (it batches them): answers are pr
 
 def inputs(texts: list[str], stdin, example: str = "") -> list[str]:
     """The inputs to answer: the command's arguments, where '-' stands for stdin's lines
-    (one input per line). An empty one is refused, naming which (and showing `example`, the
-    task's served example, where the model's task is known before it loads)."""
+    (one input per line; blank lines at its end are not inputs). An empty one is refused,
+    naming which (and showing `example`, the task's served example, where the model's task
+    is known before it loads)."""
     found: list[tuple[str, str]] = []  # (where it came from, the input)
     for i, text in enumerate(texts, 1):
         if text == "-":
             lines = [line.rstrip("\r\n") for line in stdin]
             if lines:  # a file saved with a byte-order mark (Windows Notepad): not part of the first input
                 lines[0] = lines[0].removeprefix("\ufeff")
+            while lines and not lines[-1].strip():  # blank lines at the end (an editor's): no input, and no
+                lines.pop()  # answer's line moves; one between two inputs is still refused below
             found += [(f"line {n} of stdin", line) for n, line in enumerate(lines, 1)]
         else:
             found.append((f"input {i}" if len(texts) > 1 else "the input", text))
     if not found:
-        raise TunelineError("stdin had no lines, so there is nothing to answer", "give one input per line")
+        raise TunelineError(
+            "stdin had no lines but blank ones, so there is nothing to answer", "give one input per line"
+        )
     for where, text in found:
         if not text.strip():
             raise TunelineError(
