@@ -186,3 +186,17 @@ def test_drop_refills_train_to_n_train_from_the_unused_rows(tmp_path, monkeypatc
     m = _prepare(tmp_path, monkeypatch, train, on_overlap="drop", n_train=len(SENTENCES) - 3)
     assert m["train_rows"] == len(SENTENCES) - 3
     assert not set(SENTENCES[:3]) & _texts("train")
+
+
+def test_a_train_split_the_audit_left_short_says_so_and_names_the_threshold(tmp_path, monkeypatch):
+    """It said "the train split has 0 rows, but 300 are needed (398 usable rows in the source)"
+    when the audit had dropped most of the source as near duplicates, and named no threshold."""
+    with pytest.raises(
+        TunelineError,
+        match=rf"the train split has \d+ rows, but {len(SENTENCES) - 2} are needed \({len(SENTENCES)} usable rows in "
+        r"the source; [1-3] more were "
+        r"dropped from train as near duplicates of val/test rows\)\. Fix: raise prepare.near_dup_threshold "
+        r"\(0.5 now\) to drop fewer, or set prepare.n_train=0",
+    ):
+        _prepare(tmp_path, monkeypatch, on_overlap="drop", n_train=len(SENTENCES) - 2)
+    assert not (tmp_path / "data/prepared").exists()

@@ -150,6 +150,7 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
     got = {"train": int((out == 1).sum()), "val": int((out == 2).sum()), "test": n_test}
     need = {"train": cfg.n_train or 1, "val": cfg.n_val, "test": cfg.n_test or 1}
     dropped = metrics.get("overlap_dropped_from_train", 0)
+    near = metrics.get("near_duplicates", 0) if cfg.on_overlap == "drop" else 0
     for name in ("train", "val", "test"):
         if got[name] < need[name]:
             fix = (
@@ -157,12 +158,16 @@ def assign(params: Params, spool: Spool, test: Spool | None, metrics: dict) -> t
                 if name == "train" and got[name]
                 else "lower prepare.n_train/n_val/n_test, or use more data"
             )
+            if name == "train" and near:  # the audit took them: a looser threshold keeps more
+                fix = f"raise prepare.near_dup_threshold ({cfg.near_dup_threshold} now) to drop fewer, or {fix}"
             if dropped and dropped >= len(kept):  # the test source is (mostly) the source itself
                 fix = "point prepare.test_source at other examples, or set prepare.test_source=null to draw test from the source"
             raise TunelineError(
                 f"prepare: the {name} split has {got[name]} rows, but {need[name]} are needed "
                 f"({len(kept)} usable rows in the source"
-                + (f", after dropping the {dropped} that prepare.test_source also holds)" if dropped else ")"),
+                + (f", after dropping the {dropped} that prepare.test_source also holds" if dropped else "")
+                + (f"; {near} more were dropped from train as near duplicates of val/test rows" if near else "")
+                + ")",
                 fix,
             )
     return out, test_out
