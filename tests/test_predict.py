@@ -150,3 +150,28 @@ def test_labels_for_a_model_that_has_none_is_refused_in_the_commands_words():
     pred.check(loaded, ["hi"], "labels")  # a classifier's labels: accepted
     served.config = {"task": "chat", "labels": []}
     pred.check(loaded, ["hi"], "none")
+
+
+def test_name_answers_with_that_registered_models_champion(monkeypatch, client, tmp_path):
+    """`--name` picks the registered model, as in history, promote, diff and export; predict
+    had no such option and answered only with params.yaml's model."""
+    from typer.testing import CliRunner
+
+    from tuneline import predict, registry
+    from tuneline.cli import app
+
+    monkeypatch.chdir(tmp_path)  # no project here: --name needs no params.yaml
+    client.create_model_version("m", source="file:///nowhere")
+    registry.move_champion(client, "m", "1", "gate", "won")
+    loaded = []
+    monkeypatch.setattr(predict, "load", loaded.append)
+    monkeypatch.setattr(predict, "stream", lambda model, texts, constrain, beams: (t.upper() for t in texts))
+    result = CliRunner().invoke(app, ["predict", "--name", "m", "sat cat the"])
+    assert result.exit_code == 0 and result.output == "SAT CAT THE\n" and loaded == ["models:/m@champion"]
+    result = CliRunner().invoke(app, ["predict", "--name", "n", "sat cat the"])
+    assert (
+        result.exit_code == 2
+        and "no registered model 'n'. Fix: ask for one of the registered models: --name m" in result.output
+    )
+    result = CliRunner().invoke(app, ["predict", "--name", "m", "--model", "runs:/x/model", "sat cat the"])
+    assert result.exit_code == 2 and "--model and --name both say which model answers" in result.output

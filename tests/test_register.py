@@ -312,8 +312,6 @@ def test_an_unknown_model_name_says_how_to_ask_for_the_registered_ones(client):
     # params.yaml names the descrambler, but this store holds other models: say how to pick one
     with pytest.raises(TunelineError, match=r"no registered model 'descrambler'.*--name emotion-classifier, --name m$"):
         registry.require_model(client, "descrambler")
-    with pytest.raises(TunelineError, match=r"--model models:/emotion-classifier@champion"):
-        registry.require_model(client, "descrambler", "--model models:/{}@champion")  # predict's option
     with pytest.raises(TunelineError, match=r"did you mean 'emotion-classifier'\? \(--name emotion-classifier\)"):
         registry.require_model(client, "emotion-clasifier")
     registry.require_model(client, "m")

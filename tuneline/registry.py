@@ -42,9 +42,9 @@ def exists(client, name: str) -> bool:
         return False
 
 
-def require_model(client, name: str, pick: str = "--name {}") -> None:
+def require_model(client, name: str) -> None:
     """One line for a name the registry does not hold, with the nearest one it does and how
-    to ask for it (`pick`: the command's option, formatted with the name)."""
+    to ask for it (every command that reads the registry takes --name)."""
     import difflib
 
     if exists(client, name):
@@ -53,10 +53,10 @@ def require_model(client, name: str, pick: str = "--name {}") -> None:
     close = difflib.get_close_matches(name, known, n=1)
     raise TunelineError(
         f"no registered model '{name}'",
-        f"did you mean '{close[0]}'? ({pick.format(close[0])})"
+        f"did you mean '{close[0]}'? (--name {close[0]})"
         if close
         else (
-            "ask for one of the registered models: " + ", ".join(pick.format(k) for k in known[:5])
+            "ask for one of the registered models: " + ", ".join(f"--name {k}" for k in known[:5])
             if known
             else "run the pipeline first (`tuneline run`)"
         ),

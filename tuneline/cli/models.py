@@ -80,6 +80,9 @@ def predict(
         help="Model URI (default: models:/<register.model_name>@champion), or a folder tuneline trained "
         "(models/merged, `tuneline export`'s).",
     ),
+    name: str = typer.Option(
+        None, "--name", help="Registered model whose champion answers (default: register.model_name)."
+    ),
     free: bool = typer.Option(
         False, "--free", help="Decode freely (else a descrambler keeps the input's words, as evaluate scored it)."
     ),
@@ -105,8 +108,10 @@ def predict(
 
         if labels and (free or beams):
             raise TunelineError("--labels scores the labels; it does not decode", "drop --free and --beams")
+        if model and name:
+            raise TunelineError("--model and --name both say which model answers", "give one of them")
         uri, task = model, None
-        if uri is None:  # the project's champion, whose task params.yaml names
+        if uri is None and name is None:  # the project's champion, whose task params.yaml names
             from tuneline import require_project, tasks
             from tuneline.params_file import load_params
 
@@ -115,7 +120,7 @@ def predict(
         texts = pred.inputs(texts, sys.stdin, task.serve_example if task else "")
         client = mlflow_client()
         if uri is None:
-            registry.require_model(client, name, "--model models:/{}@champion")
+            registry.require_model(client, name)
             registry.require_champion(
                 client,
                 name,
