@@ -77,3 +77,16 @@ def test_an_out_file_that_cannot_be_written_is_refused_before_the_work(tmp_path)
     check_out_file(tmp_path / "new" / "deeper" / "e.json", "--out", "evaluation.json")
     check_out_file(tmp_path / "data.csv", "--out", "evaluation.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]  # the check leaves nothing behind
+
+
+def test_an_out_file_of_another_format_than_the_one_written_is_refused(tmp_path):
+    """`tuneline evaluate -d test.csv --out test.csv` replaced the user's data with JSON."""
+    with pytest.raises(
+        TunelineError,
+        match=r"--out '.*test.csv' does not end in .json, and what is written there is JSON. "
+        r"Fix: give a .json path, e.g. --out .*test.json$",
+    ):
+        check_out_file(tmp_path / "test.csv", "--out", "evaluation.json", "JSON")
+    with pytest.raises(TunelineError, match=r"does not end in .json"):
+        check_out_file(tmp_path / "report", "--out", "evaluation.json", "JSON")
+    check_out_file(tmp_path / "e.JSON", "--out", "evaluation.json", "JSON")

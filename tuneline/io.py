@@ -140,15 +140,23 @@ def rewrite_user_file(path: Path, text: str) -> None:
             f.truncate()
 
 
-def check_out_file(path: Path, flag: str, example: str) -> None:
+def check_out_file(path: Path, flag: str, example: str, what: str | None = None) -> None:
     """Before any work: refuse an output file the command could not write at its end (a
     folder; a path through a file; a place where no file can be made, such as /proc or a
-    read-only mount). Missing folders are fine: writing makes them. `example` names a
-    file to suggest inside a folder given by mistake."""
+    read-only mount), or, when `what` names the format (e.g. "JSON"), a name without
+    `example`'s suffix: `--out test.csv` would have replaced the user's data with JSON.
+    Missing folders are fine: writing makes them. `example` names a file to suggest inside
+    a folder given by mistake."""
     from tuneline.errors import TunelineError
 
     if path.is_dir():
         raise TunelineError(f"{flag} '{path}' is a folder", f"give a file path, e.g. {flag} {path / example}")
+    suffix = Path(example).suffix
+    if what and path.suffix.lower() != suffix:
+        raise TunelineError(
+            f"{flag} '{path}' does not end in {suffix}, and what is written there is {what}",
+            f"give a {suffix} path, e.g. {flag} {path.with_suffix(suffix)}",
+        )
     folder = path.parent
     while not folder.exists():  # the nearest folder that exists: the rest is made on write
         folder = folder.parent

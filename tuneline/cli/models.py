@@ -201,7 +201,7 @@ def evaluate(
                 "--model is empty", "give models:/NAME@ALIAS, models:/NAME/VERSION, a model folder or a model name"
             )
         if output is not None:  # the evaluation is saved as one JSON file, after all the work
-            check_out_file(output, "--out", "evaluation.json")
+            check_out_file(output, "--out", "evaluation.json", "JSON")
         from tuneline import require_project
 
         require_project()
