@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, free_port
+from conftest import copy_project
+from live_servers import free_port
 
 pytestmark = pytest.mark.slow
 

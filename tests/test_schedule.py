@@ -8,7 +8,7 @@ import time
 
 import pytest
 import yaml
-from conftest import wait_for
+from live_servers import wait_for
 
 STAGES = ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
 

@@ -216,7 +216,8 @@ def swept(tmp_path_factory, model_cache, prefect_api):
     import sys
     import time
 
-    from conftest import REPO, make_project, venv_not_on, wait_for
+    from conftest import REPO, make_project, venv_not_on
+    from live_servers import wait_for
 
     from tuneline import sources, tasks
 
@@ -377,7 +378,7 @@ def test_the_mlflow_ui_shows_the_sweep_and_compares_its_arms(swept):
     compare view of the arms, with the parallel-coordinates plot over the swept param."""
     import subprocess
 
-    from conftest import free_port, http_ok, wait_for
+    from live_servers import free_port, http_ok, wait_for
     from test_browser import _click_text, _shot, _shows, _training_view, _until, chromium
 
     proj = swept[0]
