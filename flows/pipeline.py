@@ -41,12 +41,16 @@ from tuneline.tracking import PARENT_ENV, start_parent
 
 class _OneLine(logging.Filter):
     """A TunelineError already says what to fix in one line: Prefect logs it without the
-    traceback (and without the "NoneType: None" of a task that returned a Failed state)."""
+    traceback (and without the "NoneType: None" of a task that returned a Failed state).
+    A stage's Failed state is logged by "Finished in state Failed('…')" (the task's and the
+    flow's): Prefect's "Task run failed with state: Failed(message='…', type=FAILED, result=…)"
+    before them said the same line a third time, and the command's `error:` a fourth."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and (record.exc_info[1] is None or isinstance(record.exc_info[1], TunelineError)):
             record.exc_info, record.exc_text = None, None
-        return True
+        said = record.getMessage()
+        return not (said.startswith("Task run failed with state: ") and not said.endswith("Retries are exhausted"))
 
 
 for _name in ("prefect.task_runs", "prefect.flow_runs"):
