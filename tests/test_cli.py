@@ -34,6 +34,17 @@ def test_help_lists_the_commands():
         assert cmd in out
 
 
+def test_version_names_tuneline_and_the_stack_that_decides_results(tmp_path):
+    """For a bug report, from anywhere (no project needed), and nothing else runs."""
+    from importlib.metadata import version
+
+    proc = _cli("--version", "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"tuneline {version('tuneline')} (Python {sys.version.split()[0]}; torch ")
+    assert f"transformers {version('transformers')}" in proc.stdout and f"dvc {version('dvc')}" in proc.stdout
+    assert len(proc.stdout.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_an_unknown_recipe_is_one_line_with_a_suggestion(tmp_path):
     import shutil
 

@@ -25,9 +25,38 @@ out = Console(soft_wrap=True)
 _state = {"debug": False}
 
 
+# What `tuneline --version` names besides tuneline: the libraries whose versions decide results
+STACK = ("torch", "transformers", "peft", "datasets", "mlflow", "prefect", "dvc")
+
+
+def _version(asked: bool) -> None:
+    """`tuneline --version`: its version and the stack's, for a bug report (no library is imported)."""
+    if not asked:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    out.print(
+        f"tuneline {of('tuneline')} (Python {sys.version.split()[0]}; "
+        + ", ".join(f"{n} {of(n)}" for n in STACK)
+        + ")",
+        markup=False,
+        highlight=False,
+    )
+    raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (here and in the stages)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print tuneline's version and its stack's, and exit."
+    ),
 ) -> None:
     _state["debug"] = debug
     if debug:
