@@ -82,7 +82,9 @@ def side(client, name: str, ref: str) -> Side:
             version = registry.version(client, name, ref)
             run_id, label = version.run_id, f"v{version.version}" + ("" if re.fullmatch(r"v?\d+", ref) else f" ({ref})")
         params = dict(client.get_run(run_id).data.params)
-    except (MlflowException, TunelineError):
+    except (MlflowException, TunelineError) as err:
+        if isinstance(err, TunelineError) and re.fullmatch(r"v?\d+", ref):
+            raise  # a number that is no version: registry's line lists the versions there are
         if ref == registry.CHAMPION:  # the default A, before any version was promoted
             raise TunelineError(
                 f"model '{name}' has no champion yet (no version was promoted), so there is nothing to compare with",
