@@ -96,6 +96,11 @@ def test_set_values_are_yaml_data_never_code():
         ),
         # a comma list without brackets is one string to YAML: the fix writes it the way that works
         (("emotion", ["prepare.labels=neg,pos"]), r"'prepare.labels' must be a list .*e.g. prepare.labels=\[neg,pos\]"),
+        # a bracket left open: the fix closed it around the open one ("[[neg,pos]")
+        (
+            ("emotion", ["prepare.labels=[neg,pos"]),
+            r"must be a list \(got '\[neg,pos', whose brackets do not pair up\).*e.g. prepare.labels=\[neg,pos\] with",
+        ),
         # YAML reads `hf:` as the mapping {hf: None}: the fix quotes it, which works
         (
             ("pretrain", ["prepare.source=hf:"]),

@@ -87,9 +87,11 @@ def _explain(err: ValidationError, source: str) -> TunelineError:
             f"{source}: {problem}" + (f" (in '{path}')" if path else ""), fix or f"change the keys it names in {source}"
         )
     if e["type"] == "list_type":  # `--set prepare.labels=neg,pos`: YAML reads a list only in brackets
-        items = e["input"] if isinstance(e.get("input"), str) and e["input"].strip() else "a, b"
+        text = e["input"].strip() if isinstance(e.get("input"), str) else ""
+        unclosed = text.startswith("[") != text.endswith("]")  # `[a,b`: one bracket, so YAML read text
+        items = text.strip("[]").strip() or "a, b"
         return TunelineError(
-            f"{source}: '{path}' must be a list (got {got})",
+            f"{source}: '{path}' must be a list (got {got}" + (", whose brackets do not pair up)" if unclosed else ")"),
             f"write it in brackets, e.g. {path}=[{items}] with --set, or `{loc[-1]}: [{items}]` in a YAML file",
         )
     if e["type"] == "dict_type":  # `--set prepare.columns=text`: a mapping is set one key at a time
