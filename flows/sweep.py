@@ -54,6 +54,7 @@ def plan(
     params = recipes.build(recipe, overrides, False, base)
     arms = sweep.arms(sweep.parse_grid(grid, params), sweep.parse_ranges(ranges, params), sample, params.seed)
     sweep.check_keys(arms)
+    sweep.check_overrides(overrides, arms)
     arm_params = sweep.validate(lambda sets: recipes.build(recipe, [*overrides, *sets], False, base), arms)
     gitcheck.check_committed(ROOT)  # the arms are DVC experiments: commits on top of one
     gitcheck.check_untracked_state(ROOT)

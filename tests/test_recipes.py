@@ -96,6 +96,11 @@ def test_set_values_are_yaml_data_never_code():
         ),
         # a comma list without brackets is one string to YAML: the fix writes it the way that works
         (("emotion", ["prepare.labels=neg,pos"]), r"'prepare.labels' must be a list .*e.g. prepare.labels=\[neg,pos\]"),
+        # the same key twice: the last value won unsaid
+        (
+            ("emotion", ["train.lr=0.1", "train.epochs=2", "train.lr=0.2"]),
+            r"--set gives 'train.lr' twice \('0.1', then '0.2'\)",
+        ),
         # a bracket left open: the fix closed it around the open one ("[[neg,pos]")
         (
             ("emotion", ["prepare.labels=[neg,pos"]),

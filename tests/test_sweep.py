@@ -136,6 +136,16 @@ def test_a_sweep_may_not_vary_the_data_or_the_scoring():
     sweep.check_keys([{"train.lr": 1e-3, "model.name": "tiny-gpt2"}])
 
 
+def test_a_set_key_the_sweep_varies_is_refused():
+    """`--set train.lr=0.1 --grid train.lr=0.1,0.2`: every arm's lr replaced the --set one unsaid."""
+    arms = [{"train.lr": 1e-3}, {"train.lr": 1e-2}]
+    with pytest.raises(
+        TunelineError, match=r"--set 'train.lr=0.1' gives 'train.lr' to every arm, and the sweep varies"
+    ):
+        sweep.check_overrides(["train.epochs=2", "train.lr=0.1"], arms)
+    sweep.check_overrides(["train.epochs=2", "model.name=tiny-gpt2"], arms)
+
+
 def test_time_left_ignores_an_arm_restored_from_the_run_cache():
     """An arm with the pipeline's own params is restored in seconds: the arms after it still
     take as long as training does (a user was told 'about 12 s left' before a 4-minute arm)."""
@@ -170,7 +180,11 @@ def test_the_time_estimate_comes_only_from_a_last_run_on_the_same_data_and_model
 
 def test_the_same_arms_are_the_same_sweep_whatever_the_base():
     """What lets a sweep run again find its arms, even after its winner was applied."""
-    build = lambda base, sets: recipes.build("descramble", [*base, *sets])  # noqa: E731
+
+    def build(applied: list[str], sets: list[str]):  # params.yaml with `applied` in it, and an arm's sets
+        base = recipes.merge(recipes.build("descramble").model_dump(), recipes.parse_set(applied))
+        return recipes.build(None, sets, False, base)
+
     arms = sweep.arms(sweep.parse_grid(["train.lr=1e-3,2e-3"], DEFAULTS))
     a = sweep.name(sweep.validate(lambda sets: build([], sets), arms))
     b = sweep.name(sweep.validate(lambda sets: build(["train.lr=5e-3"], sets), arms))

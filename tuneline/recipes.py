@@ -82,10 +82,16 @@ def load_recipe(name: str) -> dict:
 def parse_set(items: list[str]) -> dict:
     """`a.b=value` pairs into a nested dict. Values are YAML scalars/lists (data, never code)."""
     out: dict = {}
+    given: dict[str, str] = {}  # key -> its value as typed: a key set twice would keep the last unsaid
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise TunelineError(f"--set '{item}' is not key=value", "write e.g. --set train.lr=0.001")
+        if key.strip() in given:
+            raise TunelineError(
+                f"--set gives '{key.strip()}' twice ({given[key.strip()]!r}, then {value!r})", "set each key once"
+            )
+        given[key.strip()] = value
         try:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:

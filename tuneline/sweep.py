@@ -152,6 +152,19 @@ def arms(grid: dict[str, list], ranges: list[Range] = (), n_sample: int = 0, see
 SWEEPABLE = ("train.", "model.name")
 
 
+def check_overrides(sets: list[str], arms_: list[Arm]) -> None:
+    """A key that --set gives every arm and the sweep varies: each arm's value would replace
+    the --set one unsaid."""
+    varied = dict.fromkeys(k for arm in arms_ for k in arm)
+    for item in sets:
+        key = item.partition("=")[0].strip()
+        if key in varied:
+            raise TunelineError(
+                f"--set '{item}' gives '{key}' to every arm, and the sweep varies it: each arm's value would replace it",
+                f"drop --set {key}, or leave '{key}' out of --grid/--range",
+            )
+
+
 def check_keys(arms_: list[Arm]) -> None:
     """Arms may vary how the model is trained, not the data or the scoring."""
     for key in dict.fromkeys(k for arm in arms_ for k in arm):
