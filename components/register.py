@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tuneline import gate, parity, registry, serving
+from tuneline import gate, parity, provenance, registry, serving
 from tuneline.config import Params
 from tuneline.data import EVAL_EXAMPLES, MERGED, MODELS, PREDICTIONS, PREPARED, metrics_file, trained_model
 from tuneline.errors import TunelineError
@@ -86,8 +86,8 @@ def run(params: Params) -> dict:
     # The per-example records and each example's input, reference and outputs: what the
     # next gate compares with (instead of evaluating this model again), and what
     # `tuneline diff` shows a reviewer.
-    mlflow.log_text(EVAL_EXAMPLES.read_text(), gate.EVAL_ARTIFACT)
-    mlflow.log_text(PREDICTIONS.read_text(), gate.PREDICTIONS_ARTIFACT)
-    mlflow.log_text("".join(json.dumps(r) + "\n" for r in rows), gate.ROWS_ARTIFACT)
+    mlflow.log_text(EVAL_EXAMPLES.read_text(), provenance.EVAL_ARTIFACT)
+    mlflow.log_text(PREDICTIONS.read_text(), provenance.PREDICTIONS_ARTIFACT)
+    mlflow.log_text("".join(json.dumps(r) + "\n" for r in rows), provenance.ROWS_ARTIFACT)
     with registry.gate_lock(params.register.model_name):
         return gate.gate(params, info, evals, record, rows, checked)

@@ -276,7 +276,7 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     assert "`review/diff.md` (and `.html`) in this version's MLflow run" in card
     review = project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-        "from tuneline.gate import artifact_text\n"
+        "from tuneline.provenance import artifact_text\n"
         f"run = '{tags['run_id']}'\n"
         "md, page = artifact_text(run, 'review/diff.md'), artifact_text(run, 'review/diff.html')\n"
         "print(md.splitlines()[0], '|', '<table>' in page and '<h2>What changed</h2>' in page)"
@@ -285,7 +285,7 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     # ... and the champion's answers its gate compared, which the review pairs (v1's own, on these examples)
     faced = project.python(
         "import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-        "from tuneline.gate import artifact_text\n"
+        "from tuneline.provenance import artifact_text\n"
         f"faced = json.loads(artifact_text('{tags['run_id']}', 'eval/faced.json'))\n"
         "own = json.loads(artifact_text(faced['run_id'], 'eval/examples.json'))['tuned']\n"
         "print(faced['version'], faced['tuned']['outputs'] == own['outputs'] and len(own['outputs']) > 0)"
@@ -293,7 +293,7 @@ def test_dvc_skips_then_a_train_change_reruns_train_and_gates_against_the_champi
     assert faced.strip().splitlines()[-1] == "1 True"
     assert "`train.lr`: 0.002 -> 0.001" in project.python(
         "import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
-        f"from tuneline.gate import artifact_text; print(artifact_text('{tags['run_id']}', 'review/diff.md'))"
+        f"from tuneline.provenance import artifact_text; print(artifact_text('{tags['run_id']}', 'review/diff.md'))"
     )
 
 

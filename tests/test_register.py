@@ -7,10 +7,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from tuneline import card, gate, recipes, registry, serving
+from tuneline import card, gate, provenance, recipes, registry, serving
 from tuneline.config import RegisterCfg, flatten
 from tuneline.errors import TunelineError
-from tuneline.gate import data_hashes, decide, reference
+from tuneline.gate import decide, reference
+from tuneline.provenance import data_hashes
 from tuneline.scoring import Comparison
 
 
@@ -100,7 +101,7 @@ def _record(key="k1", base=0.1, tuned=0.9):
 
 def _champion_with_record(client, record) -> str:
     with mlflow.start_run() as run:
-        mlflow.log_text(json.dumps(record), gate.EVAL_ARTIFACT)
+        mlflow.log_text(json.dumps(record), provenance.EVAL_ARTIFACT)
     v = client.create_model_version("m", source="file:///nowhere", run_id=run.info.run_id).version
     client.set_model_version_tag("m", v, "eval.examples_key", record["examples_key"])
     registry.move_champion(client, "m", v, "gate", "test")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from tuneline import review
 from tuneline.cli import app
 from tuneline.errors import TunelineError
-from tuneline.gate import EVAL_ARTIFACT, FACED_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT
+from tuneline.provenance import EVAL_ARTIFACT, FACED_ARTIFACT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT
 
 TARGETS = [
     "The cat sat on the mat.",

@@ -33,7 +33,14 @@ import numpy as np
 
 from tuneline import registry, scoring, tasks
 from tuneline.errors import TunelineError
-from tuneline.gate import EVAL_ARTIFACT, FACED_ARTIFACT, NO_COMMIT, PREDICTIONS_ARTIFACT, ROWS_ARTIFACT, artifact_text
+from tuneline.provenance import (
+    EVAL_ARTIFACT,
+    FACED_ARTIFACT,
+    NO_COMMIT,
+    PREDICTIONS_ARTIFACT,
+    ROWS_ARTIFACT,
+    artifact_text,
+)
 
 
 @dataclass
