@@ -20,16 +20,39 @@ LOCAL_API = "http://127.0.0.1:4200/api"
 
 
 def check_cron(cron: str) -> str:
+    """The cron expression as Prefect will serve it, or one line that says what is wrong
+    with it: too few fields, a field out of its range, or a date that never comes (day 30
+    of February), which Prefect would accept and never run. Six or seven fields are refused
+    too: croniter would read the sixth as seconds *after* the day-of-week, where Quartz and
+    Spring put seconds first ("0 0 3 * * *", 03:00 there, is every second of a minute on
+    the 3rd here). Returns the next run, in UTC."""
+    from datetime import UTC, datetime
+
+    from prefect._vendor.croniter import CroniterBadDateError, croniter  # what Prefect's scheduler runs
     from prefect.client.schemas.schedules import CronSchedule
 
+    fields = 'give five fields: minute hour day-of-month month day-of-week, e.g. "0 3 * * *" (03:00 daily)'
+    n = len(cron.split())
+    if n in (6, 7):
+        raise TunelineError(f"--cron '{cron}' has {n} fields, and a sixth would be read as seconds", fields)
     try:
         CronSchedule(cron=cron)
     except ValueError:
+        if n == 5:
+            raise TunelineError(
+                f"--cron '{cron}' is not a cron expression: a field is out of its range",
+                "minute 0-59, hour 0-23, day-of-month 1-31, month 1-12 (or jan-dec), day-of-week 0-6 "
+                '(or sun-sat), each a number, a range (1-5), a list (1,15) or a step (*/10), e.g. "0 3 * * *"',
+            ) from None
+        raise TunelineError(f"--cron '{cron}' is not a cron expression", fields) from None
+    try:
+        next_run = croniter(cron, datetime.now(UTC)).get_next(datetime)
+    except CroniterBadDateError:
         raise TunelineError(
-            f"--cron '{cron}' is not a cron expression",
-            'give five fields: minute hour day-of-month month day-of-week, e.g. "0 3 * * *" (03:00 daily)',
+            f"--cron '{cron}' never runs: no date matches its day-of-month and month",
+            "choose a day that month has (February has 28 or 29 days; April, June, September and November 30)",
         ) from None
-    return cron
+    return next_run.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def check_name(name: str | None) -> None:
@@ -53,7 +76,7 @@ def schedule(
     """Validate everything, find (or start) the Prefect server, then serve until Ctrl-C.
     `sweep`: {"grid", "ranges", "sample", "jobs"} serves `tuneline sweep` instead of a run."""
     overrides = list(overrides or [])
-    check_cron(cron)
+    next_run = check_cron(cron)
     check_name(name)
     params = recipes.build(recipe, overrides, False, None if recipe else _params_yaml())  # fail before serving
     serving.check_champion_task(params)  # refused now, not in every scheduled run (each run checks again)
@@ -83,7 +106,7 @@ def schedule(
     if sweep:
         served, what = sweep_flow, "sweep"
         parameters |= {k: sweep[k] for k in ("grid", "ranges", "sample", "jobs")}
-    say(f"serving '{served.name}/{deployment}' on '{cron}' (UTC) via {api}; Ctrl-C stops")
+    say(f"serving '{served.name}/{deployment}' on '{cron}' (UTC, next run {next_run}) via {api}; Ctrl-C stops")
     say(f"  run it now: prefect deployment run '{served.name}/{deployment}'")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

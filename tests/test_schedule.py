@@ -3,6 +3,7 @@ prefect.yaml work-pool deployment, skipping unchanged runs, I/O-only retries, hu
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -17,6 +18,7 @@ STAGES = ["prepare", "tokenize", "train", "validate", "evaluate", "register"]
 def test_a_served_schedule_runs_the_pipeline_and_records_its_parameters_everywhere(served):
     dep = served.deployment
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+    assert re.search(r"on '0 3 \* \* \*' \(UTC, next run \d{4}-\d\d-\d\d 03:00 UTC\)", served.log("serve.log"))
     run = served.first
     assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Completed"), served.log("serve.log")[-3000:]
     # Prefect: the flow run's parameters, and one Completed task per stage.
@@ -80,6 +82,7 @@ def test_prefect_yaml_deploys_the_flow_to_a_process_work_pool_that_a_worker_runs
     dep = served.api("deployments/name/tuneline-pipeline/nightly")
     assert dep["work_pool_name"] == "tuneline" and dep["global_concurrency_limit"]["limit"] == 1
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+    assert re.search(r"on '0 3 \* \* \*' \(UTC, next run \d{4}-\d\d-\d\d 03:00 UTC\)", served.log("serve.log"))
     assert dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(served.root)
     started = served.run("prefect", "deployment", "run", "tuneline-pipeline/nightly")
     run_id = started.stdout.split("UUID: ")[1].split()[0]
@@ -166,12 +169,22 @@ def test_the_hub_is_not_asked_when_offline_and_an_unreachable_hub_is_one_clear_e
     assert "not checking 'hf:dair-ai/emotion#train'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cron", ["every day", "61 3 * * *", "0 3 * *"])
-def test_schedule_rejects_a_bad_cron_in_one_line_before_serving(cron, project):
+@pytest.mark.parametrize(
+    ("cron", "problem", "fix"),
+    [
+        ("every day", "is not a cron expression", "give five fields"),
+        ("0 3 * *", "is not a cron expression", "give five fields"),
+        ("61 3 * * *", "is not a cron expression: a field is out of its range", "minute 0-59, hour 0-23"),
+        # Prefect accepts both, and would never run the first and run the second every second of a minute.
+        ("0 3 30 2 *", "never runs: no date matches its day-of-month and month", "choose a day that month has"),
+        ("0 0 3 * * *", "has 6 fields, and a sixth would be read as seconds", "give five fields"),
+    ],
+)
+def test_schedule_rejects_a_bad_cron_in_one_line_before_serving(cron, problem, fix, project):
     proc = project.run(sys.executable, "-m", "tuneline.cli", "schedule", "--cron", cron, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"--cron '{cron}' is not a cron expression" in lines[0] and "0 3 * * *" in lines[0]
+    assert len(lines) == 1 and f"--cron '{cron}' {problem}. Fix: {fix}" in lines[0], lines
 
 
 def test_schedule_validates_params_and_the_server_before_serving(project):
