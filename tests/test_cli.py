@@ -57,6 +57,27 @@ def test_an_unknown_recipe_is_one_line_with_a_suggestion(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".smoke").exists()
 
 
+def test_a_recipe_named_by_its_file_runs_as_that_recipe_and_a_file_elsewhere_is_refused_with_the_copy(tmp_path):
+    import shutil
+
+    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    # as a shell completes it: the recipe is read (its key typo is what stops the run)
+    proc = _cli("run", "--recipe", "recipes/emotion.yaml", "--set", "train.lrr=1", "--smoke", cwd=tmp_path)
+    assert proc.returncode == 2 and "error: recipes/emotion.yaml with --set: unknown key 'train.lrr'" in proc.stderr
+    mine = tmp_path / "elsewhere" / "mine.yml"
+    mine.parent.mkdir()
+    mine.write_text("train:\n  lr: 0.001\n")
+    for command in (["run", "--smoke"], ["sweep", "--grid", "train.lr=0.1,0.2"], ["schedule", "--cron", "0 3 * * *"]):
+        proc = _cli(*command, "--recipe", str(mine), cwd=tmp_path)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and lines == [
+            f"error: --recipe '{mine}' is a file outside recipes/, and a recipe is recipes/<name>.yaml run by its "
+            f"name. Fix: copy it there: cp {mine} recipes/mine.yaml, then --recipe mine"
+        ], command
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".smoke").exists()
+
+
 def test_recipes_are_listed_with_what_they_do():
     import os
 

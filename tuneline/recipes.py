@@ -9,6 +9,7 @@ the file DVC tracks is always complete and readable.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,22 @@ def merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def name_of(given: str) -> str:
+    """The recipe `--recipe` names: a name, or the path of its file under recipes/ (as a shell
+    completes `recipes/emo<TAB>`). A YAML file elsewhere is refused with the copy that makes
+    it a recipe: the name is what .smoke/<name>/, the experiment's command line, a
+    schedule's deployment and every later run read again from recipes/."""
+    if not given.endswith((".yaml", ".yml")) and "/" not in given and os.sep not in given:
+        return given
+    path = Path(given).expanduser().resolve()  # as typed, from the working directory
+    if path.parent == recipes_dir().resolve() and path.suffix == ".yaml":
+        return path.stem
+    raise TunelineError(
+        f"--recipe '{given}' is a file outside recipes/, and a recipe is recipes/<name>.yaml run by its name",
+        f"copy it there: cp {given} {recipes_dir().relative_to(ROOT)}/{path.stem}.yaml, then --recipe {path.stem}",
+    )
 
 
 def load_recipe(name: str) -> dict:

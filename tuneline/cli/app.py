@@ -71,6 +71,17 @@ def fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+def recipe_option(given: str | None) -> str | None:
+    """--recipe's callback: the recipe's name, also from `recipes/emotion.yaml` (recipes.name_of)."""
+    from tuneline import recipes
+    from tuneline.errors import TunelineError
+
+    try:
+        return given and recipes.name_of(given)
+    except TunelineError as e:
+        fail(e)
+
+
 PATH_PARAMS = ("prepare.source", "prepare.test_source", "model.name")  # params that may name a local path
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 import typer
 
 from tuneline import ROOT
-from tuneline.cli.app import app, fail, mlflow_client, out, params_of, typed_here
+from tuneline.cli.app import app, fail, mlflow_client, out, params_of, recipe_option, typed_here
 from tuneline.errors import TunelineError, print_error
 
 
@@ -161,6 +161,7 @@ def evaluate(
         "--recipe",
         "-r",
         metavar="NAME",
+        callback=recipe_option,
         help="The recipe whose task, template and labels apply (default: params.yaml).",
     ),
     sets: list[str] = typer.Option(

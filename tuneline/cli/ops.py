@@ -9,7 +9,7 @@ import sys
 import typer
 
 from tuneline import ROOT, servers
-from tuneline.cli.app import app, fail, out, typed_here
+from tuneline.cli.app import app, fail, out, recipe_option, typed_here
 from tuneline.errors import TunelineError, print_error
 
 
@@ -19,7 +19,12 @@ def schedule(
         ..., "--cron", metavar="CRON", help='When to run, as a cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).'
     ),
     recipe: str = typer.Option(
-        None, "--recipe", "-r", metavar="NAME", help="Recipe to run (default: params.yaml as it is at each run)."
+        None,
+        "--recipe",
+        "-r",
+        metavar="NAME",
+        callback=recipe_option,
+        help="Recipe to run (default: params.yaml as it is at each run).",
     ),
     sets: list[str] = typer.Option(
         [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."

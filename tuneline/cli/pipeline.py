@@ -10,7 +10,7 @@ import time
 import typer
 
 from tuneline import ROOT, gitcheck, servers
-from tuneline.cli.app import app, fail, out, params_of, typed_here
+from tuneline.cli.app import app, fail, out, params_of, recipe_option, typed_here
 from tuneline.data import METRICS, PREDICTIONS
 from tuneline.errors import INTERRUPTED, TunelineError, print_error
 
@@ -22,6 +22,7 @@ def run(
         "--recipe",
         "-r",
         metavar="NAME",
+        callback=recipe_option,
         help="A recipe from recipes/ (see `tuneline recipes`); "
         "it is written to params.yaml. Default: params.yaml as it is.",
     ),
@@ -140,7 +141,12 @@ def try_it(params, root) -> str | None:
 @app.command()
 def sweep(
     recipe: str = typer.Option(
-        None, "--recipe", "-r", metavar="NAME", help="Recipe the arms start from (default: params.yaml)."
+        None,
+        "--recipe",
+        "-r",
+        metavar="NAME",
+        callback=recipe_option,
+        help="Recipe the arms start from (default: params.yaml).",
     ),
     sets: list[str] = typer.Option(
         [], "--set", "-s", metavar="KEY=VALUE", help="Override one param for every arm (repeatable)."
