@@ -71,6 +71,19 @@ def fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+SET_HELP = "Override one param, e.g. --set train.lr=0.001 (repeatable)."
+
+
+def recipe_opt(help: str):
+    """The --recipe option of run, sweep, schedule and evaluate: a recipe's name, or its file."""
+    return typer.Option(None, "--recipe", "-r", metavar="NAME", callback=recipe_option, help=help)
+
+
+def sets_opt(help: str = SET_HELP):
+    """The repeatable --set KEY=VALUE option of the same commands."""
+    return typer.Option([], "--set", "-s", metavar="KEY=VALUE", help=help)
+
+
 def recipe_option(given: str | None) -> str | None:
     """--recipe's callback: the recipe's name, also from `recipes/emotion.yaml` (recipes.name_of)."""
     from tuneline import recipes

@@ -10,7 +10,7 @@ from typing import Literal
 import typer
 
 from tuneline import ROOT
-from tuneline.cli.app import app, fail, mlflow_client, out, params_of, recipe_option, typed_here
+from tuneline.cli.app import app, fail, mlflow_client, out, params_of, recipe_opt, sets_opt, typed_here
 from tuneline.errors import TunelineError, print_error
 
 
@@ -156,17 +156,8 @@ def evaluate(
         "-d",
         help="A CSV/TSV/JSON/JSONL/Parquet file (or any prepare.source form) with the recipe's columns.",
     ),
-    recipe: str = typer.Option(
-        None,
-        "--recipe",
-        "-r",
-        metavar="NAME",
-        callback=recipe_option,
-        help="The recipe whose task, template and labels apply (default: params.yaml).",
-    ),
-    sets: list[str] = typer.Option(
-        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set evaluate.num_beams=4."
-    ),
+    recipe: str = recipe_opt("The recipe whose task, template and labels apply (default: params.yaml)."),
+    sets: list[str] = sets_opt("Override one param, e.g. --set evaluate.num_beams=4."),
     how: Literal["plain", "chat", "few_shot"] = typer.Option(
         "plain",
         "--prompting",

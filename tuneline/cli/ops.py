@@ -9,7 +9,7 @@ import sys
 import typer
 
 from tuneline import ROOT, servers
-from tuneline.cli.app import app, fail, out, recipe_option, typed_here
+from tuneline.cli.app import app, fail, out, recipe_opt, sets_opt, typed_here
 from tuneline.errors import TunelineError, print_error
 
 
@@ -18,17 +18,8 @@ def schedule(
     cron: str = typer.Option(
         ..., "--cron", metavar="CRON", help='When to run, as a cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).'
     ),
-    recipe: str = typer.Option(
-        None,
-        "--recipe",
-        "-r",
-        metavar="NAME",
-        callback=recipe_option,
-        help="Recipe to run (default: params.yaml as it is at each run).",
-    ),
-    sets: list[str] = typer.Option(
-        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."
-    ),
+    recipe: str = recipe_opt("Recipe to run (default: params.yaml as it is at each run)."),
+    sets: list[str] = sets_opt(),
     name: str = typer.Option(None, "--name", help="Deployment name (default: the recipe's, or 'params')."),
     grid: list[str] = typer.Option([], "--grid", metavar="KEY=V1,V2", help="Schedule a sweep (see `tuneline sweep`)."),
     sample: int = typer.Option(0, "--sample", metavar="N", help="A sampled sweep's arm count (with --range)."),

@@ -10,25 +10,17 @@ import time
 import typer
 
 from tuneline import ROOT, gitcheck, servers
-from tuneline.cli.app import app, fail, out, params_of, recipe_option, typed_here
+from tuneline.cli.app import app, fail, out, params_of, recipe_opt, sets_opt, typed_here
 from tuneline.data import METRICS, PREDICTIONS
 from tuneline.errors import INTERRUPTED, TunelineError, print_error
 
 
 @app.command()
 def run(
-    recipe: str = typer.Option(
-        None,
-        "--recipe",
-        "-r",
-        metavar="NAME",
-        callback=recipe_option,
-        help="A recipe from recipes/ (see `tuneline recipes`); "
-        "it is written to params.yaml. Default: params.yaml as it is.",
+    recipe: str = recipe_opt(
+        "A recipe from recipes/ (see `tuneline recipes`); it is written to params.yaml. Default: params.yaml as it is."
     ),
-    sets: list[str] = typer.Option(
-        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param, e.g. --set train.lr=0.001 (repeatable)."
-    ),
+    sets: list[str] = sets_opt(),
     smoke: bool = typer.Option(
         False,
         "--smoke",
@@ -140,17 +132,8 @@ def try_it(params, root) -> str | None:
 
 @app.command()
 def sweep(
-    recipe: str = typer.Option(
-        None,
-        "--recipe",
-        "-r",
-        metavar="NAME",
-        callback=recipe_option,
-        help="Recipe the arms start from (default: params.yaml).",
-    ),
-    sets: list[str] = typer.Option(
-        [], "--set", "-s", metavar="KEY=VALUE", help="Override one param for every arm (repeatable)."
-    ),
+    recipe: str = recipe_opt("Recipe the arms start from (default: params.yaml)."),
+    sets: list[str] = sets_opt("Override one param for every arm (repeatable)."),
     grid: list[str] = typer.Option(
         [],
         "--grid",
