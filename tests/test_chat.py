@@ -82,7 +82,10 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
     "turns, message",
     [
         ([{"role": "user", "content": "x"}, {"role": "tool", "content": "{}"}], "tool turn .* out of scope"),
-        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [{}]}], "tool turn"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [{}]}],
+            r"turn 2 \('assistant'\) makes tool",
+        ),
         ([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}], "turn 2 has role 'bot'"),
         ([{"role": "user", "content": "x"}], "no assistant turn"),
         ([{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}], "before any user turn"),

@@ -116,6 +116,14 @@ def test_skip_still_stops_when_most_rows_are_bad_or_a_column_is_missing():
     rows = [{"text": f"t{i}", "label": "happy" if i % 4 else "pos"} for i in range(40)]
     with pytest.raises(TunelineError, match=r"30 of the first 40 rows are bad.*points to a setting"):
         list(task_rows([rows], TASKS["classify"], {}, LABELS, "x", "skip"))
+    # Data out of scope as a whole: the rows' own fix comes first, without its "or skip the row"
+    tools = [{"role": "user", "content": "x"}, {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "y"}]
+    with pytest.raises(TunelineError) as e:
+        list(task_rows([[{"messages": tools}] * 4], TASKS["chat"], {}, [], "x", "skip"))
+    assert e.value.fix.startswith("remove tool turns and the rows that need them (the first bad row's fix); that many")
+    with pytest.raises(TunelineError) as e:
+        list(task_rows([rows], TASKS["classify"], {}, LABELS, "x", "skip"))
+    assert e.value.fix.startswith("add it to prepare.labels (the first bad row's fix); that many usually points")
 
     # ... and on a large source it stops once the first 1000 rows show it, before reading the rest
     def endless():

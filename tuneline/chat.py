@@ -151,7 +151,9 @@ def parse(value, at: str) -> list[dict]:
         role = t.get("role", t.get("from"))
         if isinstance(role, str) and role.lower() in TOOL_ROLES or t.get("tool_calls"):
             raise TunelineError(
-                f"{at}: turn {k + 1} is a tool turn ({role!r}); tool calls are out of scope",
+                f"{at}: turn {k + 1} "
+                + (f"({role!r}) makes tool calls" if t.get("tool_calls") else f"is a tool turn ({role!r})")
+                + "; tool calls are out of scope",
                 "remove tool turns and the rows that need them",
             )
         if not isinstance(role, str) or role.lower() not in ROLES:

@@ -56,7 +56,7 @@ def task_rows(
     `bad_rows="skip"` is left out and counted into `skipped` ({"rows", "of", "examples"}).
     A blank row of a task that drops them (`Task.drops_blank`) is left out and counted."""
     names: dict[str, str | None] | None = None
-    start, bad, blank, reasons = 0, 0, 0, []
+    start, bad, blank, reasons, first_fix = 0, 0, 0, [], ""
     for rows in batches:
         if not rows:
             continue
@@ -70,6 +70,7 @@ def task_rows(
                 if bad_rows != "skip":
                     raise
                 bad += 1
+                first_fix = first_fix or e.fix or ""
                 if len(reasons) < SKIP_EXAMPLES:
                     reasons.append(e.problem.removeprefix(f"{where}: "))
                 continue
@@ -79,7 +80,7 @@ def task_rows(
                 kept.append(row)
         start += len(rows)
         if bad and start >= SKIP_CHECK_AFTER:
-            _too_many_bad(bad, start, reasons, where)
+            _too_many_bad(bad, start, reasons, first_fix, where)
         if kept:
             yield kept
     if names is None:
@@ -89,19 +90,24 @@ def task_rows(
             f"[prepare] {where}: left out {blank} blank {'row' if blank == 1 else 'rows'} of {start} (nothing to learn)"
         )
     if bad:
-        _too_many_bad(bad, start, reasons, where)
+        _too_many_bad(bad, start, reasons, first_fix, where)
         noun = "row" if bad == 1 else "rows"
         print(f"[prepare] {where}: left out {bad} bad {noun} of {start} (prepare.bad_rows=skip), e.g. {reasons[0]}")
         if skipped is not None:
             skipped.update(rows=bad, of=start, examples=reasons)
 
 
-def _too_many_bad(bad: int, seen: int, reasons: list[str], where: str) -> None:
+def _too_many_bad(bad: int, seen: int, reasons: list[str], first_fix: str, where: str) -> None:
+    """Stop when most rows are bad: a setting is then the likelier cause, though the data may
+    be out of scope as a whole (tool-call conversations), so the first row's own fix is given
+    too, without its "or skip the row" (skipping is what could not work)."""
     if 2 * bad > seen:
+        own = first_fix.split(", or ")[0]
         raise TunelineError(
             f"{where}: {bad} of the first {seen} rows are bad, e.g. {reasons[0]}",
-            "that many points to a setting (prepare.columns, prepare.labels, prepare.task), not to a few bad rows; "
-            "fix it (prepare.bad_rows=skip leaves out only a minority)",
+            (f"{own} (the first bad row's fix); " if own else "")
+            + "that many usually points to a setting (prepare.columns, prepare.labels, prepare.task), not to a few "
+            "bad rows: fix it (prepare.bad_rows=skip leaves out only a minority)",
         )
 
 
