@@ -57,6 +57,29 @@ def test_the_loss_is_on_every_assistant_turn_and_its_end_of_turn_token_only(tok)
         assert all(m["content"] in untrained for m in conv if m["role"] != "assistant")
 
 
+def test_an_assistant_turn_of_weight_0_stays_in_the_context_untrained(tok):
+    """OpenAI fine-tuning's per-message `weight` (axolotl reads it too): 0 leaves a turn out
+    of the loss, and out of evaluation's reference."""
+    conv = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "5.", "weight": 0},  # a wrong answer the next turn corrects
+        {"role": "user", "content": "Are you sure?"},
+        {"role": "assistant", "content": "Sorry: 4.", "weight": 1},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome.", "weight": 0},
+    ]
+    rows = _rows([conv])
+    (x,), (s,) = encode_batch(tok, rows, TASK, [])
+    assert [tok.decode(x[a:b]) for a, b in s] == ["Sorry: 4." + tok.eos_token]
+    assert x == tok(chat.render(tok, conv), add_special_tokens=False)["input_ids"]  # every turn is still there
+    (prompt,), (target,) = prompts_and_targets(TASK, rows, [], tok)
+    assert target == "Sorry: 4." and prompt == chat.render(tok, conv[:3], generation_prompt=True)
+    # weight 1 (or none) is the default: the stored row is the same as without it
+    assert _rows([[{**m, "weight": 1} if m["role"] == "assistant" else m for m in CONVERSATIONS[0]]]) == _rows(
+        CONVERSATIONS[:1]
+    )
+
+
 def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
     sharegpt = [
         {
@@ -74,6 +97,9 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
         for rows, columns in ((sharegpt, {}), (openai, {}), (as_text, {"messages": "dialog"}))
     ]
     assert read[0] == read[1] == read[2] == _rows(CONVERSATIONS)
+    # OpenAI's newer name for the system turn
+    developer = [{"role": "developer", "content": SYSTEM["content"]}, *CONVERSATIONS[2][1:]]
+    assert next(task_rows([[{"messages": developer}]], TASK, {}, [], "data")) == _rows(CONVERSATIONS[2:])
     # A file joining the two datasets: each row is read in its own shape
     assert next(task_rows([[sharegpt[0], openai[1]]], TASK, {}, [], "data")) == _rows(CONVERSATIONS[:2])
 
@@ -87,6 +113,12 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
             r"turn 2 \('assistant'\) makes tool",
         ),
         ([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}], "turn 2 has role 'bot'"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}], "trains nothing"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}], "turn 2 has weight 2"),
+        (
+            [{"role": "user", "content": "x", "weight": 1}, {"role": "assistant", "content": "y"}],
+            r"turn 1 \(user\) has weight 1, but only assistant turns are trained",
+        ),
         ([{"role": "user", "content": "x"}], "no assistant turn"),
         ([{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}], "before any user turn"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}], "content must be text"),

@@ -2,10 +2,13 @@
 which of the rendered text is trained.
 
 A chat row is a list of turns, in either of the two shapes people bring:
-- OpenAI `messages`: `{"role": "system" | "user" | "assistant", "content": ...}`;
+- OpenAI `messages`: `{"role": "system" | "user" | "assistant", "content": ...}` (a
+  `developer` turn is a system turn);
 - ShareGPT `conversations`: `{"from": "system" | "human" | "gpt", "value": ...}`.
 `conversation` checks one and stores it as canonical JSON text (the `messages` column of a
-prepared row). Tool turns are refused: they are out of scope.
+prepared row). Tool turns are refused: they are out of scope. An assistant turn with
+`"weight": 0` (OpenAI fine-tuning's per-message switch, which axolotl reads too) stays in
+the context but is not trained.
 
 Rendering uses the tokenizer's own chat template (SmolLM2's ChatML), or, for a model that
 has none (GPT-2), DEFAULT_TEMPLATE: the Zephyr layout, `<|user|>\\n...<eos>\\n`, with the
@@ -34,7 +37,15 @@ DEFAULT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+# OpenAI's `developer` is its newer name for the system turn (o1 and later models)
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
 TOOL_ROLES = {"tool", "function", "function_call", "observation", "ipython", "tool_call", "tool_response"}
 
 
@@ -56,9 +67,19 @@ def conversation(value, at: str) -> str:
     roles = [t["role"] for t in turns]
     if "assistant" not in roles:
         raise TunelineError(f"{at}: the conversation has no assistant turn", "every row needs an answer to train on")
+    if not any(trained(t) for t in turns):
+        raise TunelineError(
+            f"{at}: every assistant turn has weight 0, so the row trains nothing",
+            "give the turn to learn weight 1, or remove the row",
+        )
     if "user" not in roles[: roles.index("assistant")]:
         raise TunelineError(f"{at}: an assistant turn comes before any user turn", "start with a user turn")
     return json.dumps(turns, ensure_ascii=False)
+
+
+def trained(turn: dict) -> bool:
+    """Whether the loss covers `turn`: an assistant turn, unless its weight is 0."""
+    return turn["role"] == "assistant" and turn.get("weight", 1) == 1
 
 
 def _one_turn(value) -> bool:
@@ -175,7 +196,17 @@ def parse(value, at: str) -> list[dict]:
             if not served:
                 fix += ", or remove the row (prepare.bad_rows=skip leaves out such rows)"
             raise TunelineError(f"{at}: turn {k + 1} ({role}) is empty", fix)
-        turns.append({"role": role, "content": text})
+        weight = t.get("weight", 1)  # OpenAI fine-tuning's (and axolotl's) per-turn switch
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise TunelineError(
+                f"{at}: turn {k + 1} has weight {weight!r}", "a weight is 0 (not trained) or 1 (trained)"
+            )
+        if weight == 1 and role != "assistant" and "weight" in t:
+            raise TunelineError(
+                f"{at}: turn {k + 1} ({role}) has weight 1, but only assistant turns are trained",
+                f"give {role} turns weight 0 or none",
+            )
+        turns.append({"role": role, "content": text} | ({"weight": 0} if role == "assistant" and not weight else {}))
     return turns
 
 
@@ -204,11 +235,11 @@ def _not_stable(why: str) -> TunelineError:
 def segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, trained) pieces: each assistant turn, from
     where the generation prompt ends to its end-of-turn token (the tokenizer's EOS)
-    inclusive, is trained; everything else is not."""
+    inclusive, is trained (unless its weight is 0); everything else is not."""
     full, eot = render(tok, messages), tok.eos_token
     out, pos = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if not trained(m):  # a weight-0 answer stays in the context, untrained
             continue
         head, upto = render(tok, messages[:i], True), render(tok, messages[: i + 1])
         if not (upto.startswith(head) and full.startswith(upto) and len(head) >= pos):
@@ -223,10 +254,10 @@ def segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
 
 
 def last_turn(row: dict) -> tuple[list[dict], str]:
-    """(the conversation before the last assistant turn, that turn's text): what evaluation
-    asks the model and the reference it scores the answer against."""
+    """(the conversation before the last trained assistant turn, that turn's text): what
+    evaluation asks the model and the reference it scores the answer against."""
     messages = turns(row)
-    k = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    k = max(i for i, m in enumerate(messages) if trained(m))
     return messages[:k], messages[k]["content"]
 
 
