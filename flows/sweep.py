@@ -226,10 +226,7 @@ def _sweep(recipe, overrides, grid, ranges, sample, jobs, dry_run) -> dict:
         parent = sweep_runs.named(parent, name)
         names = [f"{name}-{i}" for i in range(1, len(arms) + 1)]
         print(f"[sweep] {name}: the arms are the DVC experiments {names[0]} to {names[-1]}")
-        queued = sweep_arms.queue_missing(arms, names, parent)
-        if queued or any(
-            s in ("Queued", "Running") for n, s in sweep_queue.queue_status(ROOT, DVC).items() if n in names
-        ):
+        if sweep_arms.queue_arms(arms, names, parent):
             run_arms(names, arms, jobs, params.primary_metric(), parent, estimates)
         results, failed = sweep_arms.results(names)
         for n, why in failed.items():

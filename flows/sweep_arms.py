@@ -30,7 +30,20 @@ def minutes(s: float) -> str:
     return f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
-def queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list[str]:
+def queue_arms(arms: list[sweep.Arm], names: list[str], parent: str) -> bool:
+    """Queue the arms not already run or queued; whether any arm is left to run. Queueing
+    takes seconds an arm: stopped meanwhile, the arms queued so far are taken off the queue
+    (left there, any later worker would run them)."""
+    try:
+        queued = _queue_missing(arms, names, parent)
+        status = sweep_queue.queue_status(ROOT, DVC)
+    except STOPPED:
+        stop(names, parent)
+        raise
+    return bool(queued) or any(status.get(n) in ("Queued", "Running") for n in names)
+
+
+def _queue_missing(arms: list[sweep.Arm], names: list[str], parent: str) -> list[str]:
     """Queue the arms not already run or queued; returns their names."""
     done, status = sweep_queue.experiments(ROOT), sweep_queue.queue_status(ROOT, DVC)
     alive = status[sweep_queue.WORKERS] != "0"  # "Running" with no worker: its sweep's worker died with it
@@ -111,11 +124,12 @@ def run_arms(
     last_end = time.time()
     before = set(sweep_queue.experiments(ROOT))
     seen = {n: "Success" for n in names if n in before}  # run before (a sweep run again): not reported
-    sweep_queue.start(jobs, ROOT, DVC, _worker_env(jobs))
     status: dict[str, str] = {}
     asked, done = 0.0, dict.fromkeys(before, "")
     shown, progress = time.time(), {}
     try:
+        # inside: a signal while `dvc queue start` runs (seconds) left the worker training
+        sweep_queue.start(jobs, ROOT, DVC, _worker_env(jobs))
         while True:
             # `dvc queue status` is a Python process that takes a core for a second or two:
             # asked every 5 s, it halved the training speed of the arm beside it on 2 cores.
@@ -175,18 +189,23 @@ def run_arms(
                 return seen
             time.sleep(5)
     except STOPPED:
-        # Off the queue first (a worker told to stop still takes the next task), then the
-        # running arm stopped (DVC sends it SIGINT). The same command queues them again.
-        status = sweep_queue.queue_status(ROOT, DVC)
-        queued = [n for n in names if status.get(n) == "Queued"]
-        if queued:
-            sweep_queue.run_dvc(["queue", "remove", *queued], ROOT, DVC, check=False)
-        running = [n for n in names if status.get(n) == "Running"]
-        if running:
-            sweep_queue.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
-        sweep_queue.run_dvc(["queue", "stop"], ROOT, DVC, check=False)
-        sweep_runs.abandon(parent, running)  # stopped between two stages, its run says FINISHED
+        stop(names, parent)
         raise
+
+
+def stop(names: list[str], parent: str) -> None:
+    """What a stopped sweep does, whether it was queueing its arms or watching them: its
+    arms off the queue first (a worker told to stop still takes the next task), then the
+    running arm stopped (DVC sends it SIGINT). The same command queues them again."""
+    status = sweep_queue.queue_status(ROOT, DVC)
+    queued = [n for n in names if status.get(n) == "Queued"]
+    if queued:
+        sweep_queue.run_dvc(["queue", "remove", *queued], ROOT, DVC, check=False)
+    running = [n for n in names if status.get(n) == "Running"]
+    if running:
+        sweep_queue.run_dvc(["queue", "kill", *running], ROOT, DVC, check=False)
+    sweep_queue.run_dvc(["queue", "stop"], ROOT, DVC, check=False)
+    sweep_runs.abandon(parent, running)  # stopped between two stages, its run says FINISHED
 
 
 def results(names: list[str]) -> tuple[dict[str, dict], dict[str, str]]:

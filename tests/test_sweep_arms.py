@@ -10,11 +10,17 @@ from flows import sweep_arms
 from tuneline import sweep_queue, sweep_runs
 
 
+def _raise(stop):
+    raise stop
+
+
+@pytest.mark.parametrize("during", ["poll", "start"])
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, "TerminationSignal"])
-def test_a_stopped_sweep_stops_its_running_arm_and_empties_the_queue(stop, monkeypatch):
+def test_a_stopped_sweep_stops_its_running_arm_and_empties_the_queue(stop, during, monkeypatch):
     """Ctrl-C, or SIGTERM (`kill PID`, a cancelled deployment run), which Prefect raises inside a
     flow as its TerminationSignal. The arms run under DVC's queue worker, in a session of their
-    own: a sweep stopped by SIGTERM used to say its arm was stopped and leave it training."""
+    own: a sweep stopped by SIGTERM used to say its arm was stopped and leave it training, and
+    so did one stopped while `dvc queue start` ran (during="start")."""
     from prefect.exceptions import TerminationSignal
 
     stop = TerminationSignal(signal=15) if stop == "TerminationSignal" else stop()
@@ -28,7 +34,7 @@ def test_a_stopped_sweep_stops_its_running_arm_and_empties_the_queue(stop, monke
 
     asked = []
     monkeypatch.setattr(sweep_queue, "experiments", experiments)
-    monkeypatch.setattr(sweep_queue, "start", lambda *a: None)
+    monkeypatch.setattr(sweep_queue, "start", (lambda *a: _raise(stop)) if during == "start" else (lambda *a: None))
     monkeypatch.setattr(
         sweep_queue,
         "queue_status",
@@ -39,6 +45,31 @@ def test_a_stopped_sweep_stops_its_running_arm_and_empties_the_queue(stop, monke
     with pytest.raises(type(stop)):
         sweep_arms.run_arms.fn(["s-1", "s-2"], [{}, {}], 1, "chrf", "parent-run")
     assert asked == [["queue", "remove", "s-2"], ["queue", "kill", "s-1"], ["queue", "stop"], ["abandon", "s-1"]]
+
+
+def test_a_sweep_stopped_while_queueing_its_arms_takes_the_queued_ones_off_the_queue(monkeypatch, tmp_path):
+    """`dvc exp run --queue` takes seconds an arm. Stopped after the first was queued, the
+    sweep left it queued with no worker, where the next sweep's worker would run it."""
+    queued, asked = [], []
+    monkeypatch.setattr(sweep_arms, "ROOT", tmp_path)
+    monkeypatch.setattr(sweep_queue, "experiments", lambda root: {})
+    monkeypatch.setattr(
+        sweep_queue, "queue_status", lambda root, dvc: {n: "Queued" for n in queued} | {sweep_queue.WORKERS: "0"}
+    )
+
+    def queue(arms, names, *rest):
+        for name in names:
+            if queued:  # the second arm: Ctrl-C
+                raise KeyboardInterrupt
+            queued.append(name)
+
+    monkeypatch.setattr(sweep_queue, "queue", queue)
+    monkeypatch.setattr(sweep_queue, "run_dvc", lambda args, root, dvc, check: asked.append(args))
+    monkeypatch.setattr(sweep_runs, "abandon", lambda parent, names: asked.append(["abandon", *names]))
+    with pytest.raises(KeyboardInterrupt):
+        sweep_arms.queue_arms([{"train.lr": 1}, {"train.lr": 2}], ["s-1", "s-2"], "parent-run")
+    assert queued == ["s-1"]
+    assert asked == [["abandon", "s-1", "s-2"], ["queue", "remove", "s-1"], ["queue", "stop"], ["abandon"]]
 
 
 def test_an_arm_that_ends_between_two_reads_of_the_queue_is_reported_once_its_result_is_there(monkeypatch, capsys):
