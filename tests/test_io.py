@@ -13,7 +13,7 @@ import pytest
 from test_bad_input import in_namespace, unshare_works
 
 from tuneline.errors import TunelineError
-from tuneline.io import atomic_dir, check_out_file, rewrite_user_file
+from tuneline.io import atomic_dir, check_out_file, rewrite_user_file, shown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,3 +90,12 @@ def test_an_out_file_of_another_format_than_the_one_written_is_refused(tmp_path)
     with pytest.raises(TunelineError, match=r"does not end in .json"):
         check_out_file(tmp_path / "report", "--out", "evaluation.json", "JSON")
     check_out_file(tmp_path / "e.JSON", "--out", "evaluation.json", "JSON")
+
+
+def test_a_path_is_shown_from_here_when_it_lies_below_else_whole(tmp_path, monkeypatch):
+    (tmp_path / "project" / "reports").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "project")
+    assert shown(tmp_path / "project" / "reports" / "x.json") == os.path.join("reports", "x.json")
+    assert shown("reports/x.json") == os.path.join("reports", "x.json")
+    assert shown(tmp_path / "elsewhere.json") == str((tmp_path / "elsewhere.json").resolve())  # not ../elsewhere.json
+    assert shown(tmp_path / "project" / "..x.json") == "..x.json"  # a name that starts with dots is below

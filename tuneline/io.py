@@ -140,6 +140,13 @@ def rewrite_user_file(path: Path, text: str) -> None:
             f.truncate()
 
 
+def shown(path: str | Path) -> str:
+    """`path` as a message shows it: from the working directory when it lies below it
+    ('reports/x.json'), else absolute ('/tmp/x.json', not '../../tmp/x.json')."""
+    rel = os.path.relpath(path)
+    return str(Path(path).resolve()) if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
 def check_out_file(path: Path, flag: str, example: str, what: str | None = None) -> None:
     """Before any work: refuse an output file the command could not write at its end (a
     folder; a path through a file; a place where no file can be made, such as /proc or a

@@ -12,6 +12,7 @@ import typer
 from tuneline import ROOT
 from tuneline.cli.app import app, fail, mlflow_client, out, params_of, recipe_opt, sets_opt, typed_here
 from tuneline.errors import TunelineError, print_error
+from tuneline.io import shown
 
 
 def default_out(model: str, data: str, how: str) -> Path:
@@ -228,6 +229,4 @@ def evaluate(
     for k, v in result["metrics"].items():
         star = " (primary)" if k == result["primary_metric"] else ""
         out.print(f"  {k:<18} {v:.4g}{star}")
-    out.print(
-        f"  saved: {os.path.relpath(path)}; MLflow run {run.info.run_id} in experiment '{params.register.experiment}'"
-    )
+    out.print(f"  saved: {shown(path)}; MLflow run {run.info.run_id} in experiment '{params.register.experiment}'")
