@@ -72,7 +72,7 @@ def test_a_recipe_named_by_its_file_runs_as_that_recipe_and_a_file_elsewhere_is_
         proc = _cli(*command, "--recipe", str(mine), cwd=tmp_path)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and lines == [
-            f"error: --recipe '{mine}' is a file outside recipes/, and a recipe is recipes/<name>.yaml run by its "
+            f"error: --recipe '{mine}' is not a file recipes/<name>.yaml, and a recipe is one of those, run by its "
             f"name. Fix: copy it there: cp {mine} recipes/mine.yaml, then --recipe mine"
         ], command
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".smoke").exists()

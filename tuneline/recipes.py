@@ -79,9 +79,12 @@ def name_of(given: str) -> str:
     path = Path(given).expanduser().resolve()  # as typed, from the working directory
     if path.parent == recipes_dir().resolve() and path.suffix == ".yaml":
         return path.stem
+    import shlex
+
     raise TunelineError(
-        f"--recipe '{given}' is a file outside recipes/, and a recipe is recipes/<name>.yaml run by its name",
-        f"copy it there: cp {given} {recipes_dir().relative_to(ROOT)}/{path.stem}.yaml, then --recipe {path.stem}",
+        f"--recipe '{given}' is not a file recipes/<name>.yaml, and a recipe is one of those, run by its name",
+        f"copy it there: cp {shlex.quote(given)} {recipes_dir().relative_to(ROOT)}/{path.stem}.yaml, "
+        f"then --recipe {path.stem}",
     )
 
 
