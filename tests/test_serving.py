@@ -66,6 +66,15 @@ def test_a_served_request_is_prompted_as_evaluate_prompts_its_row(recipe, tiny_g
     answerer = serving.Answerer()
     answerer.model, answerer.tok, answerer.config = tiny_gpt2, gpt2_tok, serving.settings(params)
     assert answerer.prompts([request]) == [scored]
+    # the same request as JSON that names the task's fields (`tuneline predict '{"text": ...}'`)
+    fields = {f: row[f] for f in task.serve_fields if row.get(f)}
+    assert answerer.prompts([json.dumps(fields)]) == [scored]
+    if len(task.serve_fields) == 1:  # a text that is JSON naming no field of the task stays text
+        braced = ['{"mood": "x"}', "{not json"]
+        labels = list(params.prepare.labels)
+        assert answerer.prompts(braced) == [
+            tasks.render(task, row | {task.serve_fields[0]: b}, labels)[0] for b in braced
+        ]
 
 
 def test_a_served_entailment_pair_is_read_in_any_order_and_anything_else_is_refused(tiny_gpt2, gpt2_tok):

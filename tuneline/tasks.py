@@ -108,12 +108,19 @@ def request_row(task: Task, request: str | dict) -> dict:
     """The row a served request stands for: a bare text fills the first of the task's
     `serve_fields` (or is read by its `serve_row`); named fields, as a dict or its JSON text,
     fill theirs. ValueError saying what is wrong with it."""
-    if isinstance(request, str) and len(task.serve_fields) > 1 and request.lstrip().startswith("{"):
+    other = {alias: column for column, alias in task.aliases}  # Dolly's `context` is Alpaca's `input`
+    if isinstance(request, str) and task.serve_fields and request.lstrip().startswith("{"):
         with contextlib.suppress(json.JSONDecodeError):  # else a text that starts with a brace
-            request = json.loads(request)
+            named = json.loads(request)
+            # A task of several fields reads any object as its fields (refusing a field it does
+            # not read); a task of one, only an object that names its field: '{"text": "..."}'
+            # was classified as that text, braces and key included, and a tweet that happens
+            # to be other JSON stays a tweet.
+            fields = {other.get(k, k) for k in named} if isinstance(named, dict) else set()
+            if isinstance(named, dict) and (len(task.serve_fields) > 1 or fields and fields <= set(task.serve_fields)):
+                request = named
     row = {c: "" for c in task.columns}
     if isinstance(request, dict):
-        other = {alias: column for column, alias in task.aliases}  # Dolly's `context` is Alpaca's `input`
         # None or NaN: a field this request left out of a served frame that others named
         named = {other.get(k, k): "" if v is None or v != v else str(v) for k, v in request.items()}
         if unknown := [k for k in named if k not in task.serve_fields]:
