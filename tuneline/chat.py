@@ -46,6 +46,8 @@ ROLES = {
     "assistant": "assistant",
     "gpt": "assistant",
 }
+# Where reasoning models' data keeps a turn's reasoning (DeepSeek-R1, Qwen3; gpt-oss's harmony)
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 TOOL_ROLES = {"tool", "function", "function_call", "observation", "ipython", "tool_call", "tool_response"}
 
 
@@ -170,12 +172,19 @@ def parse(value, at: str) -> list[dict]:
         if not isinstance(t, dict):
             raise TunelineError(f"{at}: turn {k + 1} is not an object", 'write turns as {"role": ..., "content": ...}')
         role = t.get("role", t.get("from"))
-        if isinstance(role, str) and role.lower() in TOOL_ROLES or t.get("tool_calls"):
+        calls = t.get("tool_calls") or t.get("function_call")  # the second: OpenAI's older form
+        if isinstance(role, str) and role.lower() in TOOL_ROLES or calls:
             raise TunelineError(
                 f"{at}: turn {k + 1} "
-                + (f"({role!r}) makes tool calls" if t.get("tool_calls") else f"is a tool turn ({role!r})")
+                + (f"({role!r}) makes tool calls" if calls else f"is a tool turn ({role!r})")
                 + "; tool calls are out of scope",
                 "remove tool turns and the rows that need them",
+            )
+        if reasoning := next((key for key in REASONING_KEYS if t.get(key)), None):
+            raise TunelineError(  # dropped, the model would learn the answers without their reasoning
+                f"{at}: turn {k + 1} has {reasoning!r}, which the chat template has no place for",
+                "put the reasoning in the turn's content (e.g. <think>...</think> before the answer), "
+                f"or remove the {reasoning!r} key",
             )
         if not isinstance(role, str) or role.lower() not in ROLES:
             raise TunelineError(
