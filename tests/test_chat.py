@@ -120,7 +120,7 @@ def test_both_row_shapes_and_other_column_names_read_as_the_same_rows():
         # dropped, the model would learn the answers without the reasoning that was meant to come first
         (
             [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "reasoning_content": "z"}],
-            r"turn 2 has 'reasoning_content', which the chat template has no place for. Fix: put the reasoning in",
+            r"turn 2 has 'reasoning_content', which tuneline does not render into the conversation. Fix: put the",
         ),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}], "trains nothing"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}], "turn 2 has weight 2"),

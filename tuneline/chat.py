@@ -182,7 +182,7 @@ def parse(value, at: str) -> list[dict]:
             )
         if reasoning := next((key for key in REASONING_KEYS if t.get(key)), None):
             raise TunelineError(  # dropped, the model would learn the answers without their reasoning
-                f"{at}: turn {k + 1} has {reasoning!r}, which the chat template has no place for",
+                f"{at}: turn {k + 1} has {reasoning!r}, which tuneline does not render into the conversation",
                 "put the reasoning in the turn's content (e.g. <think>...</think> before the answer), "
                 f"or remove the {reasoning!r} key",
             )
