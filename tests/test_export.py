@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import yaml
 
-from tuneline import constrain, export, tasks
+from tuneline import constrain, export, request, tasks
 from tuneline.errors import TunelineError
 from tuneline.generation import generate
 from tuneline.modeling import load_tokenizer, resolve
@@ -133,9 +133,9 @@ def test_the_examples_prompt_is_the_served_one_for_every_field_a_request_may_lea
         optional = export.optional(task)
         for k in range(len(optional) + 1):
             for left in itertools.combinations(optional, k):
-                request = {f: f"<{f}>" for f in fields if f not in left}
-                served = tasks.request_prompt(task, request if task.serve_fields else request["text"], labels)
-                assert scope["answer"](**request) == served, (name, request)
+                asked = {f: f"<{f}>" for f in fields if f not in left}
+                served = request.prompt(task, asked if task.serve_fields else asked["text"], labels)
+                assert scope["answer"](**asked) == served, (name, asked)
                 seen += 1
     assert seen >= 9
 

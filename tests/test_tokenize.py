@@ -72,17 +72,6 @@ def test_ids_never_carry_padding_left_on_by_a_padded_call(gpt2_tok):
     assert tokenization.encode(gpt2_tok, texts) == clean == [gpt2_tok(t)["input_ids"] for t in texts]
 
 
-def test_prompt_format_has_one_slot_for_each_field_given():
-    for name, task in tasks.TASKS.items():
-        if task.chat:
-            continue  # its model's chat template renders it
-        tmpl = tasks.prompt_format(task, EMOTIONS, task.serve_fields)
-        assert [tmpl.count("{" + f + "}") for f in task.serve_fields] == [1] * len(task.serve_fields), name
-    assert tasks.prompt_format(tasks.TASKS["descramble"], [], ("source",)) == "Unscramble: {source}\nSentence:"
-    instruct = tasks.TASKS["instruct"]
-    assert "{input}" not in tasks.prompt_format(instruct, [], ("instruction",))
-
-
 def test_parse_label_takes_whole_leading_words():
     assert tasks.parse_label(" Joy.", EMOTIONS) == "joy"
     assert tasks.parse_label("joyful", EMOTIONS) is None

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tuneline import tasks
+from tuneline import request, tasks
 from tuneline.errors import TunelineError
 from tuneline.io import share_modes, unwritable
 
@@ -78,12 +78,12 @@ def _prompt_lines(task: tasks.Task, labels: list[str]) -> str:
     fill = ", ".join(f"{f}={f}" for f in task.serve_fields)
     left_out = optional(task)
     if not left_out:
-        return f"prompt = {tasks.prompt_format(task, labels, task.serve_fields)!r}.format({fill})"
+        return f"prompt = {request.prompt_format(task, labels, task.serve_fields)!r}.format({fill})"
     # a template for each set of optional fields given (instruct: with or without an input)
     templates = {}
     for key in itertools.product((True, False), repeat=len(left_out)):
         given = dict(zip(left_out, key))
-        templates[key] = tasks.prompt_format(task, labels, tuple(f for f in task.serve_fields if given.get(f, True)))
+        templates[key] = request.prompt_format(task, labels, tuple(f for f in task.serve_fields if given.get(f, True)))
     if len(left_out) == 1:
         return (
             f"template = {templates[(True,)]!r} if {left_out[0]} else {templates[(False,)]!r}\n"
@@ -282,9 +282,9 @@ def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
     served = Answerer()  # its `prompts` is how the registered model fills the task's prompt
     served.model, served.tok, served.config = scope["model"], tok, config
     said = []
-    for request in requests(task):
-        theirs = scope["answer"](**request)
-        served_as = request if task.serve_fields else request[fields(task)[0]]  # pretrain's text, chat's turns
+    for asked in requests(task):
+        theirs = scope["answer"](**asked)
+        served_as = asked if task.serve_fields else asked[fields(task)[0]]  # pretrain's text, chat's turns
         ours = generate(
             served.model,
             served.tok,
@@ -298,7 +298,7 @@ def check(folder: Path, task: tasks.Task, config: dict, code: str, tok) -> str:
         )[0]
         if theirs != ours:
             raise TunelineError(
-                f"the exported folder, run with plain transformers, answers {theirs!r} to {call(request)} where "
+                f"the exported folder, run with plain transformers, answers {theirs!r} to {call(asked)} where "
                 f"tuneline answers {ours!r}; nothing was exported",
                 "report it with both answers (tuneline export --debug shows where it happened)",
             )

@@ -28,7 +28,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from tuneline import tasks
+from tuneline import request, tasks
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
@@ -259,7 +259,7 @@ class Answerer(mlflow.pyfunc.PythonModel):
             prompts = []
             for i, text in enumerate(texts, 1):
                 try:
-                    prompts.append(tasks.request_prompt(task, text, self.config["labels"]))
+                    prompts.append(request.prompt(task, text, self.config["labels"]))
                 except ValueError as e:
                     raise TunelineError(f"{_which(i, len(texts))} {str(text)[:80]!r} {e}", _form(task)) from None
             texts = [json.dumps(t) if isinstance(t, dict) else t for t in texts]
@@ -281,14 +281,14 @@ class Answerer(mlflow.pyfunc.PythonModel):
         from tuneline.constrain import WordConstraint
 
         task = tasks.TASKS[self.config["task"]]
-        return WordConstraint(self.tok, [task.words(tasks.request_row(task, t)) for t in texts])
+        return WordConstraint(self.tok, [task.words(request.row(task, t)) for t in texts])
 
     def fits_words(self, texts: list) -> None:
         """Refuse, in one line, an input whose words take more tokens than the model's answer
         budget: kept to them, its answer would be cut with words left out."""
         task, budget = tasks.TASKS[self.config["task"]], int(self.config["max_new_tokens"])
         for i, text in enumerate(texts, 1):
-            n = len(self.tok(task.words(tasks.request_row(task, text)))["input_ids"])
+            n = len(self.tok(task.words(request.row(task, text)))["input_ids"])
             if n > budget:
                 raise TunelineError(
                     f"{_which(i, len(texts))} is {n} tokens of words to put in order, but this model answers in at most {budget} "

@@ -2,9 +2,9 @@
 
 A task says which columns a prepared row has, how a row becomes (prompt, answer), how
 prose (the Wikipedia source) becomes rows, which metrics score it and how, what a served
-request looks like, and what its model card says it is (not) for. Every stage reads
-these fields and nothing else about the task, so a new task is one `Task(...)` passed to
-`register` (and a recipe that uses it).
+request looks like (read by tuneline/request.py), and what its model card says it is (not)
+for. Every stage reads these fields and nothing else about the task, so a new task is one
+`Task(...)` passed to `register` (and a recipe that uses it).
 
 Each shipped task is the public recipe it comes from; the prompt is masked out of the
 loss and the answer (plus EOS, added by tokenize) is trained. Bump TEMPLATE_VERSION
@@ -14,8 +14,6 @@ disagree.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import random
 import re
@@ -90,58 +88,6 @@ def render(task: Task, row: dict, labels: list[str], tok=None) -> tuple[str, str
 
         return chat.prompt_answer(tok, row)
     return task.prompt(row, labels), task.answer(row)
-
-
-def prompt_format(task: Task, labels: list[str], given: tuple[str, ...]) -> str:
-    """The task's prompt as a `str.format` template over its `serve_fields`, for a request
-    that gives the fields in `given` (the others empty: instruct's Context block is there
-    only with an input). The export's transformers example fills it."""
-    marks = {f: f"\x00{f}\x00" for f in task.serve_fields}  # no prompt holds these
-    row = {c: "" for c in task.columns} | {f: marks[f] for f in given}
-    text = task.prompt(row, labels).replace("{", "{{").replace("}", "}}")
-    for field, mark in marks.items():
-        text = text.replace(mark, "{" + field + "}")
-    return text
-
-
-def request_row(task: Task, request: str | dict) -> dict:
-    """The row a served request stands for: a bare text fills the first of the task's
-    `serve_fields` (or is read by its `serve_row`); named fields, as a dict or its JSON text,
-    fill theirs. ValueError saying what is wrong with it."""
-    other = {alias: column for column, alias in task.aliases}  # Dolly's `context` is Alpaca's `input`
-    if isinstance(request, str) and task.serve_fields and request.lstrip().startswith("{"):
-        with contextlib.suppress(json.JSONDecodeError):  # else a text that starts with a brace
-            named = json.loads(request)
-            # A task of several fields reads any object as its fields (refusing a field it does
-            # not read); a task of one, only an object that names its field: '{"text": "..."}'
-            # was classified as that text, braces and key included, and a tweet that happens
-            # to be other JSON stays a tweet.
-            fields = {other.get(k, k) for k in named} if isinstance(named, dict) else set()
-            if isinstance(named, dict) and (len(task.serve_fields) > 1 or fields and fields <= set(task.serve_fields)):
-                request = named
-    row = {c: "" for c in task.columns}
-    if isinstance(request, dict):
-        # None or NaN: a field this request left out of a served frame that others named
-        named = {other.get(k, k): "" if v is None or v != v else str(v) for k, v in request.items()}
-        if unknown := [k for k in named if k not in task.serve_fields]:
-            raise ValueError(f"names {', '.join(map(repr, unknown))}, which the {task.name} task does not read")
-        # the first field is what a request is about (descramble's `source` is optional in
-        # data, where prepare makes it from the sentence, never in a request)
-        needed = [f for i, f in enumerate(task.serve_fields) if i == 0 or f not in task.optional]
-        if missing := [f for f in needed if not named.get(f, "").strip()]:
-            raise ValueError(f"has no {' and no '.join(map(repr, missing))}")
-        return row | named
-    if task.serve_row is not None:
-        return row | task.serve_row(str(request))
-    return row | {task.serve_fields[0]: str(request)}
-
-
-def request_prompt(task: Task, request: str | dict, labels: list[str]) -> str:
-    """The prompt a served request is answered after: the task's prompt for the row it
-    stands for (a task that reads no fields, pretrain, continues the text itself)."""
-    if not task.serve_fields and not isinstance(request, dict):
-        return str(request)
-    return task.prompt(request_row(task, request), labels)
 
 
 def normalise(text: str) -> str:
