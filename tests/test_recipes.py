@@ -76,6 +76,7 @@ def test_set_values_are_yaml_data_never_code():
     }
     assert recipes.build("pretrain", ["prepare.source='hf:'"]).prepare.source == "hf:"  # as the fix below says
     assert recipes.build("emotion", ["train.lr=1e-3"]).train.lr == 0.001  # YAML reads 1e-3 as text; the schema converts
+    assert recipes.build("emotion", ["prepare.labels=[1,2,3]"]).prepare.labels == ["1", "2", "3"]  # ratings
     p = recipes.build("emotion", ["prepare.columns.text=sentence"])
     assert p.prepare.columns == {"text": "sentence"} and p.prepare.labels  # merged into the recipe, not replacing it
 
@@ -89,6 +90,10 @@ def test_set_values_are_yaml_data_never_code():
         (("emotion", ["evaluate.primary_metric=bleu"]), r"'bleu' is not a metric of the classify task.*accuracy"),
         (("descramble", ["tokenize.packing=concat"]), r"use 'bfd' for the supervised task"),
         (("emotion", ["prepare.labels=[joy]"]), r"needs at least two labels"),
+        # an answer or an id that could be either label
+        (("emotion", ["prepare.labels=[joy,sad,joy]"]), r"prepare.labels lists 'joy' twice.*list each label once"),
+        (("emotion", ["prepare.labels=[Joy,joy]"]), r"prepare.labels lists 'Joy' and 'joy'"),
+        (("emotion", ["prepare.labels=[joy,'']"]), r"prepare.labels holds an empty label"),
         # a key the task does not read would be ignored, and the column meant reported missing
         (
             ("descramble", ["prepare.columns.text=sentence"]),

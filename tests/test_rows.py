@@ -31,6 +31,15 @@ def test_columns_are_mapped_integer_labels_named_and_dolly_names_accepted():
     assert _task_rows([alpaca] + dolly, "instruct", {}, [])[1] == dict(alpaca, instruction="Say hi.", output="Hi!")
 
 
+def test_labels_that_are_numbers_are_read_as_names_from_json_and_csv_alike():
+    """Star ratings: JSON's 1 was read as the id labels[1], '2', where a CSV's '1' is '1'."""
+    stars = ["1", "2", "3", "4", "5"]
+    rows = [{"text": "meh", "label": 1}, {"text": "ok", "label": "3"}, {"text": "top", "label": 5}]
+    assert [r["label"] for r in _task_rows(rows, "classify", {}, stars)] == ["1", "3", "5"]
+    with pytest.raises(TunelineError, match=r"row 1 has label 0, outside the declared set"):  # never an id
+        _task_rows([{"text": "zero", "label": 0}], "classify", {}, stars)
+
+
 def test_glue_and_multinli_files_are_read_as_they_come(tmp_path):
     """The mnli recipe reads "local GLUE-format files": GLUE's dev_matched.tsv (and
     MultiNLI's own jsonl) name the pair sentence1/sentence2 and the label gold_label."""

@@ -87,7 +87,8 @@ class PrepareCfg(_Group):
     labels: list[str] = Field(
         default_factory=list,
         description="Declared label set (classify/entail), in id order: integer "
-        "labels in the data are read as labels[i]; any other label is an error.",
+        "labels in the data are read as labels[i] (unless the names are numbers, e.g. ratings "
+        "[1,2,3,4,5]: then a number is its name); any other label is an error.",
     )
     hub_streaming: bool = Field(
         False,
@@ -130,6 +131,14 @@ class PrepareCfg(_Group):
         "them, and the gate compares versions on them. 0: all of test_source.",
     )
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, labels: Any) -> Any:
+        """Ratings written as YAML numbers ([1,2,3]) are the names '1', '2', '3'."""
+        if isinstance(labels, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in labels]
+        return labels
+
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
@@ -155,6 +164,17 @@ class PrepareCfg(_Group):
                 f"task '{self.task}' needs at least two labels in prepare.labels. "
                 "Fix: list them in the data's id order, e.g. prepare.labels=[neg,pos]"
             )
+        if any(not label.strip() for label in self.labels):
+            raise ValueError("prepare.labels holds an empty label. Fix: give every label a name")
+        seen: dict[str, str] = {}  # free generation is parsed without case: 'Joy' and 'joy' are one answer
+        for label in self.labels:
+            if (twin := seen.get(label.casefold())) is not None:
+                raise ValueError(
+                    f"prepare.labels lists {twin!r}"
+                    + (" twice" if twin == label else f" and {label!r}")
+                    + ", so an answer or an id could be either. Fix: list each label once"
+                )
+            seen[label.casefold()] = label
         if self.labels and not task.labelled:  # a forgotten prepare.task: the data would train another task
             raise ValueError(
                 f"prepare.labels is set, but the {self.task} task reads no labels. "

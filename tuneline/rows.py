@@ -201,7 +201,12 @@ def _label(v, labels: list[str], where: str, at: str, name: str | None) -> str:
         return v
     if isinstance(v, str) and v.strip().lstrip("-").isdigit():
         v = int(v)
-    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(labels):
+    # Names that are numbers (ratings 1-5): a number is its name, never an id, or JSON's 1
+    # would be read as labels[1] ('2') where the same file as CSV gives '1'
+    numbered = any(lab.strip().lstrip("-").isdigit() for lab in labels)
+    if numbered and isinstance(v, int) and not isinstance(v, bool) and str(v) in labels:
+        return str(v)
+    if not numbered and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(labels):
         return labels[v]
     if not isinstance(v, (str, int)) or isinstance(v, bool):
         raise TunelineError(
