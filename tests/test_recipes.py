@@ -94,6 +94,8 @@ def test_set_values_are_yaml_data_never_code():
         (("emotion", ["prepare.labels=[joy,sad,joy]"]), r"prepare.labels lists 'joy' twice.*list each label once"),
         (("emotion", ["prepare.labels=[Joy,joy]"]), r"prepare.labels lists 'Joy' and 'joy'"),
         (("emotion", ["prepare.labels=[joy,'']"]), r"prepare.labels holds an empty label"),
+        # yes/no labels (BoolQ-style): YAML 1.1 reads them as booleans, their spelling lost
+        (("emotion", ["prepare.labels=[yes,no]"]), r"holds \[True, False\]: YAML reads yes/no.*quote them"),
         # a key the task does not read would be ignored, and the column meant reported missing
         (
             ("descramble", ["prepare.columns.text=sentence"]),

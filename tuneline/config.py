@@ -134,7 +134,14 @@ class PrepareCfg(_Group):
     @field_validator("labels", mode="before")
     @classmethod
     def _numbers_as_names(cls, labels: Any) -> Any:
-        """Ratings written as YAML numbers ([1,2,3]) are the names '1', '2', '3'."""
+        """Ratings written as YAML numbers ([1,2,3]) are the names '1', '2', '3'. YAML reads
+        yes/no (true/false, on/off) as booleans, whose spelling is lost: they must be quoted."""
+        if isinstance(labels, list) and any(isinstance(x, bool) for x in labels):
+            raise ValueError(
+                f"prepare.labels holds {[x for x in labels if isinstance(x, bool)]}: YAML reads yes/no, true/false "
+                "and on/off as booleans, not as names. Fix: quote them, e.g. --set \"prepare.labels=['yes','no']\" "
+                "(in a YAML file: labels: ['yes', 'no'])"
+            )
         if isinstance(labels, list):
             return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in labels]
         return labels
