@@ -5,7 +5,6 @@ as the key path, what it accepts, and the fix. The schema itself is `tuneline.co
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -13,6 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tuneline import io
 from tuneline.config import PARAMS_FILE, Params
 from tuneline.errors import TunelineError
 from tuneline.tasks import TASKS
@@ -128,7 +128,7 @@ def parse_params(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
-    shown = os.path.relpath(path) if path.is_absolute() and not os.path.relpath(path).startswith("..") else str(path)
+    shown = io.shown(path) if path.is_absolute() else str(path)  # as typed, or from here when below it
     if not path.is_file():
         raise TunelineError(f"params file '{path}' not found", "run from the project root, where params.yaml lives")
     return parse_params(read_yaml(path, shown), shown)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,6 @@ def name_of(given: str) -> str:
     path = Path(given).expanduser().resolve()  # as typed, from the working directory
     if path.parent == recipes_dir().resolve() and path.suffix == ".yaml":
         return path.stem
-    import shlex
-
     raise TunelineError(
         f"--recipe '{given}' is not a file recipes/<name>.yaml, and a recipe is one of those, run by its name",
         f"copy it there: cp {shlex.quote(given)} {recipes_dir().relative_to(ROOT)}/{path.stem}.yaml, "

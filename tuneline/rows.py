@@ -196,14 +196,18 @@ def _task_row(r: dict, names: dict[str, str | None], task: Task, labels: list[st
     return row
 
 
+def _numeral(text: str) -> bool:
+    return text.strip().lstrip("-").isdigit()
+
+
 def _label(v, labels: list[str], where: str, at: str, name: str | None) -> str:
     if isinstance(v, str) and v in labels:
         return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+    if isinstance(v, str) and _numeral(v):
         v = int(v)
     # Names that are numbers (ratings 1-5): a number is its name, never an id, or JSON's 1
     # would be read as labels[1] ('2') where the same file as CSV gives '1'
-    numbered = any(lab.strip().lstrip("-").isdigit() for lab in labels)
+    numbered = any(map(_numeral, labels))
     if numbered and isinstance(v, int) and not isinstance(v, bool) and str(v) in labels:
         return str(v)
     if not numbered and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(labels):

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from tuneline import ROOT
-from tuneline.errors import INTERRUPTED, print_error
+from tuneline.errors import INTERRUPTED, TunelineError, print_error
 
 app = typer.Typer(
     add_completion=False,
@@ -87,7 +87,6 @@ def sets_opt(help: str = SET_HELP):
 def recipe_option(given: str | None) -> str | None:
     """--recipe's callback: the recipe's name, also from `recipes/emotion.yaml` (recipes.name_of)."""
     from tuneline import recipes
-    from tuneline.errors import TunelineError
 
     try:
         return given and recipes.name_of(given)
